@@ -1,0 +1,13 @@
+"""The one layer of azstoragetorch that talks to Azure Blob Storage.
+
+Everything about how bytes travel lives here: URL parsing, credentials, the HTTP pipeline and its
+retries, connection pools, parallel ranged downloads and block uploads. The public classes
+(:mod:`azstoragetorch.io`, later the datasets and integrations) only use what this package exports.
+"""
+
+from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobProperties
+from azstoragetorch._client._credentials import CredentialArgument
+from azstoragetorch._client._uploads import BlockUploader
+from azstoragetorch._client._urls import BlobUrl
+
+__all__ = ["AzStorageTorchBlobClient", "BlobProperties", "BlobUrl", "BlockUploader", "CredentialArgument"]

@@ -1,0 +1,259 @@
+"""The blob operations azstoragetorch needs, each one REST call (plus retries) on the shared pipeline."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import hashlib
+import http.client
+import os
+import socket
+import time
+import urllib.parse
+from concurrent.futures import Future
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import urllib3.exceptions
+from azure.core.exceptions import ServiceResponseError
+from azure.core.pipeline import Pipeline
+from azure.core.pipeline.transport import HttpRequest, HttpResponse
+
+from azstoragetorch._client import _pipeline
+from azstoragetorch._client._credentials import CredentialArgument, auth_policy_for, validate_credential
+from azstoragetorch._client._urls import BlobUrl
+from azstoragetorch.exceptions import BlobModifiedDuringReadError
+
+# Failures while a response body streams in. The request itself succeeded, so the SDK's retry
+# policy never sees them; download_into retries them from the first byte not yet received.
+_BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
+    http.client.IncompleteRead,
+    ConnectionError,  # includes ConnectionResetError
+    socket.timeout,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.ReadTimeoutError,
+    ServiceResponseError,
+)
+BODY_READ_ATTEMPTS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobProperties:
+    """What a read needs to know about a blob."""
+
+    size: int
+    etag: str
+    last_modified: datetime.datetime | None = None
+
+
+class AzStorageTorchBlobClient:
+    """Talks to one blob: reads ranges, uploads blocks, commits.
+
+    Cheap to create and safe to pickle: the pipeline (and its connection pool) is looked up per
+    process on first use, so a copy sent to a DataLoader worker opens its own connections.
+    """
+
+    def __init__(self, blob_url: BlobUrl, credential: CredentialArgument = None) -> None:
+        validate_credential(credential)
+        self.blob_url = blob_url
+        self._credential = credential
+        self._pipeline: Pipeline[Any, Any] | None = None
+        self._pipeline_pid = 0
+
+    @classmethod
+    def from_url(cls, url: str, credential: CredentialArgument = None) -> AzStorageTorchBlobClient:
+        return cls(BlobUrl.parse(url), credential)
+
+    @property
+    def display_url(self) -> str:
+        return self.blob_url.display_url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.display_url!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"blob_url": self.blob_url, "credential": self._credential}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["blob_url"], state["credential"])  # type: ignore[misc]
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get_properties(self) -> BlobProperties:
+        response = self._send("HEAD", action="read the properties of")
+        return _properties_from(response, size=int(response.headers["Content-Length"]))
+
+    def download_into(self, offset: int, buffer: memoryview, *, etag: str | None) -> tuple[BlobProperties, int]:
+        """Fill ``buffer`` with the blob's bytes from ``offset``; stops early only at the blob's end.
+
+        With ``etag`` the read is pinned to that version of the blob; a changed blob raises
+        :class:`BlobModifiedDuringReadError`. Returns the blob's properties and the bytes filled.
+        Failures while the body streams in are retried from where they stopped.
+        """
+        filled = 0
+        properties: BlobProperties | None = None
+        attempt = 0
+        while True:
+            start = offset + filled
+            try:
+                response = self._send_range_get(start, len(buffer) - filled, etag)
+                if response is None:  # the range starts at or after the end of the blob
+                    return properties or self.get_properties(), filled
+                properties = _properties_from(response, size=_total_size(response))
+                etag = properties.etag  # retries must continue the same version
+                wanted = min(len(buffer), properties.size - offset)
+                filled += _read_body_into(response, buffer[filled:wanted])
+                if filled < wanted:
+                    raise http.client.IncompleteRead(b"", wanted - filled)
+                return properties, filled
+            except _BODY_READ_ERRORS as error:
+                attempt += 1
+                if attempt >= BODY_READ_ATTEMPTS:
+                    raise _pipeline._scrubbed(ServiceResponseError(f"Reading {self.display_url} failed after {attempt} attempts: {error!r}")) from None
+                _pipeline.log_debug("Retrying read of %s at offset %d after %r", self.display_url, offset + filled, error)
+                time.sleep(_pipeline.backoff_seconds(attempt))
+
+    def download_parallel(self, offset: int, buffer: memoryview, *, etag: str, part_size: int, max_concurrency: int) -> None:
+        """Fill ``buffer`` from ``offset`` with up to ``max_concurrency`` ranged GETs at a time."""
+        parts = [(start, min(start + part_size, len(buffer))) for start in range(0, len(buffer), part_size)]
+        if len(parts) == 1:
+            self.download_into(offset, buffer, etag=etag)
+            return
+        pending: list[Future[Any]] = []
+        try:
+            for start, stop in parts:
+                if len(pending) >= max_concurrency:
+                    pending.pop(0).result()
+                pending.append(self.submit(self.download_into, offset + start, buffer[start:stop], etag=etag))
+            for future in pending:
+                future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        """Run one of this client's operations on the shared transfer threads."""
+        return _pipeline.executor().submit(fn, *args, **kwargs)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def put_blob(self, data: bytes, *, validate_content: bool) -> None:
+        headers = {"x-ms-blob-type": "BlockBlob"}
+        self._send("PUT", action="upload", headers=headers, body=data, validate_content=validate_content, expected=201)
+
+    def stage_block(self, block_id: str, data: bytes, *, validate_content: bool) -> None:
+        query = ("comp=block", f"blockid={urllib.parse.quote(block_id, safe='')}")
+        self._send("PUT", action="upload a block of", query=query, body=data, validate_content=validate_content, expected=201)
+
+    def commit_block_list(self, block_ids: list[str]) -> None:
+        body = "".join(f"<Latest>{block_id}</Latest>" for block_id in block_ids)
+        xml = f'<?xml version="1.0" encoding="utf-8"?><BlockList>{body}</BlockList>'.encode()
+        headers = {"Content-Type": "application/xml"}
+        self._send("PUT", action="commit", query=("comp=blocklist",), headers=headers, body=xml, validate_content=False, expected=201)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _get_pipeline(self) -> Pipeline[Any, Any]:
+        if self._pipeline is None or self._pipeline_pid != os.getpid():
+            url = self.blob_url
+            origin = f"{url.scheme}://{url.netloc}"
+            host = urllib.parse.urlsplit(origin).hostname or ""
+            auth = auth_policy_for(self._credential, url_has_sas=url.has_sas, host=host)
+            self._pipeline = _pipeline.build_pipeline(origin, auth)
+            self._pipeline_pid = os.getpid()
+        return self._pipeline
+
+    def _send(
+        self,
+        method: str,
+        *,
+        action: str,
+        query: tuple[str, ...] = (),
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        validate_content: bool = False,
+        expected: int = 200,
+    ) -> HttpResponse:
+        request = HttpRequest(method, self.blob_url.request_url(*query), headers=headers or {})
+        if body is not None:
+            request.set_bytes_body(body)
+            if validate_content:
+                request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+        response = _pipeline.run(self._get_pipeline(), request)
+        if response.status_code != expected:
+            _pipeline.raise_for_status(response, action=action, display_url=self.display_url)
+        return response
+
+    def _send_range_get(self, start: int, length: int, etag: str | None) -> HttpResponse | None:
+        headers = {"x-ms-range": f"bytes={start}-{start + max(length, 1) - 1}"}
+        if etag is not None:
+            headers["If-Match"] = etag
+        request = HttpRequest("GET", self.blob_url.request_url(), headers=headers)
+        response = _pipeline.run(self._get_pipeline(), request, stream=True)
+        if response.status_code == 206:
+            return response
+        _discard(response)
+        if response.status_code == 416:
+            return None
+        if response.status_code == 412 and etag is not None:
+            raise BlobModifiedDuringReadError(self.display_url, etag)
+        if response.status_code == 200:
+            # A server that ignores ranges would make us read the whole blob at every offset.
+            raise ServiceResponseError(f"{self.display_url} answered a ranged read with the whole blob.")
+        _pipeline.raise_for_status(response, action="read", display_url=self.display_url)
+
+
+def _properties_from(response: HttpResponse, *, size: int) -> BlobProperties:
+    last_modified = response.headers.get("Last-Modified")
+    return BlobProperties(
+        size=size,
+        etag=response.headers.get("ETag", ""),
+        last_modified=parsedate_to_datetime(last_modified) if last_modified else None,
+    )
+
+
+def _total_size(response: HttpResponse) -> int:
+    content_range = response.headers.get("Content-Range", "")  # "bytes 0-99/12345"
+    try:
+        return int(content_range.rsplit("/", 1)[1])
+    except (IndexError, ValueError):
+        raise ServiceResponseError(f"Unexpected Content-Range header {content_range!r} in a ranged read.") from None
+
+
+def _read_body_into(response: HttpResponse, buffer: memoryview) -> int:
+    """Read the response body straight into ``buffer``; returns the bytes read.
+
+    The body goes from the socket into the caller's memory with no intermediate copy when the
+    response is a plain (not content-encoded) body, which is what Blob Storage sends.
+    """
+    raw = response.internal_response.raw  # urllib3's response
+    body = getattr(raw, "_fp", None)
+    direct = hasattr(body, "readinto") and not response.headers.get("Content-Encoding")
+    filled = 0
+    try:
+        while filled < len(buffer):
+            if direct:
+                count = body.readinto(buffer[filled:])  # type: ignore[union-attr]
+            else:
+                chunk = raw.read(min(len(buffer) - filled, 1 << 20))
+                count = len(chunk)
+                buffer[filled : filled + count] = chunk
+            if not count:
+                break
+            filled += count
+    except BaseException:
+        raw.close()  # the connection is mid-body: never reuse it
+        raise
+    if filled == len(buffer) and (not direct or body.isclosed()):  # type: ignore[union-attr]
+        raw.release_conn()
+    else:
+        raw.close()
+    return filled
+
+
+def _discard(response: HttpResponse) -> None:
+    try:
+        response.body()  # read the (small) error body so the connection can be reused
+    except Exception:
+        response.internal_response.close()

@@ -1,0 +1,163 @@
+"""Turning the ``credential`` argument into the pipeline policy that authorizes requests."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import threading
+import urllib.parse
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential, TokenCredential
+from azure.core.pipeline import PipelineRequest
+from azure.core.pipeline.policies import AzureSasCredentialPolicy, BearerTokenCredentialPolicy, SansIOHTTPPolicy
+
+if TYPE_CHECKING:
+    from azure.core.credentials import SupportsTokenInfo
+
+AzureCredential = Union[AzureSasCredential, AzureNamedKeyCredential, "TokenCredential", "SupportsTokenInfo"]
+CredentialArgument = Union[AzureCredential, None, Literal[False]]
+
+_STORAGE_SCOPE = "https://storage.azure.com/.default"
+
+ACCEPTED_CREDENTIALS = (
+    "None (use DefaultAzureCredential), False (anonymous access), "
+    "azure.core.credentials.AzureSasCredential, azure.core.credentials.AzureNamedKeyCredential, "
+    "or a token credential such as azure.identity.DefaultAzureCredential"
+)
+
+
+def validate_credential(credential: object) -> None:
+    """Raise ``TypeError`` listing the accepted types unless ``credential`` is one of them."""
+    if credential is None or credential is False:
+        return
+    if isinstance(credential, (AzureSasCredential, AzureNamedKeyCredential)) or _is_token_credential(credential):
+        return
+    hint = ""
+    if isinstance(credential, str):
+        hint = (
+            " To use an account key, pass AzureNamedKeyCredential(account_name, key); to use a SAS "
+            "token, append it to the URL or pass AzureSasCredential(token)."
+        )
+    raise TypeError(f"Unsupported credential type {type(credential).__name__}; expected {ACCEPTED_CREDENTIALS}.{hint}")
+
+
+def _is_token_credential(credential: object) -> bool:
+    return callable(getattr(credential, "get_token", None)) or callable(getattr(credential, "get_token_info", None))
+
+
+class _SharedDefaultCredential:
+    """One ``DefaultAzureCredential`` per process, created on first use.
+
+    Creating it probes environment variables, managed identity and developer tools, and each
+    instance keeps its own token cache, so every BlobIO and dataset in a process shares one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._credential: TokenCredential | None = None
+
+    def get(self) -> TokenCredential:
+        with self._lock:
+            if self._credential is None:
+                from azure.identity import DefaultAzureCredential
+
+                self._credential = DefaultAzureCredential()
+            return self._credential
+
+    def forget(self) -> None:
+        """Drop the instance (called in a forked child, whose token cache must not be shared)."""
+        self._lock = threading.Lock()
+        self._credential = None
+
+
+shared_default_credential = _SharedDefaultCredential()
+
+
+def auth_policy_for(credential: CredentialArgument, *, url_has_sas: bool, host: str) -> SansIOHTTPPolicy[Any, Any] | BearerTokenCredentialPolicy | None:
+    """The policy that authorizes requests; ``None`` for anonymous requests or a SAS in the URL."""
+    validate_credential(credential)
+    if url_has_sas or credential is False:
+        return None
+    if isinstance(credential, AzureSasCredential):
+        return AzureSasCredentialPolicy(credential)
+    if isinstance(credential, AzureNamedKeyCredential):
+        return SharedKeyPolicy(credential)
+    token_credential = shared_default_credential.get() if credential is None else credential
+    if _is_loopback(host):
+        # Bearer tokens normally require TLS; a local emulator on loopback never leaves the machine.
+        return _LoopbackBearerTokenPolicy(token_credential, _STORAGE_SCOPE)
+    return BearerTokenCredentialPolicy(token_credential, _STORAGE_SCOPE)
+
+
+class _LoopbackBearerTokenPolicy(BearerTokenCredentialPolicy):
+    def on_request(self, request: PipelineRequest[Any]) -> None:
+        request.context["enforce_https"] = False
+        super().on_request(request)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# Headers that take part in a Shared Key signature, in the order the service expects them.
+_SIGNED_STANDARD_HEADERS = (
+    "content-encoding",
+    "content-language",
+    "content-length",
+    "content-md5",
+    "content-type",
+    "date",
+    "if-modified-since",
+    "if-match",
+    "if-none-match",
+    "if-unmodified-since",
+    "range",
+)
+
+
+class SharedKeyPolicy(SansIOHTTPPolicy[Any, Any]):
+    """Signs each request with the storage account key (the "Shared Key" scheme).
+
+    Runs after the retry policy so that every attempt gets a fresh ``x-ms-date`` and signature.
+    The key itself never leaves this object: only the HMAC goes on the wire.
+    """
+
+    def __init__(self, credential: AzureNamedKeyCredential) -> None:
+        self._credential = credential
+
+    def __repr__(self) -> str:
+        return f"SharedKeyPolicy(account={self._credential.named_key.name!r})"
+
+    def on_request(self, request: PipelineRequest[Any]) -> None:
+        http_request = request.http_request
+        http_request.headers["x-ms-date"] = formatdate(usegmt=True)
+        account_name, key = self._credential.named_key
+        string_to_sign = _string_to_sign(http_request.method, http_request.url, http_request.headers, account_name)
+        digest = hmac.new(base64.b64decode(key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
+        http_request.headers["Authorization"] = f"SharedKey {account_name}:{base64.b64encode(digest).decode()}"
+
+
+def _string_to_sign(method: str, url: str, headers: Any, account_name: str) -> str:
+    lowered = {name.lower(): str(value) for name, value in headers.items()}
+    if lowered.get("content-length") == "0":
+        lowered["content-length"] = ""  # the service signs an empty length for empty bodies
+    standard = [lowered.get(name, "") for name in _SIGNED_STANDARD_HEADERS]
+    ms_headers = sorted((name, value.strip()) for name, value in lowered.items() if name.startswith("x-ms-"))
+    parsed = urllib.parse.urlsplit(url)
+    resource = f"/{account_name}{parsed.path or '/'}"
+    query: dict[str, list[str]] = {}
+    for name, value in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True):
+        query.setdefault(name.lower(), []).append(value)
+    for name in sorted(query):
+        resource += f"\n{name}:{','.join(sorted(query[name]))}"
+    lines = [method.upper(), *standard, *(f"{name}:{value}" for name, value in ms_headers), resource]
+    return "\n".join(lines)

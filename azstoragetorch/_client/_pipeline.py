@@ -1,0 +1,232 @@
+"""HTTP plumbing shared by every client in a process: connection pools, the request pipeline,
+the worker threads, and the translation of error responses into exceptions.
+
+Connection pools and threads belong to one process. After ``fork`` the child drops its copies
+(without closing the sockets, which the parent still uses) and builds its own on first use, so a
+DataLoader worker never reads a response meant for its parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn
+
+import requests
+import requests.adapters
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
+from azure.core.pipeline import Pipeline, PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import HeadersPolicy, RetryPolicy, SansIOHTTPPolicy, UserAgentPolicy
+from azure.core.pipeline.transport import HttpResponse, RequestsTransport
+
+from azstoragetorch import __version__
+from azstoragetorch._client._redaction import install_log_filter, scrub
+from azstoragetorch.exceptions import ClientRequestIdMismatchError
+
+_LOGGER = logging.getLogger("azstoragetorch")
+
+# The Blob Storage REST API version we speak. Features used: ranged GET with If-Match, Put Blob,
+# Put Block / Put Block List, List Blobs; all long available, so an older version keeps working
+# against sovereign clouds and Azure Stack as well.
+API_VERSION = "2021-08-06"
+
+# Upper bounds on threads and pooled connections per process. A BlobIO limits its own in-flight
+# requests (max_concurrency); this cap only keeps many concurrent BlobIOs from exhausting sockets.
+MAX_THREADS = 64
+
+CONNECTION_TIMEOUT_SECONDS = 20
+# How long a response may go silent before it counts as failed (and is retried).
+READ_TIMEOUT_SECONDS = 60
+REQUEST_RETRIES = 5
+
+
+class _ProcessState:
+    """Connection pools and threads of the current process, created lazily."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.transports: dict[str, RequestsTransport] = {}
+        self.executor: ThreadPoolExecutor | None = None
+
+
+_state = _ProcessState()
+
+
+def _forget_parent_state() -> None:
+    global _state
+    # The parent's sockets and threads are unusable here; drop them without closing anything.
+    _state = _ProcessState()
+    from azstoragetorch._client._credentials import shared_default_credential
+
+    shared_default_credential.forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_state)
+
+install_log_filter()
+
+
+def _current_state() -> _ProcessState:
+    # register_at_fork covers os.fork; the pid check also covers forks that bypass it.
+    if _state.pid != os.getpid():
+        _forget_parent_state()
+    return _state
+
+
+def transport_for(origin: str) -> RequestsTransport:
+    """The shared transport (one connection pool) for ``scheme://host:port``."""
+    state = _current_state()
+    with state.lock:
+        transport = state.transports.get(origin)
+        if transport is None:
+            session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_THREADS, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            transport = RequestsTransport(
+                session=session,
+                session_owner=False,
+                connection_timeout=CONNECTION_TIMEOUT_SECONDS,
+                read_timeout=READ_TIMEOUT_SECONDS,
+            )
+            state.transports[origin] = transport
+        return transport
+
+
+def executor() -> ThreadPoolExecutor:
+    """The process-wide pool of threads that run transfers."""
+    state = _current_state()
+    with state.lock:
+        if state.executor is None:
+            state.executor = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="azstoragetorch")
+        return state.executor
+
+
+class _ClientRequestIdPolicy(SansIOHTTPPolicy[Any, Any]):
+    """Tags each request with a fresh ``x-ms-client-request-id`` and checks the echo.
+
+    It sits before the signing policy so the ID is part of a Shared Key signature. Error responses
+    from some endpoints (Azurite's among them) carry no echo; only a present, different ID is an
+    error.
+    """
+
+    def on_request(self, request: PipelineRequest[Any]) -> None:
+        request.http_request.headers["x-ms-client-request-id"] = str(uuid.uuid4())
+
+    def on_response(self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]) -> None:
+        sent = request.http_request.headers["x-ms-client-request-id"]
+        echoed = response.http_response.headers.get("x-ms-client-request-id")
+        if echoed is not None and echoed != sent:
+            service_id = response.http_response.headers.get("x-ms-request-id", "")
+            response.http_response.internal_response.close()
+            raise ClientRequestIdMismatchError(sent, echoed, service_id)
+
+
+class _JitteredRetryPolicy(RetryPolicy):
+    """The SDK's retry policy, with each backoff spread by ±50% so that parallel requests that failed
+    together (a throttled account, a dropped connection pool) do not all come back at once."""
+
+    def get_backoff_time(self, settings: dict[str, Any]) -> float:
+        backoff = super().get_backoff_time(settings)
+        return backoff * random.uniform(0.5, 1.5)
+
+
+def build_pipeline(origin: str, auth_policy: Any | None) -> Pipeline[Any, Any]:
+    policies: list[Any] = [
+        HeadersPolicy({"x-ms-version": API_VERSION}),
+        UserAgentPolicy(sdk_moniker=f"azstoragetorch/{__version__}"),
+        _ClientRequestIdPolicy(),
+        _JitteredRetryPolicy(retry_total=REQUEST_RETRIES, retry_backoff_factor=0.5, retry_backoff_max=30),
+    ]
+    if auth_policy is not None:
+        policies.append(auth_policy)
+    return Pipeline(transport=transport_for(origin), policies=policies)
+
+
+def run(pipeline: Pipeline[Any, Any], request: Any, *, stream: bool = False) -> HttpResponse:
+    """Send ``request``; transport failures come back with any SAS token removed from the message."""
+    try:
+        return pipeline.run(request, stream=stream).http_response
+    except ClientRequestIdMismatchError:
+        raise
+    except AzureError as error:
+        raise _scrubbed(error) from None
+
+
+def _scrubbed(error: AzureError) -> AzureError:
+    # The original carries the request URL (and so any SAS) in its message and in its chained
+    # exceptions; build a fresh one of the same type from the scrubbed message instead.
+    replacement = type(error)(scrub(str(error)))
+    replacement.error_code = getattr(error, "error_code", None)
+    return replacement
+
+
+_ERRORS_BY_STATUS: dict[int, type[HttpResponseError]] = {
+    401: ClientAuthenticationError,
+    403: ClientAuthenticationError,
+    404: ResourceNotFoundError,
+    409: ResourceExistsError,
+    412: ResourceModifiedError,
+}
+
+_HINTS = {
+    "ContainerNotFound": "Check the container name in the URL.",
+    "BlobNotFound": "Check the blob name in the URL.",
+    "AuthenticationFailed": "Check the credential (or the SAS token in the URL) and that it has not expired.",
+    "AuthorizationFailure": "The credential is not allowed to do this; check its role assignments or SAS permissions.",
+    "AuthorizationPermissionMismatch": "The credential lacks the permission this needs (for example write or read).",
+    "NoAuthenticationInformation": "The resource is private; pass a credential or a URL with a SAS token.",
+    "ResourceNotFound": "Check the account, container and blob names in the URL (an anonymous request to a private container also reports this).",
+}
+
+
+def raise_for_status(response: HttpResponse, *, action: str, display_url: str) -> NoReturn:
+    """Raise the azure-core exception that matches an error response, naming the blob."""
+    error_code = response.headers.get("x-ms-error-code") or _error_code_from_body(response)
+    hint = _HINTS.get(error_code or "", "")
+    message = f"Could not {action} {display_url}: HTTP {response.status_code} {response.reason}"
+    if error_code:
+        message += f" ({error_code})"
+    if hint:
+        message += f". {hint}"
+    error_type = _ERRORS_BY_STATUS.get(response.status_code, HttpResponseError)
+    error = error_type(message=scrub(message))
+    error.status_code = response.status_code
+    error.reason = response.reason
+    error.error_code = error_code
+    raise error
+
+
+def _error_code_from_body(response: HttpResponse) -> str | None:
+    try:
+        body = response.body()
+    except Exception:  # a streamed body that was not read: fall back to no code
+        return None
+    start = body.find(b"<Code>")
+    end = body.find(b"</Code>")
+    if start == -1 or end == -1:
+        return None
+    return body[start + len("<Code>") : end].decode("utf-8", "replace")
+
+
+def log_debug(message: str, *args: object) -> None:
+    if _LOGGER.isEnabledFor(logging.DEBUG):
+        _LOGGER.debug(scrub(message % args))
+
+
+def backoff_seconds(attempt: int, *, base: float = 0.25, cap: float = 10.0) -> float:
+    """Exponential backoff with full jitter for the ``attempt``-th retry (1-based)."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))

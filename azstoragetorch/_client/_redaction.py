@@ -1,0 +1,50 @@
+"""Keeping SAS tokens out of exception messages and log records.
+
+SAS tokens travel in the query string, and the HTTP stack below us (requests, urllib3) writes full
+request URLs into its exception messages and debug logs. Everything that leaves this package passes
+through :func:`scrub` first, and :func:`install_log_filter` scrubs urllib3's own log records.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+_REDACTED = "REDACTED"
+
+# "sig" is the secret part of a SAS; the other SAS fields are not secret on their own, but a URL
+# with its query string removed is what users expect to see, so whole query strings are dropped
+# where we can recognise them and any stray signature is masked as a fallback.
+_SIGNATURE = re.compile(r"(?i)(\bsig=)[^&\s'\"]+")
+_QUERY_AFTER_PATH = re.compile(r"(https?://[^\s'\"?]+|/[^\s'\"?]*)\?[^\s'\"]*(?:\bsig=)[^\s'\"]*", re.IGNORECASE)
+
+
+def scrub(text: str) -> str:
+    """Return ``text`` with every SAS query string and signature removed."""
+    text = _QUERY_AFTER_PATH.sub(r"\1?<SAS REDACTED>", text)
+    return _SIGNATURE.sub(rf"\1{_REDACTED}", text)
+
+
+class _ScrubSecretsFilter(logging.Filter):
+    """Rewrites a log record's message so that it carries no SAS token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = scrub(message)
+        if cleaned != message:
+            record.msg = cleaned
+            record.args = None
+        return True
+
+
+_FILTER = _ScrubSecretsFilter()
+# Loggers that may print request URLs: urllib3 logs "GET /account/container/blob?<query>" at DEBUG.
+_LOGGERS_THAT_PRINT_URLS = ("urllib3.connectionpool", "urllib3.util.retry", "azure.core.pipeline.policies.http_logging_policy")
+
+
+def install_log_filter() -> None:
+    """Attach the scrubbing filter to the loggers of the HTTP stack (idempotent)."""
+    for name in _LOGGERS_THAT_PRINT_URLS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)

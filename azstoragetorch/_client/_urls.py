@@ -1,0 +1,171 @@
+"""Parsing and rebuilding blob URLs, keeping any SAS token out of what is shown to people."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import urllib.parse
+
+# Query parameters that select what is read rather than authorize the request. They are kept in
+# URLs shown to users; every other query parameter is treated as part of a SAS token.
+_SELECTOR_PARAMETERS = ("snapshot", "versionid")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobUrl:
+    """A parsed ``https://<account>.blob.core.windows.net/<container>/<blob>`` style URL.
+
+    Path-style URLs (``http://127.0.0.1:10000/<account>/<container>/<blob>``, as used by Azurite and
+    other endpoints addressed by IP or a bare host name) are understood too. ``blob_name`` is
+    decoded; ``sas_query`` keeps the SAS parameters exactly as the user wrote them so that their
+    signature stays valid.
+    """
+
+    scheme: str
+    netloc: str
+    account_name: str
+    container_name: str
+    blob_name: str
+    path_style: bool
+    sas_query: str = ""
+    snapshot: str | None = None
+    version_id: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BlobUrl:
+        """Parse a blob URL; raises ``ValueError`` naming the problem for anything malformed."""
+        account_url, container_name, blob_name, query = _split_resource_url(url, want_blob=True)
+        assert blob_name is not None
+        sas_pieces, selectors = _split_query(query)
+        return cls(
+            scheme=account_url.scheme,
+            netloc=account_url.netloc,
+            account_name=account_url.account_name,
+            container_name=container_name,
+            blob_name=blob_name,
+            path_style=account_url.path_style,
+            sas_query="&".join(sas_pieces),
+            snapshot=selectors.get("snapshot"),
+            version_id=selectors.get("versionid"),
+        )
+
+    @property
+    def has_sas(self) -> bool:
+        """Whether the URL carries a SAS signature (which then wins over any credential)."""
+        return any(piece.split("=", 1)[0].lower() == "sig" for piece in self.sas_query.split("&"))
+
+    @property
+    def account_url(self) -> str:
+        base = f"{self.scheme}://{self.netloc}"
+        return f"{base}/{self.account_name}" if self.path_style else base
+
+    @property
+    def container_url(self) -> str:
+        return f"{self.account_url}/{urllib.parse.quote(self.container_name, safe='')}"
+
+    @property
+    def url_without_query(self) -> str:
+        """The blob's URL with no query string at all: no SAS, snapshot or version."""
+        return f"{self.container_url}/{urllib.parse.quote(self.blob_name, safe='/~')}"
+
+    @property
+    def display_url(self) -> str:
+        """The URL to show in messages and reprs: snapshot and version kept, SAS dropped."""
+        return _with_query(self.url_without_query, self._selector_pieces())
+
+    def request_url(self, *extra_query: str) -> str:
+        """The URL to send: with the SAS token, snapshot/version and any extra parameters."""
+        pieces = [*extra_query, *self._selector_pieces()]
+        if self.sas_query:
+            pieces.append(self.sas_query)
+        return _with_query(self.url_without_query, pieces)
+
+    def _selector_pieces(self) -> list[str]:
+        pieces = []
+        if self.snapshot is not None:
+            pieces.append(f"snapshot={urllib.parse.quote(self.snapshot, safe='')}")
+        if self.version_id is not None:
+            pieces.append(f"versionid={urllib.parse.quote(self.version_id, safe='')}")
+        return pieces
+
+    def __repr__(self) -> str:
+        return f"BlobUrl({self.display_url!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _AccountUrl:
+    scheme: str
+    netloc: str
+    account_name: str
+    path_style: bool
+
+
+def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str, str | None, str]:
+    if not isinstance(url, str):
+        raise TypeError(f"A blob URL must be a str, not {type(url).__name__}.")
+    parsed = urllib.parse.urlsplit(url)
+    shown = _strip_query(url)
+    if parsed.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"Blob URL {shown!r} must start with https:// (or http:// for an emulator).")
+    if not parsed.hostname:
+        raise ValueError(f"Blob URL {shown!r} has no host name.")
+    if parsed.fragment:
+        raise ValueError(f"Blob URL {shown!r} has a '#' fragment; percent-encode '#' in blob names as %23.")
+
+    segments = parsed.path.split("/")[1:]  # the path starts with "/"
+    path_style = _is_path_style_host(parsed.hostname)
+    if path_style:
+        if not segments or not segments[0]:
+            raise ValueError(
+                f"Blob URL {shown!r} addresses an emulator or IP endpoint, so its path must start "
+                "with the account name: http://<host>:<port>/<account>/<container>/<blob>."
+            )
+        account_name, segments = segments[0], segments[1:]
+    else:
+        account_name = parsed.hostname.split(".", 1)[0]
+
+    container_name = urllib.parse.unquote(segments[0]) if segments else ""
+    if not container_name:
+        raise ValueError(f"URL {shown!r} names no container.")
+    blob_name: str | None = None
+    if want_blob:
+        blob_name = urllib.parse.unquote("/".join(segments[1:]))
+        if not blob_name:
+            raise ValueError(f"Blob URL {shown!r} names a container but no blob.")
+    elif len(segments) > 1 and any(segments[1:]):
+        raise ValueError(f"Container URL {shown!r} has a path after the container name.")
+
+    account = _AccountUrl(parsed.scheme.lower(), parsed.netloc, account_name, path_style)
+    return account, container_name, blob_name, parsed.query
+
+
+def _split_query(query: str) -> tuple[list[str], dict[str, str]]:
+    sas_pieces: list[str] = []
+    selectors: dict[str, str] = {}
+    for piece in query.split("&"):
+        if not piece:
+            continue
+        name, _, value = piece.partition("=")
+        if name.lower() in _SELECTOR_PARAMETERS:
+            selectors[name.lower()] = urllib.parse.unquote(value)
+        else:
+            sas_pieces.append(piece)
+    return sas_pieces, selectors
+
+
+def _is_path_style_host(hostname: str) -> bool:
+    # Azure's own endpoints put the account in the host name (<account>.blob.core.windows.net);
+    # IP addresses and bare host names (localhost, a docker service called "azurite") cannot.
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return "." not in hostname
+    return True
+
+
+def _with_query(url: str, pieces: list[str]) -> str:
+    return f"{url}?{'&'.join(pieces)}" if pieces else url
+
+
+def _strip_query(url: str) -> str:
+    return url.split("?", 1)[0].split("#", 1)[0]

@@ -1,0 +1,158 @@
+"""How :class:`~azstoragetorch.io.BlobIO` turns reads at arbitrary positions into ranged downloads.
+
+``torch.load`` reads a checkpoint as a run of small reads (zip headers, the pickle) mixed with large
+ones (tensor data), mostly moving forward, after a few jumps to the end of the file for the zip
+directory. One request per read would be slow; downloading the whole blob up front would hold
+multi-GB checkpoints in memory. :class:`ReadAheadBuffer` sits in between.
+"""
+
+from __future__ import annotations
+
+import collections
+from concurrent.futures import Future
+from typing import Any
+
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties
+
+# After a jump to a new position only this much is fetched: a jump is usually a short look (the
+# zip directory at the end of a checkpoint), and a full chunk would delay it for nothing.
+JUMP_FETCH_BYTES = 1024 * 1024
+
+
+class _Chunk:
+    __slots__ = ("data", "future", "start", "stop")
+
+    def __init__(self, start: int, stop: int, future: Future[Any], data: bytearray) -> None:
+        self.start = start
+        self.stop = stop
+        self.future = future
+        self.data = data
+
+    def view(self) -> memoryview:
+        self.future.result()  # wait; re-raises a failed download
+        return memoryview(self.data)
+
+
+class ReadAheadBuffer:
+    """A sliding window of chunks downloaded in parallel ahead of a forward-moving reader.
+
+    Every read is served from chunks of ``chunk_size`` bytes, each fetched by one ranged GET. While
+    reads keep moving forward, the number of chunks requested ahead of the reader doubles, up to
+    ``max_chunks - 1``, so a long sequential read keeps that many requests in flight and the
+    reader rarely waits. A jump elsewhere resets the window and fetches a small chunk at the new
+    position. At most ``max_chunks + 1`` chunks are kept, which bounds memory at about
+    ``(max_chunks + 1) * chunk_size`` bytes whatever the blob's size.
+
+    All downloads are pinned to the ETag seen when the blob was opened.
+    """
+
+    def __init__(
+        self,
+        client: AzStorageTorchBlobClient,
+        properties: BlobProperties,
+        *,
+        chunk_size: int,
+        max_chunks: int,
+        first_chunk: bytearray,
+    ) -> None:
+        self._client = client
+        self._properties = properties
+        self._chunk_size = chunk_size
+        self._max_chunks = max(1, max_chunks)
+        self._chunks: collections.OrderedDict[int, _Chunk] = collections.OrderedDict()
+        self._ahead = 0
+        self._next_expected = 0
+        self._window_anchor = -1  # start of the chunk the read-ahead was last extended from
+        # Buffers of evicted chunks, reused for new ones: allocating and freeing multi-MiB buffers
+        # costs page faults and mmap calls that, with transfer threads running, cost more CPU
+        # than the transfer itself.
+        self._spare_buffers: list[bytearray] = []
+        if first_chunk:
+            done: Future[None] = Future()
+            done.set_result(None)
+            self._chunks[0] = _Chunk(0, len(first_chunk), done, first_chunk)
+
+    @property
+    def properties(self) -> BlobProperties:
+        return self._properties
+
+    @property
+    def size(self) -> int:
+        return self._properties.size
+
+    def readinto(self, position: int, destination: memoryview) -> int:
+        """Copy the blob's bytes at ``position`` into ``destination``; returns the count (0 at the end)."""
+        end = min(position + len(destination), self.size)
+        offset = position
+        while offset < end:
+            chunk = self._find(offset)
+            if chunk is None:
+                chunk = self._fetch_at(offset, forward=0 <= offset - self._next_expected < self._chunk_size)
+            elif chunk.start != self._window_anchor:
+                self._read_ahead_from(chunk)  # the reader entered another chunk
+            try:
+                data = chunk.view()
+            except BaseException:
+                self._chunks.pop(chunk.start, None)  # let a later read try again
+                raise
+            count = min(end, chunk.stop) - offset
+            into = offset - position
+            destination[into : into + count] = data[offset - chunk.start : offset - chunk.start + count]
+            offset += count
+        self._next_expected = max(end, position)
+        return max(0, end - position)
+
+    def close(self) -> None:
+        for chunk in self._chunks.values():
+            chunk.future.cancel()
+        self._chunks.clear()
+
+    def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:
+        if forward:
+            chunk = self._request(offset, self._chunk_size)
+            self._read_ahead_from(chunk)
+        else:
+            self._ahead = 0
+            chunk = self._request(offset, JUMP_FETCH_BYTES)
+            self._window_anchor = chunk.start
+        return chunk
+
+    def _read_ahead_from(self, chunk: _Chunk) -> None:
+        """Widen the window (the reader is moving forward) and request chunks after ``chunk``."""
+        self._window_anchor = chunk.start
+        self._ahead = min(self._max_chunks - 1, self._ahead * 2 + 1)
+        start = chunk.stop
+        for _ in range(self._ahead):
+            if start >= self.size:
+                break
+            start = (self._find(start) or self._request(start, self._chunk_size)).stop
+
+    def _find(self, offset: int) -> _Chunk | None:
+        for chunk in self._chunks.values():
+            if chunk.start <= offset < chunk.stop:
+                return chunk
+        return None
+
+    def _request(self, start: int, length: int) -> _Chunk:
+        stop = min(start + min(length, self._chunk_size), self.size)
+        data = self._spare_buffers.pop() if self._spare_buffers else bytearray(self._chunk_size)
+        target = memoryview(data)[: stop - start]
+        future = self._client.submit(self._client.download_into, start, target, etag=self._properties.etag)
+        chunk = _Chunk(start, stop, future, data)
+        self._chunks[start] = chunk
+        self._evict(keep=chunk)
+        return chunk
+
+    def _evict(self, keep: _Chunk) -> None:
+        # Oldest first: chunks behind the reader go before the read-ahead chunks requested later.
+        while len(self._chunks) > self._max_chunks + 1:
+            oldest = next(iter(self._chunks.values()))
+            if oldest is keep:
+                break
+            del self._chunks[oldest.start]
+            self._recycle(oldest)
+
+    def _recycle(self, chunk: _Chunk) -> None:
+        # A buffer may be reused only once no thread can still be writing into it.
+        if (chunk.future.cancel() or chunk.future.done()) and len(chunk.data) == self._chunk_size:
+            self._spare_buffers.append(chunk.data)

@@ -1,0 +1,101 @@
+"""Exceptions raised by azstoragetorch.
+
+Errors reported by Azure Blob Storage itself (a missing blob, a denied request, ...) surface as the
+Azure SDK's own exception types from :mod:`azure.core.exceptions`, such as
+:class:`~azure.core.exceptions.ResourceNotFoundError` and
+:class:`~azure.core.exceptions.ClientAuthenticationError`, with the service's error code in
+``error_code``. The classes here cover the failures that are specific to this library.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AZStorageTorchError",
+    "BlobModifiedDuringReadError",
+    "ClientRequestIdMismatchError",
+    "FatalBlobIOWriteError",
+]
+
+
+class AZStorageTorchError(Exception):
+    """Base class of every exception defined by azstoragetorch."""
+
+
+class ClientRequestIdMismatchError(AZStorageTorchError):
+    """A response carried a different ``x-ms-client-request-id`` than the request that asked for it.
+
+    Every request sends a fresh client request ID and Blob Storage echoes it back. A response that
+    echoes somebody else's ID means two requests shared one connection, which is what happens when
+    a connection opened in one process is used from another after ``fork``. azstoragetorch opens
+    new connections in a forked child, so seeing this error points at a connection shared outside
+    of the library (for example a dataset whose samples were read in the main process and then in
+    DataLoader workers through a custom transport). Creating the dataset or :class:`~azstoragetorch.io.BlobIO`
+    inside the worker, or not reading samples in the main process, avoids it.
+
+    Args:
+        request_client_id: The ID that was sent with the request.
+        response_client_id: The ID that came back in the response.
+        service_request_id: The service's own ``x-ms-request-id`` for the response, for support cases.
+    """
+
+    def __init__(self, request_client_id: str, response_client_id: str, service_request_id: str) -> None:
+        self.request_client_id = request_client_id
+        self.response_client_id = response_client_id
+        self.service_request_id = service_request_id
+        super().__init__(
+            f"The response's client request ID ({response_client_id!r}) does not match the ID sent "
+            f"with the request ({request_client_id!r}); service request ID: {service_request_id!r}. "
+            "The connection was probably shared between processes. Do not read a dataset's samples "
+            "both in the main process and in DataLoader workers through a shared connection."
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        # Keep the exception picklable so it survives the trip from a DataLoader worker.
+        return (type(self), (self.request_client_id, self.response_client_id, self.service_request_id))
+
+
+class FatalBlobIOWriteError(AZStorageTorchError):
+    """Writing through a :class:`~azstoragetorch.io.BlobIO` failed and the blob will not be committed.
+
+    Once raised, the ``BlobIO`` accepts no more writes and nothing written through it becomes
+    visible: the blob keeps whatever content it had before (or stays absent). To retry, open a new
+    ``BlobIO`` and write all of the data again.
+
+    Args:
+        underlying_exception: The error that made the upload fail; also available as ``__cause__``.
+    """
+
+    def __init__(self, underlying_exception: BaseException) -> None:
+        self.underlying_exception = underlying_exception
+        super().__init__(
+            "Writing to the blob failed and none of the data written through this BlobIO will be "
+            f"committed. Open a new BlobIO and write everything again. Cause: "
+            f"{type(underlying_exception).__name__}: {underlying_exception}"
+        )
+        self.__cause__ = underlying_exception
+
+    def __reduce__(self) -> tuple[type, tuple[BaseException]]:
+        return (type(self), (self.underlying_exception,))
+
+
+class BlobModifiedDuringReadError(AZStorageTorchError):
+    """The blob was replaced or changed after a :class:`~azstoragetorch.io.BlobIO` started reading it.
+
+    Reads are pinned to the ETag seen on the first request, so a reader never returns a mix of old
+    and new bytes. Open a new ``BlobIO`` to read the new content.
+
+    Args:
+        blob_url: The blob's URL with any SAS token removed.
+        expected_etag: The ETag the reader was pinned to.
+    """
+
+    def __init__(self, blob_url: str, expected_etag: str) -> None:
+        self.blob_url = blob_url
+        self.expected_etag = expected_etag
+        super().__init__(
+            f"The blob {blob_url} changed while it was being read (it no longer has ETag "
+            f"{expected_etag}). Open a new BlobIO to read its current content."
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.blob_url, self.expected_etag))

@@ -1,0 +1,155 @@
+"""Run code against Azurite, Microsoft's local Azure Storage emulator.
+
+Useful for testing training code without an Azure account: :class:`Azurite` starts the emulator's
+blob service on a free loopback port, keeps everything in memory, and stops it again::
+
+    from azstoragetorch.testing import Azurite
+
+    with Azurite() as azurite:
+        url = azurite.blob_url("my-container", "model.pt")  # create the container first
+
+The emulator comes from npm (``npm install azurite``). It is looked up in the ``AZURITE_BLOB``
+environment variable, then ``tools/azurite/node_modules/.bin/azurite-blob`` in this repository (or
+the current directory), then ``azurite-blob`` on ``PATH``.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from types import TracebackType
+
+from azure.core.credentials import AzureNamedKeyCredential
+
+__all__ = ["ACCOUNT_KEY", "ACCOUNT_NAME", "Azurite", "find_azurite_blob"]
+
+# The emulator's fixed, publicly documented development account. Not a secret.
+ACCOUNT_NAME = "devstoreaccount1"
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+_RELATIVE_BINARY = pathlib.Path("tools", "azurite", "node_modules", ".bin", "azurite-blob")
+_STARTUP_TIMEOUT_SECONDS = 60
+
+
+def find_azurite_blob() -> str:
+    """The path of the ``azurite-blob`` executable; ``FileNotFoundError`` says how to install it."""
+    explicit = os.environ.get("AZURITE_BLOB")
+    if explicit:
+        return explicit
+    for root in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents, pathlib.Path(__file__).resolve().parents[1]):
+        candidate = root / _RELATIVE_BINARY
+        if candidate.exists():
+            return str(candidate)
+    on_path = shutil.which("azurite-blob")
+    if on_path:
+        return on_path
+    raise FileNotFoundError(
+        "Could not find the Azurite emulator. Run `make setup` (or `npm ci --prefix tools/azurite`) "
+        "in the azstoragetorch repository, `npm install -g azurite`, or set AZURITE_BLOB to the "
+        "path of azurite-blob."
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Azurite:
+    """An Azurite blob service on ``127.0.0.1`` for the lifetime of the object (or ``with`` block).
+
+    Args:
+        port: The port to listen on; a free one is chosen when ``None``.
+        in_memory: Keep blobs in memory (the default) instead of a temporary directory.
+    """
+
+    def __init__(self, port: int | None = None, *, in_memory: bool = True) -> None:
+        self.port = port or _free_port()
+        self._in_memory = in_memory
+        self._process: subprocess.Popen[bytes] | None = None
+        self._workdir = tempfile.TemporaryDirectory(prefix="azurite-")
+        self._log = open(os.path.join(self._workdir.name, "azurite.log"), "wb")  # noqa: SIM115
+
+    @property
+    def account_url(self) -> str:
+        """``http://127.0.0.1:<port>/devstoreaccount1``: the emulator's path-style account URL."""
+        return f"http://127.0.0.1:{self.port}/{ACCOUNT_NAME}"
+
+    @property
+    def credential(self) -> AzureNamedKeyCredential:
+        """An account-key credential for the development account."""
+        return AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY)
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
+            f"BlobEndpoint={self.account_url};"
+        )
+
+    def container_url(self, container: str) -> str:
+        return f"{self.account_url}/{container}"
+
+    def blob_url(self, container: str, blob: str) -> str:
+        return f"{self.account_url}/{container}/{blob}"
+
+    def start(self) -> Azurite:
+        command = [
+            find_azurite_blob(),
+            "--blobHost", "127.0.0.1",
+            "--blobPort", str(self.port),
+            "--loose",
+            "--skipApiVersionCheck",
+            "--disableProductStyleUrl",
+        ]  # fmt: skip
+        command += ["--inMemoryPersistence"] if self._in_memory else ["--location", self._workdir.name]
+        self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(f"Azurite exited during start-up with code {self._process.returncode}:\n{self.log_text()}")
+            try:
+                urllib.request.urlopen(f"{self.account_url}?comp=list", timeout=2)
+            except urllib.error.HTTPError:
+                return  # any HTTP answer (403 without credentials) means it is serving
+            except OSError:
+                time.sleep(0.1)
+            else:
+                return
+        self.stop()
+        raise TimeoutError(f"Azurite did not answer on port {self.port} within {_STARTUP_TIMEOUT_SECONDS} s.")
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return pathlib.Path(self._log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+        self._log.close()
+        self._workdir.cleanup()
+
+    def __enter__(self) -> Azurite:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,100 @@
+"""Shared fixtures: one Azurite emulator per test session, a fresh container per test."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from azure.core.credentials import AzureNamedKeyCredential
+from azure.storage.blob import (
+    BlobSasPermissions,
+    BlobServiceClient,
+    ContainerClient,
+    ContainerSasPermissions,
+    generate_blob_sas,
+    generate_container_sas,
+)
+
+from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    with Azurite() as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
+def account_credential() -> AzureNamedKeyCredential:
+    return AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY)
+
+
+@pytest.fixture(scope="session")
+def service_client(azurite: Azurite) -> BlobServiceClient:
+    return BlobServiceClient(azurite.account_url, credential={"account_name": ACCOUNT_NAME, "account_key": ACCOUNT_KEY})
+
+
+@dataclasses.dataclass
+class Container:
+    """A container made for one test, with helpers to reach its blobs."""
+
+    name: str
+    url: str
+    client: ContainerClient
+
+    def blob_url(self, blob_name: str) -> str:
+        return f"{self.url}/{blob_name}"
+
+    def upload(self, blob_name: str, data: bytes) -> str:
+        self.client.upload_blob(blob_name, data, overwrite=True)
+        return self.blob_url(blob_name)
+
+    def download(self, blob_name: str) -> bytes:
+        return self.client.download_blob(blob_name).readall()
+
+    def exists(self, blob_name: str) -> bool:
+        return self.client.get_blob_client(blob_name).exists()
+
+    def blob_sas(self, blob_name: str, **permissions: bool) -> str:
+        return generate_blob_sas(
+            ACCOUNT_NAME,
+            self.name,
+            blob_name,
+            account_key=ACCOUNT_KEY,
+            permission=BlobSasPermissions(**(permissions or {"read": True})),
+            expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1),
+        )
+
+    def container_sas(self, **permissions: bool) -> str:
+        return generate_container_sas(
+            ACCOUNT_NAME,
+            self.name,
+            account_key=ACCOUNT_KEY,
+            permission=ContainerSasPermissions(**(permissions or {"read": True, "list": True})),
+            expiry=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1),
+        )
+
+
+def _make_container(service_client: BlobServiceClient, azurite: Azurite, public_access: str | None) -> Container:
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    client = service_client.create_container(name, public_access=public_access)
+    return Container(name=name, url=azurite.container_url(name), client=client)
+
+
+@pytest.fixture
+def container(service_client: BlobServiceClient, azurite: Azurite) -> Iterator[Container]:
+    """A new private container, deleted after the test."""
+    made = _make_container(service_client, azurite, None)
+    yield made
+    made.client.delete_container()
+
+
+@pytest.fixture
+def public_container(service_client: BlobServiceClient, azurite: Azurite) -> Iterator[Container]:
+    """A new container whose blobs anyone may read (but not write)."""
+    made = _make_container(service_client, azurite, "container")
+    yield made
+    made.client.delete_container()
