@@ -140,7 +140,9 @@ class Azurite:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:
-                self._process.wait(timeout=10)
+                # Azurite waits for idle keep-alive connections before exiting; nothing of
+                # value is lost by not waiting long for them.
+                self._process.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()

@@ -142,7 +142,11 @@ class SharedKeyPolicy(SansIOHTTPPolicy[Any, Any]):
         http_request.headers["x-ms-date"] = formatdate(usegmt=True)
         account_name, key = self._credential.named_key
         string_to_sign = _string_to_sign(http_request.method, http_request.url, http_request.headers, account_name)
-        digest = hmac.new(base64.b64decode(key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
+        try:
+            decoded_key = base64.b64decode(key, validate=True)
+        except ValueError:
+            raise ValueError(f"The account key for {account_name!r} in AzureNamedKeyCredential is not valid base64.") from None
+        digest = hmac.new(decoded_key, string_to_sign.encode("utf-8"), hashlib.sha256).digest()
         http_request.headers["Authorization"] = f"SharedKey {account_name}:{base64.b64encode(digest).decode()}"
 
 

@@ -1,0 +1,67 @@
+"""An in-memory stand-in for the transport client, for unit tests of buffering and block logic."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from azstoragetorch._client import BlobProperties
+
+
+class InMemoryBlobClient:
+    """Serves reads from ``data`` and records every request; uploads land in ``staged``/``committed``."""
+
+    display_url = "memory://blob"
+
+    def __init__(self, data: bytes = b"", *, fail_stage_at: int | None = None) -> None:
+        self.data = data
+        self.reads: list[tuple[int, int]] = []
+        self.staged: dict[str, bytes] = {}
+        self.committed: bytes | None = None
+        self.put_blob_calls = 0
+        self.commit_calls = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.fail_stage_at = fail_stage_at
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(4)
+        self.release = threading.Event()
+        self.release.set()
+
+    @property
+    def properties(self) -> BlobProperties:
+        return BlobProperties(size=len(self.data), etag='"1"')
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._pool.submit(fn, *args, **kwargs)
+
+    def download_into(self, offset: int, buffer: memoryview, *, etag: str | None) -> tuple[BlobProperties, int]:
+        with self._lock:
+            self.reads.append((offset, len(buffer)))
+        piece = self.data[offset : offset + len(buffer)]
+        buffer[: len(piece)] = piece
+        return self.properties, len(piece)
+
+    def stage_block(self, block_id: str, data: bytes, *, validate_content: bool) -> None:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            index = len(self.staged)
+        try:
+            self.release.wait(5)
+            if self.fail_stage_at is not None and index >= self.fail_stage_at:
+                raise ConnectionError("injected stage failure")
+            with self._lock:
+                self.staged[block_id] = bytes(data)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def commit_block_list(self, block_ids: list[str]) -> None:
+        self.commit_calls += 1
+        self.committed = b"".join(self.staged[block_id] for block_id in block_ids)
+
+    def put_blob(self, data: bytes, *, validate_content: bool) -> None:
+        self.put_blob_calls += 1
+        self.committed = bytes(data)

@@ -1,0 +1,93 @@
+import io
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from azstoragetorch._read_ahead import JUMP_FETCH_BYTES, ReadAheadBuffer
+from tests.unit.fakes import InMemoryBlobClient
+
+CHUNK = 1024
+
+
+def make_buffer(data: bytes, *, max_chunks: int = 4, first: int = CHUNK) -> tuple[ReadAheadBuffer, InMemoryBlobClient]:
+    client = InMemoryBlobClient(data)
+    buffer = ReadAheadBuffer(
+        client,  # type: ignore[arg-type]
+        client.properties,
+        chunk_size=CHUNK,
+        max_chunks=max_chunks,
+        first_chunk=bytearray(data[:first]),
+    )
+    return buffer, client
+
+
+def read(buffer: ReadAheadBuffer, position: int, size: int) -> bytes:
+    target = bytearray(size)
+    count = buffer.readinto(position, memoryview(target))
+    return bytes(target[:count])
+
+
+def test_small_sequential_reads_cost_one_request_per_chunk() -> None:
+    data = os.urandom(CHUNK * 20)
+    buffer, client = make_buffer(data)
+    out = b"".join(read(buffer, position, 10) for position in range(0, len(data), 10))
+    assert out == data
+    # Every chunk after the first is fetched exactly once, however many reads it serves.
+    assert len(client.reads) == 19
+    assert len({offset for offset, _ in client.reads}) == 19
+
+
+def test_read_ahead_keeps_several_chunks_in_flight_but_bounded() -> None:
+    data = os.urandom(CHUNK * 40)
+    buffer, client = make_buffer(data, max_chunks=4)
+    for position in range(0, len(data), 100):
+        read(buffer, position, 100)
+        assert len(buffer._chunks) <= 5  # max_chunks + 1: the memory bound
+    requested = sorted(offset for offset, _ in client.reads)
+    assert requested == list(range(CHUNK, CHUNK * 40, CHUNK))
+
+
+def test_a_jump_fetches_a_small_chunk_and_resets_the_window() -> None:
+    data = os.urandom(CHUNK * 50)
+    buffer, client = make_buffer(data, max_chunks=8)
+    for position in range(0, CHUNK * 10, 512):
+        read(buffer, position, 512)
+    assert read(buffer, CHUNK * 40 + 3, 5) == data[CHUNK * 40 + 3 : CHUNK * 40 + 8]
+    near_the_jump = [request for request in client.reads if request[0] >= CHUNK * 30]
+    assert near_the_jump == [(CHUNK * 40 + 3, min(CHUNK, JUMP_FETCH_BYTES))]  # nothing read ahead of it
+
+
+def test_reads_past_the_end_return_nothing() -> None:
+    buffer, _ = make_buffer(b"abc")
+    assert read(buffer, 3, 10) == b""
+    assert read(buffer, 100, 10) == b""
+    assert read(buffer, 1, 10) == b"bc"
+
+
+def test_empty_blob() -> None:
+    buffer, client = make_buffer(b"")
+    assert read(buffer, 0, 10) == b""
+    assert client.reads == []
+
+
+def test_large_read_spanning_many_chunks() -> None:
+    data = os.urandom(CHUNK * 30 + 17)
+    buffer, _ = make_buffer(data)
+    assert read(buffer, 5, len(data)) == data[5:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(0, CHUNK * 12),
+    operations=st.lists(st.tuples(st.integers(0, CHUNK * 13), st.integers(0, CHUNK * 3)), max_size=25),
+    max_chunks=st.integers(1, 5),
+)
+def test_random_reads_match_bytesio(size: int, operations: list[tuple[int, int]], max_chunks: int) -> None:
+    data = os.urandom(size)
+    buffer, _ = make_buffer(data, max_chunks=max_chunks, first=min(size, CHUNK))
+    reference = io.BytesIO(data)
+    for position, length in operations:
+        reference.seek(position)
+        assert read(buffer, position, length) == reference.read(length)
+        assert len(buffer._chunks) <= max_chunks + 1

@@ -1,0 +1,84 @@
+import pytest
+
+from azstoragetorch._client import BlobUrl
+
+AZURE = "https://myaccount.blob.core.windows.net"
+SAS = "sv=2021-08-06&ss=b&srt=o&sp=r&se=2030-01-01T00%3A00%3A00Z&sig=abc%2Bdef%3D"
+
+
+def test_azure_url() -> None:
+    url = BlobUrl.parse(f"{AZURE}/container/dir/model.pt")
+    assert (url.account_name, url.container_name, url.blob_name) == ("myaccount", "container", "dir/model.pt")
+    assert not url.path_style
+    assert url.account_url == AZURE
+    assert url.container_url == f"{AZURE}/container"
+    assert url.request_url() == f"{AZURE}/container/dir/model.pt"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:10000", "localhost:10000", "azurite:10000", "[::1]:10000"])
+def test_path_style_hosts_carry_the_account_in_the_path(host: str) -> None:
+    url = BlobUrl.parse(f"http://{host}/devstoreaccount1/container/a/b.pt")
+    assert url.path_style
+    assert (url.account_name, url.container_name, url.blob_name) == ("devstoreaccount1", "container", "a/b.pt")
+    assert url.account_url == f"http://{host}/devstoreaccount1"
+
+
+def test_blob_names_with_spaces_unicode_and_slashes_round_trip() -> None:
+    url = BlobUrl.parse(f"{AZURE}/container/runs/épique run/ckpt%20final.pt")
+    assert url.blob_name == "runs/épique run/ckpt final.pt"
+    assert url.request_url() == f"{AZURE}/container/runs/%C3%A9pique%20run/ckpt%20final.pt"
+    assert BlobUrl.parse(url.request_url()) == url
+
+
+def test_sas_is_kept_verbatim_for_requests_and_hidden_from_display() -> None:
+    url = BlobUrl.parse(f"{AZURE}/container/blob?{SAS}")
+    assert url.has_sas
+    assert url.request_url().endswith("?" + SAS)  # byte-for-byte, so the signature stays valid
+    assert "sig" not in url.display_url and "sig" not in repr(url)
+    assert url.url_without_query == f"{AZURE}/container/blob"
+
+
+def test_snapshot_and_version_are_selectors_not_secrets() -> None:
+    url = BlobUrl.parse(f"{AZURE}/c/blob?snapshot=2024-01-01T00%3A00%3A00.0000000Z&{SAS}")
+    assert url.snapshot == "2024-01-01T00:00:00.0000000Z"
+    assert url.display_url == f"{AZURE}/c/blob?snapshot=2024-01-01T00%3A00%3A00.0000000Z"
+    assert "snapshot=2024-01-01T00%3A00%3A00.0000000Z" in url.request_url()
+    version = BlobUrl.parse(f"{AZURE}/c/blob?versionid=2024-05-05T10%3A00%3A00.1234567Z")
+    assert version.version_id == "2024-05-05T10:00:00.1234567Z"
+    assert not version.has_sas
+    assert version.request_url() == version.display_url
+
+
+def test_extra_query_comes_first() -> None:
+    url = BlobUrl.parse(f"{AZURE}/c/blob?{SAS}")
+    assert url.request_url("comp=block", "blockid=x").startswith(f"{AZURE}/c/blob?comp=block&blockid=x&sv=")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("myaccount.blob.core.windows.net/c/b", "https://"),
+        ("ftp://myaccount.blob.core.windows.net/c/b", "https://"),
+        ("https:///c/b", "no host"),
+        (f"{AZURE}", "no container"),
+        (f"{AZURE}/", "no container"),
+        (f"{AZURE}/container", "no blob"),
+        (f"{AZURE}/container/", "no blob"),
+        ("http://127.0.0.1:10000/", "account name"),
+        (f"{AZURE}/c/blob#frag", "fragment"),
+    ],
+)
+def test_malformed_urls_raise_value_error_naming_the_problem(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        BlobUrl.parse(url)
+
+
+def test_error_for_malformed_url_hides_sas() -> None:
+    with pytest.raises(ValueError) as info:
+        BlobUrl.parse(f"{AZURE}/container?{SAS}")
+    assert "sig=" not in str(info.value)
+
+
+def test_non_string_url_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="str"):
+        BlobUrl.parse(b"https://a.blob.core.windows.net/c/b")  # type: ignore[arg-type]
