@@ -113,14 +113,18 @@ class BlobIO(io.IOBase):
         else:
             if client.blob_url.snapshot or client.blob_url.version_id:
                 raise ValueError(f"{client.display_url} names a snapshot or version, which cannot be written.")
-            self._uploader = BlockUploader(client, block_size=block_size, max_concurrency=max_concurrency, validate_content=validate_content)
+            self._uploader = BlockUploader(
+                client, block_size=block_size, max_concurrency=max_concurrency, validate_content=validate_content
+            )
         self._closed = False
 
     def _open_reader(self, max_concurrency: int, block_size: int) -> ReadAheadBuffer:
         first = bytearray(min(_FIRST_READ_BYTES, block_size))
         properties, filled = self._client.download_into(0, memoryview(first), etag=None)
         del first[filled:]
-        return ReadAheadBuffer(self._client, properties, chunk_size=block_size, max_chunks=max_concurrency, first_chunk=first)
+        return ReadAheadBuffer(
+            self._client, properties, chunk_size=block_size, max_chunks=max_concurrency, first_chunk=first
+        )
 
     # -- state -------------------------------------------------------------------------------
 
@@ -285,7 +289,9 @@ class BlobIO(io.IOBase):
         finally:
             self._release()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is not None and self._uploader is not None and not self._closed:
             # The code writing the blob failed part way: committing would replace a good blob
             # with a truncated one, so the upload is abandoned instead.

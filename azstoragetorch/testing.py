@@ -120,7 +120,9 @@ class Azurite:
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise RuntimeError(f"Azurite exited during start-up with code {self._process.returncode}:\n{self.log_text()}")
+                raise RuntimeError(
+                    f"Azurite exited during start-up with code {self._process.returncode}:\n{self.log_text()}"
+                )
             try:
                 urllib.request.urlopen(f"{self.account_url}?comp=list", timeout=2)
             except urllib.error.HTTPError:
@@ -153,5 +155,7 @@ class Azurite:
     def __enter__(self) -> Azurite:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -110,11 +110,17 @@ class AzStorageTorchBlobClient:
             except _BODY_READ_ERRORS as error:
                 attempt += 1
                 if attempt >= BODY_READ_ATTEMPTS:
-                    raise _pipeline._scrubbed(ServiceResponseError(f"Reading {self.display_url} failed after {attempt} attempts: {error!r}")) from None
-                _pipeline.log_debug("Retrying read of %s at offset %d after %r", self.display_url, offset + filled, error)
+                    raise _pipeline._scrubbed(
+                        ServiceResponseError(f"Reading {self.display_url} failed after {attempt} attempts: {error!r}")
+                    ) from None
+                _pipeline.log_debug(
+                    "Retrying read of %s at offset %d after %r", self.display_url, offset + filled, error
+                )
                 time.sleep(_pipeline.backoff_seconds(attempt))
 
-    def download_parallel(self, offset: int, buffer: memoryview, *, etag: str, part_size: int, max_concurrency: int) -> None:
+    def download_parallel(
+        self, offset: int, buffer: memoryview, *, etag: str, part_size: int, max_concurrency: int
+    ) -> None:
         """Fill ``buffer`` from ``offset`` with up to ``max_concurrency`` ranged GETs at a time."""
         parts = [(start, min(start + part_size, len(buffer))) for start in range(0, len(buffer), part_size)]
         if len(parts) == 1:
@@ -144,13 +150,23 @@ class AzStorageTorchBlobClient:
 
     def stage_block(self, block_id: str, data: bytes, *, validate_content: bool) -> None:
         query = ("comp=block", f"blockid={urllib.parse.quote(block_id, safe='')}")
-        self._send("PUT", action="upload a block of", query=query, body=data, validate_content=validate_content, expected=201)
+        self._send(
+            "PUT", action="upload a block of", query=query, body=data, validate_content=validate_content, expected=201
+        )
 
     def commit_block_list(self, block_ids: list[str]) -> None:
         body = "".join(f"<Latest>{block_id}</Latest>" for block_id in block_ids)
         xml = f'<?xml version="1.0" encoding="utf-8"?><BlockList>{body}</BlockList>'.encode()
         headers = {"Content-Type": "application/xml"}
-        self._send("PUT", action="commit", query=("comp=blocklist",), headers=headers, body=xml, validate_content=False, expected=201)
+        self._send(
+            "PUT",
+            action="commit",
+            query=("comp=blocklist",),
+            headers=headers,
+            body=xml,
+            validate_content=False,
+            expected=201,
+        )
 
     # -- plumbing ----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from azure.core.credentials import SupportsTokenInfo
 
 AzureCredential = Union[AzureSasCredential, AzureNamedKeyCredential, "TokenCredential", "SupportsTokenInfo"]
-CredentialArgument = Union[AzureCredential, None, Literal[False]]
+CredentialArgument = Union[AzureCredential, None, Literal[False]]  # noqa: UP007 (a runtime alias)
 
 _STORAGE_SCOPE = "https://storage.azure.com/.default"
 
@@ -77,7 +77,9 @@ class _SharedDefaultCredential:
 shared_default_credential = _SharedDefaultCredential()
 
 
-def auth_policy_for(credential: CredentialArgument, *, url_has_sas: bool, host: str) -> SansIOHTTPPolicy[Any, Any] | BearerTokenCredentialPolicy | None:
+def auth_policy_for(
+    credential: CredentialArgument, *, url_has_sas: bool, host: str
+) -> SansIOHTTPPolicy[Any, Any] | BearerTokenCredentialPolicy[Any, Any] | None:
     """The policy that authorizes requests; ``None`` for anonymous requests or a SAS in the URL."""
     validate_credential(credential)
     if url_has_sas or credential is False:
@@ -93,7 +95,7 @@ def auth_policy_for(credential: CredentialArgument, *, url_has_sas: bool, host: 
     return BearerTokenCredentialPolicy(token_credential, _STORAGE_SCOPE)
 
 
-class _LoopbackBearerTokenPolicy(BearerTokenCredentialPolicy):
+class _LoopbackBearerTokenPolicy(BearerTokenCredentialPolicy[Any, Any]):
     def on_request(self, request: PipelineRequest[Any]) -> None:
         request.context["enforce_https"] = False
         super().on_request(request)
@@ -145,7 +147,9 @@ class SharedKeyPolicy(SansIOHTTPPolicy[Any, Any]):
         try:
             decoded_key = base64.b64decode(key, validate=True)
         except ValueError:
-            raise ValueError(f"The account key for {account_name!r} in AzureNamedKeyCredential is not valid base64.") from None
+            raise ValueError(
+                f"The account key for {account_name!r} in AzureNamedKeyCredential is not valid base64."
+            ) from None
         digest = hmac.new(decoded_key, string_to_sign.encode("utf-8"), hashlib.sha256).digest()
         http_request.headers["Authorization"] = f"SharedKey {account_name}:{base64.b64encode(digest).decode()}"
 

@@ -135,7 +135,7 @@ class _ClientRequestIdPolicy(SansIOHTTPPolicy[Any, Any]):
             raise ClientRequestIdMismatchError(sent, echoed, service_id)
 
 
-class _JitteredRetryPolicy(RetryPolicy):
+class _JitteredRetryPolicy(RetryPolicy[Any, Any]):
     """The SDK's retry policy, with each backoff spread by ±50% so that parallel requests that failed
     together (a throttled account, a dropped connection pool) do not all come back at once."""
 
@@ -159,7 +159,8 @@ def build_pipeline(origin: str, auth_policy: Any | None) -> Pipeline[Any, Any]:
 def run(pipeline: Pipeline[Any, Any], request: Any, *, stream: bool = False) -> HttpResponse:
     """Send ``request``; transport failures come back with any SAS token removed from the message."""
     try:
-        return pipeline.run(request, stream=stream).http_response
+        response: HttpResponse = pipeline.run(request, stream=stream).http_response
+        return response
     except ClientRequestIdMismatchError:
         raise
     except AzureError as error:
@@ -170,7 +171,7 @@ def _scrubbed(error: AzureError) -> AzureError:
     # The original carries the request URL (and so any SAS) in its message and in its chained
     # exceptions; build a fresh one of the same type from the scrubbed message instead.
     replacement = type(error)(scrub(str(error)))
-    replacement.error_code = getattr(error, "error_code", None)
+    replacement.error_code = getattr(error, "error_code", None)  # type: ignore[attr-defined]
     return replacement
 
 
@@ -206,7 +207,7 @@ def raise_for_status(response: HttpResponse, *, action: str, display_url: str) -
     error = error_type(message=scrub(message))
     error.status_code = response.status_code
     error.reason = response.reason
-    error.error_code = error_code
+    error.error_code = error_code  # type: ignore[attr-defined]
     raise error
 
 

@@ -39,7 +39,11 @@ class _ScrubSecretsFilter(logging.Filter):
 
 _FILTER = _ScrubSecretsFilter()
 # Loggers that may print request URLs: urllib3 logs "GET /account/container/blob?<query>" at DEBUG.
-_LOGGERS_THAT_PRINT_URLS = ("urllib3.connectionpool", "urllib3.util.retry", "azure.core.pipeline.policies.http_logging_policy")
+_LOGGERS_THAT_PRINT_URLS = (
+    "urllib3.connectionpool",
+    "urllib3.util.retry",
+    "azure.core.pipeline.policies.http_logging_policy",
+)
 
 
 def install_log_filter() -> None:

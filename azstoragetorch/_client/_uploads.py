@@ -22,7 +22,9 @@ class BlockUploader:
     into each other's blocks.
     """
 
-    def __init__(self, client: AzStorageTorchBlobClient, *, block_size: int, max_concurrency: int, validate_content: bool) -> None:
+    def __init__(
+        self, client: AzStorageTorchBlobClient, *, block_size: int, max_concurrency: int, validate_content: bool
+    ) -> None:
         self._client = client
         self._block_size = block_size
         self._validate_content = validate_content
@@ -95,7 +97,9 @@ class BlockUploader:
         self._block_ids.append(block_id)
         self._slots.acquire()  # back-pressure: at most max_concurrency blocks held in memory
         try:
-            future = self._client.submit(self._client.stage_block, block_id, block, validate_content=self._validate_content)
+            future = self._client.submit(
+                self._client.stage_block, block_id, block, validate_content=self._validate_content
+            )
         except BaseException:
             self._slots.release()
             raise

@@ -34,7 +34,9 @@ def test_empty_blob_reads_as_empty_bytes(container: Container, account_credentia
         assert f.seek(0, os.SEEK_END) == 0
 
 
-def test_readinto_readline_readlines_and_iteration(container: Container, account_credential: AzureNamedKeyCredential) -> None:
+def test_readinto_readline_readlines_and_iteration(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
     lines = [f"line {i} {'x' * (i * 37 % 500)}\n".encode() for i in range(300)] + [b"no newline at end"]
     data = b"".join(lines)
     url = container.upload("text.txt", data)
@@ -71,7 +73,9 @@ def test_seek_and_tell(container: Container, account_credential: AzureNamedKeyCr
 @given(
     operations=st.lists(
         st.one_of(
-            st.tuples(st.just("seek"), st.integers(0, 12_000), st.sampled_from([os.SEEK_SET, os.SEEK_CUR, os.SEEK_END])),
+            st.tuples(
+                st.just("seek"), st.integers(0, 12_000), st.sampled_from([os.SEEK_SET, os.SEEK_CUR, os.SEEK_END])
+            ),
             st.tuples(st.just("read"), st.integers(-1, 5000)),
             st.tuples(st.just("readline"), st.integers(-1, 300)),
             st.tuples(st.just("readinto"), st.integers(0, 5000)),
@@ -79,17 +83,23 @@ def test_seek_and_tell(container: Container, account_credential: AzureNamedKeyCr
         max_size=30,
     )
 )
-def test_random_operations_match_bytesio(container: Container, account_credential: AzureNamedKeyCredential, operations: list[tuple]) -> None:
+def test_random_operations_match_bytesio(
+    container: Container, account_credential: AzureNamedKeyCredential, operations: list[tuple]
+) -> None:
     if not container.exists("random.bin"):
         container.upload("random.bin", b"\n".join(os.urandom(n) for n in range(0, 400, 7)) + os.urandom(3000))
     data = container.download("random.bin")
     reference = io.BytesIO(data)
-    with BlobIO(container.blob_url("random.bin"), "rb", credential=account_credential, block_size=1024, max_concurrency=3) as f:
+    with BlobIO(
+        container.blob_url("random.bin"), "rb", credential=account_credential, block_size=1024, max_concurrency=3
+    ) as f:
         for operation, *args in operations:
             if operation == "seek":
                 offset, whence = args
                 offset = offset if whence == os.SEEK_SET else offset - 6000  # both directions from CUR/END
-                if (reference.tell() if whence == os.SEEK_CUR else len(data) if whence == os.SEEK_END else 0) + offset < 0:
+                if (
+                    reference.tell() if whence == os.SEEK_CUR else len(data) if whence == os.SEEK_END else 0
+                ) + offset < 0:
                     with pytest.raises(ValueError):
                         f.seek(offset, whence)
                     continue
@@ -103,7 +113,9 @@ def test_random_operations_match_bytesio(container: Container, account_credentia
             assert f.tell() == reference.tell()
 
 
-def test_large_blob_streams_with_bounded_memory(container: Container, account_credential: AzureNamedKeyCredential) -> None:
+def test_large_blob_streams_with_bounded_memory(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
     data = os.urandom(24 * 1024 * 1024)
     url = container.upload("large", data)
     with BlobIO(url, "rb", credential=account_credential, block_size=1024 * 1024, max_concurrency=4) as f:
@@ -114,7 +126,9 @@ def test_large_blob_streams_with_bounded_memory(container: Container, account_cr
     assert b"".join(pieces) == data
 
 
-def test_missing_blob_raises_not_found_at_open(container: Container, account_credential: AzureNamedKeyCredential) -> None:
+def test_missing_blob_raises_not_found_at_open(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
     with pytest.raises(ResourceNotFoundError, match="BlobNotFound") as info:
         BlobIO(container.blob_url("missing.pt"), "rb", credential=account_credential)
     assert container.blob_url("missing.pt") in str(info.value)
@@ -171,6 +185,14 @@ def test_closed_and_unsupported_operations(container: Container, account_credent
     f.close()
     f.close()  # closing twice is fine
     assert f.closed
-    for operation in (f.read, f.readline, f.tell, f.readable, f.flush, lambda: f.seek(0), lambda: f.readinto(bytearray(1))):
+    for operation in (
+        f.read,
+        f.readline,
+        f.tell,
+        f.readable,
+        f.flush,
+        lambda: f.seek(0),
+        lambda: f.readinto(bytearray(1)),
+    ):
         with pytest.raises(ValueError, match="closed"):
             operation()

@@ -26,7 +26,9 @@ def test_write_sizes(container: Container, account_credential: AzureNamedKeyCred
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("size", "chunk"), [(64 * MiB, 1 * MiB + 7), (96 * MiB, 13 * MiB), (64 * MiB, 64 * MiB)])
-def test_large_writes_in_varied_chunks(container: Container, account_credential: AzureNamedKeyCredential, size: int, chunk: int) -> None:
+def test_large_writes_in_varied_chunks(
+    container: Container, account_credential: AzureNamedKeyCredential, size: int, chunk: int
+) -> None:
     data = os.urandom(size)
     view = memoryview(data)
     with BlobIO(container.blob_url("large"), "wb", credential=account_credential) as f:
@@ -43,7 +45,9 @@ def test_many_tiny_writes(container: Container, account_credential: AzureNamedKe
     assert container.download("tiny") == data
 
 
-def test_write_accepts_bytes_like_and_rejects_others(container: Container, account_credential: AzureNamedKeyCredential) -> None:
+def test_write_accepts_bytes_like_and_rejects_others(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
     with BlobIO(container.blob_url("types"), "wb", credential=account_credential) as f:
         assert f.write(b"ab") == 2
         assert f.write(bytearray(b"cd")) == 2
@@ -72,9 +76,14 @@ def test_nothing_is_visible_before_close(container: Container, account_credentia
     assert len(container.download("blob")) == 3 * BLOCK
 
 
-def test_exception_inside_with_block_commits_nothing(container: Container, account_credential: AzureNamedKeyCredential) -> None:
+def test_exception_inside_with_block_commits_nothing(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
     container.upload("checkpoint.pt", b"good checkpoint")
-    with pytest.raises(RuntimeError, match="boom"), BlobIO(container.blob_url("checkpoint.pt"), "wb", credential=account_credential, block_size=BLOCK) as f:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        BlobIO(container.blob_url("checkpoint.pt"), "wb", credential=account_credential, block_size=BLOCK) as f,
+    ):
         f.write(os.urandom(2 * BLOCK + 1))
         raise RuntimeError("boom")
     assert f.closed
@@ -85,7 +94,9 @@ def test_exception_inside_with_block_commits_nothing(container: Container, accou
     assert not container.exists("new.pt")
 
 
-def test_unclosed_writer_is_not_committed_when_collected(container: Container, account_credential: AzureNamedKeyCredential) -> None:
+def test_unclosed_writer_is_not_committed_when_collected(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
     f = BlobIO(container.blob_url("abandoned"), "wb", credential=account_credential)
     f.write(b"data")
     with pytest.warns(ResourceWarning, match="NOT committed"):
@@ -152,6 +163,8 @@ def test_bad_arguments(container: Container, kwargs: dict, error: type[Exception
 def test_validate_content_uploads(container: Container, account_credential: AzureNamedKeyCredential) -> None:
     for size in (100, 3 * BLOCK + 1):
         data = os.urandom(size)
-        with BlobIO(container.blob_url("md5"), "wb", credential=account_credential, block_size=BLOCK, validate_content=True) as f:
+        with BlobIO(
+            container.blob_url("md5"), "wb", credential=account_credential, block_size=BLOCK, validate_content=True
+        ) as f:
             f.write(data)
         assert container.download("md5") == data

@@ -46,7 +46,9 @@ def test_azure_sas_credential(container: Container) -> None:
     assert round_trip(container.blob_url("sas-credential.bin"), AzureSasCredential(sas)) == b"payload"
 
 
-@pytest.mark.parametrize("ignored", [False, AzureNamedKeyCredential("devstoreaccount1", "AAAA" + "B" * 84), RecordingTokenCredential()])
+@pytest.mark.parametrize(
+    "ignored", [False, AzureNamedKeyCredential("devstoreaccount1", "AAAA" + "B" * 84), RecordingTokenCredential()]
+)
 def test_sas_in_url_wins_over_the_credential_argument(container: Container, ignored: Any) -> None:
     container.upload("blob", b"x")
     sas = container.blob_sas("blob", read=True)

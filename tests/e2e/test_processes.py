@@ -33,7 +33,9 @@ class BlobsDataset(torch.utils.data.Dataset[bytes]):
 def test_dataloader_workers_after_use_in_the_main_process(
     container: Container, account_credential: AzureNamedKeyCredential, start_method: str
 ) -> None:
-    expected = {container.upload(f"sample-{i}", f"sample {i}".encode() * 1000): f"sample {i}".encode() * 1000 for i in range(12)}
+    expected = {
+        container.upload(f"sample-{i}", f"sample {i}".encode() * 1000): f"sample {i}".encode() * 1000 for i in range(12)
+    }
     dataset = BlobsDataset(sorted(expected), account_credential)
     assert dataset[0] == expected[dataset.urls[0]]  # the main process now has pooled connections
     loader = torch.utils.data.DataLoader(
@@ -50,7 +52,9 @@ def _child_reads(client: AzStorageTorchBlobClient, queue: Any) -> None:
     queue.put((fresh, bytes(buffer), os.getpid()))
 
 
-def test_forked_child_opens_its_own_connections(container: Container, account_credential: AzureNamedKeyCredential) -> None:
+def test_forked_child_opens_its_own_connections(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
     url = container.upload("blob", b"hello world")
     client = AzStorageTorchBlobClient.from_url(url, account_credential)
     client.download_into(0, memoryview(bytearray(3)), etag=None)

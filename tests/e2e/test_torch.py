@@ -12,7 +12,9 @@ from tests.conftest import Container
 class SmallNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.ReLU()
+        )
         self.head = nn.Linear(32 * 28 * 28, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -20,7 +22,9 @@ class SmallNet(nn.Module):
 
 
 @pytest.mark.parametrize("block_size", [64 * 1024, 8 * 1024 * 1024])
-def test_state_dict_round_trip(container: Container, account_credential: AzureNamedKeyCredential, block_size: int) -> None:
+def test_state_dict_round_trip(
+    container: Container, account_credential: AzureNamedKeyCredential, block_size: int
+) -> None:
     torch.manual_seed(0)
     model = SmallNet()
     optimizer = torch.optim.Adam(model.parameters())

@@ -35,12 +35,20 @@ def test_string_credential_gets_a_hint() -> None:
 def test_policy_for_each_credential() -> None:
     azure = "myaccount.blob.core.windows.net"
     assert auth_policy_for(False, url_has_sas=False, host=azure) is None
-    assert isinstance(auth_policy_for(AzureSasCredential("sv=1&sig=x"), url_has_sas=False, host=azure), AzureSasCredentialPolicy)
-    assert isinstance(auth_policy_for(AzureNamedKeyCredential("a", KEY), url_has_sas=False, host=azure), SharedKeyPolicy)
-    assert isinstance(auth_policy_for(FakeTokenCredential(), url_has_sas=False, host=azure), BearerTokenCredentialPolicy)
+    assert isinstance(
+        auth_policy_for(AzureSasCredential("sv=1&sig=x"), url_has_sas=False, host=azure), AzureSasCredentialPolicy
+    )
+    assert isinstance(
+        auth_policy_for(AzureNamedKeyCredential("a", KEY), url_has_sas=False, host=azure), SharedKeyPolicy
+    )
+    assert isinstance(
+        auth_policy_for(FakeTokenCredential(), url_has_sas=False, host=azure), BearerTokenCredentialPolicy
+    )
 
 
-@pytest.mark.parametrize("credential", [None, AzureNamedKeyCredential("a", KEY), FakeTokenCredential(), AzureSasCredential("sig=x")])
+@pytest.mark.parametrize(
+    "credential", [None, AzureNamedKeyCredential("a", KEY), FakeTokenCredential(), AzureSasCredential("sig=x")]
+)
 def test_sas_in_url_wins_over_any_credential(credential: object) -> None:
     assert auth_policy_for(credential, url_has_sas=True, host="a.blob.core.windows.net") is None  # type: ignore[arg-type]
 

@@ -29,6 +29,8 @@ def test_urllib3_debug_records_are_scrubbed(caplog: pytest.LogCaptureFixture) ->
     install_log_filter()
     logger = logging.getLogger("urllib3.connectionpool")
     with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):
-        logger.debug('%s://%s:%s "%s %s %s" %s', "http", "127.0.0.1", 10000, "GET", f"/a/c/b?sig={SECRET}", "HTTP/1.1", 200)
+        logger.debug(
+            '%s://%s:%s "%s %s %s" %s', "http", "127.0.0.1", 10000, "GET", f"/a/c/b?sig={SECRET}", "HTTP/1.1", 200
+        )
     assert caplog.records
     assert all(SECRET not in record.getMessage() for record in caplog.records)
