@@ -8,6 +8,10 @@ blob service on a free loopback port, keeps everything in memory, and stops it a
     with Azurite() as azurite:
         url = azurite.blob_url("my-container", "model.pt")  # create the container first
 
+``Azurite(oauth=True)`` serves HTTPS with a self-signed certificate and accepts bearer tokens,
+so code that uses token credentials can be tested too; pair it with :class:`AzuriteTokenCredential`
+and trust the certificate through ``REQUESTS_CA_BUNDLE=azurite.ca_bundle``.
+
 The emulator comes from npm (``npm install azurite``). It is looked up in the ``AZURITE_BLOB``
 environment variable, then ``tools/azurite/node_modules/.bin/azurite-blob`` in this repository (or
 the current directory), then ``azurite-blob`` on ``PATH``.
@@ -15,20 +19,26 @@ the current directory), then ``azurite-blob`` on ``PATH``.
 
 from __future__ import annotations
 
+import base64
+import datetime
+import ipaddress
+import json
 import os
 import pathlib
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from types import TracebackType
+from typing import Any
 
-from azure.core.credentials import AzureNamedKeyCredential
+from azure.core.credentials import AccessToken, AzureNamedKeyCredential
 
-__all__ = ["ACCOUNT_KEY", "ACCOUNT_NAME", "Azurite", "find_azurite_blob"]
+__all__ = ["ACCOUNT_KEY", "ACCOUNT_NAME", "Azurite", "AzuriteTokenCredential", "find_azurite_blob"]
 
 # The emulator's fixed, publicly documented development account. Not a secret.
 ACCOUNT_NAME = "devstoreaccount1"
@@ -69,11 +79,14 @@ class Azurite:
     Args:
         port: The port to listen on; a free one is chosen when ``None``.
         in_memory: Keep blobs in memory (the default) instead of a temporary directory.
+        oauth: Serve HTTPS with a self-signed certificate (see :attr:`ca_bundle`) and accept
+            bearer tokens such as those of :class:`AzuriteTokenCredential`.
     """
 
-    def __init__(self, port: int | None = None, *, in_memory: bool = True) -> None:
+    def __init__(self, port: int | None = None, *, in_memory: bool = True, oauth: bool = False) -> None:
         self.port = port or _free_port()
         self._in_memory = in_memory
+        self._oauth = oauth
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir = tempfile.TemporaryDirectory(prefix="azurite-")
         self._log = open(os.path.join(self._workdir.name, "azurite.log"), "wb")  # noqa: SIM115
@@ -81,7 +94,13 @@ class Azurite:
     @property
     def account_url(self) -> str:
         """``http://127.0.0.1:<port>/devstoreaccount1``: the emulator's path-style account URL."""
-        return f"http://127.0.0.1:{self.port}/{ACCOUNT_NAME}"
+        scheme = "https" if self._oauth else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/{ACCOUNT_NAME}"
+
+    @property
+    def ca_bundle(self) -> str:
+        """(``oauth=True``) The PEM file of the emulator's self-signed certificate, to trust."""
+        return os.path.join(self._workdir.name, "cert.pem")
 
     @property
     def credential(self) -> AzureNamedKeyCredential:
@@ -110,6 +129,10 @@ class Azurite:
             "--skipApiVersionCheck",
             "--disableProductStyleUrl",
         ]  # fmt: skip
+        if self._oauth:
+            key_path = os.path.join(self._workdir.name, "key.pem")
+            _write_self_signed_certificate(self.ca_bundle, key_path)
+            command += ["--oauth", "basic", "--cert", self.ca_bundle, "--key", key_path]
         command += ["--inMemoryPersistence"] if self._in_memory else ["--location", self._workdir.name]
         self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self._wait_until_ready()
@@ -124,7 +147,8 @@ class Azurite:
                     f"Azurite exited during start-up with code {self._process.returncode}:\n{self.log_text()}"
                 )
             try:
-                urllib.request.urlopen(f"{self.account_url}?comp=list", timeout=2)
+                context = ssl.create_default_context(cafile=self.ca_bundle) if self._oauth else None
+                urllib.request.urlopen(f"{self.account_url}?comp=list", timeout=2, context=context)
             except urllib.error.HTTPError:
                 return  # any HTTP answer (403 without credentials) means it is serving
             except OSError:
@@ -159,3 +183,60 @@ class Azurite:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class AzuriteTokenCredential:
+    """A token credential whose tokens Azurite (started with ``oauth=True``) accepts.
+
+    The tokens are unsigned JSON Web Tokens with the claims Azurite checks (issuer, audience and
+    lifetime); real Azure would reject them.
+    """
+
+    def __init__(self) -> None:
+        self.requested_scopes: list[tuple[str, ...]] = []
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        self.requested_scopes.append(scopes)
+        now = int(time.time())
+        claims = {
+            "aud": "https://storage.azure.com",
+            "iss": "https://sts.windows.net/00000000-0000-0000-0000-000000000000/",
+            "iat": now,
+            "nbf": now - 60,
+            "exp": now + 3600,
+            "oid": "00000000-0000-0000-0000-000000000001",
+        }
+        token = ".".join(_base64url(part) for part in ({"alg": "none", "typ": "JWT"}, claims)) + ".x"
+        return AccessToken(token, now + 3600)
+
+
+def _base64url(part: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()
+
+
+def _write_self_signed_certificate(cert_path: str, key_path: str) -> None:
+    # cryptography comes with azure-identity (through msal).
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pathlib.Path(cert_path).write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    pathlib.Path(key_path).write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )

@@ -1,13 +1,16 @@
 """Every credential form against Azurite, and the rule that a SAS in the URL wins."""
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from azure.core.credentials import AccessToken, AzureNamedKeyCredential, AzureSasCredential
 from azure.core.exceptions import ClientAuthenticationError
+from azure.storage.blob import BlobServiceClient
 
 from azstoragetorch.io import BlobIO
+from azstoragetorch.testing import Azurite, AzuriteTokenCredential
 from tests.conftest import Container
 
 
@@ -71,9 +74,26 @@ def test_read_only_sas_cannot_write(container: Container) -> None:
     assert container.download("blob") == b"old"
 
 
-def test_token_credential_is_asked_for_the_storage_scope(container: Container) -> None:
-    # Azurite only accepts OAuth over HTTPS with --oauth; plain Azurite refuses the token, which
-    # still shows that the bearer token was obtained and sent.
+@pytest.fixture(scope="module")
+def oauth_azurite() -> Iterator[Azurite]:
+    with Azurite(oauth=True) as emulator:
+        yield emulator
+
+
+def test_token_credential_over_https(oauth_azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", oauth_azurite.ca_bundle)  # trust the emulator's certificate
+    service = BlobServiceClient(
+        oauth_azurite.account_url, credential=oauth_azurite.credential, connection_verify=oauth_azurite.ca_bundle
+    )
+    service.create_container("tokens")
+    credential = AzuriteTokenCredential()
+    assert round_trip(oauth_azurite.blob_url("tokens", "by token.bin"), credential) == b"payload"
+    assert set(credential.requested_scopes) == {("https://storage.azure.com/.default",)}
+
+
+def test_token_credential_is_sent_even_to_a_plain_http_emulator(container: Container) -> None:
+    # Tokens normally require HTTPS; on loopback the request goes out and plain Azurite refuses
+    # the scheme, which shows the token was obtained and sent rather than silently dropped.
     credential = RecordingTokenCredential()
     url = container.upload("blob", b"x")
     with pytest.raises(ClientAuthenticationError):
