@@ -33,7 +33,6 @@ _BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
     socket.timeout,
     urllib3.exceptions.ProtocolError,
     urllib3.exceptions.ReadTimeoutError,
-    ServiceResponseError,
 )
 BODY_READ_ATTEMPTS = 5
 
@@ -95,28 +94,25 @@ class AzStorageTorchBlobClient:
         properties: BlobProperties | None = None
         attempt = 0
         while True:
-            start = offset + filled
-            try:
-                response = self._send_range_get(start, len(buffer) - filled, etag)
-                if response is None:  # the range starts at or after the end of the blob
-                    return properties or self.get_properties(), filled
-                properties = _properties_from(response, size=_total_size(response))
-                etag = properties.etag  # retries must continue the same version
-                wanted = min(len(buffer), properties.size - offset)
-                filled += _read_body_into(response, buffer[filled:wanted])
-                if filled < wanted:
-                    raise http.client.IncompleteRead(b"", wanted - filled)
+            # Failures to send the request were already retried by the pipeline's retry policy.
+            response = self._send_range_get(offset + filled, len(buffer) - filled, etag)
+            if response is None:  # the range starts at or after the end of the blob
+                return properties or self.get_properties(), filled
+            properties = _properties_from(response, size=_total_size(response))
+            etag = properties.etag  # retries must continue the same version
+            wanted = min(len(buffer), properties.size - offset)
+            count, error = _read_body_into(response, buffer[filled:wanted])
+            filled += count
+            if error is None and filled < wanted:
+                error = http.client.IncompleteRead(b"", wanted - filled)
+            if error is None:
                 return properties, filled
-            except _BODY_READ_ERRORS as error:
-                attempt += 1
-                if attempt >= BODY_READ_ATTEMPTS:
-                    raise _pipeline._scrubbed(
-                        ServiceResponseError(f"Reading {self.display_url} failed after {attempt} attempts: {error!r}")
-                    ) from None
-                _pipeline.log_debug(
-                    "Retrying read of %s at offset %d after %r", self.display_url, offset + filled, error
-                )
-                time.sleep(_pipeline.backoff_seconds(attempt))
+            attempt += 1
+            if attempt >= BODY_READ_ATTEMPTS:
+                message = f"Reading {self.display_url} failed after {attempt} attempts: {error!r}"
+                raise _pipeline.scrubbed(ServiceResponseError(message)) from None
+            _pipeline.log_debug("Retrying read of %s at offset %d after %r", self.display_url, offset + filled, error)
+            time.sleep(_pipeline.backoff_seconds(attempt))
 
     def download_parallel(
         self, offset: int, buffer: memoryview, *, etag: str, part_size: int, max_concurrency: int
@@ -237,11 +233,13 @@ def _total_size(response: HttpResponse) -> int:
         raise ServiceResponseError(f"Unexpected Content-Range header {content_range!r} in a ranged read.") from None
 
 
-def _read_body_into(response: HttpResponse, buffer: memoryview) -> int:
-    """Read the response body straight into ``buffer``; returns the bytes read.
+def _read_body_into(response: HttpResponse, buffer: memoryview) -> tuple[int, BaseException | None]:
+    """Read the response body straight into ``buffer``.
 
-    The body goes from the socket into the caller's memory with no intermediate copy when the
-    response is a plain (not content-encoded) body, which is what Blob Storage sends.
+    Returns the bytes read and, if the body broke off (reset, timeout, truncation), the error, so
+    that the caller can ask for just the rest. The body goes from the socket into the caller's
+    memory with no intermediate copy when it is not content-encoded, which is what Blob Storage
+    sends.
     """
     raw = response.internal_response.raw  # urllib3's response
     body = getattr(raw, "_fp", None)
@@ -258,14 +256,14 @@ def _read_body_into(response: HttpResponse, buffer: memoryview) -> int:
             if not count:
                 break
             filled += count
-    except BaseException:
+    except _BODY_READ_ERRORS as error:
         raw.close()  # the connection is mid-body: never reuse it
-        raise
+        return filled, error
     if filled == len(buffer) and (not direct or body.isclosed()):  # type: ignore[union-attr]
         raw.release_conn()
     else:
         raw.close()
-    return filled
+    return filled, None
 
 
 def _discard(response: HttpResponse) -> None:

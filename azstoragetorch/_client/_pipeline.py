@@ -164,10 +164,10 @@ def run(pipeline: Pipeline[Any, Any], request: Any, *, stream: bool = False) -> 
     except ClientRequestIdMismatchError:
         raise
     except AzureError as error:
-        raise _scrubbed(error) from None
+        raise scrubbed(error) from None
 
 
-def _scrubbed(error: AzureError) -> AzureError:
+def scrubbed(error: AzureError) -> AzureError:
     # The original carries the request URL (and so any SAS) in its message and in its chained
     # exceptions; build a fresh one of the same type from the scrubbed message instead.
     replacement = type(error)(scrub(str(error)))
