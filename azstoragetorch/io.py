@@ -6,7 +6,7 @@ import io
 import os
 import warnings
 from types import TracebackType
-from typing import Any, Literal, NoReturn
+from typing import Any, BinaryIO, Literal, NoReturn
 
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl, BlockUploader, CredentialArgument
 from azstoragetorch._read_ahead import ReadAheadBuffer
@@ -22,7 +22,7 @@ _FIRST_READ_BYTES = 4 * _MiB
 _MODES = ("rb", "wb")
 
 
-class BlobIO(io.IOBase):
+class BlobIO(io.IOBase, BinaryIO):
     """A binary file object over one blob in Azure Blob Storage.
 
     Open a blob with ``"rb"`` to read it or ``"wb"`` to (over)write it, and hand the object to
@@ -207,6 +207,17 @@ class BlobIO(io.IOBase):
         self._position += reader.readinto(self._position, memoryview(buffer))
         return bytes(buffer)
 
+    def readlines(self, hint: int = -1, /) -> list[bytes]:
+        """Read the remaining lines; stop once ``hint`` bytes have been read, if it is positive."""
+        lines = []
+        total = 0
+        while line := self.readline():
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                break
+        return lines
+
     def readall(self) -> bytes:
         """Read until the end of the blob."""
         return self.read(-1)
@@ -241,7 +252,8 @@ class BlobIO(io.IOBase):
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+    # typing.IO spells the argument as a generic buffer; the accepted types are checked below.
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
         """Append ``data`` to the blob; returns its length in bytes.
 
         The data may upload later, in background threads: a successful ``write`` does not mean it

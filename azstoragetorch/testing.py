@@ -93,7 +93,7 @@ class Azurite:
 
     @property
     def account_url(self) -> str:
-        """``http://127.0.0.1:<port>/devstoreaccount1``: the emulator's path-style account URL."""
+        """The emulator's path-style account URL, ``http://127.0.0.1:<port>/devstoreaccount1``."""
         scheme = "https" if self._oauth else "http"
         return f"{scheme}://127.0.0.1:{self.port}/{ACCOUNT_NAME}"
 
@@ -109,18 +109,22 @@ class Azurite:
 
     @property
     def connection_string(self) -> str:
+        """A connection string for azure-storage-blob clients (``BlobServiceClient.from_connection_string``)."""
         return (
             f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT_NAME};AccountKey={ACCOUNT_KEY};"
             f"BlobEndpoint={self.account_url};"
         )
 
     def container_url(self, container: str) -> str:
+        """The URL of ``container`` in the development account."""
         return f"{self.account_url}/{container}"
 
     def blob_url(self, container: str, blob: str) -> str:
+        """The URL of ``blob`` in ``container``; ``blob`` may contain ``/``."""
         return f"{self.account_url}/{container}/{blob}"
 
     def start(self) -> Azurite:
+        """Start the emulator and wait until it answers; returns ``self``."""
         command = [
             find_azurite_blob(),
             "--blobHost", "127.0.0.1",
@@ -128,6 +132,8 @@ class Azurite:
             "--loose",
             "--skipApiVersionCheck",
             "--disableProductStyleUrl",
+            # Without this Azurite ignores SIGTERM (and tries to send telemetry off the machine).
+            "--disableTelemetry",
         ]  # fmt: skip
         if self._oauth:
             key_path = os.path.join(self._workdir.name, "key.pem")
@@ -159,10 +165,12 @@ class Azurite:
         raise TimeoutError(f"Azurite did not answer on port {self.port} within {_STARTUP_TIMEOUT_SECONDS} s.")
 
     def log_text(self) -> str:
+        """Everything the emulator has printed so far, for diagnosing start-up failures."""
         self._log.flush()
         return pathlib.Path(self._log.name).read_text(errors="replace")
 
     def stop(self) -> None:
+        """Stop the emulator and delete its files. Blobs kept in memory are gone."""
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:

@@ -35,6 +35,7 @@ _BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
     urllib3.exceptions.ReadTimeoutError,
 )
 BODY_READ_ATTEMPTS = 5
+_BODY_PIECE_BYTES = 256 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +111,11 @@ class AzStorageTorchBlobClient:
             attempt += 1
             if attempt >= BODY_READ_ATTEMPTS:
                 message = f"Reading {self.display_url} failed after {attempt} attempts: {error!r}"
-                raise _pipeline.scrubbed(ServiceResponseError(message)) from None
+                failure = _pipeline.scrubbed(ServiceResponseError(message))
+                break
             _pipeline.log_debug("Retrying read of %s at offset %d after %r", self.display_url, offset + filled, error)
             time.sleep(_pipeline.backoff_seconds(attempt))
+        raise failure
 
     def download_parallel(
         self, offset: int, buffer: memoryview, *, etag: str, part_size: int, max_concurrency: int
@@ -192,7 +195,7 @@ class AzStorageTorchBlobClient:
             request.set_bytes_body(body)
             if validate_content:
                 request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-        response = _pipeline.run(self._get_pipeline(), request)
+        response = _pipeline.run(self._get_pipeline(), request, display_url=self.display_url)
         if response.status_code != expected:
             _pipeline.raise_for_status(response, action=action, display_url=self.display_url)
         return response
@@ -202,7 +205,7 @@ class AzStorageTorchBlobClient:
         if etag is not None:
             headers["If-Match"] = etag
         request = HttpRequest("GET", self.blob_url.request_url(), headers=headers)
-        response = _pipeline.run(self._get_pipeline(), request, stream=True)
+        response = _pipeline.run(self._get_pipeline(), request, display_url=self.display_url, stream=True)
         if response.status_code == 206:
             return response
         _discard(response)
@@ -247,10 +250,12 @@ def _read_body_into(response: HttpResponse, buffer: memoryview) -> tuple[int, Ba
     filled = 0
     try:
         while filled < len(buffer):
+            # Bounded pieces: a reset loses at most one piece, not everything read so far.
+            piece = buffer[filled : filled + _BODY_PIECE_BYTES]
             if direct:
-                count = body.readinto(buffer[filled:])  # type: ignore[union-attr]
+                count = body.readinto(piece)  # type: ignore[union-attr]
             else:
-                chunk = raw.read(min(len(buffer) - filled, 1 << 20))
+                chunk = raw.read(len(piece))
                 count = len(chunk)
                 buffer[filled : filled + count] = chunk
             if not count:

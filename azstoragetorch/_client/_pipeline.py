@@ -156,21 +156,25 @@ def build_pipeline(origin: str, auth_policy: Any | None) -> Pipeline[Any, Any]:
     return Pipeline(transport=transport_for(origin), policies=policies)
 
 
-def run(pipeline: Pipeline[Any, Any], request: Any, *, stream: bool = False) -> HttpResponse:
-    """Send ``request``; transport failures come back with any SAS token removed from the message."""
+def run(pipeline: Pipeline[Any, Any], request: Any, *, display_url: str, stream: bool = False) -> HttpResponse:
+    """Send ``request``; transport failures come back naming the blob, with any SAS token removed."""
     try:
         response: HttpResponse = pipeline.run(request, stream=stream).http_response
         return response
     except ClientRequestIdMismatchError:
         raise
     except AzureError as error:
-        raise scrubbed(error) from None
+        replacement = scrubbed(error, prefix=f"Request to {display_url} failed: ")
+    # Raised outside the except block so that the original, which names the full URL with its
+    # SAS, is not kept as __context__.
+    raise replacement
 
 
-def scrubbed(error: AzureError) -> AzureError:
+def scrubbed(error: AzureError, *, prefix: str = "") -> AzureError:
+    """A new exception of the same type whose message has no SAS, and that chains to nothing."""
     # The original carries the request URL (and so any SAS) in its message and in its chained
     # exceptions; build a fresh one of the same type from the scrubbed message instead.
-    replacement = type(error)(scrub(str(error)))
+    replacement = type(error)(scrub(prefix + str(error)))
     replacement.error_code = getattr(error, "error_code", None)  # type: ignore[attr-defined]
     return replacement
 
