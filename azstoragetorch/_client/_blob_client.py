@@ -143,11 +143,11 @@ class AzStorageTorchBlobClient:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def put_blob(self, data: bytes, *, validate_content: bool) -> None:
+    def put_blob(self, data: bytes | memoryview, *, validate_content: bool) -> None:
         headers = {"x-ms-blob-type": "BlockBlob"}
         self._send("PUT", action="upload", headers=headers, body=data, validate_content=validate_content, expected=201)
 
-    def stage_block(self, block_id: str, data: bytes, *, validate_content: bool) -> None:
+    def stage_block(self, block_id: str, data: bytes | memoryview, *, validate_content: bool) -> None:
         query = ("comp=block", f"blockid={urllib.parse.quote(block_id, safe='')}")
         self._send(
             "PUT", action="upload a block of", query=query, body=data, validate_content=validate_content, expected=201
@@ -186,13 +186,14 @@ class AzStorageTorchBlobClient:
         action: str,
         query: tuple[str, ...] = (),
         headers: dict[str, str] | None = None,
-        body: bytes | None = None,
+        body: bytes | memoryview | None = None,
         validate_content: bool = False,
         expected: int = 200,
     ) -> HttpResponse:
         request = HttpRequest(method, self.blob_url.request_url(*query), headers=headers or {})
         if body is not None:
-            request.set_bytes_body(body)
+            # A memoryview is sent as it is (urllib3 hands buffers straight to sendall).
+            request.set_bytes_body(body)  # type: ignore[arg-type]
             if validate_content:
                 request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
         response = _pipeline.run(self._get_pipeline(), request, display_url=self.display_url)
