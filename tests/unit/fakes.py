@@ -17,6 +17,7 @@ class InMemoryBlobClient:
     def __init__(self, data: bytes = b"", *, fail_stage_at: int | None = None) -> None:
         self.data = data
         self.reads: list[tuple[int, int]] = []
+        self.parallel_reads: list[tuple[int, int, int]] = []
         self.staged: dict[str, bytes] = {}
         self.committed: bytes | None = None
         self.put_blob_calls = 0
@@ -42,6 +43,13 @@ class InMemoryBlobClient:
         piece = self.data[offset : offset + len(buffer)]
         buffer[: len(piece)] = piece
         return self.properties, len(piece)
+
+    def download_parallel(
+        self, offset: int, buffer: memoryview, *, etag: str, part_size: int, max_concurrency: int
+    ) -> None:
+        with self._lock:
+            self.parallel_reads.append((offset, len(buffer), part_size))
+        buffer[:] = self.data[offset : offset + len(buffer)]
 
     def stage_block(self, block_id: str, data: bytes, *, validate_content: bool) -> None:
         with self._lock:

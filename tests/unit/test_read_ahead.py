@@ -1,9 +1,11 @@
 import io
 import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from azstoragetorch import _read_ahead
 from azstoragetorch._read_ahead import JUMP_FETCH_BYTES, ReadAheadBuffer
 from tests.unit.fakes import InMemoryBlobClient
 
@@ -91,3 +93,21 @@ def test_random_reads_match_bytesio(size: int, operations: list[tuple[int, int]]
         reference.seek(position)
         assert read(buffer, position, length) == reference.read(length)
         assert len(buffer._chunks) <= max_chunks + 1
+
+
+def test_large_uncovered_reads_go_straight_to_the_destination(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_read_ahead, "DIRECT_READ_BYTES", 4 * CHUNK)
+    monkeypatch.setattr(_read_ahead, "DIRECT_PART_BYTES", CHUNK)
+    monkeypatch.setattr(_read_ahead, "AFTER_DIRECT_BYTES", 64)
+    data = os.urandom(CHUNK * 40)
+    buffer, client = make_buffer(data, max_chunks=4)
+    # A header-sized read, then a tensor-sized read, as torch.load does for each record.
+    assert read(buffer, CHUNK * 10, 30) == data[CHUNK * 10 : CHUNK * 10 + 30]
+    assert read(buffer, CHUNK * 10 + 64, CHUNK * 12) == data[CHUNK * 10 + 64 : CHUNK * 22 + 64]
+    assert read(buffer, CHUNK * 22 + 64, 30) == data[CHUNK * 22 + 64 : CHUNK * 22 + 94]
+    [(offset, length, part_size)] = client.parallel_reads
+    assert offset > CHUNK * 10 + 64 and offset + length == CHUNK * 22 + 64  # what the chunk did not cover
+    assert part_size == CHUNK  # parts never exceed chunk_size
+    # The small read after it was served by the small chunk fetched alongside, not a new request.
+    assert (CHUNK * 22 + 64, 64) in client.reads
+    assert not any(start == CHUNK * 22 + 64 and length != 64 for start, length in client.reads)
