@@ -119,9 +119,7 @@ class BlobIO(io.IOBase, BinaryIO):
         self._closed = False
 
     def _open_reader(self, max_concurrency: int, block_size: int) -> ReadAheadBuffer:
-        first = bytearray(min(_FIRST_READ_BYTES, block_size))
-        properties, filled = self._client.download_into(0, memoryview(first), etag=None)
-        del first[filled:]
+        properties, first = self._client.download_start(min(_FIRST_READ_BYTES, block_size))
         return ReadAheadBuffer(
             self._client, properties, chunk_size=block_size, max_chunks=max_concurrency, first_chunk=first
         )

@@ -6,8 +6,18 @@ retries, connection pools, parallel ranged downloads and block uploads. The publ
 """
 
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobProperties
+from azstoragetorch._client._container_client import AzStorageTorchContainerClient, ListedBlob
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._uploads import BlockUploader
-from azstoragetorch._client._urls import BlobUrl
+from azstoragetorch._client._urls import BlobUrl, ContainerUrl
 
-__all__ = ["AzStorageTorchBlobClient", "BlobProperties", "BlobUrl", "BlockUploader", "CredentialArgument"]
+__all__ = [
+    "AzStorageTorchBlobClient",
+    "AzStorageTorchContainerClient",
+    "BlobProperties",
+    "BlobUrl",
+    "BlockUploader",
+    "ContainerUrl",
+    "CredentialArgument",
+    "ListedBlob",
+]

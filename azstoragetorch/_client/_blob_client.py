@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
-import hashlib
 import http.client
-import os
 import socket
 import time
 import urllib.parse
@@ -17,11 +14,11 @@ from typing import Any
 
 import urllib3.exceptions
 from azure.core.exceptions import ServiceResponseError
-from azure.core.pipeline import Pipeline
-from azure.core.pipeline.transport import HttpRequest, HttpResponse
+from azure.core.pipeline.transport import HttpResponse
 
 from azstoragetorch._client import _pipeline
-from azstoragetorch._client._credentials import CredentialArgument, auth_policy_for, validate_credential
+from azstoragetorch._client._credentials import CredentialArgument
+from azstoragetorch._client._resource import ResourceClient
 from azstoragetorch._client._urls import BlobUrl
 from azstoragetorch.exceptions import BlobModifiedDuringReadError
 
@@ -47,42 +44,41 @@ class BlobProperties:
     last_modified: datetime.datetime | None = None
 
 
-class AzStorageTorchBlobClient:
-    """Talks to one blob: reads ranges, uploads blocks, commits.
-
-    Cheap to create and safe to pickle: the pipeline (and its connection pool) is looked up per
-    process on first use, so a copy sent to a DataLoader worker opens its own connections.
-    """
+class AzStorageTorchBlobClient(ResourceClient):
+    """Talks to one blob: reads ranges, uploads blocks, commits."""
 
     def __init__(self, blob_url: BlobUrl, credential: CredentialArgument = None) -> None:
-        validate_credential(credential)
+        super().__init__(blob_url, credential)
         self.blob_url = blob_url
-        self._credential = credential
-        self._pipeline: Pipeline[Any, Any] | None = None
-        self._pipeline_pid = 0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.blob_url = state["url"]
 
     @classmethod
     def from_url(cls, url: str, credential: CredentialArgument = None) -> AzStorageTorchBlobClient:
         return cls(BlobUrl.parse(url), credential)
-
-    @property
-    def display_url(self) -> str:
-        return self.blob_url.display_url
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.display_url!r})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"blob_url": self.blob_url, "credential": self._credential}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["blob_url"], state["credential"])  # type: ignore[misc]
 
     # -- reads -------------------------------------------------------------------------------
 
     def get_properties(self) -> BlobProperties:
         response = self._send("HEAD", action="read the properties of")
         return _properties_from(response, size=int(response.headers["Content-Length"]))
+
+    def download_start(self, length: int) -> tuple[BlobProperties, bytearray]:
+        """The blob's properties and its first ``length`` bytes (all of it, if smaller), in one request.
+
+        The buffer is sized by the response, so opening a small blob never allocates ``length``.
+        """
+        response = self._send_range_get(0, length, None)
+        if response is None:  # an empty blob has no first byte to ask for
+            return self.get_properties(), bytearray()
+        properties = _properties_from(response, size=_total_size(response))
+        data = bytearray(min(length, properties.size))
+        count, error = _read_body_into(response, memoryview(data))
+        if error is not None or count < len(data):
+            self.download_into(count, memoryview(data)[count:], etag=properties.etag)
+        return properties, data
 
     def download_into(self, offset: int, buffer: memoryview, *, etag: str | None) -> tuple[BlobProperties, int]:
         """Fill ``buffer`` with the blob's bytes from ``offset``; stops early only at the blob's end.
@@ -169,44 +165,11 @@ class AzStorageTorchBlobClient:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _get_pipeline(self) -> Pipeline[Any, Any]:
-        if self._pipeline is None or self._pipeline_pid != os.getpid():
-            url = self.blob_url
-            origin = f"{url.scheme}://{url.netloc}"
-            host = urllib.parse.urlsplit(origin).hostname or ""
-            auth = auth_policy_for(self._credential, url_has_sas=url.has_sas, host=host)
-            self._pipeline = _pipeline.build_pipeline(origin, auth)
-            self._pipeline_pid = os.getpid()
-        return self._pipeline
-
-    def _send(
-        self,
-        method: str,
-        *,
-        action: str,
-        query: tuple[str, ...] = (),
-        headers: dict[str, str] | None = None,
-        body: bytes | memoryview | None = None,
-        validate_content: bool = False,
-        expected: int = 200,
-    ) -> HttpResponse:
-        request = HttpRequest(method, self.blob_url.request_url(*query), headers=headers or {})
-        if body is not None:
-            # A memoryview is sent as it is (urllib3 hands buffers straight to sendall).
-            request.set_bytes_body(body)  # type: ignore[arg-type]
-            if validate_content:
-                request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-        response = _pipeline.run(self._get_pipeline(), request, display_url=self.display_url)
-        if response.status_code != expected:
-            _pipeline.raise_for_status(response, action=action, display_url=self.display_url)
-        return response
-
     def _send_range_get(self, start: int, length: int, etag: str | None) -> HttpResponse | None:
         headers = {"x-ms-range": f"bytes={start}-{start + max(length, 1) - 1}"}
         if etag is not None:
             headers["If-Match"] = etag
-        request = HttpRequest("GET", self.blob_url.request_url(), headers=headers)
-        response = _pipeline.run(self._get_pipeline(), request, display_url=self.display_url, stream=True)
+        response = self._send_unchecked("GET", headers=headers, stream=True)
         if response.status_code == 206:
             return response
         _discard(response)

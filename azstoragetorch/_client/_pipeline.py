@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import threading
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
@@ -31,6 +32,7 @@ from azure.core.pipeline.policies import HeadersPolicy, RetryPolicy, SansIOHTTPP
 from azure.core.pipeline.transport import HttpResponse, RequestsTransport
 
 from azstoragetorch import __version__
+from azstoragetorch._client._credentials import CredentialArgument, auth_policy_for, shared_default_credential
 from azstoragetorch._client._redaction import install_log_filter, scrub
 from azstoragetorch.exceptions import ClientRequestIdMismatchError
 
@@ -58,6 +60,9 @@ class _ProcessState:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.transports: dict[str, RequestsTransport] = {}
+        # Pipelines by (origin, kind of authorization, id of the credential). The credential is kept
+        # in the value so that its id cannot be reused by another object while the entry exists.
+        self.pipelines: dict[tuple[str, str, int], tuple[object, Pipeline[Any, Any]]] = {}
         self.executor: ThreadPoolExecutor | None = None
 
 
@@ -68,8 +73,6 @@ def _forget_parent_state() -> None:
     global _state
     # The parent's sockets and threads are unusable here; drop them without closing anything.
     _state = _ProcessState()
-    from azstoragetorch._client._credentials import shared_default_credential
-
     shared_default_credential.forget()
 
 
@@ -142,6 +145,29 @@ class _JitteredRetryPolicy(RetryPolicy[Any, Any]):
     def get_backoff_time(self, settings: dict[str, Any]) -> float:
         backoff = super().get_backoff_time(settings)
         return backoff * random.uniform(0.5, 1.5)
+
+
+def pipeline_for(origin: str, credential: CredentialArgument, *, url_has_sas: bool) -> Pipeline[Any, Any]:
+    """The pipeline for requests to ``origin`` authorized by ``credential``, shared in this process.
+
+    Sharing matters for token credentials: one pipeline holds one token, so the thousands of blobs
+    of a dataset do not each ask the credential for a token of their own.
+    """
+    if url_has_sas:
+        key: tuple[str, str, int] = (origin, "sas-in-url", 0)
+    elif credential is None or credential is False:
+        key = (origin, repr(credential), 0)
+    else:
+        key = (origin, type(credential).__name__, id(credential))
+    state = _current_state()
+    with state.lock:
+        entry = state.pipelines.get(key)
+    if entry is None:
+        host = urllib.parse.urlsplit(origin).hostname or ""
+        pipeline = build_pipeline(origin, auth_policy_for(credential, url_has_sas=url_has_sas, host=host))
+        with state.lock:
+            entry = state.pipelines.setdefault(key, (credential, pipeline))
+    return entry[1]
 
 
 def build_pipeline(origin: str, auth_policy: Any | None) -> Pipeline[Any, Any]:

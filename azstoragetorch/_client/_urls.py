@@ -52,16 +52,22 @@ class BlobUrl:
     @property
     def has_sas(self) -> bool:
         """Whether the URL carries a SAS signature (which then wins over any credential)."""
-        return any(piece.split("=", 1)[0].lower() == "sig" for piece in self.sas_query.split("&"))
+        return _has_signature(self.sas_query)
+
+    @property
+    def container(self) -> ContainerUrl:
+        """The blob's container, authorized by the same SAS, if any."""
+        return ContainerUrl(
+            self.scheme, self.netloc, self.account_name, self.container_name, self.path_style, self.sas_query
+        )
 
     @property
     def account_url(self) -> str:
-        base = f"{self.scheme}://{self.netloc}"
-        return f"{base}/{self.account_name}" if self.path_style else base
+        return self.container.account_url
 
     @property
     def container_url(self) -> str:
-        return f"{self.account_url}/{urllib.parse.quote(self.container_name, safe='')}"
+        return self.container.url_without_query
 
     @property
     def url_without_query(self) -> str:
@@ -90,6 +96,72 @@ class BlobUrl:
 
     def __repr__(self) -> str:
         return f"BlobUrl({self.display_url!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerUrl:
+    """A parsed container URL (``https://<account>.blob.core.windows.net/<container>``), with any SAS."""
+
+    scheme: str
+    netloc: str
+    account_name: str
+    container_name: str
+    path_style: bool
+    sas_query: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> ContainerUrl:
+        """Parse a container URL; raises ``ValueError`` naming the problem for anything malformed."""
+        account_url, container_name, _, query = _split_resource_url(url, want_blob=False)
+        sas_pieces, selectors = _split_query(query)
+        if selectors:
+            raise ValueError(f"Container URL {_strip_query(url)!r} has a snapshot or version id; those select blobs.")
+        return cls(
+            scheme=account_url.scheme,
+            netloc=account_url.netloc,
+            account_name=account_url.account_name,
+            container_name=container_name,
+            path_style=account_url.path_style,
+            sas_query="&".join(sas_pieces),
+        )
+
+    @property
+    def has_sas(self) -> bool:
+        return _has_signature(self.sas_query)
+
+    @property
+    def account_url(self) -> str:
+        base = f"{self.scheme}://{self.netloc}"
+        return f"{base}/{self.account_name}" if self.path_style else base
+
+    @property
+    def url_without_query(self) -> str:
+        return f"{self.account_url}/{urllib.parse.quote(self.container_name, safe='')}"
+
+    @property
+    def display_url(self) -> str:
+        return self.url_without_query
+
+    def request_url(self, *extra_query: str) -> str:
+        pieces = list(extra_query)
+        if self.sas_query:
+            pieces.append(self.sas_query)
+        return _with_query(self.url_without_query, pieces)
+
+    def blob_url(self, blob_name: str) -> BlobUrl:
+        """The URL of a blob in this container, authorized by the same SAS, if any."""
+        return BlobUrl(
+            scheme=self.scheme,
+            netloc=self.netloc,
+            account_name=self.account_name,
+            container_name=self.container_name,
+            blob_name=blob_name,
+            path_style=self.path_style,
+            sas_query=self.sas_query,
+        )
+
+    def __repr__(self) -> str:
+        return f"ContainerUrl({self.display_url!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +223,10 @@ def _split_query(query: str) -> tuple[list[str], dict[str, str]]:
         else:
             sas_pieces.append(piece)
     return sas_pieces, selectors
+
+
+def _has_signature(sas_query: str) -> bool:
+    return any(piece.split("=", 1)[0].lower() == "sig" for piece in sas_query.split("&"))
 
 
 def _is_path_style_host(hostname: str) -> bool:

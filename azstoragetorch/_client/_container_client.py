@@ -1,0 +1,80 @@
+"""Listing the blobs of a container."""
+
+from __future__ import annotations
+
+import dataclasses
+import urllib.parse
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobProperties
+from azstoragetorch._client._credentials import CredentialArgument
+from azstoragetorch._client._resource import ResourceClient
+from azstoragetorch._client._urls import ContainerUrl
+
+# The service returns at most 5,000 blobs per List Blobs page.
+_PAGE_SIZE = 5000
+
+
+@dataclasses.dataclass(frozen=True)
+class ListedBlob:
+    """A blob as List Blobs described it: its client, and the properties that came with the listing."""
+
+    client: AzStorageTorchBlobClient
+    properties: BlobProperties
+
+
+class AzStorageTorchContainerClient(ResourceClient):
+    """Talks to one container: lists its blobs."""
+
+    def __init__(self, container_url: ContainerUrl, credential: CredentialArgument = None) -> None:
+        super().__init__(container_url, credential)
+        self.container_url = container_url
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.container_url = state["url"]
+
+    @classmethod
+    def from_url(cls, url: str, credential: CredentialArgument = None) -> AzStorageTorchContainerClient:
+        return cls(ContainerUrl.parse(url), credential)
+
+    def blob_client(self, blob_name: str) -> AzStorageTorchBlobClient:
+        """A client for a blob of this container, with the same credential (or SAS)."""
+        return AzStorageTorchBlobClient(self.container_url.blob_url(blob_name), self.credential)
+
+    def list_blobs(self, prefix: str | None = None) -> Iterator[ListedBlob]:
+        """Every blob whose name starts with ``prefix``, in name order, following every page.
+
+        Raises ``ResourceNotFoundError`` for a missing container and ``ClientAuthenticationError``
+        when listing is not allowed, naming the container (never its SAS).
+        """
+        marker = ""
+        while True:
+            query = ["restype=container", "comp=list", f"maxresults={_PAGE_SIZE}"]
+            if prefix:
+                query.append(f"prefix={urllib.parse.quote(prefix, safe='')}")
+            if marker:
+                query.append(f"marker={urllib.parse.quote(marker, safe='')}")
+            response = self._send("GET", action="list the blobs of", query=tuple(query))
+            page = ElementTree.fromstring(response.body())
+            for element in page.iterfind("Blobs/Blob"):
+                yield self._listed_blob(element)
+            marker = page.findtext("NextMarker") or ""
+            if not marker:
+                return
+
+    def _listed_blob(self, element: ElementTree.Element) -> ListedBlob:
+        name_element = element.find("Name")
+        name = (name_element.text or "") if name_element is not None else ""
+        if name_element is not None and name_element.get("Encoded") == "true":
+            name = urllib.parse.unquote(name)  # names with characters XML cannot carry
+        last_modified = element.findtext("Properties/Last-Modified")
+        properties = BlobProperties(
+            size=int(element.findtext("Properties/Content-Length") or 0),
+            etag=element.findtext("Properties/Etag") or "",
+            last_modified=parsedate_to_datetime(last_modified) if last_modified else None,
+        )
+        return ListedBlob(self.blob_client(name), properties)

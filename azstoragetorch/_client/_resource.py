@@ -1,0 +1,95 @@
+"""What the blob and container clients share: their URL, credential, pipeline and request sending."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from typing import Any
+
+from azure.core.pipeline import Pipeline
+from azure.core.pipeline.transport import HttpRequest, HttpResponse
+
+from azstoragetorch._client import _pipeline
+from azstoragetorch._client._credentials import CredentialArgument, validate_credential
+from azstoragetorch._client._urls import BlobUrl, ContainerUrl
+
+ResourceUrl = BlobUrl | ContainerUrl
+
+
+class ResourceClient:
+    """A client for one resource (a blob or a container) at one URL.
+
+    Cheap to create and safe to pickle: the pipeline (and its connection pool) is looked up per
+    process on first use, so a copy sent to a DataLoader worker opens its own connections.
+    """
+
+    def __init__(self, url: ResourceUrl, credential: CredentialArgument = None) -> None:
+        validate_credential(credential)
+        self._url = url
+        self._credential = credential
+        self._pipeline: Pipeline[Any, Any] | None = None
+        self._pipeline_pid = 0
+
+    @property
+    def credential(self) -> CredentialArgument:
+        return self._credential
+
+    @property
+    def display_url(self) -> str:
+        """The URL to show: without any SAS token."""
+        return self._url.display_url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.display_url!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self._url, "credential": self._credential}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        ResourceClient.__init__(self, state["url"], state["credential"])
+
+    def _get_pipeline(self) -> Pipeline[Any, Any]:
+        if self._pipeline is None or self._pipeline_pid != os.getpid():
+            origin = f"{self._url.scheme}://{self._url.netloc}"
+            self._pipeline = _pipeline.pipeline_for(origin, self._credential, url_has_sas=self._url.has_sas)
+            self._pipeline_pid = os.getpid()
+        return self._pipeline
+
+    def _send(
+        self,
+        method: str,
+        *,
+        action: str,
+        query: tuple[str, ...] = (),
+        headers: dict[str, str] | None = None,
+        body: bytes | memoryview | None = None,
+        validate_content: bool = False,
+        expected: int = 200,
+        stream: bool = False,
+    ) -> HttpResponse:
+        """Send one request; any status but ``expected`` raises the matching azure-core error."""
+        response = self._send_unchecked(
+            method, query=query, headers=headers, body=body, stream=stream, validate_content=validate_content
+        )
+        if response.status_code != expected:
+            _pipeline.raise_for_status(response, action=action, display_url=self.display_url)
+        return response
+
+    def _send_unchecked(
+        self,
+        method: str,
+        *,
+        query: tuple[str, ...] = (),
+        headers: dict[str, str] | None = None,
+        body: bytes | memoryview | None = None,
+        validate_content: bool = False,
+        stream: bool = False,
+    ) -> HttpResponse:
+        request = HttpRequest(method, self._url.request_url(*query), headers=headers or {})
+        if body is not None:
+            # A memoryview is sent as it is (urllib3 hands buffers straight to sendall).
+            request.set_bytes_body(body)  # type: ignore[arg-type]
+            if validate_content:
+                request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+        return _pipeline.run(self._get_pipeline(), request, display_url=self.display_url, stream=stream)

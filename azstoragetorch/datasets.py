@@ -1,0 +1,435 @@
+"""PyTorch datasets whose samples are blobs: :class:`BlobDataset`, :class:`IterableBlobDataset`, :class:`Blob`."""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import torch
+import torch.distributed
+import torch.utils.data
+from typing_extensions import Self
+
+from azstoragetorch._client import (
+    AzStorageTorchBlobClient,
+    AzStorageTorchContainerClient,
+    BlobProperties,
+    BlobUrl,
+    ContainerUrl,
+    CredentialArgument,
+)
+from azstoragetorch._client._credentials import validate_credential
+from azstoragetorch.io import BlobIO
+
+if TYPE_CHECKING:
+    import datetime
+
+__all__ = ["Blob", "BlobDataset", "IterableBlobDataset"]
+
+_TransformOutputType_co = TypeVar("_TransformOutputType_co", covariant=True)
+_T = TypeVar("_T")
+
+# Samples fetched at once by one process: by BlobDataset.__getitems__ for a batch, and ahead of the
+# consumer by IterableBlobDataset. Small blobs are latency-bound, so many requests in flight are
+# what makes a loader fast; transforms that decode or augment still run one at a time under the GIL.
+DEFAULT_PREFETCH = 32
+
+
+class Blob:
+    """One blob of a dataset, as handed to a dataset's ``transform``.
+
+    ``url``, ``blob_name`` and ``container_name`` identify it; ``size``, ``etag`` and
+    ``last_modified`` describe it (without a request when the dataset was listed from a container,
+    since the listing already returned them); :meth:`reader` opens its content::
+
+        def to_tensor(blob: Blob) -> torch.Tensor:
+            with blob.reader() as f:
+                return torch.load(f)
+
+    Datasets create these objects; constructing one directly is not supported.
+    """
+
+    def __init__(self, blob_client: AzStorageTorchBlobClient, properties: BlobProperties | None = None) -> None:
+        self._client = blob_client
+        self._properties = properties
+
+    @property
+    def url(self) -> str:
+        """The blob's URL, without any query string (no SAS token, snapshot or version)."""
+        return self._client.blob_url.url_without_query
+
+    @property
+    def blob_name(self) -> str:
+        """The blob's name within its container, for example ``"images/cat 1.jpg"``."""
+        return self._client.blob_url.blob_name
+
+    @property
+    def container_name(self) -> str:
+        return self._client.blob_url.container_name
+
+    @property
+    def size(self) -> int:
+        """The blob's size in bytes."""
+        return self._get_properties().size
+
+    @property
+    def etag(self) -> str:
+        return self._get_properties().etag
+
+    @property
+    def last_modified(self) -> datetime.datetime | None:
+        return self._get_properties().last_modified
+
+    def reader(self) -> BlobIO:
+        """Open the blob for reading, as a :class:`~azstoragetorch.io.BlobIO` in ``"rb"`` mode.
+
+        Each call opens a new reader, so a blob can be read any number of times, in any epoch.
+        """
+        return BlobIO(self._client.display_url, "rb", blob_client=self._client)
+
+    def __repr__(self) -> str:
+        return f"Blob({self._client.display_url!r})"
+
+    def _get_properties(self) -> BlobProperties:
+        if self._properties is None:
+            self._properties = self._client.get_properties()
+        return self._properties
+
+
+def _read_whole_blob(blob: Blob) -> dict[str, str | bytes]:
+    """The default transform: ``{"url": ..., "data": <the blob's bytes>}``."""
+    with blob.reader() as reader:
+        return {"url": blob.url, "data": reader.read()}
+
+
+def _apply(transform: Callable[[Blob], _T], blob: Blob) -> _T:
+    try:
+        return transform(blob)
+    except Exception as error:
+        # Keep the user's exception type; say which blob it was about.
+        note = f"azstoragetorch: raised while producing the sample for blob {blob.url}"
+        if hasattr(error, "add_note"):
+            error.add_note(note)
+        else:  # Python 3.10
+            error.args = (*error.args, note)
+        raise
+
+
+class _SampleThreads:
+    """Threads that fetch samples, one pool per process (a forked DataLoader worker makes its own).
+
+    Separate from the transfer threads on purpose: a sample's transform may itself wait for
+    transfers, and waiting on work queued in the same pool could deadlock it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ThreadPoolExecutor(
+                    max_workers=DEFAULT_PREFETCH, thread_name_prefix="azstoragetorch-samples"
+                )
+                self._pid = os.getpid()
+            return self._pool.submit(fn, *args)
+
+    def forget(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = None
+
+
+_sample_threads = _SampleThreads()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_sample_threads.forget)
+
+
+def _blobs_from_urls(blob_urls: str | Iterable[str], credential: CredentialArgument) -> list[Blob]:
+    validate_credential(credential)
+    urls = [blob_urls] if isinstance(blob_urls, str) else list(blob_urls)
+    return [Blob(AzStorageTorchBlobClient(BlobUrl.parse(url), credential)) for url in urls]
+
+
+class _ContainerListing:
+    """The blobs of a container (under a prefix), listed when iterated. Pickles without listing."""
+
+    def __init__(self, container_url: str, prefix: str | None, credential: CredentialArgument) -> None:
+        if prefix is not None and not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str or None, not {type(prefix).__name__}.")
+        self._client = AzStorageTorchContainerClient(ContainerUrl.parse(container_url), credential)
+        self._prefix = prefix
+
+    def __iter__(self) -> Iterator[Blob]:
+        for listed in self._client.list_blobs(self._prefix):
+            yield Blob(listed.client, listed.properties)
+
+
+class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
+    """A map-style dataset with one sample per blob.
+
+    Create it with :meth:`from_blob_urls` or :meth:`from_container_url`; the blobs are listed once,
+    when it is created. By default a sample is ``{"url": <blob URL>, "data": <blob bytes>}``; pass
+    ``transform`` to turn each :class:`Blob` into whatever your model needs::
+
+        dataset = BlobDataset.from_container_url(
+            "https://<account>.blob.core.windows.net/<container>", prefix="train/"
+        )
+        loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=2, shuffle=True)
+
+    When the DataLoader asks for a batch, its blobs are fetched concurrently (through
+    ``__getitems__``), not one after the other. For training on several ranks, use a
+    :class:`~torch.utils.data.distributed.DistributedSampler` as with any map-style dataset
+    (Lightning adds one for you).
+    """
+
+    def __init__(
+        self, blobs: Iterable[Blob], transform: Callable[[Blob], _TransformOutputType_co] | None = None
+    ) -> None:
+        self._blobs = list(blobs)
+        self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
+
+    @classmethod
+    def from_blob_urls(
+        cls,
+        blob_urls: str | Iterable[str],
+        *,
+        credential: CredentialArgument = None,
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+    ) -> Self:
+        """A dataset of the given blobs, in the given order.
+
+        Args:
+            blob_urls: One blob URL or an iterable of them. A URL may carry a SAS token, a
+                ``snapshot=`` or a ``versionid=``.
+            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored for URLs with a SAS token.
+            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+
+        Raises:
+            ValueError: A URL is malformed.
+            TypeError: ``credential`` is of an unsupported type.
+        """
+        return cls(_blobs_from_urls(blob_urls, credential), transform)
+
+    @classmethod
+    def from_container_url(
+        cls,
+        container_url: str,
+        *,
+        prefix: str | None = None,
+        credential: CredentialArgument = None,
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+    ) -> Self:
+        """A dataset of every blob in a container (whose name starts with ``prefix``), in name order.
+
+        The container is listed now, following every page of the listing.
+
+        Args:
+            container_url: ``https://<account>.blob.core.windows.net/<container>``, optionally with
+                a SAS token that allows listing and reading.
+            prefix: Only blobs whose names start with it; all blobs when ``None``.
+            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored with a SAS token.
+            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+
+        Raises:
+            ValueError: The URL is malformed.
+            azure.core.exceptions.ResourceNotFoundError: The container does not exist.
+            azure.core.exceptions.ClientAuthenticationError: Listing is not allowed.
+        """
+        return cls(_ContainerListing(container_url, prefix, credential), transform)
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+    def __getitem__(self, index: int) -> _TransformOutputType_co:
+        return _apply(self._transform, self._blobs[index])
+
+    def __getitems__(self, indices: list[int]) -> list[_TransformOutputType_co]:
+        """Fetch a batch of samples concurrently; the DataLoader calls this for each batch."""
+        blobs = [self._blobs[index] for index in indices]  # IndexError before any request is sent
+        futures = [_sample_threads.submit(_apply, self._transform, blob) for blob in blobs]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_co]):
+    """An iterable-style dataset with one sample per blob, sharded across workers and ranks.
+
+    Create it with :meth:`from_blob_urls` or :meth:`from_container_url`. A container is listed
+    lazily, the first time the dataset is iterated (in each DataLoader worker). Samples are the
+    same as :class:`BlobDataset`'s, fetched ahead of the consumer (up to ``prefetch`` at once) and
+    yielded in order.
+
+    **Sharding.** Iterated by a DataLoader with workers, in a job with several
+    :mod:`torch.distributed` ranks, or both, each worker of each rank gets its own share of the
+    blobs: over all ranks and workers, every blob is seen exactly once per epoch, and shares differ
+    in size by at most one.
+
+    **Shuffling.** With ``shuffle=True`` the order is a permutation drawn from ``seed`` and the
+    epoch set by :meth:`set_epoch`, the same on every rank. Call ``set_epoch(epoch)`` before each
+    epoch to get a new order (as with ``DistributedSampler``).
+
+    **Resuming.** :meth:`state_dict` and :meth:`load_state_dict` record and restore the position
+    within the epoch, so torchdata's ``StatefulDataLoader`` resumes mid-epoch without repeating or
+    skipping a sample, with or without workers.
+    """
+
+    def __init__(
+        self,
+        blobs: Iterable[Blob],
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        prefetch: int = DEFAULT_PREFETCH,
+    ) -> None:
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be a positive int, got {prefetch!r}.")
+        self._blobs_source = blobs
+        self._listed: list[Blob] | None = None
+        self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
+        self._shuffle = bool(shuffle)
+        self._seed = int(seed)
+        self._prefetch = prefetch
+        self._epoch = 0
+        self._resume_at = 0  # samples of this shard to skip on the next iteration (after a restore)
+        self._yielded = 0
+        self._rank_at_pickling: tuple[int, int] | None = None
+
+    @classmethod
+    def from_blob_urls(
+        cls,
+        blob_urls: str | Iterable[str],
+        *,
+        credential: CredentialArgument = None,
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        prefetch: int = DEFAULT_PREFETCH,
+    ) -> Self:
+        """A dataset of the given blobs, in the given order unless ``shuffle`` is set.
+
+        Args:
+            blob_urls: One blob URL or an iterable of them; URLs may carry a SAS token, a
+                ``snapshot=`` or a ``versionid=``.
+            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored for URLs with a SAS token.
+            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+            shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
+            seed: The shuffling seed; use the same one on every rank.
+            prefetch: The most samples fetched ahead of the consumer, per worker.
+        """
+        return cls(_blobs_from_urls(blob_urls, credential), transform, shuffle=shuffle, seed=seed, prefetch=prefetch)
+
+    @classmethod
+    def from_container_url(
+        cls,
+        container_url: str,
+        *,
+        prefix: str | None = None,
+        credential: CredentialArgument = None,
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        prefetch: int = DEFAULT_PREFETCH,
+    ) -> Self:
+        """A dataset of every blob in a container (whose name starts with ``prefix``).
+
+        The container is listed on first iteration; a missing container or a credential that may
+        not list it raises then, naming the container.
+
+        Args:
+            container_url: ``https://<account>.blob.core.windows.net/<container>``, optionally with
+                a SAS token that allows listing and reading.
+            prefix: Only blobs whose names start with it; all blobs when ``None``.
+            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored with a SAS token.
+            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+            shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
+            seed: The shuffling seed; use the same one on every rank.
+            prefetch: The most samples fetched ahead of the consumer, per worker.
+
+        Raises:
+            ValueError: The URL is malformed.
+        """
+        listing = _ContainerListing(container_url, prefix, credential)
+        return cls(listing, transform, shuffle=shuffle, seed=seed, prefetch=prefetch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch whose order the next iteration follows (only matters with ``shuffle=True``)."""
+        self._epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this iteration stands: the epoch, the seed and how many samples this shard yielded."""
+        return {"epoch": self._epoch, "seed": self._seed, "shuffle": self._shuffle, "samples_yielded": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next iteration skips the samples already yielded."""
+        expected = {"epoch", "seed", "shuffle", "samples_yielded"}
+        if not isinstance(state_dict, dict) or not expected <= set(state_dict):
+            raise ValueError(
+                f"Not a state dict of an IterableBlobDataset: expected the keys {sorted(expected)}, "
+                f"got {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}."
+            )
+        if (state_dict["seed"], state_dict["shuffle"]) != (self._seed, self._shuffle):
+            raise ValueError(
+                "The state dict was saved with a different order (seed/shuffle "
+                f"{state_dict['seed']}/{state_dict['shuffle']}, this dataset has {self._seed}/{self._shuffle})."
+            )
+        self._epoch = int(state_dict["epoch"])
+        self._resume_at = self._yielded = int(state_dict["samples_yielded"])
+
+    def __iter__(self) -> Iterator[_TransformOutputType_co]:
+        shard = self._my_shard()
+        skip, self._resume_at = self._resume_at, 0
+        self._yielded = skip
+        for sample in self._fetch_in_order(shard[skip:]):
+            self._yielded += 1
+            yield sample
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # DataLoader workers started with spawn or forkserver have no process group; they learn
+        # their rank from the process that pickled the dataset.
+        state["_rank_at_pickling"] = _live_rank_and_world_size() or self._rank_at_pickling
+        return state
+
+    def _my_shard(self) -> list[Blob]:
+        if self._listed is None:
+            self._listed = list(self._blobs_source)
+        blobs = self._listed
+        order: list[int] | range = range(len(blobs))
+        if self._shuffle:
+            generator = torch.Generator().manual_seed(self._seed + self._epoch)
+            order = torch.randperm(len(blobs), generator=generator).tolist()
+        rank, world_size = _live_rank_and_world_size() or self._rank_at_pickling or (0, 1)
+        worker = torch.utils.data.get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        shard_index, shard_count = rank * workers + worker_id, world_size * workers
+        return [blobs[index] for index in order[shard_index::shard_count]]
+
+    def _fetch_in_order(self, blobs: list[Blob]) -> Iterator[_TransformOutputType_co]:
+        pending: collections.deque[Future[Any]] = collections.deque()
+        upcoming = iter(blobs)
+        try:
+            for blob in upcoming:
+                pending.append(_sample_threads.submit(_apply, self._transform, blob))
+                if len(pending) >= self._prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _live_rank_and_world_size() -> tuple[int, int] | None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
