@@ -99,14 +99,28 @@ def transport_for(origin: str) -> RequestsTransport:
             adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_THREADS, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
+            if not _proxy_configured():
+                # requests otherwise re-reads every environment variable for proxy settings on every
+                # request (~0.2 ms of CPU each, a quarter of a small blob's cost). The one setting
+                # it would find, a custom CA bundle, is read here once instead.
+                session.trust_env = False
             transport = RequestsTransport(
                 session=session,
                 session_owner=False,
                 connection_timeout=CONNECTION_TIMEOUT_SECONDS,
                 read_timeout=READ_TIMEOUT_SECONDS,
+                connection_verify=_ca_bundle_from_environment() or True,
             )
             state.transports[origin] = transport
         return transport
+
+
+def _proxy_configured() -> bool:
+    return any(name.lower().endswith("_proxy") for name in os.environ)
+
+
+def _ca_bundle_from_environment() -> str | None:
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
 
 
 def executor() -> ThreadPoolExecutor:
