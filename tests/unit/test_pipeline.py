@@ -1,0 +1,38 @@
+import os
+
+import pytest
+
+from azstoragetorch._client import _pipeline
+
+
+@pytest.fixture
+def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_pipeline, "_state", _pipeline._ProcessState())
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy") or name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            monkeypatch.delenv(name)
+
+
+def test_without_proxies_the_environment_is_read_once(fresh_state: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/custom-ca.pem")
+    transport = _pipeline.transport_for("https://a.blob.core.windows.net")
+    assert transport.session.trust_env is False
+    assert transport.connection_config.verify == "/etc/custom-ca.pem"
+
+
+def test_with_a_proxy_requests_keeps_reading_the_environment(
+    fresh_state: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    transport = _pipeline.transport_for("https://a.blob.core.windows.net")
+    assert transport.session.trust_env is True
+    assert transport.connection_config.verify is True
+
+
+def test_one_transport_per_origin_and_a_shared_pipeline_per_credential(fresh_state: None) -> None:
+    first = _pipeline.transport_for("https://a.blob.core.windows.net")
+    assert _pipeline.transport_for("https://a.blob.core.windows.net") is first
+    assert _pipeline.transport_for("https://b.blob.core.windows.net") is not first
+    anonymous = _pipeline.pipeline_for("https://a.blob.core.windows.net", False, url_has_sas=False)
+    assert _pipeline.pipeline_for("https://a.blob.core.windows.net", False, url_has_sas=False) is anonymous
+    assert _pipeline.pipeline_for("https://a.blob.core.windows.net", False, url_has_sas=True) is not anonymous
