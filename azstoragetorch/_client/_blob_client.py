@@ -208,7 +208,8 @@ def _read_body_into(response: HttpResponse, buffer: memoryview) -> tuple[int, Ba
     memory with no intermediate copy when it is not content-encoded, which is what Blob Storage
     sends.
     """
-    raw = response.internal_response.raw  # urllib3's response
+    internal = response.internal_response
+    raw = getattr(internal, "raw", internal)  # urllib3's response, under requests' if requests sent it
     body = getattr(raw, "_fp", None)
     direct = hasattr(body, "readinto") and not response.headers.get("Content-Encoding")
     filled = 0

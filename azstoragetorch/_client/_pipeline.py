@@ -29,11 +29,12 @@ from azure.core.exceptions import (
 )
 from azure.core.pipeline import Pipeline, PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import HeadersPolicy, RetryPolicy, SansIOHTTPPolicy, UserAgentPolicy
-from azure.core.pipeline.transport import HttpResponse, RequestsTransport
+from azure.core.pipeline.transport import HttpResponse, HttpTransport, RequestsTransport
 
 from azstoragetorch import __version__
 from azstoragetorch._client._credentials import CredentialArgument, auth_policy_for, shared_default_credential
 from azstoragetorch._client._redaction import install_log_filter, scrub
+from azstoragetorch._client._transport import Urllib3Transport
 from azstoragetorch.exceptions import ClientRequestIdMismatchError
 
 _LOGGER = logging.getLogger("azstoragetorch")
@@ -59,7 +60,7 @@ class _ProcessState:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.lock = threading.Lock()
-        self.transports: dict[str, RequestsTransport] = {}
+        self.transports: dict[str, HttpTransport] = {}  # type: ignore[type-arg]
         # Pipelines by (origin, kind of authorization, id of the credential). The credential is kept
         # in the value so that its id cannot be reused by another object while the entry exists.
         self.pipelines: dict[tuple[str, str, int], tuple[object, Pipeline[Any, Any]]] = {}
@@ -89,38 +90,39 @@ def _current_state() -> _ProcessState:
     return _state
 
 
-def transport_for(origin: str) -> RequestsTransport:
+def transport_for(origin: str) -> HttpTransport:  # type: ignore[type-arg]
     """The shared transport (one connection pool) for ``scheme://host:port``."""
     state = _current_state()
     with state.lock:
         transport = state.transports.get(origin)
         if transport is None:
-            session = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_THREADS, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            if not _proxy_configured():
-                # requests otherwise re-reads every environment variable for proxy settings on every
-                # request (~0.2 ms of CPU each, a quarter of a small blob's cost). The one setting
-                # it would find, a custom CA bundle, is read here once instead.
-                session.trust_env = False
-            transport = RequestsTransport(
-                session=session,
-                session_owner=False,
-                connection_timeout=CONNECTION_TIMEOUT_SECONDS,
-                read_timeout=READ_TIMEOUT_SECONDS,
-                connection_verify=_ca_bundle_from_environment() or True,
-            )
+            transport = _new_transport()
             state.transports[origin] = transport
         return transport
 
 
+def _new_transport() -> HttpTransport:  # type: ignore[type-arg]
+    if not _proxy_configured():
+        return Urllib3Transport(
+            connection_timeout=CONNECTION_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS, maxsize=MAX_THREADS
+        )
+    # Proxies (with NO_PROXY exceptions and the rest) are what requests handles and our lean
+    # transport does not: use azure-core's requests transport, which reads them per request.
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_THREADS, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    transport: HttpTransport = RequestsTransport(  # type: ignore[type-arg]
+        session=session,
+        session_owner=False,
+        connection_timeout=CONNECTION_TIMEOUT_SECONDS,
+        read_timeout=READ_TIMEOUT_SECONDS,
+    )
+    return transport
+
+
 def _proxy_configured() -> bool:
-    return any(name.lower().endswith("_proxy") for name in os.environ)
-
-
-def _ca_bundle_from_environment() -> str | None:
-    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    return any(name.lower().endswith("_proxy") and value for name, value in os.environ.items())
 
 
 def executor() -> ThreadPoolExecutor:
