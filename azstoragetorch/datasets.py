@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -33,10 +34,13 @@ __all__ = ["Blob", "BlobDataset", "IterableBlobDataset"]
 _TransformOutputType_co = TypeVar("_TransformOutputType_co", covariant=True)
 _T = TypeVar("_T")
 
-# Samples fetched at once by one process: by BlobDataset.__getitems__ for a batch, and ahead of the
-# consumer by IterableBlobDataset. Small blobs are latency-bound, so many requests in flight are
-# what makes a loader fast; transforms that decode or augment still run one at a time under the GIL.
+# Samples fetched ahead of the consumer by IterableBlobDataset. Small blobs are latency-bound, so
+# many requests in flight are what makes a loader fast; transforms that decode or augment still run
+# one at a time under the GIL.
 DEFAULT_PREFETCH = 32
+# Threads per process that fetch samples (created as needed): the ceiling for prefetch and for the
+# blobs of one batch fetched together by BlobDataset.__getitems__.
+MAX_SAMPLE_THREADS = 128
 
 
 class Blob:
@@ -69,6 +73,7 @@ class Blob:
 
     @property
     def container_name(self) -> str:
+        """The name of the blob's container."""
         return self._client.blob_url.container_name
 
     @property
@@ -78,10 +83,12 @@ class Blob:
 
     @property
     def etag(self) -> str:
+        """The blob's ETag, quoted as in HTTP headers (``'"0x8DC..."'``); it changes with every write."""
         return self._get_properties().etag
 
     @property
     def last_modified(self) -> datetime.datetime | None:
+        """When the blob was last written (timezone-aware UTC)."""
         return self._get_properties().last_modified
 
     def reader(self) -> BlobIO:
@@ -275,7 +282,9 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
 
     **Shuffling.** With ``shuffle=True`` the order is a permutation drawn from ``seed`` and the
     epoch set by :meth:`set_epoch`, the same on every rank. Call ``set_epoch(epoch)`` before each
-    epoch to get a new order (as with ``DistributedSampler``).
+    epoch to get a new order (as with ``DistributedSampler``). DataLoader workers receive a copy of
+    the dataset when they start, so with ``persistent_workers=True`` a later ``set_epoch`` does not
+    reach them; leave persistent workers off when shuffling.
 
     **Resuming.** :meth:`state_dict` and :meth:`load_state_dict` record and restore the position
     within the epoch, so torchdata's ``StatefulDataLoader`` resumes mid-epoch without repeating or
@@ -291,8 +300,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
     ) -> None:
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be a positive int, got {prefetch!r}.")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_SAMPLE_THREADS:
+            raise ValueError(f"prefetch must be an int from 1 to {MAX_SAMPLE_THREADS}, got {prefetch!r}.")
         self._blobs_source = blobs
         self._listed: list[Blob] | None = None
         self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
@@ -324,7 +333,11 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
             shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
             seed: The shuffling seed; use the same one on every rank.
-            prefetch: The most samples fetched ahead of the consumer, per worker.
+            prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
+
+        Raises:
+            ValueError: A URL is malformed, or ``prefetch`` is out of range.
+            TypeError: ``credential`` is of an unsupported type.
         """
         return cls(_blobs_from_urls(blob_urls, credential), transform, shuffle=shuffle, seed=seed, prefetch=prefetch)
 
@@ -353,10 +366,11 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
             shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
             seed: The shuffling seed; use the same one on every rank.
-            prefetch: The most samples fetched ahead of the consumer, per worker.
+            prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
 
         Raises:
-            ValueError: The URL is malformed.
+            ValueError: The URL is malformed, or ``prefetch`` is out of range.
+            TypeError: ``credential`` or ``prefix`` is of an unsupported type.
         """
         listing = _ContainerListing(container_url, prefix, credential)
         return cls(listing, transform, shuffle=shuffle, seed=seed, prefetch=prefetch)
@@ -406,7 +420,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         blobs = self._listed
         order: list[int] | range = range(len(blobs))
         if self._shuffle:
-            generator = torch.Generator().manual_seed(self._seed + self._epoch)
+            generator = torch.Generator().manual_seed(_epoch_seed(self._seed, self._epoch))
             order = torch.randperm(len(blobs), generator=generator).tolist()
         rank, world_size = _live_rank_and_world_size() or self._rank_at_pickling or (0, 1)
         worker = torch.utils.data.get_worker_info()
@@ -427,6 +441,12 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    # Mixed rather than added, so that (seed, epoch + 1) and (seed + 1, epoch) give different orders.
+    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _live_rank_and_world_size() -> tuple[int, int] | None:

@@ -72,9 +72,11 @@ class AzStorageTorchContainerClient(ResourceClient):
         if name_element is not None and name_element.get("Encoded") == "true":
             name = urllib.parse.unquote(name)  # names with characters XML cannot carry
         last_modified = element.findtext("Properties/Last-Modified")
+        etag = element.findtext("Properties/Etag") or ""
         properties = BlobProperties(
             size=int(element.findtext("Properties/Content-Length") or 0),
-            etag=element.findtext("Properties/Etag") or "",
+            # Listings give the ETag bare; headers (and If-Match) quote it. Keep the header form.
+            etag=etag if etag.startswith('"') or not etag else f'"{etag}"',
             last_modified=parsedate_to_datetime(last_modified) if last_modified else None,
         )
         return ListedBlob(self.blob_client(name), properties)

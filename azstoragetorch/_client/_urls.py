@@ -177,20 +177,21 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
         raise TypeError(f"A blob URL must be a str, not {type(url).__name__}.")
     parsed = urllib.parse.urlsplit(url)
     shown = _strip_query(url)
+    kind = "Blob URL" if want_blob else "Container URL"
     if parsed.scheme.lower() not in ("http", "https"):
-        raise ValueError(f"Blob URL {shown!r} must start with https:// (or http:// for an emulator).")
+        raise ValueError(f"{kind} {shown!r} must start with https:// (or http:// for an emulator).")
     if not parsed.hostname:
-        raise ValueError(f"Blob URL {shown!r} has no host name.")
+        raise ValueError(f"{kind} {shown!r} has no host name.")
     if parsed.fragment:
-        raise ValueError(f"Blob URL {shown!r} has a '#' fragment; percent-encode '#' in blob names as %23.")
+        raise ValueError(f"{kind} {shown!r} has a '#' fragment; percent-encode '#' in blob names as %23.")
 
     segments = parsed.path.split("/")[1:]  # the path starts with "/"
     path_style = _is_path_style_host(parsed.hostname)
     if path_style:
         if not segments or not segments[0]:
             raise ValueError(
-                f"Blob URL {shown!r} addresses an emulator or IP endpoint, so its path must start "
-                "with the account name: http://<host>:<port>/<account>/<container>/<blob>."
+                f"{kind} {shown!r} addresses an emulator or IP endpoint, so its path must start "
+                "with the account name: http://<host>:<port>/<account>/<container>[/<blob>]."
             )
         account_name, segments = segments[0], segments[1:]
     else:
