@@ -80,6 +80,34 @@ class AzStorageTorchBlobClient(ResourceClient):
             self.download_into(count, memoryview(data)[count:], etag=properties.etag)
         return properties, data
 
+    def read_all(self, *, part_size: int, max_concurrency: int) -> bytes:
+        """The whole blob as ``bytes``, copied as few times as possible (a dataset's default sample).
+
+        A blob that fits in ``part_size`` arrives in one request, straight from the socket into the
+        returned object. A larger one is fetched in parallel ranged GETs of ``part_size``.
+        """
+        response = self._send_range_get(0, part_size, None)
+        if response is None:
+            return b""
+        properties = _properties_from(response, size=_total_size(response))
+        first_length = min(part_size, properties.size)
+        if first_length == properties.size:
+            body = _read_whole_body(response)
+            if body is not None and len(body) == first_length:
+                return body
+            data = bytearray(properties.size)  # the body broke off: fetch it again, with retries
+            self.download_into(0, memoryview(data), etag=properties.etag)
+            return bytes(data)
+        data = bytearray(properties.size)
+        count, error = _read_body_into(response, memoryview(data)[:first_length])
+        if error is not None or count < first_length:
+            self.download_into(count, memoryview(data)[count:first_length], etag=properties.etag)
+        rest = memoryview(data)[first_length:]
+        self.download_parallel(
+            first_length, rest, etag=properties.etag, part_size=part_size, max_concurrency=max_concurrency
+        )
+        return bytes(data)
+
     def download_into(self, offset: int, buffer: memoryview, *, etag: str | None) -> tuple[BlobProperties, int]:
         """Fill ``buffer`` with the blob's bytes from ``offset``; stops early only at the blob's end.
 
@@ -234,6 +262,24 @@ def _read_body_into(response: HttpResponse, buffer: memoryview) -> tuple[int, Ba
     else:
         raw.close()
     return filled, None
+
+
+def _read_whole_body(response: HttpResponse) -> bytes | None:
+    """The rest of the body in one ``bytes`` (one allocation, one copy); ``None`` if it broke off."""
+    internal = response.internal_response
+    raw = getattr(internal, "raw", internal)
+    body = getattr(raw, "_fp", None)
+    try:
+        if hasattr(body, "read") and not response.headers.get("Content-Encoding"):
+            # http.client reads a body of known length with a single read into a new bytes.
+            data: bytes = body.read()  # type: ignore[union-attr]
+        else:
+            data = raw.read()
+    except _BODY_READ_ERRORS:
+        raw.close()
+        return None
+    raw.release_conn()
+    return data
 
 
 def _discard(response: HttpResponse) -> None:
