@@ -146,7 +146,7 @@ class _SampleThreads:
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
                 self._pool = ThreadPoolExecutor(
-                    max_workers=DEFAULT_PREFETCH, thread_name_prefix="azstoragetorch-samples"
+                    max_workers=MAX_SAMPLE_THREADS, thread_name_prefix="azstoragetorch-samples"
                 )
                 self._pid = os.getpid()
             return self._pool.submit(fn, *args)
@@ -286,9 +286,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
 
     **Shuffling.** With ``shuffle=True`` the order is a permutation drawn from ``seed`` and the
     epoch set by :meth:`set_epoch`, the same on every rank. Call ``set_epoch(epoch)`` before each
-    epoch to get a new order (as with ``DistributedSampler``). DataLoader workers receive a copy of
-    the dataset when they start, so with ``persistent_workers=True`` a later ``set_epoch`` does not
-    reach them; leave persistent workers off when shuffling.
+    epoch to get a new order (as with ``DistributedSampler``); the epoch lives in shared memory, so
+    it reaches DataLoader workers too, including persistent ones.
 
     **Resuming.** :meth:`state_dict` and :meth:`load_state_dict` record and restore the position
     within the epoch, so torchdata's ``StatefulDataLoader`` resumes mid-epoch without repeating or
@@ -312,7 +311,9 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         self._shuffle = bool(shuffle)
         self._seed = int(seed)
         self._prefetch = prefetch
-        self._epoch = 0
+        # In shared memory, so that set_epoch in the main process reaches DataLoader workers that
+        # persist across epochs (they hold a copy of the dataset, but the same memory).
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
         self._resume_at = 0  # samples of this shard to skip on the next iteration (after a restore)
         self._yielded = 0
         self._rank_at_pickling: tuple[int, int] | None = None
@@ -381,11 +382,16 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch whose order the next iteration follows (only matters with ``shuffle=True``)."""
-        self._epoch = int(epoch)
+        self._epoch[0] = int(epoch)
 
     def state_dict(self) -> dict[str, Any]:
         """Where this iteration stands: the epoch, the seed and how many samples this shard yielded."""
-        return {"epoch": self._epoch, "seed": self._seed, "shuffle": self._shuffle, "samples_yielded": self._yielded}
+        return {
+            "epoch": int(self._epoch[0]),
+            "seed": self._seed,
+            "shuffle": self._shuffle,
+            "samples_yielded": self._yielded,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: the next iteration skips the samples already yielded."""
@@ -400,14 +406,20 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
                 "The state dict was saved with a different order (seed/shuffle "
                 f"{state_dict['seed']}/{state_dict['shuffle']}, this dataset has {self._seed}/{self._shuffle})."
             )
-        self._epoch = int(state_dict["epoch"])
+        self._epoch[0] = int(state_dict["epoch"])
         self._resume_at = self._yielded = int(state_dict["samples_yielded"])
 
     def __iter__(self) -> Iterator[_TransformOutputType_co]:
+        # Not a generator function: the position is reset (or restored) when the iterator is
+        # created, not at its first sample, since StatefulDataLoader may take a state_dict (or
+        # discard the iterator) in between.
         shard = self._my_shard()
         skip, self._resume_at = self._resume_at, 0
         self._yielded = skip
-        for sample in self._fetch_in_order(shard[skip:]):
+        return self._count_yielded(self._fetch_in_order(shard[skip:]))
+
+    def _count_yielded(self, samples: Iterator[_TransformOutputType_co]) -> Iterator[_TransformOutputType_co]:
+        for sample in samples:
             self._yielded += 1
             yield sample
 
@@ -424,7 +436,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         blobs = self._listed
         order: list[int] | range = range(len(blobs))
         if self._shuffle:
-            generator = torch.Generator().manual_seed(_epoch_seed(self._seed, self._epoch))
+            generator = torch.Generator().manual_seed(_epoch_seed(self._seed, int(self._epoch[0])))
             order = torch.randperm(len(blobs), generator=generator).tolist()
         rank, world_size = _live_rank_and_world_size() or self._rank_at_pickling or (0, 1)
         worker = torch.utils.data.get_worker_info()
