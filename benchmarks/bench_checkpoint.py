@@ -25,12 +25,9 @@ import io
 import json
 import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -38,11 +35,11 @@ from types import TracebackType
 from typing import Any, Literal
 
 import torch
+from _common import ThreadConnections, format_machine, machine_info, package_version
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
-import azstoragetorch
 from azstoragetorch.io import BlobIO
-from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite, find_azurite_blob
+from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
 
 MiB = 1024**2
 GiB = 1024**3
@@ -271,37 +268,6 @@ def load_local(bench: Bench) -> Sample:
 
 
 # -- variant 5: raw HTTP ceiling -------------------------------------------------------------------
-
-
-class ThreadConnections:
-    """One keep-alive ``http.client`` connection per worker thread, all closed on exit."""
-
-    def __init__(self, url: str) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port
-        self.path = parts.path
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._all: list[http.client.HTTPConnection] = []
-
-    def get(self) -> http.client.HTTPConnection:
-        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = http.client.HTTPConnection(self.host, self.port, timeout=300)
-            self._local.connection = connection
-            with self._lock:
-                self._all.append(connection)
-        return connection
-
-    def __enter__(self) -> ThreadConnections:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        for connection in self._all:
-            connection.close()
 
 
 def _request(
@@ -624,57 +590,6 @@ def format_concurrency_table(cases: list[Case], size: int) -> str:
     return "\n".join(lines)
 
 
-def _run_text(command: list[str]) -> str:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as error:
-        return f"unknown ({type(error).__name__})"
-
-
-def _package_version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    repo = pathlib.Path(__file__).resolve().parents[1]
-    commit = _run_text(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
-    dirty = _run_text(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "azstoragetorch": f"{azstoragetorch.__version__} (git {commit}{', uncommitted changes' if dirty else ''})",
-        "azure-storage-blob": _package_version("azure-storage-blob"),
-        "adlfs": _package_version("adlfs"),
-        "azurite": _run_text([find_azurite_blob(), "--version"]),
-        "node": _run_text(["node", "--version"]),
-        "loadavg_start": os.getloadavg(),
-    }
-
-
-def format_machine(info: dict[str, Any]) -> str:
-    lines = [f"{key:<19}{value}" for key, value in info.items() if not key.startswith("loadavg")]
-    start, end = info["loadavg_start"], info.get("loadavg_end")
-    lines.append(f"{'load average':<19}start {start[0]:.2f}" + (f", end {end[0]:.2f}" if end else "") + " (1 min)")
-    return "\n".join(lines)
-
-
 NOTES = """\
 MiB/s = serialized checkpoint bytes / 2^20 / wall seconds, for every variant (saves include serializing).
 CPU s/GiB = time.process_time() of this process (all threads, user+system) per 2^30 checkpoint bytes; Azurite
@@ -743,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.quiet:
             print(message, file=sys.stderr, flush=True)
 
-    info = machine_info()
+    info = machine_info(adlfs=package_version("adlfs"))
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as local_dir:
         bench = make_bench(pathlib.Path(local_dir), args.size_mib)
         cases = build_cases(bench)

@@ -1,0 +1,102 @@
+"""What the benchmarks share: the machine description and raw keep-alive HTTP connections."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import os
+import pathlib
+import platform
+import subprocess
+import threading
+import urllib.parse
+from types import TracebackType
+from typing import Any
+
+import torch
+
+import azstoragetorch
+from azstoragetorch.testing import find_azurite_blob
+
+
+def _run_text(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown ({type(error).__name__})"
+
+
+def package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info(**extra: Any) -> dict[str, Any]:
+    """The machine, versions and commit a run measured; ``extra`` entries are added before the load."""
+    cpu_model = "unknown"
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    commit = _run_text(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    dirty = _run_text(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "azstoragetorch": f"{azstoragetorch.__version__} (git {commit}{', uncommitted changes' if dirty else ''})",
+        "azure-storage-blob": package_version("azure-storage-blob"),
+        **extra,
+        "azurite": _run_text([find_azurite_blob(), "--version"]),
+        "node": _run_text(["node", "--version"]),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def format_machine(info: dict[str, Any]) -> str:
+    lines = [f"{key:<19}{value}" for key, value in info.items() if not key.startswith("loadavg")]
+    start, end = info["loadavg_start"], info.get("loadavg_end")
+    lines.append(f"{'load average':<19}start {start[0]:.2f}" + (f", end {end[0]:.2f}" if end else "") + " (1 min)")
+    return "\n".join(lines)
+
+
+class ThreadConnections:
+    """One keep-alive ``http.client`` connection per worker thread, all closed on exit."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port
+        self.path = parts.path
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[http.client.HTTPConnection] = []
+
+    def get(self) -> http.client.HTTPConnection:
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=300)
+            self._local.connection = connection
+            with self._lock:
+                self._all.append(connection)
+        return connection
+
+    def __enter__(self) -> ThreadConnections:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for connection in self._all:
+            connection.close()

@@ -1,0 +1,752 @@
+#!/usr/bin/env python
+"""Benchmark reading a data set of blobs through azstoragetorch's datasets and their alternatives.
+
+Starts its own in-memory Azurite, uploads two data sets (default 2,000 blobs of 16 KiB and 200 blobs of 4 MiB)
+into public-read containers and measures, interleaved in one run, reading every blob once through
+``BlobDataset`` and ``IterableBlobDataset`` in a ``DataLoader`` (``num_workers`` 0 and 2), a serial
+azure-storage-blob loop, and a "raw ceiling" of plain anonymous HTTP GETs from a thread pool.
+
+    .venv/bin/python benchmarks/bench_datasets.py [--rounds 3] [--json out.json] [--quick]
+
+See benchmarks/README.md for what the columns mean and how the measurements are taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import gc
+import json
+import multiprocessing
+import os
+import pathlib
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.utils.data
+from _common import ThreadConnections, format_machine, machine_info
+from azure.storage.blob import BlobServiceClient, ContainerClient
+
+from azstoragetorch.datasets import BlobDataset, IterableBlobDataset
+from azstoragetorch.testing import Azurite
+
+KiB = 1024
+MiB = 1024**2
+BATCH_SIZE = 32
+WORKER_COUNTS = (0, 2)
+RAW_CONCURRENCIES = (4, 8, 16, 32, 64)
+UPLOAD_THREADS = 16
+X_MS_VERSION = "2024-08-04"
+FINGERPRINT_BYTES = 16  # bytes kept from each end of a blob to check that a read returned that blob
+# The issue's targets: a dataset in a DataLoader should reach these fractions of the raw ceiling.
+TARGETS = {0: 0.75, 2: 0.90}
+
+
+class VerificationError(AssertionError):
+    """A variant did not read every blob exactly once with the right bytes. Never caught: the run must fail."""
+
+
+# -- the data sets -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSetSpec:
+    key: str  # "small" or "large"; also the container's name
+    count: int
+    blob_size: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.count * self.blob_size
+
+    @property
+    def description(self) -> str:
+        size = f"{self.blob_size // MiB} MiB" if self.blob_size >= MiB else f"{self.blob_size // KiB} KiB"
+        return f"{self.count:,} blobs x {size} ({self.total_bytes / MiB:,.1f} MiB)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """A blob's size and first and last bytes: enough to tell random-content blobs apart."""
+
+    size: int
+    head: bytes
+    tail: bytes
+
+
+def fingerprint(data: bytes | bytearray | memoryview) -> Fingerprint:
+    return Fingerprint(len(data), bytes(data[:FINGERPRINT_BYTES]), bytes(data[-FINGERPRINT_BYTES:]))
+
+
+@dataclasses.dataclass
+class DataSet:
+    """An uploaded data set: its container and what every blob must read back as."""
+
+    spec: DataSetSpec
+    container_url: str
+    names: list[str]  # in name order, as listed
+    expected: dict[str, Fingerprint]
+    name_by_url: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+
+def upload(azurite: Azurite, service: BlobServiceClient, spec: DataSetSpec) -> DataSet:
+    """Create a public-read container named after the data set and fill it with random blobs from a thread pool."""
+    container = service.create_container(spec.key, public_access="container")  # anonymous reads for the raw GETs
+    names = [f"{index:06d}.bin" for index in range(spec.count)]
+
+    def put(name: str) -> Fingerprint:
+        data = os.urandom(spec.blob_size)
+        container.upload_blob(name, data, overwrite=True)
+        return fingerprint(data)
+
+    with concurrent.futures.ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        expected = dict(zip(names, pool.map(put, names), strict=True))
+    name_by_url = {azurite.blob_url(spec.key, name): name for name in names}
+    return DataSet(spec, azurite.container_url(spec.key), names, expected, name_by_url)
+
+
+class Tally:
+    """Counts what a variant read, blob by blob; :meth:`verify` raises unless it is every blob exactly once."""
+
+    def __init__(self, data_set: DataSet, what: str) -> None:
+        self._data_set = data_set
+        self._what = what
+        self._seen: dict[str, int] = {}
+        self._wrong: list[str] = []
+        self._unexpected: list[str] = []
+        self.count = 0
+
+    def add(self, name: str, got: Fingerprint) -> None:
+        self.count += 1
+        expected = self._data_set.expected.get(name)
+        if expected is None:
+            self._unexpected.append(name)
+            return
+        self._seen[name] = self._seen.get(name, 0) + 1
+        if got != expected:
+            self._wrong.append(f"{name} ({got.size} bytes, expected {expected.size}, or different content)")
+
+    def add_sample(self, sample: dict[str, Any]) -> None:
+        """A dataset sample, ``{"url": ..., "data": ...}``."""
+        url = sample["url"]
+        self.add(self._data_set.name_by_url.get(url, url), fingerprint(sample["data"]))
+
+    def verify(self) -> None:
+        missing = [name for name in self._data_set.names if name not in self._seen]
+        repeated = [name for name, times in self._seen.items() if times > 1]
+        problems = [
+            (what, names)
+            for what, names in (
+                ("missing", missing),
+                ("read more than once", repeated),
+                ("not in the data set", self._unexpected),
+                ("wrong bytes", self._wrong),
+            )
+            if names
+        ]
+        if problems:
+            detail = "; ".join(f"{len(names)} {what} (e.g. {', '.join(names[:3])})" for what, names in problems)
+            raise VerificationError(f"{self._what} on {self._data_set.key}: {detail}")
+
+
+# -- measuring -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    seconds: float  # wall clock (perf_counter), everything after the dataset object is constructed
+    cpu_self: float  # time.process_time() of this process (all threads, user+system)
+    cpu_children: float  # getrusage(RUSAGE_CHILDREN) user+system: terminated, reaped children (DataLoader workers)
+    first_batch_seconds: float | None = None  # from the start of the clock to the first batch (DataLoader variants)
+    rss_start_mib: float | None = None  # VmRSS of this process when the clock starts (Linux)
+    peak_rss_self_mib: float | None = None  # VmHWM of this process, reset before the measurement (Linux)
+    peak_rss_workers_mib: float | None = None  # largest VmHWM of the DataLoader workers, read before they exit
+    maxrss_self_mib: float = 0.0  # getrusage(RUSAGE_SELF).ru_maxrss after the measurement: run-wide high-water mark
+    maxrss_children_mib: float = 0.0  # getrusage(RUSAGE_CHILDREN).ru_maxrss after it: largest reaped child so far
+    listing_seconds: float | None = None  # BlobDataset.from_container_url, before the clock (map-style only)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _maxrss_mib(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / KiB  # kilobytes on Linux
+
+
+def _proc_status_mib(field: str, pid: int | str = "self") -> float | None:
+    """A memory figure of /proc/<pid>/status (``VmRSS``, ``VmHWM`` = peak RSS) in MiB, or None where unavailable."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / KiB
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that one pass's garbage does not inflate the next one's RSS."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def workers_peak_rss_mib() -> float | None:
+    """The largest VmHWM among this process's live multiprocessing children (the DataLoader's workers)."""
+    peaks = [
+        _proc_status_mib("VmHWM", child.pid) for child in multiprocessing.active_children() if child.pid is not None
+    ]
+    return max((peak for peak in peaks if peak is not None), default=None)
+
+
+class Meter:
+    """``with Meter() as m: ...`` then ``m.sample``. Before the clock starts: collects garbage, returns free memory
+    to the OS and resets the peak RSS."""
+
+    sample: Sample
+    first_batch_seconds: float | None = None
+    peak_rss_workers_mib: float | None = None
+
+    def __enter__(self) -> Meter:
+        gc.collect()
+        _release_free_memory()
+        self._rss_start = _proc_status_mib("VmRSS")
+        self._rss_reset = _reset_peak_rss()
+        self._cpu_children = _children_cpu()
+        self._cpu = time.process_time()
+        self.start = time.perf_counter()
+        return self
+
+    def mark_first_batch(self) -> None:
+        if self.first_batch_seconds is None:
+            self.first_batch_seconds = time.perf_counter() - self.start
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        seconds = time.perf_counter() - self.start
+        cpu = time.process_time() - self._cpu
+        cpu_children = _children_cpu() - self._cpu_children
+        self.sample = Sample(
+            seconds,
+            cpu,
+            cpu_children,
+            first_batch_seconds=self.first_batch_seconds,
+            rss_start_mib=self._rss_start,
+            peak_rss_self_mib=_proc_status_mib("VmHWM") if self._rss_reset else None,
+            peak_rss_workers_mib=self.peak_rss_workers_mib,
+            maxrss_self_mib=_maxrss_mib(resource.RUSAGE_SELF),
+            maxrss_children_mib=_maxrss_mib(resource.RUSAGE_CHILDREN),
+        )
+
+
+# -- variants 1 and 2: the datasets in a DataLoader ----------------------------------------------------
+
+
+def keep_list(batch: list[Any]) -> list[Any]:
+    """The DataLoader's collate_fn: hand the batch over as the list of samples it is."""
+    return batch
+
+
+def read_with_loader(data_set: DataSet, dataset: torch.utils.data.Dataset[Any], num_workers: int, what: str) -> Sample:
+    """Iterate a fresh DataLoader to the end, so that its workers exit (and count in RUSAGE_CHILDREN) in the clock."""
+    tally = Tally(data_set, what)
+    with Meter() as meter:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=BATCH_SIZE, num_workers=num_workers, collate_fn=keep_list
+        )
+        for batch in loader:
+            meter.mark_first_batch()
+            for sample in batch:
+                tally.add_sample(sample)
+            if num_workers and tally.count == data_set.spec.count:
+                # Every sample has arrived; the workers exit when the loop asks for the next batch.
+                meter.peak_rss_workers_mib = workers_peak_rss_mib()
+            del batch
+        del loader
+    tally.verify()
+    return meter.sample
+
+
+def read_map_style(data_set: DataSet, azurite: Azurite, num_workers: int) -> Sample:
+    start = time.perf_counter()
+    dataset: BlobDataset[dict[str, Any]] = BlobDataset.from_container_url(
+        data_set.container_url, credential=azurite.credential
+    )
+    listing = time.perf_counter() - start  # the map-style dataset lists when it is created: not in the clock
+    sample = read_with_loader(data_set, dataset, num_workers, f"BlobDataset num_workers={num_workers}")
+    return dataclasses.replace(sample, listing_seconds=listing)
+
+
+def read_iterable(data_set: DataSet, azurite: Azurite, num_workers: int) -> Sample:
+    # Lists lazily, on first iteration in each worker: the listing is in the clock. A fresh object every
+    # time, since with num_workers=0 the dataset keeps its listing after the first iteration.
+    dataset: IterableBlobDataset[dict[str, Any]] = IterableBlobDataset.from_container_url(
+        data_set.container_url, credential=azurite.credential
+    )
+    return read_with_loader(data_set, dataset, num_workers, f"IterableBlobDataset num_workers={num_workers}")
+
+
+# -- variant 3: the serial azure-storage-blob loop -----------------------------------------------------
+
+
+def read_sdk_serial(data_set: DataSet, container: ContainerClient) -> Sample:
+    """``download_blob(name).readall()`` one blob after the other, the names known in advance."""
+    tally = Tally(data_set, "SDK serial loop")
+    with Meter() as meter:
+        for name in data_set.names:
+            data = container.download_blob(name).readall()
+            tally.add(name, fingerprint(data))
+            del data
+    tally.verify()
+    return meter.sample
+
+
+# -- variant 4: raw HTTP ceiling -----------------------------------------------------------------------
+
+
+def read_raw(data_set: DataSet, concurrency: int) -> Sample:
+    """Anonymous whole-blob GETs (public container) from a pool of ``concurrency`` threads; no SDK, no torch."""
+    tally = Tally(data_set, f"raw GET x{concurrency}")
+    with Meter() as meter, ThreadConnections(data_set.container_url) as connections:
+
+        def get(name: str) -> tuple[str, Fingerprint]:
+            connection = connections.get()
+            connection.request("GET", f"{connections.path}/{name}", headers={"x-ms-version": X_MS_VERSION})
+            response = connection.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"raw GET {name}: HTTP {response.status} {data[:300]!r}")
+            return name, fingerprint(data)
+
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            for name, got in pool.map(get, data_set.names):
+                tally.add(name, got)
+    tally.verify()
+    return meter.sample
+
+
+# -- cases and the round-robin schedule ----------------------------------------------------------------
+
+
+VARIANT_LABELS = {
+    "map_w0": "BlobDataset, num_workers=0",
+    "map_w2": "BlobDataset, num_workers=2",
+    "iter_w0": "IterableBlobDataset, num_workers=0",
+    "iter_w2": "IterableBlobDataset, num_workers=2",
+    "sdk_serial": "SDK serial download_blob().readall()",
+    "raw_get": "raw: http.client GET x c",
+}
+DATASET_VARIANTS = {"map_w0": ("map", 0), "map_w2": ("map", 2), "iter_w0": ("iter", 0), "iter_w2": ("iter", 2)}
+KIND_LABELS = {"map": "BlobDataset", "iter": "IterableBlobDataset"}
+
+
+@dataclasses.dataclass
+class Case:
+    key: str  # unique, e.g. "small/raw_get_c16"
+    data_set: DataSet
+    variant: str  # row in the table; the raw concurrencies share one, the best is shown
+    run: Callable[[], Sample]
+    concurrency: int | None = None
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    warmup: Sample | None = None
+
+
+def build_cases(data_sets: Sequence[DataSet], azurite: Azurite, sdk: BlobServiceClient) -> list[Case]:
+    def case(data_set: DataSet, variant: str, run: Callable[[], Sample], concurrency: int | None = None) -> Case:
+        key = f"{data_set.key}/{variant}" + (f"_c{concurrency}" if concurrency else "")
+        return Case(key, data_set, variant, run, concurrency)
+
+    cases: list[Case] = []
+    for data_set in data_sets:
+        for workers in WORKER_COUNTS:
+            cases.append(
+                case(data_set, f"map_w{workers}", functools.partial(read_map_style, data_set, azurite, workers))
+            )
+            cases.append(
+                case(data_set, f"iter_w{workers}", functools.partial(read_iterable, data_set, azurite, workers))
+            )
+        container = sdk.get_container_client(data_set.key)
+        cases.append(case(data_set, "sdk_serial", functools.partial(read_sdk_serial, data_set, container)))
+        for concurrency in RAW_CONCURRENCIES:
+            cases.append(case(data_set, "raw_get", functools.partial(read_raw, data_set, concurrency), concurrency))
+    return cases
+
+
+def rotate(items: Sequence[Case], by: int) -> list[Case]:
+    shift = by % len(items) if items else 0
+    return [*items[shift:], *items[:shift]]
+
+
+def run_rounds(data_sets: Sequence[DataSet], cases: list[Case], rounds: int, log: Callable[[str], None]) -> None:
+    """Round 0 warms up every case; rounds 1..n are measured. Each round reads each data set with every case,
+    in an order rotated by one position per round."""
+    for round_index in range(rounds + 1):
+        name = "warm-up" if round_index == 0 else f"round {round_index}/{rounds}"
+        for data_set in data_sets:
+            for case in rotate([c for c in cases if c.data_set is data_set], round_index):
+                try:
+                    sample = case.run()
+                finally:
+                    gc.collect()
+                if round_index == 0:
+                    case.warmup = sample
+                else:
+                    case.samples.append(sample)
+                spec = data_set.spec
+                log(
+                    f"{name:>11}  {case.key:<18} {sample.seconds:7.3f} s  {spec.count / sample.seconds:8.0f} samples/s"
+                    f"  {spec.total_bytes / MiB / sample.seconds:7.1f} MiB/s  cpu {sample.cpu_self:6.2f} s"
+                    f" + workers {sample.cpu_children:5.2f} s"
+                )
+
+
+# -- summary -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stats:
+    median: float
+    low: float
+    high: float
+
+
+def stats(values: Iterable[float | None]) -> Stats | None:
+    present = [v for v in values if v is not None]
+    return Stats(statistics.median(present), min(present), max(present)) if present else None
+
+
+@dataclasses.dataclass
+class Row:
+    data_set: str
+    variant: str
+    label: str
+    concurrency: int | None = None
+    samples_per_s: Stats | None = None
+    mibps: Stats | None = None  # 2^20 bytes per wall second
+    first_batch_s: Stats | None = None
+    cpu_self_s: Stats | None = None
+    cpu_workers_s: Stats | None = None
+    # Peak RSS (and for this process its growth over the RSS when the clock started); largest over the rounds.
+    peak_rss_self_mib: float | None = None
+    rss_growth_self_mib: float | None = None
+    peak_rss_workers_mib: float | None = None
+    ratios: dict[str, float | None] = dataclasses.field(default_factory=dict)
+
+
+def case_row(case: Case) -> Row:
+    spec = case.data_set.spec
+    s = case.samples
+
+    def largest(values: Iterable[float | None]) -> float | None:
+        return max((v for v in values if v is not None), default=None)
+
+    def growth(sample: Sample) -> float | None:
+        if sample.peak_rss_self_mib is None or sample.rss_start_mib is None:
+            return None
+        return sample.peak_rss_self_mib - sample.rss_start_mib
+
+    return Row(
+        data_set=spec.key,
+        variant=case.variant,
+        label=VARIANT_LABELS[case.variant],
+        concurrency=case.concurrency,
+        samples_per_s=stats(spec.count / x.seconds for x in s),
+        mibps=stats(spec.total_bytes / MiB / x.seconds for x in s),
+        first_batch_s=stats(x.first_batch_seconds for x in s),
+        cpu_self_s=stats(x.cpu_self for x in s),
+        cpu_workers_s=stats(x.cpu_children for x in s),
+        peak_rss_self_mib=largest(x.peak_rss_self_mib for x in s),
+        peak_rss_workers_mib=largest(x.peak_rss_workers_mib for x in s),
+        rss_growth_self_mib=largest(growth(x) for x in s),
+    )
+
+
+def summarize(data_sets: Sequence[DataSet], cases: list[Case]) -> list[Row]:
+    result: list[Row] = []
+    for data_set in data_sets:
+        rows: dict[str, Row] = {}
+        for case in cases:
+            if case.data_set is not data_set or not case.samples:
+                continue
+            row = case_row(case)
+            best = rows.get(case.variant)
+            assert row.samples_per_s is not None
+            if best is None or best.samples_per_s is None or row.samples_per_s.median > best.samples_per_s.median:
+                rows[case.variant] = row  # raw: keep the best concurrency
+        add_ratios(list(rows.values()))
+        result.extend(rows.values())
+    return result
+
+
+def add_ratios(rows: list[Row]) -> None:
+    speeds = {r.variant: r.samples_per_s.median for r in rows if r.samples_per_s is not None}
+    for row in rows:
+        if row.samples_per_s is None:
+            continue
+        here = row.samples_per_s.median
+        row.ratios["vs_raw"] = here / speeds["raw_get"] if "raw_get" in speeds else None
+        row.ratios["vs_sdk"] = here / speeds["sdk_serial"] if "sdk_serial" in speeds else None
+
+
+@dataclasses.dataclass
+class Target:
+    data_set: str
+    kind: str  # "map" or "iter"
+    num_workers: int
+    threshold: float
+    ratio: float | None
+
+    @property
+    def met(self) -> bool:
+        return self.ratio is not None and self.ratio >= self.threshold
+
+
+def check_targets(rows: list[Row]) -> list[Target]:
+    targets = []
+    for row in rows:
+        if row.variant in DATASET_VARIANTS:
+            kind, workers = DATASET_VARIANTS[row.variant]
+            targets.append(Target(row.data_set, kind, workers, TARGETS[workers], row.ratios.get("vs_raw")))
+    return targets
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+
+def fmt_range(s: Stats | None, digits: int) -> str:
+    if s is None:
+        return "-"
+    return f"{s.median:.{digits}f} [{s.low:.{digits}f}-{s.high:.{digits}f}]"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def fmt_rss(peak: float | None, growth: float | None = None) -> str:
+    if peak is None:
+        return "-"
+    return f"{peak:.0f}" + ("" if growth is None else f" (+{max(growth, 0.0):.0f})")
+
+
+def format_table(data_set: DataSet, rows: list[Row], cases: list[Case], rounds: int) -> str:
+    spec = data_set.spec
+    lines = [
+        f"{spec.key.upper()}: {spec.description}, every blob read once per pass; median [min-max] of {rounds} rounds"
+    ]
+    header = [
+        "variant",
+        "samples/s",
+        "MiB/s",
+        "1st batch s",
+        "CPU s self",
+        "CPU s workers",
+        "RSS MiB self",
+        "RSS MiB workers",
+        "vs raw",
+        "vs SDK",
+    ]
+    table = [header]
+    for row in rows:
+        label = row.label + (f" (c={row.concurrency})" if row.concurrency else "")
+        table.append(
+            [
+                label,
+                fmt_range(row.samples_per_s, 0),
+                fmt_range(row.mibps, 1),
+                fmt_range(row.first_batch_s, 2),
+                fmt_range(row.cpu_self_s, 2),
+                fmt_range(row.cpu_workers_s, 2) if row.variant in ("map_w2", "iter_w2") else "-",
+                fmt_rss(row.peak_rss_self_mib, row.rss_growth_self_mib),
+                fmt_rss(row.peak_rss_workers_mib),
+                fmt_ratio(row.ratios.get("vs_raw")),
+                fmt_ratio(row.ratios.get("vs_sdk")),
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) + 3 for i in range(len(header))]
+    for index, cells in enumerate(table):
+        lines.append("".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+        if index == 0:
+            lines.append("-" * (sum(widths) - 3))
+    listing = stats(
+        s.listing_seconds for c in cases if c.data_set is data_set and c.variant.startswith("map") for s in c.samples
+    )
+    lines.append(f"map-style listing (BlobDataset.from_container_url, before the clock): {fmt_range(listing, 3)} s")
+    parts = []
+    for case in cases:
+        if case.data_set is data_set and case.variant == "raw_get" and case.samples:
+            parts.append(f"c={case.concurrency}: {fmt_range(case_row(case).samples_per_s, 0)}")
+    lines.append("raw ceiling by concurrency (samples/s): " + "   ".join(parts))
+    return "\n".join(lines)
+
+
+def format_targets(targets: list[Target]) -> str:
+    lines = ["Targets (dataset samples/s over the raw ceiling's, medians):"]
+    for t in targets:
+        verdict = "pass" if t.met else "MISS"
+        label = f"{t.data_set:<6} {KIND_LABELS[t.kind]:<20} num_workers={t.num_workers}"
+        lines.append(f"  {verdict}  {label}  {fmt_ratio(t.ratio):>6} of raw (target >= {t.threshold:.2f})")
+    met = sum(t.met for t in targets)
+    lines.append(f"  {met} of {len(targets)} targets met")
+    return "\n".join(lines)
+
+
+def format_high_water(cases: list[Case], children_before_mib: float) -> str:
+    # Taken from the samples rather than now: Azurite has exited (and been reaped) since the last one.
+    children_mib = max((s.maxrss_children_mib for c in cases for s in c.samples), default=children_before_mib)
+    return (
+        "getrusage ru_maxrss (high-water marks over the whole run, not per variant): this process "
+        f"{_maxrss_mib(resource.RUSAGE_SELF):.0f} MiB; largest reaped child {children_mib:.0f} MiB "
+        f"(before the first pass: {children_before_mib:.0f} MiB, from the git and azurite --version runs)"
+    )
+
+
+NOTES = """\
+Each pass reads every blob of the data set once; verified after every pass (each blob exactly once, right size,
+  right first and last 16 bytes), a mismatch stops the run.
+samples/s = blobs / wall seconds; MiB/s = blob bytes / 2^20 / wall seconds. The clock starts after the dataset
+  object is constructed and covers DataLoader creation, worker start-up and shut-down, and (IterableBlobDataset
+  only, which lists lazily in every worker) the container listing; BlobDataset lists when it is constructed,
+  shown separately. The SDK loop and the raw GETs get the blob names before the clock.
+1st batch s = from the start of the clock to the first batch in the main process.
+CPU s self = time.process_time() of this process per pass (all threads, user+system). CPU s workers =
+  getrusage(RUSAGE_CHILDREN) user+system delta per pass: DataLoader workers, counted once they have exited and
+  been reaped (each pass uses a fresh DataLoader, so they have). Azurite is a separate process, in neither.
+RSS MiB self: peak (+growth over the RSS when the clock started) of this process: VmHWM, reset before each pass
+  (/proc/self/clear_refs, after gc and malloc_trim). RSS MiB workers: largest VmHWM of the DataLoader workers, read
+  when the last sample arrived (forked, they share the parent's pages). Both the largest over the measured rounds.
+vs raw / vs SDK: samples/s over the best raw row's / the SDK serial loop's (medians). Dataset variants sign every
+  request with the account key (HMAC); the raw GETs are anonymous."""
+
+
+# -- main ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rounds", type=int, help="measured rounds after one warm-up (default 3; 1 with --quick)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write all samples and the summary here")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 500 small and 50 large blobs, 1 round")
+    parser.add_argument("--quiet", action="store_true", help="no per-measurement progress on stderr")
+    args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        parser.error("--rounds must be positive")
+    return args
+
+
+def data_set_specs(quick: bool) -> list[DataSetSpec]:
+    return [
+        DataSetSpec("small", 500 if quick else 2000, 16 * KiB),
+        DataSetSpec("large", 50 if quick else 200, 4 * MiB),
+    ]
+
+
+def to_json(
+    info: dict[str, Any],
+    args: argparse.Namespace,
+    data_sets: Sequence[DataSet],
+    cases: list[Case],
+    rows: list[Row],
+    targets: list[Target],
+) -> dict[str, Any]:
+    return {
+        "machine": info,
+        "config": {
+            "rounds": args.rounds,
+            "quick": args.quick,
+            "data_sets": [dataclasses.asdict(d.spec) for d in data_sets],
+            "batch_size": BATCH_SIZE,
+            "worker_counts": WORKER_COUNTS,
+            "raw_concurrencies": RAW_CONCURRENCIES,
+            "units": {
+                "mibps": "2^20 bytes per wall second",
+                "cpu": "seconds per pass over the data set",
+                "rss": "MiB (2^20 bytes)",
+            },
+        },
+        "summary": [dataclasses.asdict(row) for row in rows],
+        "targets": [{**dataclasses.asdict(t), "met": t.met} for t in targets],
+        "cases": [
+            {
+                "key": c.key,
+                "data_set": c.data_set.key,
+                "variant": c.variant,
+                "concurrency": c.concurrency,
+                "warmup": dataclasses.asdict(c.warmup) if c.warmup else None,
+                "samples": [dataclasses.asdict(s) for s in c.samples],
+            }
+            for c in cases
+        ],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    info = machine_info(**{"start method": multiprocessing.get_start_method()})
+    children_before_mib = _maxrss_mib(resource.RUSAGE_CHILDREN)
+    with Azurite() as azurite, BlobServiceClient(azurite.account_url, credential=azurite.credential) as service:
+        data_sets = []
+        for spec in data_set_specs(args.quick):
+            start = time.perf_counter()
+            data_sets.append(upload(azurite, service, spec))
+            log(f"uploaded {spec.key}: {spec.description} in {time.perf_counter() - start:.1f} s")
+        cases = build_cases(data_sets, azurite, service)
+        run_rounds(data_sets, cases, args.rounds, log)
+    info["loadavg_end"] = os.getloadavg()
+    rows = summarize(data_sets, cases)
+    targets = check_targets(rows)
+
+    print(format_machine(info))
+    print(f"{'data sets':<19}" + "; ".join(f"{d.key}: {d.spec.description}" for d in data_sets))
+    print(f"{'DataLoader':<19}batch_size={BATCH_SIZE}, collate_fn=list passthrough, fresh DataLoader per pass")
+    print()
+    for data_set in data_sets:
+        print(format_table(data_set, [r for r in rows if r.data_set == data_set.key], cases, args.rounds))
+        print()
+    print(format_targets(targets))
+    print()
+    print(format_high_water(cases, children_before_mib))
+    print()
+    print(NOTES)
+    if args.json:
+        args.json.write_text(json.dumps(to_json(info, args, data_sets, cases, rows, targets), indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
