@@ -313,7 +313,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         self._prefetch = prefetch
         # In shared memory, so that set_epoch in the main process reaches DataLoader workers that
         # persist across epochs (they hold a copy of the dataset, but the same memory).
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
+        self._epoch = _shared_epoch(0)
+        self._epoch_owner = os.getpid()
         self._resume_at = 0  # samples of this shard to skip on the next iteration (after a restore)
         self._yielded = 0
         self._rank_at_pickling: tuple[int, int] | None = None
@@ -382,6 +383,12 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch whose order the next iteration follows (only matters with ``shuffle=True``)."""
+        if self._epoch_owner != os.getpid():
+            # A copy sent to another process that sets epochs itself (a rank started by mp.spawn,
+            # say) takes a cell of its own, so that it never changes its sender's epoch. DataLoader
+            # workers never call this, and keep reading the cell of the process that owns them.
+            self._epoch = _shared_epoch(int(self._epoch[0]))
+            self._epoch_owner = os.getpid()
         self._epoch[0] = int(epoch)
 
     def state_dict(self) -> dict[str, Any]:
@@ -406,6 +413,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
                 "The state dict was saved with a different order (seed/shuffle "
                 f"{state_dict['seed']}/{state_dict['shuffle']}, this dataset has {self._seed}/{self._shuffle})."
             )
+        # Written in place, not through set_epoch: StatefulDataLoader restores each worker's copy, and
+        # the workers must keep sharing the epoch cell of the process that owns them.
         self._epoch[0] = int(state_dict["epoch"])
         self._resume_at = self._yielded = int(state_dict["samples_yielded"])
 
@@ -457,6 +466,11 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _shared_epoch(epoch: int) -> torch.Tensor:
+    cell = torch.tensor([epoch], dtype=torch.int64)
+    return cell.share_memory_()  # type: ignore[no-untyped-call,no-any-return]
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
