@@ -38,6 +38,7 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_checkpoint.py
+	$(PY) benchmarks/bench_datasets.py
 
 clean:
 	rm -rf $(VENV) tools/azurite/node_modules docs/_build .pytest_cache .mypy_cache .ruff_cache
