@@ -164,8 +164,11 @@ class ReadAheadBuffer:
 
     def _request(self, start: int, length: int) -> _Chunk:
         stop = min(start + min(length, self._chunk_size), self.size)
-        data = self._spare_buffers.pop() if self._spare_buffers else bytearray(self._chunk_size)
-        target = memoryview(data)[: stop - start]
+        if stop - start == self._chunk_size and self._spare_buffers:
+            data = self._spare_buffers.pop()
+        else:
+            data = bytearray(stop - start)  # small chunks get small buffers, never recycled
+        target = memoryview(data)
         future = self._client.submit(self._client.download_into, start, target, etag=self._properties.etag)
         chunk = _Chunk(start, stop, future, data)
         self._chunks[start] = chunk
