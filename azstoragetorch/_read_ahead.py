@@ -17,13 +17,11 @@ from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties
 # After a jump to a new position only this much is fetched: a jump is usually a short look (the
 # zip directory at the end of a checkpoint), and a full chunk would delay it for nothing.
 JUMP_FETCH_BYTES = 1024 * 1024
-# A read at least this large that no chunk covers goes straight into the caller's buffer, split
-# into parallel ranged GETs. torch.load reads each tensor with one readinto of its full size;
-# serving those from chunks would hold up to (max_chunks + 1) chunk buffers and copy every byte
-# twice, for no gain in speed (measured: same CPU, slightly higher throughput, far less memory).
-DIRECT_READ_BYTES = 1024 * 1024
-# The smallest part of a direct read: smaller requests cost more than their parallelism gains.
-DIRECT_PART_BYTES = 512 * 1024
+# A read of at least max_chunks * chunk_size bytes that no chunk covers goes straight into the
+# caller's buffer, in parallel ranged GETs of chunk_size: it alone keeps every connection busy.
+# Smaller reads go through the window, whose requests run ahead across reads; that pipelining is
+# what hides Azure's per-request latency when torch.load reads many medium-sized tensors one after
+# another (on loopback, where latency is nil, both paths measure the same).
 # Fetched right after the end of a direct read, in parallel with it, for the small reads that
 # usually follow (the next zip header of a checkpoint), so that they need no round trip of their own.
 AFTER_DIRECT_BYTES = 64 * 1024
@@ -53,9 +51,9 @@ class ReadAheadBuffer:
     position. At most ``max_chunks + 1`` chunks are kept, which bounds memory at about
     ``(max_chunks + 1) * chunk_size`` bytes whatever the blob's size.
 
-    A large read (``DIRECT_READ_BYTES`` or more) that no chunk covers bypasses the window: it is
-    split into parallel ranged GETs that write straight into the caller's buffer, while a small
-    chunk after its end is fetched for the small reads that usually come next.
+    A read of ``max_chunks * chunk_size`` bytes or more that no chunk covers bypasses the window:
+    it is split into parallel ranged GETs that write straight into the caller's buffer, while a
+    small chunk after its end is fetched for the small reads that usually come next.
 
     All downloads are pinned to the ETag seen when the blob was opened.
     """
@@ -100,7 +98,7 @@ class ReadAheadBuffer:
         offset = position
         while offset < end:
             chunk = self._find(offset)
-            if chunk is None and end - offset >= DIRECT_READ_BYTES:
+            if chunk is None and end - offset >= self._chunk_size * self._max_chunks:
                 into = offset - position
                 self._read_directly(offset, destination[into : into + end - offset])
                 offset = end
@@ -131,9 +129,12 @@ class ReadAheadBuffer:
         if end < self.size and self._find(end) is None:
             self._ahead = 0
             self._window_anchor = self._request(end, AFTER_DIRECT_BYTES).start
-        part_size = min(self._chunk_size, max(DIRECT_PART_BYTES, -(-len(destination) // self._max_chunks)))
         self._client.download_parallel(
-            offset, destination, etag=self._properties.etag, part_size=part_size, max_concurrency=self._max_chunks
+            offset,
+            destination,
+            etag=self._properties.etag,
+            part_size=self._chunk_size,
+            max_concurrency=self._max_chunks,
         )
 
     def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:

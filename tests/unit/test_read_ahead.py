@@ -96,8 +96,6 @@ def test_random_reads_match_bytesio(size: int, operations: list[tuple[int, int]]
 
 
 def test_large_uncovered_reads_go_straight_to_the_destination(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_read_ahead, "DIRECT_READ_BYTES", 4 * CHUNK)
-    monkeypatch.setattr(_read_ahead, "DIRECT_PART_BYTES", CHUNK)
     monkeypatch.setattr(_read_ahead, "AFTER_DIRECT_BYTES", 64)
     data = os.urandom(CHUNK * 40)
     buffer, client = make_buffer(data, max_chunks=4)
@@ -107,7 +105,7 @@ def test_large_uncovered_reads_go_straight_to_the_destination(monkeypatch: pytes
     assert read(buffer, CHUNK * 22 + 64, 30) == data[CHUNK * 22 + 64 : CHUNK * 22 + 94]
     [(offset, length, part_size)] = client.parallel_reads
     assert offset > CHUNK * 10 + 64 and offset + length == CHUNK * 22 + 64  # what the chunk did not cover
-    assert part_size == CHUNK  # parts never exceed chunk_size
+    assert part_size == CHUNK  # parts of chunk_size; 12 chunks >= max_chunks * chunk_size
     # The small read after it was served by the small chunk fetched alongside, not a new request.
     assert (CHUNK * 22 + 64, 64) in client.reads
     assert not any(start == CHUNK * 22 + 64 and length != 64 for start, length in client.reads)
