@@ -103,7 +103,7 @@ def test_proxy_stop_interrupts_a_stalled_response_and_joins_its_threads(azurite:
         time.sleep(0.01)
     started = time.monotonic()
     proxy.stop()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 15  # far below the 60 s stall: interrupted, not waited out
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("fault-proxy")]
     with pytest.raises((ConnectionError, http.client.HTTPException)):
         client.getresponse()  # the stalled response was cut, not left hanging
@@ -159,7 +159,7 @@ def test_permanent_reset_mid_body_raises_within_bounded_time(
         started = time.monotonic()
         with pytest.raises(ServiceResponseError, match="failed after") as caught:
             f.read()  # the first chunk is cached; the next ones cannot be fetched
-        assert time.monotonic() - started < 10  # real back-off: at most ~4 s
+        assert time.monotonic() - started < 30  # bounded (real back-off is ~4 s), never a hang
         assert "/blob" in str(caught.value)
         monkeypatch.setattr(time, "sleep", lambda seconds: None)
         with pytest.raises(ServiceResponseError):
