@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential
@@ -98,3 +99,18 @@ def public_container(service_client: BlobServiceClient, azurite: Azurite) -> Ite
     made = _make_container(service_client, azurite, "container")
     yield made
     made.client.delete_container()
+
+
+@pytest.fixture
+def stop_workers() -> Iterator[list[Any]]:
+    """DataLoaders and loader iterators whose worker processes are shut down when the test ends.
+
+    Left to the garbage collector, a loader kept alive by a failed assertion's traceback shuts its
+    workers down later, in some other test, and that can stall it for 5 s per worker.
+    """
+    loaders: list[Any] = []
+    yield loaders
+    for loader in loaders:
+        for candidate in (loader, getattr(loader, "_iterator", None)):
+            if hasattr(candidate, "_shutdown_workers"):
+                candidate._shutdown_workers()

@@ -124,48 +124,33 @@ def upload_all(azurite: Azurite, container: Container, blobs: dict[str, bytes]) 
     session.close()
 
 
-@pytest.fixture(scope="module")
-def data(service_client: BlobServiceClient, azurite: Azurite) -> Iterator[Container]:
+def _uploaded_container(
+    service_client: BlobServiceClient, azurite: Azurite, blobs: dict[str, bytes]
+) -> Iterator[Container]:
     made = _make_container(service_client, azurite, None)
-    upload_all(azurite, made, DATA)
+    upload_all(azurite, made, blobs)
     yield made
     made.client.delete_container()
+
+
+@pytest.fixture(scope="module")
+def data(service_client: BlobServiceClient, azurite: Azurite) -> Iterator[Container]:
+    yield from _uploaded_container(service_client, azurite, DATA)
 
 
 @pytest.fixture(scope="module")
 def many(service_client: BlobServiceClient, azurite: Azurite) -> Iterator[Container]:
-    made = _make_container(service_client, azurite, None)
-    upload_all(azurite, made, MANY)
-    yield made
-    made.client.delete_container()
+    yield from _uploaded_container(service_client, azurite, MANY)
 
 
 @pytest.fixture(scope="module")
 def tensors(service_client: BlobServiceClient, azurite: Azurite) -> Iterator[Container]:
-    made = _make_container(service_client, azurite, None)
     saved = {}
     for name, tensor in TENSORS.items():
         buffer = io.BytesIO()
         torch.save(tensor, buffer)
         saved[name] = buffer.getvalue()
-    upload_all(azurite, made, saved)
-    yield made
-    made.client.delete_container()
-
-
-@pytest.fixture
-def stop_workers() -> Iterator[list[Any]]:
-    """DataLoaders and loader iterators whose worker processes are shut down when the test ends.
-
-    Left to the garbage collector, a loader kept alive by an exception's traceback shuts its workers
-    down later, in some other test, and that can stall it for 5 s per worker.
-    """
-    loaders: list[Any] = []
-    yield loaders
-    for loader in loaders:
-        for candidate in (loader, getattr(loader, "_iterator", None)):
-            if hasattr(candidate, "_shutdown_workers"):
-                candidate._shutdown_workers()
+    yield from _uploaded_container(service_client, azurite, saved)
 
 
 def items(dataset: BlobDataset[Any] | IterableBlobDataset[Any]) -> list[Any]:

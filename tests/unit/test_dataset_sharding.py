@@ -49,21 +49,6 @@ def blob_name(blob: Blob) -> str:
     return blob.blob_name
 
 
-@pytest.fixture
-def stop_workers() -> Iterator[list[Any]]:
-    """DataLoaders (and iterators) whose worker processes are shut down when the test ends.
-
-    Left to the garbage collector, a loader kept alive by a failed assertion's traceback shuts its
-    workers down later, in some other test, and that can stall it for 5 s per worker.
-    """
-    loaders: list[Any] = []
-    yield loaders
-    for loader in loaders:
-        for candidate in (loader, getattr(loader, "_iterator", None)):
-            if hasattr(candidate, "_shutdown_workers"):
-                candidate._shutdown_workers()
-
-
 @contextlib.contextmanager
 def as_shard(rank: int, world_size: int | None, worker_id: int, num_workers: int) -> Iterator[None]:
     """Pretend to run on ``rank`` of ``world_size`` (``None``: no process group), in worker ``worker_id``
