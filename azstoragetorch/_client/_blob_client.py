@@ -228,6 +228,17 @@ def _total_size(response: HttpResponse) -> int:
         raise ServiceResponseError(f"Unexpected Content-Range header {content_range!r} in a ranged read.") from None
 
 
+def _raw_and_body(response: HttpResponse) -> tuple[Any, Any]:
+    """urllib3's response (under requests' one, if requests sent it), and the plain http.client
+    body under it when reading that directly is safe (no content encoding to undo), else ``None``."""
+    internal = response.internal_response
+    raw = getattr(internal, "raw", internal)
+    body = getattr(raw, "_fp", None)
+    if not hasattr(body, "readinto") or response.headers.get("Content-Encoding"):
+        body = None
+    return raw, body
+
+
 def _read_body_into(response: HttpResponse, buffer: memoryview) -> tuple[int, BaseException | None]:
     """Read the response body straight into ``buffer``.
 
@@ -236,10 +247,8 @@ def _read_body_into(response: HttpResponse, buffer: memoryview) -> tuple[int, Ba
     memory with no intermediate copy when it is not content-encoded, which is what Blob Storage
     sends.
     """
-    internal = response.internal_response
-    raw = getattr(internal, "raw", internal)  # urllib3's response, under requests' if requests sent it
-    body = getattr(raw, "_fp", None)
-    direct = hasattr(body, "readinto") and not response.headers.get("Content-Encoding")
+    raw, body = _raw_and_body(response)
+    direct = body is not None
     filled = 0
     try:
         while filled < len(buffer):
@@ -266,11 +275,9 @@ def _read_body_into(response: HttpResponse, buffer: memoryview) -> tuple[int, Ba
 
 def _read_whole_body(response: HttpResponse) -> bytes | None:
     """The rest of the body in one ``bytes`` (one allocation, one copy); ``None`` if it broke off."""
-    internal = response.internal_response
-    raw = getattr(internal, "raw", internal)
-    body = getattr(raw, "_fp", None)
+    raw, body = _raw_and_body(response)
     try:
-        if hasattr(body, "read") and not response.headers.get("Content-Encoding"):
+        if body is not None:
             # http.client reads a body of known length with a single read into a new bytes.
             data: bytes = body.read()  # type: ignore[union-attr]
         else:
