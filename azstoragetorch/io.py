@@ -93,10 +93,7 @@ class BlobIO(io.IOBase, BinaryIO):
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
         if mode not in _MODES:
             raise ValueError(f"Unsupported mode {mode!r}: BlobIO opens blobs with 'rb' (read) or 'wb' (write).")
-        _check_positive_int("max_concurrency", max_concurrency)
-        _check_positive_int("block_size", block_size)
-        if block_size > _MAX_BLOCK_SIZE:
-            raise ValueError(f"block_size must be at most {_MAX_BLOCK_SIZE} bytes (4000 MiB), got {block_size}.")
+        _check_transfer_options(max_concurrency, block_size)
         client = _internal_only_kwargs.pop("blob_client", None)
         if _internal_only_kwargs:
             raise TypeError(f"BlobIO() got unexpected keyword arguments: {', '.join(sorted(_internal_only_kwargs))}")
@@ -355,6 +352,15 @@ class BlobIO(io.IOBase, BinaryIO):
         if self._uploader is None:
             raise io.UnsupportedOperation(f"{operation}() needs a BlobIO opened with mode 'wb'.")
         return self._uploader
+
+
+def _check_transfer_options(max_concurrency: object, block_size: object) -> None:
+    """Raise ``ValueError`` for a ``max_concurrency`` or ``block_size`` that BlobIO cannot use."""
+    _check_positive_int("max_concurrency", max_concurrency)
+    _check_positive_int("block_size", block_size)
+    assert isinstance(block_size, int)
+    if block_size > _MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be at most {_MAX_BLOCK_SIZE} bytes (4000 MiB), got {block_size}.")
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -6,7 +6,7 @@ retries, connection pools, parallel ranged downloads and block uploads. The publ
 """
 
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobProperties
-from azstoragetorch._client._container_client import AzStorageTorchContainerClient, ListedBlob
+from azstoragetorch._client._container_client import AzStorageTorchContainerClient, Level, ListedBlob
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._uploads import BlockUploader
 from azstoragetorch._client._urls import BlobUrl, ContainerUrl
@@ -19,5 +19,6 @@ __all__ = [
     "BlockUploader",
     "ContainerUrl",
     "CredentialArgument",
+    "Level",
     "ListedBlob",
 ]

@@ -191,6 +191,10 @@ class AzStorageTorchBlobClient(ResourceClient):
             expected=201,
         )
 
+    def delete(self) -> None:
+        """Delete the blob. Raises ``ResourceNotFoundError`` if it does not exist."""
+        self._send("DELETE", action="delete", expected=202)
+
     # -- plumbing ----------------------------------------------------------------------------
 
     def _send_range_get(self, start: int, length: int, etag: str | None) -> HttpResponse | None:

@@ -26,6 +26,15 @@ class ListedBlob:
     properties: BlobProperties
 
 
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """One level of a container's ``/`` hierarchy: the blobs directly in it and its sub-prefixes
+    (each ending with ``/``), both in name order."""
+
+    blobs: list[ListedBlob]
+    prefixes: list[str]
+
+
 class AzStorageTorchContainerClient(ResourceClient):
     """Talks to one container: lists its blobs."""
 
@@ -51,26 +60,47 @@ class AzStorageTorchContainerClient(ResourceClient):
         Raises ``ResourceNotFoundError`` for a missing container and ``ClientAuthenticationError``
         when listing is not allowed, naming the container (never its SAS).
         """
+        for page in self._pages(prefix):
+            for element in page.iterfind("Blobs/Blob"):
+                yield self._listed_blob(element)
+
+    def list_level(self, prefix: str, *, max_results: int | None = None) -> Level:
+        """One level of the ``/``-separated hierarchy under ``prefix`` (which should end with ``/``,
+        or be empty for the container's top level), like listing a directory.
+
+        With ``max_results``, stops after that many entries (enough to tell whether the "directory"
+        exists). Errors as for :meth:`list_blobs`.
+        """
+        blobs: list[ListedBlob] = []
+        prefixes: list[str] = []
+        for page in self._pages(prefix, delimiter="/", page_size=max_results or _PAGE_SIZE):
+            blobs.extend(self._listed_blob(element) for element in page.iterfind("Blobs/Blob"))
+            prefixes.extend(_decoded_name(element) for element in page.iterfind("Blobs/BlobPrefix"))
+            if max_results is not None and len(blobs) + len(prefixes) >= max_results:
+                break
+        return Level(blobs, prefixes)
+
+    def _pages(
+        self, prefix: str | None, *, delimiter: str | None = None, page_size: int = _PAGE_SIZE
+    ) -> Iterator[ElementTree.Element]:
         marker = ""
         while True:
-            query = ["restype=container", "comp=list", f"maxresults={_PAGE_SIZE}"]
+            query = ["restype=container", "comp=list", f"maxresults={page_size}"]
             if prefix:
                 query.append(f"prefix={urllib.parse.quote(prefix, safe='')}")
+            if delimiter:
+                query.append(f"delimiter={urllib.parse.quote(delimiter, safe='')}")
             if marker:
                 query.append(f"marker={urllib.parse.quote(marker, safe='')}")
             response = self._send("GET", action="list the blobs of", query=tuple(query))
             page = ElementTree.fromstring(response.body())
-            for element in page.iterfind("Blobs/Blob"):
-                yield self._listed_blob(element)
+            yield page
             marker = page.findtext("NextMarker") or ""
             if not marker:
                 return
 
     def _listed_blob(self, element: ElementTree.Element) -> ListedBlob:
-        name_element = element.find("Name")
-        name = (name_element.text or "") if name_element is not None else ""
-        if name_element is not None and name_element.get("Encoded") == "true":
-            name = urllib.parse.unquote(name)  # names with characters XML cannot carry
+        name = _decoded_name(element)
         last_modified = element.findtext("Properties/Last-Modified")
         etag = element.findtext("Properties/Etag") or ""
         properties = BlobProperties(
@@ -80,3 +110,11 @@ class AzStorageTorchContainerClient(ResourceClient):
             last_modified=parsedate_to_datetime(last_modified) if last_modified else None,
         )
         return ListedBlob(self.blob_client(name), properties)
+
+
+def _decoded_name(element: ElementTree.Element) -> str:
+    name_element = element.find("Name")
+    name = (name_element.text or "") if name_element is not None else ""
+    if name_element is not None and name_element.get("Encoded") == "true":
+        name = urllib.parse.unquote(name)  # names with characters XML cannot carry
+    return name

@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
+import re
 import urllib.parse
+from typing import Literal
 
 # Query parameters that select what is read rather than authorize the request. They are kept in
 # URLs shown to users; every other query parameter is treated as part of a SAS token.
 _SELECTOR_PARAMETERS = ("snapshot", "versionid")
+
+# fsspec's names for Azure Blob Storage (adlfs registers these), accepted so that paths written
+# for adlfs keep working.
+FSSPEC_PROTOCOLS = ("az", "abfs", "abfss")
+# Blob endpoints of Azure's clouds: <account>.blob.core.windows.net, the sovereign clouds'
+# blob.core.* names, and the DNS-zone endpoints <account>.z<NN>.blob.storage.azure.net.
+_AZURE_BLOB_HOST = re.compile(
+    r"^[a-z0-9]+(-secondary)?\.(z\d+\.blob\.storage\.azure\.net|blob\.core\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net))$"
+)
+# "<container>@<account>.dfs.core.windows.net": adlfs's way of naming the account in a path.
+_FSSPEC_ACCOUNT_HOST = re.compile(r"^(?P<account>[a-z0-9]+)\.(dfs|blob)\.(?P<suffix>core\..+)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +48,7 @@ class BlobUrl:
     @classmethod
     def parse(cls, url: str) -> BlobUrl:
         """Parse a blob URL; raises ``ValueError`` naming the problem for anything malformed."""
-        account_url, container_name, blob_name, query = _split_resource_url(url, want_blob=True)
+        account_url, container_name, blob_name, query = _split_resource_url(url, want="blob")
         assert blob_name is not None
         sas_pieces, selectors = _split_query(query)
         return cls(
@@ -112,7 +126,7 @@ class ContainerUrl:
     @classmethod
     def parse(cls, url: str) -> ContainerUrl:
         """Parse a container URL; raises ``ValueError`` naming the problem for anything malformed."""
-        account_url, container_name, _, query = _split_resource_url(url, want_blob=False)
+        account_url, container_name, _, query = _split_resource_url(url, want="container")
         sas_pieces, selectors = _split_query(query)
         if selectors:
             raise ValueError(f"Container URL {_strip_query(url)!r} has a snapshot or version id; those select blobs.")
@@ -124,6 +138,27 @@ class ContainerUrl:
             path_style=account_url.path_style,
             sas_query="&".join(sas_pieces),
         )
+
+    @classmethod
+    def parse_with_prefix(cls, url: str) -> tuple[ContainerUrl, str]:
+        """Parse ``<container URL>[/<prefix>]``: a container and a (decoded, possibly empty) name prefix.
+
+        This is how a "folder" of blobs is named, such as a checkpoint directory. Raises
+        ``ValueError`` naming the problem for anything malformed.
+        """
+        account_url, container_name, prefix, query = _split_resource_url(url, want="prefix")
+        sas_pieces, selectors = _split_query(query)
+        if selectors:
+            raise ValueError(f"URL {_strip_query(url)!r} has a snapshot or version id; those select single blobs.")
+        container = cls(
+            scheme=account_url.scheme,
+            netloc=account_url.netloc,
+            account_name=account_url.account_name,
+            container_name=container_name,
+            path_style=account_url.path_style,
+            sas_query="&".join(sas_pieces),
+        )
+        return container, prefix or ""
 
     @property
     def has_sas(self) -> bool:
@@ -172,12 +207,14 @@ class _AccountUrl:
     path_style: bool
 
 
-def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str, str | None, str]:
+def _split_resource_url(
+    url: str, *, want: Literal["blob", "container", "prefix"]
+) -> tuple[_AccountUrl, str, str | None, str]:
     if not isinstance(url, str):
         raise TypeError(f"A blob URL must be a str, not {type(url).__name__}.")
     parsed = urllib.parse.urlsplit(url)
     shown = _strip_query(url)
-    kind = "Blob URL" if want_blob else "Container URL"
+    kind = {"blob": "Blob URL", "container": "Container URL", "prefix": "URL"}[want]
     if parsed.scheme.lower() not in ("http", "https"):
         raise ValueError(f"{kind} {shown!r} must start with https:// (or http:// for an emulator).")
     if not parsed.hostname:
@@ -200,12 +237,15 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
     container_name = urllib.parse.unquote(segments[0]) if segments else ""
     if not container_name:
         raise ValueError(f"URL {shown!r} names no container.")
+    rest = urllib.parse.unquote("/".join(segments[1:]))
     blob_name: str | None = None
-    if want_blob:
-        blob_name = urllib.parse.unquote("/".join(segments[1:]))
+    if want == "blob":
+        blob_name = rest
         if not blob_name:
             raise ValueError(f"Blob URL {shown!r} names a container but no blob.")
-    elif len(segments) > 1 and any(segments[1:]):
+    elif want == "prefix":
+        blob_name = rest
+    elif rest.strip("/"):
         raise ValueError(f"Container URL {shown!r} has a path after the container name.")
 
     account = _AccountUrl(parsed.scheme.lower(), parsed.netloc, account_name, path_style)
@@ -246,3 +286,45 @@ def _with_query(url: str, pieces: list[str]) -> str:
 
 def _strip_query(url: str) -> str:
     return url.split("?", 1)[0].split("#", 1)[0]
+
+
+def is_azure_blob_host(hostname: str) -> bool:
+    """Whether ``hostname`` is one of Azure's own blob endpoints (public or sovereign clouds)."""
+    return _AZURE_BLOB_HOST.match(hostname.lower()) is not None
+
+
+def fsspec_path_to_url(path: str, *, account_url: str | None) -> str:
+    """Turn an fsspec-style ``az://``, ``abfs://`` or ``abfss://`` path into a blob URL.
+
+    The account is found the way adlfs finds it: named in the path
+    (``abfs://<container>@<account>.dfs.core.windows.net/<path>``), else ``account_url`` (such as
+    ``https://<account>.blob.core.windows.net`` or an emulator's
+    ``http://127.0.0.1:10000/devstoreaccount1``), else the ``AZURE_STORAGE_ACCOUNT_NAME``
+    environment variable. Blob names in fsspec paths are not percent-encoded; the URL is.
+    """
+    protocol, _, rest = path.partition("://")
+    if protocol.lower() not in FSSPEC_PROTOCOLS:
+        raise ValueError(f"{path!r} is not an {'/'.join(FSSPEC_PROTOCOLS)}:// path.")
+    location, _, blob_path = rest.partition("/")
+    container, at, host = location.partition("@")
+    if not container:
+        raise ValueError(f"{_strip_query(path)!r} names no container: write {protocol}://<container>/<path>.")
+    if at:
+        match = _FSSPEC_ACCOUNT_HOST.match(host.lower())
+        if match is None:
+            raise ValueError(
+                f"{_strip_query(path)!r}: expected <container>@<account>.dfs.core.windows.net after {protocol}://."
+            )
+        base = f"https://{match['account']}.blob.{match['suffix']}"
+    elif account_url:
+        base = account_url.rstrip("/")
+    elif os.environ.get("AZURE_STORAGE_ACCOUNT_NAME"):
+        base = f"https://{os.environ['AZURE_STORAGE_ACCOUNT_NAME']}.blob.core.windows.net"
+    else:
+        raise ValueError(
+            f"{_strip_query(path)!r} does not say which storage account to use. Name it in the path "
+            f"({protocol}://<container>@<account>.dfs.core.windows.net/...), pass account_url, or set "
+            "AZURE_STORAGE_ACCOUNT_NAME."
+        )
+    quoted = urllib.parse.quote(blob_path, safe="/~")
+    return f"{base}/{urllib.parse.quote(container, safe='')}/{quoted}".rstrip("/")

@@ -1,6 +1,6 @@
 import pytest
 
-from azstoragetorch._client import BlobUrl
+from azstoragetorch._client import BlobUrl, ContainerUrl
 
 AZURE = "https://myaccount.blob.core.windows.net"
 SAS = "sv=2021-08-06&ss=b&srt=o&sp=r&se=2030-01-01T00%3A00%3A00Z&sig=abc%2Bdef%3D"
@@ -82,3 +82,27 @@ def test_error_for_malformed_url_hides_sas() -> None:
 def test_non_string_url_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="str"):
         BlobUrl.parse(b"https://a.blob.core.windows.net/c/b")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "prefix"),
+    [
+        (f"{AZURE}/container", ""),
+        (f"{AZURE}/container/", ""),
+        (f"{AZURE}/container/runs/run%201/", "runs/run 1/"),
+        ("http://127.0.0.1:10000/devstoreaccount1/container/ckpt", "ckpt"),
+    ],
+)
+def test_container_with_prefix(url: str, prefix: str) -> None:
+    container, parsed_prefix = ContainerUrl.parse_with_prefix(url)
+    assert container.container_name == "container"
+    assert parsed_prefix == prefix
+
+
+def test_container_with_prefix_keeps_the_sas_and_refuses_selectors() -> None:
+    container, _ = ContainerUrl.parse_with_prefix(f"{AZURE}/container/dir?{SAS}")
+    assert container.has_sas and "sig" not in container.display_url
+    with pytest.raises(ValueError, match="snapshot or version"):
+        ContainerUrl.parse_with_prefix(f"{AZURE}/container/dir?snapshot=2024-01-01")
+    with pytest.raises(ValueError, match="names no container"):
+        ContainerUrl.parse_with_prefix(f"{AZURE}/")
