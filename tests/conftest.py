@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from azure.storage.blob import (
 )
 
 from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
+from tests.e2e.fault_proxy import FaultProxy
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +101,22 @@ def public_container(service_client: BlobServiceClient, azurite: Azurite) -> Ite
     made = _make_container(service_client, azurite, "container")
     yield made
     made.client.delete_container()
+
+
+@pytest.fixture
+def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
+    """A :class:`~tests.e2e.fault_proxy.FaultProxy` in front of the session's emulator."""
+    with FaultProxy(azurite.port) as running:
+        yield running
+
+
+@pytest.fixture
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make retry back-off instant, for tests that exhaust every retry (the SDK's alone wait ~3 s).
+
+    Both the SDK's retry policy and the package sleep through ``time.sleep``; the proxy never does.
+    """
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
 
 
 @pytest.fixture

@@ -102,9 +102,14 @@ class RewriteHeader:
 
 @dataclasses.dataclass(frozen=True)
 class Delay:
-    """Forward, then hold the response for ``seconds`` before sending its first byte."""
+    """Forward, then hold the response for ``seconds`` before sending its first byte.
+
+    With ``hold_request``, hold the request for ``seconds`` before forwarding it instead: a slow
+    upload, which the service has not yet seen.
+    """
 
     seconds: float
+    hold_request: bool = False
 
 
 Action = Reset | Respond | RewriteHeader | Delay
@@ -246,6 +251,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if isinstance(action, Respond):
             self._send_error(action, headers.get("x-ms-client-request-id"))
             return
+        if isinstance(action, Delay) and action.hold_request:
+            if proxy._stopping.wait(action.seconds):
+                self._drop(hard=True)
+                return
+            action = None
         upstream = http.client.HTTPConnection(*proxy.upstream, timeout=30)
         try:
             forwarded = [(name, value) for name, value in self.headers.items() if name.lower() not in _HOP_BY_HOP]

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -28,21 +28,6 @@ from tests.e2e.fault_proxy import Delay, FaultProxy, Reset, Respond, RewriteHead
 
 KiB = 1024
 BLOCK = 16 * KiB
-
-
-@pytest.fixture
-def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
-    with FaultProxy(azurite.port) as running:
-        yield running
-
-
-@pytest.fixture
-def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make retry back-off instant, for tests that exhaust every retry (the SDK's alone wait ~3 s).
-
-    Both the SDK's retry policy and the package sleep through ``time.sleep``; the proxy never does.
-    """
-    monkeypatch.setattr(time, "sleep", lambda seconds: None)
 
 
 def gets(proxy: FaultProxy) -> list[SeenRequest]:

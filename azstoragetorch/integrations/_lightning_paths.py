@@ -1,0 +1,272 @@
+"""How Lightning's own path handling comes to understand blob URLs.
+
+Lightning does much of its checkpoint work by path, through fsspec, not through the CheckpointIO
+plugin: ``ModelCheckpoint`` asks whether a checkpoint exists and lists its directory, ``fit(ckpt_path="last")``
+looks for the newest ``last*.ckpt``, loggers write their files under ``default_root_dir``, and
+``LightningModule.load_from_checkpoint`` opens a path itself. For blob URLs that goes wrong in these
+ways in Lightning 2.6:
+
+1. fsspec hands ``https://`` URLs to its plain HTTP filesystem, which neither authenticates nor
+   lists a container, so every check answers "nothing there". (``cloud_io.url_to_fs``)
+2. Lightning knows three object stores by class (adlfs, gcsfs, s3fs) and, for any other
+   filesystem, wants a directory to exist before a logger writes into it; a blob prefix only
+   exists once something is written under it. (``cloud_io._is_object_storage``)
+3. ``ModelCheckpoint._find_last_checkpoints`` runs ``os.path.normpath`` over the listing, which turns
+   ``https://host/...`` into ``https:/host/...`` (and, before ``setup``, lists ``default_root_dir``
+   with the local filesystem), so ``ckpt_path="last"`` never finds a remote checkpoint
+   (Lightning issue #18261).
+4. ``load_from_checkpoint`` sends every ``http...`` path to ``torch.hub``, which downloads it
+   anonymously and caches it by file name, so a second ``last.ckpt`` would load the first.
+
+Each :class:`BlobPaths` (one per ``AzureBlobCheckpointIO``) says which paths are blob paths and
+which credential reads them. :func:`register` records it and installs, once per process, one
+wrapper around each of the four places above. A wrapper handles a path only when a registered
+``BlobPaths`` claims it (or the filesystem is a :class:`BlobFileSystem`), and passes everything
+else to Lightning's own function unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import threading
+import urllib.parse
+import warnings
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+from azure.core.exceptions import ResourceNotFoundError
+
+from azstoragetorch._client import CredentialArgument
+from azstoragetorch._client._urls import FSSPEC_PROTOCOLS, fsspec_path_to_url, is_azure_blob_host
+from azstoragetorch.integrations._blob_filesystem import BlobFileSystem
+from azstoragetorch.io import BlobIO
+
+ACCEPTED_FORMS = (
+    "https://<account>.blob.core.windows.net/<container>/<path> (or another Azure cloud's blob endpoint), "
+    "a URL under the plugin's account_url (such as the Azurite emulator's "
+    "http://127.0.0.1:10000/devstoreaccount1/<container>/<path>), "
+    "az://<container>/<path>, or abfs[s]://<container>@<account>.dfs.core.windows.net/<path>"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobPaths:
+    """Which paths name blobs, how they become URLs, and the credential that reaches them.
+
+    A path is a blob path when it is a URL on one of Azure's blob endpoints, an fsspec-style
+    ``az://``, ``abfs://`` or ``abfss://`` path (whose account comes from the path itself,
+    ``account_url`` or ``AZURE_STORAGE_ACCOUNT_NAME``), or a URL under ``account_url``, which is how
+    emulators, custom domains and Azure Stack endpoints are recognised.
+    """
+
+    account_url: str | None
+    credential: CredentialArgument = dataclasses.field(compare=False)
+
+    def url_for(self, path: str) -> str | None:
+        """The blob (or prefix) URL that ``path`` names, or ``None`` if it is not a blob path.
+
+        Raises ``ValueError`` for a path that is a blob path but cannot be used as one.
+        """
+        scheme = path.split("://", 1)[0].lower() if "://" in path else ""
+        if scheme in FSSPEC_PROTOCOLS:
+            return fsspec_path_to_url(path, account_url=self.account_url)
+        if scheme not in ("http", "https"):
+            return None
+        parts = urllib.parse.urlsplit(path)
+        if not is_azure_blob_host(parts.hostname or "") and not (
+            self.account_url is not None and _is_under(path, self.account_url)
+        ):
+            return None
+        if _has_file_name_in_query(parts.query):
+            raise ValueError(
+                f"{_shown(path)!r} has a file name after its query string: Lightning appended it to a directory "
+                "URL that carries a SAS token. Pass the SAS token as credential=AzureSasCredential(...) and "
+                "keep directory URLs free of query strings."
+            )
+        return path
+
+    def filesystem(self) -> BlobFileSystem:
+        return BlobFileSystem(credential=self.credential, to_url=self._required_url)
+
+    def _required_url(self, path: str) -> str:
+        url = self.url_for(path)
+        if url is None:
+            raise ValueError(f"{_shown(path)!r} is not a blob path; expected {ACCEPTED_FORMS}.")
+        return url
+
+
+def _is_under(url: str, account_url: str) -> bool:
+    candidate = urllib.parse.urlsplit(url)
+    account = urllib.parse.urlsplit(account_url)
+    same_origin = (candidate.scheme.lower(), candidate.netloc.lower()) == (
+        account.scheme.lower(),
+        account.netloc.lower(),
+    )
+    account_path = account.path.rstrip("/")
+    return same_origin and (not account_path or candidate.path.startswith(account_path + "/"))
+
+
+def _has_file_name_in_query(query: str) -> bool:
+    """Whether a query string ends in ``/<name>.<extension>``, as a SAS does once a file name is joined to it.
+
+    A SAS's own values can contain ``/`` (base64 signatures) but never a ``.`` after it.
+    """
+    if "/" not in query:
+        return False
+    last_segment = urllib.parse.unquote(query).rsplit("/", 1)[1]
+    return "." in last_segment
+
+
+def _shown(path: str) -> str:
+    return path.split("?", 1)[0]
+
+
+def load_blob_checkpoint(
+    path: str,
+    url: str,
+    *,
+    credential: CredentialArgument,
+    map_location: Any,
+    weights_only: bool | None,
+    **blobio_options: Any,
+) -> Any:
+    """``torch.load`` the checkpoint at ``path`` (whose blob URL is ``url``).
+
+    A missing blob or container raises ``FileNotFoundError`` naming ``path`` without any SAS token.
+    """
+    try:
+        reader = BlobIO(url, "rb", credential=credential, **blobio_options)
+    except ResourceNotFoundError as error:
+        missing_container = getattr(error, "error_code", None) == "ContainerNotFound"
+        detail = "its container does not exist" if missing_container else "no such blob"
+        raise FileNotFoundError(f"Checkpoint not found: {_shown(path)} ({detail}).") from None
+    with reader:
+        return torch.load(reader, map_location=map_location, weights_only=weights_only)
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_registered: list[BlobPaths] = []  # newest first; one entry per account_url
+
+
+def register(paths: BlobPaths) -> None:
+    """Make Lightning treat the paths that ``paths`` claims as blob paths, in this process.
+
+    The newest registration wins where several claim a path (for Azure's endpoints and ``az://``
+    paths, that is the most recently created plugin).
+    """
+    with _lock:
+        _registered[:] = [paths, *(entry for entry in _registered if entry.account_url != paths.account_url)]
+    _install_wrappers()
+
+
+def claim(path: str) -> BlobPaths | None:
+    """The registered :class:`BlobPaths` that handles ``path``, if any."""
+    with _lock:
+        candidates = list(_registered)
+    for paths in candidates:
+        if paths.url_for(path) is not None:
+            return paths
+    return None
+
+
+# -- the wrappers ------------------------------------------------------------------------------
+
+_installed = False
+
+
+def _install_wrappers() -> None:
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+    from lightning.fabric.utilities import cloud_io
+    from lightning.pytorch.callbacks import model_checkpoint
+    from lightning.pytorch.core import saving
+
+    targets: list[tuple[Any, str, Any]] = [
+        (cloud_io, "url_to_fs", _wrap_url_to_fs),
+        (cloud_io, "_is_object_storage", _wrap_is_object_storage),
+        (saving, "pl_load", _wrap_load),
+        (model_checkpoint.ModelCheckpoint, "_find_last_checkpoints", _wrap_find_last_checkpoints),
+    ]
+    for owner, name, wrap in targets:
+        original = getattr(owner, name, None)
+        if original is None:
+            warnings.warn(
+                f"azstoragetorch: this Lightning version has no {owner.__name__}.{name}; Lightning's own "
+                "handling of blob paths (existence checks, listings, ckpt_path='last', load_from_checkpoint) "
+                "may not work. Saving and loading through AzureBlobCheckpointIO is unaffected.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        setattr(owner, name, wrap(original))
+
+
+def _wrap_url_to_fs(original: Any) -> Any:
+    """Lightning's ``get_filesystem`` resolves every path through this one function."""
+
+    @functools.wraps(original)
+    def url_to_fs(url: Any, **kwargs: Any) -> Any:
+        paths = claim(str(url))
+        if paths is None:
+            return original(url, **kwargs)
+        return paths.filesystem(), str(url)
+
+    return url_to_fs
+
+
+def _wrap_is_object_storage(original: Any) -> Any:
+    """A blob container is object storage: any path that is not a blob can be written under."""
+
+    @functools.wraps(original)
+    def _is_object_storage(fs: Any) -> bool:
+        return isinstance(fs, BlobFileSystem) or bool(original(fs))
+
+    return _is_object_storage
+
+
+def _wrap_load(original: Any) -> Any:
+    """``load_from_checkpoint`` reads by path: blob paths are read like any fsspec path, not via torch.hub."""
+
+    @functools.wraps(original)
+    def load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        paths = claim(path_or_url) if isinstance(path_or_url, str) else None
+        if paths is None:
+            return original(path_or_url, map_location=map_location, weights_only=weights_only)
+        url = paths._required_url(path_or_url)
+        return load_blob_checkpoint(
+            path_or_url, url, credential=paths.credential, map_location=map_location, weights_only=weights_only
+        )
+
+    return load
+
+
+def _wrap_find_last_checkpoints(original: Any) -> Any:
+    """List a blob checkpoint directory with the blob filesystem and keep full URLs (no ``normpath``)."""
+
+    @functools.wraps(original)
+    def _find_last_checkpoints(self: Any, trainer: Any) -> set[str]:
+        directory = self._ModelCheckpoint__resolve_ckpt_dir(trainer)
+        paths = claim(os.fspath(directory)) if directory else None
+        if paths is None:
+            return set(original(self, trainer))
+        filesystem = paths.filesystem()
+        if not filesystem.exists(directory):
+            return set()
+        last_name = re.compile(rf"^{self.CHECKPOINT_NAME_LAST}(-(\d+))?")  # Lightning's own test of a name
+
+        def is_last(name: str) -> bool:
+            file_name = PurePosixPath(name.rsplit("/", 1)[-1])
+            return file_name.suffix == self.FILE_EXTENSION and last_name.match(file_name.stem) is not None
+
+        return {name for name in filesystem.ls(directory, detail=False) if is_last(name)}
+
+    return _find_last_checkpoints

@@ -1,0 +1,66 @@
+"""A small LightningModule and Trainer settings shared by the Lightning tests and their scripts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyModel(pl.LightningModule):
+    """A two-layer regression model.
+
+    ``val_losses`` makes the logged ``val_loss`` a fixed value per epoch, so that which checkpoints
+    ``save_top_k`` keeps is known in advance.
+    """
+
+    def __init__(self, width: int = 8, val_losses: list[float] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.hidden = torch.nn.Linear(4, width)
+        self.output = torch.nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(torch.relu(self.hidden(x)))
+
+    def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_index: int) -> None:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        if self.hparams.val_losses is not None:
+            loss = torch.tensor(self.hparams.val_losses[self.current_epoch])
+        self.log("val_loss", loss, sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def loader(samples: int = 32, batch_size: int = 8) -> DataLoader[Any]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 4, generator=generator)
+    return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=batch_size)
+
+
+def trainer(**overrides: Any) -> pl.Trainer:
+    """A quiet CPU Trainer; ``overrides`` replace any of the defaults."""
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    return pl.Trainer(**(settings | overrides))
+
+
+def same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
