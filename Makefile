@@ -39,6 +39,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_checkpoint.py
 	$(PY) benchmarks/bench_datasets.py
+	$(PY) benchmarks/bench_lightning.py
 
 clean:
 	rm -rf $(VENV) tools/azurite/node_modules docs/_build .pytest_cache .mypy_cache .ruff_cache

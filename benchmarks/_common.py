@@ -1,14 +1,18 @@
-"""What the benchmarks share: the machine description and raw keep-alive HTTP connections."""
+"""What the benchmarks share: the machine description, timing, summary statistics and raw HTTP connections."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import gc
 import http.client
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import threading
+import time
 import urllib.parse
 from types import TracebackType
 from typing import Any
@@ -100,3 +104,51 @@ class ThreadConnections:
     ) -> None:
         for connection in self._all:
             connection.close()
+
+
+# -- timing ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    seconds: float  # wall-clock time (perf_counter)
+    cpu_seconds: float  # user + system CPU time of this process, all threads (process_time)
+
+
+class Stopwatch:
+    """``with Stopwatch() as sw: ...`` then ``sw.sample``; collects garbage first so it is not timed."""
+
+    sample: Sample
+
+    def __enter__(self) -> Stopwatch:
+        gc.collect()
+        self._cpu = time.process_time()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        wall = time.perf_counter() - self._wall
+        cpu = time.process_time() - self._cpu
+        self.sample = Sample(wall, cpu)
+
+
+# -- summaries ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stats:
+    median: float
+    low: float
+    high: float
+
+
+def stats(values: list[float]) -> Stats:
+    return Stats(statistics.median(values), min(values), max(values))
+
+
+def fmt_range(s: Stats | None, digits: int) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s.median:.{digits}f} [{s.low:.{digits}f}-{s.high:.{digits}f}]"

@@ -25,17 +25,24 @@ import io
 import json
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any, Literal
 
 import torch
-from _common import ThreadConnections, format_machine, machine_info, package_version
+from _common import (
+    Sample,
+    Stats,
+    Stopwatch,
+    ThreadConnections,
+    fmt_range,
+    format_machine,
+    machine_info,
+    package_version,
+    stats,
+)
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
 from azstoragetorch.io import BlobIO
@@ -57,34 +64,6 @@ Direction = Literal["save", "load"]
 
 class VerificationError(AssertionError):
     """A load returned something other than what was saved. Never caught: the run must fail."""
-
-
-# -- timing ------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Sample:
-    seconds: float  # wall-clock time (perf_counter)
-    cpu_seconds: float  # user + system CPU time of this process, all threads (process_time)
-
-
-class Stopwatch:
-    """``with Stopwatch() as sw: ...`` then ``sw.sample``; collects garbage first so it is not timed."""
-
-    sample: Sample
-
-    def __enter__(self) -> Stopwatch:
-        gc.collect()
-        self._cpu = time.process_time()
-        self._wall = time.perf_counter()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        wall = time.perf_counter() - self._wall
-        cpu = time.process_time() - self._cpu
-        self.sample = Sample(wall, cpu)
 
 
 # -- the checkpoint ----------------------------------------------------------------------------------
@@ -471,13 +450,6 @@ def run_case(
 
 
 @dataclasses.dataclass
-class Stats:
-    median: float
-    low: float
-    high: float
-
-
-@dataclasses.dataclass
 class Row:
     variant: str
     label: str
@@ -488,10 +460,6 @@ class Row:
     error: str | None = None
     ratios: dict[str, float | None] = dataclasses.field(default_factory=dict)
     ratio_notes: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def stats(values: list[float]) -> Stats:
-    return Stats(statistics.median(values), min(values), max(values))
 
 
 def case_stats(case: Case, size: int) -> tuple[Stats, Stats]:
@@ -541,12 +509,6 @@ def add_ratios(rows: list[Row], direction: Direction) -> None:
 
 
 # -- report ------------------------------------------------------------------------------------------
-
-
-def fmt_range(s: Stats | None, digits: int) -> str:
-    if s is None:
-        return "n/a"
-    return f"{s.median:.{digits}f} [{s.low:.{digits}f}-{s.high:.{digits}f}]"
 
 
 def fmt_ratio(value: float | None, note: str | None = None) -> str:
