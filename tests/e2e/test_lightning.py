@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from azure.core.credentials import AzureNamedKeyCredential
-from azure.core.exceptions import ClientAuthenticationError
+from azure.core.exceptions import ClientAuthenticationError, ResourceExistsError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import AsyncCheckpointIO
@@ -255,6 +255,16 @@ def test_wrong_credential_is_an_error_not_a_fresh_start(container: Container, az
 
     with pytest.raises(ClientAuthenticationError):
         trainer(plugins=[plugin], callbacks=[checkpoints]).fit(TinyModel(), loader(), ckpt_path="last")
+
+
+def test_a_checkpoint_with_snapshots_is_not_deleted(container: Container, plugin: AzureBlobCheckpointIO) -> None:
+    container.upload("run/kept.ckpt", b"checkpoint")
+    container.client.get_blob_client("run/kept.ckpt").create_snapshot()
+
+    with pytest.raises(ResourceExistsError, match="SnapshotsPresent"):
+        plugin.remove_checkpoint(container.blob_url("run/kept.ckpt"))
+
+    assert container.exists("run/kept.ckpt")
 
 
 # -- bad input ----------------------------------------------------------------------------------------
