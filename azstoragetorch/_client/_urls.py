@@ -7,7 +7,6 @@ import ipaddress
 import os
 import re
 import urllib.parse
-from typing import Literal
 
 # Query parameters that select what is read rather than authorize the request. They are kept in
 # URLs shown to users; every other query parameter is treated as part of a SAS token.
@@ -48,8 +47,7 @@ class BlobUrl:
     @classmethod
     def parse(cls, url: str) -> BlobUrl:
         """Parse a blob URL; raises ``ValueError`` naming the problem for anything malformed."""
-        account_url, container_name, blob_name, query = _split_resource_url(url, want="blob")
-        assert blob_name is not None
+        account_url, container_name, blob_name, query = _split_resource_url(url, want_blob=True)
         sas_pieces, selectors = _split_query(query)
         return cls(
             scheme=account_url.scheme,
@@ -126,18 +124,10 @@ class ContainerUrl:
     @classmethod
     def parse(cls, url: str) -> ContainerUrl:
         """Parse a container URL; raises ``ValueError`` naming the problem for anything malformed."""
-        account_url, container_name, _, query = _split_resource_url(url, want="container")
-        sas_pieces, selectors = _split_query(query)
-        if selectors:
-            raise ValueError(f"Container URL {_strip_query(url)!r} has a snapshot or version id; those select blobs.")
-        return cls(
-            scheme=account_url.scheme,
-            netloc=account_url.netloc,
-            account_name=account_url.account_name,
-            container_name=container_name,
-            path_style=account_url.path_style,
-            sas_query="&".join(sas_pieces),
-        )
+        container, prefix = cls.parse_with_prefix(url)
+        if prefix.strip("/"):
+            raise ValueError(f"Container URL {_strip_query(url)!r} has a path after the container name.")
+        return container
 
     @classmethod
     def parse_with_prefix(cls, url: str) -> tuple[ContainerUrl, str]:
@@ -146,7 +136,7 @@ class ContainerUrl:
         This is how a "folder" of blobs is named, such as a checkpoint directory. Raises
         ``ValueError`` naming the problem for anything malformed.
         """
-        account_url, container_name, prefix, query = _split_resource_url(url, want="prefix")
+        account_url, container_name, prefix, query = _split_resource_url(url, want_blob=False)
         sas_pieces, selectors = _split_query(query)
         if selectors:
             raise ValueError(f"URL {_strip_query(url)!r} has a snapshot or version id; those select single blobs.")
@@ -207,14 +197,14 @@ class _AccountUrl:
     path_style: bool
 
 
-def _split_resource_url(
-    url: str, *, want: Literal["blob", "container", "prefix"]
-) -> tuple[_AccountUrl, str, str | None, str]:
+def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str, str, str]:
+    """Split a URL into its account, container name, decoded blob name (or prefix; may be empty)
+    and query string. With ``want_blob``, a missing blob name is an error."""
     if not isinstance(url, str):
         raise TypeError(f"A blob URL must be a str, not {type(url).__name__}.")
     parsed = urllib.parse.urlsplit(url)
     shown = _strip_query(url)
-    kind = {"blob": "Blob URL", "container": "Container URL", "prefix": "URL"}[want]
+    kind = "Blob URL" if want_blob else "URL"
     if parsed.scheme.lower() not in ("http", "https"):
         raise ValueError(f"{kind} {shown!r} must start with https:// (or http:// for an emulator).")
     if not parsed.hostname:
@@ -237,16 +227,9 @@ def _split_resource_url(
     container_name = urllib.parse.unquote(segments[0]) if segments else ""
     if not container_name:
         raise ValueError(f"URL {shown!r} names no container.")
-    rest = urllib.parse.unquote("/".join(segments[1:]))
-    blob_name: str | None = None
-    if want == "blob":
-        blob_name = rest
-        if not blob_name:
-            raise ValueError(f"Blob URL {shown!r} names a container but no blob.")
-    elif want == "prefix":
-        blob_name = rest
-    elif rest.strip("/"):
-        raise ValueError(f"Container URL {shown!r} has a path after the container name.")
+    blob_name = urllib.parse.unquote("/".join(segments[1:]))
+    if want_blob and not blob_name:
+        raise ValueError(f"Blob URL {shown!r} names a container but no blob.")
 
     account = _AccountUrl(parsed.scheme.lower(), parsed.netloc, account_name, path_style)
     return account, container_name, blob_name, parsed.query

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import pickle
 import subprocess
 import sys
 import threading
@@ -217,6 +218,16 @@ def test_remove_waits_for_a_save_of_the_same_blob(container: Container, azurite:
 
     saver.join()
     assert not container.exists("slow.ckpt")
+
+
+def test_a_pickled_plugin_works_in_its_new_home(container: Container, plugin: AzureBlobCheckpointIO) -> None:
+    # ddp_spawn sends the plugin to every spawned process by pickling it.
+    copy = pickle.loads(pickle.dumps(plugin))
+
+    copy.save_checkpoint({"weights": torch.arange(4)}, container.blob_url("pickled.ckpt"))
+
+    assert torch.equal(plugin.load_checkpoint(container.blob_url("pickled.ckpt"))["weights"], torch.arange(4))
+    assert repr(copy) == repr(plugin)
 
 
 # -- failures -----------------------------------------------------------------------------------------
