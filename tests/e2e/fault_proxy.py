@@ -112,7 +112,28 @@ class Delay:
     hold_request: bool = False
 
 
-Action = Reset | Respond | RewriteHeader | Delay
+class Gather:
+    """Hold matching requests until ``parties`` of them wait at the same time, then forward them all.
+
+    Shows that requests really are in flight together, without timing anything: if fewer than
+    ``parties`` ever arrive together, each is forwarded after ``timeout`` seconds and
+    :attr:`opened` stays unset. Use it with ``times=parties``.
+    """
+
+    def __init__(self, parties: int, timeout: float = 20.0) -> None:
+        self.parties = parties
+        self.opened = threading.Event()
+        self._barrier = threading.Barrier(parties, timeout=timeout)
+
+    def wait(self) -> None:
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        self.opened.set()
+
+
+Action = Reset | Respond | RewriteHeader | Delay | Gather
 
 
 @dataclasses.dataclass
@@ -177,6 +198,10 @@ class FaultProxy:
         return urllib.parse.urlunsplit(parts._replace(netloc=f"127.0.0.1:{self.port}"))
 
     def add_fault(self, match: Callable[[SeenRequest], bool], action: Action, times: int | None = 1) -> Fault:
+        """Apply ``action`` to the next ``times`` requests for which ``match`` is true (all if ``None``).
+
+        ``match`` runs while the proxy holds its lock: it must not call back into the proxy.
+        """
         fault = Fault(match, action, times)
         with self._lock:
             self._faults.append(fault)
@@ -251,6 +276,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if isinstance(action, Respond):
             self._send_error(action, headers.get("x-ms-client-request-id"))
             return
+        if isinstance(action, Gather):
+            action.wait()
+            action = None
         if isinstance(action, Delay) and action.hold_request:
             if proxy._stopping.wait(action.seconds):
                 self._drop(hard=True)

@@ -1,0 +1,542 @@
+"""torch.distributed.checkpoint in Blob Storage: :class:`BlobStorageWriter` and :class:`BlobStorageReader`.
+
+They are torch's ``FileSystemWriter`` and ``FileSystemReader`` with the file system swapped for a
+container (the seam torch itself uses for its fsspec classes), so planning, sharding, resharding and
+the checkpoint layout stay torch's own: a ``.metadata`` file and ``__<rank>_<n>.distcp`` shard files
+under a blob prefix, byte for byte what ``FileSystemWriter`` writes on disk. What changes is how the
+bytes move: each shard file is a :class:`~azstoragetorch.io.BlobIO` uploading blocks in parallel,
+and loads fetch only the byte ranges they need, sorted, coalesced and in parallel.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import io
+import logging
+import os
+import re
+import threading
+import urllib.parse
+from collections.abc import Generator, Iterator
+from typing import IO, Any, cast
+
+import torch
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.filesystem import (
+    FileSystemBase,
+    FileSystemReader,
+    FileSystemWriter,
+    _StorageInfo,
+    _StoragePrefix,
+)
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from azstoragetorch._client import (
+    AzStorageTorchBlobClient,
+    AzStorageTorchContainerClient,
+    ContainerUrl,
+    CredentialArgument,
+)
+from azstoragetorch._client._credentials import validate_credential
+from azstoragetorch._client._redaction import scrub
+from azstoragetorch.io import BlobIO, _check_transfer_options
+
+__all__ = ["BlobStorageReader", "BlobStorageWriter"]
+
+_MiB = 1024 * 1024
+# The shard files FileSystemWriter names: __<rank>_<n>.distcp.
+_SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")
+_LOGGER = logging.getLogger("azstoragetorch")
+# Two wanted byte ranges of a shard file closer than this are fetched by one request: the bytes in
+# between cost less than another request's round trip to Azure.
+_COALESCE_GAP = 256 * 1024
+
+
+class _BlobFiles(FileSystemBase):
+    """torch's file-system interface over blob URLs: a "path" is a blob (or prefix) URL.
+
+    A checkpoint URL may carry a SAS token; names are joined before its query string.
+    """
+
+    def __init__(
+        self, credential: CredentialArgument, *, max_concurrency: int, block_size: int, validate_content: bool = False
+    ) -> None:
+        validate_credential(credential)
+        _check_transfer_options(max_concurrency, block_size)
+        self.credential = credential
+        self.max_concurrency = max_concurrency
+        self.block_size = block_size
+        self.validate_content = validate_content
+        self.write_failures: list[BaseException] = []  # failures of shard writes, from any thread
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
+        url = os.fspath(path)
+        options: dict[str, Any] = {"max_concurrency": self.max_concurrency, "block_size": self.block_size}
+        if mode == "wb":
+            try:
+                with BlobIO(
+                    url, "wb", credential=self.credential, validate_content=self.validate_content, **options
+                ) as f:
+                    yield f
+            except BaseException as error:
+                self.write_failures.append(error)  # torch's writer threads would swallow it
+                raise
+        elif mode == "rb":
+            with _missing_blob_as_file_not_found(url), BlobIO(url, "rb", credential=self.credential, **options) as f:
+                yield f
+        else:
+            raise ValueError(f"Unsupported mode {mode!r}: checkpoint files are opened with 'rb' or 'wb'.")
+
+    def concat_path(self, path: str | os.PathLike[str], suffix: str) -> str:
+        base, mark, query = os.fspath(path).partition("?")
+        return f"{base.rstrip('/')}/{urllib.parse.quote(suffix, safe='/~')}{mark}{query}"
+
+    def init_path(self, path: str | os.PathLike[str]) -> str:
+        url = os.fspath(path)
+        _parse_location(url)
+        base, mark, query = url.partition("?")
+        return f"{base.rstrip('/')}{mark}{query}"
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        """Copy through this process and delete the source: only ``finish`` renames, and only the
+        (small) metadata file. The destination is committed whole, as a rename would be."""
+        source = self._client(path)
+        data = source.read_all(part_size=self.block_size, max_concurrency=self.max_concurrency)
+        with BlobIO(os.fspath(new_path), "wb", credential=self.credential) as destination:
+            destination.write(data)
+        source.delete()
+
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
+        """Nothing to do: a blob prefix exists as soon as a blob is written under it."""
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        if not isinstance(checkpoint_id, str):
+            return False
+        try:
+            _parse_location(checkpoint_id)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    def exists(self, path: str | os.PathLike[str]) -> bool:
+        try:
+            self._client(path).get_properties()
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    def rm_file(self, path: str | os.PathLike[str]) -> None:
+        with _missing_blob_as_file_not_found(os.fspath(path)):
+            self._client(path).delete()
+
+    def ls(self, path: str | os.PathLike[str]) -> list[str]:
+        """The URLs (without any SAS token) of the blobs under the prefix ``path``."""
+        container, prefix = _parse_location(os.fspath(path))
+        client = AzStorageTorchContainerClient(container, self.credential)
+        return [blob.client.display_url for blob in client.list_blobs(f"{prefix}/" if prefix else None)]
+
+    def _client(self, path: str | os.PathLike[str]) -> AzStorageTorchBlobClient:
+        return AzStorageTorchBlobClient.from_url(os.fspath(path), self.credential)
+
+
+class BlobStorageWriter(FileSystemWriter):
+    """Write a ``torch.distributed.checkpoint`` checkpoint under a blob prefix.
+
+    ::
+
+        import torch.distributed.checkpoint as dcp
+        from azstoragetorch.integrations.dcp import BlobStorageWriter
+
+        url = "https://<account>.blob.core.windows.net/<container>/checkpoints/step-1000"
+        dcp.save(state_dict, storage_writer=BlobStorageWriter(url, thread_count=4))
+
+    Every rank writes its shards as ``__<rank>_<n>.distcp``, ``thread_count`` files at once, each a
+    :class:`~azstoragetorch.io.BlobIO` that uploads ``max_concurrency`` blocks in parallel; the
+    coordinator writes ``.metadata`` last, once every shard is committed. A save that fails part way
+    therefore never leaves a loadable checkpoint, and when it replaces an existing checkpoint
+    (``overwrite=True``), that checkpoint's ``.metadata`` is deleted before the first shard is
+    rewritten, so old metadata can never describe new shards. ``dcp.async_save`` works too.
+
+    Args:
+        url: The checkpoint's location: ``https://<account>.blob.core.windows.net/<container>/<prefix>``
+            (or ``http://127.0.0.1:10000/<account>/<container>/<prefix>`` for the Azurite emulator).
+            A SAS token in the query string authorizes the requests.
+        credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored when ``url`` carries a SAS token.
+        thread_count: Shard files each rank writes at once (and so the number of files per rank).
+        overwrite: Replace a checkpoint that already exists at ``url``. ``False`` (the default)
+            raises ``FileExistsError`` instead.
+        max_concurrency: Parallel block uploads per shard file.
+        block_size: Bytes per uploaded block.
+        validate_content: Send an MD5 of every block for the service to check.
+        single_file_per_rank: As for ``FileSystemWriter``: ``False`` writes one file per tensor.
+        per_thread_copy_ahead: As for ``FileSystemWriter``: bytes copied from the GPU ahead of writing.
+        cache_staged_state_dict: As for ``FileSystemWriter``, for ``dcp.async_save``.
+
+    Raises:
+        ValueError: ``url`` is not a blob prefix URL.
+        TypeError: ``credential`` is of an unsupported type.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        credential: CredentialArgument = None,
+        thread_count: int = 1,
+        overwrite: bool = False,
+        max_concurrency: int = 8,
+        block_size: int = 8 * _MiB,
+        validate_content: bool = False,
+        single_file_per_rank: bool = True,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+    ) -> None:
+        files = _BlobFiles(
+            credential, max_concurrency=max_concurrency, block_size=block_size, validate_content=validate_content
+        )
+        checked_url = files.init_path(url)
+        if isinstance(thread_count, bool) or not isinstance(thread_count, int) or thread_count < 1:
+            raise ValueError(f"thread_count must be a positive int, got {thread_count!r}.")
+        super().__init__(
+            checked_url,
+            single_file_per_rank=single_file_per_rank,
+            # A blob is durable once committed; torch's fsync fallback would sync the local disks.
+            sync_files=False,
+            thread_count=thread_count,
+            per_thread_copy_ahead=per_thread_copy_ahead,
+            cache_staged_state_dict=cache_staged_state_dict,
+            overwrite=overwrite,
+        )
+        self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
+        self.path = checked_url
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The checkpoint's URL without any SAS token (torch records it in ``.metadata`` and its logs)."""
+        return _without_sas(os.fspath(self.path))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _BlobFiles.validate_checkpoint_id(checkpoint_id)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        # Replaces FileSystemWriter's version, whose warning would print the URL with its SAS token.
+        if self._metadata_exists():
+            if not self.overwrite:
+                raise FileExistsError(
+                    errno.EEXIST,
+                    "A checkpoint already exists here; pass overwrite=True to replace it",
+                    self.checkpoint_id,
+                )
+            if not self.use_collectives:
+                self.fs.rm_file(self._get_metadata_path(self.rank))
+        if self.rank is not None and not self.use_collectives:
+            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # The coordinator runs this before any rank writes a shard: drop the old metadata first,
+        # so that a save that fails while rewriting shards cannot leave it describing them.
+        metadata_path = self._get_metadata_path()
+        if self.overwrite and self.fs.exists(metadata_path):
+            self.fs.rm_file(metadata_path)
+        return super().prepare_global_plan(plans)
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        super().finish(metadata, results)
+        if self.use_collectives:
+            self._remove_unreferenced_shards(metadata)
+
+    def _remove_unreferenced_shards(self, metadata: Metadata) -> None:
+        """Delete shard files the new metadata does not use: those of the checkpoint this one replaced
+        (a different world size or thread_count names different files) and those of failed saves."""
+        referenced = {info.relative_path for info in metadata.storage_data.values()}
+        container, prefix = _parse_location(os.fspath(self.path))
+        client = AzStorageTorchContainerClient(container, cast(_BlobFiles, self.fs).credential)
+        try:
+            for blob in client.list_blobs(f"{prefix}/" if prefix else None):
+                name = blob.client.blob_url.blob_name[len(prefix) + 1 if prefix else 0 :]
+                if _SHARD_FILE.fullmatch(name) and name not in referenced:
+                    blob.client.delete()
+        except AzureError as error:  # the checkpoint is complete; leftovers only cost space
+            _LOGGER.warning("Could not remove unused shard files under %s: %s", self.checkpoint_id, error)
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        files = cast(_BlobFiles, self.fs)
+        files.write_failures.clear()
+        future = super().write_data(plan, planner)
+        # torch writes with thread_count threads and a failure in any but the first is only printed;
+        # without this the checkpoint's metadata would be written without that shard's entries.
+        if files.write_failures:
+            raise files.write_failures[0]
+        written = {result.index for result in future.value()}
+        missing = [item.index.fqn for item in plan.items if item.index not in written]
+        if missing:
+            raise RuntimeError(f"Writing the checkpoint's shards did not finish; not written: {', '.join(missing[:5])}")
+        return future
+
+
+class BlobStorageReader(FileSystemReader):
+    """Read a ``torch.distributed.checkpoint`` checkpoint from a blob prefix.
+
+    ::
+
+        import torch.distributed.checkpoint as dcp
+        from azstoragetorch.integrations.dcp import BlobStorageReader
+
+        dcp.load(state_dict, storage_reader=BlobStorageReader(url))
+
+    Reads fetch only the bytes the load plan needs: the items wanted from each shard file are sorted
+    by offset and neighbouring ones (less than 256 KiB apart) are fetched by one ranged request, up
+    to ``max_concurrency * block_size`` bytes a request group, in parallel across shard files and
+    within large ranges. A partial load (a subset of the keys) fetches only its own ranges. Every
+    shard file is pinned to the version first seen, so a checkpoint overwritten during a load raises
+    :class:`~azstoragetorch.exceptions.BlobModifiedDuringReadError` instead of mixing versions.
+
+    Args:
+        url: The checkpoint's location, as for :class:`BlobStorageWriter`.
+        credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored when ``url`` carries a SAS token.
+        max_concurrency: Parallel ranged requests per group of ranges.
+        block_size: Bytes per ranged request within a large range.
+
+    Raises:
+        ValueError: ``url`` is not a blob prefix URL.
+        TypeError: ``credential`` is of an unsupported type.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        credential: CredentialArgument = None,
+        max_concurrency: int = 8,
+        block_size: int = 8 * _MiB,
+    ) -> None:
+        files = _BlobFiles(credential, max_concurrency=max_concurrency, block_size=block_size)
+        checked_url = files.init_path(url)
+        super().__init__(checked_url)
+        self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
+        self.path = checked_url
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The checkpoint's URL without any SAS token."""
+        return _without_sas(os.fspath(self.path))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return _BlobFiles.validate_checkpoint_id(checkpoint_id)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = super().read_metadata(*args, **kwargs)
+        if metadata.storage_meta is not None and isinstance(metadata.storage_meta.checkpoint_id, str):
+            metadata.storage_meta.checkpoint_id = _without_sas(metadata.storage_meta.checkpoint_id)
+        return metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        files = cast(_BlobFiles, self.fs)
+        spans = _coalesce(plan.items, self.storage_data, max_span=files.max_concurrency * files.block_size)
+        fetcher = _SpanFetcher(files, os.fspath(self.path))
+        for span, data in fetcher.fetch_in_order(spans):
+            for request in span.requests:
+                info: _StorageInfo = self.storage_data[request.storage_index]
+                start = info.offset - span.start
+                self._load_item(request, info, memoryview(data)[start : start + info.length], planner)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def _load_item(self, request: ReadItem, info: _StorageInfo, data: memoryview, planner: LoadPlanner) -> None:
+        """What torch's ``FileSystemReader`` does with one item's bytes, from memory instead of a file."""
+        raw = cast(IO[bytes], _MemoryFile(data))
+        stream = self.transforms.transform_load_stream(request, info.transform_descriptors or (), raw)
+        if request.type == LoadItemType.BYTE_IO:
+            planner.load_bytes(request, io.BytesIO(stream.read(-1)))
+            return
+        seekable = stream if stream.seekable() else io.BytesIO(stream.read(-1))
+        tensor = torch.load(seekable, map_location="cpu", weights_only=True)
+        tensor = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
+        target = planner.resolve_tensor(request).detach()
+        if target.size() != tensor.size():
+            raise AssertionError(f"req {request.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")
+        target.copy_(tensor)
+        planner.commit_tensor(request, target)
+
+
+# -- loading: which bytes, in which requests ------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Span:
+    """One contiguous byte range of one shard file, covering the items in ``requests``."""
+
+    relative_path: str
+    start: int
+    end: int
+    requests: list[ReadItem]
+
+
+def _coalesce(items: list[ReadItem], storage_data: dict[Any, _StorageInfo], *, max_span: int) -> list[_Span]:
+    """Group the wanted items into spans: per file, by offset, neighbours within ``_COALESCE_GAP``
+    together, no span above ``max_span`` unless one item is larger. Spans of different files are
+    interleaved, so that files are read side by side."""
+    by_file: dict[str, list[ReadItem]] = collections.defaultdict(list)
+    for item in items:
+        by_file[storage_data[item.storage_index].relative_path].append(item)
+    spans_by_file: list[list[_Span]] = []
+    for relative_path, file_items in sorted(by_file.items()):
+        file_items.sort(key=lambda item: storage_data[item.storage_index].offset)
+        spans: list[_Span] = []
+        for item in file_items:
+            info = storage_data[item.storage_index]
+            item_end = info.offset + info.length
+            current = spans[-1] if spans else None
+            if (
+                current is not None
+                and info.offset <= current.end + _COALESCE_GAP
+                and max(current.end, item_end) - current.start <= max_span
+            ):
+                current.end = max(current.end, item_end)
+                current.requests.append(item)
+            else:
+                spans.append(_Span(relative_path, info.offset, item_end, [item]))
+        spans_by_file.append(spans)
+    interleaved = []
+    for round_ in range(max((len(spans) for spans in spans_by_file), default=0)):
+        interleaved += [spans[round_] for spans in spans_by_file if round_ < len(spans)]
+    return interleaved
+
+
+class _SpanFetcher:
+    """Downloads spans in parallel, handing them back in order while holding a bounded amount of memory.
+
+    Spans run on threads of their own: a span waits for its ranged requests, which run on the shared
+    transfer threads, and waiting for work queued behind oneself in one pool could deadlock it.
+    """
+
+    def __init__(self, files: _BlobFiles, checkpoint_url: str) -> None:
+        self._files = files
+        self._checkpoint_url = checkpoint_url
+        self._budget = 2 * files.max_concurrency * files.block_size  # bytes fetched but not yet used
+        self._lock = threading.Lock()
+        self._versions: dict[str, concurrent.futures.Future[tuple[AzStorageTorchBlobClient, str]]] = {}
+
+    def fetch_in_order(self, spans: list[_Span]) -> Iterator[tuple[_Span, bytearray]]:
+        pending: collections.deque[tuple[_Span, concurrent.futures.Future[bytearray]]] = collections.deque()
+        in_flight = 0
+        workers = max(1, min(len(spans), 2 * self._files.max_concurrency))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="azstoragetorch-dcp") as pool:
+            try:
+                for span in spans:
+                    while pending and in_flight + (span.end - span.start) > self._budget:
+                        done, data = pending.popleft()
+                        in_flight -= done.end - done.start
+                        yield done, data.result()
+                    pending.append((span, pool.submit(self._fetch, span)))
+                    in_flight += span.end - span.start
+                while pending:
+                    done, data = pending.popleft()
+                    yield done, data.result()
+            finally:
+                for _, future in pending:
+                    future.cancel()
+
+    def _fetch(self, span: _Span) -> bytearray:
+        client, etag = self._pinned_version(span.relative_path)
+        data = bytearray(span.end - span.start)
+        client.download_parallel(
+            span.start,
+            memoryview(data),
+            etag=etag,
+            part_size=self._files.block_size,
+            max_concurrency=self._files.max_concurrency,
+        )
+        return data
+
+    def _pinned_version(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, str]:
+        """The shard file's client and the ETag every range of it is read at (one request per file)."""
+        with self._lock:
+            future = self._versions.get(relative_path)
+            owner = future is None
+            if future is None:
+                future = self._versions[relative_path] = concurrent.futures.Future()
+        if owner:
+            url = self._files.concat_path(self._checkpoint_url, relative_path)
+            try:
+                with _missing_blob_as_file_not_found(url):
+                    client = AzStorageTorchBlobClient.from_url(url, self._files.credential)
+                    future.set_result((client, client.get_properties().etag))
+            except BaseException as error:
+                future.set_exception(error)
+        return future.result()
+
+
+class _MemoryFile(io.RawIOBase):
+    """A read-only, seekable file over a memoryview, without copying it (``io.BytesIO`` would)."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data = data
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: len(self._data)}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._data[self._position : self._position + len(buffer)]
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        self._position += len(chunk)
+        return len(chunk)
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def _parse_location(url: str) -> tuple[ContainerUrl, str]:
+    """The container and blob prefix of a checkpoint URL; ``ValueError`` for anything else."""
+    if not isinstance(url, str):
+        raise TypeError(f"A checkpoint location must be a blob URL string, not {type(url).__name__}.")
+    if "://" not in url or url.split("://", 1)[0].lower() not in ("http", "https"):
+        raise ValueError(
+            f"{_without_sas(url)!r} is not a blob prefix URL: expected "
+            "https://<account>.blob.core.windows.net/<container>/<prefix> "
+            "(or http://127.0.0.1:10000/<account>/<container>/<prefix> for Azurite)."
+        )
+    container, prefix = ContainerUrl.parse_with_prefix(url)
+    return container, prefix.strip("/")
+
+
+def _without_sas(url: str) -> str:
+    return scrub(url).split("?", 1)[0]
+
+
+@contextlib.contextmanager
+def _missing_blob_as_file_not_found(url: str) -> Iterator[None]:
+    try:
+        yield
+    except ResourceNotFoundError as error:
+        what = "container" if getattr(error, "error_code", None) == "ContainerNotFound" else "blob"
+        raise FileNotFoundError(
+            errno.ENOENT, f"No such {what} (is a checkpoint saved here?)", _without_sas(url)
+        ) from None

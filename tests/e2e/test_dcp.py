@@ -1,0 +1,475 @@
+"""BlobStorageWriter and BlobStorageReader with torch.distributed.checkpoint against Azurite.
+
+Round trips, the layout shared with FileSystemWriter (both ways), commit order and failures part way
+(through the fault proxy), ranged and coalesced loads (counted at the proxy), async_save, world size 2
+with DDP and FSDP2 including resharding, and what the user sees for bad input.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import pathlib
+import pickle
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing
+from azure.core.credentials import AzureNamedKeyCredential
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
+from azstoragetorch.testing import Azurite
+from tests.conftest import Container
+from tests.e2e import dcp_worker
+from tests.e2e.fault_proxy import FaultProxy, Gather, Respond, SeenRequest
+
+# torch notes that without a process group it saves and loads in one process; that is the intent.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+MiB = 1024 * 1024
+
+
+def state_dict(tensors: int = 6, size: int = 64 * 1024) -> dict[str, Any]:
+    """Tensors of ``size`` float32 elements (different dtypes), a nested dict and plain Python values."""
+    generator = torch.Generator().manual_seed(0)
+    tensors_by_name = {f"layer{i}.weight": torch.randn(size, generator=generator) for i in range(tensors)}
+    return {
+        **tensors_by_name,
+        "embedding": torch.randint(0, 1000, (256, 8), generator=generator, dtype=torch.int64),
+        "half": torch.randn(128, generator=generator).to(torch.bfloat16),
+        "nested": {"scale": torch.tensor(0.5), "history": [1, 2, 3]},
+        "step": 1234,
+        "name": "run-1",
+    }
+
+
+def empty_like(template: dict[str, Any]) -> dict[str, Any]:
+    """A state dict of the same shape to load into: zeroed tensors, blanked Python values."""
+    blank: dict[str, Any] = {}
+    for key, value in template.items():
+        if isinstance(value, torch.Tensor):
+            blank[key] = torch.zeros_like(value)
+        elif isinstance(value, dict):
+            blank[key] = empty_like(value)
+        else:
+            blank[key] = None
+    return blank
+
+
+def assert_same(loaded: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+        elif isinstance(value, dict):
+            assert_same(loaded[key], value)
+        else:
+            assert loaded[key] == value, key
+
+
+def names(container: Container, prefix: str) -> list[str]:
+    return sorted(blob.name[len(prefix) + 1 :] for blob in container.client.list_blobs(name_starts_with=prefix + "/"))
+
+
+def writer(url: str, credential: Any, **options: Any) -> BlobStorageWriter:
+    return BlobStorageWriter(url, credential=credential, **options)
+
+
+def reader(url: str, credential: Any, **options: Any) -> BlobStorageReader:
+    return BlobStorageReader(url, credential=credential, **options)
+
+
+def root_error(error: BaseException) -> str:
+    """DCP wraps each rank's failure in a CheckpointException; its text carries the rank's traceback."""
+    return str(error)
+
+
+# -- round trips and layout -------------------------------------------------------------------------
+
+
+def test_round_trip(container: Container, account_credential: AzureNamedKeyCredential) -> None:
+    expected = state_dict()
+    url = container.blob_url("ckpt/step-1")
+    dcp.save(expected, storage_writer=writer(url, account_credential))
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+
+    assert_same(loaded, expected)
+    assert names(container, "ckpt/step-1") == [".metadata", "__0_0.distcp"]
+
+
+@pytest.mark.parametrize("thread_count", [1, 3])
+def test_each_rank_writes_thread_count_files(
+    container: Container, account_credential: AzureNamedKeyCredential, thread_count: int
+) -> None:
+    expected = state_dict()
+    url = container.blob_url("threads")
+    dcp.save(expected, storage_writer=writer(url, account_credential, thread_count=thread_count))
+
+    assert names(container, "threads") == [".metadata", *(f"__0_{n}.distcp" for n in range(thread_count))]
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+    assert_same(loaded, expected)
+
+
+def test_layout_is_byte_for_byte_file_system_writers(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = state_dict()
+    dcp.save(expected, storage_writer=FileSystemWriter(tmp_path, thread_count=2))
+    dcp.save(expected, storage_writer=writer(container.blob_url("same"), account_credential, thread_count=2))
+
+    on_disk = sorted(path.name for path in tmp_path.iterdir())
+    assert names(container, "same") == on_disk == [".metadata", "__0_0.distcp", "__0_1.distcp"]
+    for shard in ("__0_0.distcp", "__0_1.distcp"):
+        assert container.download(f"same/{shard}") == (tmp_path / shard).read_bytes()
+    blob_metadata = pickle.loads(container.download("same/.metadata"))
+    disk_metadata = pickle.loads((tmp_path / ".metadata").read_bytes())
+    assert blob_metadata.state_dict_metadata == disk_metadata.state_dict_metadata
+    assert blob_metadata.storage_data == disk_metadata.storage_data
+
+
+def test_a_blob_checkpoint_copied_to_disk_loads_with_file_system_reader(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = state_dict()
+    dcp.save(expected, storage_writer=writer(container.blob_url("up"), account_credential, thread_count=2))
+    for name in names(container, "up"):
+        (tmp_path / name).write_bytes(container.download(f"up/{name}"))
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=FileSystemReader(tmp_path))
+
+    assert_same(loaded, expected)
+
+
+def test_a_disk_checkpoint_copied_up_loads_with_blob_storage_reader(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = state_dict()
+    dcp.save(expected, storage_writer=FileSystemWriter(tmp_path, thread_count=3))
+    for path in tmp_path.iterdir():
+        container.upload(f"down/{path.name}", path.read_bytes())
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(container.blob_url("down"), account_credential))
+
+    assert_same(loaded, expected)
+
+
+def test_async_save(container: Container, account_credential: AzureNamedKeyCredential) -> None:
+    expected = state_dict()
+    url = container.blob_url("async")
+
+    future = dcp.async_save(expected, storage_writer=writer(url, account_credential, thread_count=2))
+    future.result(timeout=120)
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+    assert_same(loaded, expected)
+
+
+def test_sas_url_authorizes_and_stays_out_of_metadata_and_logs(
+    container: Container, caplog: pytest.LogCaptureFixture
+) -> None:
+    sas = container.container_sas(read=True, write=True, delete=True, list=True)
+    url = f"{container.blob_url('sas')}?{sas}"
+    expected = state_dict(tensors=2)
+
+    with caplog.at_level(logging.DEBUG):
+        dcp.save(expected, storage_writer=BlobStorageWriter(url, credential=False))
+        loaded = empty_like(expected)
+        dcp.load(loaded, storage_reader=BlobStorageReader(url, credential=False))
+
+    assert_same(loaded, expected)
+    metadata = pickle.loads(container.download("sas/.metadata"))
+    assert metadata.storage_meta.checkpoint_id == container.blob_url("sas")
+    signature = sas.split("sig=", 1)[1]
+    assert signature not in caplog.text and "sig=" not in caplog.text
+
+
+# -- commit order and failures ----------------------------------------------------------------------
+
+
+def commits(proxy: FaultProxy) -> list[str]:
+    """The blob each committing write (Put Blob or Put Block List) created, in the order they arrived."""
+    return [seen.path.rsplit("/", 1)[1] for seen in proxy.requests if seen.operation in ("PutBlob", "PutBlockList")]
+
+
+def to(
+    name: str, operation: tuple[str, ...] = ("PutBlob", "PutBlock", "PutBlockList")
+) -> Callable[[SeenRequest], bool]:
+    return lambda seen: seen.operation in operation and seen.path.endswith("/" + name)
+
+
+def test_metadata_is_committed_after_every_shard(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
+    url = proxy.url(container.blob_url("order"))
+    dcp.save(state_dict(), storage_writer=writer(url, azurite.credential, thread_count=3))
+
+    order = commits(proxy)
+    assert order[-1] == ".metadata"
+    assert {name for name in order[:-1] if name.endswith(".distcp")} == {"__0_0.distcp", "__0_1.distcp", "__0_2.distcp"}
+
+
+@pytest.mark.parametrize("failing_shard", range(4))
+@pytest.mark.usefixtures("no_backoff")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # torch's thread prints it
+def test_a_failed_shard_leaves_no_metadata(
+    container: Container, azurite: Azurite, proxy: FaultProxy, failing_shard: int
+) -> None:
+    # With four writer threads, most shards are written by threads whose exceptions torch's own
+    # writer only prints; the save must still fail and write no metadata.
+    proxy.add_fault(to(f"__0_{failing_shard}.distcp"), Respond(503, "ServerBusy"), times=None)
+    url = proxy.url(container.blob_url("broken"))
+
+    with pytest.raises(CheckpointException, match="ServerBusy"):
+        dcp.save(state_dict(tensors=8), storage_writer=writer(url, azurite.credential, thread_count=4))
+
+    assert ".metadata" not in names(container, "broken")
+    assert f"__0_{failing_shard}.distcp" not in names(container, "broken")  # nothing half-committed
+    with pytest.raises(CheckpointException, match="No such blob"):
+        dcp.load(empty_like(state_dict(tensors=8)), storage_reader=reader(url, azurite.credential))
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_a_failed_overwrite_leaves_no_loadable_mix(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
+    url = proxy.url(container.blob_url("replace"))
+    old = state_dict()
+    dcp.save(old, storage_writer=writer(url, azurite.credential, thread_count=2))
+    new = {key: value + 1 if isinstance(value, torch.Tensor) else value for key, value in old.items()}
+    proxy.add_fault(to("__0_1.distcp"), Respond(500), times=None)
+
+    with pytest.raises(CheckpointException):
+        dcp.save(new, storage_writer=writer(url, azurite.credential, thread_count=2, overwrite=True))
+
+    # __0_0 may already hold new bytes; the old metadata is gone, so nothing can load the mix.
+    assert ".metadata" not in names(container, "replace")
+
+
+def test_overwrite_false_refuses_an_existing_checkpoint(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    url = container.blob_url("kept")
+    first = state_dict()
+    dcp.save(first, storage_writer=writer(url, account_credential))
+    before = {name: container.download(f"kept/{name}") for name in names(container, "kept")}
+
+    with pytest.raises(CheckpointException, match=r"FileExistsError.*overwrite=True") as error:
+        dcp.save(state_dict(tensors=2), storage_writer=writer(url, account_credential, overwrite=False))
+
+    assert url in root_error(error.value)
+    assert {name: container.download(f"kept/{name}") for name in names(container, "kept")} == before
+
+
+def test_overwrite_replaces_and_removes_shards_no_longer_used(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    url = container.blob_url("shrink")
+    dcp.save(state_dict(), storage_writer=writer(url, account_credential, thread_count=4))
+    container.upload("shrink/__0_9.distcp", b"left by a failed save")
+    container.upload("shrink/notes.txt", b"not ours")
+    second = state_dict(tensors=3)
+
+    dcp.save(second, storage_writer=writer(url, account_credential, thread_count=2, overwrite=True))
+
+    assert names(container, "shrink") == [".metadata", "__0_0.distcp", "__0_1.distcp", "notes.txt"]
+    loaded = empty_like(second)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+    assert_same(loaded, second)
+
+
+# -- ranged, coalesced, parallel loads ----------------------------------------------------------------
+
+
+def is_shard_get(seen: SeenRequest) -> bool:
+    return seen.operation == "GetBlob" and seen.path.endswith(".distcp")
+
+
+def shard_gets(proxy: FaultProxy) -> list[SeenRequest]:
+    return [seen for seen in proxy.requests if is_shard_get(seen)]
+
+
+def bytes_asked(requests: list[SeenRequest]) -> int:
+    return sum(last - first + 1 for first, last in (seen.byte_range or (0, -1) for seen in requests))
+
+
+def test_a_partial_load_fetches_only_its_ranges(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
+    expected = state_dict(tensors=8, size=256 * 1024)  # 1 MiB per tensor, 8+ MiB in one shard file
+    url = proxy.url(container.blob_url("partial"))
+    dcp.save(expected, storage_writer=writer(url, azurite.credential))
+    shard_size = container.client.get_blob_client("partial/__0_0.distcp").get_blob_properties().size
+    wanted = {"layer5.weight": torch.zeros(256 * 1024), "step": None}
+    before = len(proxy.requests)
+
+    dcp.load(
+        wanted, storage_reader=reader(url, azurite.credential), planner=DefaultLoadPlanner(allow_partial_load=True)
+    )
+
+    assert torch.equal(wanted["layer5.weight"], expected["layer5.weight"]) and wanted["step"] == 1234
+    reads = [seen for seen in shard_gets(proxy) if proxy.requests.index(seen) >= before]
+    assert len(reads) == 2  # one for the tensor, one for the small "step" item far from it
+    storage = pickle.loads(container.download("partial/.metadata")).storage_data
+    wanted_lengths = sum(info.length for index, info in storage.items() if index.fqn in wanted)
+    assert bytes_asked(reads) == wanted_lengths < shard_size / 7
+
+
+def test_a_full_load_coalesces_many_items_into_few_requests(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    expected = state_dict(tensors=200, size=1024)  # 200 items of 4 KiB
+    url = proxy.url(container.blob_url("many"))
+    dcp.save(expected, storage_writer=writer(url, azurite.credential))
+    shard_size = container.client.get_blob_client("many/__0_0.distcp").get_blob_properties().size
+    before = len(shard_gets(proxy))
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, azurite.credential))
+
+    assert_same(loaded, expected)
+    reads = shard_gets(proxy)[before:]
+    assert len(reads) == 1  # ~1.3 MiB of 205 items, in one ranged GET
+    assert bytes_asked(reads) == shard_size
+
+
+def test_large_ranges_are_split_into_parallel_requests(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    expected = state_dict(tensors=4, size=512 * 1024)  # 4 x 2 MiB
+    url = proxy.url(container.blob_url("big"))
+    dcp.save(expected, storage_writer=writer(url, azurite.credential))
+    gather = Gather(parties=4)
+    proxy.add_fault(to("__0_0.distcp", ("GetBlob",)), gather, times=4)
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, azurite.credential, block_size=MiB, max_concurrency=4))
+
+    assert_same(loaded, expected)
+    assert gather.opened.is_set(), "four ranged GETs were never in flight together"
+
+
+def test_shard_files_are_read_in_parallel(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
+    expected = state_dict(tensors=8)
+    url = proxy.url(container.blob_url("wide"))
+    dcp.save(expected, storage_writer=writer(url, azurite.credential, thread_count=4))
+    gather = Gather(parties=4)
+    proxy.add_fault(is_shard_get, gather, times=4)
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, azurite.credential))
+
+    assert_same(loaded, expected)
+    assert gather.opened.is_set(), "the four shard files were never read at the same time"
+
+
+# -- world size 2 -------------------------------------------------------------------------------------
+
+
+def spawn(world_size: int, action: str, wrapping: str, url: str, out_dir: pathlib.Path) -> list[dict[str, Any]]:
+    out_dir.mkdir()
+    if world_size == 1:
+        dcp_worker.run(action, wrapping, 1, url, out_dir / "rank0.json")
+    else:
+        with tempfile.TemporaryDirectory() as store:
+            torch.multiprocessing.spawn(
+                dcp_worker.rank_main,
+                args=(world_size, f"{store}/store", action, wrapping, url, str(out_dir)),
+                nprocs=world_size,
+            )
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("wrapping", ["ddp", "fsdp"])
+@pytest.mark.parametrize(("save_world", "load_world"), [(2, 1), (1, 2)], ids=["save-2-load-1", "save-1-load-2"])
+def test_distributed_save_and_resharded_load(
+    container: Container, tmp_path: pathlib.Path, wrapping: str, save_world: int, load_world: int
+) -> None:
+    url = container.blob_url(f"{wrapping}/{save_world}-{load_world}")
+
+    saved = spawn(save_world, "save", wrapping, url, tmp_path / "saved")
+    loaded = spawn(load_world, "load", wrapping, url, tmp_path / "loaded")
+
+    assert all(report == saved[0] for report in saved)  # every saving rank saw the same full state
+    assert all(report == saved[0] for report in loaded)  # and every loading rank got it back
+    files = names(container, f"{wrapping}/{save_world}-{load_world}")
+    assert files == [".metadata", *(f"__{rank}_{n}.distcp" for rank in range(save_world) for n in range(2))]
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://bucket/checkpoint",
+        "/tmp/checkpoint",
+        "checkpoint",
+        "https://myaccount.blob.core.windows.net",
+        "https://myaccount.blob.core.windows.net/container/ckpt?snapshot=2024-01-01T00:00:00Z",
+    ],
+)
+def test_a_url_that_is_not_a_blob_prefix_is_rejected(url: str) -> None:
+    for make in (BlobStorageWriter, BlobStorageReader):
+        with pytest.raises(ValueError):
+            make(url, credential=False)
+        assert not make.validate_checkpoint_id(url)
+    assert BlobStorageWriter.validate_checkpoint_id("https://myaccount.blob.core.windows.net/container/ckpt")
+
+
+def test_options_out_of_range_are_rejected() -> None:
+    url = "https://myaccount.blob.core.windows.net/container/ckpt"
+    with pytest.raises(ValueError, match="thread_count"):
+        BlobStorageWriter(url, thread_count=0)
+    with pytest.raises(ValueError, match="block_size"):
+        BlobStorageReader(url, block_size=0)
+    with pytest.raises(TypeError, match="Unsupported credential"):
+        BlobStorageReader(url, credential="account-key")  # type: ignore[arg-type]
+
+
+def test_a_missing_checkpoint_names_the_url_without_its_sas(container: Container) -> None:
+    url = f"{container.blob_url('nothing-here')}?{container.container_sas()}"
+
+    with pytest.raises(CheckpointException) as error:
+        dcp.load(empty_like(state_dict(tensors=1)), storage_reader=BlobStorageReader(url, credential=False))
+
+    message = root_error(error.value)
+    assert f"No such blob (is a checkpoint saved here?): '{container.blob_url('nothing-here')}/.metadata'" in message
+    assert "sig=" not in message
+
+
+@pytest.mark.parametrize(
+    ("wanted", "message"),
+    [
+        ({"not.in.checkpoint": torch.zeros(3)}, "Missing key in checkpoint state_dict: not.in.checkpoint"),
+        ({"layer0.weight": torch.zeros(3)}, "Size mismatch"),
+    ],
+)
+def test_mismatched_state_dicts_surface_dcps_own_error(
+    container: Container, account_credential: AzureNamedKeyCredential, wanted: dict[str, Any], message: str
+) -> None:
+    url = container.blob_url("mismatch")
+    dcp.save(state_dict(tensors=1), storage_writer=writer(url, account_credential))
+
+    with pytest.raises(CheckpointException, match=message):
+        dcp.load(wanted, storage_reader=reader(url, account_credential))
+
+
+def test_io_of_the_default_planner_reads_bytes_items(container: Container, account_credential: Any) -> None:
+    """Non-tensor values (BYTE_IO items) come back as the same Python objects."""
+    expected = {"config": {"lr": 0.1, "layers": [4, 8]}, "blob": io.BytesIO(b"raw bytes")}
+    url = container.blob_url("objects")
+    dcp.save(expected, storage_writer=writer(url, account_credential))
+
+    loaded: dict[str, Any] = {"config": {"lr": None, "layers": None}, "blob": io.BytesIO()}
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+
+    assert loaded["config"] == {"lr": 0.1, "layers": [4, 8]}
+    assert loaded["blob"].getvalue() == b"raw bytes"
