@@ -12,7 +12,7 @@ import collections
 from concurrent.futures import Future
 from typing import Any
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, _buffers
 
 # After a jump to a new position only this much is fetched: a jump is usually a short look (the
 # zip directory at the end of a checkpoint), and a full chunk would delay it for nothing.
@@ -75,10 +75,6 @@ class ReadAheadBuffer:
         self._ahead = 0
         self._next_expected = 0
         self._window_anchor = -1  # start of the chunk the read-ahead was last extended from
-        # Buffers of evicted chunks, reused for new ones: allocating and freeing multi-MiB buffers
-        # costs page faults and mmap calls that, with transfer threads running, cost more CPU
-        # than the transfer itself.
-        self._spare_buffers: list[bytearray] = []
         if first_chunk:
             done: Future[None] = Future()
             done.set_result(None)
@@ -121,7 +117,7 @@ class ReadAheadBuffer:
 
     def close(self) -> None:
         for chunk in self._chunks.values():
-            chunk.future.cancel()
+            self._recycle(chunk)
         self._chunks.clear()
 
     def _read_directly(self, offset: int, destination: memoryview) -> None:
@@ -165,10 +161,10 @@ class ReadAheadBuffer:
 
     def _request(self, start: int, length: int) -> _Chunk:
         stop = min(start + min(length, self._chunk_size), self.size)
-        if stop - start == self._chunk_size and self._spare_buffers:
-            data = self._spare_buffers.pop()
-        else:
-            data = bytearray(stop - start)  # small chunks get small buffers, never recycled
+        # Full chunks use the process's pooled buffers: allocating multi-MiB buffers afresh costs
+        # page faults that, with transfer threads running, cost more CPU than the transfer itself.
+        # Small chunks get small buffers of their own.
+        data = _buffers.take(self._chunk_size) if stop - start == self._chunk_size else bytearray(stop - start)
         target = memoryview(data)
         future = self._client.submit(self._client.download_into, start, target, etag=self._properties.etag)
         chunk = _Chunk(start, stop, future, data)
@@ -188,4 +184,4 @@ class ReadAheadBuffer:
     def _recycle(self, chunk: _Chunk) -> None:
         # A buffer may be reused only once no thread can still be writing into it.
         if (chunk.future.cancel() or chunk.future.done()) and len(chunk.data) == self._chunk_size:
-            self._spare_buffers.append(chunk.data)
+            _buffers.give_back(chunk.data)
