@@ -44,6 +44,7 @@ from azstoragetorch._client import (
     AzStorageTorchContainerClient,
     ContainerUrl,
     CredentialArgument,
+    _buffers,
 )
 from azstoragetorch._client._credentials import validate_credential
 from azstoragetorch._client._redaction import scrub
@@ -351,7 +352,7 @@ class BlobStorageReader(FileSystemReader):
             for request in span.requests:
                 info: _StorageInfo = self.storage_data[request.storage_index]
                 start = info.offset - span.start
-                self._load_item(request, info, memoryview(data)[start : start + info.length], planner)
+                self._load_item(request, info, data[start : start + info.length], planner)
         done: Future[None] = Future()
         done.set_result(None)
         return done
@@ -431,7 +432,8 @@ class _SpanFetcher:
         self._lock = threading.Lock()
         self._versions: dict[str, concurrent.futures.Future[tuple[AzStorageTorchBlobClient, str]]] = {}
 
-    def fetch_in_order(self, spans: list[_Span]) -> Iterator[tuple[_Span, bytearray]]:
+    def fetch_in_order(self, spans: list[_Span]) -> Iterator[tuple[_Span, memoryview]]:
+        """Each span with its bytes, in the order given; the bytes are valid until the next span is asked for."""
         pending: collections.deque[tuple[_Span, concurrent.futures.Future[bytearray]]] = collections.deque()
         in_flight = 0
         workers = max(1, min(len(spans), 2 * self._files.max_concurrency))
@@ -439,29 +441,45 @@ class _SpanFetcher:
             try:
                 for span in spans:
                     while pending and in_flight + (span.end - span.start) > self._budget:
-                        done, data = pending.popleft()
-                        in_flight -= done.end - done.start
-                        yield done, data.result()
+                        in_flight -= yield from self._hand_over(pending.popleft())
                     pending.append((span, pool.submit(self._fetch, span)))
                     in_flight += span.end - span.start
                 while pending:
-                    done, data = pending.popleft()
-                    yield done, data.result()
+                    yield from self._hand_over(pending.popleft())
             finally:
                 for _, future in pending:
-                    future.cancel()
+                    if not future.cancel() and future.done() and future.exception() is None:
+                        _buffers.give_back(future.result())
+
+    @staticmethod
+    def _hand_over(
+        entry: tuple[_Span, concurrent.futures.Future[bytearray]],
+    ) -> Generator[tuple[_Span, memoryview], None, int]:
+        span, future = entry
+        buffer = future.result()
+        with memoryview(buffer) as view:
+            yield span, view[: span.end - span.start]
+        _buffers.give_back(buffer)  # the consumer is done with it (it asked for the next span)
+        return span.end - span.start
 
     def _fetch(self, span: _Span) -> bytearray:
         client, etag = self._pinned_version(span.relative_path)
-        data = bytearray(span.end - span.start)
-        client.download_parallel(
-            span.start,
-            memoryview(data),
-            etag=etag,
-            part_size=self._files.block_size,
-            max_concurrency=self._files.max_concurrency,
-        )
-        return data
+        length = span.end - span.start
+        # Sizes rounded up to whole blocks repeat from span to span, so pooled buffers fit again.
+        block = self._files.block_size
+        buffer = _buffers.take(-(-length // block) * block)
+        try:
+            client.download_parallel(
+                span.start,
+                memoryview(buffer)[:length],
+                etag=etag,
+                part_size=block,
+                max_concurrency=self._files.max_concurrency,
+            )
+        except BaseException:
+            _buffers.give_back(buffer)
+            raise
+        return buffer
 
     def _pinned_version(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, str]:
         """The shard file's client and the ETag every range of it is read at (one request per file)."""
