@@ -37,11 +37,14 @@ from _common import (
     Stats,
     Stopwatch,
     ThreadConnections,
+    VerificationError,
     fmt_range,
     format_machine,
     machine_info,
+    make_state_dict,
     package_version,
     stats,
+    verify,
 )
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
@@ -62,38 +65,7 @@ LOCAL_FILE_NAME = "archive.pt"
 Direction = Literal["save", "load"]
 
 
-class VerificationError(AssertionError):
-    """A load returned something other than what was saved. Never caught: the run must fail."""
-
-
 # -- the checkpoint ----------------------------------------------------------------------------------
-
-
-def make_state_dict(size_mib: int) -> dict[str, torch.Tensor]:
-    """Layers of a 1024x1024 float32 weight (4 MiB) and a 1024-element bias (4 KiB), plus two scalars."""
-    generator = torch.Generator().manual_seed(0)
-    state_dict: dict[str, torch.Tensor] = {}
-    for layer in range(max(1, round(size_mib / 4))):
-        state_dict[f"layers.{layer}.weight"] = torch.randn(1024, 1024, generator=generator)
-        state_dict[f"layers.{layer}.bias"] = torch.randn(1024, generator=generator)
-    state_dict["step"] = torch.tensor(12345, dtype=torch.int64)
-    state_dict["loss_scale"] = torch.tensor(65536.0)
-    return state_dict
-
-
-def verify(loaded: object, expected: dict[str, torch.Tensor], what: str) -> None:
-    if not isinstance(loaded, dict) or loaded.keys() != expected.keys():
-        raise VerificationError(f"{what}: loaded object is not a dict with the saved keys")
-    for name, tensor in expected.items():
-        got = loaded[name]
-        same = (
-            isinstance(got, torch.Tensor)
-            and got.dtype == tensor.dtype
-            and got.shape == tensor.shape
-            and torch.equal(got, tensor)
-        )
-        if not same:
-            raise VerificationError(f"{what}: tensor {name!r} differs from the saved one")
 
 
 def verify_bytes(got: bytes | bytearray, expected: bytes, what: str) -> None:
