@@ -162,8 +162,8 @@ class BlobStorageWriter(FileSystemWriter):
         dcp.save(state_dict, storage_writer=BlobStorageWriter(url, thread_count=4))
 
     Every rank writes its shards as ``__<rank>_<n>.distcp``, ``thread_count`` files at once, each a
-    :class:`~azstoragetorch.io.BlobIO` that uploads ``max_concurrency`` blocks in parallel; the
-    coordinator writes ``.metadata`` last, once every shard is committed. A save that fails part way
+    :class:`~azstoragetorch.io.BlobIO` uploading blocks in parallel, ``max_concurrency`` blocks in
+    flight per rank in all; the coordinator writes ``.metadata`` last, once every shard is committed. A save that fails part way
     therefore never leaves a loadable checkpoint, and when it replaces an existing checkpoint
     (``overwrite=True``), that checkpoint's ``.metadata`` is deleted before the first shard is
     rewritten, so old metadata can never describe new shards. ``dcp.async_save`` works too.
@@ -176,7 +176,9 @@ class BlobStorageWriter(FileSystemWriter):
         thread_count: Shard files each rank writes at once (and so the number of files per rank).
         overwrite: Replace a checkpoint that already exists at ``url``. ``False`` (the default)
             raises ``FileExistsError`` instead.
-        max_concurrency: Parallel block uploads per shard file.
+        max_concurrency: Parallel block uploads per rank, shared by the ``thread_count`` files it
+            writes at once. A rank holds about ``(max_concurrency + thread_count) * block_size`` bytes
+            of blocks.
         block_size: Bytes per uploaded block.
         validate_content: Send an MD5 of every block for the service to check.
         single_file_per_rank: As for ``FileSystemWriter``: ``False`` writes one file per tensor.
@@ -202,12 +204,16 @@ class BlobStorageWriter(FileSystemWriter):
         per_thread_copy_ahead: int = 10_000_000,
         cache_staged_state_dict: bool = False,
     ) -> None:
-        files = _BlobFiles(
-            credential, max_concurrency=max_concurrency, block_size=block_size, validate_content=validate_content
-        )
-        checked_url = files.init_path(url)
         if isinstance(thread_count, bool) or not isinstance(thread_count, int) or thread_count < 1:
             raise ValueError(f"thread_count must be a positive int, got {thread_count!r}.")
+        _check_transfer_options(max_concurrency, block_size)
+        # The rank's uploads in flight are shared by the files it writes at once, which bounds its
+        # memory at (max_concurrency + thread_count) blocks whatever thread_count is.
+        per_file = -(-max_concurrency // thread_count)
+        files = _BlobFiles(
+            credential, max_concurrency=per_file, block_size=block_size, validate_content=validate_content
+        )
+        checked_url = files.init_path(url)
         super().__init__(
             checked_url,
             single_file_per_rank=single_file_per_rank,
@@ -298,17 +304,19 @@ class BlobStorageReader(FileSystemReader):
         dcp.load(state_dict, storage_reader=BlobStorageReader(url))
 
     Reads fetch only the bytes the load plan needs: the items wanted from each shard file are sorted
-    by offset and neighbouring ones (less than 256 KiB apart) are fetched by one ranged request, up
-    to ``max_concurrency * block_size`` bytes a request group, in parallel across shard files and
-    within large ranges. A partial load (a subset of the keys) fetches only its own ranges. Every
+    by offset and neighbouring ones (less than 256 KiB apart) are fetched together, in groups of up
+    to half of ``max_concurrency * block_size``, each split into ranged requests of ``block_size``;
+    groups of different shard files are fetched side by side, ``max_concurrency * block_size`` bytes
+    at a time. A partial load (a subset of the keys) fetches only its own ranges. Every
     shard file is pinned to the version first seen, so a checkpoint overwritten during a load raises
     :class:`~azstoragetorch.exceptions.BlobModifiedDuringReadError` instead of mixing versions.
 
     Args:
         url: The checkpoint's location, as for :class:`BlobStorageWriter`.
         credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored when ``url`` carries a SAS token.
-        max_concurrency: Parallel ranged requests per group of ranges.
-        block_size: Bytes per ranged request within a large range.
+        max_concurrency: Ranged requests in flight, with ``block_size`` (of 8 MiB) bytes each. A load
+            holds about ``1.5 * max_concurrency * block_size`` bytes of fetched data.
+        block_size: Bytes per ranged request.
 
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
@@ -346,7 +354,8 @@ class BlobStorageReader(FileSystemReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         files = cast(_BlobFiles, self.fs)
-        spans = _coalesce(plan.items, self.storage_data, max_span=files.max_concurrency * files.block_size)
+        window = files.max_concurrency * files.block_size
+        spans = _coalesce(plan.items, self.storage_data, max_span=max(files.block_size, window // 2))
         fetcher = _SpanFetcher(files, os.fspath(self.path))
         for span, data in fetcher.fetch_in_order(spans):
             for request in span.requests:
@@ -428,7 +437,7 @@ class _SpanFetcher:
     def __init__(self, files: _BlobFiles, checkpoint_url: str) -> None:
         self._files = files
         self._checkpoint_url = checkpoint_url
-        self._budget = 2 * files.max_concurrency * files.block_size  # bytes fetched but not yet used
+        self._budget = files.max_concurrency * files.block_size  # bytes being fetched, beside the span in use
         self._lock = threading.Lock()
         self._versions: dict[str, concurrent.futures.Future[tuple[AzStorageTorchBlobClient, str]]] = {}
 

@@ -9,34 +9,44 @@ import pytest
 from azstoragetorch._client import _buffers
 from azstoragetorch._client._buffers import BufferPool
 
+MiB = 1024 * 1024
+
 
 def test_a_returned_buffer_is_reused_for_the_same_size() -> None:
-    pool = BufferPool(max_idle_bytes=1024)
-    first = pool.take(256)
+    pool = BufferPool(max_idle_bytes=4 * MiB)
+    first = pool.take(2 * MiB)
     pool.give_back(first)
 
-    assert pool.take(128) is not first  # sizes must match exactly
-    assert pool.take(256) is first
+    assert pool.take(3 * MiB) is not first  # sizes must match exactly
+    assert pool.take(2 * MiB) is first
     assert pool.idle_bytes == 0
 
 
-def test_idle_buffers_are_capped() -> None:
-    pool = BufferPool(max_idle_bytes=300)
-    buffers = [pool.take(100) for _ in range(5)]
-    for buffer in buffers:
+def test_idle_buffers_are_capped_and_the_longest_idle_go_first() -> None:
+    pool = BufferPool(max_idle_bytes=3 * MiB)
+    small = [pool.take(MiB) for _ in range(3)]
+    for buffer in small:
         pool.give_back(buffer)
+    large = pool.take(2 * MiB)
+    pool.give_back(large)  # needs room: the two small buffers returned first are freed
 
-    assert pool.idle_bytes == 300
-    kept = [pool.take(100) for _ in range(3)]
-    assert all(any(buffer is original for original in buffers) for buffer in kept)
-    fourth = pool.take(100)
-    assert not any(fourth is original for original in buffers)  # the two beyond the cap were freed
+    assert pool.idle_bytes == 3 * MiB
+    assert pool.take(2 * MiB) is large
+    assert pool.take(MiB) is small[2]
+    assert not any(pool.take(MiB) is buffer for buffer in small)
+
+
+def test_buffers_larger_than_the_cap_or_small_are_not_kept() -> None:
+    pool = BufferPool(max_idle_bytes=2 * MiB)
+    pool.give_back(bytearray(2 * MiB + 1))
+    pool.give_back(bytearray(MiB - 1))
+    assert pool.idle_bytes == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_starts_with_an_empty_pool() -> None:
-    _buffers.give_back(_buffers.take(4096))
-    assert _buffers.pool.idle_bytes >= 4096
+    _buffers.give_back(_buffers.take(MiB))
+    assert _buffers.pool.idle_bytes >= MiB
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
