@@ -282,7 +282,13 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
     **Sharding.** Iterated by a DataLoader with workers, in a job with several
     :mod:`torch.distributed` ranks, or both, each worker of each rank gets its own share of the
     blobs: over all ranks and workers, every blob is seen exactly once per epoch, and shares differ
-    in size by at most one.
+    in size by at most one. Blobs are dealt to ranks first, then to each rank's workers, so ranks get
+    the same number of samples whenever the number of blobs divides by the number of ranks.
+
+    **Training with DDP.** Every rank must run the same number of steps, or the ranks wait for
+    each other forever at the end of the epoch. With ``balance_ranks=True``, ranks whose share is
+    one short repeat a blob from the start of the epoch's order, as ``DistributedSampler`` does, so
+    up to ``world_size - 1`` blobs are seen twice in an epoch whose count does not divide.
 
     **Shuffling.** With ``shuffle=True`` the order is a permutation drawn from ``seed`` and the
     epoch set by :meth:`set_epoch`, the same on every rank. Call ``set_epoch(epoch)`` before each
@@ -302,6 +308,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         shuffle: bool = False,
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
+        balance_ranks: bool = False,
     ) -> None:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_SAMPLE_THREADS:
             raise ValueError(f"prefetch must be an int from 1 to {MAX_SAMPLE_THREADS}, got {prefetch!r}.")
@@ -311,6 +318,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         self._shuffle = bool(shuffle)
         self._seed = int(seed)
         self._prefetch = prefetch
+        self._balance_ranks = bool(balance_ranks)
         # In shared memory, so that set_epoch in the main process reaches DataLoader workers that
         # persist across epochs (they hold a copy of the dataset, but the same memory).
         self._epoch = _shared_epoch(0)
@@ -329,6 +337,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         shuffle: bool = False,
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
+        balance_ranks: bool = False,
     ) -> Self:
         """A dataset of the given blobs, in the given order unless ``shuffle`` is set.
 
@@ -340,12 +349,15 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
             seed: The shuffling seed; use the same one on every rank.
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
+            balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
+                repeating up to ``world_size - 1`` (see "Training with DDP" above).
 
         Raises:
             ValueError: A URL is malformed, or ``prefetch`` is out of range.
             TypeError: ``credential`` is of an unsupported type.
         """
-        return cls(_blobs_from_urls(blob_urls, credential), transform, shuffle=shuffle, seed=seed, prefetch=prefetch)
+        blobs = _blobs_from_urls(blob_urls, credential)
+        return cls(blobs, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
 
     @classmethod
     def from_container_url(
@@ -358,6 +370,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         shuffle: bool = False,
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
+        balance_ranks: bool = False,
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``).
 
@@ -373,13 +386,15 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
             seed: The shuffling seed; use the same one on every rank.
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
+            balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
+                repeating up to ``world_size - 1`` (see "Training with DDP" above).
 
         Raises:
             ValueError: The URL is malformed, or ``prefetch`` is out of range.
             TypeError: ``credential`` or ``prefix`` is of an unsupported type.
         """
         listing = _ContainerListing(container_url, prefix, credential)
-        return cls(listing, transform, shuffle=shuffle, seed=seed, prefetch=prefetch)
+        return cls(listing, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch whose order the next iteration follows (only matters with ``shuffle=True``)."""
@@ -450,8 +465,13 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         rank, world_size = _live_rank_and_world_size() or self._rank_at_pickling or (0, 1)
         worker = torch.utils.data.get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        shard_index, shard_count = rank * workers + worker_id, world_size * workers
-        return [blobs[index] for index in order[shard_index::shard_count]]
+        order = list(order)
+        if self._balance_ranks and order and len(order) % world_size:
+            # As DistributedSampler pads: repeat the start of the order up to a multiple of the ranks.
+            per_rank = -(-len(order) // world_size)
+            order = (order * world_size)[: per_rank * world_size]
+        # Ranks first, then each rank's workers: rank shares then differ by at most one sample.
+        return [blobs[index] for index in order[rank::world_size][worker_id::workers]]
 
     def _fetch_in_order(self, blobs: list[Blob]) -> Iterator[_TransformOutputType_co]:
         pending: collections.deque[Future[Any]] = collections.deque()

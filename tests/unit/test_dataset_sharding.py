@@ -110,6 +110,35 @@ def test_every_blob_exactly_once_over_all_ranks_and_workers(
         assert is_subsequence(shard, whole), (shard, whole)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    world_size=st.integers(1, 4),
+    num_workers=st.integers(0, 4),
+    count=st.integers(0, 40),
+    balance_ranks=st.booleans(),
+)
+def test_ranks_get_shares_that_differ_by_at_most_one_or_none_when_balanced(
+    world_size: int, num_workers: int, count: int, balance_ranks: bool
+) -> None:
+    dataset = IterableBlobDataset(fake_blobs(count), transform=blob_name, shuffle=True, balance_ranks=balance_ranks)
+    shards = shards_of(dataset, world_size, num_workers)
+
+    per_rank = [sum(len(shard) for (rank, _), shard in shards.items() if rank == r) for r in range(world_size)]
+    seen = Counter(name for shard in shards.values() for name in shard)
+    if balance_ranks:
+        # Every rank runs the same number of steps (what DDP needs); nothing is missing, and at most
+        # world_size - 1 blobs come twice, as with DistributedSampler.
+        assert len(set(per_rank)) == 1
+        assert set(seen) == set(names(count))
+        assert sum(seen.values()) == count + (-count) % world_size
+        assert all(times <= 2 for times in seen.values())
+    else:
+        assert max(per_rank) - min(per_rank) <= 1
+        assert seen == Counter(names(count))
+    if count % world_size == 0:
+        assert len(set(per_rank)) == 1 and seen == Counter(names(count))  # both ways: exact and even
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), epoch=st.integers(0, 1000), count=st.integers(20, 60))
 def test_shuffle_is_deterministic_per_seed_and_epoch_and_changes_with_the_epoch(
