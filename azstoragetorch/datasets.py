@@ -167,6 +167,17 @@ def _blobs_from_urls(blob_urls: str | Iterable[str], credential: CredentialArgum
     return [Blob(AzStorageTorchBlobClient(BlobUrl.parse(url), credential)) for url in urls]
 
 
+def _list_source(source: str | Iterable[str], credential: CredentialArgument) -> list[Blob]:
+    """The blobs a data source names, listed now: a container URL whose path after the container is a
+    folder (``.../<container>/train`` means the blobs under ``train/``), or an iterable of blob URLs."""
+    if not isinstance(source, str):
+        return _blobs_from_urls(source, credential)
+    container, folder = ContainerUrl.parse_with_prefix(source)
+    prefix = folder.strip("/")
+    client = AzStorageTorchContainerClient(container, credential)
+    return [Blob(listed.client, listed.properties) for listed in client.list_blobs(f"{prefix}/" if prefix else None)]
+
+
 class _ContainerListing:
     """The blobs of a container (under a prefix), listed when iterated. Pickles without listing."""
 

@@ -64,3 +64,44 @@ def trainer(**overrides: Any) -> pl.Trainer:
 
 def same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+# -- for the BlobDataModule tests ----------------------------------------------------------------------
+
+
+def upload_ids(container: Any, folder: str, count: int) -> str:
+    """Blobs ``<folder>/<n>`` holding the number ``n``; returns the folder's URL."""
+    for index in range(count):
+        container.upload(f"{folder}/{index:04d}", index.to_bytes(4, "little"))
+    return container.blob_url(folder)
+
+
+def decode_id(blob: Any) -> dict[str, torch.Tensor]:
+    """A transform for :func:`upload_ids` blobs (importable by path, for configs and spawned workers)."""
+    with blob.reader() as reader:
+        return {"id": torch.tensor(int.from_bytes(reader.read(), "little"))}
+
+
+class IdRecorder(pl.LightningModule):
+    """Records, per epoch and in order, the sample ids of every training batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[int]] = {}
+
+    def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
+        self.seen.setdefault(self.current_epoch, []).extend(batch["id"].tolist())
+        return (self.weight * batch["id"].float().mean()) ** 2
+
+    def validation_step(self, batch: Any, batch_index: int) -> None:
+        self.log("val_seen", batch["id"].float().sum(), reduce_fx="sum", sync_dist=True)
+
+    def test_step(self, batch: Any, batch_index: int) -> None:
+        self.log("test_seen", batch["id"].float().sum(), reduce_fx="sum")
+
+    def predict_step(self, batch: Any, batch_index: int) -> Any:
+        return batch
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
