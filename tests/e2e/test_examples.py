@@ -15,8 +15,14 @@ REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     ("script", "last_line"),
     [
+        ("demo.py", "demo OK"),
+        (
+            "lightning_cli.py fit --config examples/lightning_cli_config.yaml --trainer.max_epochs=1",
+            "lightning CLI example OK",
+        ),
         ("save_and_load.py", "Saved and loaded"),
         ("datasets_example.py", "datasets example OK"),
+        ("dcp_checkpoint.py", "dcp example OK"),
         (
             "lightning_checkpointing.py",
             "4. With AsyncCheckpointIO: epoch=0-step=8.ckpt, epoch=1-step=16.ckpt, last.ckpt",
@@ -26,7 +32,7 @@ REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 def test_example_runs_against_azurite(script: str, last_line: str) -> None:
     environment = {name: value for name, value in os.environ.items() if name != "AZSTORAGETORCH_CONTAINER_URL"}
     result = subprocess.run(
-        [sys.executable, str(REPOSITORY / "examples" / script)],
+        [sys.executable, str(REPOSITORY / "examples" / script.split()[0]), *script.split()[1:]],
         cwd=REPOSITORY,
         env=environment,
         capture_output=True,
