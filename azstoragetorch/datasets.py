@@ -299,7 +299,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
     **Training with DDP.** Every rank must run the same number of steps, or the ranks wait for
     each other forever at the end of the epoch. With ``balance_ranks=True``, ranks whose share is
     one short repeat a blob from the start of the epoch's order, as ``DistributedSampler`` does, so
-    up to ``world_size - 1`` blobs are seen twice in an epoch whose count does not divide.
+    an epoch whose count does not divide has up to ``world_size - 1`` repeated samples.
 
     **Shuffling.** With ``shuffle=True`` the order is a permutation drawn from ``seed`` and the
     epoch set by :meth:`set_epoch`, the same on every rank. Call ``set_epoch(epoch)`` before each
@@ -361,7 +361,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             seed: The shuffling seed; use the same one on every rank.
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
             balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
-                repeating up to ``world_size - 1`` (see "Training with DDP" above).
+                with up to ``world_size - 1`` repeats (see "Training with DDP" above).
 
         Raises:
             ValueError: A URL is malformed, or ``prefetch`` is out of range.
@@ -398,7 +398,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             seed: The shuffling seed; use the same one on every rank.
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
             balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
-                repeating up to ``world_size - 1`` (see "Training with DDP" above).
+                with up to ``world_size - 1`` repeats (see "Training with DDP" above).
 
         Raises:
             ValueError: The URL is malformed, or ``prefetch`` is out of range.

@@ -328,7 +328,7 @@ class BlobDataModule(LightningDataModule):
     iterable ones shard themselves across ranks and DataLoader workers, and the training split
     gives every rank the same number of samples (``balance_ranks``), so DDP never waits at the end of
     an epoch. Either way every sample comes once per epoch when the number of blobs divides by the
-    number of ranks (otherwise up to ``world_size - 1`` come twice, as ``DistributedSampler`` does).
+    number of ranks (otherwise up to ``world_size - 1`` samples repeat, as with ``DistributedSampler``).
     Training data is shuffled anew each epoch, iterable splits by the trainer's epoch.
 
     Every split's DataLoader is a torchdata ``StatefulDataLoader``, so a checkpoint taken in the
