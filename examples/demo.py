@@ -46,13 +46,13 @@ from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO, BlobDat
 from azstoragetorch.io import BlobIO
 from azstoragetorch.testing import Azurite
 
-TRAIN_SAMPLES = 3200
-VAL_SAMPLES = 640
+TRAIN_SAMPLES = 2048
+VAL_SAMPLES = 512
 BATCH_SIZE = 64
 EPOCHS = 3
-STEPS_PER_EPOCH = TRAIN_SAMPLES // BATCH_SIZE  # each of the 2 workers makes 25 full batches
-STOP_AT_STEP = STEPS_PER_EPOCH + 20  # in the middle of the second epoch
-CHECKPOINT_EVERY = 10
+STEPS_PER_EPOCH = TRAIN_SAMPLES // BATCH_SIZE  # each of the 2 workers makes 16 full batches
+STOP_AT_STEP = STEPS_PER_EPOCH + 13  # in the middle of the second epoch
+CHECKPOINT_EVERY = 8
 
 
 @dataclasses.dataclass
@@ -118,6 +118,7 @@ def data_module(azurite: Azurite) -> BlobDataModule:
         transform="shapes.decode",
         batch_size=BATCH_SIZE,
         num_workers=2,
+        persistent_workers=True,
         seed=7,
         credential=azurite.credential,
     )
@@ -150,7 +151,7 @@ def step_train_and_stop(
     first = trainer(plugin, dirpath, counter, max_steps=STOP_AT_STEP)
     first.fit(ShapesClassifier(), datamodule=data_module(azurite))
     figures.add(
-        "training data, first run",
+        "training, first run (loading + training + val)",
         f"{counter.samples} samples in {counter.seconds:.1f} s = {counter.samples / counter.seconds:.0f} samples/s",
     )
     figures.check(first.global_step == STOP_AT_STEP, f"first run stopped at step {first.global_step}")
@@ -166,7 +167,7 @@ def step_resume(azurite: Azurite, plugin: AzureBlobCheckpointIO, dirpath: str, f
     last_checkpoint = (STOP_AT_STEP // CHECKPOINT_EVERY) * CHECKPOINT_EVERY
     figures.add("resumed from", f"{resumed.ckpt_path} (step {last_checkpoint})")
     figures.add(
-        "training data, resumed run",
+        "training, resumed run (same)",
         f"{counter.samples} samples in {counter.seconds:.1f} s = {counter.samples / counter.seconds:.0f} samples/s",
     )
     expected = (EPOCHS * STEPS_PER_EPOCH - last_checkpoint) * BATCH_SIZE

@@ -48,8 +48,8 @@ def overrides(container_url: str, credential: dict[str, Any] | None, account_url
 def ensure_data(container: ContainerClient, container_url: str, credential: Any) -> None:
     if next(iter(container.list_blobs(name_starts_with="shapes/train/")), None) is None:
         print("Uploading the shapes data set ...")
-        upload_shapes(f"{container_url}/shapes/train", 3200, seed=0, credential=credential)
-        upload_shapes(f"{container_url}/shapes/val", 640, seed=1, credential=credential)
+        upload_shapes(f"{container_url}/shapes/train", 2048, seed=0, credential=credential)
+        upload_shapes(f"{container_url}/shapes/val", 512, seed=1, credential=credential)
 
 
 def run_cli(extra_arguments: list[str]) -> None:
