@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, _buffers
+from azstoragetorch._client._checksums import PieceChecksums
 
 # After a jump to a new position only this much is fetched: a jump is usually a short look (the
 # zip directory at the end of a checkpoint), and a full chunk would delay it for nothing.
@@ -55,7 +56,9 @@ class ReadAheadBuffer:
     it is split into parallel ranged GETs that write straight into the caller's buffer, while a
     small chunk after its end is fetched for the small reads that usually come next.
 
-    All downloads are pinned to the ETag seen when the blob was opened.
+    All downloads are pinned to the ETag seen when the blob was opened. With ``validate_content``
+    every range is checked against the MD5 the service computes for it; with ``checksums``, the
+    CRC-32 of everything downloaded is recorded there, for a check of the whole blob.
     """
 
     def __init__(
@@ -66,8 +69,12 @@ class ReadAheadBuffer:
         chunk_size: int,
         max_chunks: int,
         first_chunk: bytearray,
+        validate_content: bool = False,
+        checksums: PieceChecksums | None = None,
     ) -> None:
         self._client = client
+        self._validate_content = validate_content
+        self._checksums = checksums
         self._properties = properties
         self._chunk_size = chunk_size
         self._max_chunks = max(1, max_chunks)
@@ -75,6 +82,8 @@ class ReadAheadBuffer:
         self._ahead = 0
         self._next_expected = 0
         self._window_anchor = -1  # start of the chunk the read-ahead was last extended from
+        if checksums is not None:
+            checksums.add(0, first_chunk)
         if first_chunk:
             done: Future[None] = Future()
             done.set_result(None)
@@ -87,6 +96,10 @@ class ReadAheadBuffer:
     @property
     def size(self) -> int:
         return self._properties.size
+
+    @property
+    def verifies_checksum(self) -> bool:
+        return self._checksums is not None
 
     def readinto(self, position: int, destination: memoryview) -> int:
         """Copy the blob's bytes at ``position`` into ``destination``; returns the count (0 at the end)."""
@@ -131,7 +144,10 @@ class ReadAheadBuffer:
             etag=self._properties.etag,
             part_size=self._chunk_size,
             max_concurrency=self._max_chunks,
+            validate_content=self._validate_content,
         )
+        if self._checksums is not None:
+            self._checksums.add(offset, destination)
 
     def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:
         if forward:
@@ -165,12 +181,44 @@ class ReadAheadBuffer:
         # page faults that, with transfer threads running, cost more CPU than the transfer itself.
         # Small chunks get small buffers of their own.
         data = _buffers.take(self._chunk_size) if stop - start == self._chunk_size else bytearray(stop - start)
-        target = memoryview(data)
-        future = self._client.submit(self._client.download_into, start, target, etag=self._properties.etag)
+        future = self._client.submit(self._download, start, memoryview(data)[: stop - start])
         chunk = _Chunk(start, stop, future, data)
         self._chunks[start] = chunk
         self._evict(keep=chunk)
         return chunk
+
+    def _download(self, start: int, target: memoryview) -> None:
+        _, filled = self._client.download_into(
+            start, target, etag=self._properties.etag, validate_content=self._validate_content
+        )
+        if self._checksums is not None:
+            self._checksums.add(start, target[:filled])
+
+    def whole_crc32(self) -> int:
+        """The whole blob's CRC-32, from everything downloaded, after downloading what never was."""
+        assert self._checksums is not None
+        offset = self._checksums.covered_from_start()
+        window = self._chunk_size * self._max_chunks
+        while (crc := self._checksums.whole()) is None:
+            if offset >= self.size:  # downloads from the reachable end on always tile the rest
+                raise AssertionError("downloaded ranges do not tile the blob")
+            length = min(window, self.size - offset)
+            gap = _buffers.take(window) if length == window else bytearray(length)
+            try:
+                self._client.download_parallel(
+                    offset,
+                    memoryview(gap)[:length],
+                    etag=self._properties.etag,
+                    part_size=self._chunk_size,
+                    max_concurrency=self._max_chunks,
+                    validate_content=self._validate_content,
+                )
+                self._checksums.add(offset, memoryview(gap)[:length])
+            finally:
+                if len(gap) == window:
+                    _buffers.give_back(gap)
+            offset += length
+        return crc
 
     def _evict(self, keep: _Chunk) -> None:
         # Oldest first: chunks behind the reader go before the read-ahead chunks requested later.

@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "AZStorageTorchError",
     "BlobModifiedDuringReadError",
+    "ChecksumMismatchError",
     "ClientRequestIdMismatchError",
     "FatalBlobIOWriteError",
 ]
@@ -99,3 +100,31 @@ class BlobModifiedDuringReadError(AZStorageTorchError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return (type(self), (self.blob_url, self.expected_etag))
+
+
+class ChecksumMismatchError(AZStorageTorchError):
+    """Bytes read from a blob do not match their checksum: they were corrupted on the way.
+
+    Raised when a checksum check that a reader asked for fails: the MD5 the service sends with a
+    range (``validate_content=True``), after the retries, or the CRC-32 an azstoragetorch writer
+    recorded for the whole blob (``verify_checksum=True``). The data must not be used.
+
+    Args:
+        blob_url: The blob's URL with any SAS token removed.
+        what: Which checksum did not match, for example ``"CRC-32 of the whole blob"``.
+        expected: The checksum the blob (or the service) gave.
+        actual: The checksum of the bytes received.
+    """
+
+    def __init__(self, blob_url: str, what: str, expected: str, actual: str) -> None:
+        self.blob_url = blob_url
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"The {what} of {blob_url} does not match: expected {expected}, computed {actual} from the bytes "
+            "received. The data was corrupted on the way and must not be used."
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
+        return (type(self), (self.blob_url, self.what, self.expected, self.actual))

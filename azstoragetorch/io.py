@@ -9,8 +9,9 @@ from types import TracebackType
 from typing import Any, BinaryIO, Literal, NoReturn
 
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl, BlockUploader, CredentialArgument
+from azstoragetorch._client._checksums import PieceChecksums
 from azstoragetorch._read_ahead import ReadAheadBuffer
-from azstoragetorch.exceptions import FatalBlobIOWriteError
+from azstoragetorch.exceptions import ChecksumMismatchError, FatalBlobIOWriteError
 
 __all__ = ["BlobIO"]
 
@@ -67,13 +68,23 @@ class BlobIO(io.IOBase, BinaryIO):
         max_concurrency: The most requests this object keeps in flight at once.
         block_size: Bytes per block when writing and per ranged request when reading. The default
             of 8 MiB suits Azure's throughput per request; see the performance guide.
-        validate_content: Send an MD5 of every upload request's body, which the service checks
-            before accepting the data. Costs about 1.4 CPU seconds per GB written; off by default
-            because HTTPS already protects data in transit.
+        validate_content: Check every request's data with an MD5, which costs about 1.5 CPU
+            seconds per GB; off by default because HTTPS already protects data in transit. Writing,
+            the MD5 of each upload goes with it and the service refuses data that does not match.
+            Reading, each range (of at most 4 MiB) comes with the MD5 the service computes for it,
+            and a range that does not match is fetched again (and raises
+            :class:`~azstoragetorch.exceptions.ChecksumMismatchError` if it never does).
+        verify_checksum: (read mode) Check the whole blob against the CRC-32 that azstoragetorch
+            records when it writes a blob: the CRC-32 of every range downloaded is combined, and
+            :meth:`close` (the end of the ``with`` block) raises
+            :class:`~azstoragetorch.exceptions.ChecksumMismatchError` if the result differs. Costs
+            about 0.3 CPU seconds per GB; parts never read are downloaded at close to complete the
+            check. A blob without a recorded CRC-32 raises ``ValueError`` at open.
 
     Raises:
         ValueError: The URL is malformed, ``mode`` is not ``"rb"`` or ``"wb"``, a size is out of
-            range, or a snapshot or version is opened for writing.
+            range, a snapshot or version is opened for writing, or ``verify_checksum`` is asked of
+            a writer or of a blob with no recorded CRC-32.
         TypeError: ``credential`` is of an unsupported type.
         azure.core.exceptions.ResourceNotFoundError: (read mode) the blob or container does not exist.
         azure.core.exceptions.ClientAuthenticationError: (read mode) the request was not authorized.
@@ -88,6 +99,7 @@ class BlobIO(io.IOBase, BinaryIO):
         max_concurrency: int = 8,
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
+        verify_checksum: bool = False,
         **_internal_only_kwargs: Any,
     ) -> None:
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
@@ -106,8 +118,10 @@ class BlobIO(io.IOBase, BinaryIO):
         self._uploader: BlockUploader | None = None
         self._fatal_error: FatalBlobIOWriteError | None = None
         if mode == "rb":
-            self._reader = self._open_reader(max_concurrency, block_size)
+            self._reader = self._open_reader(max_concurrency, block_size, validate_content, verify_checksum)
         else:
+            if verify_checksum:
+                raise ValueError("verify_checksum checks what is read; a BlobIO opened with 'wb' records the CRC-32.")
             if client.blob_url.snapshot or client.blob_url.version_id:
                 raise ValueError(f"{client.display_url} names a snapshot or version, which cannot be written.")
             self._uploader = BlockUploader(
@@ -115,10 +129,27 @@ class BlobIO(io.IOBase, BinaryIO):
             )
         self._closed = False
 
-    def _open_reader(self, max_concurrency: int, block_size: int) -> ReadAheadBuffer:
-        properties, first = self._client.download_start(min(_FIRST_READ_BYTES, block_size))
+    def _open_reader(
+        self, max_concurrency: int, block_size: int, validate_content: bool, verify_checksum: bool
+    ) -> ReadAheadBuffer:
+        first_length = min(_FIRST_READ_BYTES, block_size)
+        properties, first = self._client.download_start(first_length, validate_content=validate_content)
+        checksums = None
+        if verify_checksum:
+            if properties.crc32 is None:
+                raise ValueError(
+                    f"{self._client.display_url} has no recorded CRC-32 to verify (azstoragetorch records one when "
+                    "it writes a blob); open it without verify_checksum."
+                )
+            checksums = PieceChecksums(properties.size)
         return ReadAheadBuffer(
-            self._client, properties, chunk_size=block_size, max_chunks=max_concurrency, first_chunk=first
+            self._client,
+            properties,
+            chunk_size=block_size,
+            max_chunks=max_concurrency,
+            first_chunk=first,
+            validate_content=validate_content,
+            checksums=checksums,
         )
 
     # -- state -------------------------------------------------------------------------------
@@ -293,15 +324,17 @@ class BlobIO(io.IOBase, BinaryIO):
         try:
             if self._uploader is not None:
                 self._upload_step(self._uploader.commit)
+            elif self._reader is not None and self._reader.verifies_checksum:
+                self._verify_whole_blob(self._reader)
         finally:
             self._release()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is not None and self._uploader is not None and not self._closed:
-            # The code writing the blob failed part way: committing would replace a good blob
-            # with a truncated one, so the upload is abandoned instead.
+        if exc_type is not None and not self._closed:
+            # The code using the blob failed part way. A writer must not commit (that would replace
+            # a good blob with a truncated one); a reader has nothing left worth verifying.
             self._release()
             return
         self.close()
@@ -318,6 +351,12 @@ class BlobIO(io.IOBase, BinaryIO):
         self._release()
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _verify_whole_blob(self, reader: ReadAheadBuffer) -> None:
+        expected = reader.properties.crc32
+        actual = reader.whole_crc32()
+        if actual != expected:
+            raise ChecksumMismatchError(self.name, "CRC-32 of the whole blob", f"{expected:08x}", f"{actual:08x}")
 
     def _release(self) -> None:
         self._closed = True

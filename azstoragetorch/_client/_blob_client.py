@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
+import hashlib
 import http.client
 import socket
 import time
@@ -16,11 +18,11 @@ import urllib3.exceptions
 from azure.core.exceptions import ServiceResponseError
 from azure.core.pipeline.transport import HttpResponse
 
-from azstoragetorch._client import _pipeline
+from azstoragetorch._client import _checksums, _pipeline
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._resource import ResourceClient
 from azstoragetorch._client._urls import BlobUrl
-from azstoragetorch.exceptions import BlobModifiedDuringReadError
+from azstoragetorch.exceptions import BlobModifiedDuringReadError, ChecksumMismatchError
 
 # Failures while a response body streams in. The request itself succeeded, so the SDK's retry
 # policy never sees them; download_into retries them from the first byte not yet received.
@@ -32,6 +34,8 @@ _BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
     urllib3.exceptions.ReadTimeoutError,
 )
 BODY_READ_ATTEMPTS = 5
+# The largest range for which the service computes an MD5 (x-ms-range-get-content-md5).
+MAX_VALIDATED_RANGE = 4 * 1024 * 1024
 _BODY_PIECE_BYTES = 256 * 1024
 
 
@@ -42,6 +46,8 @@ class BlobProperties:
     size: int
     etag: str
     last_modified: datetime.datetime | None = None
+    # The CRC-32 of the whole blob that an azstoragetorch writer recorded, if any.
+    crc32: int | None = None
 
 
 class AzStorageTorchBlobClient(ResourceClient):
@@ -65,18 +71,24 @@ class AzStorageTorchBlobClient(ResourceClient):
         response = self._send("HEAD", action="read the properties of")
         return _properties_from(response, size=int(response.headers["Content-Length"]))
 
-    def download_start(self, length: int) -> tuple[BlobProperties, bytearray]:
+    def download_start(self, length: int, *, validate_content: bool = False) -> tuple[BlobProperties, bytearray]:
         """The blob's properties and its first ``length`` bytes (all of it, if smaller), in one request.
 
         The buffer is sized by the response, so opening a small blob never allocates ``length``.
+        ``validate_content`` checks them as :meth:`download_into` does (``length`` is then at most
+        :data:`MAX_VALIDATED_RANGE`).
         """
-        response = self._send_range_get(0, length, None)
+        response = self._send_range_get(0, length, None, content_md5=validate_content)
         if response is None:  # an empty blob has no first byte to ask for
             return self.get_properties(), bytearray()
         properties = _properties_from(response, size=_total_size(response))
         data = bytearray(min(length, properties.size))
         count, error = _read_body_into(response, memoryview(data))
-        if error is not None or count < len(data):
+        if validate_content and error is None and count == len(data):
+            error = self._md5_mismatch(response, memoryview(data))
+        if validate_content and error is not None:
+            self.download_into(0, memoryview(data), etag=properties.etag, validate_content=True)
+        elif error is not None or count < len(data):
             self.download_into(count, memoryview(data)[count:], etag=properties.etag)
         return properties, data
 
@@ -108,32 +120,53 @@ class AzStorageTorchBlobClient(ResourceClient):
         )
         return bytes(data)
 
-    def download_into(self, offset: int, buffer: memoryview, *, etag: str | None) -> tuple[BlobProperties, int]:
+    def download_into(
+        self, offset: int, buffer: memoryview, *, etag: str | None, validate_content: bool = False
+    ) -> tuple[BlobProperties, int]:
         """Fill ``buffer`` with the blob's bytes from ``offset``; stops early only at the blob's end.
 
         With ``etag`` the read is pinned to that version of the blob; a changed blob raises
         :class:`BlobModifiedDuringReadError`. Returns the blob's properties and the bytes filled.
         Failures while the body streams in are retried from where they stopped.
+
+        With ``validate_content``, every request asks the service for the MD5 of its range (which it
+        gives for ranges up to 4 MiB, so larger buffers take several requests) and the bytes received
+        must match it; a range that breaks off or does not match is fetched again, as a whole, and
+        one that still does not match after the retries raises :class:`ChecksumMismatchError`.
         """
         filled = 0
         properties: BlobProperties | None = None
         attempt = 0
         while True:
+            length = len(buffer) - filled
+            if validate_content:
+                length = min(length, MAX_VALIDATED_RANGE)
             # Failures to send the request were already retried by the pipeline's retry policy.
-            response = self._send_range_get(offset + filled, len(buffer) - filled, etag)
+            response = self._send_range_get(offset + filled, length, etag, content_md5=validate_content)
             if response is None:  # the range starts at or after the end of the blob
                 return properties or self.get_properties(), filled
             properties = _properties_from(response, size=_total_size(response))
             etag = properties.etag  # retries must continue the same version
             wanted = min(len(buffer), properties.size - offset)
-            count, error = _read_body_into(response, buffer[filled:wanted])
+            requested_end = min(filled + length, wanted)
+            received = buffer[filled:requested_end]
+            count, error = _read_body_into(response, received)
+            if error is None and count < len(received):
+                error = http.client.IncompleteRead(b"", len(received) - count)
+            if validate_content:
+                if error is None:
+                    error = self._md5_mismatch(response, received)
+                if error is not None:
+                    count = 0  # a range is checked as a whole: fetch it again entirely
             filled += count
-            if error is None and filled < wanted:
-                error = http.client.IncompleteRead(b"", wanted - filled)
-            if error is None:
+            if error is None and filled >= wanted:
                 return properties, filled
+            if error is None:
+                continue  # the next range of a validated read
             attempt += 1
             if attempt >= BODY_READ_ATTEMPTS:
+                if isinstance(error, ChecksumMismatchError):
+                    raise error
                 message = f"Reading {self.display_url} failed after {attempt} attempts: {error!r}"
                 failure = _pipeline.scrubbed(ServiceResponseError(message))
                 break
@@ -141,20 +174,42 @@ class AzStorageTorchBlobClient(ResourceClient):
             time.sleep(_pipeline.backoff_seconds(attempt))
         raise failure
 
+    def _md5_mismatch(self, response: HttpResponse, received: memoryview) -> ChecksumMismatchError | None:
+        expected = response.headers.get("Content-MD5")
+        actual = base64.b64encode(hashlib.md5(received).digest()).decode()
+        if expected == actual:
+            return None
+        return ChecksumMismatchError(self.display_url, "MD5 of a range", expected or "(none sent)", actual)
+
     def download_parallel(
-        self, offset: int, buffer: memoryview, *, etag: str, part_size: int, max_concurrency: int
+        self,
+        offset: int,
+        buffer: memoryview,
+        *,
+        etag: str,
+        part_size: int,
+        max_concurrency: int,
+        validate_content: bool = False,
     ) -> None:
         """Fill ``buffer`` from ``offset`` with up to ``max_concurrency`` ranged GETs at a time."""
         parts = [(start, min(start + part_size, len(buffer))) for start in range(0, len(buffer), part_size)]
         if len(parts) == 1:
-            self.download_into(offset, buffer, etag=etag)
+            self.download_into(offset, buffer, etag=etag, validate_content=validate_content)
             return
         pending: list[Future[Any]] = []
         try:
             for start, stop in parts:
                 if len(pending) >= max_concurrency:
                     pending.pop(0).result()
-                pending.append(self.submit(self.download_into, offset + start, buffer[start:stop], etag=etag))
+                pending.append(
+                    self.submit(
+                        self.download_into,
+                        offset + start,
+                        buffer[start:stop],
+                        etag=etag,
+                        validate_content=validate_content,
+                    )
+                )
             for future in pending:
                 future.result()
         finally:
@@ -167,8 +222,9 @@ class AzStorageTorchBlobClient(ResourceClient):
 
     # -- writes ------------------------------------------------------------------------------
 
-    def put_blob(self, data: bytes | memoryview, *, validate_content: bool) -> None:
-        headers = {"x-ms-blob-type": "BlockBlob"}
+    def put_blob(self, data: bytes | memoryview, *, validate_content: bool, crc32: int | None = None) -> None:
+        """Create or replace the blob with ``data``; ``crc32`` is recorded in its metadata."""
+        headers = {"x-ms-blob-type": "BlockBlob", **_crc32_metadata(crc32)}
         self._send("PUT", action="upload", headers=headers, body=data, validate_content=validate_content, expected=201)
 
     def stage_block(self, block_id: str, data: bytes | memoryview, *, validate_content: bool) -> None:
@@ -177,10 +233,11 @@ class AzStorageTorchBlobClient(ResourceClient):
             "PUT", action="upload a block of", query=query, body=data, validate_content=validate_content, expected=201
         )
 
-    def commit_block_list(self, block_ids: list[str]) -> None:
+    def commit_block_list(self, block_ids: list[str], *, crc32: int | None = None) -> None:
+        """Make the staged blocks the blob's content; ``crc32`` is recorded in its metadata."""
         body = "".join(f"<Latest>{block_id}</Latest>" for block_id in block_ids)
         xml = f'<?xml version="1.0" encoding="utf-8"?><BlockList>{body}</BlockList>'.encode()
-        headers = {"Content-Type": "application/xml"}
+        headers = {"Content-Type": "application/xml", **_crc32_metadata(crc32)}
         self._send(
             "PUT",
             action="commit",
@@ -197,10 +254,14 @@ class AzStorageTorchBlobClient(ResourceClient):
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _send_range_get(self, start: int, length: int, etag: str | None) -> HttpResponse | None:
+    def _send_range_get(
+        self, start: int, length: int, etag: str | None, *, content_md5: bool = False
+    ) -> HttpResponse | None:
         headers = {"x-ms-range": f"bytes={start}-{start + max(length, 1) - 1}"}
         if etag is not None:
             headers["If-Match"] = etag
+        if content_md5:
+            headers["x-ms-range-get-content-md5"] = "true"
         response = self._send_unchecked("GET", headers=headers, stream=True)
         if response.status_code == 206:
             return response
@@ -221,7 +282,15 @@ def _properties_from(response: HttpResponse, *, size: int) -> BlobProperties:
         size=size,
         etag=response.headers.get("ETag", ""),
         last_modified=parsedate_to_datetime(last_modified) if last_modified else None,
+        crc32=_checksums.parse_recorded(response.headers.get(_CRC32_HEADER)),
     )
+
+
+_CRC32_HEADER = f"x-ms-meta-{_checksums.METADATA_NAME}"
+
+
+def _crc32_metadata(crc32: int | None) -> dict[str, str]:
+    return {} if crc32 is None else {_CRC32_HEADER: f"{crc32:08x}"}
 
 
 def _total_size(response: HttpResponse) -> int:

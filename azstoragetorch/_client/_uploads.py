@@ -7,7 +7,7 @@ import threading
 import uuid
 from concurrent.futures import Future
 
-from azstoragetorch._client import _buffers
+from azstoragetorch._client import _buffers, _checksums
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient
 
 
@@ -21,6 +21,9 @@ class BlockUploader:
 
     Block IDs start with a random prefix so that two writers racing on the same blob never stage
     into each other's blocks.
+
+    The blob's CRC-32 is recorded in its metadata at commit: each block's CRC-32 is computed by the
+    thread that uploads it (zlib releases the GIL), and the commit combines them in order.
 
     Every byte is copied once, from the caller's memory into a block buffer that is then sent as
     it is. Block buffers come from the process's buffer pool and go back to it once their upload
@@ -38,6 +41,7 @@ class BlockUploader:
         self._buffer = bytearray()
         self._filled = 0
         self._block_ids: list[str] = []
+        self._block_crcs: dict[int, tuple[int, int]] = {}  # block index -> (crc32, length)
         self._id_prefix = uuid.uuid4().hex
         self._in_flight: list[Future[None]] = []
         self._slots = threading.BoundedSemaphore(max_concurrency)
@@ -78,10 +82,11 @@ class BlockUploader:
         """Make everything written the blob's content, replacing any previous content atomically."""
         if not self._block_ids:
             self._raise_if_failed()
-            self._client.put_blob(memoryview(self._buffer)[: self._filled], validate_content=self._validate_content)
+            data = memoryview(self._buffer)[: self._filled]
+            self._client.put_blob(data, validate_content=self._validate_content, crc32=_checksums.crc32(data))
         else:
             self.flush()
-            self._client.commit_block_list(self._block_ids)
+            self._client.commit_block_list(self._block_ids, crc32=self._blob_crc32())
         self._drop_buffer()
 
     def abort(self) -> None:
@@ -105,13 +110,12 @@ class BlockUploader:
     def _stage_buffer(self) -> None:
         self._raise_if_failed()
         buffer, size = self._buffer, self._filled
-        block_id = base64.b64encode(f"{self._id_prefix}-{len(self._block_ids):08d}".encode()).decode()
+        index = len(self._block_ids)
+        block_id = base64.b64encode(f"{self._id_prefix}-{index:08d}".encode()).decode()
         self._block_ids.append(block_id)
         self._slots.acquire()  # back-pressure: at most max_concurrency blocks held in memory
         try:
-            future = self._client.submit(
-                self._client.stage_block, block_id, memoryview(buffer)[:size], validate_content=self._validate_content
-            )
+            future = self._client.submit(self._upload_block, index, block_id, memoryview(buffer)[:size])
         except BaseException:
             self._slots.release()
             raise
@@ -119,6 +123,17 @@ class BlockUploader:
         self._in_flight.append(future)
         self._buffer = self._take_buffer()
         self._filled = 0
+
+    def _upload_block(self, index: int, block_id: str, data: memoryview) -> None:
+        self._block_crcs[index] = (_checksums.crc32(data), len(data))
+        self._client.stage_block(block_id, data, validate_content=self._validate_content)
+
+    def _blob_crc32(self) -> int:
+        crc = 0
+        for index in range(len(self._block_ids)):
+            block_crc, length = self._block_crcs[index]
+            crc = _checksums.crc32_combine(crc, block_crc, length)
+        return crc
 
     def _take_buffer(self) -> bytearray:
         return _buffers.take(self._block_size)

@@ -112,6 +112,23 @@ class Delay:
     hold_request: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class ResetRequest:
+    """Read ``after_body_bytes`` of the request's body, then drop the connection (TCP RST): an upload
+    cut off part way. The request never reaches the emulator."""
+
+    after_body_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Corrupt:
+    """Forward, but flip every bit of one byte on the way: byte ``offset`` of the response body, or
+    of the request body with ``request=True`` (corruption in flight that TCP did not catch)."""
+
+    offset: int = 0
+    request: bool = False
+
+
 class Gather:
     """Hold matching requests until ``parties`` of them wait at the same time, then forward them all.
 
@@ -133,7 +150,7 @@ class Gather:
         self.opened.set()
 
 
-Action = Reset | Respond | RewriteHeader | Delay | Gather
+Action = Reset | Respond | RewriteHeader | Delay | Gather | ResetRequest | Corrupt
 
 
 @dataclasses.dataclass
@@ -269,10 +286,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         proxy = self.server.proxy
         split = urllib.parse.urlsplit(self.path)
-        body = self.rfile.read(int(self.headers["Content-Length"])) if "Content-Length" in self.headers else None
         headers = {name.lower(): value for name, value in self.headers.items()}
         query = dict(urllib.parse.parse_qsl(split.query, keep_blank_values=True))
         action = proxy._record(SeenRequest(self.command, split.path, query, headers))
+        length = int(self.headers["Content-Length"]) if "Content-Length" in self.headers else None
+        if isinstance(action, ResetRequest):
+            self.rfile.read(min(action.after_body_bytes, length or 0))
+            self._drop(hard=True)
+            return
+        body = self.rfile.read(length) if length is not None else None
+        if isinstance(action, Corrupt) and action.request and body and action.offset < len(body):
+            body = body[: action.offset] + bytes([body[action.offset] ^ 0xFF]) + body[action.offset + 1 :]
+            action = None
         if isinstance(action, Respond):
             self._send_error(action, headers.get("x-ms-client-request-id"))
             return
@@ -321,11 +346,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         reset = action if isinstance(action, Reset) else None
         budget = reset.after_body_bytes if reset is not None else None
+        corrupt_at = action.offset if isinstance(action, Corrupt) and not action.request else None
         sent = 0
         while budget is None or sent < budget:
             chunk = source.read(_CHUNK if budget is None else min(_CHUNK, budget - sent))
             if not chunk:
                 break
+            if corrupt_at is not None and sent <= corrupt_at < sent + len(chunk):
+                index = corrupt_at - sent
+                chunk = chunk[:index] + bytes([chunk[index] ^ 0xFF]) + chunk[index + 1 :]
             self.wfile.write(chunk)
             sent += len(chunk)
         if reset is not None:

@@ -66,10 +66,12 @@ class InMemoryBlobClient:
             with self._lock:
                 self.in_flight -= 1
 
-    def commit_block_list(self, block_ids: list[str]) -> None:
+    def commit_block_list(self, block_ids: list[str], *, crc32: int | None = None) -> None:
         self.commit_calls += 1
         self.committed = b"".join(self.staged[block_id] for block_id in block_ids)
+        self.recorded_crc32 = crc32
 
-    def put_blob(self, data: bytes, *, validate_content: bool) -> None:
+    def put_blob(self, data: bytes, *, validate_content: bool, crc32: int | None = None) -> None:
         self.put_blob_calls += 1
         self.committed = bytes(data)
+        self.recorded_crc32 = crc32

@@ -1,4 +1,6 @@
 import os
+import random
+import zlib
 
 import pytest
 
@@ -76,3 +78,17 @@ def test_block_ids_are_unique_per_writer_and_equal_length() -> None:
     ids = list(client.staged)
     assert len(ids) == len(set(ids)) == 8
     assert len({len(block_id) for block_id in ids}) == 1
+
+
+@pytest.mark.parametrize("size", [0, 5, 100, 101, 503])
+def test_the_commit_records_the_crc32_of_the_whole_blob(size: int) -> None:
+    client = InMemoryBlobClient()
+    uploader = make_uploader(client, max_concurrency=3)
+    data = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+    for start in range(0, size, 7):
+        uploader.write(memoryview(data[start : start + 7]))
+
+    uploader.commit()
+
+    assert client.committed == data
+    assert client.recorded_crc32 == zlib.crc32(data)

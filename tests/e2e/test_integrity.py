@@ -1,0 +1,216 @@
+"""Checksums end to end: the CRC-32 writers record, readers that verify it, and per-request MD5s.
+
+The fault proxy flips bytes in flight, in downloads and in uploads, to show that corruption is
+detected (and, where a retry can get good bytes, survived), never loaded or committed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zlib
+
+import pytest
+import torch
+
+from azstoragetorch.exceptions import ChecksumMismatchError, FatalBlobIOWriteError
+from azstoragetorch.io import BlobIO
+from azstoragetorch.testing import Azurite
+from tests.conftest import Container
+from tests.e2e.fault_proxy import Corrupt, FaultProxy, SeenRequest
+
+KiB = 1024
+MiB = 1024 * KiB
+BLOCK = 64 * KiB
+
+
+def recorded_crc32(container: Container, name: str) -> int | None:
+    value = container.client.get_blob_client(name).get_blob_properties().metadata.get("azstoragetorch_crc32")
+    return None if value is None else int(value, 16)
+
+
+def gets(seen: SeenRequest) -> bool:
+    return seen.operation == "GetBlob"
+
+
+# -- what writers record --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, BLOCK - 1, BLOCK, 5 * BLOCK + 7], ids=["empty", "1", "block-1", "block", "5-blocks"]
+)
+def test_every_write_records_the_crc32_of_the_whole_blob(container: Container, azurite: Azurite, size: int) -> None:
+    data = os.urandom(size)
+    with BlobIO(container.blob_url("b"), "wb", credential=azurite.credential, block_size=BLOCK) as writer:
+        for start in range(0, size, 10_000):
+            writer.write(data[start : start + 10_000])
+
+    assert recorded_crc32(container, "b") == zlib.crc32(data)
+
+
+# -- readers that verify it -------------------------------------------------------------------------
+
+
+def write(container: Container, azurite: Azurite, name: str, data: bytes) -> str:
+    url = container.blob_url(name)
+    with BlobIO(url, "wb", credential=azurite.credential, block_size=BLOCK) as writer:
+        writer.write(data)
+    return url
+
+
+@pytest.mark.parametrize("pattern", ["whole", "small-reads", "jumps", "start-only"], ids=lambda name: name)
+def test_a_verifying_reader_accepts_the_blob_however_it_is_read(
+    container: Container, azurite: Azurite, pattern: str
+) -> None:
+    data = os.urandom(2 * MiB + 123)
+    url = write(container, azurite, "b", data)
+
+    with BlobIO(
+        url, "rb", credential=azurite.credential, block_size=BLOCK, max_concurrency=4, verify_checksum=True
+    ) as reader:
+        if pattern == "whole":
+            assert reader.read() == data
+        elif pattern == "small-reads":
+            assert b"".join(iter(lambda: reader.read(7777), b"")) == data
+        elif pattern == "jumps":  # as torch.load does: the end first, then back to the start
+            reader.seek(-100, os.SEEK_END)
+            assert reader.read() == data[-100:]
+            reader.seek(MiB)
+            assert reader.read(10) == data[MiB : MiB + 10]
+            reader.seek(0)
+            assert reader.read(500) == data[:500]
+        else:
+            assert reader.read(10) == data[:10]  # close() fetches the rest to finish the check
+
+
+def test_torch_load_through_a_verifying_reader(container: Container, azurite: Azurite) -> None:
+    state = {"w": torch.randn(300, 300), "b": torch.arange(1000)}
+    url = container.blob_url("model.pt")
+    with BlobIO(url, "wb", credential=azurite.credential, block_size=BLOCK) as writer:
+        torch.save(state, writer)
+
+    with BlobIO(url, "rb", credential=azurite.credential, block_size=BLOCK, verify_checksum=True) as reader:
+        loaded = torch.load(reader)
+
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
+
+
+def test_corruption_in_a_download_is_detected_by_the_crc32(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    data = os.urandom(MiB)
+    url = write(container, azurite, "b", data)
+    proxy.add_fault(gets, Corrupt(offset=40_000), times=None)
+
+    with pytest.raises(ChecksumMismatchError, match="CRC-32 of the whole blob") as error:
+        with BlobIO(proxy.url(url), "rb", credential=azurite.credential, verify_checksum=True) as reader:
+            corrupted = reader.read()
+        assert corrupted != data  # the bytes were read, but close() refuses them
+
+    assert proxy.url(url) in str(error.value)
+
+
+def test_corruption_in_a_torch_load_is_detected_not_loaded(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    tensor = torch.randn(256, 1024)
+    url = container.blob_url("model.pt")
+    with BlobIO(url, "wb", credential=azurite.credential) as writer:
+        torch.save({"w": tensor}, writer)
+    size = container.client.get_blob_client("model.pt").get_blob_properties().size
+    proxy.add_fault(gets, Corrupt(offset=size // 2), times=None)  # inside the tensor's bytes
+
+    with (
+        pytest.raises(ChecksumMismatchError),
+        BlobIO(proxy.url(url), "rb", credential=azurite.credential, verify_checksum=True) as reader,
+    ):
+        torch.load(reader)
+
+
+def test_without_verification_the_same_corruption_goes_unnoticed(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    # What the checksum is for: TLS would catch this on the wire, a bad NIC or proxy might not.
+    data = os.urandom(MiB)
+    url = write(container, azurite, "b", data)
+    proxy.add_fault(gets, Corrupt(offset=40_000), times=None)
+
+    with BlobIO(proxy.url(url), "rb", credential=azurite.credential) as reader:
+        assert reader.read() != data
+
+
+def test_a_blob_without_a_recorded_crc32_cannot_be_verified(container: Container, azurite: Azurite) -> None:
+    container.upload("sdk-written", b"written by another tool")
+
+    with pytest.raises(ValueError, match="no recorded CRC-32"):
+        BlobIO(container.blob_url("sdk-written"), "rb", credential=azurite.credential, verify_checksum=True)
+    with pytest.raises(ValueError, match="verify_checksum checks what is read"):
+        BlobIO(container.blob_url("x"), "wb", credential=azurite.credential, verify_checksum=True)
+
+
+# -- per-request MD5s -----------------------------------------------------------------------------------
+
+
+def test_validated_reads_refetch_a_corrupted_range(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
+    data = os.urandom(3 * MiB)
+    url = write(container, azurite, "b", data)
+    proxy.add_fault(gets, Corrupt(offset=1000), times=2)  # the first two responses are damaged
+
+    with BlobIO(proxy.url(url), "rb", credential=azurite.credential, validate_content=True) as reader:
+        assert reader.read() == data
+
+    assert all(seen.headers.get("x-ms-range-get-content-md5") == "true" for seen in proxy.requests if gets(seen))
+
+
+@pytest.mark.usefixtures("no_backoff")
+def test_validated_reads_give_up_on_a_range_that_never_arrives_intact(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    url = write(container, azurite, "b", os.urandom(MiB))
+    proxy.add_fault(gets, Corrupt(offset=1000), times=None)
+
+    with pytest.raises(ChecksumMismatchError, match="MD5 of a range"):
+        BlobIO(proxy.url(url), "rb", credential=azurite.credential, validate_content=True).read()
+
+
+def test_validated_uploads_are_refused_when_corrupted_and_nothing_is_committed(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    container.upload("b", b"the previous content")
+    proxy.add_fault(lambda seen: seen.operation == "PutBlock", Corrupt(offset=10, request=True), times=None)
+
+    with (
+        pytest.raises(FatalBlobIOWriteError, match=r"Md5Mismatch|400"),
+        BlobIO(
+            proxy.url(container.blob_url("b")),
+            "wb",
+            credential=azurite.credential,
+            block_size=BLOCK,
+            validate_content=True,
+        ) as writer,
+    ):
+        writer.write(os.urandom(3 * BLOCK))
+
+    assert container.download("b") == b"the previous content"
+
+
+def test_an_unvalidated_upload_corrupted_in_flight_is_caught_by_the_recorded_crc32(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    # Without validate_content the service stores the damaged block; the CRC-32 recorded from the
+    # bytes the writer meant to send still tells a verifying reader.
+    data = os.urandom(3 * BLOCK)
+    proxy.add_fault(lambda seen: seen.operation == "PutBlock", Corrupt(offset=10, request=True), times=1)
+    with BlobIO(proxy.url(container.blob_url("b")), "wb", credential=azurite.credential, block_size=BLOCK) as writer:
+        writer.write(data)
+
+    with (
+        pytest.raises(ChecksumMismatchError),
+        BlobIO(container.blob_url("b"), "rb", credential=azurite.credential, verify_checksum=True) as reader,
+    ):
+        reader.read()
+
+
+def test_checksum_errors_survive_pickling_from_a_dataloader_worker(container: Container) -> None:
+    error = ChecksumMismatchError(container.blob_url("b"), "CRC-32 of the whole blob", "0000abcd", "0000abce")
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
