@@ -93,12 +93,19 @@ class Blob:
         """When the blob was last written (timezone-aware UTC)."""
         return self._get_properties().last_modified
 
-    def reader(self) -> BlobIO:
+    def reader(self, *, validate_content: bool = False, verify_checksum: bool = False) -> BlobIO:
         """Open the blob for reading, as a :class:`~azstoragetorch.io.BlobIO` in ``"rb"`` mode.
 
         Each call opens a new reader, so a blob can be read any number of times, in any epoch.
+        ``validate_content`` and ``verify_checksum`` check what is read, as for ``BlobIO``.
         """
-        return BlobIO(self._client.display_url, "rb", blob_client=self._client)
+        return BlobIO(
+            self._client.display_url,
+            "rb",
+            blob_client=self._client,
+            validate_content=validate_content,
+            verify_checksum=verify_checksum,
+        )
 
     def __repr__(self) -> str:
         return f"Blob({self._client.display_url!r})"

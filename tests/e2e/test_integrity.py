@@ -214,3 +214,61 @@ def test_an_unvalidated_upload_corrupted_in_flight_is_caught_by_the_recorded_crc
 def test_checksum_errors_survive_pickling_from_a_dataloader_worker(container: Container) -> None:
     error = ChecksumMismatchError(container.blob_url("b"), "CRC-32 of the whole blob", "0000abcd", "0000abce")
     assert str(pickle.loads(pickle.dumps(error))) == str(error)
+
+
+# -- the other paths ------------------------------------------------------------------------------------
+
+
+def test_a_corrupted_lightning_checkpoint_is_refused_by_a_verifying_plugin(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+
+    plugin = AzureBlobCheckpointIO(credential=azurite.credential, account_url=proxy.url(azurite.account_url))
+    verifying = AzureBlobCheckpointIO(
+        credential=azurite.credential, account_url=proxy.url(azurite.account_url), verify_checksum=True
+    )
+    url = proxy.url(container.blob_url("last.ckpt"))
+    plugin.save_checkpoint({"state_dict": {"w": torch.randn(128, 1024)}}, url)
+    proxy.add_fault(gets, Corrupt(offset=300_000), times=None)
+
+    with pytest.raises(ChecksumMismatchError):
+        verifying.load_checkpoint(url)
+
+
+def test_a_corrupted_dcp_shard_is_refused_by_a_verifying_reader(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
+
+    state = {f"w{index}": torch.randn(64, 1024) for index in range(4)}
+    url = proxy.url(container.blob_url("dcp"))
+    dcp.save(state, storage_writer=BlobStorageWriter(url, credential=azurite.credential))
+    proxy.add_fault(lambda seen: gets(seen) and seen.path.endswith(".distcp"), Corrupt(offset=500_000), times=None)
+    target = {name: torch.empty_like(tensor) for name, tensor in state.items()}
+
+    with pytest.raises(CheckpointException, match="ChecksumMismatchError"):
+        dcp.load(target, storage_reader=BlobStorageReader(url, credential=azurite.credential, verify_checksum=True))
+
+
+def test_a_dataset_transform_can_verify_what_it_reads(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    from azstoragetorch.datasets import BlobDataset
+
+    url = write(container, azurite, "sample", os.urandom(200_000))
+    dataset = BlobDataset.from_blob_urls(proxy.url(url), credential=azurite.credential, transform=read_verified)
+    assert len(dataset[0]) == 200_000
+    proxy.add_fault(gets, Corrupt(offset=150_000), times=None)
+
+    with pytest.raises(ChecksumMismatchError):
+        dataset[0]
+
+
+def read_verified(blob: object) -> bytes:
+    with blob.reader(verify_checksum=True) as reader:  # type: ignore[attr-defined]
+        data: bytes = reader.read()
+    return data
