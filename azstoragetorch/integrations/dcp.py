@@ -102,8 +102,11 @@ class _BlobFiles(FileSystemBase):
                 self.write_failures.append(error)  # torch's writer threads would swallow it
                 raise
         elif mode == "rb":
-            reading = BlobIO(url, "rb", credential=self.credential, validate_content=self.validate_content, **options)
-            with _missing_blob_as_file_not_found(url), reading as f:
+            with _missing_blob_as_file_not_found(url):
+                reading = BlobIO(
+                    url, "rb", credential=self.credential, validate_content=self.validate_content, **options
+                )
+            with reading as f:
                 yield f
         else:
             raise ValueError(f"Unsupported mode {mode!r}: checkpoint files are opened with 'rb' or 'wb'.")

@@ -41,6 +41,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobUrl, CredentialArgument
 from azstoragetorch._client._credentials import validate_credential
 from azstoragetorch._client._pipeline import scrubbed
+from azstoragetorch._client._redaction import scrub
 from azstoragetorch.datasets import DEFAULT_PREFETCH, Blob, BlobDataset, IterableBlobDataset, _list_source
 from azstoragetorch.integrations import _lightning_paths
 from azstoragetorch.integrations._lightning_paths import ACCEPTED_FORMS, BlobPaths
@@ -294,7 +295,7 @@ _SPLITS = ("train", "val", "test", "predict")
 _SPLITS_BY_STAGE = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class BlobSplit:
     """Where one split's samples come from and how it is read.
 
@@ -314,6 +315,11 @@ class BlobSplit:
     source: str | list[str]
     iterable: bool = False
     transform: Callable[[Blob], Any] | str | None = None
+
+    def __repr__(self) -> str:
+        # The source URLs may carry SAS tokens, which must never be shown.
+        source = scrub(repr(self.source))
+        return f"BlobSplit(source={source}, iterable={self.iterable!r}, transform={self.transform!r})"
 
 
 class BlobDataModule(LightningDataModule):
