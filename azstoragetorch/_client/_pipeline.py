@@ -244,6 +244,13 @@ def raise_for_status(response: HttpResponse, *, action: str, display_url: str) -
     """Raise the azure-core exception that matches an error response, naming the blob."""
     error_code = response.headers.get("x-ms-error-code") or _error_code_from_body(response)
     hint = _HINTS.get(error_code or "", "")
+    if response.status_code in (401, 403, 404) and _was_anonymous(response):
+        # Services answer an anonymous request for a private resource with 403 or 404, whose usual
+        # hints (a wrong name, missing permissions) would point the wrong way.
+        hint = (
+            "The request was anonymous (credential=False, no SAS token); if the container is private, pass a "
+            "credential or a URL with a SAS token."
+        )
     message = f"Could not {action} {display_url}: HTTP {response.status_code} {response.reason}"
     if error_code:
         message += f" ({error_code})"
@@ -255,6 +262,14 @@ def raise_for_status(response: HttpResponse, *, action: str, display_url: str) -
     error.reason = response.reason
     error.error_code = error_code  # type: ignore[attr-defined]
     raise error
+
+
+def _was_anonymous(response: HttpResponse) -> bool:
+    request = getattr(response, "request", None)
+    if request is None:
+        return False
+    has_sas = "sig=" in urllib.parse.urlsplit(request.url).query.lower()
+    return "Authorization" not in request.headers and not has_sas
 
 
 def _error_code_from_body(response: HttpResponse) -> str | None:
