@@ -37,7 +37,9 @@ class InMemoryBlobClient:
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         return self._pool.submit(fn, *args, **kwargs)
 
-    def download_into(self, offset: int, buffer: memoryview, *, etag: str | None) -> tuple[BlobProperties, int]:
+    def download_into(
+        self, offset: int, buffer: memoryview, *, etag: str | None, validate_content: bool = False
+    ) -> tuple[BlobProperties, int]:
         with self._lock:
             self.reads.append((offset, len(buffer)))
         piece = self.data[offset : offset + len(buffer)]
@@ -45,13 +47,20 @@ class InMemoryBlobClient:
         return self.properties, len(piece)
 
     def download_parallel(
-        self, offset: int, buffer: memoryview, *, etag: str, part_size: int, max_concurrency: int
+        self,
+        offset: int,
+        buffer: memoryview,
+        *,
+        etag: str,
+        part_size: int,
+        max_concurrency: int,
+        validate_content: bool = False,
     ) -> None:
         with self._lock:
             self.parallel_reads.append((offset, len(buffer), part_size))
         buffer[:] = self.data[offset : offset + len(buffer)]
 
-    def stage_block(self, block_id: str, data: bytes, *, validate_content: bool) -> None:
+    def stage_block(self, block_id: str, data: bytes | memoryview, *, validate_content: bool) -> None:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -71,7 +80,7 @@ class InMemoryBlobClient:
         self.committed = b"".join(self.staged[block_id] for block_id in block_ids)
         self.recorded_crc32 = crc32
 
-    def put_blob(self, data: bytes, *, validate_content: bool, crc32: int | None = None) -> None:
+    def put_blob(self, data: bytes | memoryview, *, validate_content: bool, crc32: int | None = None) -> None:
         self.put_blob_calls += 1
         self.committed = bytes(data)
         self.recorded_crc32 = crc32
