@@ -6,11 +6,13 @@ import dataclasses
 import datetime
 import gc
 import http.client
+import json
 import os
 import pathlib
 import platform
 import statistics
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -21,6 +23,27 @@ import torch
 
 import azstoragetorch
 from azstoragetorch.testing import find_azurite_blob
+
+# Worker processes learn the emulator's connection string from their environment rather than their
+# command line, so that it shows neither in a process listing nor in the message of a failed command.
+CONNECTION_STRING_VARIABLE = "AZSTORAGETORCH_BENCH_CONNECTION_STRING"
+
+
+def run_benchmark_worker(
+    script: str, arguments: list[str], *, connection_string: str, timeout: float, what: str
+) -> Any:
+    """Run ``script`` (a benchmark, as its own worker) with ``arguments``; return the JSON value it
+    printed last."""
+    environment = {**os.environ, CONNECTION_STRING_VARIABLE: connection_string}
+    command = [sys.executable, script, *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def worker_connection_string() -> str:
+    return os.environ[CONNECTION_STRING_VARIABLE]
 
 
 def _run_text(command: list[str]) -> str:

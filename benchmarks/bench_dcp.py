@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,8 +37,10 @@ from _common import (
     machine_info,
     make_state_dict,
     package_version,
+    run_benchmark_worker,
     stats,
     verify,
+    worker_connection_string,
 )
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.storage.blob import BlobServiceClient
@@ -107,7 +107,7 @@ class Run:
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One case in this process: a warm-up save and load, then the timed save and load."""
-    azurite = _AzuriteAt(args.account_url, args.connection_string)
+    azurite = _AzuriteAt(args.account_url, worker_connection_string())
     run = Run(azurite, args.local_dir, create_container=False)
     state_dict = make_state_dict(args.size_mib)
     target = {name: torch.empty_like(tensor) for name, tensor in state_dict.items()}
@@ -155,13 +155,12 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[Any, A
 
 
 def run_worker(args: argparse.Namespace, azurite: Azurite, local_root: str, variant: str, threads: int) -> Any:
-    command = [sys.executable, __file__, "--worker", "--variant", variant, "--threads", str(threads)]
-    command += ["--size-mib", str(args.size_mib), "--account-url", azurite.account_url]
-    command += ["--connection-string", azurite.connection_string, "--local-dir", local_root]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        raise RuntimeError(f"worker for {variant} t={threads} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    arguments = ["--worker", "--variant", variant, "--threads", str(threads), "--size-mib", str(args.size_mib)]
+    arguments += ["--account-url", azurite.account_url, "--local-dir", local_root]
+    what = f"worker for {variant} t={threads}"
+    return run_benchmark_worker(
+        __file__, arguments, connection_string=azurite.connection_string, timeout=1800, what=what
+    )
 
 
 class _AzuriteAt:
@@ -226,7 +225,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--account-url", help=argparse.SUPPRESS)
-    parser.add_argument("--connection-string", help=argparse.SUPPRESS)
     parser.add_argument("--local-dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

@@ -28,14 +28,21 @@ import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from _common import Stopwatch, fmt_range, format_machine, machine_info, package_version, stats
+from _common import (
+    Stopwatch,
+    fmt_range,
+    format_machine,
+    machine_info,
+    package_version,
+    run_benchmark_worker,
+    stats,
+    worker_connection_string,
+)
 
 MiB = 1024**2
 GiB = 1024**3
@@ -104,7 +111,7 @@ def worker_save(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     if args.variant == "adlfs":
-        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = args.connection_string
+        os.environ["AZURE_STORAGE_CONNECTION_STRING"] = worker_connection_string()
         path = f"abfs://{CONTAINER}/adlfs.ckpt"
         plugins: list[Any] = []
     elif args.variant == "blobio":
@@ -134,7 +141,7 @@ def _saved_size(args: argparse.Namespace, path: str) -> int:
         return os.path.getsize(path)
     from azure.storage.blob import BlobServiceClient
 
-    service = BlobServiceClient.from_connection_string(args.connection_string)
+    service = BlobServiceClient.from_connection_string(worker_connection_string())
     blob = "adlfs.ckpt" if args.variant == "adlfs" else "blobio.ckpt"
     return int(service.get_blob_client(CONTAINER, blob).get_blob_properties().size)
 
@@ -199,15 +206,17 @@ def _durations(timer: Any) -> list[float]:
 
 
 def run_worker(kind: str, variant: str, azurite: Any, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--worker", kind, "--variant", variant, "--size-mib", str(args.size_mib)]
-    command += ["--account-url", azurite.account_url, "--connection-string", azurite.connection_string]
-    command += ["--local-dir", args.local_dir]
+    arguments = ["--worker", kind, "--variant", variant, "--size-mib", str(args.size_mib)]
+    arguments += ["--account-url", azurite.account_url, "--local-dir", args.local_dir]
     for name, value in extra.items():
-        command += [f"--{name.replace('_', '-')}", str(value)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        raise RuntimeError(f"{kind} worker for {variant} failed:\n{result.stderr[-3000:]}")
-    report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+        arguments += [f"--{name.replace('_', '-')}", str(value)]
+    report: dict[str, Any] = run_benchmark_worker(
+        __file__,
+        arguments,
+        connection_string=azurite.connection_string,
+        timeout=1800,
+        what=f"{kind} worker for {variant}",
+    )
     return report
 
 
@@ -323,7 +332,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=["save", "stall"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--account-url", help=argparse.SUPPRESS)
-    parser.add_argument("--connection-string", help=argparse.SUPPRESS)
     parser.add_argument("--local-dir", help=argparse.SUPPRESS)
     parser.add_argument("--save-seconds", type=float, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

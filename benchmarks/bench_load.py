@@ -24,15 +24,13 @@ import concurrent.futures
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 import zlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from _common import format_machine, machine_info
+from _common import format_machine, machine_info, run_benchmark_worker, worker_connection_string
 
 MiB = 1024**2
 GiB = 1024**3
@@ -59,7 +57,7 @@ def credential() -> Any:
 def container(args: argparse.Namespace, name: str) -> str:
     from azure.storage.blob import BlobServiceClient
 
-    BlobServiceClient.from_connection_string(args.connection_string).create_container(name)
+    BlobServiceClient.from_connection_string(worker_connection_string()).create_container(name)
     return f"{args.account_url}/{name}"
 
 
@@ -145,14 +143,19 @@ def scenario_writers(args: argparse.Namespace) -> dict[str, Any]:
 
     url = container(args, "writers")
     size = 16 * MiB
+    # Each writer repeats a 3 MiB piece of its own (writes that do not line up with blocks), made
+    # before the baseline so that the growth of the peak is what the writers held, not the test data.
+    pieces = [bytes([index]) * 3 * MiB for index in range(args.writers)]
     baseline = peak_rss_mib()
 
     def write(index: int) -> int:
-        data = bytes([index]) * size
+        crc = 0
         with BlobIO(f"{url}/w{index:02d}", "wb", credential=credential()) as writer:
             for start in range(0, size, 3 * MiB):
-                writer.write(data[start : start + 3 * MiB])
-        return zlib.crc32(data)
+                piece = memoryview(pieces[index])[: min(3 * MiB, size - start)]
+                writer.write(piece)
+                crc = zlib.crc32(piece, crc)
+        return crc
 
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.writers) as pool:
@@ -183,11 +186,12 @@ def scenario_dcp(args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)
     state = {f"layer{index}": torch.randn(1024, 1024, generator=generator) for index in range(256)}  # 1 GiB
     size = sum(tensor.numel() * 4 for tensor in state.values())
+    target = {name: torch.zeros_like(tensor) for name, tensor in state.items()}  # touched: resident now
     baseline = peak_rss_mib()
     start = time.perf_counter()
     dcp.save(state, storage_writer=BlobStorageWriter(url, credential=credential(), thread_count=4))
     save_seconds = time.perf_counter() - start
-    target = {name: torch.empty_like(tensor) for name, tensor in state.items()}
+    save_peak = peak_rss_mib()
     start = time.perf_counter()
     dcp.load(target, storage_reader=BlobStorageReader(url, credential=credential(), verify_checksum=True))
     load_seconds = time.perf_counter() - start
@@ -197,7 +201,8 @@ def scenario_dcp(args: argparse.Namespace) -> dict[str, Any]:
         "save_mib_per_second": size / MiB / save_seconds,
         "load_mib_per_second": size / MiB / load_seconds,
         "baseline_peak_rss_mib": baseline,
-        "peak_rss_mib": peak_rss_mib(),
+        "save_peak_rss_mib": save_peak,
+        "load_peak_rss_mib": peak_rss_mib(),
         "data_lost": lost,
     }
 
@@ -208,14 +213,13 @@ def scenario_dcp(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace, scenario: str) -> dict[str, Any]:
     from azstoragetorch.testing import Azurite
 
+    arguments = ["--worker", scenario, "--blobs", str(args.blobs), "--size-gib", str(args.size_gib)]
+    arguments += ["--writers", str(args.writers)]
     with Azurite(in_memory=False) as azurite:
-        command = [sys.executable, __file__, "--worker", scenario, "--account-url", azurite.account_url]
-        command += ["--connection-string", azurite.connection_string, "--blobs", str(args.blobs)]
-        command += ["--size-gib", str(args.size_gib), "--writers", str(args.writers)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-    if result.returncode != 0:
-        raise RuntimeError(f"{scenario} failed:\n{result.stderr[-3000:]}")
-    report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+        arguments += ["--account-url", azurite.account_url]
+        report: dict[str, Any] = run_benchmark_worker(
+            __file__, arguments, connection_string=azurite.connection_string, timeout=3600, what=scenario
+        )
     return report
 
 
@@ -228,7 +232,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", choices=SCENARIOS, help=argparse.SUPPRESS)
     parser.add_argument("--account-url", help=argparse.SUPPRESS)
-    parser.add_argument("--connection-string", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
