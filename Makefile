@@ -41,6 +41,7 @@ bench: setup
 	$(PY) benchmarks/bench_datasets.py
 	$(PY) benchmarks/bench_lightning.py
 	$(PY) benchmarks/bench_dcp.py
+	$(PY) benchmarks/bench_load.py
 
 clean:
 	rm -rf $(VENV) tools/azurite/node_modules docs/_build .pytest_cache .mypy_cache .ruff_cache

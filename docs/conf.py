@@ -23,7 +23,7 @@ language = "en"
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 source_suffix = {".rst": "restructuredtext"}
 root_doc = "index"
-exclude_patterns = ["_build", "benchmarks.md"]
+exclude_patterns = ["_build", "benchmarks.md", "reliability.md"]
 nitpicky = False
 
 napoleon_google_docstring = True
@@ -41,4 +41,4 @@ html_theme_options = {
 }
 # The benchmark figures live in docs/benchmarks.md (Markdown, which this build does not parse);
 # ship the file as is next to the pages so that benchmarks.html can link to it.
-html_extra_path = [name for name in ("benchmarks.md",) if (_DOCS / name).exists()]
+html_extra_path = [name for name in ("benchmarks.md", "reliability.md") if (_DOCS / name).exists()]
