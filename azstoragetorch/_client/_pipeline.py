@@ -229,6 +229,12 @@ _ERRORS_BY_STATUS: dict[int, type[HttpResponseError]] = {
     412: ResourceModifiedError,
 }
 
+
+def is_missing_container(error: ResourceNotFoundError) -> bool:
+    """Whether a "not found" answer was about the container rather than the blob."""
+    return getattr(error, "error_code", None) == "ContainerNotFound"
+
+
 _HINTS = {
     "ContainerNotFound": "Check the container name in the URL.",
     "BlobNotFound": "Check the blob name in the URL.",

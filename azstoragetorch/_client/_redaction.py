@@ -25,6 +25,11 @@ def scrub(text: str) -> str:
     return _SIGNATURE.sub(rf"\1{_REDACTED}", text)
 
 
+def shown(url: str) -> str:
+    """``url`` as it may appear in a message: without its query string (and so without any SAS)."""
+    return scrub(url).split("?", 1)[0]
+
+
 class _ScrubSecretsFilter(logging.Filter):
     """Rewrites a log record's message so that it carries no SAS token."""
 

@@ -41,6 +41,8 @@ import torch
 from azure.core.exceptions import ResourceNotFoundError
 
 from azstoragetorch._client import CredentialArgument
+from azstoragetorch._client._pipeline import is_missing_container
+from azstoragetorch._client._redaction import shown
 from azstoragetorch._client._urls import FSSPEC_PROTOCOLS, fsspec_path_to_url, is_azure_blob_host
 from azstoragetorch.integrations._blob_filesystem import BlobFileSystem
 from azstoragetorch.io import BlobIO
@@ -83,7 +85,7 @@ class BlobPaths:
             return None
         if _has_file_name_in_query(parts.query):
             raise ValueError(
-                f"{_shown(path)!r} has a file name after its query string: Lightning appended it to a directory "
+                f"{shown(path)!r} has a file name after its query string: Lightning appended it to a directory "
                 "URL that carries a SAS token. Pass the SAS token as credential=AzureSasCredential(...) and "
                 "keep directory URLs free of query strings."
             )
@@ -95,7 +97,7 @@ class BlobPaths:
     def _required_url(self, path: str) -> str:
         url = self.url_for(path)
         if url is None:
-            raise ValueError(f"{_shown(path)!r} is not a blob path; expected {ACCEPTED_FORMS}.")
+            raise ValueError(f"{shown(path)!r} is not a blob path; expected {ACCEPTED_FORMS}.")
         return url
 
 
@@ -121,10 +123,6 @@ def _has_file_name_in_query(query: str) -> bool:
     return "." in last_segment
 
 
-def _shown(path: str) -> str:
-    return path.split("?", 1)[0]
-
-
 def load_blob_checkpoint(
     path: str,
     url: str,
@@ -141,9 +139,8 @@ def load_blob_checkpoint(
     try:
         reader = BlobIO(url, "rb", credential=credential, **blobio_options)
     except ResourceNotFoundError as error:
-        missing_container = getattr(error, "error_code", None) == "ContainerNotFound"
-        detail = "its container does not exist" if missing_container else "no such blob"
-        raise FileNotFoundError(f"Checkpoint not found: {_shown(path)} ({detail}).") from None
+        detail = "its container does not exist" if is_missing_container(error) else "no such blob"
+        raise FileNotFoundError(f"Checkpoint not found: {shown(path)} ({detail}).") from None
     with reader:
         return torch.load(reader, map_location=map_location, weights_only=weights_only)
 

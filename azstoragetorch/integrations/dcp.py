@@ -49,7 +49,8 @@ from azstoragetorch._client import (
 )
 from azstoragetorch._client._checksums import PieceChecksums
 from azstoragetorch._client._credentials import validate_credential
-from azstoragetorch._client._redaction import scrub
+from azstoragetorch._client._pipeline import is_missing_container
+from azstoragetorch._client._redaction import shown
 from azstoragetorch.exceptions import ChecksumMismatchError
 from azstoragetorch.io import BlobIO, _check_transfer_options
 
@@ -244,7 +245,7 @@ class BlobStorageWriter(FileSystemWriter):
     @property
     def checkpoint_id(self) -> str:
         """The checkpoint's URL without any SAS token (torch records it in ``.metadata`` and its logs)."""
-        return _without_sas(os.fspath(self.path))
+        return shown(os.fspath(self.path))
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -367,7 +368,7 @@ class BlobStorageReader(FileSystemReader):
     @property
     def checkpoint_id(self) -> str:
         """The checkpoint's URL without any SAS token."""
-        return _without_sas(os.fspath(self.path))
+        return shown(os.fspath(self.path))
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -376,7 +377,7 @@ class BlobStorageReader(FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = super().read_metadata(*args, **kwargs)
         if metadata.storage_meta is not None and isinstance(metadata.storage_meta.checkpoint_id, str):
-            metadata.storage_meta.checkpoint_id = _without_sas(metadata.storage_meta.checkpoint_id)
+            metadata.storage_meta.checkpoint_id = shown(metadata.storage_meta.checkpoint_id)
         return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
@@ -590,7 +591,7 @@ def _parse_location(url: str) -> tuple[ContainerUrl, str]:
         raise TypeError(f"A checkpoint location must be a blob URL string, not {type(url).__name__}.")
     if "://" not in url or url.split("://", 1)[0].lower() not in ("http", "https"):
         raise ValueError(
-            f"{_without_sas(url)!r} is not a blob prefix URL: expected "
+            f"{shown(url)!r} is not a blob prefix URL: expected "
             "https://<account>.blob.core.windows.net/<container>/<prefix> "
             "(or http://127.0.0.1:10000/<account>/<container>/<prefix> for Azurite)."
         )
@@ -598,16 +599,10 @@ def _parse_location(url: str) -> tuple[ContainerUrl, str]:
     return container, prefix.strip("/")
 
 
-def _without_sas(url: str) -> str:
-    return scrub(url).split("?", 1)[0]
-
-
 @contextlib.contextmanager
 def _missing_blob_as_file_not_found(url: str) -> Iterator[None]:
     try:
         yield
     except ResourceNotFoundError as error:
-        what = "container" if getattr(error, "error_code", None) == "ContainerNotFound" else "blob"
-        raise FileNotFoundError(
-            errno.ENOENT, f"No such {what} (is a checkpoint saved here?)", _without_sas(url)
-        ) from None
+        what = "container" if is_missing_container(error) else "blob"
+        raise FileNotFoundError(errno.ENOENT, f"No such {what} (is a checkpoint saved here?)", shown(url)) from None

@@ -41,7 +41,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobUrl, CredentialArgument
 from azstoragetorch._client._credentials import validate_credential
 from azstoragetorch._client._pipeline import scrubbed
-from azstoragetorch._client._redaction import scrub
+from azstoragetorch._client._redaction import scrub, shown
 from azstoragetorch.datasets import DEFAULT_PREFETCH, Blob, BlobDataset, IterableBlobDataset, _list_source
 from azstoragetorch.integrations import _lightning_paths
 from azstoragetorch.integrations._lightning_paths import ACCEPTED_FORMS, BlobPaths
@@ -222,9 +222,8 @@ class AzureBlobCheckpointIO(CheckpointIO):
     def _url(self, path: Any) -> str:
         text = os.fspath(path)
         url = self._paths.url_for(text) if isinstance(text, str) else None
-        shown = _lightning_paths._shown(str(text))
         if url is None:
-            raise ValueError(f"AzureBlobCheckpointIO cannot use {shown!r}: expected {ACCEPTED_FORMS}.")
+            raise ValueError(f"AzureBlobCheckpointIO cannot use {shown(str(text))!r}: expected {ACCEPTED_FORMS}.")
         BlobUrl.parse(url)  # a container without a blob name, and other malformed URLs, raise ValueError here
         return url
 
@@ -262,7 +261,7 @@ def _checked_account_url(account_url: str | None) -> str | None:
     parts = urllib.parse.urlsplit(account_url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ValueError(
-            f"account_url {account_url.split('?', 1)[0]!r} must be an http(s) URL such as "
+            f"account_url {shown(account_url)!r} must be an http(s) URL such as "
             "https://<account>.blob.core.windows.net or http://127.0.0.1:10000/devstoreaccount1."
         )
     if parts.query or parts.fragment:
@@ -639,7 +638,7 @@ class BlobSaveConfigCallback(SaveConfigCallback):
         exists = filesystem.isfile(config_path) if trainer.is_global_zero and not self.overwrite else False
         if trainer.strategy.broadcast(exists):  # every rank raises, so none waits for the others
             raise RuntimeError(
-                f"{config_path.split('?', 1)[0]} exists already. Set LightningCLI(save_config_kwargs="
+                f"{shown(config_path)} exists already. Set LightningCLI(save_config_kwargs="
                 '{"overwrite": True}) to replace it, or save_config_callback=None not to save the config.'
             )
         if trainer.is_global_zero:
