@@ -52,7 +52,7 @@ from azstoragetorch._client._credentials import validate_credential
 from azstoragetorch._client._pipeline import is_missing_container
 from azstoragetorch._client._redaction import shown
 from azstoragetorch.exceptions import ChecksumMismatchError
-from azstoragetorch.io import BlobIO, _check_transfer_options
+from azstoragetorch.io import BlobIO, _check_positive_int, _check_transfer_options
 
 __all__ = ["BlobStorageReader", "BlobStorageWriter"]
 
@@ -219,8 +219,7 @@ class BlobStorageWriter(FileSystemWriter):
         per_thread_copy_ahead: int = 10_000_000,
         cache_staged_state_dict: bool = False,
     ) -> None:
-        if isinstance(thread_count, bool) or not isinstance(thread_count, int) or thread_count < 1:
-            raise ValueError(f"thread_count must be a positive int, got {thread_count!r}.")
+        _check_positive_int("thread_count", thread_count)
         _check_transfer_options(max_concurrency, block_size)
         # The rank's uploads in flight are shared by the files it writes at once, which bounds its
         # memory at (max_concurrency + thread_count) blocks whatever thread_count is.
