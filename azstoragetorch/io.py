@@ -332,10 +332,12 @@ class BlobIO(io.IOBase, BinaryIO):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is not None and not self._closed:
+        if exc_type is not None:
             # The code using the blob failed part way. A writer must not commit (that would replace
             # a good blob with a truncated one); a reader has nothing left worth verifying.
-            self._release()
+            if not self._closed:
+                self._release()
+            self._raise_upload_failure_behind(exc)
             return
         self.close()
 
@@ -365,6 +367,20 @@ class BlobIO(io.IOBase, BinaryIO):
         if self._uploader is not None:
             self._uploader.abort()
 
+    def _raise_upload_failure_behind(self, error: BaseException | None) -> None:
+        """Report the upload failure, not a later error that the failure caused, leaving a ``with``.
+
+        When a write inside :func:`torch.save` raises, torch's own clean-up then fails on the
+        half-written archive with a ``RuntimeError`` that hides ours. The caller should see why the
+        save failed, so an error raised while handling this writer's failure is replaced by it.
+        """
+        if self._fatal_error is None or not isinstance(error, Exception):
+            return
+        if isinstance(error, FatalBlobIOWriteError) or not _raised_while_handling(error, FatalBlobIOWriteError):
+            return
+        underlying = self._fatal_error.underlying_exception
+        raise FatalBlobIOWriteError(underlying) from underlying
+
     def _upload_step(self, step: Any, *args: Any) -> None:
         if self._fatal_error is not None:
             raise FatalBlobIOWriteError(self._fatal_error.underlying_exception)
@@ -391,6 +407,18 @@ class BlobIO(io.IOBase, BinaryIO):
         if self._uploader is None:
             raise io.UnsupportedOperation(f"{operation}() needs a BlobIO opened with mode 'wb'.")
         return self._uploader
+
+
+def _raised_while_handling(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``error`` was raised (directly or further down the chain) while handling a ``kind``."""
+    seen: set[int] = set()
+    earlier = error.__context__
+    while earlier is not None and id(earlier) not in seen:
+        if isinstance(earlier, kind):
+            return True
+        seen.add(id(earlier))
+        earlier = earlier.__context__
+    return False
 
 
 def _check_transfer_options(max_concurrency: object, block_size: object) -> None:

@@ -256,6 +256,41 @@ def test_permanent_put_block_failure_commits_nothing(
         assert not container.exists("out")
 
 
+def test_a_failure_noticed_inside_torch_save_is_reported_as_the_upload_failure(
+    proxy: FaultProxy, container: Container, account_credential: AzureNamedKeyCredential, no_backoff: None
+) -> None:
+    # With one block in flight, the third block's write waits for the first and finds it failed,
+    # in the middle of torch.save writing the tensor. torch then fails its own clean-up of the
+    # half-written archive with a RuntimeError; the user must see the upload failure instead.
+    container.upload("checkpoint.pt", b"previous checkpoint")
+    proxy.add_fault(lambda seen: seen.operation == "PutBlock", Respond(503, "ServerBusy"), times=None)
+    url = proxy.url(container.blob_url("checkpoint.pt"))
+    with (
+        pytest.raises(FatalBlobIOWriteError, match="ServerBusy") as caught,
+        BlobIO(url, "wb", credential=account_credential, block_size=BLOCK, max_concurrency=1) as f,
+    ):
+        torch.save({"weights": torch.randn(20 * BLOCK // 4)}, f)
+    assert isinstance(caught.value.__cause__, HttpResponseError) and caught.value.__cause__.status_code == 503
+    assert isinstance(caught.value.__context__, RuntimeError)  # torch's clean-up error, kept but not shown first
+    assert proxy.count("PutBlockList") == 0 and proxy.count("PutBlob") == 0
+    assert container.download("checkpoint.pt") == b"previous checkpoint"
+
+
+def test_an_error_of_the_callers_own_after_an_upload_failure_is_not_replaced(
+    proxy: FaultProxy, container: Container, account_credential: AzureNamedKeyCredential, no_backoff: None
+) -> None:
+    proxy.add_fault(lambda seen: seen.operation == "PutBlock", Respond(503, "ServerBusy"), times=None)
+    url = proxy.url(container.blob_url("checkpoint.pt"))
+    with (
+        pytest.raises(KeyError),
+        BlobIO(url, "wb", credential=account_credential, block_size=BLOCK, max_concurrency=1) as f,
+    ):
+        with pytest.raises(FatalBlobIOWriteError):
+            f.write(os.urandom(4 * BLOCK))
+        raise KeyError("unrelated")  # not raised while handling the upload failure
+    assert not container.exists("checkpoint.pt")
+
+
 @pytest.mark.parametrize(("operation", "size"), [("PutBlockList", 3 * BLOCK + 1), ("PutBlob", BLOCK - 1)])
 def test_permanent_commit_failure_keeps_the_old_content(
     proxy: FaultProxy,
