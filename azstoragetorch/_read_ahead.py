@@ -12,7 +12,7 @@ import collections
 from concurrent.futures import Future
 from typing import Any
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, _buffers
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, _buffers, _schedule
 from azstoragetorch._client._checksums import PieceChecksums
 
 # After a jump to a new position only this much is fetched: a jump is usually a short look (the
@@ -29,17 +29,101 @@ AFTER_DIRECT_BYTES = 64 * 1024
 
 
 class _Chunk:
-    __slots__ = ("data", "future", "start", "stop")
+    """One ranged download into a leased buffer; the store holds the lease while the chunk is kept."""
 
-    def __init__(self, start: int, stop: int, future: Future[Any], data: bytearray) -> None:
+    __slots__ = ("future", "lease", "start", "stop")
+
+    def __init__(self, start: int, stop: int, future: Future[Any], lease: _buffers.Lease) -> None:
         self.start = start
         self.stop = stop
         self.future = future
-        self.data = data
+        self.lease = lease
 
     def view(self) -> memoryview:
-        self.future.result()  # wait; re-raises a failed download
-        return memoryview(self.data)
+        """The chunk's bytes, once downloaded; re-raises a failed download. Only for a holder of the lease."""
+        self.future.result()
+        return self.lease.view(self.stop - self.start)
+
+
+class _ChunkStore:
+    """The chunks downloaded or downloading, oldest first, at most ``capacity`` of them.
+
+    Every chunk's buffer is a lease with up to three holders: the store (until the chunk is evicted
+    or the store closes), the download thread (until its request is done or cancelled) and a reader
+    copying out of it (until the copy is done). The buffer goes back to the pool only when all of
+    them have let go, so eviction or a close never recycles memory that is still being written or
+    read.
+    """
+
+    def __init__(
+        self,
+        client: AzStorageTorchBlobClient,
+        properties: BlobProperties,
+        *,
+        chunk_size: int,
+        capacity: int,
+        validate_content: bool,
+        checksums: PieceChecksums | None,
+    ) -> None:
+        self._client = client
+        self._properties = properties
+        self._chunk_size = chunk_size
+        self._capacity = capacity
+        self._validate_content = validate_content
+        self._checksums = checksums
+        self._chunks: collections.OrderedDict[int, _Chunk] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def add_downloaded(self, start: int, data: bytearray) -> None:
+        done: Future[None] = Future()
+        done.set_result(None)
+        self._chunks[start] = _Chunk(start, start + len(data), done, _buffers.Lease(data))
+
+    def find(self, offset: int) -> _Chunk | None:
+        for chunk in self._chunks.values():
+            if chunk.start <= offset < chunk.stop:
+                return chunk
+        return None
+
+    def request(self, start: int, length: int) -> _Chunk:
+        """Start downloading ``length`` bytes (at most a chunk) from ``start``, evicting the oldest chunks."""
+        stop = min(start + min(length, self._chunk_size), self._properties.size)
+        # Full chunks use the process's pooled buffers: allocating multi-MiB buffers afresh costs
+        # page faults that, with transfer threads running, cost more CPU than the transfer itself.
+        lease = _buffers.lease(self._chunk_size if stop - start == self._chunk_size else stop - start)
+        download_hold = lease.retain()
+        future = self._client.submit(self._download, start, download_hold.view(stop - start))
+        future.add_done_callback(lambda _: download_hold.release())  # also when cancelled before it ran
+        chunk = _Chunk(start, stop, future, lease)
+        self._chunks[start] = chunk
+        while len(self._chunks) > self._capacity:
+            # Oldest first: chunks behind the reader go before the read-ahead chunks requested later.
+            oldest = next(iter(self._chunks.values()))
+            if oldest is chunk:
+                break
+            self.discard(oldest)
+        return chunk
+
+    def discard(self, chunk: _Chunk) -> None:
+        """Forget ``chunk`` (evicted, or its download failed); its buffer waits for its other holders."""
+        if self._chunks.get(chunk.start) is chunk:
+            del self._chunks[chunk.start]
+            chunk.future.cancel()  # a download not started yet is not worth its request
+            chunk.lease.release()
+
+    def close(self) -> None:
+        for chunk in list(self._chunks.values()):
+            self.discard(chunk)
+
+    def _download(self, start: int, target: memoryview) -> None:
+        _, filled = self._client.download_into(
+            start, target, etag=self._properties.etag, validate_content=self._validate_content
+        )
+        if self._checksums is not None:
+            self._checksums.add(start, target[:filled])
+        _schedule.pause("part.finish")
 
 
 class ReadAheadBuffer:
@@ -50,7 +134,8 @@ class ReadAheadBuffer:
     ``max_chunks - 1``, so a long sequential read keeps that many requests in flight and the
     reader rarely waits. A jump elsewhere resets the window and fetches a small chunk at the new
     position. At most ``max_chunks + 1`` chunks are kept, which bounds memory at about
-    ``(max_chunks + 1) * chunk_size`` bytes whatever the blob's size.
+    ``(max_chunks + 2) * chunk_size`` bytes whatever the blob's size (one more for a chunk that is
+    evicted while a read copies out of it).
 
     A read of ``max_chunks * chunk_size`` bytes or more that no chunk covers bypasses the window:
     it is split into parallel ranged GETs that write straight into the caller's buffer, while a
@@ -78,16 +163,21 @@ class ReadAheadBuffer:
         self._properties = properties
         self._chunk_size = chunk_size
         self._max_chunks = max(1, max_chunks)
-        self._chunks: collections.OrderedDict[int, _Chunk] = collections.OrderedDict()
+        self._store = _ChunkStore(
+            client,
+            properties,
+            chunk_size=chunk_size,
+            capacity=self._max_chunks + 1,
+            validate_content=validate_content,
+            checksums=checksums,
+        )
         self._ahead = 0
         self._next_expected = 0
         self._window_anchor = -1  # start of the chunk the read-ahead was last extended from
         if checksums is not None:
             checksums.add(0, first_chunk)
         if first_chunk:
-            done: Future[None] = Future()
-            done.set_result(None)
-            self._chunks[0] = _Chunk(0, len(first_chunk), done, first_chunk)
+            self._store.add_downloaded(0, first_chunk)
 
     @property
     def properties(self) -> BlobProperties:
@@ -106,38 +196,44 @@ class ReadAheadBuffer:
         end = min(position + len(destination), self.size)
         offset = position
         while offset < end:
-            chunk = self._find(offset)
+            chunk = self._store.find(offset)
             if chunk is None and end - offset >= self._chunk_size * self._max_chunks:
                 into = offset - position
                 self._read_directly(offset, destination[into : into + end - offset])
-                offset = end
                 break
             if chunk is None:
                 chunk = self._fetch_at(offset, forward=0 <= offset - self._next_expected < self._chunk_size)
-            elif chunk.start != self._window_anchor:
-                self._read_ahead_from(chunk)  # the reader entered another chunk
-            try:
-                data = chunk.view()
-            except BaseException:
-                self._chunks.pop(chunk.start, None)  # let a later read try again
-                raise
-            count = min(end, chunk.stop) - offset
-            into = offset - position
-            destination[into : into + count] = data[offset - chunk.start : offset - chunk.start + count]
-            offset += count
+            offset += self._copy_out(chunk, offset, destination[offset - position : end - position])
         self._next_expected = max(end, position)
         return max(0, end - position)
 
     def close(self) -> None:
-        for chunk in self._chunks.values():
-            self._recycle(chunk)
-        self._chunks.clear()
+        self._store.close()
+
+    def _copy_out(self, chunk: _Chunk, offset: int, destination: memoryview) -> int:
+        """Copy from ``chunk`` at ``offset`` into ``destination``, widening the window if the reader moved on."""
+        hold = chunk.lease.retain()  # pinned: the read-ahead below may evict this very chunk
+        try:
+            if chunk.start != self._window_anchor:
+                self._read_ahead_from(chunk)  # the reader entered another chunk
+            _schedule.pause("chunk.pick")
+            try:
+                data = chunk.view()
+            except BaseException:
+                self._store.discard(chunk)  # let a later read try again
+                raise
+            count = min(len(destination), chunk.stop - offset)
+            _schedule.pause("chunk.copy")
+            destination[:count] = data[offset - chunk.start : offset - chunk.start + count]
+            return count
+        finally:
+            hold.release()
 
     def _read_directly(self, offset: int, destination: memoryview) -> None:
         end = offset + len(destination)
-        if end < self.size and self._find(end) is None:
+        if end < self.size and self._store.find(end) is None:
             self._ahead = 0
-            self._window_anchor = self._request(end, AFTER_DIRECT_BYTES).start
+            self._window_anchor = self._store.request(end, AFTER_DIRECT_BYTES).start
         self._client.download_parallel(
             offset,
             destination,
@@ -151,12 +247,10 @@ class ReadAheadBuffer:
 
     def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:
         if forward:
-            chunk = self._request(offset, self._chunk_size)
-            self._read_ahead_from(chunk)
-        else:
-            self._ahead = 0
-            chunk = self._request(offset, JUMP_FETCH_BYTES)
-            self._window_anchor = chunk.start
+            return self._store.request(offset, self._chunk_size)  # the read-ahead follows in _copy_out
+        self._ahead = 0
+        chunk = self._store.request(offset, JUMP_FETCH_BYTES)
+        self._window_anchor = chunk.start
         return chunk
 
     def _read_ahead_from(self, chunk: _Chunk) -> None:
@@ -167,32 +261,7 @@ class ReadAheadBuffer:
         for _ in range(self._ahead):
             if start >= self.size:
                 break
-            start = (self._find(start) or self._request(start, self._chunk_size)).stop
-
-    def _find(self, offset: int) -> _Chunk | None:
-        for chunk in self._chunks.values():
-            if chunk.start <= offset < chunk.stop:
-                return chunk
-        return None
-
-    def _request(self, start: int, length: int) -> _Chunk:
-        stop = min(start + min(length, self._chunk_size), self.size)
-        # Full chunks use the process's pooled buffers: allocating multi-MiB buffers afresh costs
-        # page faults that, with transfer threads running, cost more CPU than the transfer itself.
-        # Small chunks get small buffers of their own.
-        data = _buffers.take(self._chunk_size) if stop - start == self._chunk_size else bytearray(stop - start)
-        future = self._client.submit(self._download, start, memoryview(data)[: stop - start])
-        chunk = _Chunk(start, stop, future, data)
-        self._chunks[start] = chunk
-        self._evict(keep=chunk)
-        return chunk
-
-    def _download(self, start: int, target: memoryview) -> None:
-        _, filled = self._client.download_into(
-            start, target, etag=self._properties.etag, validate_content=self._validate_content
-        )
-        if self._checksums is not None:
-            self._checksums.add(start, target[:filled])
+            start = (self._store.find(start) or self._store.request(start, self._chunk_size)).stop
 
     def whole_crc32(self) -> int:
         """The whole blob's CRC-32, from everything downloaded, after downloading what never was."""
@@ -203,33 +272,17 @@ class ReadAheadBuffer:
             if offset >= self.size:  # downloads from the reachable end on always tile the rest
                 raise AssertionError("downloaded ranges do not tile the blob")
             length = min(window, self.size - offset)
-            gap = _buffers.take(window) if length == window else bytearray(length)
+            gap = self._client.download_range(
+                offset,
+                length,
+                etag=self._properties.etag,
+                part_size=self._chunk_size,
+                max_concurrency=self._max_chunks,
+                validate_content=self._validate_content,
+            )
             try:
-                self._client.download_parallel(
-                    offset,
-                    memoryview(gap)[:length],
-                    etag=self._properties.etag,
-                    part_size=self._chunk_size,
-                    max_concurrency=self._max_chunks,
-                    validate_content=self._validate_content,
-                )
-                self._checksums.add(offset, memoryview(gap)[:length])
+                self._checksums.add(offset, gap.view(length))
             finally:
-                if len(gap) == window:
-                    _buffers.give_back(gap)
+                gap.release()
             offset += length
         return crc
-
-    def _evict(self, keep: _Chunk) -> None:
-        # Oldest first: chunks behind the reader go before the read-ahead chunks requested later.
-        while len(self._chunks) > self._max_chunks + 1:
-            oldest = next(iter(self._chunks.values()))
-            if oldest is keep:
-                break
-            del self._chunks[oldest.start]
-            self._recycle(oldest)
-
-    def _recycle(self, chunk: _Chunk) -> None:
-        # A buffer may be reused only once no thread can still be writing into it.
-        if (chunk.future.cancel() or chunk.future.done()) and len(chunk.data) == self._chunk_size:
-            _buffers.give_back(chunk.data)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import datetime
 import hashlib
 import http.client
 import socket
+import threading
 import time
 import urllib.parse
 from concurrent.futures import Future
@@ -18,7 +20,7 @@ import urllib3.exceptions
 from azure.core.exceptions import ServiceResponseError
 from azure.core.pipeline.transport import HttpResponse
 
-from azstoragetorch._client import _checksums, _pipeline
+from azstoragetorch._client import _buffers, _checksums, _pipeline, _schedule
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._resource import ResourceClient
 from azstoragetorch._client._urls import BlobUrl
@@ -37,6 +39,10 @@ BODY_READ_ATTEMPTS = 5
 # The largest range for which the service computes an MD5 (x-ms-range-get-content-md5).
 MAX_VALIDATED_RANGE = 4 * 1024 * 1024
 _BODY_PIECE_BYTES = 256 * 1024
+
+
+class DownloadStopped(Exception):
+    """A part of a parallel read stopped because another part failed (never reaches the caller)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +127,13 @@ class AzStorageTorchBlobClient(ResourceClient):
         return bytes(data)
 
     def download_into(
-        self, offset: int, buffer: memoryview, *, etag: str | None, validate_content: bool = False
+        self,
+        offset: int,
+        buffer: memoryview,
+        *,
+        etag: str | None,
+        validate_content: bool = False,
+        stop: threading.Event | None = None,
     ) -> tuple[BlobProperties, int]:
         """Fill ``buffer`` with the blob's bytes from ``offset``; stops early only at the blob's end.
 
@@ -133,11 +145,16 @@ class AzStorageTorchBlobClient(ResourceClient):
         gives for ranges up to 4 MiB, so larger buffers take several requests) and the bytes received
         must match it; a range that breaks off or does not match is fetched again, as a whole, and
         one that still does not match after the retries raises :class:`ChecksumMismatchError`.
+
+        Once ``stop`` is set (another part of the same parallel read failed), no further request is
+        sent and :class:`DownloadStopped` is raised.
         """
         filled = 0
         properties: BlobProperties | None = None
         attempt = 0
         while True:
+            if stop is not None and stop.is_set():
+                raise DownloadStopped(f"Reading {self.display_url} was stopped: another part of the read failed.")
             length = len(buffer) - filled
             if validate_content:
                 length = min(length, MAX_VALIDATED_RANGE)
@@ -191,30 +208,69 @@ class AzStorageTorchBlobClient(ResourceClient):
         max_concurrency: int,
         validate_content: bool = False,
     ) -> None:
-        """Fill ``buffer`` from ``offset`` with up to ``max_concurrency`` ranged GETs at a time."""
+        """Fill ``buffer`` from ``offset`` with up to ``max_concurrency`` ranged GETs at a time.
+
+        Every part started is finished before this returns or raises. On the first failure the parts
+        not yet started are cancelled, the running ones stop at their next request, and all of them
+        are waited for: ``buffer`` may be the caller's memory (``torch.load``'s tensor storage) or a
+        leased buffer that goes back to the pool right after, so nothing may write into it later.
+        """
         parts = [(start, min(start + part_size, len(buffer))) for start in range(0, len(buffer), part_size)]
-        if len(parts) == 1:
+        if len(parts) <= 1:
             self.download_into(offset, buffer, etag=etag, validate_content=validate_content)
             return
-        pending: list[Future[Any]] = []
+        stop = threading.Event()
+
+        def download_part(start: int, stop_at: int) -> None:
+            self.download_into(
+                offset + start, buffer[start:stop_at], etag=etag, validate_content=validate_content, stop=stop
+            )
+            _schedule.pause("part.finish")
+
+        started: list[Future[None]] = []
         try:
-            for start, stop in parts:
-                if len(pending) >= max_concurrency:
-                    pending.pop(0).result()
-                pending.append(
-                    self.submit(
-                        self.download_into,
-                        offset + start,
-                        buffer[start:stop],
-                        etag=etag,
-                        validate_content=validate_content,
-                    )
-                )
-            for future in pending:
+            for start, stop_at in parts:
+                if len(started) >= max_concurrency:
+                    started[len(started) - max_concurrency].result()  # a slot is free once the oldest part is done
+                started.append(self.submit(download_part, start, stop_at))
+            for future in started:
                 future.result()
-        finally:
-            for future in pending:
+        except BaseException:
+            stop.set()
+            for future in started:
                 future.cancel()
+            concurrent.futures.wait(started)  # the running parts finish (or stop) before we raise
+            raise
+
+    def download_range(
+        self,
+        offset: int,
+        length: int,
+        *,
+        etag: str,
+        part_size: int,
+        max_concurrency: int,
+        validate_content: bool = False,
+    ) -> _buffers.Lease:
+        """The blob's ``length`` bytes from ``offset``, in a leased pooled buffer the caller releases.
+
+        The buffer's size is ``length`` rounded up to whole parts, so that ranges of similar sizes
+        reuse each other's buffers. Fetched as :meth:`download_parallel` does.
+        """
+        lease = _buffers.lease(-(-length // part_size) * part_size)
+        try:
+            self.download_parallel(
+                offset,
+                lease.view(length),
+                etag=etag,
+                part_size=part_size,
+                max_concurrency=max_concurrency,
+                validate_content=validate_content,
+            )
+        except BaseException:
+            lease.release()
+            raise
+        return lease
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run one of this client's operations on the shared transfer threads."""

@@ -14,6 +14,8 @@ import collections
 import os
 import threading
 
+from azstoragetorch._client import _schedule
+
 MAX_IDLE_BYTES = 128 * 1024 * 1024
 # Smaller buffers come from the allocator's heap, which reuses freed memory by itself.
 MIN_POOLED_BYTES = 1024 * 1024
@@ -60,6 +62,55 @@ class BufferPool:
         return self._idle_bytes
 
 
+class Lease:
+    """A buffer handed out to one or more holders; it goes back to the pool when the last one lets go.
+
+    Memory that was handed out must never be recycled while anyone may still read or write it: a
+    reader copying out of a chunk, a download thread writing into it, a consumer of a fetched span.
+    Each of them holds the lease (the first holder gets it from :func:`lease`, others call
+    :meth:`retain`) and calls :meth:`release` exactly once when done; the buffer returns to the pool
+    only after the last release. Releasing more often than holding is a bug and raises at once.
+    """
+
+    __slots__ = ("_buffer", "_holders", "_lock")
+
+    def __init__(self, buffer: bytearray) -> None:
+        self._buffer: bytearray | None = buffer
+        self._holders = 1
+        self._lock = threading.Lock()
+
+    @property
+    def buffer(self) -> bytearray:
+        """The leased memory; only for holders, between taking the lease and releasing it."""
+        if self._buffer is None:
+            raise RuntimeError("A buffer lease was used after its last holder released it.")
+        return self._buffer
+
+    def view(self, length: int) -> memoryview:
+        """The first ``length`` bytes of the buffer, without a copy."""
+        return memoryview(self.buffer)[:length]
+
+    def retain(self) -> Lease:
+        """Become one more holder; returns the lease, for ``hold = lease.retain()``."""
+        with self._lock:
+            if self._buffer is None:
+                raise RuntimeError("A buffer lease was retained after its last holder released it.")
+            self._holders += 1
+        return self
+
+    def release(self) -> None:
+        """Let go; the last holder to do so returns the buffer to the pool."""
+        with self._lock:
+            if self._buffer is None:
+                raise RuntimeError("A buffer lease was released more often than it was held.")
+            self._holders -= 1
+            if self._holders:
+                return
+            buffer, self._buffer = self._buffer, None
+        _schedule.pause("buffer.release")
+        give_back(buffer)
+
+
 pool = BufferPool()
 
 
@@ -78,3 +129,8 @@ def take(size: int) -> bytearray:
 
 def give_back(buffer: bytearray) -> None:
     pool.give_back(buffer)
+
+
+def lease(size: int) -> Lease:
+    """A lease on a buffer of exactly ``size`` bytes (pooled when large), held once by the caller."""
+    return Lease(take(size))

@@ -472,7 +472,7 @@ class _SpanFetcher:
 
     def fetch_in_order(self, spans: list[_Span]) -> Iterator[tuple[_Span, memoryview]]:
         """Each span with its bytes, in the order given; the bytes are valid until the next span is asked for."""
-        pending: collections.deque[tuple[_Span, concurrent.futures.Future[bytearray]]] = collections.deque()
+        pending: collections.deque[tuple[_Span, concurrent.futures.Future[_buffers.Lease]]] = collections.deque()
         in_flight = 0
         workers = max(1, min(len(spans), 2 * self._files.max_concurrency))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="azstoragetorch-dcp") as pool:
@@ -485,19 +485,21 @@ class _SpanFetcher:
                 while pending:
                     yield from self._hand_over(pending.popleft())
             finally:
+                # Spans fetched but never handed over: their leases are ours to release, once fetched.
                 for _, future in pending:
-                    if not future.cancel() and future.done() and future.exception() is None:
-                        _buffers.give_back(future.result())
+                    future.cancel()
+                    future.add_done_callback(_release_fetched)
 
     @staticmethod
     def _hand_over(
-        entry: tuple[_Span, concurrent.futures.Future[bytearray]],
+        entry: tuple[_Span, concurrent.futures.Future[_buffers.Lease]],
     ) -> Generator[tuple[_Span, memoryview], None, int]:
         span, future = entry
-        buffer = future.result()
-        with memoryview(buffer) as view:
-            yield span, view[: span.end - span.start]
-        _buffers.give_back(buffer)  # the consumer is done with it (it asked for the next span)
+        lease = future.result()
+        try:
+            yield span, lease.view(span.end - span.start)
+        finally:
+            lease.release()  # the consumer is done with it (it asked for the next span, or stopped)
         return span.end - span.start
 
     def verify_whole_files(self) -> None:
@@ -509,30 +511,22 @@ class _SpanFetcher:
                 expected = f"{properties.crc32:08x}"
                 raise ChecksumMismatchError(client.display_url, "CRC-32 of the shard file", expected, f"{actual:08x}")
 
-    def _fetch(self, span: _Span) -> bytearray:
+    def _fetch(self, span: _Span) -> _buffers.Lease:
         client, properties = self._pinned_version(span.relative_path)
-        etag = properties.etag
         length = span.end - span.start
-        # Sizes rounded up to whole blocks repeat from span to span, so pooled buffers fit again.
-        block = self._files.block_size
-        buffer = _buffers.take(-(-length // block) * block)
-        try:
-            client.download_parallel(
-                span.start,
-                memoryview(buffer)[:length],
-                etag=etag,
-                part_size=block,
-                max_concurrency=self._files.max_concurrency,
-                validate_content=self._files.validate_content,
-            )
-            if self._files.verify_checksum:
-                with self._lock:
-                    checksums = self._checksums.setdefault(span.relative_path, PieceChecksums(properties.size))
-                checksums.add(span.start, memoryview(buffer)[:length])
-        except BaseException:
-            _buffers.give_back(buffer)
-            raise
-        return buffer
+        lease = client.download_range(
+            span.start,
+            length,
+            etag=properties.etag,
+            part_size=self._files.block_size,
+            max_concurrency=self._files.max_concurrency,
+            validate_content=self._files.validate_content,
+        )
+        if self._files.verify_checksum:
+            with self._lock:
+                checksums = self._checksums.setdefault(span.relative_path, PieceChecksums(properties.size))
+            checksums.add(span.start, lease.view(length))
+        return lease
 
     def _pinned_version(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, BlobProperties]:
         """The shard file's client and properties; every range is read at their ETag (one request per file)."""
@@ -550,6 +544,11 @@ class _SpanFetcher:
             except BaseException as error:
                 future.set_exception(error)
         return future.result()
+
+
+def _release_fetched(future: concurrent.futures.Future[_buffers.Lease]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
 
 
 class _MemoryFile(io.RawIOBase):

@@ -122,7 +122,7 @@ def test_large_blob_streams_with_bounded_memory(
         pieces = []
         while piece := f.read(300_001):
             pieces.append(piece)
-            assert len(f._reader._chunks) <= 5  # (max_concurrency + 1) chunks of block_size at most
+            assert len(f._reader._store) <= 5  # (max_concurrency + 1) chunks of block_size at most
     assert b"".join(pieces) == data
 
 

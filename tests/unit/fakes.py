@@ -6,7 +6,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from azstoragetorch._client import BlobProperties
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties
 
 
 class InMemoryBlobClient:
@@ -38,7 +38,13 @@ class InMemoryBlobClient:
         return self._pool.submit(fn, *args, **kwargs)
 
     def download_into(
-        self, offset: int, buffer: memoryview, *, etag: str | None, validate_content: bool = False
+        self,
+        offset: int,
+        buffer: memoryview,
+        *,
+        etag: str | None,
+        validate_content: bool = False,
+        stop: threading.Event | None = None,
     ) -> tuple[BlobProperties, int]:
         with self._lock:
             self.reads.append((offset, len(buffer)))
@@ -58,7 +64,18 @@ class InMemoryBlobClient:
     ) -> None:
         with self._lock:
             self.parallel_reads.append((offset, len(buffer), part_size))
-        buffer[:] = self.data[offset : offset + len(buffer)]
+        # The real splitting, joining and failure handling, over this fake's download_into.
+        AzStorageTorchBlobClient.download_parallel(
+            self,  # type: ignore[arg-type]
+            offset,
+            buffer,
+            etag=etag,
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+            validate_content=validate_content,
+        )
+
+    download_range = AzStorageTorchBlobClient.download_range
 
     def stage_block(self, block_id: str, data: bytes | memoryview, *, validate_content: bool) -> None:
         with self._lock:

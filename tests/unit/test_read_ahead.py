@@ -1,11 +1,14 @@
 import io
 import os
+import random
+import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from azstoragetorch import _read_ahead
+from azstoragetorch._client import _buffers, _schedule
 from azstoragetorch._read_ahead import JUMP_FETCH_BYTES, ReadAheadBuffer
 from tests.unit.fakes import InMemoryBlobClient
 
@@ -45,7 +48,7 @@ def test_read_ahead_keeps_several_chunks_in_flight_but_bounded() -> None:
     buffer, client = make_buffer(data, max_chunks=4)
     for position in range(0, len(data), 100):
         read(buffer, position, 100)
-        assert len(buffer._chunks) <= 5  # max_chunks + 1: the memory bound
+        assert len(buffer._store) <= 5  # max_chunks + 1: the memory bound
     requested = sorted(offset for offset, _ in client.reads)
     assert requested == list(range(CHUNK, CHUNK * 40, CHUNK))
 
@@ -92,7 +95,7 @@ def test_random_reads_match_bytesio(size: int, operations: list[tuple[int, int]]
     for position, length in operations:
         reference.seek(position)
         assert read(buffer, position, length) == reference.read(length)
-        assert len(buffer._chunks) <= max_chunks + 1
+        assert len(buffer._store) <= max_chunks + 1
 
 
 def test_large_uncovered_reads_go_straight_to_the_destination(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,3 +112,70 @@ def test_large_uncovered_reads_go_straight_to_the_destination(monkeypatch: pytes
     # The small read after it was served by the small chunk fetched alongside, not a new request.
     assert (CHUNK * 22 + 64, 64) in client.reads
     assert not any(start == CHUNK * 22 + 64 and length != 64 for start, length in client.reads)
+
+
+@pytest.mark.parametrize("max_chunks", [2, 3, 4])
+def test_random_reads_with_pooled_chunks_under_a_perturbed_schedule(max_chunks: int) -> None:
+    """Chunks of 1 MiB come from the process's buffer pool: an evicted chunk's buffer must not be
+    downloaded into again while a read still copies out of it (it was, and reads returned other bytes)."""
+    mib = 1024 * 1024
+    data = random.Random(max_chunks).randbytes(14 * mib + 5)
+    for seed in (1, 2, 3):
+        print(f"perturbation seed {seed}, max_chunks {max_chunks}")
+        client = InMemoryBlobClient(data)
+        buffer = ReadAheadBuffer(
+            client,  # type: ignore[arg-type]
+            client.properties,
+            chunk_size=mib,
+            max_chunks=max_chunks,
+            first_chunk=bytearray(data[:mib]),
+        )
+        chooser = random.Random(seed)
+        position = 0
+        with _schedule.perturbed(seed, max_delay=0.002, probability=1.0, only=frozenset({"chunk.copy"})):
+            for step in range(300):
+                if chooser.random() < 0.35:
+                    position = chooser.randrange(0, len(data))
+                elif chooser.random() < 0.2:
+                    position = max(0, position - chooser.randrange(0, 2 * mib))
+                length = chooser.choice([1, 100, 4096, mib // 2, mib - 1, mib, mib + 1, 3 * mib])
+                got = read(buffer, position, length)
+                assert got == data[position : position + length], f"step {step} at {position}"
+                position += len(got)
+        buffer.close()
+
+
+def test_closing_while_chunks_download_recycles_no_buffer_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A buffer goes back to the pool only when its download is done, even if the reader closed first."""
+    mib = 1024 * 1024
+    data = os.urandom(8 * mib)
+    client = InMemoryBlobClient(data)
+    client.release.clear()  # downloads of the fake wait for this
+    returned: list[bytearray] = []
+    monkeypatch.setattr(_buffers, "give_back", returned.append)
+    slow_download_into = client.download_into
+    downloading_into: list[object] = []
+    started = threading.Event()
+
+    def download_into(offset: int, target: memoryview, **kwargs: object) -> object:
+        downloading_into.append(target.obj)
+        started.set()
+        client.release.wait(10)
+        return slow_download_into(offset, target, **kwargs)  # type: ignore[arg-type]
+
+    client.download_into = download_into  # type: ignore[method-assign]
+    buffer = ReadAheadBuffer(
+        client,  # type: ignore[arg-type]
+        client.properties,
+        chunk_size=mib,
+        max_chunks=4,
+        first_chunk=bytearray(data[:mib]),
+    )
+    assert read(buffer, 0, 10) == data[:10]  # served by the first chunk; the next one is requested
+    buffer.close()
+    assert started.wait(10)
+    [in_flight] = downloading_into
+    assert not any(recycled is in_flight for recycled in returned)  # its download still holds it
+    client.release.set()
+    client._pool.shutdown(wait=True)
+    assert sum(recycled is in_flight for recycled in returned) == 1  # returned once, when done
