@@ -186,6 +186,49 @@ def test_az_paths_use_the_account_url(container: Container, plugin: AzureBlobChe
     assert TinyModel.load_from_checkpoint(f"{dirpath}/last.ckpt").hparams.width == 6
 
 
+@pytest.mark.parametrize(
+    ("monitor", "az_dirpath"),
+    [(None, False), ("val_loss", False), (None, True)],
+    ids=["no-monitor", "monitor", "az-dirpath-https-resume"],
+)
+def test_resuming_in_place_keeps_the_checkpoint_resumed_from(
+    container: Container, plugin: AzureBlobCheckpointIO, monitor: str | None, az_dirpath: bool
+) -> None:
+    # Lightning keeps the checkpoint a run resumed from when top-k drops it, as on a local disk;
+    # later checkpoints that fall out of the top k are deleted as usual. The resumed-from path is
+    # recognised in either form (az:// or https://).
+    dirpath = f"az://{container.name}/run" if az_dirpath else container.blob_url("run")
+    model = TinyModel(val_losses=[3.0, 2.0, 1.0])  # every epoch is the new best
+
+    def fit(max_epochs: int, ckpt_path: str | None) -> ModelCheckpoint:
+        checkpoints = ModelCheckpoint(dirpath=dirpath, monitor=monitor, save_top_k=1)
+        trainer(max_epochs=max_epochs, plugins=[plugin], callbacks=[checkpoints]).fit(
+            model, loader(), loader(), ckpt_path=ckpt_path
+        )
+        return checkpoints
+
+    assert fit(1, None).best_model_path == f"{dirpath}/epoch=0-step=4.ckpt"
+
+    fit(3, container.blob_url("run/epoch=0-step=4.ckpt"))
+
+    assert names(container) == ["run/epoch=0-step=4.ckpt", "run/epoch=2-step=12.ckpt"]
+
+
+def test_a_checkpoint_outside_dirpath_is_never_deleted(container: Container, plugin: AzureBlobCheckpointIO) -> None:
+    # Resuming into a new dirpath restores best_model_path, which names the first run's best
+    # checkpoint; save_top_k=1 then drops it from the new run's top k, but it is not the new run's.
+    first = ModelCheckpoint(dirpath=container.blob_url("run-1"), save_top_k=1, save_last=True)
+    trainer(plugins=[plugin], callbacks=[first]).fit(TinyModel(), loader())
+    assert first.best_model_path == container.blob_url("run-1/epoch=0-step=4.ckpt")
+
+    second = ModelCheckpoint(dirpath=container.blob_url("run-2"), save_top_k=1)
+    trainer(max_epochs=3, plugins=[plugin], callbacks=[second]).fit(
+        TinyModel(), loader(), ckpt_path=container.blob_url("run-1/last.ckpt")
+    )
+
+    assert names(container) == ["run-1/epoch=0-step=4.ckpt", "run-1/last.ckpt", "run-2/epoch=2-step=12.ckpt"]
+
+
 # -- AsyncCheckpointIO ------------------------------------------------------------------------------
 
 
