@@ -20,10 +20,12 @@ ways in Lightning 2.6:
 5. ``ModelCheckpoint._should_remove_checkpoint`` keeps the checkpoint a run resumed from, and
    checkpoints outside ``dirpath``, only on the local filesystem; any other path that top-k drops is
    deleted, so resuming in place deletes the checkpoint resumed from.
+6. ``AsyncCheckpointIO`` queues saves for its worker thread but removes at once, so a save still
+   waiting in its queue re-creates a checkpoint that top-k removed after asking for that save.
 
 Each :class:`BlobPaths` (one per ``AzureBlobCheckpointIO``) says which paths are blob paths and
 which credential reads them. :func:`register` records it and installs, once per process, one
-wrapper around each of the five places above. A wrapper handles a path only when a registered
+wrapper around each of the six places above. A wrapper handles a path only when a registered
 ``BlobPaths`` claims it (or the filesystem is a :class:`BlobFileSystem`), and passes everything
 else to Lightning's own function unchanged. Should a Lightning version lack what a wrapper relies
 on, it warns and leaves Lightning's behaviour as it is.
@@ -210,6 +212,7 @@ def _install_wrappers() -> None:
     from lightning.fabric.utilities import cloud_io
     from lightning.pytorch.callbacks import model_checkpoint
     from lightning.pytorch.core import saving
+    from lightning.pytorch.plugins import AsyncCheckpointIO
 
     targets: list[tuple[Any, str, Any, str]] = [
         (cloud_io, "url_to_fs", _wrap_url_to_fs, _PATHS_MAY_FAIL),
@@ -222,6 +225,7 @@ def _install_wrappers() -> None:
             _wrap_should_remove_checkpoint,
             _TOP_K_MAY_DELETE,
         ),
+        (AsyncCheckpointIO, "remove_checkpoint", _wrap_async_remove_checkpoint, _ASYNC_MAY_RECREATE),
     ]
     for owner, name, wrap, what_may_fail in targets:
         original = getattr(owner, name, None)
@@ -237,6 +241,7 @@ _PATHS_MAY_FAIL = (
     "load_from_checkpoint) may not work"
 )
 _TOP_K_MAY_DELETE = "save_top_k may delete the blob checkpoint a run resumed from, or blob checkpoints outside dirpath"
+_ASYNC_MAY_RECREATE = "a blob checkpoint save still queued in AsyncCheckpointIO may re-create what save_top_k removed"
 
 
 def _warn_unsupported(missing: str, what_may_fail: str, *, stacklevel: int) -> None:
@@ -328,3 +333,43 @@ def _wrap_should_remove_checkpoint(original: Any) -> Any:
         return directory is not None and _is_within(location, directory)
 
     return _should_remove_checkpoint
+
+
+def _wrap_async_remove_checkpoint(original: Any) -> Any:
+    """Removals of blob paths join AsyncCheckpointIO's queue, behind the saves asked for before them.
+
+    AsyncCheckpointIO saves in its worker thread but removes in the caller's. A removal that ran
+    while a save of the same checkpoint still waited in the queue would be undone by that save.
+    Queued instead, a removal runs after every save submitted before it has started (the queue is
+    first in, first out), and the plugin's removal waits for a save of its path that is still
+    running. A failed removal is reported as AsyncCheckpointIO reports a failed save: from the
+    next save or from ``teardown``.
+    """
+
+    @functools.wraps(original)
+    def remove_checkpoint(self: Any, *args: Any, **kwargs: Any) -> None:
+        path = kwargs["path"] if "path" in kwargs else args[0] if args else None
+        queue = _save_queue(self) if _location(path) is not None else None
+        if queue is None:
+            original(self, *args, **kwargs)
+            return
+
+        def remove() -> None:
+            try:
+                original(self, *args, **kwargs)
+            except BaseException as error:
+                if self._error is None:
+                    self._error = error
+
+        queue.submit(remove)
+
+    return remove_checkpoint
+
+
+def _save_queue(async_io: Any) -> Any:
+    """The executor that runs ``async_io``'s saves, or ``None`` when no save is queued (none since
+    setup or teardown) or this Lightning version keeps its saves elsewhere."""
+    if not (hasattr(async_io, "_executor") and hasattr(async_io, "_error")):
+        _warn_unsupported("AsyncCheckpointIO._executor", _ASYNC_MAY_RECREATE, stacklevel=4)
+        return None
+    return async_io._executor

@@ -1,9 +1,10 @@
 """AzureBlobCheckpointIO with a real Trainer against Azurite.
 
 ModelCheckpoint's whole flow with a blob directory (top-k deletions checked by listing the
-container, save_last, every_n_train_steps), resuming from "last" in a fresh process and from a URL,
-load_from_checkpoint, default_root_dir, az:// paths, AsyncCheckpointIO, DDP with two processes,
-and what the user sees for failed uploads and bad input.
+container, with Lightning's local rules for the checkpoint resumed from and checkpoints outside
+dirpath, save_last, every_n_train_steps), resuming from "last" in a fresh process and from a URL,
+load_from_checkpoint, default_root_dir, az:// paths, AsyncCheckpointIO (removals ordered after
+queued saves), DDP with two processes, and what the user sees for failed uploads and bad input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 import torch
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import ClientAuthenticationError, ResourceExistsError
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import AsyncCheckpointIO
 
@@ -245,6 +246,81 @@ def test_async_checkpoint_io_keeps_exactly_top_k(container: Container, azurite: 
 
     assert names(container) == ["async/step=8.ckpt"]
     assert proxy.count("PutBlob") == 2 * STEPS_PER_EPOCH  # every step's checkpoint was written
+
+
+class HoldSecondSave(Callback):
+    """Holds the second checkpoint of a run (epoch 0's ``last.ckpt``) in AsyncCheckpointIO's thread
+    until training ends, and starts epoch 1 only once it is held: every later save then waits in
+    the queue while ``save_top_k`` removes, however the threads are scheduled."""
+
+    def __init__(self) -> None:
+        self.saves = 0
+        self.held = HeldWhilePickled()
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self.saves += 1
+        if self.saves == 2:
+            checkpoint["held"] = self.held
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.current_epoch == 1:
+            assert self.held.reached.wait(timeout=120), "the second save never started"
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.held.release.set()
+
+
+class HeldWhilePickled:
+    """Blocks ``torch.save`` while it pickles this object, until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.reached.set()
+        assert self.release.wait(timeout=120), "the held save was never released"
+        return (str, ("released",))
+
+
+def test_async_removal_is_not_undone_by_a_queued_save(container: Container, plugin: AzureBlobCheckpointIO) -> None:
+    # From epoch 1 on, each epoch's checkpoint is still queued (not uploading) when the next epoch's
+    # save_top_k removes it. The removal must take effect after that save, not before it.
+    hold = HoldSecondSave()
+    checkpoints = ModelCheckpoint(dirpath=container.blob_url("async"), save_top_k=1, save_last=True)
+
+    trainer(max_epochs=4, plugins=[AsyncCheckpointIO(plugin)], callbacks=[hold, checkpoints]).fit(TinyModel(), loader())
+
+    assert names(container) == ["async/epoch=3-step=16.ckpt", "async/last.ckpt"]
+    assert hold.saves == 8
+
+
+def test_a_queued_removal_that_fails_is_raised_from_teardown(
+    container: Container, plugin: AzureBlobCheckpointIO
+) -> None:
+    container.upload("run/kept.ckpt", b"checkpoint")
+    container.client.get_blob_client("run/kept.ckpt").create_snapshot()
+    async_io = AsyncCheckpointIO(plugin)
+    async_io.save_checkpoint({"weights": torch.ones(4)}, container.blob_url("run/new.ckpt"))
+
+    async_io.remove_checkpoint(container.blob_url("run/kept.ckpt"))  # queued behind the save
+
+    with pytest.raises(ResourceExistsError, match="SnapshotsPresent"):
+        async_io.teardown()
+    assert names(container) == ["run/kept.ckpt", "run/new.ckpt"]
+
+
+def test_async_removal_falls_back_to_removing_at_once_if_lightning_changed(
+    container: Container, plugin: AzureBlobCheckpointIO
+) -> None:
+    container.upload("old.ckpt", b"checkpoint")
+    async_io = AsyncCheckpointIO(plugin)
+    del async_io._executor  # as if a later Lightning kept its queue elsewhere
+
+    with pytest.warns(RuntimeWarning, match="no AsyncCheckpointIO._executor"):
+        async_io.remove_checkpoint(container.blob_url("old.ckpt"))
+
+    assert not container.exists("old.ckpt")
 
 
 def test_remove_waits_for_a_save_of_the_same_blob(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
