@@ -204,7 +204,14 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
 
 class _TextBlob(io.TextIOWrapper):
     """Text over a :class:`BlobIO` that, like BlobIO itself, commits nothing when its ``with``
-    block raises (a plain ``TextIOWrapper`` would close, and so commit, a half-written blob)."""
+    block raises or when it is garbage-collected without ``close()`` (a plain ``TextIOWrapper``
+    would close, and so commit, a half-written blob in both cases)."""
+
+    def __del__(self) -> None:
+        # Replaces TextIOWrapper's finalizer, which would close the BlobIO. Doing nothing drops the
+        # text not yet handed to the BlobIO and leaves the BlobIO to its own finalizer, which
+        # warns (ResourceWarning) and commits nothing, as in binary mode.
+        pass
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

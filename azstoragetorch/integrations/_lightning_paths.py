@@ -17,12 +17,18 @@ ways in Lightning 2.6:
    (Lightning issue #18261).
 4. ``load_from_checkpoint`` sends every ``http...`` path to ``torch.hub``, which downloads it
    anonymously and caches it by file name, so a second ``last.ckpt`` would load the first.
+5. ``ModelCheckpoint._should_remove_checkpoint`` keeps the checkpoint a run resumed from, and
+   checkpoints outside ``dirpath``, only on the local filesystem; any other path that top-k drops is
+   deleted, so resuming in place deletes the checkpoint resumed from.
+6. ``AsyncCheckpointIO`` queues saves for its worker thread but removes at once, so a save still
+   waiting in its queue re-creates a checkpoint that top-k removed after asking for that save.
 
 Each :class:`BlobPaths` (one per ``AzureBlobCheckpointIO``) says which paths are blob paths and
 which credential reads them. :func:`register` records it and installs, once per process, one
-wrapper around each of the four places above. A wrapper handles a path only when a registered
+wrapper around each of the six places above. A wrapper handles a path only when a registered
 ``BlobPaths`` claims it (or the filesystem is a :class:`BlobFileSystem`), and passes everything
-else to Lightning's own function unchanged.
+else to Lightning's own function unchanged. Should a Lightning version lack what a wrapper relies
+on, it warns and leaves Lightning's behaviour as it is.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from typing import Any
 import torch
 from azure.core.exceptions import ResourceNotFoundError
 
-from azstoragetorch._client import CredentialArgument
+from azstoragetorch._client import ContainerUrl, CredentialArgument
 from azstoragetorch._client._pipeline import is_missing_container
 from azstoragetorch._client._redaction import shown
 from azstoragetorch._client._urls import FSSPEC_PROTOCOLS, fsspec_path_to_url, is_azure_blob_host
@@ -172,6 +178,26 @@ def claim(path: str) -> BlobPaths | None:
     return None
 
 
+def _location(path: Any) -> tuple[str, str] | None:
+    """Where a claimed path points, as ``(container URL, blob name or prefix)``, whatever its form
+    (``az://`` or ``https://``, with or without a trailing ``/``); ``None`` for any other path."""
+    try:
+        text = os.fspath(path)
+        paths = claim(text) if isinstance(text, str) else None
+        if paths is None:
+            return None
+        container, name = ContainerUrl.parse_with_prefix(paths._required_url(text))
+    except (TypeError, ValueError):
+        return None  # not a path, or a blob path that cannot be used: Lightning's own rules apply
+    return container.url_without_query.lower(), name.strip("/")
+
+
+def _is_within(location: tuple[str, str], directory: tuple[str, str]) -> bool:
+    container, name = location
+    directory_container, prefix = directory
+    return container == directory_container and (not prefix or name.startswith(f"{prefix}/"))
+
+
 # -- the wrappers ------------------------------------------------------------------------------
 
 _installed = False
@@ -186,25 +212,45 @@ def _install_wrappers() -> None:
     from lightning.fabric.utilities import cloud_io
     from lightning.pytorch.callbacks import model_checkpoint
     from lightning.pytorch.core import saving
+    from lightning.pytorch.plugins import AsyncCheckpointIO
 
-    targets: list[tuple[Any, str, Any]] = [
-        (cloud_io, "url_to_fs", _wrap_url_to_fs),
-        (cloud_io, "_is_object_storage", _wrap_is_object_storage),
-        (saving, "pl_load", _wrap_load),
-        (model_checkpoint.ModelCheckpoint, "_find_last_checkpoints", _wrap_find_last_checkpoints),
+    targets: list[tuple[Any, str, Any, str]] = [
+        (cloud_io, "url_to_fs", _wrap_url_to_fs, _PATHS_MAY_FAIL),
+        (cloud_io, "_is_object_storage", _wrap_is_object_storage, _PATHS_MAY_FAIL),
+        (saving, "pl_load", _wrap_load, _PATHS_MAY_FAIL),
+        (model_checkpoint.ModelCheckpoint, "_find_last_checkpoints", _wrap_find_last_checkpoints, _PATHS_MAY_FAIL),
+        (
+            model_checkpoint.ModelCheckpoint,
+            "_should_remove_checkpoint",
+            _wrap_should_remove_checkpoint,
+            _TOP_K_MAY_DELETE,
+        ),
+        (AsyncCheckpointIO, "remove_checkpoint", _wrap_async_remove_checkpoint, _ASYNC_MAY_RECREATE),
     ]
-    for owner, name, wrap in targets:
+    for owner, name, wrap, what_may_fail in targets:
         original = getattr(owner, name, None)
         if original is None:
-            warnings.warn(
-                f"azstoragetorch: this Lightning version has no {owner.__name__}.{name}; Lightning's own "
-                "handling of blob paths (existence checks, listings, ckpt_path='last', load_from_checkpoint) "
-                "may not work. Saving and loading through AzureBlobCheckpointIO is unaffected.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _warn_unsupported(f"{owner.__name__}.{name}", what_may_fail, stacklevel=4)
             continue
         setattr(owner, name, wrap(original))
+
+
+# What may go wrong, for blob paths, when a Lightning version lacks what a wrapper relies on.
+_PATHS_MAY_FAIL = (
+    "Lightning's own handling of blob paths (existence checks, listings, ckpt_path='last', "
+    "load_from_checkpoint) may not work"
+)
+_TOP_K_MAY_DELETE = "save_top_k may delete the blob checkpoint a run resumed from, or blob checkpoints outside dirpath"
+_ASYNC_MAY_RECREATE = "a blob checkpoint save still queued in AsyncCheckpointIO may re-create what save_top_k removed"
+
+
+def _warn_unsupported(missing: str, what_may_fail: str, *, stacklevel: int) -> None:
+    warnings.warn(
+        f"azstoragetorch: this Lightning version has no {missing}, so {what_may_fail}. "
+        "Saving and loading through AzureBlobCheckpointIO is unaffected.",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def _wrap_url_to_fs(original: Any) -> Any:
@@ -267,3 +313,63 @@ def _wrap_find_last_checkpoints(original: Any) -> Any:
         return {name for name in filesystem.ls(directory, detail=False) if is_last(name)}
 
     return _find_last_checkpoints
+
+
+def _wrap_should_remove_checkpoint(original: Any) -> Any:
+    """Top-k keeps, for blob paths as Lightning does for local ones, the checkpoint the run resumed
+    from and any checkpoint outside ``dirpath`` (Lightning deletes every such remote checkpoint)."""
+
+    @functools.wraps(original)
+    def _should_remove_checkpoint(self: Any, trainer: Any, previous: str, current: str) -> bool:
+        location = _location(previous)
+        if location is None:
+            return bool(original(self, trainer, previous, current))
+        if location == _location(current):
+            return False  # the new checkpoint replaced it
+        resumed_from = trainer.ckpt_path
+        if resumed_from is not None and _location(resumed_from) == location:
+            return False
+        directory = _location(self.dirpath) if self.dirpath is not None else None
+        return directory is not None and _is_within(location, directory)
+
+    return _should_remove_checkpoint
+
+
+def _wrap_async_remove_checkpoint(original: Any) -> Any:
+    """Removals of blob paths join AsyncCheckpointIO's queue, behind the saves asked for before them.
+
+    AsyncCheckpointIO saves in its worker thread but removes in the caller's. A removal that ran
+    while a save of the same checkpoint still waited in the queue would be undone by that save.
+    Queued instead, a removal runs after every save submitted before it has started (the queue is
+    first in, first out), and the plugin's removal waits for a save of its path that is still
+    running. A failed removal is reported as AsyncCheckpointIO reports a failed save: from the
+    next save or from ``teardown``.
+    """
+
+    @functools.wraps(original)
+    def remove_checkpoint(self: Any, *args: Any, **kwargs: Any) -> None:
+        path = kwargs["path"] if "path" in kwargs else args[0] if args else None
+        queue = _save_queue(self) if _location(path) is not None else None
+        if queue is None:
+            original(self, *args, **kwargs)
+            return
+
+        def remove() -> None:
+            try:
+                original(self, *args, **kwargs)
+            except BaseException as error:
+                if self._error is None:
+                    self._error = error
+
+        queue.submit(remove)
+
+    return remove_checkpoint
+
+
+def _save_queue(async_io: Any) -> Any:
+    """The executor that runs ``async_io``'s saves, or ``None`` when no save is queued (none since
+    setup or teardown) or this Lightning version keeps its saves elsewhere."""
+    if not (hasattr(async_io, "_executor") and hasattr(async_io, "_error")):
+        _warn_unsupported("AsyncCheckpointIO._executor", _ASYNC_MAY_RECREATE, stacklevel=4)
+        return None
+    return async_io._executor

@@ -205,8 +205,11 @@ class AzureBlobCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the checkpoint at ``path``; a checkpoint that is already gone is not an error.
 
-        If a save of the same path is still uploading (under ``AsyncCheckpointIO``), this waits
-        for it first, so that the save cannot re-create a checkpoint that ``save_top_k`` dropped.
+        If a save of the same path is still uploading in another thread, this waits for it first,
+        so that the save cannot re-create the checkpoint after it was deleted. Under
+        ``AsyncCheckpointIO``, a removal also waits its turn in the queue of saves: it runs after
+        every save asked for before it, in the saving thread, so ``save_top_k`` holds once the queue
+        has drained.
         """
         url = self._url(path)
         self._saves.wait_for(url)
@@ -229,7 +232,11 @@ class AzureBlobCheckpointIO(CheckpointIO):
 
 
 class _SavesInProgress:
-    """The blob URLs being written right now, so that a removal can wait for a save of the same URL."""
+    """The blob URLs being written right now, so that a removal can wait for a save of the same URL.
+
+    Only saves that have started are here; saves still queued in ``AsyncCheckpointIO`` are ordered
+    before a removal by queueing the removal behind them (``_lightning_paths``).
+    """
 
     def __init__(self) -> None:
         self._changed = threading.Condition()

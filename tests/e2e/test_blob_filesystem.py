@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 
 import pytest
 from azure.core.credentials import AzureNamedKeyCredential
@@ -127,6 +128,20 @@ def test_a_failed_text_write_commits_nothing(fs: BlobFileSystem, container: Cont
     with pytest.raises(RuntimeError), fs.open(container.blob_url("config.yaml"), "w") as text:
         text.write("new: half written")
         raise RuntimeError("serializer failed")
+
+    assert container.download("config.yaml") == b"old: true\n"
+
+
+def test_an_unclosed_text_writer_commits_nothing_when_collected(fs: BlobFileSystem, container: Container) -> None:
+    # A TextIOWrapper's finalizer closes its buffer, and closing a BlobIO commits; text mode must
+    # behave like binary mode instead: warn, and leave the blob as it was.
+    container.upload("config.yaml", b"old: true\n")
+    text = fs.open(container.blob_url("config.yaml"), "w")
+    text.write("new: half written")
+
+    with pytest.warns(ResourceWarning, match="NOT committed"):
+        del text
+        gc.collect()
 
     assert container.download("config.yaml") == b"old: true\n"
 

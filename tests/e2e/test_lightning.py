@@ -1,9 +1,10 @@
 """AzureBlobCheckpointIO with a real Trainer against Azurite.
 
 ModelCheckpoint's whole flow with a blob directory (top-k deletions checked by listing the
-container, save_last, every_n_train_steps), resuming from "last" in a fresh process and from a URL,
-load_from_checkpoint, default_root_dir, az:// paths, AsyncCheckpointIO, DDP with two processes,
-and what the user sees for failed uploads and bad input.
+container, with Lightning's local rules for the checkpoint resumed from and checkpoints outside
+dirpath, save_last, every_n_train_steps), resuming from "last" in a fresh process and from a URL,
+load_from_checkpoint, default_root_dir, az:// paths, AsyncCheckpointIO (removals ordered after
+queued saves), DDP with two processes, and what the user sees for failed uploads and bad input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 import torch
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import ClientAuthenticationError, ResourceExistsError
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import AsyncCheckpointIO
 
@@ -186,6 +187,49 @@ def test_az_paths_use_the_account_url(container: Container, plugin: AzureBlobChe
     assert TinyModel.load_from_checkpoint(f"{dirpath}/last.ckpt").hparams.width == 6
 
 
+@pytest.mark.parametrize(
+    ("monitor", "az_dirpath"),
+    [(None, False), ("val_loss", False), (None, True)],
+    ids=["no-monitor", "monitor", "az-dirpath-https-resume"],
+)
+def test_resuming_in_place_keeps_the_checkpoint_resumed_from(
+    container: Container, plugin: AzureBlobCheckpointIO, monitor: str | None, az_dirpath: bool
+) -> None:
+    # Lightning keeps the checkpoint a run resumed from when top-k drops it, as on a local disk;
+    # later checkpoints that fall out of the top k are deleted as usual. The resumed-from path is
+    # recognised in either form (az:// or https://).
+    dirpath = f"az://{container.name}/run" if az_dirpath else container.blob_url("run")
+    model = TinyModel(val_losses=[3.0, 2.0, 1.0])  # every epoch is the new best
+
+    def fit(max_epochs: int, ckpt_path: str | None) -> ModelCheckpoint:
+        checkpoints = ModelCheckpoint(dirpath=dirpath, monitor=monitor, save_top_k=1)
+        trainer(max_epochs=max_epochs, plugins=[plugin], callbacks=[checkpoints]).fit(
+            model, loader(), loader(), ckpt_path=ckpt_path
+        )
+        return checkpoints
+
+    assert fit(1, None).best_model_path == f"{dirpath}/epoch=0-step=4.ckpt"
+
+    fit(3, container.blob_url("run/epoch=0-step=4.ckpt"))
+
+    assert names(container) == ["run/epoch=0-step=4.ckpt", "run/epoch=2-step=12.ckpt"]
+
+
+def test_a_checkpoint_outside_dirpath_is_never_deleted(container: Container, plugin: AzureBlobCheckpointIO) -> None:
+    # Resuming into a new dirpath restores best_model_path, which names the first run's best
+    # checkpoint; save_top_k=1 then drops it from the new run's top k, but it is not the new run's.
+    first = ModelCheckpoint(dirpath=container.blob_url("run-1"), save_top_k=1, save_last=True)
+    trainer(plugins=[plugin], callbacks=[first]).fit(TinyModel(), loader())
+    assert first.best_model_path == container.blob_url("run-1/epoch=0-step=4.ckpt")
+
+    second = ModelCheckpoint(dirpath=container.blob_url("run-2"), save_top_k=1)
+    trainer(max_epochs=3, plugins=[plugin], callbacks=[second]).fit(
+        TinyModel(), loader(), ckpt_path=container.blob_url("run-1/last.ckpt")
+    )
+
+    assert names(container) == ["run-1/epoch=0-step=4.ckpt", "run-1/last.ckpt", "run-2/epoch=2-step=12.ckpt"]
+
+
 # -- AsyncCheckpointIO ------------------------------------------------------------------------------
 
 
@@ -202,6 +246,81 @@ def test_async_checkpoint_io_keeps_exactly_top_k(container: Container, azurite: 
 
     assert names(container) == ["async/step=8.ckpt"]
     assert proxy.count("PutBlob") == 2 * STEPS_PER_EPOCH  # every step's checkpoint was written
+
+
+class HoldSecondSave(Callback):
+    """Holds the second checkpoint of a run (epoch 0's ``last.ckpt``) in AsyncCheckpointIO's thread
+    until training ends, and starts epoch 1 only once it is held: every later save then waits in
+    the queue while ``save_top_k`` removes, however the threads are scheduled."""
+
+    def __init__(self) -> None:
+        self.saves = 0
+        self.held = HeldWhilePickled()
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self.saves += 1
+        if self.saves == 2:
+            checkpoint["held"] = self.held
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.current_epoch == 1:
+            assert self.held.reached.wait(timeout=120), "the second save never started"
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.held.release.set()
+
+
+class HeldWhilePickled:
+    """Blocks ``torch.save`` while it pickles this object, until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.reached.set()
+        assert self.release.wait(timeout=120), "the held save was never released"
+        return (str, ("released",))
+
+
+def test_async_removal_is_not_undone_by_a_queued_save(container: Container, plugin: AzureBlobCheckpointIO) -> None:
+    # From epoch 1 on, each epoch's checkpoint is still queued (not uploading) when the next epoch's
+    # save_top_k removes it. The removal must take effect after that save, not before it.
+    hold = HoldSecondSave()
+    checkpoints = ModelCheckpoint(dirpath=container.blob_url("async"), save_top_k=1, save_last=True)
+
+    trainer(max_epochs=4, plugins=[AsyncCheckpointIO(plugin)], callbacks=[hold, checkpoints]).fit(TinyModel(), loader())
+
+    assert names(container) == ["async/epoch=3-step=16.ckpt", "async/last.ckpt"]
+    assert hold.saves == 8
+
+
+def test_a_queued_removal_that_fails_is_raised_from_teardown(
+    container: Container, plugin: AzureBlobCheckpointIO
+) -> None:
+    container.upload("run/kept.ckpt", b"checkpoint")
+    container.client.get_blob_client("run/kept.ckpt").create_snapshot()
+    async_io = AsyncCheckpointIO(plugin)
+    async_io.save_checkpoint({"weights": torch.ones(4)}, container.blob_url("run/new.ckpt"))
+
+    async_io.remove_checkpoint(container.blob_url("run/kept.ckpt"))  # queued behind the save
+
+    with pytest.raises(ResourceExistsError, match="SnapshotsPresent"):
+        async_io.teardown()
+    assert names(container) == ["run/kept.ckpt", "run/new.ckpt"]
+
+
+def test_async_removal_falls_back_to_removing_at_once_if_lightning_changed(
+    container: Container, plugin: AzureBlobCheckpointIO
+) -> None:
+    container.upload("old.ckpt", b"checkpoint")
+    async_io = AsyncCheckpointIO(plugin)
+    del async_io._executor  # as if a later Lightning kept its queue elsewhere
+
+    with pytest.warns(RuntimeWarning, match="no AsyncCheckpointIO._executor"):
+        async_io.remove_checkpoint(container.blob_url("old.ckpt"))
+
+    assert not container.exists("old.ckpt")
 
 
 def test_remove_waits_for_a_save_of_the_same_blob(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
