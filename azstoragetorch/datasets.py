@@ -182,7 +182,15 @@ def _list_source(source: str | Iterable[str], credential: CredentialArgument) ->
     container, folder = ContainerUrl.parse_with_prefix(source)
     prefix = folder.strip("/")
     client = AzStorageTorchContainerClient(container, credential)
-    return [Blob(listed.client, listed.properties) for listed in client.list_blobs(f"{prefix}/" if prefix else None)]
+    return list(_listed_files(client, f"{prefix}/" if prefix else None))
+
+
+def _listed_files(client: AzStorageTorchContainerClient, prefix: str | None) -> Iterator[Blob]:
+    """The blobs under ``prefix``, in name order, without the directories of a hierarchical namespace
+    (ADLS Gen2), which are listed as empty blobs but are not samples."""
+    for listed in client.list_blobs(prefix):
+        if not listed.is_directory:
+            yield Blob(listed.client, listed.properties)
 
 
 class _ContainerListing:
@@ -195,8 +203,7 @@ class _ContainerListing:
         self._prefix = prefix
 
     def __iter__(self) -> Iterator[Blob]:
-        for listed in self._client.list_blobs(self._prefix):
-            yield Blob(listed.client, listed.properties)
+        return _listed_files(self._client, self._prefix)
 
 
 class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
@@ -256,7 +263,8 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``), in name order.
 
-        The container is listed now, following every page of the listing.
+        The container is listed now, following every page of the listing. The directories of an
+        account with a hierarchical namespace (ADLS Gen2), listed as empty blobs, are not samples.
 
         Args:
             container_url: ``https://<account>.blob.core.windows.net/<container>``, optionally with
@@ -393,7 +401,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         """A dataset of every blob in a container (whose name starts with ``prefix``).
 
         The container is listed on first iteration; a missing container or a credential that may
-        not list it raises then, naming the container.
+        not list it raises then, naming the container. The directories of an account with a
+        hierarchical namespace (ADLS Gen2), listed as empty blobs, are not samples.
 
         Args:
             container_url: ``https://<account>.blob.core.windows.net/<container>``, optionally with

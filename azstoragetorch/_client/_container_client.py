@@ -20,10 +20,15 @@ _PAGE_SIZE = 5000
 
 @dataclasses.dataclass(frozen=True)
 class ListedBlob:
-    """A blob as List Blobs described it: its client, and the properties that came with the listing."""
+    """A blob as List Blobs described it: its client, and the properties that came with the listing.
+
+    ``is_directory`` marks a directory of an account with a hierarchical namespace (ADLS Gen2),
+    which the Blob API lists as a zero-length blob with the metadata ``hdi_isfolder=true``: not data.
+    """
 
     client: AzStorageTorchBlobClient
     properties: BlobProperties
+    is_directory: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,8 @@ class AzStorageTorchContainerClient(ResourceClient):
     ) -> Iterator[ElementTree.Element]:
         marker = ""
         while True:
-            query = ["restype=container", "comp=list", f"maxresults={page_size}"]
+            # Metadata, so that the directories of a hierarchical namespace can be told from blobs.
+            query = ["restype=container", "comp=list", "include=metadata", f"maxresults={page_size}"]
             if prefix:
                 query.append(f"prefix={urllib.parse.quote(prefix, safe='')}")
             if delimiter:
@@ -109,7 +115,15 @@ class AzStorageTorchContainerClient(ResourceClient):
             etag=etag if etag.startswith('"') or not etag else f'"{etag}"',
             last_modified=parsedate_to_datetime(last_modified) if last_modified else None,
         )
-        return ListedBlob(self.blob_client(name), properties)
+        return ListedBlob(self.blob_client(name), properties, is_directory=_is_directory(element))
+
+
+def _is_directory(element: ElementTree.Element) -> bool:
+    # Metadata names are case-insensitive in Blob Storage; the listing gives them as they were set.
+    return any(
+        entry.tag.lower() == "hdi_isfolder" and (entry.text or "").strip().lower() == "true"
+        for entry in element.iterfind("Metadata/*")
+    )
 
 
 def _decoded_name(element: ElementTree.Element) -> str:

@@ -8,7 +8,9 @@ container looks to Lightning like a directory on disk.
 Paths are full URLs, kept in the form they were given (``https://...`` or ``az://...``), and the
 names it returns are in that same form. Blob Storage has no directories: a "directory" is a name
 prefix ending in ``/``, which exists while some blob's name starts with it, and ``mkdir`` has
-nothing to do.
+nothing to do. Accounts with a hierarchical namespace (ADLS Gen2) do have directories, which the
+Blob API lists as empty blobs with the metadata ``hdi_isfolder=true``: this filesystem reports them
+as directories, and deletes them only after everything in them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fsspec import AbstractFileSystem
 from fsspec.utils import stringify_path
 
 from azstoragetorch._client import (
+    AzStorageTorchBlobClient,
     AzStorageTorchContainerClient,
     BlobProperties,
     ContainerUrl,
@@ -71,10 +74,15 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
         entries = [
             self._file_entry(_child(path, blob.client.blob_url.blob_name[len(name) :]), blob.properties)
             for blob in level.blobs
+            if not blob.is_directory
         ]
-        entries += [_directory_entry(_child(path, prefix[len(name) :].rstrip("/"))) for prefix in level.prefixes]
+        # A directory of a hierarchical namespace is listed as a blob, and also as a prefix once it has entries.
+        directories = {prefix[len(name) :].rstrip("/") for prefix in level.prefixes}
+        directories.update(blob.client.blob_url.blob_name[len(name) :] for blob in level.blobs if blob.is_directory)
+        entries += [_directory_entry(_child(path, directory)) for directory in sorted(directories)]
         if not entries and name:
-            entries = [self.info(path)]  # a blob rather than a directory, or FileNotFoundError
+            entry = self.info(path)  # a blob, an empty directory, or FileNotFoundError
+            entries = [] if entry["type"] == "directory" else [entry]
         return entries if detail else [entry["name"] for entry in entries]
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -85,9 +93,13 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
                 container.list_level("", max_results=1)  # raises for a missing container
                 return _directory_entry(path)
             try:
-                return self._file_entry(path, container.blob_client(name).get_properties())
+                properties = container.blob_client(name).get_properties()
             except ResourceNotFoundError:
                 pass
+            else:
+                if properties.size or not _is_directory_blob(container, name):
+                    return self._file_entry(path, properties)
+                return _directory_entry(path)
             level = container.list_level(f"{name}/", max_results=1)
         if level.blobs or level.prefixes:
             return _directory_entry(path)
@@ -147,8 +159,26 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
             else:
                 container, name = self._locate(self._strip_protocol(one_path))
                 with _not_found_as_file_not_found(one_path):
-                    for blob in container.list_blobs(f"{name}/" if name else None):
-                        blob.client.delete()
+                    self._rm_tree(container, name)
+
+    @staticmethod
+    def _rm_tree(container: AzStorageTorchContainerClient, name: str) -> None:
+        """Delete everything under the prefix ``name``, and the directory ``name`` itself if it is one.
+
+        A hierarchical namespace refuses to delete a directory that still has entries, so files go
+        first, then directories, each after the ones inside it (in reverse name order, a directory's
+        entries come before it).
+        """
+        directories: list[AzStorageTorchBlobClient] = []
+        for blob in container.list_blobs(f"{name}/" if name else None):
+            if blob.is_directory:
+                directories.append(blob.client)
+            else:
+                blob.client.delete()
+        for directory in sorted(directories, key=lambda client: client.blob_url.blob_name, reverse=True):
+            directory.delete()
+        if name and _is_directory_blob(container, name):
+            container.blob_client(name).delete()
 
     # -- contents ----------------------------------------------------------------------------
 
@@ -230,6 +260,13 @@ def _child(path: str, relative_name: str) -> str:
         # Only what would otherwise end the path or start a fragment needs escaping in a URL.
         relative_name = relative_name.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
     return f"{path}/{relative_name}"
+
+
+def _is_directory_blob(container: AzStorageTorchContainerClient, name: str) -> bool:
+    """Whether the blob ``name`` is a directory of a hierarchical namespace, as its listing entry says."""
+    # Listed from ``name`` on, the blob itself comes first: every other name there is longer.
+    level = container.list_level(name, max_results=1)
+    return bool(level.blobs) and level.blobs[0].client.blob_url.blob_name == name and level.blobs[0].is_directory
 
 
 def _directory_entry(name: str) -> dict[str, Any]:

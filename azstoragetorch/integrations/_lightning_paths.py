@@ -27,8 +27,9 @@ Each :class:`BlobPaths` (one per ``AzureBlobCheckpointIO``) says which paths are
 which credential reads them. :func:`register` records it and installs, once per process, one
 wrapper around each of the six places above. A wrapper handles a path only when a registered
 ``BlobPaths`` claims it (or the filesystem is a :class:`BlobFileSystem`), and passes everything
-else to Lightning's own function unchanged. Should a Lightning version lack what a wrapper relies
-on, it warns and leaves Lightning's behaviour as it is.
+else, with the caller's arguments, to Lightning's own function unchanged; deciding whether a path
+is claimed never raises. Should a Lightning version lack what a wrapper relies on, it warns once
+and leaves Lightning's behaviour as it is.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ import warnings
 from pathlib import PurePosixPath
 from typing import Any
 
+import fsspec.config
 import torch
 from azure.core.exceptions import ResourceNotFoundError
+from azure.core.utils import parse_connection_string
 
-from azstoragetorch._client import ContainerUrl, CredentialArgument
+from azstoragetorch._client import BlobUrl, ContainerUrl, CredentialArgument
 from azstoragetorch._client._pipeline import is_missing_container
 from azstoragetorch._client._redaction import shown
 from azstoragetorch._client._urls import FSSPEC_PROTOCOLS, fsspec_path_to_url, is_azure_blob_host
@@ -57,39 +60,58 @@ ACCEPTED_FORMS = (
     "https://<account>.blob.core.windows.net/<container>/<path> (or another Azure cloud's blob endpoint), "
     "a URL under the plugin's account_url (such as the Azurite emulator's "
     "http://127.0.0.1:10000/devstoreaccount1/<container>/<path>), "
-    "az://<container>/<path>, or abfs[s]://<container>@<account>.dfs.core.windows.net/<path>"
+    "or, on the account of account_url, az://<container>/<path> or "
+    "abfs[s]://<container>@<account>.dfs.core.windows.net/<path>"
 )
+# What adlfs reads to choose the account of an az:// path that names none.
+_ADLFS_SETTINGS = "AZURE_STORAGE_CONNECTION_STRING, AZURE_STORAGE_ACCOUNT_NAME or fsspec's configuration"
 
 
 @dataclasses.dataclass(frozen=True)
 class BlobPaths:
-    """Which paths name blobs, how they become URLs, and the credential that reaches them.
+    """Which paths name blobs for one plugin, how they become URLs, and the credential that reaches them.
 
-    A path is a blob path when it is a URL on one of Azure's blob endpoints, an fsspec-style
-    ``az://``, ``abfs://`` or ``abfss://`` path (whose account comes from the path itself,
-    ``account_url`` or ``AZURE_STORAGE_ACCOUNT_NAME``), or a URL under ``account_url``, which is how
-    emulators, custom domains and Azure Stack endpoints are recognised.
+    A plugin's paths are:
+
+    - URLs on Azure's blob endpoints (fsspec would hand them to its anonymous HTTP filesystem);
+    - URLs under ``account_url``, which is how emulators, custom domains and Azure Stack endpoints
+      are recognised;
+    - the fsspec-style ``az://``, ``abfs://`` and ``abfss://`` paths, which are adlfs's too, only
+      on the account of ``account_url``: a path that names that account
+      (``abfss://<container>@<account>.dfs.core.windows.net/...``), or one that names no account
+      unless adlfs's own settings (a connection string or account name in the environment or in
+      fsspec's configuration) name another. A plugin without ``account_url`` has none of them, so it
+      never takes an adlfs user's path.
     """
 
     account_url: str | None
     credential: CredentialArgument = dataclasses.field(compare=False)
 
-    def url_for(self, path: str) -> str | None:
-        """The blob (or prefix) URL that ``path`` names, or ``None`` if it is not a blob path.
+    def owns(self, path: str) -> bool:
+        """Whether ``path`` is one of this plugin's paths. Never raises: anything else is "not mine"."""
+        try:
+            scheme = path.split("://", 1)[0].lower() if "://" in path else ""
+            if scheme in FSSPEC_PROTOCOLS:
+                return self._fsspec_refusal(path) is None
+            if scheme not in ("http", "https"):
+                return False
+            return is_azure_blob_host(urllib.parse.urlsplit(path).hostname or "") or self.is_under_account_url(path)
+        except (AttributeError, TypeError, ValueError):  # not a str, or not a URL at all
+            return False
 
-        Raises ``ValueError`` for a path that is a blob path but cannot be used as one.
+    def is_under_account_url(self, url: str) -> bool:
+        return self.account_url is not None and _is_under(url, self.account_url)
+
+    def url_for(self, path: str) -> str | None:
+        """The blob (or prefix) URL that ``path`` names, or ``None`` if it is not one of this plugin's paths.
+
+        Raises ``ValueError`` for a path that is this plugin's but cannot be used as a blob path.
         """
-        scheme = path.split("://", 1)[0].lower() if "://" in path else ""
-        if scheme in FSSPEC_PROTOCOLS:
+        if not self.owns(path):
+            return None
+        if path.split("://", 1)[0].lower() in FSSPEC_PROTOCOLS:
             return fsspec_path_to_url(path, account_url=self.account_url)
-        if scheme not in ("http", "https"):
-            return None
-        parts = urllib.parse.urlsplit(path)
-        if not is_azure_blob_host(parts.hostname or "") and not (
-            self.account_url is not None and _is_under(path, self.account_url)
-        ):
-            return None
-        if _has_file_name_in_query(parts.query):
+        if _has_file_name_in_query(urllib.parse.urlsplit(path).query):
             raise ValueError(
                 f"{shown(path)!r} has a file name after its query string: Lightning appended it to a directory "
                 "URL that carries a SAS token. Pass the SAS token as credential=AzureSasCredential(...) and "
@@ -97,14 +119,79 @@ class BlobPaths:
             )
         return path
 
+    def refusal(self, path: str) -> str:
+        """Why ``path`` is not one of this plugin's paths: a sentence for an error message that names the path."""
+        reason = self._fsspec_refusal(path) if path.split("://", 1)[0].lower() in FSSPEC_PROTOCOLS else None
+        return reason or f"expected {ACCEPTED_FORMS}."
+
     def filesystem(self) -> BlobFileSystem:
         return BlobFileSystem(credential=self.credential, to_url=self._required_url)
 
     def _required_url(self, path: str) -> str:
         url = self.url_for(path)
         if url is None:
-            raise ValueError(f"{shown(path)!r} is not a blob path; expected {ACCEPTED_FORMS}.")
+            raise ValueError(f"{shown(path)!r} is not a blob path here: {self.refusal(path)}")
         return url
+
+    def _fsspec_refusal(self, path: str) -> str | None:
+        """``None`` if an ``az://``/``abfs[s]://`` path is this plugin's, otherwise why not."""
+        if self.account_url is None:
+            return (
+                "az:// and abfs[s]:// paths are adlfs's too, so a plugin uses them only on the account of its "
+                "account_url. Pass account_url='https://<account>.blob.core.windows.net', or write the path as "
+                "an https:// URL."
+            )
+        location = path.split("://", 1)[1].split("/", 1)[0]
+        _, at, host = location.partition("@")
+        if at:
+            named = _fsspec_account_url(host)
+            if named is None or named.lower() != self.account_url.lower():
+                return (
+                    f"it names another account than the plugin's account_url {self.account_url!r}; such paths are "
+                    "left to adlfs."
+                )
+            return None
+        adlfs_endpoint = _adlfs_endpoint()
+        if adlfs_endpoint is not None and adlfs_endpoint.lower() != self.account_url.lower():
+            return (
+                f"it names no account, and this process sets adlfs up ({_ADLFS_SETTINGS}) for another account "
+                f"than the plugin's account_url {self.account_url!r}. Name the account in the path "
+                "(abfss://<container>@<account>.dfs.core.windows.net/...) or use a URL under account_url."
+            )
+        return None
+
+
+def _fsspec_account_url(host: str) -> str | None:
+    """The blob endpoint of ``<account>.dfs.core.windows.net`` (as written after ``@`` in an adlfs path)."""
+    try:
+        return BlobUrl.parse(fsspec_path_to_url(f"az://c@{host}/b", account_url=None)).account_url
+    except ValueError:
+        return None
+
+
+def _adlfs_endpoint() -> str | None:
+    """The blob endpoint adlfs would use for an ``az://`` path that names no account, as set up by
+    fsspec's configuration or adlfs's environment variables (a connection string first, as adlfs
+    does); ``""`` when they set up one that cannot be told; ``None`` when nothing sets one up."""
+    options: dict[str, Any] = {}
+    for protocol in FSSPEC_PROTOCOLS:  # adlfs reads fsspec's configuration under each of its names
+        options.update(fsspec.config.conf.get(protocol, {}))
+    connection_string = options.get("connection_string") or os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+    if connection_string:
+        try:
+            settings = parse_connection_string(connection_string, case_sensitive_keys=False)
+        except ValueError:
+            return ""
+        if settings.get("usedevelopmentstorage", "").lower() == "true":
+            return "http://127.0.0.1:10000/devstoreaccount1"
+        if settings.get("blobendpoint"):
+            return str(settings["blobendpoint"]).rstrip("/")
+        account = settings.get("accountname")
+        suffix = settings.get("endpointsuffix", "core.windows.net")
+        scheme = settings.get("defaultendpointsprotocol", "https")
+        return f"{scheme}://{account}.blob.{suffix}" if account else ""
+    account = options.get("account_name") or os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+    return f"https://{account}.blob.core.windows.net" if account else None
 
 
 def _is_under(url: str, account_url: str) -> bool:
@@ -158,24 +245,28 @@ _registered: list[BlobPaths] = []  # newest first; one entry per account_url
 
 
 def register(paths: BlobPaths) -> None:
-    """Make Lightning treat the paths that ``paths`` claims as blob paths, in this process.
-
-    The newest registration wins where several claim a path (for Azure's endpoints and ``az://``
-    paths, that is the most recently created plugin).
-    """
+    """Make Lightning treat the paths that ``paths`` owns as blob paths, in this process."""
     with _lock:
         _registered[:] = [paths, *(entry for entry in _registered if entry.account_url != paths.account_url)]
     _install_wrappers()
 
 
-def claim(path: str) -> BlobPaths | None:
-    """The registered :class:`BlobPaths` that handles ``path``, if any."""
+def claim(path: Any) -> BlobPaths | None:
+    """The registered :class:`BlobPaths` that handles ``path``, if any. Never raises.
+
+    A path under a plugin's ``account_url`` (and an ``az://`` path on its account) is that plugin's;
+    a URL on one of Azure's endpoints that no such plugin has belongs to the most recently created
+    plugin that owns it.
+    """
     with _lock:
         candidates = list(_registered)
-    for paths in candidates:
-        if paths.url_for(path) is not None:
+    owners = [paths for paths in candidates if paths.owns(path)]
+    for paths in owners:
+        if paths.account_url is not None and (
+            path.split("://", 1)[0].lower() in FSSPEC_PROTOCOLS or paths.is_under_account_url(path)
+        ):
             return paths
-    return None
+    return owners[0] if owners else None
 
 
 def _location(path: Any) -> tuple[str, str] | None:
@@ -183,7 +274,7 @@ def _location(path: Any) -> tuple[str, str] | None:
     (``az://`` or ``https://``, with or without a trailing ``/``); ``None`` for any other path."""
     try:
         text = os.fspath(path)
-        paths = claim(text) if isinstance(text, str) else None
+        paths = claim(text)
         if paths is None:
             return None
         container, name = ContainerUrl.parse_with_prefix(paths._required_url(text))
@@ -240,8 +331,21 @@ _PATHS_MAY_FAIL = (
     "Lightning's own handling of blob paths (existence checks, listings, ckpt_path='last', "
     "load_from_checkpoint) may not work"
 )
+_LAST_MAY_FAIL = "ckpt_path='last' may not find blob checkpoints"
 _TOP_K_MAY_DELETE = "save_top_k may delete the blob checkpoint a run resumed from, or blob checkpoints outside dirpath"
 _ASYNC_MAY_RECREATE = "a blob checkpoint save still queued in AsyncCheckpointIO may re-create what save_top_k removed"
+
+
+_warned: set[str] = set()  # what _warn_unsupported_once has warned about in this process
+
+
+def _warn_unsupported_once(missing: str, what_may_fail: str) -> None:
+    """Warn about a missing Lightning internal noticed at a call, once per process."""
+    with _lock:
+        if missing in _warned:
+            return
+        _warned.add(missing)
+    _warn_unsupported(missing, what_may_fail, stacklevel=4)
 
 
 def _warn_unsupported(missing: str, what_may_fail: str, *, stacklevel: int) -> None:
@@ -254,11 +358,15 @@ def _warn_unsupported(missing: str, what_may_fail: str, *, stacklevel: int) -> N
 
 
 def _wrap_url_to_fs(original: Any) -> Any:
-    """Lightning's ``get_filesystem`` resolves every path through this one function."""
+    """Lightning's ``get_filesystem`` resolves every path through this one function.
+
+    A call with fsspec options (``get_filesystem(path, account_name=...)``) configures a filesystem
+    of the caller's own choosing: it goes to fsspec with its options, whatever the path.
+    """
 
     @functools.wraps(original)
     def url_to_fs(url: Any, **kwargs: Any) -> Any:
-        paths = claim(str(url))
+        paths = None if kwargs else claim(str(url))
         if paths is None:
             return original(url, **kwargs)
         return paths.filesystem(), str(url)
@@ -292,12 +400,20 @@ def _wrap_load(original: Any) -> Any:
     return load
 
 
+# ModelCheckpoint's private (name-mangled) method that says which directory it checkpoints into.
+_RESOLVE_CKPT_DIR = "_ModelCheckpoint__resolve_ckpt_dir"
+
+
 def _wrap_find_last_checkpoints(original: Any) -> Any:
     """List a blob checkpoint directory with the blob filesystem and keep full URLs (no ``normpath``)."""
 
     @functools.wraps(original)
     def _find_last_checkpoints(self: Any, trainer: Any) -> set[str]:
-        directory = self._ModelCheckpoint__resolve_ckpt_dir(trainer)
+        resolve_ckpt_dir = getattr(self, _RESOLVE_CKPT_DIR, None)
+        if resolve_ckpt_dir is None:  # renamed in this Lightning version: its own lookup, unchanged
+            _warn_unsupported_once("ModelCheckpoint.__resolve_ckpt_dir", _LAST_MAY_FAIL)
+            return set(original(self, trainer))
+        directory = resolve_ckpt_dir(trainer)
         paths = claim(os.fspath(directory)) if directory else None
         if paths is None:
             return set(original(self, trainer))

@@ -44,7 +44,7 @@ from azstoragetorch._client._pipeline import scrubbed
 from azstoragetorch._client._redaction import scrub, shown
 from azstoragetorch.datasets import DEFAULT_PREFETCH, Blob, BlobDataset, IterableBlobDataset, _list_source
 from azstoragetorch.integrations import _lightning_paths
-from azstoragetorch.integrations._lightning_paths import ACCEPTED_FORMS, BlobPaths
+from azstoragetorch.integrations._lightning_paths import BlobPaths
 from azstoragetorch.io import BlobIO, _check_transfer_options
 
 __all__ = ["AzureBlobCheckpointIO", "BlobDataModule", "BlobSaveConfigCallback", "BlobSplit"]
@@ -87,9 +87,11 @@ class AzureBlobCheckpointIO(CheckpointIO):
       blob endpoint);
     - any URL under ``account_url``: the Azurite emulator
       (``http://127.0.0.1:10000/devstoreaccount1/<container>/<path>``), a custom domain or Azure Stack;
-    - fsspec style, as used with adlfs: ``abfs[s]://<container>@<account>.dfs.core.windows.net/<path>``
-      names its account; ``az://<container>/<path>`` and ``abfs://<container>/<path>`` use
-      ``account_url``, or else ``https://$AZURE_STORAGE_ACCOUNT_NAME.blob.core.windows.net``.
+    - fsspec style, as used with adlfs, on the account of ``account_url`` only (other ``az://`` and
+      ``abfs://`` paths stay adlfs's): ``abfs[s]://<container>@<account>.dfs.core.windows.net/<path>``
+      naming that account, or ``az://<container>/<path>`` and ``abfs://<container>/<path>``, unless
+      adlfs's own settings (``AZURE_STORAGE_CONNECTION_STRING``, ``AZURE_STORAGE_ACCOUNT_NAME``,
+      fsspec's configuration) name another account in this process.
 
     Put a SAS token in ``credential`` (as :class:`~azure.core.credentials.AzureSasCredential`),
     not in a directory URL: Lightning appends file names to directory paths, after any query string.
@@ -101,7 +103,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
             :class:`~azure.core.credentials.AzureNamedKeyCredential` or any token credential.
         account_url: The storage account's blob endpoint, such as
             ``https://<account>.blob.core.windows.net`` or ``http://127.0.0.1:10000/devstoreaccount1``.
-            Needed for endpoints other than Azure's own and for ``az://`` paths that name no account.
+            Needed for endpoints other than Azure's own and for ``az://`` and ``abfs[s]://`` paths.
         max_concurrency: Parallel requests per checkpoint saved or loaded.
         block_size: Bytes per uploaded block and per ranged read.
         validate_content: Check every upload and every downloaded range with an MD5 (see
@@ -226,7 +228,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
         text = os.fspath(path)
         url = self._paths.url_for(text) if isinstance(text, str) else None
         if url is None:
-            raise ValueError(f"AzureBlobCheckpointIO cannot use {shown(str(text))!r}: expected {ACCEPTED_FORMS}.")
+            raise ValueError(f"AzureBlobCheckpointIO cannot use {shown(str(text))!r}: {self._paths.refusal(str(text))}")
         BlobUrl.parse(url)  # a container without a blob name, and other malformed URLs, raise ValueError here
         return url
 

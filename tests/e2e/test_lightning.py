@@ -425,12 +425,12 @@ def test_a_container_url_is_not_a_checkpoint_path(plugin: AzureBlobCheckpointIO,
         plugin.save_checkpoint({}, container.url)
 
 
-def test_az_path_without_an_account_says_how_to_name_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
+def test_az_path_without_account_url_says_to_pass_one() -> None:
     plugin = AzureBlobCheckpointIO(credential=False)
 
-    with pytest.raises(ValueError, match="AZURE_STORAGE_ACCOUNT_NAME"):
-        plugin.save_checkpoint({}, "az://container/model.ckpt")
+    for path in ("az://container/model.ckpt", "abfss://container@acct.dfs.core.windows.net/model.ckpt"):
+        with pytest.raises(ValueError, match="account_url"):
+            plugin.save_checkpoint({}, path)
 
 
 def test_missing_checkpoint_is_file_not_found_without_the_sas(

@@ -36,12 +36,30 @@ def test_azure_blob_hosts(host: str, is_azure: bool) -> None:
         (f"{EMULATOR}/c/run/last.ckpt", f"{EMULATOR}/c/run/last.ckpt"),
         ("az://c/run/epoch=1.ckpt", f"{EMULATOR}/c/run/epoch%3D1.ckpt"),
         ("abfs://c/run", f"{EMULATOR}/c/run"),
-        ("abfss://c@other.dfs.core.windows.net/run/x.ckpt", "https://other.blob.core.windows.net/c/run/x.ckpt"),
-        ("az://c@gov.blob.core.usgovcloudapi.net/x", "https://gov.blob.core.usgovcloudapi.net/c/x"),
     ],
 )
 def test_blob_paths_become_urls(path: str, url: str) -> None:
     assert BlobPaths(EMULATOR, None).url_for(path) == url
+
+
+@pytest.mark.parametrize(
+    ("account_url", "path", "url"),
+    [
+        (
+            "https://acct.blob.core.windows.net",
+            "abfss://c@acct.dfs.core.windows.net/run/x.ckpt",
+            "https://acct.blob.core.windows.net/c/run/x.ckpt",
+        ),
+        (
+            "https://gov.blob.core.usgovcloudapi.net",
+            "az://c@gov.blob.core.usgovcloudapi.net/x",
+            "https://gov.blob.core.usgovcloudapi.net/c/x",
+        ),
+    ],
+)
+def test_adlfs_paths_naming_the_account_of_account_url_become_urls(account_url: str, path: str, url: str) -> None:
+    assert BlobPaths(account_url, None).url_for(path) == url
+    assert BlobPaths(EMULATOR, None).url_for(path) is None  # another account: adlfs's
 
 
 @pytest.mark.parametrize(
@@ -66,16 +84,19 @@ def test_without_an_account_url_only_azure_endpoints_are_claimed() -> None:
     assert paths.url_for("https://acct.blob.core.windows.net/c/last.ckpt") is not None
 
 
-def test_az_paths_take_the_account_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adlfs_paths_are_not_claimed_without_an_account_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    # AZURE_STORAGE_ACCOUNT_NAME is adlfs's setting, not the plugin's.
     monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", "envacct")
-    assert BlobPaths(None, None).url_for("az://c/x") == "https://envacct.blob.core.windows.net/c/x"
-    assert BlobPaths(EMULATOR, None).url_for("az://c/x") == f"{EMULATOR}/c/x"  # account_url comes first
+    paths = BlobPaths(None, None)
+
+    for path in ("az://c/x", "abfss://c@envacct.dfs.core.windows.net/x"):
+        assert paths.url_for(path) is None
+        assert "account_url" in paths.refusal(path)
 
 
-def test_az_paths_without_an_account_or_container_are_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
-    with pytest.raises(ValueError, match="account_url"):
-        BlobPaths(None, None).url_for("az://c/x")
+def test_az_paths_without_a_container_are_errors() -> None:
+    with pytest.raises(ValueError, match="names no container"):
+        BlobPaths(EMULATOR, None).url_for("az:///x")
     with pytest.raises(ValueError, match="names no container"):
         fsspec_path_to_url("az:///x", account_url=EMULATOR)
     with pytest.raises(ValueError, match=r"dfs\.core\.windows\.net"):
