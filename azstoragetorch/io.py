@@ -6,6 +6,7 @@ import io
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, NoReturn
 
@@ -395,15 +396,15 @@ class BlobIO(io.IOBase, BinaryIO):
         """
         if not isinstance(error, Exception):
             return  # an interruption itself goes on as it is
-        interruption = _interruption_behind(error, self._handled_before)
+        handled = list(_handled_while_raising(error, since=self._handled_before))
+        interruption = next((earlier for earlier in handled if not isinstance(earlier, Exception)), None)
         if interruption is not None:
             raise interruption
-        if self._fatal_error is None:
+        if self._fatal_error is None or isinstance(error, FatalBlobIOWriteError):
             return
-        if isinstance(error, FatalBlobIOWriteError) or not _raised_while_handling(error, FatalBlobIOWriteError):
-            return
-        underlying = self._fatal_error.underlying_exception
-        raise FatalBlobIOWriteError(underlying) from underlying
+        if any(isinstance(earlier, FatalBlobIOWriteError) for earlier in handled):
+            underlying = self._fatal_error.underlying_exception
+            raise FatalBlobIOWriteError(underlying) from underlying
 
     def _upload_step(self, step: Any, *args: Any) -> None:
         if self._fatal_error is not None:
@@ -445,33 +446,18 @@ class BlobIO(io.IOBase, BinaryIO):
         return self._uploader
 
 
-def _interruption_behind(error: BaseException, handled_before: BaseException | None) -> BaseException | None:
-    """The interruption (an exception that is not an ``Exception``, such as ``KeyboardInterrupt``)
-    that ``error`` was raised while handling, if it is not ``handled_before`` or behind it."""
+def _handled_while_raising(error: BaseException, *, since: BaseException | None) -> Iterator[BaseException]:
+    """The exceptions being handled when ``error`` was raised (its ``__context__`` chain), newest first,
+    leaving out ``since`` and what it was raised while handling: those came before."""
     earlier_ones: set[int] = set()
-    while handled_before is not None and id(handled_before) not in earlier_ones:
-        earlier_ones.add(id(handled_before))
-        handled_before = handled_before.__context__
-    seen: set[int] = set()
+    while since is not None and id(since) not in earlier_ones:
+        earlier_ones.add(id(since))
+        since = since.__context__
     earlier = error.__context__
-    while earlier is not None and id(earlier) not in seen and id(earlier) not in earlier_ones:
-        if not isinstance(earlier, Exception):
-            return earlier
-        seen.add(id(earlier))
+    while earlier is not None and id(earlier) not in earlier_ones:
+        yield earlier
+        earlier_ones.add(id(earlier))
         earlier = earlier.__context__
-    return None
-
-
-def _raised_while_handling(error: BaseException, kind: type[BaseException]) -> bool:
-    """Whether ``error`` was raised (directly or further down the chain) while handling a ``kind``."""
-    seen: set[int] = set()
-    earlier = error.__context__
-    while earlier is not None and id(earlier) not in seen:
-        if isinstance(earlier, kind):
-            return True
-        seen.add(id(earlier))
-        earlier = earlier.__context__
-    return False
 
 
 def _check_transfer_options(max_concurrency: object, block_size: object) -> None:

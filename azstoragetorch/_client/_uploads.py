@@ -103,15 +103,16 @@ class BlockUploader:
         # The first block grows as data arrives, so a small blob never allocates a whole block.
         self._buffer = bytearray()
         self._filled = 0
-        self._current_size = block_size  # the size of the block being filled
         self._staged_bytes = 0  # in the blocks handed to upload threads
-        self._room_after_current = bytes_that_fit(MAX_BLOCKS - 1, block_size, block_size)
         self._block_ids: list[str] = []
         self._block_crcs: dict[int, tuple[int, int]] = {}  # block index -> (crc32, length)
         self._id_prefix = uuid.uuid4().hex
         self._in_flight: list[Future[None]] = []
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._error: BaseException | None = None
+        self._current_size = 0  # the size of the block being filled
+        self._room_after_current = 0  # what the blocks after it can hold
+        self._plan_next_block()
 
     @property
     def error(self) -> BaseException | None:
@@ -209,13 +210,16 @@ class BlockUploader:
         future.add_done_callback(lambda _: self._release_buffer(buffer))
         self._in_flight.append(future)
         self._staged_bytes += size
+        self._plan_next_block()
+        self._buffer = _buffers.take(self._current_size)
+        self._filled = 0
+
+    def _plan_next_block(self) -> None:
         blocks_left = MAX_BLOCKS - len(self._block_ids)
         self._current_size = block_size_after(self._staged_bytes, self._block_size) if blocks_left else 0
         self._room_after_current = bytes_that_fit(
             blocks_left - 1, self._staged_bytes + self._current_size, self._block_size
         )
-        self._buffer = _buffers.take(self._current_size)
-        self._filled = 0
 
     def _raise_too_large(self, length: int) -> None:
         total = self._staged_bytes + self._filled + length
