@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "AZStorageTorchError",
     "BlobModifiedDuringReadError",
+    "BlobWriteConflictError",
     "ChecksumMismatchError",
     "ClientRequestIdMismatchError",
     "FatalBlobIOWriteError",
@@ -77,6 +78,38 @@ class FatalBlobIOWriteError(AZStorageTorchError):
 
     def __reduce__(self) -> tuple[type, tuple[BaseException]]:
         return (type(self), (self.underlying_exception,))
+
+
+class BlobWriteConflictError(FatalBlobIOWriteError):
+    """Another writer committed the blob while a :class:`~azstoragetorch.io.BlobIO` was writing it.
+
+    Committing a blob discards every block staged for it that the commit does not name. So when
+    two writers stage blocks for one blob at the same time, the first to commit wins, and the other
+    finds at its own commit that its blocks are gone (the service answers 400 ``InvalidBlockList``).
+    Nothing from this writer was committed; the blob holds what the other writer committed (or
+    whatever came after it, such as a delete).
+
+    Writing everything again would replace the other writer's content, so this is not an error to
+    retry blindly: decide which of the two saves should win, or give each writer a blob of its own.
+    It is a :class:`FatalBlobIOWriteError`, so code that handles that still catches it.
+
+    Args:
+        blob_url: The blob's URL with any SAS token removed.
+        underlying_exception: The service's answer to the commit; also available as ``__cause__``.
+    """
+
+    def __init__(self, blob_url: str, underlying_exception: BaseException) -> None:
+        super().__init__(underlying_exception)
+        self.blob_url = blob_url
+        self.args = (
+            f"Nothing was committed: another writer committed {blob_url} while this BlobIO was writing it, "
+            "which discarded the blocks this BlobIO had staged (the first commit wins). The blob keeps the "
+            "other writer's content. Writing again would replace it: decide which save should win, or give "
+            "each writer a blob of its own.",
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, BaseException]]:  # type: ignore[override]
+        return (type(self), (self.blob_url, self.underlying_exception))
 
 
 class BlobModifiedDuringReadError(AZStorageTorchError):

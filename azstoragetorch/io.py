@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, NoReturn
 
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl, BlockUploader, CredentialArgument
 from azstoragetorch._client._checksums import PieceChecksums
+from azstoragetorch._client._uploads import MAX_BLOCK_SIZE
 from azstoragetorch._read_ahead import ReadAheadBuffer
 from azstoragetorch.exceptions import ChecksumMismatchError, FatalBlobIOWriteError
 
 __all__ = ["BlobIO"]
 
 _MiB = 1024 * 1024
-# Largest block that Put Block accepts.
-_MAX_BLOCK_SIZE = 4000 * _MiB
 # The first request of a read also tells the blob's size and ETag; small blobs arrive whole.
 _FIRST_READ_BYTES = 4 * _MiB
 _MODES = ("rb", "wb")
@@ -47,12 +48,14 @@ class BlobIO(io.IOBase, BinaryIO):
 
     **Writing** collects data into blocks of ``block_size`` bytes that upload in background
     threads while you keep writing. The blob changes only when :meth:`close` commits: until then
-    an existing blob keeps its old content, and if anything fails, or the ``with`` block exits
-    with an exception, nothing is committed. A blob that fits in one block is sent as a single
-    request at close.
+    an existing blob keeps its old content, and if anything fails, the ``with`` block exits with
+    an exception, or a write is interrupted (Ctrl-C), nothing is committed. A blob that fits in
+    one block is sent as a single request at close.
 
     Memory stays near ``(max_concurrency + 1) * block_size`` bytes in either mode, whatever the
-    blob's size. A ``BlobIO`` is not thread-safe, like any file object.
+    blob's size, except that a writer past 1,000 blocks grows its later blocks (each to at most
+    1/500 of what was written before it) to stay within the 50,000 blocks a blob may have. A
+    ``BlobIO`` is not thread-safe, like any file object.
 
     Args:
         blob_url: The blob's full URL, ``https://<account>.blob.core.windows.net/<container>/<blob>``
@@ -117,6 +120,7 @@ class BlobIO(io.IOBase, BinaryIO):
         self._reader: ReadAheadBuffer | None = None
         self._uploader: BlockUploader | None = None
         self._fatal_error: FatalBlobIOWriteError | None = None
+        self._handled_before: BaseException | None = None  # what was being handled when the ``with`` began
         if mode == "rb":
             self._reader = self._open_reader(max_concurrency, block_size, validate_content, verify_checksum)
         else:
@@ -287,16 +291,21 @@ class BlobIO(io.IOBase, BinaryIO):
 
         Raises:
             TypeError: ``data`` is not bytes, bytearray or memoryview.
-            FatalBlobIOWriteError: An upload failed; nothing from this ``BlobIO`` will be committed.
+            FatalBlobIOWriteError: An upload failed, or the blob would need more than the 50,000
+                blocks Azure allows (``ValueError`` as the cause); nothing from this ``BlobIO`` will
+                be committed.
         """
         uploader = self._require_uploader("write")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"write() takes bytes, bytearray or memoryview, not {type(data).__name__}.")
         with memoryview(data) as view, view.cast("B") as chunk:
-            self._upload_step(uploader.write, chunk)
             count = len(chunk)
-        self._position += count
+            self._upload_step(self._take, uploader, chunk)
         return count
+
+    def _take(self, uploader: BlockUploader, chunk: memoryview) -> None:
+        uploader.write(chunk)
+        self._position += len(chunk)
 
     def flush(self) -> None:
         """(write mode) Upload what was written and wait for the uploads; no effect in read mode.
@@ -318,6 +327,8 @@ class BlobIO(io.IOBase, BinaryIO):
         Raises:
             FatalBlobIOWriteError: Uploading or committing failed. The blob is left as it was
                 before this ``BlobIO`` was opened; open a new one to retry.
+            BlobWriteConflictError: (a ``FatalBlobIOWriteError``) another writer committed the
+                blob while this one was writing it; the blob keeps the other writer's content.
         """
         if self._closed:
             return
@@ -329,6 +340,13 @@ class BlobIO(io.IOBase, BinaryIO):
         finally:
             self._release()
 
+    def __enter__(self) -> BlobIO:
+        self._check_not_closed()
+        # A block may start while an interruption is being handled (saving a checkpoint on Ctrl-C);
+        # that interruption is not one of this block's.
+        self._handled_before = sys.exc_info()[1]
+        return self
+
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -337,7 +355,7 @@ class BlobIO(io.IOBase, BinaryIO):
             # a good blob with a truncated one); a reader has nothing left worth verifying.
             if not self._closed:
                 self._release()
-            self._raise_upload_failure_behind(exc)
+            self._raise_first_failure_behind(exc)
             return
         self.close()
 
@@ -367,30 +385,49 @@ class BlobIO(io.IOBase, BinaryIO):
         if self._uploader is not None:
             self._uploader.abort()
 
-    def _raise_upload_failure_behind(self, error: BaseException | None) -> None:
-        """Report the upload failure, not a later error that the failure caused, leaving a ``with``.
+    def _raise_first_failure_behind(self, error: BaseException | None) -> None:
+        """Report what failed first, not a later error that it caused, leaving a ``with`` block.
 
         When a write inside :func:`torch.save` raises, torch's own clean-up then fails on the
-        half-written archive with a ``RuntimeError`` that hides ours. The caller should see why the
-        save failed, so an error raised while handling this writer's failure is replaced by it.
+        half-written archive with a ``RuntimeError`` ("unexpected pos") that hides the reason.
+        The caller should see why the save failed, so an error raised while handling an
+        interruption (Ctrl-C's ``KeyboardInterrupt``, ``SystemExit``) that happened inside the
+        block, or while handling this writer's upload failure, is replaced by it.
         """
-        if self._fatal_error is None or not isinstance(error, Exception):
+        if not isinstance(error, Exception):
+            return  # an interruption itself goes on as it is
+        handled = list(_handled_while_raising(error, since=self._handled_before))
+        interruption = next((earlier for earlier in handled if not isinstance(earlier, Exception)), None)
+        if interruption is not None:
+            raise interruption
+        if self._fatal_error is None or isinstance(error, FatalBlobIOWriteError):
             return
-        if isinstance(error, FatalBlobIOWriteError) or not _raised_while_handling(error, FatalBlobIOWriteError):
-            return
-        underlying = self._fatal_error.underlying_exception
-        raise FatalBlobIOWriteError(underlying) from underlying
+        if any(isinstance(earlier, FatalBlobIOWriteError) for earlier in handled):
+            underlying = self._fatal_error.underlying_exception
+            raise FatalBlobIOWriteError(underlying) from underlying
 
     def _upload_step(self, step: Any, *args: Any) -> None:
         if self._fatal_error is not None:
             raise FatalBlobIOWriteError(self._fatal_error.underlying_exception)
         try:
             step(*args)
+        except FatalBlobIOWriteError as error:  # a kind of its own, such as BlobWriteConflictError
+            self._fail(error)
+            raise
         except Exception as error:
-            self._fatal_error = FatalBlobIOWriteError(error)
-            if self._uploader is not None:
-                self._uploader.abort()
-            raise self._fatal_error from error
+            fatal = FatalBlobIOWriteError(error)
+            self._fail(fatal)
+            raise fatal from error
+        except BaseException as interruption:
+            # Ctrl-C (or SystemExit) part-way through a step may leave a write half-taken: nothing
+            # of this writer may be committed any more. The interruption itself goes on unchanged.
+            self._fail(FatalBlobIOWriteError(interruption))
+            raise
+
+    def _fail(self, error: FatalBlobIOWriteError) -> None:
+        self._fatal_error = error
+        if self._uploader is not None:
+            self._uploader.abort()
 
     def _check_not_closed(self) -> None:
         if self._closed:
@@ -409,16 +446,18 @@ class BlobIO(io.IOBase, BinaryIO):
         return self._uploader
 
 
-def _raised_while_handling(error: BaseException, kind: type[BaseException]) -> bool:
-    """Whether ``error`` was raised (directly or further down the chain) while handling a ``kind``."""
-    seen: set[int] = set()
+def _handled_while_raising(error: BaseException, *, since: BaseException | None) -> Iterator[BaseException]:
+    """The exceptions being handled when ``error`` was raised (its ``__context__`` chain), newest first,
+    leaving out ``since`` and what it was raised while handling: those came before."""
+    earlier_ones: set[int] = set()
+    while since is not None and id(since) not in earlier_ones:
+        earlier_ones.add(id(since))
+        since = since.__context__
     earlier = error.__context__
-    while earlier is not None and id(earlier) not in seen:
-        if isinstance(earlier, kind):
-            return True
-        seen.add(id(earlier))
+    while earlier is not None and id(earlier) not in earlier_ones:
+        yield earlier
+        earlier_ones.add(id(earlier))
         earlier = earlier.__context__
-    return False
 
 
 def _check_transfer_options(max_concurrency: object, block_size: object) -> None:
@@ -426,8 +465,8 @@ def _check_transfer_options(max_concurrency: object, block_size: object) -> None
     _check_positive_int("max_concurrency", max_concurrency)
     _check_positive_int("block_size", block_size)
     assert isinstance(block_size, int)
-    if block_size > _MAX_BLOCK_SIZE:
-        raise ValueError(f"block_size must be at most {_MAX_BLOCK_SIZE} bytes (4000 MiB), got {block_size}.")
+    if block_size > MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be at most {MAX_BLOCK_SIZE} bytes (4000 MiB), got {block_size}.")
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -281,6 +281,7 @@ class AzStorageTorchBlobClient(ResourceClient):
     def put_blob(self, data: bytes | memoryview, *, validate_content: bool, crc32: int | None = None) -> None:
         """Create or replace the blob with ``data``; ``crc32`` is recorded in its metadata."""
         headers = {"x-ms-blob-type": "BlockBlob", **_crc32_metadata(crc32)}
+        _schedule.pause("commit")
         self._send("PUT", action="upload", headers=headers, body=data, validate_content=validate_content, expected=201)
 
     def stage_block(self, block_id: str, data: bytes | memoryview, *, validate_content: bool) -> None:
@@ -294,6 +295,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         body = "".join(f"<Latest>{block_id}</Latest>" for block_id in block_ids)
         xml = f'<?xml version="1.0" encoding="utf-8"?><BlockList>{body}</BlockList>'.encode()
         headers = {"Content-Type": "application/xml", **_crc32_metadata(crc32)}
+        _schedule.pause("commit")
         self._send(
             "PUT",
             action="commit",

@@ -7,8 +7,50 @@ import threading
 import uuid
 from concurrent.futures import Future
 
-from azstoragetorch._client import _buffers, _checksums
+from azure.core.exceptions import HttpResponseError
+
+from azstoragetorch._client import _buffers, _checksums, _schedule
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient
+from azstoragetorch.exceptions import BlobWriteConflictError
+
+_MiB = 1024 * 1024
+# The service's limits for a block blob: blocks in one block list, and bytes in one block.
+MAX_BLOCKS = 50_000
+MAX_BLOCK_SIZE = 4000 * _MiB
+# Once a blob holds 2 * GROWTH_RATIO blocks of block_size, a new block may be up to
+# 1/GROWTH_RATIO of what was written before it (see BlockUploader).
+GROWTH_RATIO = 500
+
+
+def block_size_after(written: int, base: int) -> int:
+    """The size of the block that starts after ``written`` bytes of a blob written with ``block_size=base``.
+
+    The largest of ``base``, ``2 * base``, ``4 * base``, ... that is at most ``written / GROWTH_RATIO``
+    (``base`` if none is), and never more than the largest block the service accepts.
+    """
+    size = base
+    while size * 2 * GROWTH_RATIO <= written and size < MAX_BLOCK_SIZE:
+        size *= 2
+    return min(size, MAX_BLOCK_SIZE)
+
+
+def bytes_that_fit(blocks: int, written: int, base: int) -> int:
+    """How many bytes ``blocks`` more blocks hold, full, after ``written`` bytes of a blob."""
+    total = 0
+    while blocks > 0:
+        size = block_size_after(written + total, base)
+        if size == MAX_BLOCK_SIZE:
+            return total + blocks * size
+        # Blocks of this size follow until what was written reaches the next doubling.
+        count = min(blocks, -(-(size * 2 * GROWTH_RATIO - written - total) // size))
+        total += count * size
+        blocks -= count
+    return total
+
+
+def most_bytes(base: int) -> int:
+    """The largest blob a writer with ``block_size=base`` can write (with no partial blocks from ``flush``)."""
+    return bytes_that_fit(MAX_BLOCKS, 0, base)
 
 
 class BlockUploader:
@@ -29,6 +71,27 @@ class BlockUploader:
     it is. Block buffers come from the process's buffer pool and go back to it once their upload
     finishes, so that uploads (and the many shard files of a distributed checkpoint) do not pay
     page faults on fresh memory for every block.
+
+    **Blobs of more than 50,000 blocks.** A block list holds at most 50,000 blocks, each of at most
+    4000 MiB. Rather than find out at the commit, after hundreds of GiB, that the blob needs more
+    blocks, later blocks grow: a block is ``block_size`` until the blob holds 1,000 blocks of
+    ``block_size``, and from then on the largest power-of-two multiple of ``block_size`` that is at
+    most 1/500 of what was written before it (up to 4000 MiB). The service accepts blocks of
+    different sizes in one list. With the default 8 MiB, blocks stay 8 MiB up to 7.8 GiB, are 16 MiB
+    up to 15.6 GiB, and so on; 50,000 blocks then hold 173.6 TiB, and 4000 MiB blocks 190.7 TiB,
+    the most a block blob can hold. No schedule that starts below 4000 MiB reaches that exactly:
+    every smaller block leaves some of it unused. Growing sooner would come closer, at the cost of
+    memory for every blob of a few GiB; this one gives up 9% of a limit that no single checkpoint
+    comes near. A write that would take the blob past what its remaining blocks can hold raises
+    ``ValueError`` before taking any of its bytes (each ``flush`` of a partly filled block uses a
+    block too).
+
+    Memory stays bounded, and proportional to the blob only beyond 1,000 blocks: at most
+    ``max_concurrency`` blocks are in flight and one is being filled, each at most
+    ``max(block_size, written / 500)`` bytes, so an uploader holds at most
+    ``(max_concurrency + 1) * block_size`` bytes, or, for larger blobs, 1.8% of what was written
+    (with ``max_concurrency=8``). The block size depends on the bytes written, not on the number of
+    blocks, so a caller that flushes often does not make blocks grow.
     """
 
     def __init__(
@@ -40,12 +103,16 @@ class BlockUploader:
         # The first block grows as data arrives, so a small blob never allocates a whole block.
         self._buffer = bytearray()
         self._filled = 0
+        self._staged_bytes = 0  # in the blocks handed to upload threads
         self._block_ids: list[str] = []
         self._block_crcs: dict[int, tuple[int, int]] = {}  # block index -> (crc32, length)
         self._id_prefix = uuid.uuid4().hex
         self._in_flight: list[Future[None]] = []
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._error: BaseException | None = None
+        self._current_size = 0  # the size of the block being filled
+        self._room_after_current = 0  # what the blocks after it can hold
+        self._plan_next_block()
 
     @property
     def error(self) -> BaseException | None:
@@ -54,9 +121,16 @@ class BlockUploader:
         return self._error
 
     def write(self, data: memoryview) -> None:
-        """Take a copy of ``data``; each block is handed to an upload thread as soon as it is full."""
+        """Take a copy of ``data``; each block is handed to an upload thread as soon as it is full.
+
+        Raises ``ValueError``, taking none of ``data``, if the blob's remaining blocks cannot hold it.
+        Should anything interrupt a write part-way (``KeyboardInterrupt``), the uploader must be
+        aborted: what it holds is then torn.
+        """
+        if len(data) > self._current_size - self._filled + self._room_after_current:
+            self._raise_too_large(len(data))
         while len(data):
-            room = self._block_size - self._filled
+            room = self._current_size - self._filled
             piece = data[:room]
             if self._filled == len(self._buffer):
                 self._buffer += piece  # the growing first block
@@ -64,7 +138,7 @@ class BlockUploader:
                 self._buffer[self._filled : self._filled + len(piece)] = piece
             self._filled += len(piece)
             data = data[len(piece) :]
-            if self._filled == self._block_size:
+            if self._filled == self._current_size:
                 self._stage_buffer()
 
     def flush(self) -> None:
@@ -79,14 +153,26 @@ class BlockUploader:
         self._wait_all()
 
     def commit(self) -> None:
-        """Make everything written the blob's content, replacing any previous content atomically."""
+        """Make everything written the blob's content, replacing any previous content atomically.
+
+        Raises :class:`~azstoragetorch.exceptions.BlobWriteConflictError` if another writer
+        committed the blob after this one staged its first block: that commit discarded this
+        writer's blocks, and the first commit wins.
+        """
         if not self._block_ids:
             self._raise_if_failed()
             data = memoryview(self._buffer)[: self._filled]
             self._client.put_blob(data, validate_content=self._validate_content, crc32=_checksums.crc32(data))
         else:
             self.flush()
-            self._client.commit_block_list(self._block_ids, crc32=self._blob_crc32())
+            try:
+                self._client.commit_block_list(self._block_ids, crc32=self._blob_crc32())
+            except HttpResponseError as error:
+                # Every block in the list was staged successfully, so a list the service calls
+                # invalid names blocks that were discarded since: another writer committed the blob.
+                if error.status_code == 400 and getattr(error, "error_code", None) == "InvalidBlockList":
+                    raise BlobWriteConflictError(self._client.display_url, error) from error
+                raise
         self._drop_buffer()
 
     def abort(self) -> None:
@@ -103,7 +189,9 @@ class BlockUploader:
         self._in_flight = []
 
     def _drop_buffer(self) -> None:
-        self._recycle(self._buffer)
+        # The first block grows with the data and is only block-sized if it filled up.
+        if len(self._buffer) == self._current_size:
+            _buffers.give_back(self._buffer)
         self._buffer = bytearray()
         self._filled = 0
 
@@ -121,12 +209,33 @@ class BlockUploader:
             raise
         future.add_done_callback(lambda _: self._release_buffer(buffer))
         self._in_flight.append(future)
-        self._buffer = self._take_buffer()
+        self._staged_bytes += size
+        self._plan_next_block()
+        self._buffer = _buffers.take(self._current_size)
         self._filled = 0
+
+    def _plan_next_block(self) -> None:
+        blocks_left = MAX_BLOCKS - len(self._block_ids)
+        self._current_size = block_size_after(self._staged_bytes, self._block_size) if blocks_left else 0
+        self._room_after_current = bytes_that_fit(
+            blocks_left - 1, self._staged_bytes + self._current_size, self._block_size
+        )
+
+    def _raise_too_large(self, length: int) -> None:
+        total = self._staged_bytes + self._filled + length
+        most = self._staged_bytes + self._current_size + self._room_after_current
+        raise ValueError(
+            f"Writing {length} more bytes would make {self._client.display_url} {total:,} bytes, more than the "
+            f"{most:,} bytes that a block blob of at most {MAX_BLOCKS:,} blocks can hold when written with "
+            f"block_size={self._block_size} ({len(self._block_ids):,} blocks used so far; every flush of a partly "
+            "filled block uses one). Write it with a larger block_size (at most 4000 MiB), or split it over "
+            "several blobs."
+        )
 
     def _upload_block(self, index: int, block_id: str, data: memoryview) -> None:
         self._block_crcs[index] = (_checksums.crc32(data), len(data))
         self._client.stage_block(block_id, data, validate_content=self._validate_content)
+        _schedule.pause("part.finish")
 
     def _blob_crc32(self) -> int:
         crc = 0
@@ -135,17 +244,10 @@ class BlockUploader:
             crc = _checksums.crc32_combine(crc, block_crc, length)
         return crc
 
-    def _take_buffer(self) -> bytearray:
-        return _buffers.take(self._block_size)
-
     def _release_buffer(self, buffer: bytearray) -> None:
-        self._recycle(buffer)
+        # A staged buffer is always a whole block: the growing first block is staged only when full.
+        _buffers.give_back(buffer)
         self._slots.release()
-
-    def _recycle(self, buffer: bytearray) -> None:
-        # The first block grows with the data and is only block-sized if it filled up.
-        if len(buffer) == self._block_size:
-            _buffers.give_back(buffer)
 
     def _collect_finished(self) -> None:
         still_running = []

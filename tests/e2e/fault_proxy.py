@@ -149,6 +149,10 @@ class Gather:
             return
         self.opened.set()
 
+    def release(self) -> None:
+        """Let every waiting request go at once (the proxy is stopping)."""
+        self._barrier.abort()
+
 
 Action = Reset | Respond | RewriteHeader | Delay | Gather | ResetRequest | Corrupt
 
@@ -169,6 +173,11 @@ class FaultProxy:
     Every client connection gets its own thread and is kept alive between requests, as HTTP
     clients expect; each forwarded request uses a fresh upstream connection, so Azurite closing an
     idle connection can never be confused with an injected fault.
+
+    :meth:`stop` must be able to end every thread, whatever it waits for: a client (its socket is
+    shut down), the emulator (the upstream sockets in use are tracked and shut down), a stalled
+    response (it waits on the stopping event) or a :class:`Gather` (released). A request whose
+    body breaks off is never forwarded, since the emulator would wait for the rest of it.
     """
 
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
@@ -178,6 +187,7 @@ class FaultProxy:
         self._faults: list[Fault] = []
         self._seen: list[SeenRequest] = []
         self._stopping = threading.Event()
+        self._upstreams: set[socket.socket] = set()  # connections to the emulator in use
         self._server = _Server(self)
         self.port: int = self._server.server_address[1]
         serve = functools.partial(self._server.serve_forever, poll_interval=0.05)  # stop() waits one interval
@@ -188,16 +198,24 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
-        """Stop accepting, wake stalled responses, close client connections and wait for every thread."""
-        self._stopping.set()
+        """Stop accepting, wake stalled responses, cut every connection and wait for every thread."""
+        with self._lock:
+            self._stopping.set()  # from now on no handler opens a connection to the emulator
         if self._thread.is_alive():
             self._server.shutdown()  # waits for serve_forever to return: never call it if that never ran
         self._server.server_close()
         with self._lock:
             connections = dict(self._server.connections)
-        for connection in connections:
+            upstreams = list(self._upstreams)
+            gathers = [fault.action for fault in self._faults if isinstance(fault.action, Gather)]
+        for gather in gathers:
+            gather.release()
+        # Shutting a socket down wakes a thread blocked on it: a handler waiting for a client's
+        # next request or the rest of its body, and one waiting for (or relaying) the emulator's
+        # answer, which no client is left to read.
+        for connection in [*connections, *upstreams]:
             with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)  # unblocks a handler waiting for the next request
+                connection.shutdown(socket.SHUT_RDWR)
         for thread in [self._thread, *connections.values()]:
             thread.join(timeout=10)
             if thread.is_alive():
@@ -233,6 +251,22 @@ class FaultProxy:
     def count(self, operation: str) -> int:
         """How many requests of one :attr:`SeenRequest.operation` were received."""
         return sum(1 for seen in self.requests if seen.operation == operation)
+
+    def _open_upstream(self) -> http.client.HTTPConnection | None:
+        """A connection to the emulator that :meth:`stop` can cut, or ``None`` once stopping."""
+        upstream = http.client.HTTPConnection(*self.upstream, timeout=30)
+        upstream.connect()
+        with self._lock:
+            if not self._stopping.is_set():
+                self._upstreams.add(upstream.sock)
+                return upstream
+        upstream.close()
+        return None
+
+    def _close_upstream(self, upstream: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._upstreams.discard(upstream.sock)
+        upstream.close()
 
     def _record(self, seen: SeenRequest) -> Action | None:
         with self._lock:
@@ -295,6 +329,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._drop(hard=True)
             return
         body = self.rfile.read(length) if length is not None else None
+        if length is not None and body is not None and len(body) < length:
+            # The client went away part-way (or stop() cut it off). Forwarding the part received
+            # under the full Content-Length would leave the emulator, and this thread, waiting.
+            self._drop(hard=True)
+            return
         if isinstance(action, Corrupt) and action.request and body and action.offset < len(body):
             body = body[: action.offset] + bytes([body[action.offset] ^ 0xFF]) + body[action.offset + 1 :]
             action = None
@@ -309,7 +348,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._drop(hard=True)
                 return
             action = None
-        upstream = http.client.HTTPConnection(*proxy.upstream, timeout=30)
+        upstream = proxy._open_upstream()
+        if upstream is None:
+            self._drop(hard=True)
+            return
         try:
             forwarded = [(name, value) for name, value in self.headers.items() if name.lower() not in _HOP_BY_HOP]
             upstream.putrequest(self.command, self.path, skip_accept_encoding=True)
@@ -319,7 +361,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             response = upstream.getresponse()
             self._relay(response, action)
         finally:
-            upstream.close()
+            proxy._close_upstream(upstream)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_OPTIONS = do_PATCH = _proxy
 

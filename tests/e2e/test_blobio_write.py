@@ -2,12 +2,16 @@
 
 import io
 import os
+import signal
+import threading
+from typing import Any
 
 import pytest
 import torch
 from azure.core.credentials import AzureNamedKeyCredential
 
-from azstoragetorch.exceptions import FatalBlobIOWriteError
+from azstoragetorch._client import BlockUploader, _schedule
+from azstoragetorch.exceptions import BlobWriteConflictError, FatalBlobIOWriteError
 from azstoragetorch.io import BlobIO
 from tests.conftest import Container
 
@@ -168,3 +172,161 @@ def test_validate_content_uploads(container: Container, account_credential: Azur
         ) as f:
             f.write(data)
         assert container.download("md5") == data
+
+
+# -- two writers, one blob ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loser_staged", ["all", "some"], ids=["loser-staged-all", "loser-still-staging"])
+def test_two_writers_on_one_blob_the_first_commit_wins_and_the_other_is_told(
+    container: Container, loser_staged: str
+) -> None:
+    # Committing a block list discards every block staged for the blob that it does not name, so
+    # the writer that commits second finds (some of) its own blocks gone. It must say so, not
+    # report a cryptic 400 InvalidBlockList, and the blob must be the first writer's whole content.
+    container.upload("checkpoint.pt", b"previous checkpoint")
+    url = f"{container.blob_url('checkpoint.pt')}?{container.blob_sas('checkpoint.pt', read=True, write=True)}"
+    winner_data, loser_data = os.urandom(3 * BLOCK + 1), os.urandom(4 * BLOCK + 2)
+    winner = BlobIO(url, "wb", block_size=BLOCK)
+    loser = BlobIO(url, "wb", block_size=BLOCK)
+    half = 2 * BLOCK if loser_staged == "some" else len(loser_data)
+    loser.write(loser_data[:half])
+    loser.flush()  # staged: all of its blocks, or the first two
+    winner.write(winner_data)
+    winner.close()  # the other writer commits first
+    loser.write(loser_data[half:])  # blocks staged after that commit survive, but the first ones are gone
+
+    with pytest.raises(BlobWriteConflictError) as caught:
+        loser.close()
+
+    assert isinstance(caught.value, FatalBlobIOWriteError)  # `except FatalBlobIOWriteError` still catches it
+    message = str(caught.value)
+    assert "another writer" in message and container.blob_url("checkpoint.pt") in message
+    assert "sig=" not in message and "?" not in message
+    assert caught.value.blob_url == container.blob_url("checkpoint.pt")
+    assert getattr(caught.value.underlying_exception, "error_code", None) == "InvalidBlockList"
+    assert loser.closed
+    assert container.download("checkpoint.pt") == winner_data
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13, 14])
+def test_racing_writers_leave_one_writers_complete_blob(
+    container: Container, account_credential: AzureNamedKeyCredential, seed: int
+) -> None:
+    # Two real writers in two threads, both multi-block, committing at the same moment: exactly one
+    # wins, the other is told that it lost, and the blob is the winner's data, whole.
+    print(f"perturbation seed {seed}")
+    url = container.blob_url("raced.pt")
+    data = [os.urandom(5 * BLOCK + 1), os.urandom(6 * BLOCK + 2)]
+    all_staged = threading.Barrier(2, timeout=120)  # a guard against a hang, not a timing assertion
+    outcomes: list[Any] = [None, None]
+
+    def save(index: int) -> None:
+        try:
+            with BlobIO(url, "wb", credential=account_credential, block_size=BLOCK, max_concurrency=2) as f:
+                f.write(data[index])
+                f.flush()
+                all_staged.wait()
+        except BaseException as error:
+            outcomes[index] = error
+        else:
+            outcomes[index] = "committed"
+
+    with _schedule.perturbed(seed):
+        threads = [threading.Thread(target=save, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    assert sorted(map(str, outcomes)).count("committed") == 1, outcomes
+    winner = outcomes.index("committed")
+    assert isinstance(outcomes[1 - winner], BlobWriteConflictError), outcomes
+    assert container.download("raced.pt") == data[winner]
+
+
+# -- Ctrl-C -------------------------------------------------------------------------------------
+
+
+def interrupt_in_the_middle_of_a_large_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the first large write into a blob stop half-way with a real SIGINT, as Ctrl-C would."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    real_write = BlockUploader.write
+    interrupted = False
+
+    def write(self: BlockUploader, data: memoryview) -> None:
+        nonlocal interrupted
+        if interrupted or len(data) < 4 * BLOCK:
+            real_write(self, data)
+            return
+        interrupted = True
+        real_write(self, data[: len(data) // 2])  # blocks are staged by now
+        signal.raise_signal(signal.SIGINT)  # the default handler raises KeyboardInterrupt right here
+        real_write(self, data[len(data) // 2 :])
+
+    monkeypatch.setattr(BlockUploader, "write", write)
+
+
+def test_ctrl_c_inside_torch_save_shows_keyboard_interrupt_and_commits_nothing(
+    container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    container.upload("checkpoint.pt", b"previous checkpoint")
+    interrupt_in_the_middle_of_a_large_write(monkeypatch)
+    with (
+        pytest.raises(KeyboardInterrupt) as caught,
+        BlobIO(container.blob_url("checkpoint.pt"), "wb", credential=account_credential, block_size=BLOCK) as f,
+    ):
+        torch.save({"step": 7, "weights": torch.randn(20 * BLOCK // 4)}, f)
+    assert type(caught.value) is KeyboardInterrupt
+    assert isinstance(caught.value.__context__, RuntimeError)  # torch's failed clean-up, kept but not shown last
+    assert f.closed
+    assert container.download("checkpoint.pt") == b"previous checkpoint"
+
+
+def test_ctrl_c_inside_torch_save_without_a_with_block_commits_nothing(
+    container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a with block the caller may still call close(), for example in a finally clause:
+    # the interrupted write left a torn archive behind, which must not become the blob.
+    container.upload("checkpoint.pt", b"previous checkpoint")
+    interrupt_in_the_middle_of_a_large_write(monkeypatch)
+    f = BlobIO(container.blob_url("checkpoint.pt"), "wb", credential=account_credential, block_size=BLOCK)
+    with pytest.raises((KeyboardInterrupt, RuntimeError)):  # torch's clean-up error hides the interrupt here
+        torch.save({"step": 7, "weights": torch.randn(20 * BLOCK // 4)}, f)
+    with pytest.raises(FatalBlobIOWriteError, match="KeyboardInterrupt"):
+        f.close()
+    assert f.closed
+    assert container.download("checkpoint.pt") == b"previous checkpoint"
+
+
+class _InterruptWhenPickled:
+    def __reduce__(self) -> Any:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_in_torch_code_between_writes_commits_nothing(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    container.upload("checkpoint.pt", b"previous checkpoint")
+    with (
+        pytest.raises(KeyboardInterrupt),
+        BlobIO(container.blob_url("checkpoint.pt"), "wb", credential=account_credential, block_size=BLOCK) as f,
+    ):
+        torch.save({"weights": torch.randn(20 * BLOCK // 4), "then": _InterruptWhenPickled()}, f)
+    assert container.download("checkpoint.pt") == b"previous checkpoint"
+
+
+def test_an_interrupt_before_the_with_block_is_not_brought_back(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    # Saving an emergency checkpoint on Ctrl-C is common; an error inside that save is the one to see.
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        with (
+            pytest.raises(RuntimeError, match="pickling failed"),
+            BlobIO(container.blob_url("emergency.pt"), "wb", credential=account_credential) as f,
+        ):
+            f.write(b"partial")
+            raise RuntimeError("pickling failed")  # noqa: B904 (its __context__ is the interrupt, as in real code)
+    assert not container.exists("emergency.pt")

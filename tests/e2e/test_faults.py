@@ -95,6 +95,27 @@ def test_proxy_stop_interrupts_a_stalled_response_and_joins_its_threads(azurite:
     client.close()
 
 
+def test_proxy_stop_does_not_forward_a_request_whose_body_is_still_arriving(
+    azurite: Azurite, container: Container
+) -> None:
+    # What made teardown fail under load ("thread fault-proxy-conn did not stop"): a client still
+    # sending an upload when the test ends. stop() shuts the client socket, the handler's body read
+    # returns short, and forwarding that short body under the full Content-Length left the handler
+    # waiting for the emulator, which waited for the rest of the body.
+    proxy = FaultProxy(azurite.port).start()
+    path = urllib.parse.urlsplit(container.blob_url("upload")).path
+    sas = container.container_sas(write=True, create=True)
+    client = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    head = f"PUT {path}?{sas} HTTP/1.1\r\nHost: x\r\nx-ms-blob-type: BlockBlob\r\nContent-Length: 1000000\r\n\r\n"
+    client.sendall(head.encode() + b"x" * 1000)
+    while not proxy.requests:
+        time.sleep(0.01)
+    proxy.stop()  # raised "did not stop": the handler waited up to 30 s for the emulator
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("fault-proxy")]
+    client.close()
+    assert not container.exists("upload")
+
+
 # -- reads --------------------------------------------------------------------------------------
 
 

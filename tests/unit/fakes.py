@@ -6,20 +6,23 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl
 
 
 class InMemoryBlobClient:
     """Serves reads from ``data`` and records every request; uploads land in ``staged``/``committed``."""
 
     display_url = "memory://blob"
+    blob_url = BlobUrl.parse("https://account.blob.core.windows.net/container/blob")
 
-    def __init__(self, data: bytes = b"", *, fail_stage_at: int | None = None) -> None:
+    def __init__(self, data: bytes = b"", *, fail_stage_at: int | None = None, max_blocks: int = 50_000) -> None:
         self.data = data
         self.reads: list[tuple[int, int]] = []
         self.parallel_reads: list[tuple[int, int, int]] = []
         self.staged: dict[str, bytes] = {}
         self.committed: bytes | None = None
+        self.committed_block_sizes: list[int] = []
+        self.max_blocks = max_blocks  # the service refuses longer block lists
         self.put_blob_calls = 0
         self.commit_calls = 0
         self.in_flight = 0
@@ -94,7 +97,10 @@ class InMemoryBlobClient:
 
     def commit_block_list(self, block_ids: list[str], *, crc32: int | None = None) -> None:
         self.commit_calls += 1
+        if len(block_ids) > self.max_blocks:
+            raise ValueError(f"400 BlockListTooLong: {len(block_ids)} blocks, at most {self.max_blocks} allowed")
         self.committed = b"".join(self.staged[block_id] for block_id in block_ids)
+        self.committed_block_sizes = [len(self.staged[block_id]) for block_id in block_ids]
         self.recorded_crc32 = crc32
 
     def put_blob(self, data: bytes | memoryview, *, validate_content: bool, crc32: int | None = None) -> None:
