@@ -53,8 +53,8 @@ class BlobIO(io.IOBase, BinaryIO):
     one block is sent as a single request at close.
 
     Memory stays near ``(max_concurrency + 1) * block_size`` bytes in either mode, whatever the
-    blob's size, except that a writer past 1,000 blocks grows its later blocks (each to at most
-    1/500 of what was written before it) to stay within the 50,000 blocks a blob may have. A
+    blob's size, except that a writer past 5,000 blocks grows its later blocks (each to at most
+    1/2500 of what was written before it) to stay within the 50,000 blocks a blob may have. A
     ``BlobIO`` is not thread-safe, like any file object.
 
     Args:

@@ -19,7 +19,7 @@ MAX_BLOCKS = 50_000
 MAX_BLOCK_SIZE = 4000 * _MiB
 # Once a blob holds 2 * GROWTH_RATIO blocks of block_size, a new block may be up to
 # 1/GROWTH_RATIO of what was written before it (see BlockUploader).
-GROWTH_RATIO = 500
+GROWTH_RATIO = 2500
 
 
 def block_size_after(written: int, base: int) -> int:
@@ -74,24 +74,25 @@ class BlockUploader:
 
     **Blobs of more than 50,000 blocks.** A block list holds at most 50,000 blocks, each of at most
     4000 MiB. Rather than find out at the commit, after hundreds of GiB, that the blob needs more
-    blocks, later blocks grow: a block is ``block_size`` until the blob holds 1,000 blocks of
+    blocks, later blocks grow: a block is ``block_size`` until the blob holds 5,000 blocks of
     ``block_size``, and from then on the largest power-of-two multiple of ``block_size`` that is at
-    most 1/500 of what was written before it (up to 4000 MiB). The service accepts blocks of
-    different sizes in one list. With the default 8 MiB, blocks stay 8 MiB up to 7.8 GiB, are 16 MiB
-    up to 15.6 GiB, and so on; 50,000 blocks then hold 173.6 TiB, and 4000 MiB blocks 190.7 TiB,
-    the most a block blob can hold. No schedule that starts below 4000 MiB reaches that exactly:
-    every smaller block leaves some of it unused. Growing sooner would come closer, at the cost of
-    memory for every blob of a few GiB; this one gives up 9% of a limit that no single checkpoint
-    comes near. A write that would take the blob past what its remaining blocks can hold raises
-    ``ValueError`` before taking any of its bytes (each ``flush`` of a partly filled block uses a
-    block too).
+    most 1/2500 of what was written before it (up to 4000 MiB). The service accepts blocks of
+    different sizes in one list. With the default 8 MiB, blocks stay 8 MiB up to 39 GiB, are 16 MiB
+    up to 78 GiB, 32 MiB around 100 GiB, 256 MiB around 1 TiB; 50,000 blocks then hold 105.1 TiB,
+    and 4000 MiB blocks 190.7 TiB, the most a block blob can hold. No schedule that starts below
+    4000 MiB reaches that exactly: every smaller block leaves some of it unused. Growing sooner
+    would come closer, at the cost of memory for every large checkpoint (a ratio of 500 reaches
+    173.6 TiB but holds 1.1 GiB of blocks while writing 100 GiB); this one keeps memory small and
+    still allows single blobs of over 100 TiB, far beyond any checkpoint. A write that would take the
+    blob past what its remaining blocks can hold raises ``ValueError`` before taking any of its bytes
+    (each ``flush`` of a partly filled block uses a block too).
 
-    Memory stays bounded, and proportional to the blob only beyond 1,000 blocks: at most
+    Memory stays bounded, and proportional to the blob only beyond 5,000 blocks: at most
     ``max_concurrency`` blocks are in flight and one is being filled, each at most
-    ``max(block_size, written / 500)`` bytes, so an uploader holds at most
-    ``(max_concurrency + 1) * block_size`` bytes, or, for larger blobs, 1.8% of what was written
-    (with ``max_concurrency=8``). The block size depends on the bytes written, not on the number of
-    blocks, so a caller that flushes often does not make blocks grow.
+    ``max(block_size, written / 2500)`` bytes, so an uploader holds at most
+    ``(max_concurrency + 1) * block_size`` bytes, or, for larger blobs, 0.36% of what was written
+    (with ``max_concurrency=8``: 288 MiB while writing 100 GiB). The block size depends on the bytes
+    written, not on the number of blocks, so a caller that flushes often does not make blocks grow.
     """
 
     def __init__(
