@@ -101,8 +101,9 @@ class BlockUploader:
         self._client = client
         self._block_size = block_size
         self._validate_content = validate_content
-        # The first block grows as data arrives, so a small blob never allocates a whole block.
-        self._buffer = bytearray()
+        # The block being filled; the first grows as data arrives, so a small blob never allocates a
+        # whole block. Staging hands its lease to the upload thread, which releases it when done.
+        self._block = _buffers.Lease(bytearray())
         self._filled = 0
         self._staged_bytes = 0  # in the blocks handed to upload threads
         self._block_ids: list[str] = []
@@ -133,10 +134,11 @@ class BlockUploader:
         while len(data):
             room = self._current_size - self._filled
             piece = data[:room]
-            if self._filled == len(self._buffer):
-                self._buffer += piece  # the growing first block
+            buffer = self._block.buffer
+            if self._filled == len(buffer):
+                buffer += piece  # the growing first block
             else:
-                self._buffer[self._filled : self._filled + len(piece)] = piece
+                buffer[self._filled : self._filled + len(piece)] = piece
             self._filled += len(piece)
             data = data[len(piece) :]
             if self._filled == self._current_size:
@@ -162,7 +164,7 @@ class BlockUploader:
         """
         if not self._block_ids:
             self._raise_if_failed()
-            data = memoryview(self._buffer)[: self._filled]
+            data = self._block.view(self._filled)
             self._client.put_blob(data, validate_content=self._validate_content, crc32=_checksums.crc32(data))
         else:
             self.flush()
@@ -190,29 +192,27 @@ class BlockUploader:
         self._in_flight = []
 
     def _drop_buffer(self) -> None:
-        # The first block grows with the data and is only block-sized if it filled up.
-        if len(self._buffer) == self._current_size:
-            _buffers.give_back(self._buffer)
-        self._buffer = bytearray()
+        self._block.release()
+        self._block = _buffers.Lease(bytearray())
         self._filled = 0
 
     def _stage_buffer(self) -> None:
         self._raise_if_failed()
-        buffer, size = self._buffer, self._filled
+        block, size = self._block, self._filled
         index = len(self._block_ids)
         block_id = base64.b64encode(f"{self._id_prefix}-{index:08d}".encode()).decode()
         self._block_ids.append(block_id)
         self._slots.acquire()  # back-pressure: at most max_concurrency blocks held in memory
         try:
-            future = self._client.submit(self._upload_block, index, block_id, memoryview(buffer)[:size])
+            future = self._client.submit(self._upload_block, index, block_id, block.view(size))
         except BaseException:
             self._slots.release()
             raise
-        future.add_done_callback(lambda _: self._release_buffer(buffer))
+        future.add_done_callback(lambda _: self._release_block(block))
         self._in_flight.append(future)
         self._staged_bytes += size
         self._plan_next_block()
-        self._buffer = _buffers.take(self._current_size)
+        self._block = _buffers.lease(self._current_size)
         self._filled = 0
 
     def _plan_next_block(self) -> None:
@@ -245,9 +245,8 @@ class BlockUploader:
             crc = _checksums.crc32_combine(crc, block_crc, length)
         return crc
 
-    def _release_buffer(self, buffer: bytearray) -> None:
-        # A staged buffer is always a whole block: the growing first block is staged only when full.
-        _buffers.give_back(buffer)
+    def _release_block(self, block: _buffers.Lease) -> None:
+        block.release()  # the upload was its last user (or it was cancelled before it started)
         self._slots.release()
 
     def _collect_finished(self) -> None:

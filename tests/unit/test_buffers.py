@@ -54,3 +54,27 @@ def test_a_forked_child_starts_with_an_empty_pool() -> None:
         os._exit(0)
     os.waitpid(child, 0)
     assert os.read(read, 64) == b"0"
+
+
+def test_a_lease_returns_its_buffer_once_its_last_holder_releases_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    returned: list[bytearray] = []
+    monkeypatch.setattr(_buffers, "give_back", returned.append)
+    lease = _buffers.lease(2 * MiB)
+    buffer = lease.buffer
+    reader = lease.retain()
+    lease.release()
+    assert returned == []  # the reader still holds it
+    assert reader.view(3).obj is buffer
+    reader.release()
+    assert len(returned) == 1 and returned[0] is buffer
+
+
+def test_a_lease_cannot_be_used_or_released_after_its_last_release() -> None:
+    lease = _buffers.lease(16)
+    lease.release()
+    with pytest.raises(RuntimeError, match="released more often"):
+        lease.release()
+    with pytest.raises(RuntimeError, match="after its last holder"):
+        lease.retain()
+    with pytest.raises(RuntimeError, match="after its last holder"):
+        lease.view(1)
