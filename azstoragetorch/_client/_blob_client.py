@@ -23,6 +23,7 @@ from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._resource import ResourceClient
 from azstoragetorch._client._urls import BlobUrl
 from azstoragetorch.exceptions import BlobModifiedDuringReadError, ChecksumMismatchError
+from azstoragetorch.retry import RetryOptions
 
 # Failures while a response body streams in. The request itself succeeded, so the SDK's retry
 # policy never sees them; download_into retries them from the first byte not yet received.
@@ -53,8 +54,10 @@ class BlobProperties:
 class AzStorageTorchBlobClient(ResourceClient):
     """Talks to one blob: reads ranges, uploads blocks, commits."""
 
-    def __init__(self, blob_url: BlobUrl, credential: CredentialArgument = None) -> None:
-        super().__init__(blob_url, credential)
+    def __init__(
+        self, blob_url: BlobUrl, credential: CredentialArgument = None, *, retry: RetryOptions | None = None
+    ) -> None:
+        super().__init__(blob_url, credential, retry=retry)
         self.blob_url = blob_url
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -62,8 +65,10 @@ class AzStorageTorchBlobClient(ResourceClient):
         self.blob_url = state["url"]
 
     @classmethod
-    def from_url(cls, url: str, credential: CredentialArgument = None) -> AzStorageTorchBlobClient:
-        return cls(BlobUrl.parse(url), credential)
+    def from_url(
+        cls, url: str, credential: CredentialArgument = None, *, retry: RetryOptions | None = None
+    ) -> AzStorageTorchBlobClient:
+        return cls(BlobUrl.parse(url), credential, retry=retry)
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from azstoragetorch._client._credentials import CredentialArgument, auth_policy_
 from azstoragetorch._client._redaction import install_log_filter, scrub
 from azstoragetorch._client._transport import Urllib3Transport
 from azstoragetorch.exceptions import ClientRequestIdMismatchError
+from azstoragetorch.retry import RetryOptions
 
 _LOGGER = logging.getLogger("azstoragetorch")
 
@@ -51,7 +52,13 @@ MAX_THREADS = 64
 CONNECTION_TIMEOUT_SECONDS = 20
 # How long a response may go silent before it counts as failed (and is retried).
 READ_TIMEOUT_SECONDS = 60
-REQUEST_RETRIES = 5
+# Retries after a failed connection or a response that never came, whatever retry_total allows
+# beyond: unlike throttling, these rarely last, and a mistyped host should fail in seconds.
+TRANSPORT_RETRIES = 3
+_DEFAULT_RETRY = RetryOptions()
+
+
+_PipelineKey = tuple[str, str, int, RetryOptions]
 
 
 class _ProcessState:
@@ -61,9 +68,10 @@ class _ProcessState:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.transports: dict[str, HttpTransport] = {}  # type: ignore[type-arg]
-        # Pipelines by (origin, kind of authorization, id of the credential). The credential is kept
-        # in the value so that its id cannot be reused by another object while the entry exists.
-        self.pipelines: dict[tuple[str, str, int], tuple[object, Pipeline[Any, Any]]] = {}
+        # Pipelines by (origin, kind of authorization, id of the credential, retry options). The
+        # credential is kept in the value so that its id cannot be reused by another object while
+        # the entry exists.
+        self.pipelines: dict[_PipelineKey, tuple[object, Pipeline[Any, Any]]] = {}
         self.executor: ThreadPoolExecutor | None = None
 
 
@@ -154,48 +162,102 @@ class _ClientRequestIdPolicy(SansIOHTTPPolicy[Any, Any]):
             raise ClientRequestIdMismatchError(sent, echoed, service_id)
 
 
-class _JitteredRetryPolicy(RetryPolicy[Any, Any]):
-    """The SDK's retry policy, with each backoff spread by ±50% so that parallel requests that failed
-    together (a throttled account, a dropped connection pool) do not all come back at once."""
+class _StorageRetryPolicy(RetryPolicy[Any, Any]):
+    """The SDK's retry policy, set from :class:`~azstoragetorch.retry.RetryOptions`.
+
+    It differs from the SDK's defaults where a throttled storage account needs it: every retry of an
+    error answer waits (the SDK's first retry does not), the waits are jittered so that parallel
+    requests throttled together do not all return together, ``Retry-After`` never shortens a wait
+    nor stretches it beyond the maximum, and a throttled request is retried as often as
+    ``retry_total`` allows (the SDK stops after 3 error answers whatever ``retry_total`` says).
+    """
+
+    def __init__(self, options: RetryOptions) -> None:
+        transport_retries = min(options.retry_total, TRANSPORT_RETRIES)
+        super().__init__(
+            retry_total=options.retry_total,
+            retry_status=options.retry_total,
+            retry_connect=transport_retries,
+            retry_read=transport_retries,
+            retry_backoff_factor=options.retry_backoff_factor,
+            retry_backoff_max=options.retry_backoff_max,
+        )
 
     def get_backoff_time(self, settings: dict[str, Any]) -> float:
-        backoff = super().get_backoff_time(settings)
-        return backoff * random.uniform(0.5, 1.5)
+        history = settings["history"]
+        if len(history) == 1 and history[0].error is not None:
+            # A first connection failure is most often a pooled connection that the other end had
+            # closed: the next one, on a new connection, goes at once.
+            return 0.0
+        backoff: float = min(settings["max_backoff"], settings["backoff"] * 2 ** (len(history) - 1))
+        return backoff * random.uniform(0.5, 1.0)
+
+    def sleep(
+        self, settings: dict[str, Any], transport: Any, response: PipelineResponse[Any, Any] | None = None
+    ) -> None:
+        backoff = self.get_backoff_time(settings)
+        if response is not None:
+            _discard_error_body(response.http_response)
+            retry_after = self.get_retry_after(response)
+            if retry_after is not None:
+                backoff = max(backoff, min(retry_after, settings["max_backoff"]))
+        if backoff > 0:
+            transport.sleep(backoff)
 
 
-def pipeline_for(origin: str, credential: CredentialArgument, *, url_has_sas: bool) -> Pipeline[Any, Any]:
+def _discard_error_body(response: HttpResponse) -> None:
+    """Read a (small) error answer that is about to be retried, so that its connection is reused."""
+    try:
+        response.body()
+    except Exception:
+        response.internal_response.close()
+
+
+def pipeline_for(
+    origin: str, credential: CredentialArgument, *, url_has_sas: bool, retry: RetryOptions | None = None
+) -> Pipeline[Any, Any]:
     """The pipeline for requests to ``origin`` authorized by ``credential``, shared in this process.
 
     Sharing matters for token credentials: one pipeline holds one token, so the thousands of blobs
     of a dataset do not each ask the credential for a token of their own.
     """
+    retry = _DEFAULT_RETRY if retry is None else retry
     if url_has_sas:
-        key: tuple[str, str, int] = (origin, "sas-in-url", 0)
+        key: _PipelineKey = (origin, "sas-in-url", 0, retry)
     elif credential is None or credential is False:
-        key = (origin, repr(credential), 0)
+        key = (origin, repr(credential), 0, retry)
     else:
-        key = (origin, type(credential).__name__, id(credential))
+        key = (origin, type(credential).__name__, id(credential), retry)
     state = _current_state()
     with state.lock:
         entry = state.pipelines.get(key)
     if entry is None:
         host = urllib.parse.urlsplit(origin).hostname or ""
-        pipeline = build_pipeline(origin, auth_policy_for(credential, url_has_sas=url_has_sas, host=host))
+        pipeline = build_pipeline(origin, auth_policy_for(credential, url_has_sas=url_has_sas, host=host), retry)
         with state.lock:
             entry = state.pipelines.setdefault(key, (credential, pipeline))
     return entry[1]
 
 
-def build_pipeline(origin: str, auth_policy: Any | None) -> Pipeline[Any, Any]:
+def build_pipeline(origin: str, auth_policy: Any | None, retry: RetryOptions) -> Pipeline[Any, Any]:
     policies: list[Any] = [
         HeadersPolicy({"x-ms-version": API_VERSION}),
         UserAgentPolicy(sdk_moniker=f"azstoragetorch/{__version__}"),
         _ClientRequestIdPolicy(),
-        _JitteredRetryPolicy(retry_total=REQUEST_RETRIES, retry_backoff_factor=0.5, retry_backoff_max=30),
+        _StorageRetryPolicy(retry),
     ]
     if auth_policy is not None:
         policies.append(auth_policy)
     return Pipeline(transport=transport_for(origin), policies=policies)
+
+
+def validate_retry(retry: object) -> None:
+    """Raise ``TypeError`` unless ``retry`` is ``None`` or a :class:`~azstoragetorch.retry.RetryOptions`."""
+    if retry is not None and not isinstance(retry, RetryOptions):
+        raise TypeError(
+            f"retry must be an azstoragetorch.retry.RetryOptions (or None for the defaults), not "
+            f"{type(retry).__name__}."
+        )
 
 
 def run(pipeline: Pipeline[Any, Any], request: Any, *, display_url: str, stream: bool = False) -> HttpResponse:
