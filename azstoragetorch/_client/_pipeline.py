@@ -162,6 +162,11 @@ class _ClientRequestIdPolicy(SansIOHTTPPolicy[Any, Any]):
             raise ClientRequestIdMismatchError(sent, echoed, service_id)
 
 
+# Error codes that call for a retry whatever their status says: the request's bytes were damaged on
+# the way (a 400), and sending them again fixes it.
+_RETRYABLE_CODES = frozenset({"Md5Mismatch", "Crc64Mismatch"})
+
+
 class _StorageRetryPolicy(RetryPolicy[Any, Any]):
     """The SDK's retry policy, set from :class:`~azstoragetorch.retry.RetryOptions`.
 
@@ -170,6 +175,7 @@ class _StorageRetryPolicy(RetryPolicy[Any, Any]):
     requests throttled together do not all return together, ``Retry-After`` never shortens a wait
     nor stretches it beyond the maximum, and a throttled request is retried as often as
     ``retry_total`` allows (the SDK stops after 3 error answers whatever ``retry_total`` says).
+    Whether an answer is retried depends on its error code where the status alone would mislead.
     """
 
     def __init__(self, options: RetryOptions) -> None:
@@ -182,6 +188,11 @@ class _StorageRetryPolicy(RetryPolicy[Any, Any]):
             retry_backoff_factor=options.retry_backoff_factor,
             retry_backoff_max=options.retry_backoff_max,
         )
+
+    def is_retry(self, settings: dict[str, Any], response: PipelineResponse[Any, Any]) -> bool:
+        if response.http_response.headers.get("x-ms-error-code") in _RETRYABLE_CODES:
+            return bool(settings["total"])
+        return bool(super().is_retry(settings, response))
 
     def get_backoff_time(self, settings: dict[str, Any]) -> float:
         history = settings["history"]
@@ -283,13 +294,41 @@ def scrubbed(error: AzureError, *, prefix: str = "") -> AzureError:
     return replacement
 
 
+# The exception for an error answer comes from the service's error code: one status stands for many
+# situations (a 409 may mean that a blob exists, or that it is leased, archived or being copied),
+# and code that catches ResourceExistsError or ResourceModifiedError must be able to trust it.
+_ERRORS_BY_CODE: dict[str, type[HttpResponseError]] = {
+    "BlobNotFound": ResourceNotFoundError,
+    "ContainerNotFound": ResourceNotFoundError,
+    "ResourceNotFound": ResourceNotFoundError,
+    "BlobAlreadyExists": ResourceExistsError,
+    "ContainerAlreadyExists": ResourceExistsError,
+    "ResourceAlreadyExists": ResourceExistsError,
+    "SnapshotsPresent": ResourceExistsError,  # deleting a blob whose snapshots exist
+    "ConditionNotMet": ResourceModifiedError,
+    "TargetConditionNotMet": ResourceModifiedError,
+}
+# Statuses whose every code names the same kind of failure: 401/403 are about authorization and 404
+# about something missing, whatever the code says in detail.
 _ERRORS_BY_STATUS: dict[int, type[HttpResponseError]] = {
     401: ClientAuthenticationError,
     403: ClientAuthenticationError,
     404: ResourceNotFoundError,
+}
+# What 409 and 412 mean when an answer carries no code at all (HEAD answers have no body, and
+# endpoints other than Azure's may not send the header).
+_ERRORS_BY_STATUS_WITHOUT_CODE: dict[int, type[HttpResponseError]] = {
     409: ResourceExistsError,
     412: ResourceModifiedError,
 }
+
+
+def _error_type(status: int, error_code: str | None) -> type[HttpResponseError]:
+    if status in _ERRORS_BY_STATUS:
+        return _ERRORS_BY_STATUS[status]
+    if error_code:
+        return _ERRORS_BY_CODE.get(error_code, HttpResponseError)
+    return _ERRORS_BY_STATUS_WITHOUT_CODE.get(status, HttpResponseError)
 
 
 def is_missing_container(error: ResourceNotFoundError) -> bool:
@@ -297,6 +336,10 @@ def is_missing_container(error: ResourceNotFoundError) -> bool:
     return getattr(error, "error_code", None) == "ContainerNotFound"
 
 
+_LEASED = (
+    "Someone holds a lease on the blob; azstoragetorch takes no leases, so it can change the blob only once the "
+    "lease is released or expires."
+)
 _HINTS = {
     "ContainerNotFound": "Check the container name in the URL.",
     "BlobNotFound": "Check the blob name in the URL.",
@@ -305,6 +348,10 @@ _HINTS = {
     "AuthorizationPermissionMismatch": "The credential lacks the permission this needs (for example write or read).",
     "NoAuthenticationInformation": "The resource is private; pass a credential or a URL with a SAS token.",
     "ResourceNotFound": "Check the account, container and blob names in the URL (an anonymous request to a private container also reports this).",
+    "LeaseIdMissing": _LEASED,
+    "LeaseIdMismatchWithBlobOperation": _LEASED,
+    "BlobArchived": "The blob is in the Archive tier; rehydrate it to the Hot or Cool tier before reading it.",
+    "BlobBeingRehydrated": "The blob is being rehydrated from the Archive tier; it can be read once that has finished.",
 }
 
 
@@ -324,8 +371,7 @@ def raise_for_status(response: HttpResponse, *, action: str, display_url: str) -
         message += f" ({error_code})"
     if hint:
         message += f". {hint}"
-    error_type = _ERRORS_BY_STATUS.get(response.status_code, HttpResponseError)
-    error = error_type(message=scrub(message))
+    error = _error_type(response.status_code, error_code)(message=scrub(message))
     error.status_code = response.status_code
     error.reason = response.reason
     error.error_code = error_code  # type: ignore[attr-defined]

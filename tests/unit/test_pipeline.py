@@ -1,6 +1,13 @@
 import os
 
 import pytest
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
 from azure.core.pipeline.transport import RequestsTransport
 
 from azstoragetorch._client import _pipeline
@@ -36,3 +43,57 @@ def test_one_transport_per_origin_and_a_shared_pipeline_per_credential(fresh_sta
     anonymous = _pipeline.pipeline_for("https://a.blob.core.windows.net", False, url_has_sas=False)
     assert _pipeline.pipeline_for("https://a.blob.core.windows.net", False, url_has_sas=False) is anonymous
     assert _pipeline.pipeline_for("https://a.blob.core.windows.net", False, url_has_sas=True) is not anonymous
+
+
+class FakeErrorResponse:
+    """Just enough of an azure-core response for raise_for_status."""
+
+    def __init__(self, status: int, error_code: str | None, body: bytes = b"") -> None:
+        self.status_code = status
+        self.reason = "Reason"
+        self.headers = {"x-ms-error-code": error_code} if error_code else {}
+        self.request = None
+        self._body = body
+
+    def body(self) -> bytes:
+        return self._body
+
+
+@pytest.mark.parametrize(
+    ("status", "error_code", "expected"),
+    [
+        (409, "BlobAlreadyExists", ResourceExistsError),
+        (409, "ContainerAlreadyExists", ResourceExistsError),
+        (409, "SnapshotsPresent", ResourceExistsError),  # the blob's snapshots exist
+        (409, None, ResourceExistsError),  # no code to go by: the status decides
+        (409, "BlobArchived", HttpResponseError),
+        (409, "LeaseIdMissing", HttpResponseError),
+        (409, "LeaseAlreadyPresent", HttpResponseError),
+        (409, "PendingCopyOperation", HttpResponseError),
+        (412, "ConditionNotMet", ResourceModifiedError),
+        (412, None, ResourceModifiedError),
+        (412, "LeaseIdMissing", HttpResponseError),
+        (412, "LeaseIdMismatchWithBlobOperation", HttpResponseError),
+        (404, "BlobNotFound", ResourceNotFoundError),
+        (404, "ContainerNotFound", ResourceNotFoundError),
+        (403, "AuthorizationPermissionMismatch", ClientAuthenticationError),
+        (403, "AuthenticationFailed", ClientAuthenticationError),
+        (400, "InvalidBlockList", HttpResponseError),
+        (503, "ServerBusy", HttpResponseError),
+    ],
+)
+def test_the_error_class_follows_the_service_error_code(
+    status: int, error_code: str | None, expected: type[HttpResponseError]
+) -> None:
+    response = FakeErrorResponse(status, error_code)
+    with pytest.raises(HttpResponseError) as caught:
+        _pipeline.raise_for_status(response, action="write", display_url="https://a.blob.core.windows.net/c/b")  # type: ignore[arg-type]
+    assert type(caught.value) is expected
+    assert caught.value.status_code == status and caught.value.error_code == error_code  # type: ignore[attr-defined]
+
+
+def test_the_error_code_is_read_from_the_body_when_the_header_is_missing() -> None:
+    body = b'<?xml version="1.0"?><Error><Code>BlobArchived</Code><Message>m</Message></Error>'
+    with pytest.raises(HttpResponseError) as caught:
+        _pipeline.raise_for_status(FakeErrorResponse(409, None, body), action="read", display_url="u")  # type: ignore[arg-type]
+    assert type(caught.value) is HttpResponseError and caught.value.error_code == "BlobArchived"  # type: ignore[attr-defined]
