@@ -7,7 +7,6 @@ import dataclasses
 import datetime
 import hashlib
 import http.client
-import socket
 import time
 import urllib.parse
 from concurrent.futures import Future
@@ -29,10 +28,13 @@ from azstoragetorch.retry import RetryOptions
 # policy never sees them; download_into retries them from the first byte not yet received.
 _BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
     http.client.IncompleteRead,
-    ConnectionError,  # includes ConnectionResetError
-    socket.timeout,
+    # Resets, timeouts and, over TLS, ssl.SSLError (a damaged record): read straight from the
+    # http.client response, the socket's own errors arrive unwrapped.
+    OSError,
+    # The same failures as urllib3 reports them when the body is read through it.
     urllib3.exceptions.ProtocolError,
     urllib3.exceptions.ReadTimeoutError,
+    urllib3.exceptions.SSLError,
 )
 BODY_READ_ATTEMPTS = 5
 # The largest range for which the service computes an MD5 (x-ms-range-get-content-md5).
