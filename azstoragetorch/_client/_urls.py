@@ -15,13 +15,20 @@ _SELECTOR_PARAMETERS = ("snapshot", "versionid")
 # fsspec's names for Azure Blob Storage (adlfs registers these), accepted so that paths written
 # for adlfs keep working.
 FSSPEC_PROTOCOLS = ("az", "abfs", "abfss")
+# The storage endpoint suffixes of Azure's clouds: public, China, US Government. Only these (or a
+# host the user named in account_url) may be sent a credential found for "Azure Storage".
+_AZURE_CLOUD_SUFFIXES = r"core\.(?:windows\.net|chinacloudapi\.cn|usgovcloudapi\.net)"
 # Blob endpoints of Azure's clouds: <account>.blob.core.windows.net, the sovereign clouds'
 # blob.core.* names, and the DNS-zone endpoints <account>.z<NN>.blob.storage.azure.net.
 _AZURE_BLOB_HOST = re.compile(
-    r"^[a-z0-9]+(-secondary)?\.(z\d+\.blob\.storage\.azure\.net|blob\.core\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net))$"
+    rf"^[a-z0-9]+(-secondary)?\.(z\d+\.blob\.storage\.azure\.net|blob\.{_AZURE_CLOUD_SUFFIXES})$"
 )
-# "<container>@<account>.dfs.core.windows.net": adlfs's way of naming the account in a path.
-_FSSPEC_ACCOUNT_HOST = re.compile(r"^(?P<account>[a-z0-9]+)\.(dfs|blob)\.(?P<suffix>core\..+)$")
+# "<container>@<account>.dfs.core.windows.net": adlfs's way of naming the account in a path, on the
+# dfs or blob endpoint of one of Azure's clouds (or of a DNS zone).
+_FSSPEC_ACCOUNT_HOST = re.compile(
+    rf"^(?P<account>[a-z0-9]+)\.(?:(?P<zone>z\d+)\.(?:dfs|blob)\.storage\.azure\.net"
+    rf"|(?:dfs|blob)\.(?P<suffix>{_AZURE_CLOUD_SUFFIXES}))$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,11 +283,27 @@ def is_azure_blob_host(hostname: str) -> bool:
     return _AZURE_BLOB_HOST.match(hostname.lower()) is not None
 
 
+def _fsspec_account_base(host: str, account_url: str | None) -> str | None:
+    """The account URL for the host named in ``<container>@<host>``: one of Azure's storage endpoints, or
+    the host of ``account_url`` (its dfs or blob name); ``None`` for any other host."""
+    match = _FSSPEC_ACCOUNT_HOST.match(host)
+    if match is not None and match["zone"]:
+        return f"https://{match['account']}.{match['zone']}.blob.storage.azure.net"
+    if match is not None:
+        return f"https://{match['account']}.blob.{match['suffix']}"
+    if account_url:
+        named = (urllib.parse.urlsplit(account_url).hostname or "").lower()
+        if named and host in (named, named.replace(".blob.", ".dfs.", 1)):
+            return account_url.rstrip("/")
+    return None
+
+
 def fsspec_path_to_url(path: str, *, account_url: str | None) -> str:
     """Turn an fsspec-style ``az://``, ``abfs://`` or ``abfss://`` path into a blob URL.
 
     The account is found the way adlfs finds it: named in the path
-    (``abfs://<container>@<account>.dfs.core.windows.net/<path>``), else ``account_url`` (such as
+    (``abfs://<container>@<account>.dfs.core.windows.net/<path>``, on one of Azure's storage endpoints
+    or the host of ``account_url``, never another host), else ``account_url`` (such as
     ``https://<account>.blob.core.windows.net`` or an emulator's
     ``http://127.0.0.1:10000/devstoreaccount1``), else the ``AZURE_STORAGE_ACCOUNT_NAME``
     environment variable. Blob names in fsspec paths are not percent-encoded; the URL is.
@@ -293,12 +316,13 @@ def fsspec_path_to_url(path: str, *, account_url: str | None) -> str:
     if not container:
         raise ValueError(f"{_strip_query(path)!r} names no container: write {protocol}://<container>/<path>.")
     if at:
-        match = _FSSPEC_ACCOUNT_HOST.match(host.lower())
-        if match is None:
+        base = _fsspec_account_base(host.lower(), account_url)
+        if base is None:
             raise ValueError(
-                f"{_strip_query(path)!r}: expected <container>@<account>.dfs.core.windows.net after {protocol}://."
+                f"{_strip_query(path)!r}: {host!r} is not an Azure Storage endpoint; expected "
+                f"<container>@<account>.dfs.core.windows.net (or another Azure cloud's endpoint) after {protocol}://. "
+                "To use another endpoint (Azure Stack, a custom domain), pass it as account_url."
             )
-        base = f"https://{match['account']}.blob.{match['suffix']}"
     elif account_url:
         base = account_url.rstrip("/")
     elif os.environ.get("AZURE_STORAGE_ACCOUNT_NAME"):

@@ -1,6 +1,7 @@
 import pytest
 
 from azstoragetorch._client import BlobUrl, ContainerUrl
+from azstoragetorch._client._urls import fsspec_path_to_url
 
 AZURE = "https://myaccount.blob.core.windows.net"
 SAS = "sv=2021-08-06&ss=b&srt=o&sp=r&se=2030-01-01T00%3A00%3A00Z&sig=abc%2Bdef%3D"
@@ -106,3 +107,52 @@ def test_container_with_prefix_keeps_the_sas_and_refuses_selectors() -> None:
         ContainerUrl.parse_with_prefix(f"{AZURE}/container/dir?snapshot=2024-01-01")
     with pytest.raises(ValueError, match="names no container"):
         ContainerUrl.parse_with_prefix(f"{AZURE}/")
+
+
+# -- fsspec paths: which hosts may receive a credential ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "url"),
+    [
+        ("abfss://c@acct.dfs.core.windows.net/m.ckpt", "https://acct.blob.core.windows.net/c/m.ckpt"),
+        ("abfs://c@acct.blob.core.windows.net/m.ckpt", "https://acct.blob.core.windows.net/c/m.ckpt"),
+        ("az://c@acct.dfs.core.chinacloudapi.cn/m.ckpt", "https://acct.blob.core.chinacloudapi.cn/c/m.ckpt"),
+        ("az://c@acct.dfs.core.usgovcloudapi.net/m.ckpt", "https://acct.blob.core.usgovcloudapi.net/c/m.ckpt"),
+        ("abfss://c@acct.z12.dfs.storage.azure.net/m.ckpt", "https://acct.z12.blob.storage.azure.net/c/m.ckpt"),
+        ("abfss://c@ACCT.DFS.Core.Windows.Net/m.ckpt", "https://acct.blob.core.windows.net/c/m.ckpt"),
+    ],
+)
+def test_fsspec_paths_on_azure_endpoints(path: str, url: str) -> None:
+    assert fsspec_path_to_url(path, account_url=None) == url
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "acct.dfs.core.attacker.example",
+        "acct.blob.core.attacker.example",
+        "acct.dfs.core.windows.net.attacker.example",
+        "acct.dfs.core.windows.net.",
+        "acct.z12.dfs.storage.azure.net.attacker.example",
+        "acct.dfs.storage.azure.net",
+        "evil.example",
+    ],
+)
+@pytest.mark.parametrize(
+    "account_url", [None, "https://acct.blob.core.windows.net", "http://127.0.0.1:10000/devstoreaccount1"]
+)
+def test_fsspec_paths_on_other_hosts_are_refused(host: str, account_url: str | None) -> None:
+    # A token for Azure Storage must never be sent to a host that merely looks like Azure.
+    with pytest.raises(ValueError, match="not an Azure Storage endpoint") as caught:
+        fsspec_path_to_url(f"abfss://c@{host}/m.ckpt", account_url=account_url)
+    assert "account_url" in str(caught.value)
+
+
+def test_fsspec_paths_on_a_host_the_user_named_are_accepted() -> None:
+    account_url = "https://acct.blob.core.contoso.example"  # Azure Stack or a custom endpoint
+    for host in ("acct.dfs.core.contoso.example", "acct.blob.core.contoso.example"):
+        url = fsspec_path_to_url(f"abfss://c@{host}/m.ckpt", account_url=account_url)
+        assert url == f"{account_url}/c/m.ckpt"
+    with pytest.raises(ValueError, match="not an Azure Storage endpoint"):
+        fsspec_path_to_url("abfss://c@other.dfs.core.contoso.example/m.ckpt", account_url=account_url)
