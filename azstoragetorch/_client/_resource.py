@@ -5,13 +5,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import urllib.parse
 from typing import Any
 
 from azure.core.pipeline import Pipeline
 from azure.core.pipeline.transport import HttpRequest, HttpResponse
 
 from azstoragetorch._client import _pipeline
-from azstoragetorch._client._credentials import CredentialArgument, validate_credential
+from azstoragetorch._client._credentials import CredentialArgument, check_not_sent_in_clear, validate_credential
 from azstoragetorch._client._urls import BlobUrl, ContainerUrl
 from azstoragetorch.retry import RetryOptions
 
@@ -30,6 +31,8 @@ class ResourceClient:
     ) -> None:
         validate_credential(credential)
         _pipeline.validate_retry(retry)
+        host = urllib.parse.urlsplit(f"//{url.netloc}").hostname or ""
+        check_not_sent_in_clear(credential, url_has_sas=url.has_sas, scheme=url.scheme, host=host)
         self._url = url
         self._credential = credential
         self._retry = retry
