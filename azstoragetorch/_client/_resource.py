@@ -8,12 +8,13 @@ import os
 import urllib.parse
 from typing import Any
 
+from azure.core.credentials import AzureSasCredential
 from azure.core.pipeline import Pipeline
 from azure.core.pipeline.transport import HttpRequest, HttpResponse
 
 from azstoragetorch._client import _pipeline
 from azstoragetorch._client._credentials import CredentialArgument, check_not_sent_in_clear, validate_credential
-from azstoragetorch._client._urls import BlobUrl, ContainerUrl
+from azstoragetorch._client._urls import BlobUrl, ContainerUrl, check_sas_complete
 from azstoragetorch.retry import RetryOptions
 
 ResourceUrl = BlobUrl | ContainerUrl
@@ -33,6 +34,8 @@ class ResourceClient:
         _pipeline.validate_retry(retry)
         host = urllib.parse.urlsplit(f"//{url.netloc}").hostname or ""
         check_not_sent_in_clear(credential, url_has_sas=url.has_sas, scheme=url.scheme, host=host)
+        if isinstance(credential, AzureSasCredential):
+            check_sas_complete(credential.signature, where="AzureSasCredential")
         self._url = url
         self._credential = credential
         self._retry = retry

@@ -239,6 +239,7 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
         raise ValueError(f"Blob URL {shown!r} names a container but no blob.")
 
     account = _AccountUrl(parsed.scheme.lower(), parsed.netloc, account_name, path_style)
+    check_sas_complete(parsed.query, where=f"the URL {shown!r}")
     return account, container_name, blob_name, parsed.query
 
 
@@ -258,6 +259,23 @@ def _split_query(query: str) -> tuple[list[str], dict[str, str]]:
 
 def _has_signature(sas_query: str) -> bool:
     return any(piece.split("=", 1)[0].lower() == "sig" for piece in sas_query.split("&"))
+
+
+# Fields that only a SAS token has. A query string with some of them but no signature is a token cut
+# short when it was copied; sent as it is, it would authorize nothing, and the request would silently
+# fall back to another credential.
+_SAS_FIELDS = frozenset({"sv", "ss", "srt", "sr", "sp", "se", "st", "spr", "sip", "si", "skoid", "sktid"})
+
+
+def check_sas_complete(query: str, *, where: str) -> None:
+    """Raise ``ValueError`` if ``query`` holds SAS fields but no signature (``sig=``)."""
+    names = {piece.split("=", 1)[0].lower() for piece in query.lstrip("?").split("&")}
+    if names & _SAS_FIELDS and "sig" not in names:
+        raise ValueError(
+            f"The SAS token in {where} is incomplete: it has SAS fields "
+            f"({', '.join(sorted(f'{name}=' for name in names & _SAS_FIELDS))}) but no signature (sig=). "
+            "Copy the whole token, which ends with or contains sig=..."
+        )
 
 
 def _is_path_style_host(hostname: str) -> bool:

@@ -1,6 +1,7 @@
 import pytest
+from azure.core.credentials import AzureSasCredential
 
-from azstoragetorch._client import BlobUrl, ContainerUrl
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobUrl, ContainerUrl
 from azstoragetorch._client._urls import fsspec_path_to_url
 
 AZURE = "https://myaccount.blob.core.windows.net"
@@ -156,3 +157,34 @@ def test_fsspec_paths_on_a_host_the_user_named_are_accepted() -> None:
         assert url == f"{account_url}/c/m.ckpt"
     with pytest.raises(ValueError, match="not an Azure Storage endpoint"):
         fsspec_path_to_url("abfss://c@other.dfs.core.contoso.example/m.ckpt", account_url=account_url)
+
+
+# -- a SAS token without its signature -----------------------------------------------------------------
+
+INCOMPLETE_SAS = "sv=2021-08-06&sr=b&sp=r&se=2030-01-01T00%3A00%3A00Z"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"{AZURE}/container/blob?{INCOMPLETE_SAS}",
+        f"{AZURE}/container/blob?{INCOMPLETE_SAS}&snapshot=2024-01-01T00%3A00%3A00.0000000Z",
+        f"{AZURE}/container/blob?si=policy",
+    ],
+)
+def test_a_sas_without_its_signature_is_an_error_not_a_fallback_to_another_credential(url: str) -> None:
+    with pytest.raises(ValueError, match=r"incomplete.*sig=") as caught:
+        BlobUrl.parse(url)
+    assert "blob" in str(caught.value)
+    with pytest.raises(ValueError, match="incomplete"):
+        ContainerUrl.parse_with_prefix(url.replace("&snapshot=2024-01-01T00%3A00%3A00.0000000Z", ""))
+
+
+def test_an_incomplete_sas_credential_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"AzureSasCredential.*incomplete.*sig="):
+        AzStorageTorchBlobClient.from_url(f"{AZURE}/container/blob", AzureSasCredential(INCOMPLETE_SAS))
+    AzStorageTorchBlobClient.from_url(f"{AZURE}/container/blob", AzureSasCredential(f"?{INCOMPLETE_SAS}&sig=x"))
+
+
+def test_other_query_parameters_are_not_taken_for_an_incomplete_sas() -> None:
+    assert not BlobUrl.parse(f"{AZURE}/container/blob?timeout=30").has_sas
