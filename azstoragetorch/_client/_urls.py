@@ -113,6 +113,9 @@ class BlobUrl:
             pieces.append(f"versionid={urllib.parse.quote(self.version_id, safe='')}")
         return pieces
 
+    def __post_init__(self) -> None:
+        check_no_dot_segments(self.blob_name, shown=f"{self.container_url}/{self.blob_name}")
+
     def __repr__(self) -> str:
         return f"BlobUrl({self.display_url!r})"
 
@@ -144,6 +147,7 @@ class ContainerUrl:
         ``ValueError`` naming the problem for anything malformed.
         """
         account_url, container_name, prefix, query = _split_resource_url(url, want_blob=False)
+        check_no_dot_segments(prefix, shown=_strip_query(url))
         sas_pieces, selectors = _split_query(query)
         if selectors:
             raise ValueError(f"URL {_strip_query(url)!r} has a snapshot or version id; those select single blobs.")
@@ -241,6 +245,20 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
     account = _AccountUrl(parsed.scheme.lower(), parsed.netloc, account_name, path_style)
     check_sas_complete(parsed.query, where=f"the URL {shown!r}")
     return account, container_name, blob_name, parsed.query
+
+
+def check_no_dot_segments(name: str, *, shown: str) -> None:
+    """Raise ``ValueError`` if the blob name (or prefix) ``name`` has a ``.`` or ``..`` segment.
+
+    HTTP clients and servers resolve such segments (``a/../b.pt`` is ``b.pt``), percent-encoded or
+    not, so a request for that name would reach another blob; with a SAS it would overwrite it.
+    Such names are refused rather than sent.
+    """
+    if any(segment in (".", "..") for segment in name.split("/")):
+        raise ValueError(
+            f"{shown!r} has a '.' or '..' segment in its blob name, which HTTP resolves to another name "
+            "(a/../b.pt is b.pt): azstoragetorch does not address such names. Remove the segment."
+        )
 
 
 def _split_query(query: str) -> tuple[list[str], dict[str, str]]:

@@ -1,3 +1,5 @@
+import urllib.parse
+
 import pytest
 from azure.core.credentials import AzureSasCredential
 
@@ -188,3 +190,21 @@ def test_an_incomplete_sas_credential_is_an_error() -> None:
 
 def test_other_query_parameters_are_not_taken_for_an_incomplete_sas() -> None:
     assert not BlobUrl.parse(f"{AZURE}/container/blob?timeout=30").has_sas
+
+
+# -- dot segments --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a/../b.pt", "../b.pt", "a/..", "./c.pt", "a/./c.pt", "a/%2E%2E/b.pt", "%2e/c.pt"])
+def test_blob_names_with_dot_segments_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        BlobUrl.parse(f"{AZURE}/container/{name}")
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        ContainerUrl.parse(f"{AZURE}/container").blob_url(urllib.parse.unquote(name))
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        ContainerUrl.parse_with_prefix(f"{AZURE}/container/{name}/")
+
+
+@pytest.mark.parametrize("name", ["a..b.pt", "...", ".hidden", "a./b", "v1.0/model.pt"])
+def test_dots_that_are_not_whole_segments_are_kept(name: str) -> None:
+    assert BlobUrl.parse(f"{AZURE}/container/{name}").blob_name == name
