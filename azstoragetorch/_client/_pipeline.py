@@ -8,6 +8,7 @@ DataLoader worker never reads a response meant for its parent.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -45,9 +46,20 @@ _LOGGER = logging.getLogger("azstoragetorch")
 # against sovereign clouds and Azure Stack as well.
 API_VERSION = "2021-08-06"
 
-# Upper bounds on threads and pooled connections per process. A BlobIO limits its own in-flight
-# requests (max_concurrency); this cap only keeps many concurrent BlobIOs from exhausting sockets.
+# Threads per process that run transfers (block uploads, parallel ranged reads). A BlobIO limits its
+# own in-flight requests (max_concurrency); this cap only keeps many concurrent BlobIOs from
+# exhausting sockets.
 MAX_THREADS = 64
+# Threads per process that fetch dataset samples (azstoragetorch.datasets); each holds a connection
+# while its sample's first request runs, on top of the transfer threads.
+MAX_SAMPLE_THREADS = 128
+# Connections kept per host: one for every thread that may hold one at the same time. A smaller pool
+# closes the surplus after each request ("Connection pool is full"), and on Azure every connection
+# opened again costs a TLS handshake.
+MAX_CONNECTIONS = MAX_THREADS + MAX_SAMPLE_THREADS
+# Pipelines kept per process, least recently used dropped first. Each holds its credential, so an
+# unbounded cache would keep every credential ever used alive (one made per sample adds up).
+MAX_PIPELINES = 64
 
 CONNECTION_TIMEOUT_SECONDS = 20
 # How long a response may go silent before it counts as failed (and is retried).
@@ -68,10 +80,12 @@ class _ProcessState:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.transports: dict[str, HttpTransport] = {}  # type: ignore[type-arg]
-        # Pipelines by (origin, kind of authorization, id of the credential, retry options). The
-        # credential is kept in the value so that its id cannot be reused by another object while
-        # the entry exists.
-        self.pipelines: dict[_PipelineKey, tuple[object, Pipeline[Any, Any]]] = {}
+        # Pipelines by (origin, kind of authorization, id of the credential, retry options), least
+        # recently used first. The credential is kept in the value so that its id cannot be reused
+        # by another object while the entry exists.
+        self.pipelines: collections.OrderedDict[_PipelineKey, tuple[object, Pipeline[Any, Any]]] = (
+            collections.OrderedDict()
+        )
         self.executor: ThreadPoolExecutor | None = None
 
 
@@ -112,12 +126,12 @@ def transport_for(origin: str) -> HttpTransport:  # type: ignore[type-arg]
 def _new_transport() -> HttpTransport:  # type: ignore[type-arg]
     if not _proxy_configured():
         return Urllib3Transport(
-            connection_timeout=CONNECTION_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS, maxsize=MAX_THREADS
+            connection_timeout=CONNECTION_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS, maxsize=MAX_CONNECTIONS
         )
     # Proxies (with NO_PROXY exceptions and the rest) are what requests handles and our lean
     # transport does not: use azure-core's requests transport, which reads them per request.
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_THREADS, max_retries=0)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_CONNECTIONS, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     transport: HttpTransport = RequestsTransport(  # type: ignore[type-arg]
@@ -242,11 +256,16 @@ def pipeline_for(
     state = _current_state()
     with state.lock:
         entry = state.pipelines.get(key)
+        if entry is not None:
+            state.pipelines.move_to_end(key)
     if entry is None:
         host = urllib.parse.urlsplit(origin).hostname or ""
         pipeline = build_pipeline(origin, auth_policy_for(credential, url_has_sas=url_has_sas, host=host), retry)
         with state.lock:
             entry = state.pipelines.setdefault(key, (credential, pipeline))
+            while len(state.pipelines) > MAX_PIPELINES:
+                # Clients that use a dropped pipeline keep it; only new clients build another.
+                state.pipelines.popitem(last=False)
     return entry[1]
 
 

@@ -1,6 +1,9 @@
+import gc
 import os
+import weakref
 
 import pytest
+from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
@@ -10,7 +13,8 @@ from azure.core.exceptions import (
 )
 from azure.core.pipeline.transport import RequestsTransport
 
-from azstoragetorch._client import _pipeline
+from azstoragetorch import datasets
+from azstoragetorch._client import AzStorageTorchBlobClient, _pipeline
 from azstoragetorch._client._transport import Urllib3Transport
 
 
@@ -97,3 +101,36 @@ def test_the_error_code_is_read_from_the_body_when_the_header_is_missing() -> No
     with pytest.raises(HttpResponseError) as caught:
         _pipeline.raise_for_status(FakeErrorResponse(409, None, body), action="read", display_url="u")  # type: ignore[arg-type]
     assert type(caught.value) is HttpResponseError and caught.value.error_code == "BlobArchived"  # type: ignore[attr-defined]
+
+
+def test_the_pipeline_cache_does_not_keep_every_credential_alive(fresh_state: None) -> None:
+    # A credential made per sample or per save (an anti-pattern, but a common one) must not pin
+    # memory for the life of the process: 3,000 of them once added 55 MB.
+    first = AzureNamedKeyCredential("acct", "a2V5")
+    first_alive = weakref.ref(first)
+    client = AzStorageTorchBlobClient.from_url("https://acct.blob.core.windows.net/c/b", first)
+    client._get_pipeline()
+    del client, first
+    for _ in range(3 * _pipeline.MAX_PIPELINES):
+        credential = AzureNamedKeyCredential("acct", "a2V5")
+        AzStorageTorchBlobClient.from_url("https://acct.blob.core.windows.net/c/b", credential)._get_pipeline()
+    gc.collect()
+    assert first_alive() is None
+    assert len(_pipeline._state.pipelines) <= _pipeline.MAX_PIPELINES
+
+
+def test_a_credential_in_use_keeps_its_pipeline(fresh_state: None) -> None:
+    credential = AzureNamedKeyCredential("acct", "a2V5")
+    pipeline = _pipeline.pipeline_for("https://acct.blob.core.windows.net", credential, url_has_sas=False)
+    for _ in range(_pipeline.MAX_PIPELINES - 1):
+        _pipeline.pipeline_for(
+            "https://acct.blob.core.windows.net", AzureNamedKeyCredential("a", "a2V5"), url_has_sas=False
+        )
+        # Used again in between: the least recently used entries are dropped first.
+        assert _pipeline.pipeline_for("https://acct.blob.core.windows.net", credential, url_has_sas=False) is pipeline
+
+
+def test_the_connection_pool_holds_a_connection_for_every_thread_that_may_use_one(fresh_state: None) -> None:
+    transport = _pipeline.transport_for("https://a.blob.core.windows.net")
+    assert isinstance(transport, Urllib3Transport)
+    assert transport._pool.connection_pool_kw["maxsize"] >= _pipeline.MAX_THREADS + datasets.MAX_SAMPLE_THREADS
