@@ -9,6 +9,7 @@ DataLoader worker never reads a response meant for its parent.
 from __future__ import annotations
 
 import collections
+import datetime
 import logging
 import os
 import random
@@ -385,6 +386,7 @@ def raise_for_status(response: HttpResponse, *, action: str, display_url: str) -
             "The request was anonymous (credential=False, no SAS token); if the container is private, pass a "
             "credential or a URL with a SAS token."
         )
+    hint = _sas_time_hint(response, error_code) or hint
     message = f"Could not {action} {display_url}: HTTP {response.status_code} {response.reason}"
     if error_code:
         message += f" ({error_code})"
@@ -397,6 +399,44 @@ def raise_for_status(response: HttpResponse, *, action: str, display_url: str) -
     raise error
 
 
+def _sas_time_hint(response: HttpResponse, error_code: str | None) -> str | None:
+    """A hint for a refused SAS whose validity period does not include now, if that is the reason.
+
+    Azure explains it in the error's ``AuthenticationErrorDetail``; other endpoints (Azurite) do not,
+    so the SAS's own start (``st``) and expiry (``se``) are also compared with this machine's clock.
+    """
+    request = getattr(response, "request", None)
+    if response.status_code != 403 or error_code not in ("AuthenticationFailed", "AuthorizationFailure"):
+        return None
+    if request is None:
+        return None
+    fields = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.url).query))
+    if "sig" not in fields:
+        return None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expiry, start = _sas_time(fields.get("se")), _sas_time(fields.get("st"))
+    if expiry is not None and expiry <= now:
+        return f"The SAS token expired at {fields['se']}; create a new one."
+    if start is not None and start > now:
+        return f"The SAS token is not valid before {fields['st']}; wait, or check this machine's clock."
+    detail = _element_text(response, "AuthenticationErrorDetail")
+    # Only this detail is passed on: others can quote the signature that was sent.
+    if detail and detail.startswith("Signature not valid in the specified time frame"):
+        return f"The SAS token has expired or is not yet valid (the service says: {detail})."
+    return None
+
+
+def _sas_time(value: str | None) -> datetime.datetime | None:
+    """A SAS start or expiry time (ISO 8601, UTC; a date alone means its midnight)."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)
+
+
 def _was_anonymous(response: HttpResponse) -> bool:
     request = getattr(response, "request", None)
     if request is None:
@@ -406,15 +446,20 @@ def _was_anonymous(response: HttpResponse) -> bool:
 
 
 def _error_code_from_body(response: HttpResponse) -> str | None:
+    return _element_text(response, "Code")
+
+
+def _element_text(response: HttpResponse, name: str) -> str | None:
+    """The text of element ``name`` in an XML error body, if the body was read and has one."""
     try:
         body = response.body()
-    except Exception:  # a streamed body that was not read: fall back to no code
+    except Exception:  # a streamed body that was not read: fall back to nothing
         return None
-    start = body.find(b"<Code>")
-    end = body.find(b"</Code>")
+    start = body.find(f"<{name}>".encode())
+    end = body.find(f"</{name}>".encode())
     if start == -1 or end == -1:
         return None
-    return body[start + len("<Code>") : end].decode("utf-8", "replace")
+    return body[start + len(name) + 2 : end].decode("utf-8", "replace")
 
 
 def log_debug(message: str, *args: object) -> None:

@@ -236,9 +236,20 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
         account_name = parsed.hostname.split(".", 1)[0]
 
     container_name = urllib.parse.unquote(segments[0]) if segments else ""
+    blob_name = urllib.parse.unquote("/".join(segments[1:]))
+    if path_style and (not container_name or (want_blob and not blob_name)):
+        # The usual slip is leaving out the account: say how the path was read.
+        if container_name:
+            problem = f"names a container but no blob (read as account {account_name!r}, container {container_name!r})"
+        else:
+            problem = f"names no container (read as account {account_name!r})"
+        raise ValueError(
+            f"{kind} {shown!r} {problem}: on an emulator or IP endpoint the path starts with the account name, "
+            f"http://<host>:<port>/<account>/<container>/<blob>. If {account_name!r} is your container, the "
+            "account name is missing (devstoreaccount1 for Azurite)."
+        )
     if not container_name:
         raise ValueError(f"URL {shown!r} names no container.")
-    blob_name = urllib.parse.unquote("/".join(segments[1:]))
     if want_blob and not blob_name:
         raise ValueError(f"Blob URL {shown!r} names a container but no blob.")
 

@@ -189,7 +189,7 @@ CASES = [
         "expired-sas",
         lambda env: BlobIO(f"{env.url()}?{expired_sas(env)}", "rb"),
         ClientAuthenticationError,
-        r"HTTP 403.*(AuthenticationFailed|AuthorizationFailure).*check",
+        r"HTTP 403.*(AuthenticationFailed|AuthorizationFailure).*SAS token expired at",
     ),
     Case(
         "anonymous-on-a-private-container",

@@ -1,5 +1,7 @@
+import datetime
 import gc
 import os
+import urllib.parse
 import weakref
 
 import pytest
@@ -11,7 +13,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.core.pipeline.transport import RequestsTransport
+from azure.core.pipeline.transport import HttpRequest, RequestsTransport
 
 from azstoragetorch import datasets
 from azstoragetorch._client import AzStorageTorchBlobClient, _pipeline
@@ -52,11 +54,11 @@ def test_one_transport_per_origin_and_a_shared_pipeline_per_credential(fresh_sta
 class FakeErrorResponse:
     """Just enough of an azure-core response for raise_for_status."""
 
-    def __init__(self, status: int, error_code: str | None, body: bytes = b"") -> None:
+    def __init__(self, status: int, error_code: str | None, body: bytes = b"", url: str | None = None) -> None:
         self.status_code = status
         self.reason = "Reason"
         self.headers = {"x-ms-error-code": error_code} if error_code else {}
-        self.request = None
+        self.request = HttpRequest("GET", url) if url else None
         self._body = body
 
     def body(self) -> bytes:
@@ -134,3 +136,45 @@ def test_the_connection_pool_holds_a_connection_for_every_thread_that_may_use_on
     transport = _pipeline.transport_for("https://a.blob.core.windows.net")
     assert isinstance(transport, Urllib3Transport)
     assert transport._pool.connection_pool_kw["maxsize"] >= _pipeline.MAX_THREADS + datasets.MAX_SAMPLE_THREADS
+
+
+def sas_url(**times: datetime.datetime) -> str:
+    fields = "&".join(
+        f"{name}={urllib.parse.quote(value.strftime('%Y-%m-%dT%H:%M:%SZ'))}" for name, value in times.items()
+    )
+    return f"https://a.blob.core.windows.net/c/b?sv=2021-08-06&sr=b&sp=r&{fields}&sig=c2VjcmV0"
+
+
+NOW = datetime.datetime.now(datetime.timezone.utc)
+HOUR = datetime.timedelta(hours=1)
+
+
+@pytest.mark.parametrize("code", ["AuthenticationFailed", "AuthorizationFailure"])
+def test_an_expired_sas_gets_a_hint_that_says_so(code: str) -> None:
+    expired = FakeErrorResponse(403, code, url=sas_url(st=NOW - 2 * HOUR, se=NOW - HOUR))
+    with pytest.raises(ClientAuthenticationError, match=r"SAS token expired at \d{4}-\d\d-\d\dT") as caught:
+        _pipeline.raise_for_status(expired, action="read", display_url="u")  # type: ignore[arg-type]
+    assert "c2VjcmV0" not in str(caught.value)
+    not_yet = FakeErrorResponse(403, code, url=sas_url(st=NOW + HOUR, se=NOW + 2 * HOUR))
+    with pytest.raises(ClientAuthenticationError, match=r"SAS token is not valid before .*clock"):
+        _pipeline.raise_for_status(not_yet, action="read", display_url="u")  # type: ignore[arg-type]
+
+
+def test_the_services_detail_about_the_sas_time_frame_is_passed_on() -> None:
+    # Azure says why, even when the local clock disagrees with the service's.
+    detail = "Signature not valid in the specified time frame: Start [Mon, 01 Jan 2024 00:00:00 GMT] - Expiry [Mon, 01 Jan 2024 01:00:00 GMT] - Current [Mon, 01 Jan 2024 02:00:00 GMT]"
+    body = f"<Error><Code>AuthenticationFailed</Code><AuthenticationErrorDetail>{detail}</AuthenticationErrorDetail></Error>"
+    response = FakeErrorResponse(403, "AuthenticationFailed", body.encode(), url=sas_url(se=NOW + HOUR))
+    with pytest.raises(
+        ClientAuthenticationError, match=r"expired or is not yet valid.*Signature not valid in the specified time frame"
+    ):
+        _pipeline.raise_for_status(response, action="read", display_url="u")  # type: ignore[arg-type]
+
+
+def test_other_authentication_details_are_not_passed_on() -> None:
+    # Other details can quote the signature that was sent; only the time frame is shown.
+    body = b"<Error><Code>AuthenticationFailed</Code><AuthenticationErrorDetail>The MAC signature found in the HTTP request 'c2VjcmV0' is not the same</AuthenticationErrorDetail></Error>"
+    response = FakeErrorResponse(403, "AuthenticationFailed", body, url=sas_url(se=NOW + HOUR))
+    with pytest.raises(ClientAuthenticationError) as caught:
+        _pipeline.raise_for_status(response, action="read", display_url="u")  # type: ignore[arg-type]
+    assert "c2VjcmV0" not in str(caught.value) and "MAC signature" not in str(caught.value)

@@ -208,3 +208,27 @@ def test_blob_names_with_dot_segments_are_refused(name: str) -> None:
 @pytest.mark.parametrize("name", ["a..b.pt", "...", ".hidden", "a./b", "v1.0/model.pt"])
 def test_dots_that_are_not_whole_segments_are_kept(name: str) -> None:
     assert BlobUrl.parse(f"{AZURE}/container/{name}").blob_name == name
+
+
+# -- path-style URLs without their account -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "interpretation"),
+    [
+        ("http://127.0.0.1:10000/container/model.pt", "no blob (read as account 'container', container 'model.pt')"),
+        ("http://127.0.0.1:10000/model.pt", "no container (read as account 'model.pt')"),
+        ("http://azurite:10000/container/run/", "no blob (read as account 'container', container 'run')"),
+    ],
+)
+def test_a_path_style_url_without_its_account_says_the_account_may_be_missing(url: str, interpretation: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        BlobUrl.parse(url)
+    message = str(caught.value)
+    assert interpretation in message and "the account name is missing" in message
+    assert "<account>/<container>/<blob>" in message
+
+
+def test_a_path_style_container_url_without_its_account_says_so() -> None:
+    with pytest.raises(ValueError, match=r"no container \(read as account 'container'\).*account name is missing"):
+        ContainerUrl.parse("http://127.0.0.1:10000/container")
