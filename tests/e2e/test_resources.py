@@ -41,7 +41,7 @@ def test_a_batch_as_large_as_the_sample_threads_keeps_every_connection(
     )
     # Hold the first requests until as many are in flight as there are sample threads: that many
     # connections are open at once, whatever the machine's speed.
-    together = Gather(threads)
+    together = Gather(threads, timeout=60)
     proxy.add_fault(lambda seen: seen.operation == "GetBlob", together, times=threads)
     with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
         samples = dataset.__getitems__(list(range(len(names))))
