@@ -15,6 +15,7 @@ import torch.distributed
 import torch.utils.data
 from typing_extensions import Self
 
+from azstoragetorch import _client
 from azstoragetorch._client import (
     AzStorageTorchBlobClient,
     AzStorageTorchContainerClient,
@@ -39,8 +40,9 @@ _T = TypeVar("_T")
 # one at a time under the GIL.
 DEFAULT_PREFETCH = 32
 # Threads per process that fetch samples (created as needed): the ceiling for prefetch and for the
-# blobs of one batch fetched together by BlobDataset.__getitems__.
-MAX_SAMPLE_THREADS = 128
+# blobs of one batch fetched together by BlobDataset.__getitems__. Set in _client, which sizes the
+# connection pool that these threads share with the transfer threads.
+MAX_SAMPLE_THREADS = _client.MAX_SAMPLE_THREADS
 # The default sample reads a blob up to this size in one request; larger blobs in parallel parts.
 READ_ALL_PART_BYTES = 8 * 1024 * 1024
 

@@ -15,6 +15,7 @@ from azstoragetorch._client._checksums import PieceChecksums
 from azstoragetorch._client._uploads import MAX_BLOCK_SIZE
 from azstoragetorch._read_ahead import ReadAheadBuffer
 from azstoragetorch.exceptions import ChecksumMismatchError, FatalBlobIOWriteError
+from azstoragetorch.retry import RetryOptions
 
 __all__ = ["BlobIO"]
 
@@ -83,12 +84,15 @@ class BlobIO(io.IOBase, BinaryIO):
             :class:`~azstoragetorch.exceptions.ChecksumMismatchError` if the result differs. Costs
             about 0.3 CPU seconds per GB; parts never read are downloaded at close to complete the
             check. A blob without a recorded CRC-32 raises ``ValueError`` at open.
+        retry: How requests that fail for a passing reason (throttling, a dropped connection) are
+            retried: a :class:`~azstoragetorch.retry.RetryOptions`. ``None`` (the default) means
+            ``RetryOptions()``, which rides out minutes of throttling; see :doc:`reliability`.
 
     Raises:
         ValueError: The URL is malformed, ``mode`` is not ``"rb"`` or ``"wb"``, a size is out of
             range, a snapshot or version is opened for writing, or ``verify_checksum`` is asked of
             a writer or of a blob with no recorded CRC-32.
-        TypeError: ``credential`` is of an unsupported type.
+        TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
         azure.core.exceptions.ResourceNotFoundError: (read mode) the blob or container does not exist.
         azure.core.exceptions.ClientAuthenticationError: (read mode) the request was not authorized.
     """
@@ -103,6 +107,7 @@ class BlobIO(io.IOBase, BinaryIO):
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
         verify_checksum: bool = False,
+        retry: RetryOptions | None = None,
         **_internal_only_kwargs: Any,
     ) -> None:
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
@@ -113,7 +118,7 @@ class BlobIO(io.IOBase, BinaryIO):
         if _internal_only_kwargs:
             raise TypeError(f"BlobIO() got unexpected keyword arguments: {', '.join(sorted(_internal_only_kwargs))}")
         if client is None:
-            client = AzStorageTorchBlobClient(BlobUrl.parse(blob_url), credential)
+            client = AzStorageTorchBlobClient(BlobUrl.parse(blob_url), credential, retry=retry)
         self._client: AzStorageTorchBlobClient = client
         self._mode = mode
         self._position = 0

@@ -32,6 +32,13 @@ def azurite() -> Iterator[Azurite]:
 
 
 @pytest.fixture(scope="session")
+def https_azurite() -> Iterator[Azurite]:
+    """A second emulator that serves HTTPS (and accepts bearer tokens); trust ``ca_bundle`` to use it."""
+    with Azurite(oauth=True) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="session")
 def account_credential() -> AzureNamedKeyCredential:
     return AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY)
 

@@ -8,10 +8,12 @@ retries, connection pools, parallel ranged downloads and block uploads. The publ
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobProperties
 from azstoragetorch._client._container_client import AzStorageTorchContainerClient, Level, ListedBlob
 from azstoragetorch._client._credentials import CredentialArgument
+from azstoragetorch._client._pipeline import MAX_SAMPLE_THREADS
 from azstoragetorch._client._uploads import BlockUploader
 from azstoragetorch._client._urls import BlobUrl, ContainerUrl
 
 __all__ = [
+    "MAX_SAMPLE_THREADS",
     "AzStorageTorchBlobClient",
     "AzStorageTorchContainerClient",
     "BlobProperties",

@@ -8,7 +8,6 @@ import dataclasses
 import datetime
 import hashlib
 import http.client
-import socket
 import threading
 import time
 import urllib.parse
@@ -25,15 +24,19 @@ from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._resource import ResourceClient
 from azstoragetorch._client._urls import BlobUrl
 from azstoragetorch.exceptions import BlobModifiedDuringReadError, ChecksumMismatchError
+from azstoragetorch.retry import RetryOptions
 
 # Failures while a response body streams in. The request itself succeeded, so the SDK's retry
 # policy never sees them; download_into retries them from the first byte not yet received.
 _BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
     http.client.IncompleteRead,
-    ConnectionError,  # includes ConnectionResetError
-    socket.timeout,
+    # Resets, timeouts and, over TLS, ssl.SSLError (a damaged record): read straight from the
+    # http.client response, the socket's own errors arrive unwrapped.
+    OSError,
+    # The same failures as urllib3 reports them when the body is read through it.
     urllib3.exceptions.ProtocolError,
     urllib3.exceptions.ReadTimeoutError,
+    urllib3.exceptions.SSLError,
 )
 BODY_READ_ATTEMPTS = 5
 # The largest range for which the service computes an MD5 (x-ms-range-get-content-md5).
@@ -59,8 +62,10 @@ class BlobProperties:
 class AzStorageTorchBlobClient(ResourceClient):
     """Talks to one blob: reads ranges, uploads blocks, commits."""
 
-    def __init__(self, blob_url: BlobUrl, credential: CredentialArgument = None) -> None:
-        super().__init__(blob_url, credential)
+    def __init__(
+        self, blob_url: BlobUrl, credential: CredentialArgument = None, *, retry: RetryOptions | None = None
+    ) -> None:
+        super().__init__(blob_url, credential, retry=retry)
         self.blob_url = blob_url
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -68,8 +73,10 @@ class AzStorageTorchBlobClient(ResourceClient):
         self.blob_url = state["url"]
 
     @classmethod
-    def from_url(cls, url: str, credential: CredentialArgument = None) -> AzStorageTorchBlobClient:
-        return cls(BlobUrl.parse(url), credential)
+    def from_url(
+        cls, url: str, credential: CredentialArgument = None, *, retry: RetryOptions | None = None
+    ) -> AzStorageTorchBlobClient:
+        return cls(BlobUrl.parse(url), credential, retry=retry)
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobPr
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._resource import ResourceClient
 from azstoragetorch._client._urls import ContainerUrl
+from azstoragetorch.retry import RetryOptions
 
 # The service returns at most 5,000 blobs per List Blobs page.
 _PAGE_SIZE = 5000
@@ -43,8 +44,10 @@ class Level:
 class AzStorageTorchContainerClient(ResourceClient):
     """Talks to one container: lists its blobs."""
 
-    def __init__(self, container_url: ContainerUrl, credential: CredentialArgument = None) -> None:
-        super().__init__(container_url, credential)
+    def __init__(
+        self, container_url: ContainerUrl, credential: CredentialArgument = None, *, retry: RetryOptions | None = None
+    ) -> None:
+        super().__init__(container_url, credential, retry=retry)
         self.container_url = container_url
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -52,12 +55,14 @@ class AzStorageTorchContainerClient(ResourceClient):
         self.container_url = state["url"]
 
     @classmethod
-    def from_url(cls, url: str, credential: CredentialArgument = None) -> AzStorageTorchContainerClient:
-        return cls(ContainerUrl.parse(url), credential)
+    def from_url(
+        cls, url: str, credential: CredentialArgument = None, *, retry: RetryOptions | None = None
+    ) -> AzStorageTorchContainerClient:
+        return cls(ContainerUrl.parse(url), credential, retry=retry)
 
     def blob_client(self, blob_name: str) -> AzStorageTorchBlobClient:
-        """A client for a blob of this container, with the same credential (or SAS)."""
-        return AzStorageTorchBlobClient(self.container_url.blob_url(blob_name), self.credential)
+        """A client for a blob of this container, with the same credential (or SAS) and retry options."""
+        return AzStorageTorchBlobClient(self.container_url.blob_url(blob_name), self.credential, retry=self.retry)
 
     def list_blobs(self, prefix: str | None = None) -> Iterator[ListedBlob]:
         """Every blob whose name starts with ``prefix``, in name order, following every page.

@@ -95,6 +95,35 @@ def auth_policy_for(
     return BearerTokenCredentialPolicy(token_credential, _STORAGE_SCOPE)
 
 
+def check_not_sent_in_clear(credential: CredentialArgument, *, url_has_sas: bool, scheme: str, host: str) -> None:
+    """Raise ``ValueError`` if requests to ``scheme://host`` would carry a secret over plain HTTP to
+    another machine: a SAS token, a Shared Key signature or a bearer token. Anonymous requests, and
+    any request to this machine (a local emulator), may use plain HTTP."""
+    if scheme != "http" or _is_loopback(host):
+        return
+    if url_has_sas or isinstance(credential, AzureSasCredential):
+        secret = "a SAS token"
+    elif credential is False:
+        return
+    elif isinstance(credential, AzureNamedKeyCredential):
+        if _is_published_development_key(credential):
+            return  # Azurite's key is public: a signature made with it protects nothing
+        secret = "a signature made with the account key"
+    else:
+        secret = "a bearer token" + (" (from DefaultAzureCredential)" if credential is None else "")
+    raise ValueError(
+        f"Refusing to send {secret} over plain http:// to {host}: anyone on the network could read it. Use "
+        "https://; plain http:// is allowed only to this machine (localhost, 127.0.0.1, ::1), for a local "
+        "emulator, or with credential=False."
+    )
+
+
+def _is_published_development_key(credential: AzureNamedKeyCredential) -> bool:
+    from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME
+
+    return tuple(credential.named_key) == (ACCOUNT_NAME, ACCOUNT_KEY)
+
+
 class _LoopbackBearerTokenPolicy(BearerTokenCredentialPolicy[Any, Any]):
     def on_request(self, request: PipelineRequest[Any]) -> None:
         request.context["enforce_https"] = False

@@ -8,6 +8,8 @@ DataLoader worker never reads a response meant for its parent.
 
 from __future__ import annotations
 
+import collections
+import datetime
 import logging
 import os
 import random
@@ -36,6 +38,7 @@ from azstoragetorch._client._credentials import CredentialArgument, auth_policy_
 from azstoragetorch._client._redaction import install_log_filter, scrub
 from azstoragetorch._client._transport import Urllib3Transport
 from azstoragetorch.exceptions import ClientRequestIdMismatchError
+from azstoragetorch.retry import RetryOptions
 
 _LOGGER = logging.getLogger("azstoragetorch")
 
@@ -44,14 +47,31 @@ _LOGGER = logging.getLogger("azstoragetorch")
 # against sovereign clouds and Azure Stack as well.
 API_VERSION = "2021-08-06"
 
-# Upper bounds on threads and pooled connections per process. A BlobIO limits its own in-flight
-# requests (max_concurrency); this cap only keeps many concurrent BlobIOs from exhausting sockets.
+# Threads per process that run transfers (block uploads, parallel ranged reads). A BlobIO limits its
+# own in-flight requests (max_concurrency); this cap only keeps many concurrent BlobIOs from
+# exhausting sockets.
 MAX_THREADS = 64
+# Threads per process that fetch dataset samples (azstoragetorch.datasets); each holds a connection
+# while its sample's first request runs, on top of the transfer threads.
+MAX_SAMPLE_THREADS = 128
+# Connections kept per host: one for every thread that may hold one at the same time. A smaller pool
+# closes the surplus after each request ("Connection pool is full"), and on Azure every connection
+# opened again costs a TLS handshake.
+MAX_CONNECTIONS = MAX_THREADS + MAX_SAMPLE_THREADS
+# Pipelines kept per process, least recently used dropped first. Each holds its credential, so an
+# unbounded cache would keep every credential ever used alive (one made per sample adds up).
+MAX_PIPELINES = 64
 
 CONNECTION_TIMEOUT_SECONDS = 20
 # How long a response may go silent before it counts as failed (and is retried).
 READ_TIMEOUT_SECONDS = 60
-REQUEST_RETRIES = 5
+# Retries after a failed connection or a response that never came, whatever retry_total allows
+# beyond: unlike throttling, these rarely last, and a mistyped host should fail in seconds.
+TRANSPORT_RETRIES = 3
+_DEFAULT_RETRY = RetryOptions()
+
+
+_PipelineKey = tuple[str, str, int, RetryOptions]
 
 
 class _ProcessState:
@@ -61,9 +81,12 @@ class _ProcessState:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.transports: dict[str, HttpTransport] = {}  # type: ignore[type-arg]
-        # Pipelines by (origin, kind of authorization, id of the credential). The credential is kept
-        # in the value so that its id cannot be reused by another object while the entry exists.
-        self.pipelines: dict[tuple[str, str, int], tuple[object, Pipeline[Any, Any]]] = {}
+        # Pipelines by (origin, kind of authorization, id of the credential, retry options), least
+        # recently used first. The credential is kept in the value so that its id cannot be reused
+        # by another object while the entry exists.
+        self.pipelines: collections.OrderedDict[_PipelineKey, tuple[object, Pipeline[Any, Any]]] = (
+            collections.OrderedDict()
+        )
         self.executor: ThreadPoolExecutor | None = None
 
 
@@ -104,12 +127,12 @@ def transport_for(origin: str) -> HttpTransport:  # type: ignore[type-arg]
 def _new_transport() -> HttpTransport:  # type: ignore[type-arg]
     if not _proxy_configured():
         return Urllib3Transport(
-            connection_timeout=CONNECTION_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS, maxsize=MAX_THREADS
+            connection_timeout=CONNECTION_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS, maxsize=MAX_CONNECTIONS
         )
     # Proxies (with NO_PROXY exceptions and the rest) are what requests handles and our lean
     # transport does not: use azure-core's requests transport, which reads them per request.
     session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_THREADS, max_retries=0)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=MAX_CONNECTIONS, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     transport: HttpTransport = RequestsTransport(  # type: ignore[type-arg]
@@ -154,48 +177,118 @@ class _ClientRequestIdPolicy(SansIOHTTPPolicy[Any, Any]):
             raise ClientRequestIdMismatchError(sent, echoed, service_id)
 
 
-class _JitteredRetryPolicy(RetryPolicy[Any, Any]):
-    """The SDK's retry policy, with each backoff spread by ±50% so that parallel requests that failed
-    together (a throttled account, a dropped connection pool) do not all come back at once."""
+# Error codes that call for a retry whatever their status says: the request's bytes were damaged on
+# the way (a 400), and sending them again fixes it.
+_RETRYABLE_CODES = frozenset({"Md5Mismatch", "Crc64Mismatch"})
+
+
+class _StorageRetryPolicy(RetryPolicy[Any, Any]):
+    """The SDK's retry policy, set from :class:`~azstoragetorch.retry.RetryOptions`.
+
+    It differs from the SDK's defaults where a throttled storage account needs it: every retry of an
+    error answer waits (the SDK's first retry does not), the waits are jittered so that parallel
+    requests throttled together do not all return together, ``Retry-After`` never shortens a wait
+    nor stretches it beyond the maximum, and a throttled request is retried as often as
+    ``retry_total`` allows (the SDK stops after 3 error answers whatever ``retry_total`` says).
+    Whether an answer is retried depends on its error code where the status alone would mislead.
+    """
+
+    def __init__(self, options: RetryOptions) -> None:
+        transport_retries = min(options.retry_total, TRANSPORT_RETRIES)
+        super().__init__(
+            retry_total=options.retry_total,
+            retry_status=options.retry_total,
+            retry_connect=transport_retries,
+            retry_read=transport_retries,
+            retry_backoff_factor=options.retry_backoff_factor,
+            retry_backoff_max=options.retry_backoff_max,
+        )
+
+    def is_retry(self, settings: dict[str, Any], response: PipelineResponse[Any, Any]) -> bool:
+        if response.http_response.headers.get("x-ms-error-code") in _RETRYABLE_CODES:
+            return bool(settings["total"])
+        return bool(super().is_retry(settings, response))
 
     def get_backoff_time(self, settings: dict[str, Any]) -> float:
-        backoff = super().get_backoff_time(settings)
-        return backoff * random.uniform(0.5, 1.5)
+        history = settings["history"]
+        if len(history) == 1 and history[0].error is not None:
+            # A first connection failure is most often a pooled connection that the other end had
+            # closed: the next one, on a new connection, goes at once.
+            return 0.0
+        backoff: float = min(settings["max_backoff"], settings["backoff"] * 2 ** (len(history) - 1))
+        return backoff * random.uniform(0.5, 1.0)
+
+    def sleep(
+        self, settings: dict[str, Any], transport: Any, response: PipelineResponse[Any, Any] | None = None
+    ) -> None:
+        backoff = self.get_backoff_time(settings)
+        if response is not None:
+            _discard_error_body(response.http_response)
+            retry_after = self.get_retry_after(response)
+            if retry_after is not None:
+                backoff = max(backoff, min(retry_after, settings["max_backoff"]))
+        if backoff > 0:
+            transport.sleep(backoff)
 
 
-def pipeline_for(origin: str, credential: CredentialArgument, *, url_has_sas: bool) -> Pipeline[Any, Any]:
+def _discard_error_body(response: HttpResponse) -> None:
+    """Read a (small) error answer that is about to be retried, so that its connection is reused."""
+    try:
+        response.body()
+    except Exception:
+        response.internal_response.close()
+
+
+def pipeline_for(
+    origin: str, credential: CredentialArgument, *, url_has_sas: bool, retry: RetryOptions | None = None
+) -> Pipeline[Any, Any]:
     """The pipeline for requests to ``origin`` authorized by ``credential``, shared in this process.
 
     Sharing matters for token credentials: one pipeline holds one token, so the thousands of blobs
     of a dataset do not each ask the credential for a token of their own.
     """
+    retry = _DEFAULT_RETRY if retry is None else retry
     if url_has_sas:
-        key: tuple[str, str, int] = (origin, "sas-in-url", 0)
+        key: _PipelineKey = (origin, "sas-in-url", 0, retry)
     elif credential is None or credential is False:
-        key = (origin, repr(credential), 0)
+        key = (origin, repr(credential), 0, retry)
     else:
-        key = (origin, type(credential).__name__, id(credential))
+        key = (origin, type(credential).__name__, id(credential), retry)
     state = _current_state()
     with state.lock:
         entry = state.pipelines.get(key)
+        if entry is not None:
+            state.pipelines.move_to_end(key)
     if entry is None:
         host = urllib.parse.urlsplit(origin).hostname or ""
-        pipeline = build_pipeline(origin, auth_policy_for(credential, url_has_sas=url_has_sas, host=host))
+        pipeline = build_pipeline(origin, auth_policy_for(credential, url_has_sas=url_has_sas, host=host), retry)
         with state.lock:
             entry = state.pipelines.setdefault(key, (credential, pipeline))
+            while len(state.pipelines) > MAX_PIPELINES:
+                # Clients that use a dropped pipeline keep it; only new clients build another.
+                state.pipelines.popitem(last=False)
     return entry[1]
 
 
-def build_pipeline(origin: str, auth_policy: Any | None) -> Pipeline[Any, Any]:
+def build_pipeline(origin: str, auth_policy: Any | None, retry: RetryOptions) -> Pipeline[Any, Any]:
     policies: list[Any] = [
         HeadersPolicy({"x-ms-version": API_VERSION}),
         UserAgentPolicy(sdk_moniker=f"azstoragetorch/{__version__}"),
         _ClientRequestIdPolicy(),
-        _JitteredRetryPolicy(retry_total=REQUEST_RETRIES, retry_backoff_factor=0.5, retry_backoff_max=30),
+        _StorageRetryPolicy(retry),
     ]
     if auth_policy is not None:
         policies.append(auth_policy)
     return Pipeline(transport=transport_for(origin), policies=policies)
+
+
+def validate_retry(retry: object) -> None:
+    """Raise ``TypeError`` unless ``retry`` is ``None`` or a :class:`~azstoragetorch.retry.RetryOptions`."""
+    if retry is not None and not isinstance(retry, RetryOptions):
+        raise TypeError(
+            f"retry must be an azstoragetorch.retry.RetryOptions (or None for the defaults), not "
+            f"{type(retry).__name__}."
+        )
 
 
 def run(pipeline: Pipeline[Any, Any], request: Any, *, display_url: str, stream: bool = False) -> HttpResponse:
@@ -221,13 +314,41 @@ def scrubbed(error: AzureError, *, prefix: str = "") -> AzureError:
     return replacement
 
 
+# The exception for an error answer comes from the service's error code: one status stands for many
+# situations (a 409 may mean that a blob exists, or that it is leased, archived or being copied),
+# and code that catches ResourceExistsError or ResourceModifiedError must be able to trust it.
+_ERRORS_BY_CODE: dict[str, type[HttpResponseError]] = {
+    "BlobNotFound": ResourceNotFoundError,
+    "ContainerNotFound": ResourceNotFoundError,
+    "ResourceNotFound": ResourceNotFoundError,
+    "BlobAlreadyExists": ResourceExistsError,
+    "ContainerAlreadyExists": ResourceExistsError,
+    "ResourceAlreadyExists": ResourceExistsError,
+    "SnapshotsPresent": ResourceExistsError,  # deleting a blob whose snapshots exist
+    "ConditionNotMet": ResourceModifiedError,
+    "TargetConditionNotMet": ResourceModifiedError,
+}
+# Statuses whose every code names the same kind of failure: 401/403 are about authorization and 404
+# about something missing, whatever the code says in detail.
 _ERRORS_BY_STATUS: dict[int, type[HttpResponseError]] = {
     401: ClientAuthenticationError,
     403: ClientAuthenticationError,
     404: ResourceNotFoundError,
+}
+# What 409 and 412 mean when an answer carries no code at all (HEAD answers have no body, and
+# endpoints other than Azure's may not send the header).
+_ERRORS_BY_STATUS_WITHOUT_CODE: dict[int, type[HttpResponseError]] = {
     409: ResourceExistsError,
     412: ResourceModifiedError,
 }
+
+
+def _error_type(status: int, error_code: str | None) -> type[HttpResponseError]:
+    if status in _ERRORS_BY_STATUS:
+        return _ERRORS_BY_STATUS[status]
+    if error_code:
+        return _ERRORS_BY_CODE.get(error_code, HttpResponseError)
+    return _ERRORS_BY_STATUS_WITHOUT_CODE.get(status, HttpResponseError)
 
 
 def is_missing_container(error: ResourceNotFoundError) -> bool:
@@ -235,6 +356,10 @@ def is_missing_container(error: ResourceNotFoundError) -> bool:
     return getattr(error, "error_code", None) == "ContainerNotFound"
 
 
+_LEASED = (
+    "Someone holds a lease on the blob; azstoragetorch takes no leases, so it can change the blob only once the "
+    "lease is released or expires."
+)
 _HINTS = {
     "ContainerNotFound": "Check the container name in the URL.",
     "BlobNotFound": "Check the blob name in the URL.",
@@ -243,6 +368,10 @@ _HINTS = {
     "AuthorizationPermissionMismatch": "The credential lacks the permission this needs (for example write or read).",
     "NoAuthenticationInformation": "The resource is private; pass a credential or a URL with a SAS token.",
     "ResourceNotFound": "Check the account, container and blob names in the URL (an anonymous request to a private container also reports this).",
+    "LeaseIdMissing": _LEASED,
+    "LeaseIdMismatchWithBlobOperation": _LEASED,
+    "BlobArchived": "The blob is in the Archive tier; rehydrate it to the Hot or Cool tier before reading it.",
+    "BlobBeingRehydrated": "The blob is being rehydrated from the Archive tier; it can be read once that has finished.",
 }
 
 
@@ -257,17 +386,55 @@ def raise_for_status(response: HttpResponse, *, action: str, display_url: str) -
             "The request was anonymous (credential=False, no SAS token); if the container is private, pass a "
             "credential or a URL with a SAS token."
         )
+    hint = _sas_time_hint(response, error_code) or hint
     message = f"Could not {action} {display_url}: HTTP {response.status_code} {response.reason}"
     if error_code:
         message += f" ({error_code})"
     if hint:
         message += f". {hint}"
-    error_type = _ERRORS_BY_STATUS.get(response.status_code, HttpResponseError)
-    error = error_type(message=scrub(message))
+    error = _error_type(response.status_code, error_code)(message=scrub(message))
     error.status_code = response.status_code
     error.reason = response.reason
     error.error_code = error_code  # type: ignore[attr-defined]
     raise error
+
+
+def _sas_time_hint(response: HttpResponse, error_code: str | None) -> str | None:
+    """A hint for a refused SAS whose validity period does not include now, if that is the reason.
+
+    Azure explains it in the error's ``AuthenticationErrorDetail``; other endpoints (Azurite) do not,
+    so the SAS's own start (``st``) and expiry (``se``) are also compared with this machine's clock.
+    """
+    request = getattr(response, "request", None)
+    if response.status_code != 403 or error_code not in ("AuthenticationFailed", "AuthorizationFailure"):
+        return None
+    if request is None:
+        return None
+    fields = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.url).query))
+    if "sig" not in fields:
+        return None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expiry, start = _sas_time(fields.get("se")), _sas_time(fields.get("st"))
+    if expiry is not None and expiry <= now:
+        return f"The SAS token expired at {fields['se']}; create a new one."
+    if start is not None and start > now:
+        return f"The SAS token is not valid before {fields['st']}; wait, or check this machine's clock."
+    detail = _element_text(response, "AuthenticationErrorDetail")
+    # Only this detail is passed on: others can quote the signature that was sent.
+    if detail and detail.startswith("Signature not valid in the specified time frame"):
+        return f"The SAS token has expired or is not yet valid (the service says: {detail})."
+    return None
+
+
+def _sas_time(value: str | None) -> datetime.datetime | None:
+    """A SAS start or expiry time (ISO 8601, UTC; a date alone means its midnight)."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.timezone.utc)
 
 
 def _was_anonymous(response: HttpResponse) -> bool:
@@ -279,15 +446,20 @@ def _was_anonymous(response: HttpResponse) -> bool:
 
 
 def _error_code_from_body(response: HttpResponse) -> str | None:
+    return _element_text(response, "Code")
+
+
+def _element_text(response: HttpResponse, name: str) -> str | None:
+    """The text of element ``name`` in an XML error body, if the body was read and has one."""
     try:
         body = response.body()
-    except Exception:  # a streamed body that was not read: fall back to no code
+    except Exception:  # a streamed body that was not read: fall back to nothing
         return None
-    start = body.find(b"<Code>")
-    end = body.find(b"</Code>")
+    start = body.find(f"<{name}>".encode())
+    end = body.find(f"</{name}>".encode())
     if start == -1 or end == -1:
         return None
-    return body[start + len("<Code>") : end].decode("utf-8", "replace")
+    return body[start + len(name) + 2 : end].decode("utf-8", "replace")
 
 
 def log_debug(message: str, *args: object) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import urllib.parse
 from typing import Any
 
+from azure.core.credentials import AzureSasCredential
 from azure.core.pipeline import Pipeline
 from azure.core.pipeline.transport import HttpRequest, HttpResponse
 
 from azstoragetorch._client import _pipeline
-from azstoragetorch._client._credentials import CredentialArgument, validate_credential
-from azstoragetorch._client._urls import BlobUrl, ContainerUrl
+from azstoragetorch._client._credentials import CredentialArgument, check_not_sent_in_clear, validate_credential
+from azstoragetorch._client._urls import BlobUrl, ContainerUrl, check_sas_complete
+from azstoragetorch.retry import RetryOptions
 
 ResourceUrl = BlobUrl | ContainerUrl
 
@@ -24,16 +27,29 @@ class ResourceClient:
     process on first use, so a copy sent to a DataLoader worker opens its own connections.
     """
 
-    def __init__(self, url: ResourceUrl, credential: CredentialArgument = None) -> None:
+    def __init__(
+        self, url: ResourceUrl, credential: CredentialArgument = None, *, retry: RetryOptions | None = None
+    ) -> None:
         validate_credential(credential)
+        _pipeline.validate_retry(retry)
+        host = urllib.parse.urlsplit(f"//{url.netloc}").hostname or ""
+        check_not_sent_in_clear(credential, url_has_sas=url.has_sas, scheme=url.scheme, host=host)
+        if isinstance(credential, AzureSasCredential):
+            check_sas_complete(credential.signature, where="AzureSasCredential")
         self._url = url
         self._credential = credential
+        self._retry = retry
         self._pipeline: Pipeline[Any, Any] | None = None
         self._pipeline_pid = 0
 
     @property
     def credential(self) -> CredentialArgument:
         return self._credential
+
+    @property
+    def retry(self) -> RetryOptions | None:
+        """The retry options of every request; ``None`` for the defaults."""
+        return self._retry
 
     @property
     def display_url(self) -> str:
@@ -44,15 +60,17 @@ class ResourceClient:
         return f"{type(self).__name__}({self.display_url!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self._url, "credential": self._credential}
+        return {"url": self._url, "credential": self._credential, "retry": self._retry}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        ResourceClient.__init__(self, state["url"], state["credential"])
+        ResourceClient.__init__(self, state["url"], state["credential"], retry=state["retry"])
 
     def _get_pipeline(self) -> Pipeline[Any, Any]:
         if self._pipeline is None or self._pipeline_pid != os.getpid():
             origin = f"{self._url.scheme}://{self._url.netloc}"
-            self._pipeline = _pipeline.pipeline_for(origin, self._credential, url_has_sas=self._url.has_sas)
+            self._pipeline = _pipeline.pipeline_for(
+                origin, self._credential, url_has_sas=self._url.has_sas, retry=self._retry
+            )
             self._pipeline_pid = os.getpid()
         return self._pipeline
 

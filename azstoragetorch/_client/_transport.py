@@ -81,10 +81,12 @@ class Urllib3Transport(HttpTransport):  # type: ignore[type-arg]
                 timeout=self._timeout,
                 enforce_content_length=True,
             )
+        except urllib3.exceptions.NewConnectionError as error:
+            # A refused connection or a host name that does not resolve. Caught first: urllib3
+            # derives it from ConnectTimeoutError, which would report it as a timeout.
+            raise ServiceRequestError(error, error=error) from None
         except urllib3.exceptions.ConnectTimeoutError as error:
             raise ServiceRequestTimeoutError(error, error=error) from None
-        except urllib3.exceptions.NewConnectionError as error:
-            raise ServiceRequestError(error, error=error) from None
         except urllib3.exceptions.ReadTimeoutError as error:
             raise ServiceResponseTimeoutError(error, error=error) from None
         except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as error:

@@ -15,13 +15,20 @@ _SELECTOR_PARAMETERS = ("snapshot", "versionid")
 # fsspec's names for Azure Blob Storage (adlfs registers these), accepted so that paths written
 # for adlfs keep working.
 FSSPEC_PROTOCOLS = ("az", "abfs", "abfss")
+# The storage endpoint suffixes of Azure's clouds: public, China, US Government. Only these (or a
+# host the user named in account_url) may be sent a credential found for "Azure Storage".
+_AZURE_CLOUD_SUFFIXES = r"core\.(?:windows\.net|chinacloudapi\.cn|usgovcloudapi\.net)"
 # Blob endpoints of Azure's clouds: <account>.blob.core.windows.net, the sovereign clouds'
 # blob.core.* names, and the DNS-zone endpoints <account>.z<NN>.blob.storage.azure.net.
 _AZURE_BLOB_HOST = re.compile(
-    r"^[a-z0-9]+(-secondary)?\.(z\d+\.blob\.storage\.azure\.net|blob\.core\.(windows\.net|chinacloudapi\.cn|usgovcloudapi\.net))$"
+    rf"^[a-z0-9]+(-secondary)?\.(z\d+\.blob\.storage\.azure\.net|blob\.{_AZURE_CLOUD_SUFFIXES})$"
 )
-# "<container>@<account>.dfs.core.windows.net": adlfs's way of naming the account in a path.
-_FSSPEC_ACCOUNT_HOST = re.compile(r"^(?P<account>[a-z0-9]+)\.(dfs|blob)\.(?P<suffix>core\..+)$")
+# "<container>@<account>.dfs.core.windows.net": adlfs's way of naming the account in a path, on the
+# dfs or blob endpoint of one of Azure's clouds (or of a DNS zone).
+_FSSPEC_ACCOUNT_HOST = re.compile(
+    rf"^(?P<account>[a-z0-9]+)\.(?:(?P<zone>z\d+)\.(?:dfs|blob)\.storage\.azure\.net"
+    rf"|(?:dfs|blob)\.(?P<suffix>{_AZURE_CLOUD_SUFFIXES}))$"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +113,9 @@ class BlobUrl:
             pieces.append(f"versionid={urllib.parse.quote(self.version_id, safe='')}")
         return pieces
 
+    def __post_init__(self) -> None:
+        check_no_dot_segments(self.blob_name, shown=f"{self.container_url}/{self.blob_name}")
+
     def __repr__(self) -> str:
         return f"BlobUrl({self.display_url!r})"
 
@@ -137,6 +147,7 @@ class ContainerUrl:
         ``ValueError`` naming the problem for anything malformed.
         """
         account_url, container_name, prefix, query = _split_resource_url(url, want_blob=False)
+        check_no_dot_segments(prefix, shown=_strip_query(url))
         sas_pieces, selectors = _split_query(query)
         if selectors:
             raise ValueError(f"URL {_strip_query(url)!r} has a snapshot or version id; those select single blobs.")
@@ -225,14 +236,40 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
         account_name = parsed.hostname.split(".", 1)[0]
 
     container_name = urllib.parse.unquote(segments[0]) if segments else ""
+    blob_name = urllib.parse.unquote("/".join(segments[1:]))
+    if path_style and (not container_name or (want_blob and not blob_name)):
+        # The usual slip is leaving out the account: say how the path was read.
+        if container_name:
+            problem = f"names a container but no blob (read as account {account_name!r}, container {container_name!r})"
+        else:
+            problem = f"names no container (read as account {account_name!r})"
+        raise ValueError(
+            f"{kind} {shown!r} {problem}: on an emulator or IP endpoint the path starts with the account name, "
+            f"http://<host>:<port>/<account>/<container>/<blob>. If {account_name!r} is your container, the "
+            "account name is missing (devstoreaccount1 for Azurite)."
+        )
     if not container_name:
         raise ValueError(f"URL {shown!r} names no container.")
-    blob_name = urllib.parse.unquote("/".join(segments[1:]))
     if want_blob and not blob_name:
         raise ValueError(f"Blob URL {shown!r} names a container but no blob.")
 
     account = _AccountUrl(parsed.scheme.lower(), parsed.netloc, account_name, path_style)
+    check_sas_complete(parsed.query, where=f"the URL {shown!r}")
     return account, container_name, blob_name, parsed.query
+
+
+def check_no_dot_segments(name: str, *, shown: str) -> None:
+    """Raise ``ValueError`` if the blob name (or prefix) ``name`` has a ``.`` or ``..`` segment.
+
+    HTTP clients and servers resolve such segments (``a/../b.pt`` is ``b.pt``), percent-encoded or
+    not, so a request for that name would reach another blob; with a SAS it would overwrite it.
+    Such names are refused rather than sent.
+    """
+    if any(segment in (".", "..") for segment in name.split("/")):
+        raise ValueError(
+            f"{shown!r} has a '.' or '..' segment in its blob name, which HTTP resolves to another name "
+            "(a/../b.pt is b.pt): azstoragetorch does not address such names. Remove the segment."
+        )
 
 
 def _split_query(query: str) -> tuple[list[str], dict[str, str]]:
@@ -251,6 +288,23 @@ def _split_query(query: str) -> tuple[list[str], dict[str, str]]:
 
 def _has_signature(sas_query: str) -> bool:
     return any(piece.split("=", 1)[0].lower() == "sig" for piece in sas_query.split("&"))
+
+
+# Fields that only a SAS token has. A query string with some of them but no signature is a token cut
+# short when it was copied; sent as it is, it would authorize nothing, and the request would silently
+# fall back to another credential.
+_SAS_FIELDS = frozenset({"sv", "ss", "srt", "sr", "sp", "se", "st", "spr", "sip", "si", "skoid", "sktid"})
+
+
+def check_sas_complete(query: str, *, where: str) -> None:
+    """Raise ``ValueError`` if ``query`` holds SAS fields but no signature (``sig=``)."""
+    names = {piece.split("=", 1)[0].lower() for piece in query.lstrip("?").split("&")}
+    if names & _SAS_FIELDS and "sig" not in names:
+        raise ValueError(
+            f"The SAS token in {where} is incomplete: it has SAS fields "
+            f"({', '.join(sorted(f'{name}=' for name in names & _SAS_FIELDS))}) but no signature (sig=). "
+            "Copy the whole token, which ends with or contains sig=..."
+        )
 
 
 def _is_path_style_host(hostname: str) -> bool:
@@ -276,11 +330,27 @@ def is_azure_blob_host(hostname: str) -> bool:
     return _AZURE_BLOB_HOST.match(hostname.lower()) is not None
 
 
+def _fsspec_account_base(host: str, account_url: str | None) -> str | None:
+    """The account URL for the host named in ``<container>@<host>``: one of Azure's storage endpoints, or
+    the host of ``account_url`` (its dfs or blob name); ``None`` for any other host."""
+    match = _FSSPEC_ACCOUNT_HOST.match(host)
+    if match is not None and match["zone"]:
+        return f"https://{match['account']}.{match['zone']}.blob.storage.azure.net"
+    if match is not None:
+        return f"https://{match['account']}.blob.{match['suffix']}"
+    if account_url:
+        named = (urllib.parse.urlsplit(account_url).hostname or "").lower()
+        if named and host in (named, named.replace(".blob.", ".dfs.", 1)):
+            return account_url.rstrip("/")
+    return None
+
+
 def fsspec_path_to_url(path: str, *, account_url: str | None) -> str:
     """Turn an fsspec-style ``az://``, ``abfs://`` or ``abfss://`` path into a blob URL.
 
     The account is found the way adlfs finds it: named in the path
-    (``abfs://<container>@<account>.dfs.core.windows.net/<path>``), else ``account_url`` (such as
+    (``abfs://<container>@<account>.dfs.core.windows.net/<path>``, on one of Azure's storage endpoints
+    or the host of ``account_url``, never another host), else ``account_url`` (such as
     ``https://<account>.blob.core.windows.net`` or an emulator's
     ``http://127.0.0.1:10000/devstoreaccount1``), else the ``AZURE_STORAGE_ACCOUNT_NAME``
     environment variable. Blob names in fsspec paths are not percent-encoded; the URL is.
@@ -293,12 +363,13 @@ def fsspec_path_to_url(path: str, *, account_url: str | None) -> str:
     if not container:
         raise ValueError(f"{_strip_query(path)!r} names no container: write {protocol}://<container>/<path>.")
     if at:
-        match = _FSSPEC_ACCOUNT_HOST.match(host.lower())
-        if match is None:
+        base = _fsspec_account_base(host.lower(), account_url)
+        if base is None:
             raise ValueError(
-                f"{_strip_query(path)!r}: expected <container>@<account>.dfs.core.windows.net after {protocol}://."
+                f"{_strip_query(path)!r}: {host!r} is not an Azure Storage endpoint; expected "
+                f"<container>@<account>.dfs.core.windows.net (or another Azure cloud's endpoint) after {protocol}://. "
+                "To use another endpoint (Azure Stack, a custom domain), pass it as account_url."
             )
-        base = f"https://{match['account']}.blob.{match['suffix']}"
     elif account_url:
         base = account_url.rstrip("/")
     elif os.environ.get("AZURE_STORAGE_ACCOUNT_NAME"):

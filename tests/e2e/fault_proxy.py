@@ -10,6 +10,10 @@ lets a test damage chosen responses with a small rule API::
 Blob URLs stay path-style (``http://127.0.0.1:<proxy port>/devstoreaccount1/<container>/<blob>``).
 Shared Key signatures cover the method, headers, path and query but not the host or port, so a
 request signed for the proxy's URL is valid at Azurite. Standard library only.
+
+In front of an HTTPS emulator (``Azurite(oauth=True)``), pass ``tls=(certificate, key)``: the proxy
+then speaks TLS on both sides with that certificate, so faults hit a TLS stream as they would on
+Azure (and :class:`Garble` can break the TLS layer itself).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import functools
 import http.client
 import http.server
 import io
+import os
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import urllib.parse
@@ -81,6 +87,15 @@ class Reset:
 
     after_body_bytes: int | None = 0
     hard: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Garble:
+    """Forward, then after ``after_body_bytes`` of the response body write bytes that are no TLS record
+    straight onto the connection, beneath TLS, and drop it: the client's TLS layer fails with
+    ``ssl.SSLError`` (a damaged record, as a middlebox or a broken NIC can cause). Needs ``tls``."""
+
+    after_body_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +169,7 @@ class Gather:
         self._barrier.abort()
 
 
-Action = Reset | Respond | RewriteHeader | Delay | Gather | ResetRequest | Corrupt
+Action = Reset | Respond | RewriteHeader | Delay | Gather | ResetRequest | Corrupt | Garble
 
 
 @dataclasses.dataclass
@@ -180,8 +195,17 @@ class FaultProxy:
     body breaks off is never forwarded, since the emulator would wait for the rest of it.
     """
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, upstream_port: int, upstream_host: str = "127.0.0.1", *, tls: tuple[str, str] | None = None
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        # With tls=(certificate, key): serve TLS with them, and trust the certificate upstream.
+        self.server_context: ssl.SSLContext | None = None
+        self.upstream_context: ssl.SSLContext | None = None
+        if tls is not None:
+            self.server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.server_context.load_cert_chain(*tls)
+            self.upstream_context = ssl.create_default_context(cafile=tls[0])
         self.connections_accepted = 0
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
@@ -254,7 +278,11 @@ class FaultProxy:
 
     def _open_upstream(self) -> http.client.HTTPConnection | None:
         """A connection to the emulator that :meth:`stop` can cut, or ``None`` once stopping."""
-        upstream = http.client.HTTPConnection(*self.upstream, timeout=30)
+        upstream: http.client.HTTPConnection
+        if self.upstream_context is not None:
+            upstream = http.client.HTTPSConnection(*self.upstream, timeout=30, context=self.upstream_context)
+        else:
+            upstream = http.client.HTTPConnection(*self.upstream, timeout=30)
         upstream.connect()
         with self._lock:
             if not self._stopping.is_set():
@@ -287,6 +315,16 @@ class _Server(socketserver.TCPServer):
         self.proxy = proxy
         self.connections: dict[socket.socket, threading.Thread] = {}
         super().__init__(("127.0.0.1", 0), _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = super().get_request()
+        if self.proxy.server_context is not None:
+            # The handshake happens on first use, in the connection's own thread, so that a client
+            # stuck in it cannot stall the accept loop.
+            connection = self.proxy.server_context.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        return connection, address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         thread = threading.Thread(target=self._serve, args=(request, client_address), name="fault-proxy-conn")
@@ -388,6 +426,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         reset = action if isinstance(action, Reset) else None
         budget = reset.after_body_bytes if reset is not None else None
+        if isinstance(action, Garble):
+            budget = action.after_body_bytes
         corrupt_at = action.offset if isinstance(action, Corrupt) and not action.request else None
         sent = 0
         while budget is None or sent < budget:
@@ -401,6 +441,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             sent += len(chunk)
         if reset is not None:
             self._drop(reset.hard)
+        if isinstance(action, Garble):
+            os.write(
+                self.connection.fileno(), b"\x17\x03\x03\x00\x20" + b"\x00" * 32
+            )  # an application-data record that does not decrypt
+            self._drop(hard=False)
 
     def _send_error(self, action: Respond, client_request_id: str | None) -> None:
         body = (

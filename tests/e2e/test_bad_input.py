@@ -189,7 +189,7 @@ CASES = [
         "expired-sas",
         lambda env: BlobIO(f"{env.url()}?{expired_sas(env)}", "rb"),
         ClientAuthenticationError,
-        r"HTTP 403.*(AuthenticationFailed|AuthorizationFailure).*check",
+        r"HTTP 403.*(AuthenticationFailed|AuthorizationFailure).*SAS token expired at",
     ),
     Case(
         "anonymous-on-a-private-container",
@@ -293,3 +293,29 @@ def test_reading_past_the_end_is_empty_not_an_error(env: Env) -> None:
     with env.reader() as reader:
         assert reader.seek(10_000) == 10_000
         assert reader.read() == b""
+
+
+# -- dot segments never reach another blob -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a/../b.pt", "a/%2E%2E/b.pt", "a/%2e./b.pt", "./b.pt", "a/./b.pt"])
+@pytest.mark.parametrize("authorization", ["container-sas", "account-key"])
+def test_a_blob_name_with_dot_segments_is_refused_and_no_other_blob_is_touched(
+    env: Env, name: str, authorization: str
+) -> None:
+    env.container.upload("b.pt", b"the other blob")
+    if authorization == "container-sas":
+        sas = env.container.container_sas(read=True, write=True, create=True)
+        url, credential = f"{env.container.url}/{name}?{sas}", None
+    else:
+        url, credential = f"{env.container.url}/{name}", env.credential
+    with (
+        pytest.raises(ValueError, match=r"'\.' or '\.\.'") as caught,
+        BlobIO(url, "wb", credential=credential) as writer,
+    ):
+        writer.write(b"meant for another name")
+    assert "sig=" not in str(caught.value)
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        BlobIO(url, "rb", credential=credential)
+    assert env.container.download("b.pt") == b"the other blob"
+    assert sorted(blob.name for blob in env.container.client.list_blobs()) == ["b.pt", "blob"]

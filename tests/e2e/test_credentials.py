@@ -1,7 +1,6 @@
 """Every credential form against Azurite, and the rule that a SAS in the URL wins."""
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -74,20 +73,14 @@ def test_read_only_sas_cannot_write(container: Container) -> None:
     assert container.download("blob") == b"old"
 
 
-@pytest.fixture(scope="module")
-def oauth_azurite() -> Iterator[Azurite]:
-    with Azurite(oauth=True) as emulator:
-        yield emulator
-
-
-def test_token_credential_over_https(oauth_azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", oauth_azurite.ca_bundle)  # trust the emulator's certificate
+def test_token_credential_over_https(https_azurite: Azurite, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", https_azurite.ca_bundle)  # trust the emulator's certificate
     service = BlobServiceClient(
-        oauth_azurite.account_url, credential=oauth_azurite.credential, connection_verify=oauth_azurite.ca_bundle
+        https_azurite.account_url, credential=https_azurite.credential, connection_verify=https_azurite.ca_bundle
     )
     service.create_container("tokens")
     credential = AzuriteTokenCredential()
-    assert round_trip(oauth_azurite.blob_url("tokens", "by token.bin"), credential) == b"payload"
+    assert round_trip(https_azurite.blob_url("tokens", "by token.bin"), credential) == b"payload"
     assert set(credential.requested_scopes) == {("https://storage.azure.com/.default",)}
 
 

@@ -353,4 +353,4 @@ def test_a_read_that_stalls_every_time_gives_up_after_its_attempts(env: Env) -> 
 
     path.expect_failure(env)
 
-    assert 2 <= injected.hits <= 1 + _pipeline.REQUEST_RETRIES
+    assert 2 <= injected.hits <= 1 + _pipeline.TRANSPORT_RETRIES

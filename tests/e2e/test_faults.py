@@ -17,14 +17,20 @@ from collections.abc import Callable
 import pytest
 import torch
 from azure.core.credentials import AzureNamedKeyCredential
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError, ServiceResponseError
+from azure.core.exceptions import (
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceRequestTimeoutError,
+    ServiceResponseError,
+)
 
 from azstoragetorch._client import _blob_client
 from azstoragetorch.exceptions import BlobModifiedDuringReadError, ClientRequestIdMismatchError, FatalBlobIOWriteError
 from azstoragetorch.io import BlobIO
 from azstoragetorch.testing import Azurite
 from tests.conftest import Container
-from tests.e2e.fault_proxy import Delay, FaultProxy, Reset, Respond, RewriteHeader, SeenRequest
+from tests.e2e.fault_proxy import Corrupt, Delay, FaultProxy, Reset, Respond, RewriteHeader, SeenRequest
 
 KiB = 1024
 BLOCK = 16 * KiB
@@ -405,3 +411,72 @@ def test_sas_stays_out_of_errors_when_the_connection_is_refused(
         with pytest.raises(Exception) as caught, BlobIO(url, mode) as f:  # the type is not the point here
             f.write(b"data")
     assert_sas_not_in(caught.value, sas)
+
+
+# -- error classes ------------------------------------------------------------------------------
+
+
+def test_a_leased_blob_is_a_lease_error_not_a_modified_blob(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    # Azurite answers 412 LeaseIdMissing, Azure 409 or 412 depending on the operation: neither means
+    # that the blob changed (ResourceModifiedError) or already exists (ResourceExistsError).
+    container.upload("leased", b"old")
+    container.client.get_blob_client("leased").acquire_lease()
+    with (
+        pytest.raises(FatalBlobIOWriteError) as caught,
+        BlobIO(container.blob_url("leased"), "wb", credential=account_credential) as f,
+    ):
+        f.write(b"new")
+    underlying = caught.value.underlying_exception
+    assert type(underlying) is HttpResponseError and underlying.error_code == "LeaseIdMissing"
+    assert "lease" in str(underlying)
+    assert container.download("leased") == b"old"
+
+
+def test_an_archived_blob_is_not_a_conflict_about_existence(
+    proxy: FaultProxy, container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    url = proxy.url(container.upload("archived", b"content"))
+    proxy.add_fault(lambda seen: seen.operation == "GetBlob", Respond(409, "BlobArchived"))
+    with pytest.raises(HttpResponseError) as caught:
+        BlobIO(url, "rb", credential=account_credential)
+    assert type(caught.value) is HttpResponseError and caught.value.error_code == "BlobArchived"
+    assert "rehydrate" in str(caught.value)
+
+
+def test_a_refused_connection_is_a_request_error_not_a_timeout(container: Container, no_backoff: None) -> None:
+    with socket.socket() as closed_port:  # bound, never listening: connections are refused
+        closed_port.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed_port.getsockname()[1]}/devstoreaccount1/{container.name}/blob"
+        with pytest.raises(ServiceRequestError) as caught:
+            BlobIO(url, "rb", credential=False)
+    assert not isinstance(caught.value, ServiceRequestTimeoutError)
+
+
+def test_a_host_name_that_does_not_resolve_is_a_request_error_not_a_timeout(
+    monkeypatch: pytest.MonkeyPatch, no_backoff: None
+) -> None:
+    def no_such_host(host: str, *args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    account = AzureNamedKeyCredential("nosuchaccount", "a2V5")
+    with pytest.raises(ServiceRequestError) as caught:
+        BlobIO("https://nosuchaccount.blob.core.windows.net/c/blob", "rb", credential=account)
+    assert not isinstance(caught.value, ServiceRequestTimeoutError)
+    assert "nosuchaccount" in str(caught.value)
+
+
+def test_a_block_damaged_on_the_way_is_sent_again(
+    proxy: FaultProxy, container: Container, account_credential: AzureNamedKeyCredential, no_backoff: None
+) -> None:
+    # 400 is not retried, but the code Md5Mismatch says the bytes were damaged in flight: a retry
+    # sends them intact.
+    data = os.urandom(3 * BLOCK)
+    damage = proxy.add_fault(nth_block(1), Corrupt(offset=10, request=True))
+    url = proxy.url(container.blob_url("out"))
+    with BlobIO(url, "wb", credential=account_credential, block_size=BLOCK, validate_content=True) as f:
+        f.write(data)
+    assert damage.hits == 1 and proxy.count("PutBlock") == 4
+    assert container.download("out") == data

@@ -173,6 +173,7 @@ def test_validated_reads_give_up_on_a_range_that_never_arrives_intact(
         BlobIO(proxy.url(url), "rb", credential=azurite.credential, validate_content=True).read()
 
 
+@pytest.mark.usefixtures("no_backoff")  # every retry is damaged too
 def test_validated_uploads_are_refused_when_corrupted_and_nothing_is_committed(
     container: Container, azurite: Azurite, proxy: FaultProxy
 ) -> None:

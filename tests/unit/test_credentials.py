@@ -6,8 +6,10 @@ import pytest
 from azure.core.credentials import AccessToken, AzureNamedKeyCredential, AzureSasCredential
 from azure.core.pipeline.policies import AzureSasCredentialPolicy, BearerTokenCredentialPolicy
 
-from azstoragetorch._client import _credentials
+from azstoragetorch._client import AzStorageTorchBlobClient, _credentials
 from azstoragetorch._client._credentials import SharedKeyPolicy, _string_to_sign, auth_policy_for, validate_credential
+from azstoragetorch.io import BlobIO
+from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME
 
 KEY = base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -114,3 +116,52 @@ def test_string_to_sign_follows_the_shared_key_layout() -> None:
         ]
     )
     assert _string_to_sign("GET", url, headers, "devstoreaccount1") == expected
+
+
+# -- no secret over plain http, except to this machine ------------------------------------------------
+
+URL_SAS = "sv=2021-08-06&sr=b&sp=rw&se=2030-01-01T00%3A00%3A00Z&sig=c2VjcmV0"
+
+
+@pytest.mark.parametrize(
+    ("url", "credential", "secret"),
+    [
+        (f"http://acct.blob.core.windows.net/c/b?{URL_SAS}", None, "SAS"),
+        ("http://acct.blob.core.windows.net/c/b", AzureSasCredential(URL_SAS), "SAS"),
+        ("http://acct.blob.core.windows.net/c/b", AzureNamedKeyCredential("acct", KEY), "account key"),
+        ("http://10.0.0.5:10000/devstoreaccount1/c/b", AzureNamedKeyCredential("devstoreaccount1", KEY), "account key"),
+        ("http://acct.blob.core.windows.net/c/b", FakeTokenCredential(), "token"),
+        ("http://acct.blob.core.windows.net/c/b", None, "token"),
+    ],
+)
+def test_secrets_are_never_sent_over_plain_http(url: str, credential: Any, secret: str) -> None:
+    # Refused when the client is made, before any request (a writer sends none until it uploads).
+    with pytest.raises(ValueError, match=rf"{secret}.*plain http://") as caught:
+        BlobIO(url, "wb", credential=credential)
+    assert "c2VjcmV0" not in str(caught.value) and KEY not in str(caught.value)
+    assert "https://" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://acct.blob.core.windows.net/c/b",
+        "http://127.0.0.1:10000/devstoreaccount1/c/b",
+        "http://localhost:10000/devstoreaccount1/c/b",
+        "http://[::1]:10000/devstoreaccount1/c/b",
+    ],
+)
+@pytest.mark.parametrize(
+    "credential", [AzureSasCredential(URL_SAS), AzureNamedKeyCredential("acct", KEY), FakeTokenCredential()]
+)
+def test_secrets_may_go_over_https_or_to_this_machine(url: str, credential: Any) -> None:
+    AzStorageTorchBlobClient.from_url(url, credential)
+    AzStorageTorchBlobClient.from_url(f"{url}?{URL_SAS}", None)
+
+
+def test_anonymous_requests_and_the_published_development_key_may_go_over_plain_http() -> None:
+    AzStorageTorchBlobClient.from_url("http://acct.blob.core.windows.net/c/b", False)
+    # Azurite's account key is published; a Docker service called "azurite" is not on loopback.
+    AzStorageTorchBlobClient.from_url(
+        "http://azurite:10000/devstoreaccount1/c/b", AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY)
+    )

@@ -1,6 +1,10 @@
-import pytest
+import urllib.parse
 
-from azstoragetorch._client import BlobUrl, ContainerUrl
+import pytest
+from azure.core.credentials import AzureSasCredential
+
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobUrl, ContainerUrl
+from azstoragetorch._client._urls import fsspec_path_to_url
 
 AZURE = "https://myaccount.blob.core.windows.net"
 SAS = "sv=2021-08-06&ss=b&srt=o&sp=r&se=2030-01-01T00%3A00%3A00Z&sig=abc%2Bdef%3D"
@@ -106,3 +110,125 @@ def test_container_with_prefix_keeps_the_sas_and_refuses_selectors() -> None:
         ContainerUrl.parse_with_prefix(f"{AZURE}/container/dir?snapshot=2024-01-01")
     with pytest.raises(ValueError, match="names no container"):
         ContainerUrl.parse_with_prefix(f"{AZURE}/")
+
+
+# -- fsspec paths: which hosts may receive a credential ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "url"),
+    [
+        ("abfss://c@acct.dfs.core.windows.net/m.ckpt", "https://acct.blob.core.windows.net/c/m.ckpt"),
+        ("abfs://c@acct.blob.core.windows.net/m.ckpt", "https://acct.blob.core.windows.net/c/m.ckpt"),
+        ("az://c@acct.dfs.core.chinacloudapi.cn/m.ckpt", "https://acct.blob.core.chinacloudapi.cn/c/m.ckpt"),
+        ("az://c@acct.dfs.core.usgovcloudapi.net/m.ckpt", "https://acct.blob.core.usgovcloudapi.net/c/m.ckpt"),
+        ("abfss://c@acct.z12.dfs.storage.azure.net/m.ckpt", "https://acct.z12.blob.storage.azure.net/c/m.ckpt"),
+        ("abfss://c@ACCT.DFS.Core.Windows.Net/m.ckpt", "https://acct.blob.core.windows.net/c/m.ckpt"),
+    ],
+)
+def test_fsspec_paths_on_azure_endpoints(path: str, url: str) -> None:
+    assert fsspec_path_to_url(path, account_url=None) == url
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "acct.dfs.core.attacker.example",
+        "acct.blob.core.attacker.example",
+        "acct.dfs.core.windows.net.attacker.example",
+        "acct.dfs.core.windows.net.",
+        "acct.z12.dfs.storage.azure.net.attacker.example",
+        "acct.dfs.storage.azure.net",
+        "evil.example",
+    ],
+)
+@pytest.mark.parametrize(
+    "account_url", [None, "https://acct.blob.core.windows.net", "http://127.0.0.1:10000/devstoreaccount1"]
+)
+def test_fsspec_paths_on_other_hosts_are_refused(host: str, account_url: str | None) -> None:
+    # A token for Azure Storage must never be sent to a host that merely looks like Azure.
+    with pytest.raises(ValueError, match="not an Azure Storage endpoint") as caught:
+        fsspec_path_to_url(f"abfss://c@{host}/m.ckpt", account_url=account_url)
+    assert "account_url" in str(caught.value)
+
+
+def test_fsspec_paths_on_a_host_the_user_named_are_accepted() -> None:
+    account_url = "https://acct.blob.core.contoso.example"  # Azure Stack or a custom endpoint
+    for host in ("acct.dfs.core.contoso.example", "acct.blob.core.contoso.example"):
+        url = fsspec_path_to_url(f"abfss://c@{host}/m.ckpt", account_url=account_url)
+        assert url == f"{account_url}/c/m.ckpt"
+    with pytest.raises(ValueError, match="not an Azure Storage endpoint"):
+        fsspec_path_to_url("abfss://c@other.dfs.core.contoso.example/m.ckpt", account_url=account_url)
+
+
+# -- a SAS token without its signature -----------------------------------------------------------------
+
+INCOMPLETE_SAS = "sv=2021-08-06&sr=b&sp=r&se=2030-01-01T00%3A00%3A00Z"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"{AZURE}/container/blob?{INCOMPLETE_SAS}",
+        f"{AZURE}/container/blob?{INCOMPLETE_SAS}&snapshot=2024-01-01T00%3A00%3A00.0000000Z",
+        f"{AZURE}/container/blob?si=policy",
+    ],
+)
+def test_a_sas_without_its_signature_is_an_error_not_a_fallback_to_another_credential(url: str) -> None:
+    with pytest.raises(ValueError, match=r"incomplete.*sig=") as caught:
+        BlobUrl.parse(url)
+    assert "blob" in str(caught.value)
+    with pytest.raises(ValueError, match="incomplete"):
+        ContainerUrl.parse_with_prefix(url.replace("&snapshot=2024-01-01T00%3A00%3A00.0000000Z", ""))
+
+
+def test_an_incomplete_sas_credential_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"AzureSasCredential.*incomplete.*sig="):
+        AzStorageTorchBlobClient.from_url(f"{AZURE}/container/blob", AzureSasCredential(INCOMPLETE_SAS))
+    AzStorageTorchBlobClient.from_url(f"{AZURE}/container/blob", AzureSasCredential(f"?{INCOMPLETE_SAS}&sig=x"))
+
+
+def test_other_query_parameters_are_not_taken_for_an_incomplete_sas() -> None:
+    assert not BlobUrl.parse(f"{AZURE}/container/blob?timeout=30").has_sas
+
+
+# -- dot segments --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a/../b.pt", "../b.pt", "a/..", "./c.pt", "a/./c.pt", "a/%2E%2E/b.pt", "%2e/c.pt"])
+def test_blob_names_with_dot_segments_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        BlobUrl.parse(f"{AZURE}/container/{name}")
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        ContainerUrl.parse(f"{AZURE}/container").blob_url(urllib.parse.unquote(name))
+    with pytest.raises(ValueError, match=r"'\.' or '\.\.'"):
+        ContainerUrl.parse_with_prefix(f"{AZURE}/container/{name}/")
+
+
+@pytest.mark.parametrize("name", ["a..b.pt", "...", ".hidden", "a./b", "v1.0/model.pt"])
+def test_dots_that_are_not_whole_segments_are_kept(name: str) -> None:
+    assert BlobUrl.parse(f"{AZURE}/container/{name}").blob_name == name
+
+
+# -- path-style URLs without their account -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "interpretation"),
+    [
+        ("http://127.0.0.1:10000/container/model.pt", "no blob (read as account 'container', container 'model.pt')"),
+        ("http://127.0.0.1:10000/model.pt", "no container (read as account 'model.pt')"),
+        ("http://azurite:10000/container/run/", "no blob (read as account 'container', container 'run')"),
+    ],
+)
+def test_a_path_style_url_without_its_account_says_the_account_may_be_missing(url: str, interpretation: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        BlobUrl.parse(url)
+    message = str(caught.value)
+    assert interpretation in message and "the account name is missing" in message
+    assert "<account>/<container>/<blob>" in message
+
+
+def test_a_path_style_container_url_without_its_account_says_so() -> None:
+    with pytest.raises(ValueError, match=r"no container \(read as account 'container'\).*account name is missing"):
+        ContainerUrl.parse("http://127.0.0.1:10000/container")
