@@ -46,6 +46,7 @@ from azstoragetorch._client import (
     ContainerUrl,
     CredentialArgument,
     _buffers,
+    _schedule,
 )
 from azstoragetorch._client._checksums import PieceChecksums
 from azstoragetorch._client._credentials import validate_credential
@@ -87,20 +88,28 @@ class _BlobFiles(FileSystemBase):
         self.block_size = block_size
         self.validate_content = validate_content
         self.verify_checksum = verify_checksum
-        self.write_failures: list[BaseException] = []  # failures of shard writes, from any thread
+        self.shard_writers = _ShardWriters()  # those of the save under way; write_data starts a new one
 
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
         url = os.fspath(path)
         options: dict[str, Any] = {"max_concurrency": self.max_concurrency, "block_size": self.block_size}
         if mode == "wb":
+            # Only torch's writer threads open files for writing (finish writes .metadata itself).
+            writers = self.shard_writers
+            shard = _ShardFile(
+                url, writers, credential=self.credential, validate_content=self.validate_content, **options
+            )
             try:
-                with BlobIO(
-                    url, "wb", credential=self.credential, validate_content=self.validate_content, **options
-                ) as f:
-                    yield f
-            except BaseException as error:
-                self.write_failures.append(error)  # torch's writer threads would swallow it
+                with shard:
+                    yield shard
+            except Exception as error:
+                # Kept here, not raised: torch joins its writer threads only when the calling
+                # thread's own writes succeed (and only prints the others' exceptions), and the
+                # save must not return while any of them may still commit. write_data raises it.
+                writers.fail(error)
+            except BaseException as error:  # KeyboardInterrupt and the like: stop the others, then go
+                writers.fail(error)
                 raise
         elif mode == "rb":
             with _missing_blob_as_file_not_found(url):
@@ -165,6 +174,76 @@ class _BlobFiles(FileSystemBase):
         return AzStorageTorchBlobClient.from_url(os.fspath(path), self.credential)
 
 
+class _SaveAborted(RuntimeError):
+    """Another shard file of the same save failed first; this one was not committed."""
+
+
+class _ShardWriters:
+    """The shard files that one ``write_data`` writes, on torch's writer threads: they fail together.
+
+    The first failure of any of them is recorded, and from then on every other stops at its next
+    write and none commits. A commit that had already begun is waited for, so once :meth:`fail`
+    returns (and so before the save can raise) no commit of this save is under way or still to come.
+    """
+
+    def __init__(self) -> None:
+        self._state = threading.Condition()
+        self._committing = 0
+        self.failure: BaseException | None = None
+
+    def check(self) -> None:
+        """Raise if a shard file of this save has failed."""
+        if self.failure is not None:
+            raise _SaveAborted("Another shard file of this checkpoint save failed; this one was not committed.")
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """Held while one shard file commits; raises instead if the save has failed."""
+        with self._state:
+            self.check()
+            self._committing += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._committing -= 1
+                self._state.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """Record ``error`` (if it is the first) and wait until no shard file is committing."""
+        with self._state:
+            if self.failure is None:
+                self.failure = error
+            self._state.wait_for(lambda: self._committing == 0)
+
+
+class _ShardFile(BlobIO):
+    """A shard file's :class:`BlobIO`, owned by its save's :class:`_ShardWriters`: it stops writing as
+    soon as another file of the save has failed, and commits only while none has."""
+
+    def __init__(self, url: str, writers: _ShardWriters, **options: Any) -> None:
+        super().__init__(url, "wb", **options)
+        self._writers = writers
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
+        self._writers.check()
+        return super().write(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._writers.check()
+            super().flush()  # the blocks are uploaded first, so that the commit is a single request
+            with self._writers.committing():
+                _schedule.pause("commit")
+                super().close()
+        except BaseException as error:
+            if not self.closed:
+                self.__exit__(type(error), error, error.__traceback__)  # stops the uploads, commits nothing
+            raise
+
+
 class BlobStorageWriter(FileSystemWriter):
     """Write a ``torch.distributed.checkpoint`` checkpoint under a blob prefix.
 
@@ -181,7 +260,9 @@ class BlobStorageWriter(FileSystemWriter):
     flight per rank in all; the coordinator writes ``.metadata`` last, once every shard is committed. A save that fails part way
     therefore never leaves a loadable checkpoint, and when it replaces an existing checkpoint
     (``overwrite=True``), that checkpoint's ``.metadata`` is deleted before the first shard is
-    rewritten, so old metadata can never describe new shards. ``dcp.async_save`` works too.
+    rewritten, so old metadata can never describe new shards. When one shard file fails, the save's
+    other shard files stop and commit nothing, and the save raises once none of them can still
+    commit. ``dcp.async_save`` works too.
 
     Args:
         url: The checkpoint's location: ``https://<account>.blob.core.windows.net/<container>/<prefix>``
@@ -294,12 +375,16 @@ class BlobStorageWriter(FileSystemWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         files = cast(_BlobFiles, self.fs)
-        files.write_failures.clear()
-        future = super().write_data(plan, planner)
-        # torch writes with thread_count threads and a failure in any but the first is only printed;
-        # without this the checkpoint's metadata would be written without that shard's entries.
-        if files.write_failures:
-            raise files.write_failures[0]
+        writers = files.shard_writers = _ShardWriters()
+        try:
+            future = super().write_data(plan, planner)
+        except BaseException as error:  # not from a shard file (create_stream keeps those): stop them all
+            writers.fail(error)
+            raise
+        if writers.failure is not None:
+            raise writers.failure
+        # A writer thread that died outside a shard file leaves its items unwritten; without this
+        # the metadata would be written without them.
         written = {result.index for result in future.value()}
         missing = [item.index.fqn for item in plan.items if item.index not in written]
         if missing:

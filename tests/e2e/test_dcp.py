@@ -12,7 +12,10 @@ import json
 import logging
 import pathlib
 import pickle
+import random
+import re
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +28,12 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from azstoragetorch._client import _schedule
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
 from azstoragetorch.testing import Azurite
 from tests.conftest import Container
-from tests.e2e import dcp_worker
-from tests.e2e.fault_proxy import FaultProxy, Gather, Respond, SeenRequest
+from tests.e2e import dcp_overwrite_run, dcp_worker
+from tests.e2e.fault_proxy import Delay, FaultProxy, Gather, Respond, SeenRequest
 
 # torch notes that without a process group it saves and loads in one process; that is the intent.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -77,6 +81,10 @@ def assert_same(loaded: dict[str, Any], expected: dict[str, Any]) -> None:
 
 def names(container: Container, prefix: str) -> list[str]:
     return sorted(blob.name[len(prefix) + 1 :] for blob in container.client.list_blobs(name_starts_with=prefix + "/"))
+
+
+def etags(container: Container, prefix: str) -> dict[str, str]:
+    return {blob.name: blob.etag for blob in container.client.list_blobs(name_starts_with=prefix + "/")}
 
 
 def writer(url: str, credential: Any, **options: Any) -> BlobStorageWriter:
@@ -285,6 +293,65 @@ def test_overwrite_replaces_and_removes_shards_no_longer_used(
     loaded = empty_like(second)
     dcp.load(loaded, storage_reader=reader(url, account_credential))
     assert_same(loaded, second)
+
+
+# -- a failed save commits nothing after it raised -----------------------------------------------------
+
+UPLOADS = ("PutBlob", "PutBlock", "PutBlockList")
+COMMITS = ("PutBlob", "PutBlockList")
+# A shard file's path: torch's __<rank>_<n>.distcp, or with the writer's per-save token after the rank.
+SHARD_PATH = re.compile(r"/__(\d+)_(?:([0-9a-f]+)_)?(\d+)\.distcp$")
+
+
+def join_writer_threads() -> None:
+    """Wait for torch's shard writer threads of every save: only then has each commit they make arrived."""
+    for thread in threading.enumerate():
+        if thread.name.endswith("(_write_files_from_queue)"):
+            thread.join(timeout=120)
+            assert not thread.is_alive(), f"{thread.name} is still writing"
+
+
+@pytest.mark.parametrize("failing_shard", [0, 1])
+@pytest.mark.usefixtures("no_backoff")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # torch's thread, before the fix
+def test_a_save_that_fails_in_one_writer_thread_commits_nothing_after_it_raised(
+    container: Container, azurite: Azurite, proxy: FaultProxy, failing_shard: int
+) -> None:
+    # Two writer threads, one shard file each; every upload of one of them fails. The other shard's
+    # commit is held 3 s at the proxy: if the failed save still sent it after dcp.save raised, it
+    # lands after the retry below and replaces the retry's shard.
+    seed = random.randrange(2**32)
+    print(f"perturbation seed {seed}")
+    url = proxy.url(container.blob_url("retried"))
+    first_save: list[str] = []  # the token in the first save's shard names ("" for torch's own names)
+
+    def of_first_save(seen: SeenRequest, shard: int, operations: tuple[str, ...]) -> bool:
+        match = SHARD_PATH.search(seen.path)
+        if match is None:
+            return False
+        if not first_save:
+            first_save.append(match[2] or "")
+        return seen.operation in operations and (match[2] or "") == first_save[0] and int(match[3]) == shard
+
+    failing = proxy.add_fault(
+        lambda seen: of_first_save(seen, failing_shard, UPLOADS), Respond(503, "ServerBusy"), times=None
+    )
+    proxy.add_fault(lambda seen: of_first_save(seen, 1 - failing_shard, COMMITS), Delay(3.0, hold_request=True))
+
+    with _schedule.perturbed(seed), pytest.raises(CheckpointException, match="ServerBusy"):
+        dcp.save(dcp_overwrite_run.versioned_state(1), storage_writer=writer(url, azurite.credential, thread_count=2))
+    failing.times = failing.hits  # torch's own names repeat in every save: let the retry's through
+    retried = dcp_overwrite_run.versioned_state(2)
+    with _schedule.perturbed(seed):
+        dcp.save(retried, storage_writer=writer(url, azurite.credential, thread_count=2))
+    after_retry = etags(container, "retried")
+    join_writer_threads()
+
+    assert etags(container, "retried") == after_retry, "a shard of the failed save was committed after the retry"
+    loaded = empty_like(retried)
+    dcp.load(loaded, storage_reader=reader(url, azurite.credential))
+    assert_same(loaded, retried)
+    assert len(after_retry) == 3  # .metadata and the retry's two shard files: nothing of the failed save
 
 
 # -- ranged, coalesced, parallel loads ----------------------------------------------------------------
