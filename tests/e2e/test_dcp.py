@@ -7,16 +7,21 @@ with DDP and FSDP2 including resharding, and what the user sees for bad input.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
 import logging
+import os
 import pathlib
 import pickle
 import random
 import re
+import subprocess
+import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -39,6 +44,7 @@ from tests.e2e.fault_proxy import Delay, FaultProxy, Gather, Respond, SeenReques
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 MiB = 1024 * 1024
+REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 
 
 def state_dict(tensors: int = 6, size: int = 64 * 1024) -> dict[str, Any]:
@@ -87,6 +93,26 @@ def etags(container: Container, prefix: str) -> dict[str, str]:
     return {blob.name: blob.etag for blob in container.client.list_blobs(name_starts_with=prefix + "/")}
 
 
+def plain(name: str) -> str:
+    """A shard file's name as FileSystemWriter writes it: without the writer's per-save token."""
+    return re.sub(r"^(__\d+_)[0-9a-f]{12}_", r"\1", name)
+
+
+def plain_names(container: Container, prefix: str) -> list[str]:
+    return sorted(plain(name) for name in names(container, prefix))
+
+
+def size_of(container: Container, prefix: str, shard: str) -> int:
+    """The size of the shard file under ``prefix`` that FileSystemWriter would name ``shard``."""
+    (name,) = (name for name in names(container, prefix) if plain(name) == shard)
+    return int(container.client.get_blob_client(f"{prefix}/{name}").get_blob_properties().size)
+
+
+def tokens(container: Container, prefix: str) -> set[str]:
+    """The save tokens in the names of the shard files under ``prefix``."""
+    return {name.split("_")[3] for name in names(container, prefix) if name.endswith(".distcp")}
+
+
 def writer(url: str, credential: Any, **options: Any) -> BlobStorageWriter:
     return BlobStorageWriter(url, credential=credential, **options)
 
@@ -112,7 +138,7 @@ def test_round_trip(container: Container, account_credential: AzureNamedKeyCrede
     dcp.load(loaded, storage_reader=reader(url, account_credential))
 
     assert_same(loaded, expected)
-    assert names(container, "ckpt/step-1") == [".metadata", "__0_0.distcp"]
+    assert plain_names(container, "ckpt/step-1") == [".metadata", "__0_0.distcp"]
 
 
 @pytest.mark.parametrize("thread_count", [1, 3])
@@ -123,13 +149,14 @@ def test_each_rank_writes_thread_count_files(
     url = container.blob_url("threads")
     dcp.save(expected, storage_writer=writer(url, account_credential, thread_count=thread_count))
 
-    assert names(container, "threads") == [".metadata", *(f"__0_{n}.distcp" for n in range(thread_count))]
+    assert plain_names(container, "threads") == [".metadata", *(f"__0_{n}.distcp" for n in range(thread_count))]
+    assert len(tokens(container, "threads")) == 1  # one token for the whole save
     loaded = empty_like(expected)
     dcp.load(loaded, storage_reader=reader(url, account_credential))
     assert_same(loaded, expected)
 
 
-def test_layout_is_byte_for_byte_file_system_writers(
+def test_layout_is_file_system_writers_but_for_the_save_token_in_shard_names(
     container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
 ) -> None:
     expected = state_dict()
@@ -137,13 +164,17 @@ def test_layout_is_byte_for_byte_file_system_writers(
     dcp.save(expected, storage_writer=writer(container.blob_url("same"), account_credential, thread_count=2))
 
     on_disk = sorted(path.name for path in tmp_path.iterdir())
-    assert names(container, "same") == on_disk == [".metadata", "__0_0.distcp", "__0_1.distcp"]
+    in_container = {plain(name): name for name in names(container, "same")}
+    assert sorted(in_container) == on_disk == [".metadata", "__0_0.distcp", "__0_1.distcp"]
     for shard in ("__0_0.distcp", "__0_1.distcp"):
-        assert container.download(f"same/{shard}") == (tmp_path / shard).read_bytes()
+        assert container.download(f"same/{in_container[shard]}") == (tmp_path / shard).read_bytes()
     blob_metadata = pickle.loads(container.download("same/.metadata"))
     disk_metadata = pickle.loads((tmp_path / ".metadata").read_bytes())
     assert blob_metadata.state_dict_metadata == disk_metadata.state_dict_metadata
-    assert blob_metadata.storage_data == disk_metadata.storage_data
+    assert {
+        index: dataclasses.replace(info, relative_path=plain(info.relative_path))
+        for index, info in blob_metadata.storage_data.items()
+    } == disk_metadata.storage_data
 
 
 def test_a_blob_checkpoint_copied_to_disk_loads_with_file_system_reader(
@@ -216,7 +247,8 @@ def commits(proxy: FaultProxy) -> list[str]:
 def to(
     name: str, operation: tuple[str, ...] = ("PutBlob", "PutBlock", "PutBlockList")
 ) -> Callable[[SeenRequest], bool]:
-    return lambda seen: seen.operation in operation and seen.path.endswith("/" + name)
+    """Requests to the file ``name`` (a shard file's as FileSystemWriter names it) of any save."""
+    return lambda seen: seen.operation in operation and plain(seen.path.rsplit("/", 1)[1]) == name
 
 
 def test_metadata_is_committed_after_every_shard(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
@@ -224,8 +256,10 @@ def test_metadata_is_committed_after_every_shard(container: Container, azurite: 
     dcp.save(state_dict(), storage_writer=writer(url, azurite.credential, thread_count=3))
 
     order = commits(proxy)
-    assert order[-1] == ".metadata"
-    assert {name for name in order[:-1] if name.endswith(".distcp")} == {"__0_0.distcp", "__0_1.distcp", "__0_2.distcp"}
+    assert order[-1] == ".metadata"  # in one request: torch's temporary file and rename are not used
+    assert order.count(".metadata") == 1 and not any(name.endswith(".tmp") for name in order)
+    shards = {plain(name) for name in order[:-1] if name.endswith(".distcp")}
+    assert shards == {"__0_0.distcp", "__0_1.distcp", "__0_2.distcp"}
 
 
 @pytest.mark.parametrize("failing_shard", range(4))
@@ -243,24 +277,31 @@ def test_a_failed_shard_leaves_no_metadata(
         dcp.save(state_dict(tensors=8), storage_writer=writer(url, azurite.credential, thread_count=4))
 
     assert ".metadata" not in names(container, "broken")
-    assert f"__0_{failing_shard}.distcp" not in names(container, "broken")  # nothing half-committed
+    assert f"__0_{failing_shard}.distcp" not in plain_names(container, "broken")  # nothing half-committed
     with pytest.raises(CheckpointException, match="No such blob"):
         dcp.load(empty_like(state_dict(tensors=8)), storage_reader=reader(url, azurite.credential))
 
 
 @pytest.mark.usefixtures("no_backoff")
-def test_a_failed_overwrite_leaves_no_loadable_mix(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
+def test_a_failed_overwrite_leaves_the_old_checkpoint_loadable(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
     url = proxy.url(container.blob_url("replace"))
     old = state_dict()
     dcp.save(old, storage_writer=writer(url, azurite.credential, thread_count=2))
+    before = etags(container, "replace")
     new = {key: value + 1 if isinstance(value, torch.Tensor) else value for key, value in old.items()}
     proxy.add_fault(to("__0_1.distcp"), Respond(500), times=None)
 
     with pytest.raises(CheckpointException):
         dcp.save(new, storage_writer=writer(url, azurite.credential, thread_count=2, overwrite=True))
 
-    # __0_0 may already hold new bytes; the old metadata is gone, so nothing can load the mix.
-    assert ".metadata" not in names(container, "replace")
+    # The new save's shard files have names of their own: the old checkpoint is untouched.
+    after = etags(container, "replace")
+    assert {name: tag for name, tag in after.items() if name in before} == before
+    loaded = empty_like(old)
+    dcp.load(loaded, storage_reader=reader(url, azurite.credential))
+    assert_same(loaded, old)
 
 
 def test_overwrite_false_refuses_an_existing_checkpoint(
@@ -283,19 +324,38 @@ def test_overwrite_replaces_and_removes_shards_no_longer_used(
 ) -> None:
     url = container.blob_url("shrink")
     dcp.save(state_dict(), storage_writer=writer(url, account_credential, thread_count=4))
-    container.upload("shrink/__0_9.distcp", b"left by a failed save")
+    first = names(container, "shrink")
+    container.upload("shrink/__0_9.distcp", b"left by a failed save (or by FileSystemWriter)")
+    container.upload("shrink/__0_0123456789ab_7.distcp", b"left by a killed save")
     container.upload("shrink/notes.txt", b"not ours")
     second = state_dict(tensors=3)
 
     dcp.save(second, storage_writer=writer(url, account_credential, thread_count=2, overwrite=True))
 
-    assert names(container, "shrink") == [".metadata", "__0_0.distcp", "__0_1.distcp", "notes.txt"]
+    assert plain_names(container, "shrink") == [".metadata", "__0_0.distcp", "__0_1.distcp", "notes.txt"]
+    assert set(first) & set(names(container, "shrink")) == {".metadata"}  # no shard file name reused
     loaded = empty_like(second)
     dcp.load(loaded, storage_reader=reader(url, account_credential))
     assert_same(loaded, second)
 
 
-# -- a failed save commits nothing after it raised -----------------------------------------------------
+def test_without_collectives_an_overwrite_replaces_the_ranks_own_metadata_and_shards(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    url = container.blob_url("local")
+    first = state_dict()
+    dcp.save(first, storage_writer=writer(url, account_credential, thread_count=2), use_collectives=False)
+    second = {key: value + 1 if isinstance(value, torch.Tensor) else value for key, value in first.items()}
+
+    dcp.save(second, storage_writer=writer(url, account_credential, overwrite=True), use_collectives=False)
+
+    assert plain_names(container, "local") == ["__0.metadata", "__0_0.distcp"]
+    loaded = empty_like(second)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+    assert_same(loaded, second)
+
+
+# -- a failed save commits nothing after it raised; an overwrite killed at any moment ------------------
 
 UPLOADS = ("PutBlob", "PutBlock", "PutBlockList")
 COMMITS = ("PutBlob", "PutBlockList")
@@ -354,6 +414,76 @@ def test_a_save_that_fails_in_one_writer_thread_commits_nothing_after_it_raised(
     assert len(after_retry) == 3  # .metadata and the retry's two shard files: nothing of the failed save
 
 
+@contextlib.contextmanager
+def savers(url: str, environment: dict[str, str]) -> Iterator[Callable[[int, float | None], str]]:
+    """``overwrite(version, kill_after)``: save ``version`` at ``url`` in a new process, sent SIGKILL
+    ``kill_after`` seconds into its ``dcp.save`` unless that returned first (see dcp_overwrite_run)."""
+    command = [sys.executable, "-m", "tests.e2e.dcp_overwrite_run", url]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+    with subprocess.Popen(command, cwd=REPOSITORY, env=environment, text=True, **pipes) as forker:
+        assert forker.stdin is not None and forker.stdout is not None
+        stdin, stdout = forker.stdin, forker.stdout
+
+        def overwrite(version: int, kill_after: float | None) -> str:
+            stdin.write(f"{version} {'-' if kill_after is None else kill_after}\n")
+            stdin.flush()
+            outcome = stdout.readline().strip()
+            assert outcome == "killed" or outcome.startswith("finished "), f"the saver failed: {outcome!r}"
+            return outcome
+
+        try:
+            yield overwrite
+        finally:
+            stdin.close()
+            try:
+                forker.wait(timeout=60)
+            finally:
+                forker.kill()
+
+
+def loaded_version(url: str, credential: Any, candidates: tuple[int, int]) -> int:
+    """Which of ``candidates`` the checkpoint at ``url`` loads as; fails on an error or a mix."""
+    loaded = empty_like(dcp_overwrite_run.versioned_state(0))
+    dcp.load(loaded, storage_reader=reader(url, credential))
+    for version in candidates:
+        expected = dcp_overwrite_run.versioned_state(version)
+        if all(
+            torch.equal(loaded[key], value) if isinstance(value, torch.Tensor) else loaded[key] == value
+            for key, value in expected.items()
+        ):
+            return version
+    pytest.fail(f"the checkpoint loaded as neither version {candidates[0]} nor {candidates[1]}: a mix")
+
+
+def test_an_overwrite_killed_at_any_moment_leaves_the_old_or_the_new_checkpoint(
+    container: Container, azurite: Azurite
+) -> None:
+    seed = random.randrange(2**32)
+    print(f"kill seed {seed} (also the savers' perturbation seed)")
+    chance = random.Random(seed)
+    url = container.blob_url("killed")
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), _schedule.ENVIRONMENT_VARIABLE: f"{seed}:0.01"}
+    dcp.save(dcp_overwrite_run.versioned_state(0), storage_writer=dcp_overwrite_run.writer(url))
+
+    outcomes = []
+    with savers(url, environment) as overwrite:
+        # How long one whole overwrite takes here (the first one also warms up).
+        duration = min(float(overwrite(version, None).split()[1]) for version in (1, 2))
+        current = loaded_version(url, azurite.credential, (2, 2))
+        for version in range(3, 15):
+            kill_after = chance.uniform(0, duration)
+            outcome = overwrite(version, kill_after).split()[0]
+            current = loaded_version(url, azurite.credential, (current, version))
+            outcomes.append(f"{outcome} at {kill_after:.3f} s: {'new' if current == version else 'old'}")
+    print(f"one overwrite took {duration:.3f} s; " + ", ".join(outcomes))
+
+    # A save that completes removes what the killed ones left.
+    last = dcp_overwrite_run.versioned_state(20)
+    dcp.save(last, storage_writer=dcp_overwrite_run.writer(url))
+    assert loaded_version(url, azurite.credential, (20, 20)) == 20
+    assert len(names(container, "killed")) == 3  # .metadata and two shard files
+
+
 # -- ranged, coalesced, parallel loads ----------------------------------------------------------------
 
 
@@ -373,7 +503,7 @@ def test_a_partial_load_fetches_only_its_ranges(container: Container, azurite: A
     expected = state_dict(tensors=8, size=256 * 1024)  # 1 MiB per tensor, 8+ MiB in one shard file
     url = proxy.url(container.blob_url("partial"))
     dcp.save(expected, storage_writer=writer(url, azurite.credential))
-    shard_size = container.client.get_blob_client("partial/__0_0.distcp").get_blob_properties().size
+    shard_size = size_of(container, "partial", "__0_0.distcp")
     wanted = {"layer5.weight": torch.zeros(256 * 1024), "step": None}
     before = len(proxy.requests)
 
@@ -395,7 +525,7 @@ def test_a_full_load_coalesces_many_items_into_few_requests(
     expected = state_dict(tensors=200, size=1024)  # 200 items of 4 KiB
     url = proxy.url(container.blob_url("many"))
     dcp.save(expected, storage_writer=writer(url, azurite.credential))
-    shard_size = container.client.get_blob_client("many/__0_0.distcp").get_blob_properties().size
+    shard_size = size_of(container, "many", "__0_0.distcp")
     before = len(shard_gets(proxy))
 
     loaded = empty_like(expected)
@@ -466,8 +596,9 @@ def test_distributed_save_and_resharded_load(
 
     assert all(report == saved[0] for report in saved)  # every saving rank saw the same full state
     assert all(report == saved[0] for report in loaded)  # and every loading rank got it back
-    files = names(container, f"{wrapping}/{save_world}-{load_world}")
+    files = plain_names(container, f"{wrapping}/{save_world}-{load_world}")
     assert files == [".metadata", *(f"__{rank}_{n}.distcp" for rank in range(save_world) for n in range(2))]
+    assert len(tokens(container, f"{wrapping}/{save_world}-{load_world}")) == 1  # the coordinator's, for all ranks
 
 
 # -- bad input -----------------------------------------------------------------------------------------
