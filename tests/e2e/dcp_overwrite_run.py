@@ -1,12 +1,12 @@
-"""Overwrite a DCP checkpoint in processes that a test ``kill -9``\\ s part way.
+"""Overwrite a DCP checkpoint in processes that a test kills (SIGKILL) part way.
 
 Run as ``python -m tests.e2e.dcp_overwrite_run <url>`` from the repository root. This process
-imports torch once and then, for each line ``<version> <kill_after>`` on its standard input,
-forks a saver: a child that saves ``versioned_state(version)`` at ``url`` with ``overwrite=True``.
-``kill_after`` seconds after the saver entered ``dcp.save`` (never, for ``-``), this process sends
-it SIGKILL, and then answers with one line: ``finished <seconds the save took>`` or ``killed``.
-Forking spares each saver the seconds of importing torch; this process starts no threads and makes
-no requests, so what a saver inherits is safe to fork.
+imports torch once and then, for each line ``<version>`` on its standard input, forks a saver: a
+child that saves ``versioned_state(version)`` at ``url`` with ``overwrite=True``. A line ``kill``
+while the saver runs sends it SIGKILL. Each save is answered with one line: ``finished <seconds
+the save took>`` or ``killed``. Forking spares each saver the seconds of importing torch. This
+process only imports (as a DataLoader does before it forks its workers) and makes no requests, so
+a saver inherits no connection and no thread of ours.
 """
 
 from __future__ import annotations
@@ -45,8 +45,19 @@ def writer(url: str) -> BlobStorageWriter:
     return BlobStorageWriter(url, credential=credential, thread_count=2, overwrite=True, block_size=BLOCK_SIZE)
 
 
-def save(url: str, version: int, kill_after: float | None) -> str:
-    """Save ``version`` in a forked child, killed ``kill_after`` seconds into ``dcp.save``."""
+def read_line(fd: int) -> str:
+    """One line from ``fd``, read unbuffered (``select`` must see whatever is not read yet); ``""`` at EOF."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            return ""
+        line += byte
+    return line.decode().strip()
+
+
+def save(url: str, version: int) -> str:
+    """Save ``version`` in a forked child, killed if a line arrives on standard input while it runs."""
     saving_read, saving_write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the saver
@@ -64,11 +75,12 @@ def save(url: str, version: int, kill_after: float | None) -> str:
             os._exit(code)
     os.close(saving_write)
     with os.fdopen(saving_read, "rb") as saving:
-        started = saving.read(1) == b"s"  # b"" if the saver died before dcp.save
+        saving.read(1)  # the saver is about to call dcp.save (or died before it)
     began = time.monotonic()
     exited = os.pidfd_open(pid)  # readable once the saver has exited; its pid stays ours until waitpid
     try:
-        if started and not select.select([exited], [], [], kill_after)[0]:
+        ready = select.select([exited, sys.stdin.fileno()], [], [])[0]
+        if exited not in ready and read_line(sys.stdin.fileno()) == "kill":
             os.kill(pid, signal.SIGKILL)
     finally:
         os.close(exited)
@@ -84,9 +96,8 @@ def save(url: str, version: int, kill_after: float | None) -> str:
 def main() -> None:
     url = sys.argv[1]
     warnings.filterwarnings("ignore", category=UserWarning)  # torch: saving without a process group
-    for line in sys.stdin:
-        version, kill_after = line.split()
-        print(save(url, int(version), None if kill_after == "-" else float(kill_after)), flush=True)
+    while line := read_line(sys.stdin.fileno()):
+        print(save(url, int(line)), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import pathlib
 import pickle
 import random
 import re
+import select
 import subprocess
 import sys
 import tempfile
@@ -415,18 +416,26 @@ def test_a_save_that_fails_in_one_writer_thread_commits_nothing_after_it_raised(
 
 
 @contextlib.contextmanager
-def savers(url: str, environment: dict[str, str]) -> Iterator[Callable[[int, float | None], str]]:
-    """``overwrite(version, kill_after)``: save ``version`` at ``url`` in a new process, sent SIGKILL
-    ``kill_after`` seconds into its ``dcp.save`` unless that returned first (see dcp_overwrite_run)."""
+def savers(url: str, environment: dict[str, str]) -> Iterator[Callable[[int, threading.Event | None], str]]:
+    """``overwrite(version, kill_when)``: save ``version`` at ``url`` in a new process, sent SIGKILL as
+    soon as ``kill_when`` is set, unless the save returned first (see dcp_overwrite_run)."""
     command = [sys.executable, "-m", "tests.e2e.dcp_overwrite_run", url]
     pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
     with subprocess.Popen(command, cwd=REPOSITORY, env=environment, text=True, **pipes) as forker:
         assert forker.stdin is not None and forker.stdout is not None
         stdin, stdout = forker.stdin, forker.stdout
 
-        def overwrite(version: int, kill_after: float | None) -> str:
-            stdin.write(f"{version} {'-' if kill_after is None else kill_after}\n")
+        def send(line: str) -> None:
+            stdin.write(line + "\n")
             stdin.flush()
+
+        def overwrite(version: int, kill_when: threading.Event | None) -> str:
+            send(str(version))
+            # Polls, rather than blocks on one of the two: the save may finish before kill_when is set.
+            while kill_when is not None and not select.select([stdout], [], [], 0)[0]:
+                if kill_when.wait(0.05):
+                    send("kill")
+                    break
             outcome = stdout.readline().strip()
             assert outcome == "killed" or outcome.startswith("finished "), f"the saver failed: {outcome!r}"
             return outcome
@@ -439,6 +448,16 @@ def savers(url: str, environment: dict[str, str]) -> Iterator[Callable[[int, flo
                 forker.wait(timeout=60)
             finally:
                 forker.kill()
+
+
+def nth_request(number: int) -> Callable[[SeenRequest], bool]:
+    """Matches request ``number`` (counted from 0) from now on."""
+    counter = iter(range(number + 1))
+    return lambda seen: next(counter, None) == number
+
+
+def metadata_put(seen: SeenRequest) -> bool:
+    return seen.method == "PUT" and seen.path.endswith("/.metadata")
 
 
 def loaded_version(url: str, credential: Any, candidates: tuple[int, int]) -> int:
@@ -456,8 +475,13 @@ def loaded_version(url: str, credential: Any, candidates: tuple[int, int]) -> in
 
 
 def test_an_overwrite_killed_at_any_moment_leaves_the_old_or_the_new_checkpoint(
-    container: Container, azurite: Azurite
+    container: Container, azurite: Azurite, proxy: FaultProxy
 ) -> None:
+    # The container changes only when a request takes effect, so killing a saver once its N-th
+    # request has taken effect, for random N, visits the states an overwrite passes through
+    # (parallel requests make the N-th a little different from save to save). A saver goes through
+    # the proxy, which holds the chosen request's response (or the request itself, never forwarded)
+    # while the saver is killed.
     seed = random.randrange(2**32)
     print(f"kill seed {seed} (also the savers' perturbation seed)")
     chance = random.Random(seed)
@@ -466,16 +490,27 @@ def test_an_overwrite_killed_at_any_moment_leaves_the_old_or_the_new_checkpoint(
     dcp.save(dcp_overwrite_run.versioned_state(0), storage_writer=dcp_overwrite_run.writer(url))
 
     outcomes = []
-    with savers(url, environment) as overwrite:
-        # How long one whole overwrite takes here (the first one also warms up).
-        duration = min(float(overwrite(version, None).split()[1]) for version in (1, 2))
-        current = loaded_version(url, azurite.credential, (2, 2))
-        for version in range(3, 15):
-            kill_after = chance.uniform(0, duration)
-            outcome = overwrite(version, kill_after).split()[0]
-            current = loaded_version(url, azurite.credential, (current, version))
-            outcomes.append(f"{outcome} at {kill_after:.3f} s: {'new' if current == version else 'old'}")
-    print(f"one overwrite took {duration:.3f} s; " + ", ".join(outcomes))
+    with savers(proxy.url(url), environment) as overwrite:
+        overwrite(1, None)
+        requests = len(proxy.requests)  # of one whole overwrite; later ones also delete what killed ones left
+        current = loaded_version(url, azurite.credential, (1, 1))
+        kills: list[tuple[str, Callable[[SeenRequest], bool], bool]] = [
+            (f"after request {n}", nth_request(n), False) for n in sorted(chance.sample(range(requests), 10))
+        ]
+        kills += [
+            ("before .metadata is replaced", metadata_put, True),
+            ("after .metadata is replaced", metadata_put, False),
+        ]
+        for version, (moment, match, before) in enumerate(kills, start=2):
+            reached = threading.Event()
+            proxy.add_fault(match, Delay(600, hold_request=before, holding=reached))  # until the proxy stops
+            outcome = overwrite(version, reached)
+            previous, current = current, loaded_version(url, azurite.credential, (current, version))
+            outcomes.append(f"{outcome} {moment}: {'new' if current == version else 'old'}")
+            if moment.endswith("is replaced"):
+                assert outcome == "killed"
+                assert current == (version if moment.startswith("after") else previous), outcomes[-1]
+    print(f"one overwrite made {requests} requests; " + ", ".join(outcomes))
 
     # A save that completes removes what the killed ones left.
     last = dcp_overwrite_run.versioned_state(20)
