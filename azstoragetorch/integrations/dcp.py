@@ -692,8 +692,8 @@ class _MemoryFile(io.RawIOBase):
 
 
 def _save_token() -> str:
-    """A new save's token for its shard file names: 48 random bits, so a save never picks the names
-    of the checkpoint it replaces."""
+    """A new save's token for its shard file names: 48 random bits, so that the chance of a save
+    picking the names of the checkpoint it replaces (and overwriting its files) is 2**-48."""
     return uuid.uuid4().hex[:12]
 
 
