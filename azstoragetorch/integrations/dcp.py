@@ -2,10 +2,13 @@
 
 They are torch's ``FileSystemWriter`` and ``FileSystemReader`` with the file system swapped for a
 container (the seam torch itself uses for its fsspec classes), so planning, sharding, resharding and
-the checkpoint layout stay torch's own: a ``.metadata`` file and ``__<rank>_<n>.distcp`` shard files
-under a blob prefix, byte for byte what ``FileSystemWriter`` writes on disk. What changes is how the
-bytes move: each shard file is a :class:`~azstoragetorch.io.BlobIO` uploading blocks in parallel,
-and loads fetch only the byte ranges they need, sorted, coalesced and in parallel.
+the checkpoint format stay torch's own: a ``.metadata`` file and shard files under a blob prefix,
+with the bytes ``FileSystemWriter`` writes on disk. What changes is how the bytes move: each shard
+file is a :class:`~azstoragetorch.io.BlobIO` uploading blocks in parallel, and loads fetch only the
+byte ranges they need, sorted, coalesced and in parallel. Two things differ from ``FileSystemWriter``
+on purpose, so that an overwrite is safe at every instant: shard file names carry a token of their
+save, so a save never touches a file that the checkpoint it replaces still uses, and ``.metadata``
+is committed last, in one request.
 """
 
 from __future__ import annotations
@@ -18,15 +21,18 @@ import errno
 import io
 import logging
 import os
+import pickle
 import re
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Generator, Iterator
 from typing import IO, Any, cast
 
 import torch
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint import filesystem as _torch_filesystem
 from torch.distributed.checkpoint.filesystem import (
     FileSystemBase,
     FileSystemReader,
@@ -46,6 +52,7 @@ from azstoragetorch._client import (
     ContainerUrl,
     CredentialArgument,
     _buffers,
+    _schedule,
 )
 from azstoragetorch._client._checksums import PieceChecksums
 from azstoragetorch._client._credentials import validate_credential
@@ -57,8 +64,9 @@ from azstoragetorch.io import BlobIO, _check_positive_int, _check_transfer_optio
 __all__ = ["BlobStorageReader", "BlobStorageWriter"]
 
 _MiB = 1024 * 1024
-# The shard files FileSystemWriter names: __<rank>_<n>.distcp.
-_SHARD_FILE = re.compile(r"__\d+_\d+\.distcp")
+# Shard files: __<rank>_<token>_<n>.distcp as BlobStorageWriter names them (the token is its save's),
+# and __<rank>_<n>.distcp as FileSystemWriter (and earlier versions of BlobStorageWriter) name them.
+_SHARD_FILE = re.compile(r"__(?P<rank>\d+)_(?:[0-9a-f]{12}_)?\d+\.distcp")
 _LOGGER = logging.getLogger("azstoragetorch")
 # Two wanted byte ranges of a shard file closer than this are fetched by one request: the bytes in
 # between cost less than another request's round trip to Azure.
@@ -87,20 +95,28 @@ class _BlobFiles(FileSystemBase):
         self.block_size = block_size
         self.validate_content = validate_content
         self.verify_checksum = verify_checksum
-        self.write_failures: list[BaseException] = []  # failures of shard writes, from any thread
+        self.shard_writers = _ShardWriters()  # those of the save under way; write_data starts a new one
 
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
         url = os.fspath(path)
         options: dict[str, Any] = {"max_concurrency": self.max_concurrency, "block_size": self.block_size}
         if mode == "wb":
+            # Only torch's writer threads open files for writing (finish writes .metadata itself).
+            writers = self.shard_writers
+            shard = _ShardFile(
+                url, writers, credential=self.credential, validate_content=self.validate_content, **options
+            )
             try:
-                with BlobIO(
-                    url, "wb", credential=self.credential, validate_content=self.validate_content, **options
-                ) as f:
-                    yield f
-            except BaseException as error:
-                self.write_failures.append(error)  # torch's writer threads would swallow it
+                with shard:
+                    yield shard
+            except Exception as error:
+                # Kept here, not raised: torch joins its writer threads only when the calling
+                # thread's own writes succeed (and only prints the others' exceptions), and the
+                # save must not return while any of them may still commit. write_data raises it.
+                writers.fail(error)
+            except BaseException as error:  # KeyboardInterrupt and the like: stop the others, then go
+                writers.fail(error)
                 raise
         elif mode == "rb":
             with _missing_blob_as_file_not_found(url):
@@ -122,13 +138,17 @@ class _BlobFiles(FileSystemBase):
         base, mark, query = url.partition("?")
         return f"{base.rstrip('/')}{mark}{query}"
 
+    def write_whole(self, path: str | os.PathLike[str], data: bytes) -> None:
+        """Make ``data`` the blob's content in one commit: before it, the blob is as it was."""
+        with BlobIO(os.fspath(path), "wb", credential=self.credential, validate_content=self.validate_content) as f:
+            f.write(data)
+            _schedule.pause("commit")
+
     def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
-        """Copy through this process and delete the source: only ``finish`` renames, and only the
-        (small) metadata file. The destination is committed whole, as a rename would be."""
+        """Copy through this process and delete the source; the destination is committed whole, as a
+        rename would be. (``BlobStorageWriter`` renames nothing; torch's ``FileSystemBase`` asks for it.)"""
         source = self._client(path)
-        data = source.read_all(part_size=self.block_size, max_concurrency=self.max_concurrency)
-        with BlobIO(os.fspath(new_path), "wb", credential=self.credential) as destination:
-            destination.write(data)
+        self.write_whole(new_path, source.read_all(part_size=self.block_size, max_concurrency=self.max_concurrency))
         source.delete()
 
     def mkdir(self, path: str | os.PathLike[str]) -> None:
@@ -165,6 +185,76 @@ class _BlobFiles(FileSystemBase):
         return AzStorageTorchBlobClient.from_url(os.fspath(path), self.credential)
 
 
+class _SaveAborted(RuntimeError):
+    """Another shard file of the same save failed first; this one was not committed."""
+
+
+class _ShardWriters:
+    """The shard files that one ``write_data`` writes, on torch's writer threads: they fail together.
+
+    The first failure of any of them is recorded, and from then on every other stops at its next
+    write and none commits. A commit that had already begun is waited for, so once :meth:`fail`
+    returns (and so before the save can raise) no commit of this save is under way or still to come.
+    """
+
+    def __init__(self) -> None:
+        self._state = threading.Condition()
+        self._committing = 0
+        self.failure: BaseException | None = None
+
+    def check(self) -> None:
+        """Raise if a shard file of this save has failed."""
+        if self.failure is not None:
+            raise _SaveAborted("Another shard file of this checkpoint save failed; this one was not committed.")
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """Held while one shard file commits; raises instead if the save has failed."""
+        with self._state:
+            self.check()
+            self._committing += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._committing -= 1
+                self._state.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """Record ``error`` (if it is the first) and wait until no shard file is committing."""
+        with self._state:
+            if self.failure is None:
+                self.failure = error
+            self._state.wait_for(lambda: self._committing == 0)
+
+
+class _ShardFile(BlobIO):
+    """A shard file's :class:`BlobIO`, owned by its save's :class:`_ShardWriters`: it stops writing as
+    soon as another file of the save has failed, and commits only while none has."""
+
+    def __init__(self, url: str, writers: _ShardWriters, **options: Any) -> None:
+        super().__init__(url, "wb", **options)
+        self._writers = writers
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
+        self._writers.check()
+        return super().write(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._writers.check()
+            super().flush()  # the blocks are uploaded first, so that the commit is a single request
+            with self._writers.committing():
+                _schedule.pause("commit")
+                super().close()
+        except BaseException as error:
+            if not self.closed:
+                self.__exit__(type(error), error, error.__traceback__)  # stops the uploads, commits nothing
+            raise
+
+
 class BlobStorageWriter(FileSystemWriter):
     """Write a ``torch.distributed.checkpoint`` checkpoint under a blob prefix.
 
@@ -176,12 +266,15 @@ class BlobStorageWriter(FileSystemWriter):
         url = "https://<account>.blob.core.windows.net/<container>/checkpoints/step-1000"
         dcp.save(state_dict, storage_writer=BlobStorageWriter(url, thread_count=4))
 
-    Every rank writes its shards as ``__<rank>_<n>.distcp``, ``thread_count`` files at once, each a
-    :class:`~azstoragetorch.io.BlobIO` uploading blocks in parallel, ``max_concurrency`` blocks in
-    flight per rank in all; the coordinator writes ``.metadata`` last, once every shard is committed. A save that fails part way
-    therefore never leaves a loadable checkpoint, and when it replaces an existing checkpoint
-    (``overwrite=True``), that checkpoint's ``.metadata`` is deleted before the first shard is
-    rewritten, so old metadata can never describe new shards. ``dcp.async_save`` works too.
+    Every rank writes its shards as ``__<rank>_<token>_<n>.distcp``, ``thread_count`` files at once,
+    each a :class:`~azstoragetorch.io.BlobIO` uploading blocks in parallel, ``max_concurrency``
+    blocks in flight per rank in all. The token is new for every save, so a save never touches the
+    files of the checkpoint it replaces. The coordinator commits ``.metadata`` last, in one request,
+    once every shard file is committed, and only then deletes the shard files that the new
+    ``.metadata`` does not use. So at every moment the prefix holds a loadable checkpoint: the old
+    one until ``.metadata`` is replaced, the new one from then on. When one shard file fails, the
+    save's other shard files stop and commit nothing, and the save raises once none of them can
+    still commit. ``dcp.async_save`` works too.
 
     Args:
         url: The checkpoint's location: ``https://<account>.blob.core.windows.net/<container>/<prefix>``
@@ -189,8 +282,8 @@ class BlobStorageWriter(FileSystemWriter):
             A SAS token in the query string authorizes the requests.
         credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored when ``url`` carries a SAS token.
         thread_count: Shard files each rank writes at once (and so the number of files per rank).
-        overwrite: Replace a checkpoint that already exists at ``url``. ``False`` (the default)
-            raises ``FileExistsError`` instead.
+        overwrite: Replace a checkpoint that already exists at ``url``; it stays loadable until the
+            new ``.metadata`` replaces it. ``False`` (the default) raises ``FileExistsError`` instead.
         max_concurrency: Parallel block uploads per rank, shared by the ``thread_count`` files it
             writes at once. A rank holds about ``(max_concurrency + thread_count) * block_size`` bytes
             of blocks.
@@ -252,54 +345,68 @@ class BlobStorageWriter(FileSystemWriter):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         # Replaces FileSystemWriter's version, whose warning would print the URL with its SAS token.
-        if self._metadata_exists():
-            if not self.overwrite:
-                raise FileExistsError(
-                    errno.EEXIST,
-                    "A checkpoint already exists here; pass overwrite=True to replace it",
-                    self.checkpoint_id,
-                )
-            if not self.use_collectives:
-                self.fs.rm_file(self._get_metadata_path(self.rank))
+        # An existing checkpoint stays untouched until this save's .metadata replaces it (finish).
+        if self._metadata_exists() and not self.overwrite:
+            raise FileExistsError(
+                errno.EEXIST, "A checkpoint already exists here; pass overwrite=True to replace it", self.checkpoint_id
+            )
         if self.rank is not None and not self.use_collectives:
-            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{self.rank}_"))
+            plan = dataclasses.replace(plan, storage_data=_StoragePrefix(_shard_prefix(self.rank, _save_token())))
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        # The coordinator runs this before any rank writes a shard: drop the old metadata first,
-        # so that a save that fails while rewriting shards cannot leave it describing them.
-        metadata_path = self._get_metadata_path()
-        if self.overwrite and self.fs.exists(metadata_path):
-            self.fs.rm_file(metadata_path)
-        return super().prepare_global_plan(plans)
+        # FileSystemWriter's, with one token for the whole save in every rank's file names.
+        token = _save_token()
+        return [
+            dataclasses.replace(plan, storage_data=_StoragePrefix(_shard_prefix(rank, token)))
+            if plan.storage_data is None
+            else plan
+            for rank, plan in enumerate(plans)
+        ]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        super().finish(metadata, results)
-        if self.use_collectives:
-            self._remove_unreferenced_shards(metadata)
+        """Commit ``.metadata`` in one request, then delete the shard files it does not use.
 
-    def _remove_unreferenced_shards(self, metadata: Metadata) -> None:
-        """Delete shard files the new metadata does not use: those of the checkpoint this one replaced
-        (a different world size or thread_count names different files) and those of failed saves."""
+        torch's own ``finish`` deletes the old ``.metadata`` and then renames a temporary file over
+        it; between the two no checkpoint would be loadable. (Without collectives, every rank does
+        this for its ``__<rank>.metadata`` and its own shard files.)
+        """
+        version = getattr(_torch_filesystem, "CURRENT_DCP_VERSION", None)  # recorded by newer torch only
+        if version is not None:
+            metadata.version = version
+        metadata.storage_data = {result.index: result.storage_data for writes in results for result in writes}
+        metadata.storage_meta = self.storage_meta()
+        rank = None if self.use_collectives else self.rank
+        cast(_BlobFiles, self.fs).write_whole(self._get_metadata_path(rank), pickle.dumps(metadata))
+        self._remove_unreferenced_shards(metadata, rank)
+
+    def _remove_unreferenced_shards(self, metadata: Metadata, rank: int | None) -> None:
+        """Delete the shard files (of ``rank``, or of every rank) that the new metadata does not use:
+        those of the checkpoint it replaced and those left by failed or killed saves."""
         referenced = {info.relative_path for info in metadata.storage_data.values()}
         container, prefix = _parse_location(os.fspath(self.path))
         client = AzStorageTorchContainerClient(container, cast(_BlobFiles, self.fs).credential)
         try:
             for blob in client.list_blobs(f"{prefix}/" if prefix else None):
                 name = blob.client.blob_url.blob_name[len(prefix) + 1 if prefix else 0 :]
-                if _SHARD_FILE.fullmatch(name) and name not in referenced:
+                shard = _SHARD_FILE.fullmatch(name)
+                if shard and name not in referenced and (rank is None or int(shard["rank"]) == rank):
                     blob.client.delete()
         except AzureError as error:  # the checkpoint is complete; leftovers only cost space
             _LOGGER.warning("Could not remove unused shard files under %s: %s", self.checkpoint_id, error)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         files = cast(_BlobFiles, self.fs)
-        files.write_failures.clear()
-        future = super().write_data(plan, planner)
-        # torch writes with thread_count threads and a failure in any but the first is only printed;
-        # without this the checkpoint's metadata would be written without that shard's entries.
-        if files.write_failures:
-            raise files.write_failures[0]
+        writers = files.shard_writers = _ShardWriters()
+        try:
+            future = super().write_data(plan, planner)
+        except BaseException as error:  # not from a shard file (create_stream keeps those): stop them all
+            writers.fail(error)
+            raise
+        if writers.failure is not None:
+            raise writers.failure
+        # A writer thread that died outside a shard file leaves its items unwritten; without this
+        # the metadata would be written without them.
         written = {result.index for result in future.value()}
         missing = [item.index.fqn for item in plan.items if item.index not in written]
         if missing:
@@ -581,6 +688,17 @@ class _MemoryFile(io.RawIOBase):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+def _save_token() -> str:
+    """A new save's token for its shard file names: 48 random bits, so that the chance of a save
+    picking the names of the checkpoint it replaces (and overwriting its files) is 2**-48."""
+    return uuid.uuid4().hex[:12]
+
+
+def _shard_prefix(rank: int, token: str) -> str:
+    """What torch's writer puts before ``<n>.distcp`` in the names of a rank's shard files."""
+    return f"__{rank}_{token}_"
 
 
 def _parse_location(url: str) -> tuple[ContainerUrl, str]:

@@ -120,11 +120,14 @@ class Delay:
     """Forward, then hold the response for ``seconds`` before sending its first byte.
 
     With ``hold_request``, hold the request for ``seconds`` before forwarding it instead: a slow
-    upload, which the service has not yet seen.
+    upload, which the service has not yet seen. ``holding`` is set when the hold begins: the request
+    has been read whole and (without ``hold_request``) answered by the service. Held requests and
+    responses are dropped when the proxy stops.
     """
 
     seconds: float
     hold_request: bool = False
+    holding: threading.Event | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,6 +385,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             action.wait()
             action = None
         if isinstance(action, Delay) and action.hold_request:
+            if action.holding is not None:
+                action.holding.set()
             if proxy._stopping.wait(action.seconds):
                 self._drop(hard=True)
                 return
@@ -414,9 +419,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             headers = [(name, value) for name, value in headers if name.lower() != action.name.lower()]
             if action.value is not None:
                 headers.append((action.name, action.value))
-        if isinstance(action, Delay) and self.server.proxy._stopping.wait(action.seconds):
-            self._drop(hard=True)
-            return
+        if isinstance(action, Delay):
+            if action.holding is not None:
+                action.holding.set()
+            if self.server.proxy._stopping.wait(action.seconds):
+                self._drop(hard=True)
+                return
         if isinstance(action, Reset) and action.after_body_bytes is None:
             self._drop(action.hard)
             return

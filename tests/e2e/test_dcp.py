@@ -7,13 +7,22 @@ with DDP and FSDP2 including resharding, and what the user sees for bad input.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
 import logging
+import os
 import pathlib
 import pickle
+import random
+import re
+import select
+import subprocess
+import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -25,16 +34,18 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from azstoragetorch._client import _schedule
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
 from azstoragetorch.testing import Azurite
 from tests.conftest import Container
-from tests.e2e import dcp_worker
-from tests.e2e.fault_proxy import FaultProxy, Gather, Respond, SeenRequest
+from tests.e2e import dcp_overwrite_run, dcp_worker
+from tests.e2e.fault_proxy import Delay, FaultProxy, Gather, Respond, SeenRequest
 
 # torch notes that without a process group it saves and loads in one process; that is the intent.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 MiB = 1024 * 1024
+REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 
 
 def state_dict(tensors: int = 6, size: int = 64 * 1024) -> dict[str, Any]:
@@ -79,6 +90,30 @@ def names(container: Container, prefix: str) -> list[str]:
     return sorted(blob.name[len(prefix) + 1 :] for blob in container.client.list_blobs(name_starts_with=prefix + "/"))
 
 
+def etags(container: Container, prefix: str) -> dict[str, str]:
+    return {blob.name: blob.etag for blob in container.client.list_blobs(name_starts_with=prefix + "/")}
+
+
+def plain(name: str) -> str:
+    """A shard file's name as FileSystemWriter writes it: without the writer's per-save token."""
+    return re.sub(r"^(__\d+_)[0-9a-f]{12}_", r"\1", name)
+
+
+def plain_names(container: Container, prefix: str) -> list[str]:
+    return sorted(plain(name) for name in names(container, prefix))
+
+
+def size_of(container: Container, prefix: str, shard: str) -> int:
+    """The size of the shard file under ``prefix`` that FileSystemWriter would name ``shard``."""
+    (name,) = (name for name in names(container, prefix) if plain(name) == shard)
+    return int(container.client.get_blob_client(f"{prefix}/{name}").get_blob_properties().size)
+
+
+def tokens(container: Container, prefix: str) -> set[str]:
+    """The save tokens in the names of the shard files under ``prefix``."""
+    return {name.split("_")[3] for name in names(container, prefix) if name.endswith(".distcp")}
+
+
 def writer(url: str, credential: Any, **options: Any) -> BlobStorageWriter:
     return BlobStorageWriter(url, credential=credential, **options)
 
@@ -104,7 +139,7 @@ def test_round_trip(container: Container, account_credential: AzureNamedKeyCrede
     dcp.load(loaded, storage_reader=reader(url, account_credential))
 
     assert_same(loaded, expected)
-    assert names(container, "ckpt/step-1") == [".metadata", "__0_0.distcp"]
+    assert plain_names(container, "ckpt/step-1") == [".metadata", "__0_0.distcp"]
 
 
 @pytest.mark.parametrize("thread_count", [1, 3])
@@ -115,13 +150,14 @@ def test_each_rank_writes_thread_count_files(
     url = container.blob_url("threads")
     dcp.save(expected, storage_writer=writer(url, account_credential, thread_count=thread_count))
 
-    assert names(container, "threads") == [".metadata", *(f"__0_{n}.distcp" for n in range(thread_count))]
+    assert plain_names(container, "threads") == [".metadata", *(f"__0_{n}.distcp" for n in range(thread_count))]
+    assert len(tokens(container, "threads")) == 1  # one token for the whole save
     loaded = empty_like(expected)
     dcp.load(loaded, storage_reader=reader(url, account_credential))
     assert_same(loaded, expected)
 
 
-def test_layout_is_byte_for_byte_file_system_writers(
+def test_layout_is_file_system_writers_but_for_the_save_token_in_shard_names(
     container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
 ) -> None:
     expected = state_dict()
@@ -129,13 +165,17 @@ def test_layout_is_byte_for_byte_file_system_writers(
     dcp.save(expected, storage_writer=writer(container.blob_url("same"), account_credential, thread_count=2))
 
     on_disk = sorted(path.name for path in tmp_path.iterdir())
-    assert names(container, "same") == on_disk == [".metadata", "__0_0.distcp", "__0_1.distcp"]
+    in_container = {plain(name): name for name in names(container, "same")}
+    assert sorted(in_container) == on_disk == [".metadata", "__0_0.distcp", "__0_1.distcp"]
     for shard in ("__0_0.distcp", "__0_1.distcp"):
-        assert container.download(f"same/{shard}") == (tmp_path / shard).read_bytes()
+        assert container.download(f"same/{in_container[shard]}") == (tmp_path / shard).read_bytes()
     blob_metadata = pickle.loads(container.download("same/.metadata"))
     disk_metadata = pickle.loads((tmp_path / ".metadata").read_bytes())
     assert blob_metadata.state_dict_metadata == disk_metadata.state_dict_metadata
-    assert blob_metadata.storage_data == disk_metadata.storage_data
+    assert {
+        index: dataclasses.replace(info, relative_path=plain(info.relative_path))
+        for index, info in blob_metadata.storage_data.items()
+    } == disk_metadata.storage_data
 
 
 def test_a_blob_checkpoint_copied_to_disk_loads_with_file_system_reader(
@@ -208,7 +248,8 @@ def commits(proxy: FaultProxy) -> list[str]:
 def to(
     name: str, operation: tuple[str, ...] = ("PutBlob", "PutBlock", "PutBlockList")
 ) -> Callable[[SeenRequest], bool]:
-    return lambda seen: seen.operation in operation and seen.path.endswith("/" + name)
+    """Requests to the file ``name`` (a shard file's as FileSystemWriter names it) of any save."""
+    return lambda seen: seen.operation in operation and plain(seen.path.rsplit("/", 1)[1]) == name
 
 
 def test_metadata_is_committed_after_every_shard(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
@@ -216,8 +257,10 @@ def test_metadata_is_committed_after_every_shard(container: Container, azurite: 
     dcp.save(state_dict(), storage_writer=writer(url, azurite.credential, thread_count=3))
 
     order = commits(proxy)
-    assert order[-1] == ".metadata"
-    assert {name for name in order[:-1] if name.endswith(".distcp")} == {"__0_0.distcp", "__0_1.distcp", "__0_2.distcp"}
+    assert order[-1] == ".metadata"  # in one request: torch's temporary file and rename are not used
+    assert order.count(".metadata") == 1 and not any(name.endswith(".tmp") for name in order)
+    shards = {plain(name) for name in order[:-1] if name.endswith(".distcp")}
+    assert shards == {"__0_0.distcp", "__0_1.distcp", "__0_2.distcp"}
 
 
 @pytest.mark.parametrize("failing_shard", range(4))
@@ -235,24 +278,31 @@ def test_a_failed_shard_leaves_no_metadata(
         dcp.save(state_dict(tensors=8), storage_writer=writer(url, azurite.credential, thread_count=4))
 
     assert ".metadata" not in names(container, "broken")
-    assert f"__0_{failing_shard}.distcp" not in names(container, "broken")  # nothing half-committed
+    assert f"__0_{failing_shard}.distcp" not in plain_names(container, "broken")  # nothing half-committed
     with pytest.raises(CheckpointException, match="No such blob"):
         dcp.load(empty_like(state_dict(tensors=8)), storage_reader=reader(url, azurite.credential))
 
 
 @pytest.mark.usefixtures("no_backoff")
-def test_a_failed_overwrite_leaves_no_loadable_mix(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:
+def test_a_failed_overwrite_leaves_the_old_checkpoint_loadable(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
     url = proxy.url(container.blob_url("replace"))
     old = state_dict()
     dcp.save(old, storage_writer=writer(url, azurite.credential, thread_count=2))
+    before = etags(container, "replace")
     new = {key: value + 1 if isinstance(value, torch.Tensor) else value for key, value in old.items()}
     proxy.add_fault(to("__0_1.distcp"), Respond(500), times=None)
 
     with pytest.raises(CheckpointException):
         dcp.save(new, storage_writer=writer(url, azurite.credential, thread_count=2, overwrite=True))
 
-    # __0_0 may already hold new bytes; the old metadata is gone, so nothing can load the mix.
-    assert ".metadata" not in names(container, "replace")
+    # The new save's shard files have names of their own: the old checkpoint is untouched.
+    after = etags(container, "replace")
+    assert {name: tag for name, tag in after.items() if name in before} == before
+    loaded = empty_like(old)
+    dcp.load(loaded, storage_reader=reader(url, azurite.credential))
+    assert_same(loaded, old)
 
 
 def test_overwrite_false_refuses_an_existing_checkpoint(
@@ -275,16 +325,198 @@ def test_overwrite_replaces_and_removes_shards_no_longer_used(
 ) -> None:
     url = container.blob_url("shrink")
     dcp.save(state_dict(), storage_writer=writer(url, account_credential, thread_count=4))
-    container.upload("shrink/__0_9.distcp", b"left by a failed save")
+    first = names(container, "shrink")
+    container.upload("shrink/__0_9.distcp", b"left by a failed save (or by FileSystemWriter)")
+    container.upload("shrink/__0_0123456789ab_7.distcp", b"left by a killed save")
     container.upload("shrink/notes.txt", b"not ours")
     second = state_dict(tensors=3)
 
     dcp.save(second, storage_writer=writer(url, account_credential, thread_count=2, overwrite=True))
 
-    assert names(container, "shrink") == [".metadata", "__0_0.distcp", "__0_1.distcp", "notes.txt"]
+    assert plain_names(container, "shrink") == [".metadata", "__0_0.distcp", "__0_1.distcp", "notes.txt"]
+    assert set(first) & set(names(container, "shrink")) == {".metadata"}  # no shard file name reused
     loaded = empty_like(second)
     dcp.load(loaded, storage_reader=reader(url, account_credential))
     assert_same(loaded, second)
+
+
+def test_without_collectives_an_overwrite_replaces_the_ranks_own_metadata_and_shards(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    url = container.blob_url("local")
+    first = state_dict()
+    dcp.save(first, storage_writer=writer(url, account_credential, thread_count=2), use_collectives=False)
+    second = {key: value + 1 if isinstance(value, torch.Tensor) else value for key, value in first.items()}
+
+    dcp.save(second, storage_writer=writer(url, account_credential, overwrite=True), use_collectives=False)
+
+    assert plain_names(container, "local") == ["__0.metadata", "__0_0.distcp"]
+    loaded = empty_like(second)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+    assert_same(loaded, second)
+
+
+# -- a failed save commits nothing after it raised; an overwrite killed at any moment ------------------
+
+UPLOADS = ("PutBlob", "PutBlock", "PutBlockList")
+COMMITS = ("PutBlob", "PutBlockList")
+# A shard file's path: torch's __<rank>_<n>.distcp, or with the writer's per-save token after the rank.
+SHARD_PATH = re.compile(r"/__(\d+)_(?:([0-9a-f]+)_)?(\d+)\.distcp$")
+
+
+def join_writer_threads() -> None:
+    """Wait for torch's shard writer threads of every save: only then has each commit they make arrived."""
+    for thread in threading.enumerate():
+        if thread.name.endswith("(_write_files_from_queue)"):
+            thread.join(timeout=120)
+            assert not thread.is_alive(), f"{thread.name} is still writing"
+
+
+@pytest.mark.parametrize("failing_shard", [0, 1])
+@pytest.mark.usefixtures("no_backoff")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # torch's thread, before the fix
+def test_a_save_that_fails_in_one_writer_thread_commits_nothing_after_it_raised(
+    container: Container, azurite: Azurite, proxy: FaultProxy, failing_shard: int
+) -> None:
+    # Two writer threads, one shard file each; every upload of one of them fails. The other shard's
+    # commit is held 3 s at the proxy: if the failed save still sent it after dcp.save raised, it
+    # lands after the retry below and replaces the retry's shard.
+    seed = random.randrange(2**32)
+    print(f"perturbation seed {seed}")
+    url = proxy.url(container.blob_url("retried"))
+    first_save: list[str] = []  # the token in the first save's shard names ("" for torch's own names)
+
+    def of_first_save(seen: SeenRequest, shard: int, operations: tuple[str, ...]) -> bool:
+        match = SHARD_PATH.search(seen.path)
+        if match is None:
+            return False
+        if not first_save:
+            first_save.append(match[2] or "")
+        return seen.operation in operations and (match[2] or "") == first_save[0] and int(match[3]) == shard
+
+    failing = proxy.add_fault(
+        lambda seen: of_first_save(seen, failing_shard, UPLOADS), Respond(503, "ServerBusy"), times=None
+    )
+    proxy.add_fault(lambda seen: of_first_save(seen, 1 - failing_shard, COMMITS), Delay(3.0, hold_request=True))
+
+    with _schedule.perturbed(seed), pytest.raises(CheckpointException, match="ServerBusy"):
+        dcp.save(dcp_overwrite_run.versioned_state(1), storage_writer=writer(url, azurite.credential, thread_count=2))
+    failing.times = failing.hits  # torch's own names repeat in every save: let the retry's through
+    retried = dcp_overwrite_run.versioned_state(2)
+    with _schedule.perturbed(seed):
+        dcp.save(retried, storage_writer=writer(url, azurite.credential, thread_count=2))
+    after_retry = etags(container, "retried")
+    join_writer_threads()
+
+    assert etags(container, "retried") == after_retry, "a shard of the failed save was committed after the retry"
+    loaded = empty_like(retried)
+    dcp.load(loaded, storage_reader=reader(url, azurite.credential))
+    assert_same(loaded, retried)
+    assert len(after_retry) == 3  # .metadata and the retry's two shard files: nothing of the failed save
+
+
+@contextlib.contextmanager
+def savers(url: str, environment: dict[str, str]) -> Iterator[Callable[[int, threading.Event | None], str]]:
+    """``overwrite(version, kill_when)``: save ``version`` at ``url`` in a new process, sent SIGKILL as
+    soon as ``kill_when`` is set, unless the save returned first (see dcp_overwrite_run)."""
+    command = [sys.executable, "-m", "tests.e2e.dcp_overwrite_run", url]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+    with subprocess.Popen(command, cwd=REPOSITORY, env=environment, text=True, **pipes) as forker:
+        assert forker.stdin is not None and forker.stdout is not None
+        stdin, stdout = forker.stdin, forker.stdout
+
+        def send(line: str) -> None:
+            stdin.write(line + "\n")
+            stdin.flush()
+
+        def overwrite(version: int, kill_when: threading.Event | None) -> str:
+            send(str(version))
+            # Polls, rather than blocks on one of the two: the save may finish before kill_when is set.
+            while kill_when is not None and not select.select([stdout], [], [], 0)[0]:
+                if kill_when.wait(0.05):
+                    send("kill")
+                    break
+            outcome = stdout.readline().strip()
+            assert outcome == "killed" or outcome.startswith("finished "), f"the saver failed: {outcome!r}"
+            return outcome
+
+        try:
+            yield overwrite
+        finally:
+            stdin.close()
+            try:
+                forker.wait(timeout=60)
+            finally:
+                forker.kill()
+
+
+def nth_request(number: int) -> Callable[[SeenRequest], bool]:
+    """Matches request ``number`` (counted from 0) from now on."""
+    counter = iter(range(number + 1))
+    return lambda seen: next(counter, None) == number
+
+
+def metadata_put(seen: SeenRequest) -> bool:
+    return seen.method == "PUT" and seen.path.endswith("/.metadata")
+
+
+def loaded_version(url: str, credential: Any, candidates: tuple[int, int]) -> int:
+    """Which of ``candidates`` the checkpoint at ``url`` loads as; fails on an error or a mix."""
+    loaded = empty_like(dcp_overwrite_run.versioned_state(0))
+    dcp.load(loaded, storage_reader=reader(url, credential))
+    for version in candidates:
+        expected = dcp_overwrite_run.versioned_state(version)
+        if all(
+            torch.equal(loaded[key], value) if isinstance(value, torch.Tensor) else loaded[key] == value
+            for key, value in expected.items()
+        ):
+            return version
+    pytest.fail(f"the checkpoint loaded as neither version {candidates[0]} nor {candidates[1]}: a mix")
+
+
+def test_an_overwrite_killed_at_any_moment_leaves_the_old_or_the_new_checkpoint(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    # The container changes only when a request takes effect, so killing a saver once its N-th
+    # request has taken effect, for random N, visits the states an overwrite passes through
+    # (parallel requests make the N-th a little different from save to save). A saver goes through
+    # the proxy, which holds the chosen request's response (or the request itself, never forwarded)
+    # while the saver is killed.
+    seed = random.randrange(2**32)
+    print(f"kill seed {seed} (also the savers' perturbation seed)")
+    chance = random.Random(seed)
+    url = container.blob_url("killed")
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), _schedule.ENVIRONMENT_VARIABLE: f"{seed}:0.01"}
+    dcp.save(dcp_overwrite_run.versioned_state(0), storage_writer=dcp_overwrite_run.writer(url))
+
+    outcomes = []
+    with savers(proxy.url(url), environment) as overwrite:
+        overwrite(1, None)
+        requests = len(proxy.requests)  # of one whole overwrite; later ones also delete what killed ones left
+        current = loaded_version(url, azurite.credential, (1, 1))
+        kills: list[tuple[str, Callable[[SeenRequest], bool], bool]] = [
+            (f"after request {n}", nth_request(n), False) for n in sorted(chance.sample(range(requests), 10))
+        ]
+        kills += [
+            ("before .metadata is replaced", metadata_put, True),
+            ("after .metadata is replaced", metadata_put, False),
+        ]
+        for version, (moment, match, before) in enumerate(kills, start=2):
+            reached = threading.Event()
+            proxy.add_fault(match, Delay(600, hold_request=before, holding=reached))  # until the proxy stops
+            outcome = overwrite(version, reached)
+            previous, current = current, loaded_version(url, azurite.credential, (current, version))
+            outcomes.append(f"{outcome} {moment}: {'new' if current == version else 'old'}")
+            if moment.endswith("is replaced"):
+                assert outcome == "killed"
+                assert current == (version if moment.startswith("after") else previous), outcomes[-1]
+    print(f"one overwrite made {requests} requests; " + ", ".join(outcomes))
+
+    # A save that completes removes what the killed ones left.
+    last = dcp_overwrite_run.versioned_state(20)
+    dcp.save(last, storage_writer=dcp_overwrite_run.writer(url))
+    assert loaded_version(url, azurite.credential, (20, 20)) == 20
+    assert len(names(container, "killed")) == 3  # .metadata and two shard files
 
 
 # -- ranged, coalesced, parallel loads ----------------------------------------------------------------
@@ -306,7 +538,7 @@ def test_a_partial_load_fetches_only_its_ranges(container: Container, azurite: A
     expected = state_dict(tensors=8, size=256 * 1024)  # 1 MiB per tensor, 8+ MiB in one shard file
     url = proxy.url(container.blob_url("partial"))
     dcp.save(expected, storage_writer=writer(url, azurite.credential))
-    shard_size = container.client.get_blob_client("partial/__0_0.distcp").get_blob_properties().size
+    shard_size = size_of(container, "partial", "__0_0.distcp")
     wanted = {"layer5.weight": torch.zeros(256 * 1024), "step": None}
     before = len(proxy.requests)
 
@@ -328,7 +560,7 @@ def test_a_full_load_coalesces_many_items_into_few_requests(
     expected = state_dict(tensors=200, size=1024)  # 200 items of 4 KiB
     url = proxy.url(container.blob_url("many"))
     dcp.save(expected, storage_writer=writer(url, azurite.credential))
-    shard_size = container.client.get_blob_client("many/__0_0.distcp").get_blob_properties().size
+    shard_size = size_of(container, "many", "__0_0.distcp")
     before = len(shard_gets(proxy))
 
     loaded = empty_like(expected)
@@ -399,8 +631,9 @@ def test_distributed_save_and_resharded_load(
 
     assert all(report == saved[0] for report in saved)  # every saving rank saw the same full state
     assert all(report == saved[0] for report in loaded)  # and every loading rank got it back
-    files = names(container, f"{wrapping}/{save_world}-{load_world}")
+    files = plain_names(container, f"{wrapping}/{save_world}-{load_world}")
     assert files == [".metadata", *(f"__{rank}_{n}.distcp" for rank in range(save_world) for n in range(2))]
+    assert len(tokens(container, f"{wrapping}/{save_world}-{load_world}")) == 1  # the coordinator's, for all ranks
 
 
 # -- bad input -----------------------------------------------------------------------------------------
