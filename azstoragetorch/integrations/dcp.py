@@ -179,7 +179,8 @@ class _BlobFiles(FileSystemBase):
         """The URLs (without any SAS token) of the blobs under the prefix ``path``."""
         container, prefix = _parse_location(os.fspath(path))
         client = AzStorageTorchContainerClient(container, self.credential)
-        return [blob.client.display_url for blob in client.list_blobs(f"{prefix}/" if prefix else None)]
+        listed = client.list_blobs(f"{prefix}/" if prefix else None)
+        return [blob.client.display_url for blob in listed if not blob.is_directory]  # (ADLS Gen2 folders)
 
     def _client(self, path: str | os.PathLike[str]) -> AzStorageTorchBlobClient:
         return AzStorageTorchBlobClient.from_url(os.fspath(path), self.credential)
@@ -239,6 +240,11 @@ class _ShardFile(BlobIO):
     def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
         self._writers.check()
         return super().write(data)
+
+    def flush(self) -> None:
+        """Only check the save: a shard file becomes visible at its commit, not before, and torch's
+        flush after every item would cut a short block each time and wait for it."""
+        self._writers.check()
 
     def close(self) -> None:
         if self.closed:
