@@ -35,6 +35,7 @@ from azstoragetorch._client import (
 )
 from azstoragetorch._client._redaction import scrub
 from azstoragetorch.io import BlobIO
+from azstoragetorch.retry import RetryOptions
 
 
 class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is untyped
@@ -42,6 +43,7 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
 
     Args:
         credential: As for :class:`~azstoragetorch.io.BlobIO`.
+        retry: As for :class:`~azstoragetorch.io.BlobIO`.
         to_url: Turns a path this filesystem is given into the blob (or prefix) URL it names;
             raises ``ValueError`` for paths it does not accept.
     """
@@ -49,9 +51,12 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
     protocol = ("azstoragetorch",)  # never looked up by name: instances are handed out directly
     cachable = False  # cheap to create, and a credential is no key for fsspec's instance cache
 
-    def __init__(self, *, credential: CredentialArgument, to_url: Callable[[str], str]) -> None:
+    def __init__(
+        self, *, credential: CredentialArgument, to_url: Callable[[str], str], retry: RetryOptions | None = None
+    ) -> None:
         super().__init__()
         self._credential = credential
+        self._retry = retry
         self._to_url = to_url
 
     @classmethod
@@ -202,14 +207,14 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
         url = self._to_url(path)
         if mode == "rb":
             with _not_found_as_file_not_found(path):
-                return BlobIO(url, "rb", credential=self._credential)
+                return BlobIO(url, "rb", credential=self._credential, retry=self._retry)
         if mode == "wb":
-            return BlobIO(url, "wb", credential=self._credential)
+            return BlobIO(url, "wb", credential=self._credential, retry=self._retry)
         if mode == "ab":
             # Block blobs cannot be appended to in place: the new blob is the old content plus
             # what is written, committed as a whole at close (fine for logs and small files).
             previous = self.cat_file(path) if self.isfile(path) else b""
-            writer = BlobIO(url, "wb", credential=self._credential)
+            writer = BlobIO(url, "wb", credential=self._credential, retry=self._retry)
             writer.write(previous)
             return writer
         raise ValueError(f"Unsupported mode {mode!r} for a blob: use 'rb', 'wb' or 'ab' (or their text forms).")
@@ -219,7 +224,7 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
     def _locate(self, path: str) -> tuple[AzStorageTorchContainerClient, str]:
         """The container client and the blob name (or prefix, without a trailing ``/``) of ``path``."""
         container_url, name = ContainerUrl.parse_with_prefix(self._to_url(path))
-        return AzStorageTorchContainerClient(container_url, self._credential), name.strip("/")
+        return AzStorageTorchContainerClient(container_url, self._credential, retry=self._retry), name.strip("/")
 
     @staticmethod
     def _file_entry(name: str, properties: BlobProperties) -> dict[str, Any]:

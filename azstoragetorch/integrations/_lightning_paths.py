@@ -55,6 +55,7 @@ from azstoragetorch._client._redaction import shown
 from azstoragetorch._client._urls import FSSPEC_PROTOCOLS, fsspec_path_to_url, is_azure_blob_host
 from azstoragetorch.integrations._blob_filesystem import BlobFileSystem
 from azstoragetorch.io import BlobIO
+from azstoragetorch.retry import RetryOptions
 
 ACCEPTED_FORMS = (
     "https://<account>.blob.core.windows.net/<container>/<path> (or another Azure cloud's blob endpoint), "
@@ -86,6 +87,7 @@ class BlobPaths:
 
     account_url: str | None
     credential: CredentialArgument = dataclasses.field(compare=False)
+    retry: RetryOptions | None = dataclasses.field(default=None, compare=False)
 
     def owns(self, path: str) -> bool:
         """Whether ``path`` is one of this plugin's paths. Never raises: anything else is "not mine"."""
@@ -125,7 +127,7 @@ class BlobPaths:
         return reason or f"expected {ACCEPTED_FORMS}."
 
     def filesystem(self) -> BlobFileSystem:
-        return BlobFileSystem(credential=self.credential, to_url=self._required_url)
+        return BlobFileSystem(credential=self.credential, retry=self.retry, to_url=self._required_url)
 
     def _required_url(self, path: str) -> str:
         url = self.url_for(path)
@@ -394,7 +396,12 @@ def _wrap_load(original: Any) -> Any:
             return original(path_or_url, map_location=map_location, weights_only=weights_only)
         url = paths._required_url(path_or_url)
         return load_blob_checkpoint(
-            path_or_url, url, credential=paths.credential, map_location=map_location, weights_only=weights_only
+            path_or_url,
+            url,
+            credential=paths.credential,
+            map_location=map_location,
+            weights_only=weights_only,
+            retry=paths.retry,
         )
 
     return load

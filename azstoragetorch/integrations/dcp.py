@@ -56,10 +56,11 @@ from azstoragetorch._client import (
 )
 from azstoragetorch._client._checksums import PieceChecksums
 from azstoragetorch._client._credentials import validate_credential
-from azstoragetorch._client._pipeline import is_missing_container
+from azstoragetorch._client._pipeline import is_missing_container, validate_retry
 from azstoragetorch._client._redaction import shown
 from azstoragetorch.exceptions import ChecksumMismatchError
 from azstoragetorch.io import BlobIO, _check_positive_int, _check_transfer_options
+from azstoragetorch.retry import RetryOptions
 
 __all__ = ["BlobStorageReader", "BlobStorageWriter"]
 
@@ -87,10 +88,13 @@ class _BlobFiles(FileSystemBase):
         block_size: int,
         validate_content: bool = False,
         verify_checksum: bool = False,
+        retry: RetryOptions | None = None,
     ) -> None:
         validate_credential(credential)
+        validate_retry(retry)
         _check_transfer_options(max_concurrency, block_size)
         self.credential = credential
+        self.retry = retry
         self.max_concurrency = max_concurrency
         self.block_size = block_size
         self.validate_content = validate_content
@@ -100,7 +104,11 @@ class _BlobFiles(FileSystemBase):
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
         url = os.fspath(path)
-        options: dict[str, Any] = {"max_concurrency": self.max_concurrency, "block_size": self.block_size}
+        options: dict[str, Any] = {
+            "max_concurrency": self.max_concurrency,
+            "block_size": self.block_size,
+            "retry": self.retry,
+        }
         if mode == "wb":
             # Only torch's writer threads open files for writing (finish writes .metadata itself).
             writers = self.shard_writers
@@ -140,14 +148,16 @@ class _BlobFiles(FileSystemBase):
 
     def write_whole(self, path: str | os.PathLike[str], data: bytes) -> None:
         """Make ``data`` the blob's content in one commit: before it, the blob is as it was."""
-        with BlobIO(os.fspath(path), "wb", credential=self.credential, validate_content=self.validate_content) as f:
+        with BlobIO(
+            os.fspath(path), "wb", credential=self.credential, validate_content=self.validate_content, retry=self.retry
+        ) as f:
             f.write(data)
             _schedule.pause("commit")
 
     def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
         """Copy through this process and delete the source; the destination is committed whole, as a
         rename would be. (``BlobStorageWriter`` renames nothing; torch's ``FileSystemBase`` asks for it.)"""
-        source = self._client(path)
+        source = self.blob_client(path)
         self.write_whole(new_path, source.read_all(part_size=self.block_size, max_concurrency=self.max_concurrency))
         source.delete()
 
@@ -166,24 +176,28 @@ class _BlobFiles(FileSystemBase):
 
     def exists(self, path: str | os.PathLike[str]) -> bool:
         try:
-            self._client(path).get_properties()
+            self.blob_client(path).get_properties()
         except ResourceNotFoundError:
             return False
         return True
 
     def rm_file(self, path: str | os.PathLike[str]) -> None:
         with _missing_blob_as_file_not_found(os.fspath(path)):
-            self._client(path).delete()
+            self.blob_client(path).delete()
 
     def ls(self, path: str | os.PathLike[str]) -> list[str]:
         """The URLs (without any SAS token) of the blobs under the prefix ``path``."""
-        container, prefix = _parse_location(os.fspath(path))
-        client = AzStorageTorchContainerClient(container, self.credential)
+        client, prefix = self.container_client(path)
         listed = client.list_blobs(f"{prefix}/" if prefix else None)
         return [blob.client.display_url for blob in listed if not blob.is_directory]  # (ADLS Gen2 folders)
 
-    def _client(self, path: str | os.PathLike[str]) -> AzStorageTorchBlobClient:
-        return AzStorageTorchBlobClient.from_url(os.fspath(path), self.credential)
+    def container_client(self, path: str | os.PathLike[str]) -> tuple[AzStorageTorchContainerClient, str]:
+        """The client of the container that holds the prefix ``path``, and the prefix."""
+        container, prefix = _parse_location(os.fspath(path))
+        return AzStorageTorchContainerClient(container, self.credential, retry=self.retry), prefix
+
+    def blob_client(self, path: str | os.PathLike[str]) -> AzStorageTorchBlobClient:
+        return AzStorageTorchBlobClient.from_url(os.fspath(path), self.credential, retry=self.retry)
 
 
 class _SaveAborted(RuntimeError):
@@ -295,6 +309,8 @@ class BlobStorageWriter(FileSystemWriter):
             of blocks.
         block_size: Bytes per uploaded block.
         validate_content: Send an MD5 of every block for the service to check.
+        retry: How throttled or briefly failing requests are retried: a
+            :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
         single_file_per_rank: As for ``FileSystemWriter``: ``False`` writes one file per tensor.
         per_thread_copy_ahead: As for ``FileSystemWriter``: bytes copied from the GPU ahead of writing.
         cache_staged_state_dict: As for ``FileSystemWriter``, for ``dcp.async_save``.
@@ -314,6 +330,7 @@ class BlobStorageWriter(FileSystemWriter):
         max_concurrency: int = 8,
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
+        retry: RetryOptions | None = None,
         single_file_per_rank: bool = True,
         per_thread_copy_ahead: int = 10_000_000,
         cache_staged_state_dict: bool = False,
@@ -324,7 +341,11 @@ class BlobStorageWriter(FileSystemWriter):
         # memory at (max_concurrency + thread_count) blocks whatever thread_count is.
         per_file = -(-max_concurrency // thread_count)
         files = _BlobFiles(
-            credential, max_concurrency=per_file, block_size=block_size, validate_content=validate_content
+            credential,
+            max_concurrency=per_file,
+            block_size=block_size,
+            validate_content=validate_content,
+            retry=retry,
         )
         checked_url = files.init_path(url)
         super().__init__(
@@ -390,8 +411,7 @@ class BlobStorageWriter(FileSystemWriter):
         """Delete the shard files (of ``rank``, or of every rank) that the new metadata does not use:
         those of the checkpoint it replaced and those left by failed or killed saves."""
         referenced = {info.relative_path for info in metadata.storage_data.values()}
-        container, prefix = _parse_location(os.fspath(self.path))
-        client = AzStorageTorchContainerClient(container, cast(_BlobFiles, self.fs).credential)
+        client, prefix = cast(_BlobFiles, self.fs).container_client(self.path)
         try:
             for blob in client.list_blobs(f"{prefix}/" if prefix else None):
                 name = blob.client.blob_url.blob_name[len(prefix) + 1 if prefix else 0 :]
@@ -449,6 +469,8 @@ class BlobStorageReader(FileSystemReader):
         verify_checksum: Check every shard file that the load reads whole against the CRC-32 its
             writer recorded (a partial load leaves files it reads in part unchecked); about 0.3 CPU
             seconds per GB.
+        retry: How throttled or briefly failing requests are retried: a
+            :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
 
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
@@ -464,6 +486,7 @@ class BlobStorageReader(FileSystemReader):
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
         verify_checksum: bool = False,
+        retry: RetryOptions | None = None,
     ) -> None:
         files = _BlobFiles(
             credential,
@@ -471,6 +494,7 @@ class BlobStorageReader(FileSystemReader):
             block_size=block_size,
             validate_content=validate_content,
             verify_checksum=verify_checksum,
+            retry=retry,
         )
         checked_url = files.init_path(url)
         super().__init__(checked_url)
@@ -652,7 +676,7 @@ class _SpanFetcher:
             url = self._files.concat_path(self._checkpoint_url, relative_path)
             try:
                 with _missing_blob_as_file_not_found(url):
-                    client = AzStorageTorchBlobClient.from_url(url, self._files.credential)
+                    client = self._files.blob_client(url)
                     future.set_result((client, client.get_properties()))
             except BaseException as error:
                 future.set_exception(error)

@@ -40,12 +40,13 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobUrl, CredentialArgument
 from azstoragetorch._client._credentials import validate_credential
-from azstoragetorch._client._pipeline import scrubbed
+from azstoragetorch._client._pipeline import scrubbed, validate_retry
 from azstoragetorch._client._redaction import scrub, shown
 from azstoragetorch.datasets import DEFAULT_PREFETCH, Blob, BlobDataset, IterableBlobDataset, _list_source
 from azstoragetorch.integrations import _lightning_paths
 from azstoragetorch.integrations._lightning_paths import BlobPaths
 from azstoragetorch.io import BlobIO, _check_transfer_options
+from azstoragetorch.retry import RetryOptions
 
 __all__ = ["AzureBlobCheckpointIO", "BlobDataModule", "BlobSaveConfigCallback", "BlobSplit"]
 
@@ -110,9 +111,12 @@ class AzureBlobCheckpointIO(CheckpointIO):
             :class:`~azstoragetorch.io.BlobIO`); about 1.5 CPU seconds per GB.
         verify_checksum: Check every checkpoint loaded against the CRC-32 recorded when it was
             saved (see :class:`~azstoragetorch.io.BlobIO`); about 0.3 CPU seconds per GB.
+        retry: How throttled or briefly failing requests are retried, for saves, loads, removals
+            and Lightning's listings alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None``
+            for its defaults.
 
     Raises:
-        TypeError: ``credential`` is of an unsupported type.
+        TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
         ValueError: ``account_url`` is not an ``http(s)://`` URL without a query string, or a
             transfer setting is out of range.
     """
@@ -126,15 +130,18 @@ class AzureBlobCheckpointIO(CheckpointIO):
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
         verify_checksum: bool = False,
+        retry: RetryOptions | None = None,
     ) -> None:
         super().__init__()
         validate_credential(credential)
         _check_transfer_options(max_concurrency, block_size)
-        self._paths = BlobPaths(_checked_account_url(account_url), credential)
+        validate_retry(retry)
+        self._paths = BlobPaths(_checked_account_url(account_url), credential, retry)
         self._transfer = {
             "max_concurrency": max_concurrency,
             "block_size": block_size,
             "validate_content": validate_content,
+            "retry": retry,
         }
         self._verify_checksum = verify_checksum
         self._saves = _SavesInProgress()
@@ -202,6 +209,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
             block_size=self._transfer["block_size"],
             validate_content=self._transfer["validate_content"],
             verify_checksum=self._verify_checksum,
+            retry=self._paths.retry,
         )
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -216,7 +224,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
         url = self._url(path)
         self._saves.wait_for(url)
         try:
-            AzStorageTorchBlobClient.from_url(url, self._paths.credential).delete()
+            AzStorageTorchBlobClient.from_url(url, self._paths.credential, retry=self._paths.retry).delete()
         except ResourceNotFoundError:
             return
         _LOGGER.debug("Removed checkpoint %s", BlobUrl.parse(url).display_url)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import traceback
 from collections.abc import Callable
 
 import pytest
@@ -169,3 +170,76 @@ def test_bad_retry_options_name_the_problem(options: dict[str, object], error: t
 def test_retry_must_be_retry_options(container: Container) -> None:
     with pytest.raises(TypeError, match="RetryOptions"):
         BlobIO(container.blob_url("blob"), "wb", retry={"retry_total": 3})  # type: ignore[arg-type]
+
+
+NO_RETRIES = RetryOptions(retry_total=0)
+
+
+def _lightning_save(proxy: FaultProxy, container: Container, credential: AzureNamedKeyCredential) -> None:
+    from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+
+    plugin = AzureBlobCheckpointIO(credential, account_url=proxy.url(container.url).rsplit("/", 1)[0], retry=NO_RETRIES)
+    throttle(proxy, lambda seen: seen.method == "PUT", times=1)
+    plugin.save_checkpoint({"step": 1}, proxy.url(container.blob_url("model.ckpt")))
+
+
+def _lightning_load(proxy: FaultProxy, container: Container, credential: AzureNamedKeyCredential) -> None:
+    import torch
+
+    from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+
+    with BlobIO(container.blob_url("model.ckpt"), "wb", credential=credential) as f:
+        torch.save({"step": 1}, f)
+    plugin = AzureBlobCheckpointIO(credential, account_url=proxy.url(container.url).rsplit("/", 1)[0], retry=NO_RETRIES)
+    throttle(proxy, operation("GetBlob"), times=1)
+    plugin.load_checkpoint(proxy.url(container.blob_url("model.ckpt")))
+
+
+def _lightning_listing(proxy: FaultProxy, container: Container, credential: AzureNamedKeyCredential) -> None:
+    from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+
+    container.upload("ckpts/a.ckpt", b"x")
+    plugin = AzureBlobCheckpointIO(credential, account_url=proxy.url(container.url).rsplit("/", 1)[0], retry=NO_RETRIES)
+    throttle(proxy, lambda seen: seen.query.get("comp") == "list", times=1)
+    plugin._paths.filesystem().ls(proxy.url(container.blob_url("ckpts")))
+
+
+def _dcp_save(proxy: FaultProxy, container: Container, credential: AzureNamedKeyCredential) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from azstoragetorch.integrations.dcp import BlobStorageWriter
+
+    throttle(proxy, lambda seen: seen.method == "PUT", times=1)
+    writer = BlobStorageWriter(proxy.url(container.blob_url("dcp")), credential=credential, retry=NO_RETRIES)
+    dcp.save({"w": torch.ones(4)}, storage_writer=writer, no_dist=True)
+
+
+def _dcp_load(proxy: FaultProxy, container: Container, credential: AzureNamedKeyCredential) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
+
+    dcp.save({"w": torch.ones(4)}, storage_writer=BlobStorageWriter(container.blob_url("dcp"), credential=credential))
+    throttle(proxy, operation("GetBlob"), times=1)
+    reader = BlobStorageReader(proxy.url(container.blob_url("dcp")), credential=credential, retry=NO_RETRIES)
+    dcp.load({"w": torch.zeros(4)}, storage_reader=reader, no_dist=True)
+
+
+@pytest.mark.parametrize(
+    "path", [_lightning_save, _lightning_load, _lightning_listing, _dcp_save, _dcp_load], ids=lambda path: path.__name__
+)
+def test_the_retry_option_reaches_the_integrations(
+    proxy: FaultProxy,
+    container: Container,
+    account_credential: AzureNamedKeyCredential,
+    waits: list[float],
+    path: Callable[[FaultProxy, Container, AzureNamedKeyCredential], None],
+) -> None:
+    """With retries turned off, one throttled answer fails the operation (the default rides it out)."""
+    with pytest.raises(BaseException) as caught:  # torch's CheckpointException is a BaseException
+        path(proxy, container, account_credential)
+    everything_said = "".join(traceback.format_exception(caught.value))  # torch wraps rank errors in text
+    assert "ServerBusy" in everything_said
+    assert waits == []  # failed at the first answer: no retry was waited for
