@@ -15,12 +15,14 @@ from tests.unit.fakes import InMemoryBlobClient
 CHUNK = 1024
 
 
-def make_buffer(data: bytes, *, max_chunks: int = 4, first: int = CHUNK) -> tuple[ReadAheadBuffer, InMemoryBlobClient]:
+def make_buffer(
+    data: bytes, *, max_chunks: int = 4, first: int = CHUNK, chunk_size: int = CHUNK
+) -> tuple[ReadAheadBuffer, InMemoryBlobClient]:
     client = InMemoryBlobClient(data)
     buffer = ReadAheadBuffer(
         client,  # type: ignore[arg-type]
         client.properties,
-        chunk_size=CHUNK,
+        chunk_size=chunk_size,
         max_chunks=max_chunks,
         first_chunk=bytearray(data[:first]),
     )
@@ -122,14 +124,7 @@ def test_random_reads_with_pooled_chunks_under_a_perturbed_schedule(max_chunks: 
     data = random.Random(max_chunks).randbytes(14 * mib + 5)
     for seed in (1, 2, 3):
         print(f"perturbation seed {seed}, max_chunks {max_chunks}")
-        client = InMemoryBlobClient(data)
-        buffer = ReadAheadBuffer(
-            client,  # type: ignore[arg-type]
-            client.properties,
-            chunk_size=mib,
-            max_chunks=max_chunks,
-            first_chunk=bytearray(data[:mib]),
-        )
+        buffer, _ = make_buffer(data, max_chunks=max_chunks, first=mib, chunk_size=mib)
         chooser = random.Random(seed)
         position = 0
         with _schedule.perturbed(seed, max_delay=0.002, probability=1.0, only=frozenset({"chunk.copy"})):
@@ -149,8 +144,8 @@ def test_closing_while_chunks_download_recycles_no_buffer_in_use(monkeypatch: py
     """A buffer goes back to the pool only when its download is done, even if the reader closed first."""
     mib = 1024 * 1024
     data = os.urandom(8 * mib)
-    client = InMemoryBlobClient(data)
-    client.release.clear()  # downloads of the fake wait for this
+    buffer, client = make_buffer(data, first=mib, chunk_size=mib)
+    client.release.clear()  # downloads wait for this
     returned: list[bytearray] = []
     monkeypatch.setattr(_buffers, "give_back", returned.append)
     slow_download_into = client.download_into
@@ -164,13 +159,6 @@ def test_closing_while_chunks_download_recycles_no_buffer_in_use(monkeypatch: py
         return slow_download_into(offset, target, **kwargs)  # type: ignore[arg-type]
 
     client.download_into = download_into  # type: ignore[method-assign]
-    buffer = ReadAheadBuffer(
-        client,  # type: ignore[arg-type]
-        client.properties,
-        chunk_size=mib,
-        max_chunks=4,
-        first_chunk=bytearray(data[:mib]),
-    )
     assert read(buffer, 0, 10) == data[:10]  # served by the first chunk; the next one is requested
     buffer.close()
     assert started.wait(10)
