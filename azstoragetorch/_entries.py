@@ -13,19 +13,16 @@ import bisect
 import dataclasses
 import datetime
 import itertools
-import os
 import re
 import urllib.parse
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from os.path import commonpath
 
 from azstoragetorch._client import BlobProperties, BlobUrl, ContainerUrl
 
 # URLs are taken in chunks, so that an iterable of millions of URLs never lives as one list.
 _CHUNK = 65536
-# Characters that make the bulk path defer to BlobUrl.parse: urlsplit drops tabs and carriage
-# returns anywhere, and "?" or "#" inside a name would split the URL differently.
-_NEEDS_PARSING = re.compile(r"[\t\r?#]")
 # Azure ETags are '"0x" + upper-case hex'; those are kept as integers, anything else as text.
 _HEX_ETAG = re.compile(r'"0x([0-9A-F]{1,16})"')
 _UNKNOWN_SIZE = -1
@@ -194,7 +191,7 @@ class EntriesBuilder:
         """Append blobs of ``container`` (whose URL may carry a SAS), with their properties if known."""
         if not names:
             return
-        shared = os.path.commonprefix([min(names), max(names)]) if len(names) > 1 else ""
+        shared = commonpath([min(names), max(names)]) if len(names) > 1 else ""
         self._start_run(_Run(container, shared.encode("utf-8", "surrogatepass")))
         cut = len(shared)
         encoded = [name[cut:].encode("utf-8", "surrogatepass") for name in names]
@@ -267,21 +264,32 @@ class EntriesBuilder:
             joined = "\n".join(urls)
         except TypeError:
             return False
-        # Every separator stands between one URL's suffix and the next one's prefix, and nowhere else.
-        separator = f"{suffix}\n{prefix}"
+        # The start that all names share, guessed from the first and the last, is stored once.
+        first_name, last_name = (url[len(prefix) : len(url) - len(suffix)] for url in (urls[0], urls[-1]))
+        shared = commonpath([first_name, last_name]).partition("%")[0]
+        # Every separator stands between one URL's suffix and the next one's prefix, and nowhere
+        # else: each URL is then exactly prefix + shared + name + suffix.
+        separator = f"{suffix}\n{prefix}{shared}"
         count = len(urls) - 1
-        if (
-            joined.count("\n") != count
-            or joined.count(separator) != count
-            or not joined.startswith(prefix)
-            or not joined.endswith(suffix)
-        ):
+        if joined.count("\n") != count or not joined.endswith(suffix) or not joined.startswith(prefix + shared):
             return False
-        body = joined[len(prefix) : len(joined) - len(suffix)].replace(separator, "\n")
-        if _NEEDS_PARSING.search(body) or not body or body[0] == "\n" or body[-1] == "\n" or "\n\n" in body:
+        if joined.count(separator) != count:
+            shared = ""
+            separator = f"{suffix}\n{prefix}"
+            if joined.count(separator) != count:
+                return False
+        body = joined[len(prefix) + len(shared) : len(joined) - len(suffix)].replace(separator, "\n")
+        if any(character in body for character in "\t\r?#"):
             return False
-        names = [urllib.parse.unquote(name) for name in body.split("\n")] if "%" in body else body.split("\n")
-        self.add_names(parsed.container, names)
+        if not shared and (not body or body[0] == "\n" or body[-1] == "\n" or "\n\n" in body):
+            return False  # a URL without a blob name: BlobUrl.parse says so
+        if "%" in body:
+            names = [urllib.parse.unquote(name) for name in body.split("\n")]
+            encoded = [name.encode("utf-8", "surrogatepass") for name in names]
+        else:
+            encoded = body.encode("utf-8", "surrogatepass").split(b"\n")
+        self._start_run(_Run(parsed.container, shared.encode("utf-8", "surrogatepass")))
+        self._append_encoded(encoded)
         return True
 
     def _add_parsed_urls(self, urls: list[str]) -> None:

@@ -20,7 +20,6 @@ from azstoragetorch._client import (
     AzStorageTorchBlobClient,
     AzStorageTorchContainerClient,
     BlobProperties,
-    BlobUrl,
     ContainerUrl,
     CredentialArgument,
 )
