@@ -13,11 +13,11 @@ import bisect
 import dataclasses
 import datetime
 import itertools
+import os
 import re
 import urllib.parse
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from os.path import commonpath
 
 from azstoragetorch._client import BlobProperties, BlobUrl, ContainerUrl
 
@@ -191,7 +191,7 @@ class EntriesBuilder:
         """Append blobs of ``container`` (whose URL may carry a SAS), with their properties if known."""
         if not names:
             return
-        shared = commonpath([min(names), max(names)]) if len(names) > 1 else ""
+        shared = _shared_start(min(names), max(names)) if len(names) > 1 else ""
         self._start_run(_Run(container, shared.encode("utf-8", "surrogatepass")))
         cut = len(shared)
         encoded = [name[cut:].encode("utf-8", "surrogatepass") for name in names]
@@ -266,7 +266,7 @@ class EntriesBuilder:
             return False
         # The start that all names share, guessed from the first and the last, is stored once.
         first_name, last_name = (url[len(prefix) : len(url) - len(suffix)] for url in (urls[0], urls[-1]))
-        shared = commonpath([first_name, last_name]).partition("%")[0]
+        shared = _shared_start(first_name, last_name).partition("%")[0]
         # Every separator stands between one URL's suffix and the next one's prefix, and nowhere
         # else: each URL is then exactly prefix + shared + name + suffix.
         separator = f"{suffix}\n{prefix}{shared}"
@@ -311,3 +311,8 @@ def _container_part(head: str, path_style: bool) -> str | None:
         end = head.find("/", end + 1)  # past the account name
     end = head.find("/", end + 1) if end >= 0 else -1
     return head[: end + 1] if end >= 0 else None
+
+
+def _shared_start(first: str, second: str) -> str:
+    # Character by character, as wanted here: a shared start need not end at a "/".
+    return os.path.commonprefix([first, second])  # noqa: RUF071
