@@ -65,6 +65,7 @@ class Entries(Sequence[tuple[BlobUrl, "BlobProperties | None"]]):
         self._ends = ends  # entry i's name is names[ends[i]:ends[i + 1]], after its run's prefix
         self._selectors = selectors  # snapshot and version id of the few entries that have them
         self._properties = properties
+        self._fetched: dict[str, _PropertyColumns] = {}
 
     def __len__(self) -> int:
         return len(self._ends) - 1
@@ -102,9 +103,12 @@ class Entries(Sequence[tuple[BlobUrl, "BlobProperties | None"]]):
 
     def remember(self, index: int, properties: BlobProperties) -> None:
         """Keep properties fetched for entry ``index``, so that later accesses need no request."""
-        if self._properties is None:
-            self._properties = _PropertyColumns.unknown(len(self))
-        self._properties.set(self.position(index), properties)
+        columns = self._properties
+        if columns is None:
+            # Threads of one batch may get here together; setdefault keeps one set of columns.
+            columns = self._fetched.setdefault("columns", _PropertyColumns.unknown(len(self)))
+            self._properties = columns
+        columns.set(self.position(index), properties)
 
     def __repr__(self) -> str:
         return f"<{len(self)} blobs>"  # never the URLs: they may carry a SAS
@@ -137,7 +141,8 @@ class _PropertyColumns:
         self.set(len(self.sizes) - 1, properties)
 
     def set(self, position: int, properties: BlobProperties) -> None:
-        self.sizes[position] = properties.size
+        # The size is written last: a known size says the entry's other columns are written too,
+        # for a thread that reads the same entry meanwhile.
         self.odd.pop(position, None)
         match = _HEX_ETAG.fullmatch(properties.etag)
         etag = int(match[1], 16) if match else 0
@@ -149,9 +154,10 @@ class _PropertyColumns:
             or properties.crc32 is not None
         ):
             self.odd[position] = properties
-            return
-        self.etags[position] = etag
-        self.times[position] = _NO_TIME if modified is None else (modified - _EPOCH) // _MICROSECOND
+        else:
+            self.etags[position] = etag
+            self.times[position] = _NO_TIME if modified is None else (modified - _EPOCH) // _MICROSECOND
+        self.sizes[position] = properties.size
 
     def get(self, position: int) -> BlobProperties | None:
         odd = self.odd.get(position)
