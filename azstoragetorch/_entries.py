@@ -13,6 +13,7 @@ import bisect
 import dataclasses
 import datetime
 import itertools
+import operator
 import os
 import re
 import urllib.parse
@@ -284,7 +285,10 @@ class EntriesBuilder:
             separator = f"{suffix}\n{prefix}"
             if joined.count(separator) != count:
                 return False
-        body = joined[len(prefix) + len(shared) : len(joined) - len(suffix)].replace(separator, "\n")
+        # Each URL is prefix + shared + name + suffix, so its name is a slice (cheaper than replacing
+        # the separators in the joined text).
+        name_slice = operator.itemgetter(slice(len(prefix) + len(shared), -len(suffix) or None))
+        body = "\n".join(map(name_slice, urls))
         if any(character in body for character in "\t\r?#"):
             return False
         if not shared and (not body or body[0] == "\n" or body[-1] == "\n" or "\n\n" in body):
