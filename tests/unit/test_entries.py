@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl, ContainerUrl
 from azstoragetorch._entries import EntriesBuilder
 from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
+from tests.unit.test_dataset_sharding import fake_blobs, shards_of
 
 SIGNATURE = "c2VjcmV0LXNpZ25hdHVyZQ%3D%3D"
 SAS = f"sv=2021-08-06&sr=c&sp=rl&sig={SIGNATURE}"
@@ -195,3 +196,21 @@ def test_a_dataset_of_many_urls_takes_under_100_bytes_per_blob() -> None:
         tracemalloc.stop()
     assert len(dataset) == count
     assert held / count <= 100, f"{held / count:.0f} bytes per blob"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    world_size=st.integers(1, 3),
+    num_workers=st.integers(0, 3),
+    count=st.integers(0, 25),
+    shuffle=st.booleans(),
+    balance_ranks=st.booleans(),
+)
+def test_compact_datasets_shard_as_lists_of_blobs_do(
+    world_size: int, num_workers: int, count: int, shuffle: bool, balance_ranks: bool
+) -> None:
+    options = {"transform": name_of, "shuffle": shuffle, "seed": 7, "balance_ranks": balance_ranks}
+    urls = [blob.url for blob in fake_blobs(count)]
+    compact = IterableBlobDataset.from_blob_urls(urls, credential=False, **options)
+    listed = IterableBlobDataset(fake_blobs(count), **options)
+    assert shards_of(compact, world_size, num_workers) == shards_of(listed, world_size, num_workers)
