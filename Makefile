@@ -42,6 +42,7 @@ bench: setup
 	$(PY) benchmarks/bench_lightning.py
 	$(PY) benchmarks/bench_dcp.py
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_entries.py
 
 clean:
 	rm -rf $(VENV) tools/azurite/node_modules docs/_build .pytest_cache .mypy_cache .ruff_cache

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -20,11 +21,11 @@ from azstoragetorch._client import (
     AzStorageTorchBlobClient,
     AzStorageTorchContainerClient,
     BlobProperties,
-    BlobUrl,
     ContainerUrl,
     CredentialArgument,
 )
 from azstoragetorch._client._credentials import validate_credential
+from azstoragetorch._entries import Entries, EntriesBuilder
 from azstoragetorch.io import BlobIO
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class Blob:
     def __init__(self, blob_client: AzStorageTorchBlobClient, properties: BlobProperties | None = None) -> None:
         self._client = blob_client
         self._properties = properties
+        # Where fetched properties are kept for the next Blob made for the same entry of a dataset.
+        self._remember: Callable[[BlobProperties], None] | None = None
 
     @property
     def url(self) -> str:
@@ -115,6 +118,8 @@ class Blob:
     def _get_properties(self) -> BlobProperties:
         if self._properties is None:
             self._properties = self._client.get_properties()
+            if self._remember is not None:
+                self._remember(self._properties)
         return self._properties
 
 
@@ -170,13 +175,43 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_sample_threads.forget)
 
 
-def _blobs_from_urls(blob_urls: str | Iterable[str], credential: CredentialArgument) -> list[Blob]:
+class _Blobs(Sequence[Blob]):
+    """A dataset's blobs, stored compactly (see ``_entries``); each access makes a new :class:`Blob`.
+
+    The entries are a few large buffers, so DataLoader workers forked from a process that holds
+    them share their pages instead of copying them as they touch millions of objects.
+    """
+
+    def __init__(self, entries: Entries, credential: CredentialArgument) -> None:
+        self._entries = entries
+        self._credential = credential
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> Blob:  # type: ignore[override]
+        position = self._entries.position(index)
+        url, properties = self._entries[position]
+        blob = Blob(AzStorageTorchBlobClient(url, self._credential), properties)
+        if properties is None:
+            blob._remember = functools.partial(self._entries.remember, position)
+        return blob
+
+    def __iter__(self) -> Iterator[Blob]:
+        return (self[index] for index in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} blobs>"
+
+
+def _blobs_from_urls(blob_urls: str | Iterable[str], credential: CredentialArgument) -> _Blobs:
     validate_credential(credential)
-    urls = [blob_urls] if isinstance(blob_urls, str) else list(blob_urls)
-    return [Blob(AzStorageTorchBlobClient(BlobUrl.parse(url), credential)) for url in urls]
+    builder = EntriesBuilder()
+    builder.add_urls([blob_urls] if isinstance(blob_urls, str) else blob_urls)
+    return _Blobs(builder.build(), credential)
 
 
-def _list_source(source: str | Iterable[str], credential: CredentialArgument) -> list[Blob]:
+def _list_source(source: str | Iterable[str], credential: CredentialArgument) -> Sequence[Blob]:
     """The blobs a data source names, listed now: a container URL whose path after the container is a
     folder (``.../<container>/train`` means the blobs under ``train/``), or an iterable of blob URLs."""
     if not isinstance(source, str):
@@ -184,19 +219,40 @@ def _list_source(source: str | Iterable[str], credential: CredentialArgument) ->
     container, folder = ContainerUrl.parse_with_prefix(source)
     prefix = folder.strip("/")
     client = AzStorageTorchContainerClient(container, credential)
-    return list(_listed_files(client, f"{prefix}/" if prefix else None))
+    return _listed_files(client, f"{prefix}/" if prefix else None)
 
 
-def _listed_files(client: AzStorageTorchContainerClient, prefix: str | None) -> Iterator[Blob]:
+# Listed blobs are stored a page at a time.
+_LISTING_BATCH = 5000
+
+
+def _listed_files(client: AzStorageTorchContainerClient, prefix: str | None) -> _Blobs:
     """The blobs under ``prefix``, in name order, without the directories of a hierarchical namespace
     (ADLS Gen2), which are listed as empty blobs but are not samples."""
+    builder = EntriesBuilder()
+    names: list[str] = []
+    properties: list[BlobProperties] = []
     for listed in client.list_blobs(prefix):
         if not listed.is_directory:
-            yield Blob(listed.client, listed.properties)
+            names.append(listed.client.blob_url.blob_name)
+            properties.append(listed.properties)
+        if len(names) >= _LISTING_BATCH:
+            builder.add_names(client.container_url, names, properties)
+            names, properties = [], []
+    builder.add_names(client.container_url, names, properties)
+    return _Blobs(builder.build(), client.credential)
+
+
+def _as_sequence(blobs: Iterable[Blob]) -> Sequence[Blob]:
+    if isinstance(blobs, _Blobs):
+        return blobs
+    if isinstance(blobs, _ContainerListing):
+        return blobs.list()
+    return list(blobs)
 
 
 class _ContainerListing:
-    """The blobs of a container (under a prefix), listed when iterated. Pickles without listing."""
+    """The blobs of a container (under a prefix), listed when asked. Pickles without listing."""
 
     def __init__(self, container_url: str, prefix: str | None, credential: CredentialArgument) -> None:
         if prefix is not None and not isinstance(prefix, str):
@@ -204,8 +260,11 @@ class _ContainerListing:
         self._client = AzStorageTorchContainerClient(ContainerUrl.parse(container_url), credential)
         self._prefix = prefix
 
-    def __iter__(self) -> Iterator[Blob]:
+    def list(self) -> _Blobs:
         return _listed_files(self._client, self._prefix)
+
+    def __iter__(self) -> Iterator[Blob]:
+        return iter(self.list())
 
 
 class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
@@ -229,7 +288,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
     def __init__(
         self, blobs: Iterable[Blob], transform: Callable[[Blob], _TransformOutputType_co] | None = None
     ) -> None:
-        self._blobs = list(blobs)
+        self._blobs = _as_sequence(blobs)
         self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
 
     @classmethod
@@ -341,7 +400,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_SAMPLE_THREADS:
             raise ValueError(f"prefetch must be an int from 1 to {MAX_SAMPLE_THREADS}, got {prefetch!r}.")
         self._blobs_source = blobs
-        self._listed: list[Blob] | None = None
+        self._listed: Sequence[Blob] | None = None
         self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
         self._shuffle = bool(shuffle)
         self._seed = int(seed)
@@ -483,28 +542,31 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         state["_rank_at_pickling"] = _live_rank_and_world_size() or self._rank_at_pickling
         return state
 
-    def _my_shard(self) -> list[Blob]:
+    def _my_shard(self) -> list[int]:
+        """The indexes of this worker's blobs, in the epoch's order."""
         if self._listed is None:
-            self._listed = list(self._blobs_source)
-        blobs = self._listed
-        order: list[int] | range = range(len(blobs))
+            self._listed = _as_sequence(self._blobs_source)
+        count = len(self._listed)
         if self._shuffle:
             generator = torch.Generator().manual_seed(_epoch_seed(self._seed, int(self._epoch[0])))
-            order = torch.randperm(len(blobs), generator=generator).tolist()
+            order = torch.randperm(count, generator=generator)
+        else:
+            order = torch.arange(count)
         rank, world_size = _live_rank_and_world_size() or self._rank_at_pickling or (0, 1)
         worker = torch.utils.data.get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        order = list(order)
-        if self._balance_ranks and order and len(order) % world_size:
+        if self._balance_ranks and count and count % world_size:
             # As DistributedSampler pads: repeat the start of the order up to a multiple of the ranks.
-            per_rank = -(-len(order) // world_size)
-            order = (order * world_size)[: per_rank * world_size]
+            per_rank = -(-count // world_size)
+            order = order.repeat(world_size)[: per_rank * world_size]
         # Ranks first, then each rank's workers: rank shares then differ by at most one sample.
-        return [blobs[index] for index in order[rank::world_size][worker_id::workers]]
+        # Only this share becomes Python ints (and, as it is fetched, Blob objects).
+        return cast(list[int], order[rank::world_size][worker_id::workers].tolist())
 
-    def _fetch_in_order(self, blobs: list[Blob]) -> Iterator[_TransformOutputType_co]:
+    def _fetch_in_order(self, indexes: list[int]) -> Iterator[_TransformOutputType_co]:
         pending: collections.deque[Future[Any]] = collections.deque()
-        upcoming = iter(blobs)
+        blobs = cast(Sequence[Blob], self._listed)  # set by _my_shard
+        upcoming = (blobs[index] for index in indexes)
         try:
             for blob in upcoming:
                 pending.append(_sample_threads.submit(_apply, self._transform, blob))
