@@ -25,8 +25,10 @@ from azstoragetorch._client import (
     CredentialArgument,
 )
 from azstoragetorch._client._credentials import validate_credential
+from azstoragetorch._client._pipeline import validate_retry
 from azstoragetorch._entries import Entries, EntriesBuilder
 from azstoragetorch.io import BlobIO
+from azstoragetorch.retry import RetryOptions
 
 if TYPE_CHECKING:
     import datetime
@@ -182,9 +184,10 @@ class _Blobs(Sequence[Blob]):
     them share their pages instead of copying them as they touch millions of objects.
     """
 
-    def __init__(self, entries: Entries, credential: CredentialArgument) -> None:
+    def __init__(self, entries: Entries, credential: CredentialArgument, retry: RetryOptions | None) -> None:
         self._entries = entries
         self._credential = credential
+        self._retry = retry
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -192,7 +195,7 @@ class _Blobs(Sequence[Blob]):
     def __getitem__(self, index: int) -> Blob:  # type: ignore[override]
         position = self._entries.position(index)
         url, properties = self._entries[position]
-        blob = Blob(AzStorageTorchBlobClient(url, self._credential), properties)
+        blob = Blob(AzStorageTorchBlobClient(url, self._credential, retry=self._retry), properties)
         if properties is None:
             blob._remember = functools.partial(self._entries.remember, position)
         return blob
@@ -204,21 +207,26 @@ class _Blobs(Sequence[Blob]):
         return f"<{len(self)} blobs>"
 
 
-def _blobs_from_urls(blob_urls: str | Iterable[str], credential: CredentialArgument) -> _Blobs:
+def _blobs_from_urls(
+    blob_urls: str | Iterable[str], credential: CredentialArgument, retry: RetryOptions | None = None
+) -> _Blobs:
     validate_credential(credential)
+    validate_retry(retry)
     builder = EntriesBuilder()
     builder.add_urls([blob_urls] if isinstance(blob_urls, str) else blob_urls)
-    return _Blobs(builder.build(), credential)
+    return _Blobs(builder.build(), credential, retry)
 
 
-def _list_source(source: str | Iterable[str], credential: CredentialArgument) -> Sequence[Blob]:
+def _list_source(
+    source: str | Iterable[str], credential: CredentialArgument, retry: RetryOptions | None = None
+) -> Sequence[Blob]:
     """The blobs a data source names, listed now: a container URL whose path after the container is a
     folder (``.../<container>/train`` means the blobs under ``train/``), or an iterable of blob URLs."""
     if not isinstance(source, str):
-        return _blobs_from_urls(source, credential)
+        return _blobs_from_urls(source, credential, retry)
     container, folder = ContainerUrl.parse_with_prefix(source)
     prefix = folder.strip("/")
-    client = AzStorageTorchContainerClient(container, credential)
+    client = AzStorageTorchContainerClient(container, credential, retry=retry)
     return _listed_files(client, f"{prefix}/" if prefix else None)
 
 
@@ -240,7 +248,7 @@ def _listed_files(client: AzStorageTorchContainerClient, prefix: str | None) -> 
             builder.add_names(client.container_url, names, properties)
             names, properties = [], []
     builder.add_names(client.container_url, names, properties)
-    return _Blobs(builder.build(), client.credential)
+    return _Blobs(builder.build(), client.credential, client.retry)
 
 
 def _as_sequence(blobs: Iterable[Blob]) -> Sequence[Blob]:
@@ -254,10 +262,12 @@ def _as_sequence(blobs: Iterable[Blob]) -> Sequence[Blob]:
 class _ContainerListing:
     """The blobs of a container (under a prefix), listed when asked. Pickles without listing."""
 
-    def __init__(self, container_url: str, prefix: str | None, credential: CredentialArgument) -> None:
+    def __init__(
+        self, container_url: str, prefix: str | None, credential: CredentialArgument, retry: RetryOptions | None
+    ) -> None:
         if prefix is not None and not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str or None, not {type(prefix).__name__}.")
-        self._client = AzStorageTorchContainerClient(ContainerUrl.parse(container_url), credential)
+        self._client = AzStorageTorchContainerClient(ContainerUrl.parse(container_url), credential, retry=retry)
         self._prefix = prefix
 
     def list(self) -> _Blobs:
@@ -298,6 +308,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         *,
         credential: CredentialArgument = None,
         transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        retry: RetryOptions | None = None,
     ) -> Self:
         """A dataset of the given blobs, in the given order.
 
@@ -306,12 +317,14 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
                 ``snapshot=`` or a ``versionid=``.
             credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored for URLs with a SAS token.
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+            retry: How throttled or briefly failing requests are retried, listing and reading
+                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
 
         Raises:
             ValueError: A URL is malformed.
-            TypeError: ``credential`` is of an unsupported type.
+            TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
         """
-        return cls(_blobs_from_urls(blob_urls, credential), transform)
+        return cls(_blobs_from_urls(blob_urls, credential, retry), transform)
 
     @classmethod
     def from_container_url(
@@ -321,6 +334,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         prefix: str | None = None,
         credential: CredentialArgument = None,
         transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        retry: RetryOptions | None = None,
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``), in name order.
 
@@ -333,13 +347,15 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
             prefix: Only blobs whose names start with it; all blobs when ``None``.
             credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored with a SAS token.
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+            retry: How throttled or briefly failing requests are retried, listing and reading
+                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
 
         Raises:
             ValueError: The URL is malformed.
             azure.core.exceptions.ResourceNotFoundError: The container does not exist.
             azure.core.exceptions.ClientAuthenticationError: Listing is not allowed.
         """
-        return cls(_ContainerListing(container_url, prefix, credential), transform)
+        return cls(_ContainerListing(container_url, prefix, credential, retry), transform)
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -421,6 +437,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         *,
         credential: CredentialArgument = None,
         transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        retry: RetryOptions | None = None,
         shuffle: bool = False,
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
@@ -433,6 +450,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
                 ``snapshot=`` or a ``versionid=``.
             credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored for URLs with a SAS token.
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+            retry: How throttled or briefly failing requests are retried, listing and reading
+                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
             shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
             seed: The shuffling seed; use the same one on every rank.
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
@@ -441,9 +460,9 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
 
         Raises:
             ValueError: A URL is malformed, or ``prefetch`` is out of range.
-            TypeError: ``credential`` is of an unsupported type.
+            TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
         """
-        blobs = _blobs_from_urls(blob_urls, credential)
+        blobs = _blobs_from_urls(blob_urls, credential, retry)
         return cls(blobs, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
 
     @classmethod
@@ -454,6 +473,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         prefix: str | None = None,
         credential: CredentialArgument = None,
         transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        retry: RetryOptions | None = None,
         shuffle: bool = False,
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
@@ -471,6 +491,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             prefix: Only blobs whose names start with it; all blobs when ``None``.
             credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored with a SAS token.
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+            retry: How throttled or briefly failing requests are retried, listing and reading
+                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
             shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
             seed: The shuffling seed; use the same one on every rank.
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
@@ -479,9 +501,9 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
 
         Raises:
             ValueError: The URL is malformed, or ``prefetch`` is out of range.
-            TypeError: ``credential`` or ``prefix`` is of an unsupported type.
+            TypeError: ``credential`` or ``prefix`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
         """
-        listing = _ContainerListing(container_url, prefix, credential)
+        listing = _ContainerListing(container_url, prefix, credential, retry)
         return cls(listing, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
 
     def set_epoch(self, epoch: int) -> None:

@@ -389,10 +389,12 @@ class BlobDataModule(LightningDataModule):
         pin_memory: Pin batches in page-locked memory, for faster copies to a GPU.
         credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored for URLs with a SAS token.
         prefetch: Samples fetched ahead per worker by iterable splits (1 to 128).
+        retry: How throttled or briefly failing requests are retried, listing and reading alike: a
+            :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
 
     Raises:
         ValueError: An argument is out of range, or an import path names nothing callable.
-        TypeError: A split or the credential is of an unsupported type.
+        TypeError: A split, the credential or ``retry`` is of an unsupported type.
     """
 
     def __init__(
@@ -412,6 +414,7 @@ class BlobDataModule(LightningDataModule):
         pin_memory: bool = False,
         credential: CredentialArgument = None,
         prefetch: int = DEFAULT_PREFETCH,
+        retry: RetryOptions | None = None,
     ) -> None:
         super().__init__()
         given = {"train": train, "val": val, "test": test, "predict": predict}
@@ -421,6 +424,7 @@ class BlobDataModule(LightningDataModule):
         if persistent_workers and not num_workers:
             raise ValueError("persistent_workers=True needs num_workers > 0: there are no workers to keep.")
         validate_credential(credential)
+        validate_retry(retry)
         self._transform = _importable("transform", transform)
         self._collate_fn = _importable("collate_fn", collate_fn)
         self._batch_size = batch_size
@@ -430,6 +434,7 @@ class BlobDataModule(LightningDataModule):
         self._persistent_workers = persistent_workers
         self._pin_memory = pin_memory
         self._credential = credential
+        self._retry = retry
         self._prefetch = prefetch
         self._datasets: dict[str, Any] = {}
         self._fingerprints: dict[str, str] = {}
@@ -484,7 +489,7 @@ class BlobDataModule(LightningDataModule):
     def _dataset(self, name: str) -> Any:
         split = self.splits[name]
         try:
-            blobs = _list_source(split.source, self._credential)
+            blobs = _list_source(split.source, self._credential, self._retry)
         except AzureError as error:
             raise scrubbed(error, prefix=f"The {name} split could not be listed: ") from None
         digest = hashlib.sha256("\n".join(blob.url for blob in blobs).encode()).hexdigest()

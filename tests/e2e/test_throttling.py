@@ -227,10 +227,46 @@ def _dcp_load(proxy: FaultProxy, container: Container, credential: AzureNamedKey
     dcp.load({"w": torch.zeros(4)}, storage_reader=reader, no_dist=True)
 
 
+def _map_dataset_read(proxy: FaultProxy, container: Container, credential: AzureNamedKeyCredential) -> None:
+    url = proxy.url(container.upload("sample", b"x"))
+    dataset = BlobDataset.from_blob_urls([url], credential=credential, retry=NO_RETRIES)
+    throttle(proxy, operation("GetBlob"), times=1)
+    dataset[0]
+
+
+def _iterable_dataset_listing(proxy: FaultProxy, container: Container, credential: AzureNamedKeyCredential) -> None:
+    from azstoragetorch.datasets import IterableBlobDataset
+
+    container.upload("sample", b"x")
+    dataset = IterableBlobDataset.from_container_url(proxy.url(container.url), credential=credential, retry=NO_RETRIES)
+    throttle(proxy, lambda seen: seen.query.get("comp") == "list", times=1)
+    list(dataset)
+
+
+def _data_module_listing(proxy: FaultProxy, container: Container, credential: AzureNamedKeyCredential) -> None:
+    from azstoragetorch.integrations.lightning import BlobDataModule
+
+    container.upload("train/sample", b"x")
+    module = BlobDataModule(train=proxy.url(container.blob_url("train")), credential=credential, retry=NO_RETRIES)
+    throttle(proxy, lambda seen: seen.query.get("comp") == "list", times=1)
+    module.setup("fit")
+
+
 @pytest.mark.parametrize(
-    "path", [_lightning_save, _lightning_load, _lightning_listing, _dcp_save, _dcp_load], ids=lambda path: path.__name__
+    "path",
+    [
+        _lightning_save,
+        _lightning_load,
+        _lightning_listing,
+        _dcp_save,
+        _dcp_load,
+        _map_dataset_read,
+        _iterable_dataset_listing,
+        _data_module_listing,
+    ],
+    ids=lambda path: path.__name__,
 )
-def test_the_retry_option_reaches_the_integrations(
+def test_the_retry_option_reaches_the_datasets_and_integrations(
     proxy: FaultProxy,
     container: Container,
     account_credential: AzureNamedKeyCredential,
