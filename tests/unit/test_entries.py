@@ -30,7 +30,13 @@ ACCOUNTS = [
 
 # Names as users write them: path-like, non-ASCII, with characters that need escaping.
 name_characters = st.sampled_from([*list("abcxyz019/._- "), "é", "日本", "%", "?", "#", "\t", "🙂", "+", "&", "="])
-blob_names = st.lists(name_characters, min_size=1, max_size=12).map("".join).filter(lambda name: name.strip("/"))
+blob_names = (
+    st.lists(name_characters, min_size=1, max_size=12)
+    .map("".join)
+    .filter(lambda name: name.strip("/"))
+    # Names with "." or ".." segments are refused (HTTP would resolve them to another blob).
+    .filter(lambda name: not {".", ".."} & set(name.split("/")))
+)
 
 
 def name_of(blob: Blob) -> str:
