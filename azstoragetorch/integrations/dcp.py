@@ -302,8 +302,10 @@ class BlobStorageWriter(FileSystemWriter):
             A SAS token in the query string authorizes the requests.
         credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored when ``url`` carries a SAS token.
         thread_count: Shard files each rank writes at once (and so the number of files per rank).
-        overwrite: Replace a checkpoint that already exists at ``url``; it stays loadable until the
-            new ``.metadata`` replaces it. ``False`` (the default) raises ``FileExistsError`` instead.
+        overwrite: Replace a checkpoint that already exists at ``url`` (the default, as for
+            ``FileSystemWriter``); it stays loadable until the new ``.metadata`` replaces it.
+            ``False`` refuses, with torch's error: a ``RuntimeError``, "Checkpoint already exists and
+            self.overwrite=False.", which ``dcp.save`` raises inside a ``CheckpointException``.
         max_concurrency: Parallel block uploads per rank, shared by the ``thread_count`` files it
             writes at once. A rank holds about ``(max_concurrency + thread_count) * block_size`` bytes
             of blocks.
@@ -326,7 +328,7 @@ class BlobStorageWriter(FileSystemWriter):
         *,
         credential: CredentialArgument = None,
         thread_count: int = 1,
-        overwrite: bool = False,
+        overwrite: bool = True,
         max_concurrency: int = 8,
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
@@ -371,12 +373,12 @@ class BlobStorageWriter(FileSystemWriter):
         return _BlobFiles.validate_checkpoint_id(checkpoint_id)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        # Replaces FileSystemWriter's version, whose warning would print the URL with its SAS token.
-        # An existing checkpoint stays untouched until this save's .metadata replaces it (finish).
-        if self._metadata_exists() and not self.overwrite:
-            raise FileExistsError(
-                errno.EEXIST, "A checkpoint already exists here; pass overwrite=True to replace it", self.checkpoint_id
-            )
+        # Replaces FileSystemWriter's version, whose warning about an overwrite would print the URL
+        # with its SAS token; here an overwrite needs no warning, since the existing checkpoint stays
+        # untouched until this save's .metadata replaces it (finish). A refusal is torch's, word for
+        # word, so that code written against FileSystemWriter recognises it.
+        if not self.overwrite and self._metadata_exists():
+            raise RuntimeError(f"Checkpoint already exists and {self.overwrite=}.")
         if self.rank is not None and not self.use_collectives:
             plan = dataclasses.replace(plan, storage_data=_StoragePrefix(_shard_prefix(self.rank, _save_token())))
         return plan

@@ -22,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -305,7 +306,17 @@ def test_a_failed_overwrite_leaves_the_old_checkpoint_loadable(
     assert_same(loaded, old)
 
 
-def test_overwrite_false_refuses_an_existing_checkpoint(
+def torch_refusal() -> BaseException:
+    """What FileSystemWriter(overwrite=False) fails with, in dcp.save, where a checkpoint exists."""
+    with tempfile.TemporaryDirectory() as directory:
+        dcp.save(state_dict(tensors=1), storage_writer=FileSystemWriter(directory))
+        with pytest.raises(CheckpointException) as error:
+            dcp.save(state_dict(tensors=1), storage_writer=FileSystemWriter(directory, overwrite=False))
+    ((failure, _traceback),) = error.value.failures.values()
+    return cast(BaseException, failure)
+
+
+def test_overwrite_false_refuses_an_existing_checkpoint_as_torch_does(
     container: Container, account_credential: AzureNamedKeyCredential
 ) -> None:
     url = container.blob_url("kept")
@@ -313,11 +324,34 @@ def test_overwrite_false_refuses_an_existing_checkpoint(
     dcp.save(first, storage_writer=writer(url, account_credential))
     before = {name: container.download(f"kept/{name}") for name in names(container, "kept")}
 
-    with pytest.raises(CheckpointException, match=r"FileExistsError.*overwrite=True") as error:
+    with pytest.raises(CheckpointException) as error:
         dcp.save(state_dict(tensors=2), storage_writer=writer(url, account_credential, overwrite=False))
 
-    assert url in root_error(error.value)
+    ((failure, _traceback),) = error.value.failures.values()
+    expected = torch_refusal()
+    assert (type(failure), str(failure)) == (type(expected), str(expected))
+    assert (type(failure), str(failure)) == (RuntimeError, "Checkpoint already exists and self.overwrite=False.")
     assert {name: container.download(f"kept/{name}") for name in names(container, "kept")} == before
+
+
+def test_overwrite_is_the_default_as_for_filesystemwriter(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    url = container.blob_url("latest")
+    first = state_dict()
+    second = {key: value + 1 if isinstance(value, torch.Tensor) else value for key, value in first.items()}
+    dcp.save(first, storage_writer=writer(url, account_credential))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dcp.save(second, storage_writer=writer(url, account_credential))
+
+    # torch's warning about an overwrite would print the URL, and with it any SAS token.
+    assert not [warning for warning in caught if "existing checkpoint" in str(warning.message)]
+
+    loaded = empty_like(second)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+    assert_same(loaded, second)
 
 
 def test_overwrite_replaces_and_removes_shards_no_longer_used(
