@@ -299,7 +299,9 @@ class BlobStorageWriter(FileSystemWriter):
     Args:
         url: The checkpoint's location: ``https://<account>.blob.core.windows.net/<container>/<prefix>``
             (or ``http://127.0.0.1:10000/<account>/<container>/<prefix>`` for the Azurite emulator).
-            A SAS token in the query string authorizes the requests.
+            A SAS token in the query string authorizes the requests. It may be left out and given to
+            each save instead, ``dcp.save(..., checkpoint_id=url)``, which calls :meth:`reset`: one
+            writer then serves any number of checkpoints.
         credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored when ``url`` carries a SAS token.
         thread_count: Shard files each rank writes at once (and so the number of files per rank).
         overwrite: Replace a checkpoint that already exists at ``url`` (the default, as for
@@ -320,11 +322,14 @@ class BlobStorageWriter(FileSystemWriter):
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
         TypeError: ``credential`` is of an unsupported type.
+
+    ``storage_meta()`` (which torch records in ``.metadata``) and :attr:`checkpoint_id` give the URL
+    without its SAS token.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
         credential: CredentialArgument = None,
         thread_count: int = 1,
@@ -349,7 +354,7 @@ class BlobStorageWriter(FileSystemWriter):
             validate_content=validate_content,
             retry=retry,
         )
-        checked_url = files.init_path(url)
+        checked_url = _initial_location(files, url)
         super().__init__(
             checked_url,
             single_file_per_rank=single_file_per_rank,
@@ -367,6 +372,16 @@ class BlobStorageWriter(FileSystemWriter):
     def checkpoint_id(self) -> str:
         """The checkpoint's URL without any SAS token (torch records it in ``.metadata`` and its logs)."""
         return shown(os.fspath(self.path))
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Point the writer at ``checkpoint_id`` (a URL as for the constructor) for the next save, as
+        ``dcp.save(..., checkpoint_id=url)`` does; ``None`` keeps the URL. Either way the next save
+        gets a new ``save_id``."""
+        super().reset(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        _require_location(self.path, "BlobStorageWriter", "dcp.save")
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -461,7 +476,8 @@ class BlobStorageReader(FileSystemReader):
     :class:`~azstoragetorch.exceptions.BlobModifiedDuringReadError` instead of mixing versions.
 
     Args:
-        url: The checkpoint's location, as for :class:`BlobStorageWriter`.
+        url: The checkpoint's location, as for :class:`BlobStorageWriter`; it may be left out and given
+            to each load instead, ``dcp.load(..., checkpoint_id=url)``.
         credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored when ``url`` carries a SAS token.
         max_concurrency: Ranged requests in flight, with ``block_size`` (of 8 MiB) bytes each. A load
             holds about ``1.5 * max_concurrency * block_size`` bytes of fetched data.
@@ -481,7 +497,7 @@ class BlobStorageReader(FileSystemReader):
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
         credential: CredentialArgument = None,
         max_concurrency: int = 8,
@@ -498,7 +514,7 @@ class BlobStorageReader(FileSystemReader):
             verify_checksum=verify_checksum,
             retry=retry,
         )
-        checked_url = files.init_path(url)
+        checked_url = _initial_location(files, url)
         super().__init__(checked_url)
         self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
         self.path = checked_url
@@ -508,11 +524,18 @@ class BlobStorageReader(FileSystemReader):
         """The checkpoint's URL without any SAS token."""
         return shown(os.fspath(self.path))
 
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Point the reader at ``checkpoint_id`` (a URL as for the constructor) for the next load, as
+        ``dcp.load(..., checkpoint_id=url)`` does; ``None`` keeps the URL. What the last load read
+        is forgotten either way."""
+        super().reset(checkpoint_id)
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return _BlobFiles.validate_checkpoint_id(checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        _require_location(self.path, "BlobStorageReader", "dcp.load")
         metadata = super().read_metadata(*args, **kwargs)
         if metadata.storage_meta is not None and isinstance(metadata.storage_meta.checkpoint_id, str):
             metadata.storage_meta.checkpoint_id = shown(metadata.storage_meta.checkpoint_id)
@@ -731,6 +754,19 @@ def _save_token() -> str:
 def _shard_prefix(rank: int, token: str) -> str:
     """What torch's writer puts before ``<n>.distcp`` in the names of a rank's shard files."""
     return f"__{rank}_{token}_"
+
+
+def _initial_location(files: _BlobFiles, url: str | None) -> str:
+    """The constructor's checkpoint URL, checked; ``""`` when there is none yet (``dcp.save`` and
+    ``dcp.load`` then give it as ``checkpoint_id``)."""
+    return "" if url is None else files.init_path(url)
+
+
+def _require_location(path: str | os.PathLike[str], owner: str, call: str) -> None:
+    if not os.fspath(path):
+        raise ValueError(
+            f"{owner} has no checkpoint URL: pass it to {owner}(url) or as {call}(..., checkpoint_id=url)."
+        )
 
 
 def _parse_location(url: str) -> tuple[ContainerUrl, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import tracemalloc
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -29,6 +31,7 @@ from typing import Any, cast
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.logger as dcp_logger
 import torch.multiprocessing
 from azure.core.credentials import AzureNamedKeyCredential
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -388,6 +391,108 @@ def test_without_collectives_an_overwrite_replaces_the_ranks_own_metadata_and_sh
     loaded = empty_like(second)
     dcp.load(loaded, storage_reader=reader(url, account_credential))
     assert_same(loaded, second)
+
+
+# -- one writer and one reader for many checkpoints ------------------------------------------------------
+
+
+def stepped(step: int) -> dict[str, Any]:
+    """A small state dict whose every tensor and value says which step saved it."""
+    return {
+        "weight": torch.full((256,), float(step)),
+        "bias": torch.arange(16, dtype=torch.int64) + step,
+        "step": step,
+    }
+
+
+def test_one_writer_and_one_reader_serve_many_checkpoints_with_flat_memory(
+    container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A training loop: one writer and one reader made once, each save and load names its checkpoint.
+    # Steps 0-29 go to checkpoints of their own, 30-59 replace "latest" each time.
+    save_with = BlobStorageWriter(credential=account_credential, thread_count=2)
+    load_with = BlobStorageReader(credential=account_credential)
+    url_of = {step: container.blob_url(f"run/step-{step}" if step < 30 else "run/latest") for step in range(60)}
+    save_ids = set()
+    traced = {}
+    # torch's DCP logger records every call, and pytest's log capture keeps the records: the
+    # harness's memory, not the loop's.
+    monkeypatch.setattr(dcp_logger._dcp_logger, "disabled", True)
+    tracemalloc.start()
+    try:
+        for step in range(60):
+            dcp.save(stepped(step), checkpoint_id=url_of[step], storage_writer=save_with)
+            save_ids.add(save_with.storage_meta().save_id)  # type: ignore[union-attr]
+            loaded = {"weight": torch.zeros(256), "bias": torch.zeros(16, dtype=torch.int64), "step": None}
+            dcp.load(loaded, checkpoint_id=url_of[step], storage_reader=load_with)
+            assert_same(loaded, stepped(step))
+            if step in (19, 59):
+                gc.collect()
+                traced[step] = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+    assert len(save_ids) == 60  # every save got a save_id of its own
+    for step in (0, 17, 29, 59):  # each checkpoint still holds its own step's values
+        loaded = {"weight": torch.zeros(256), "bias": torch.zeros(16, dtype=torch.int64), "step": None}
+        dcp.load(loaded, checkpoint_id=url_of[step], storage_reader=load_with)
+        assert_same(loaded, stepped(step))
+    assert plain_names(container, "run/latest") == [".metadata", "__0_0.distcp", "__0_1.distcp"]
+    # 40 more saves and loads after warming up keep well under 16 KiB each (bounded caches such as
+    # urllib's fill up): nothing a save or load holds, such as a block buffer or a plan, piles up.
+    growth = traced[59] - traced[19]
+    print(f"Python memory grew by {growth} bytes over 40 steps")
+    assert growth < 40 * 16 * 1024
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://myaccount.blob.core.windows.net/container/ckpt",
+        "https://myaccount.blob.core.windows.net/container/runs/7/step-100/",
+        "https://myaccount.blob.core.windows.net/container",
+        "https://myaccount.blob.core.windows.net/container/ckpt?sv=2024-08-04&sp=racwdl&sig=c2lnbmF0dXJl",
+        "https://myaccount.dfs.core.windows.net/container/ckpt",
+        "http://127.0.0.1:10000/devstoreaccount1/container/ckpt",
+        "https://myaccount.blob.core.windows.net/container/with%20space/ckpt",
+    ],
+)
+def test_every_url_the_constructors_accept_is_a_valid_checkpoint_id(url: str) -> None:
+    for make in (BlobStorageWriter, BlobStorageReader):
+        assert make.validate_checkpoint_id(url)
+        made = make(url, credential=False)
+        made.reset(url)  # what dcp.save/dcp.load(checkpoint_id=url) does
+        assert "sig=" not in made.checkpoint_id
+        assert made.checkpoint_id == make(url, credential=False).checkpoint_id
+
+
+def test_reset_rejects_what_the_constructors_reject() -> None:
+    for make in (BlobStorageWriter, BlobStorageReader):
+        assert not make.validate_checkpoint_id(pathlib.Path("/tmp/checkpoint"))
+        made = make(credential=False)
+        for local in ("/tmp/checkpoint", pathlib.Path("/tmp/checkpoint")):
+            with pytest.raises(ValueError, match="not a blob prefix URL"):
+                made.reset(local)
+
+
+def test_storage_meta_names_the_checkpoint_without_its_sas_and_a_new_save_id_per_reset() -> None:
+    url = "https://myaccount.blob.core.windows.net/container/ckpt"
+    made = BlobStorageWriter(credential=False)
+    made.reset(f"{url}?sv=2024-08-04&sp=racwdl&sig=c2lnbmF0dXJl")
+    first = made.storage_meta()
+    made.reset()
+    second = made.storage_meta()
+    assert first is not None and second is not None
+    assert first.checkpoint_id == second.checkpoint_id == url
+    assert first.save_id != second.save_id
+
+
+def test_a_writer_or_reader_without_a_url_asks_for_one(container: Container) -> None:
+    with pytest.raises(CheckpointException, match=r"BlobStorageWriter has no checkpoint URL.*checkpoint_id=url"):
+        dcp.save(state_dict(tensors=1), storage_writer=BlobStorageWriter(credential=False))
+    with pytest.raises(CheckpointException, match=r"BlobStorageReader has no checkpoint URL.*checkpoint_id=url"):
+        dcp.load(empty_like(state_dict(tensors=1)), storage_reader=BlobStorageReader(credential=False))
+    assert names(container, "") == []
 
 
 # -- a failed save commits nothing after it raised; an overwrite killed at any moment ------------------
