@@ -26,13 +26,14 @@ import re
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import IO, Any, cast
 
 import torch
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import filesystem as _torch_filesystem
+from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 from torch.distributed.checkpoint.filesystem import (
     FileSystemBase,
     FileSystemReader,
@@ -318,6 +319,10 @@ class BlobStorageWriter(FileSystemWriter):
         single_file_per_rank: As for ``FileSystemWriter``: ``False`` writes one file per tensor.
         per_thread_copy_ahead: As for ``FileSystemWriter``: bytes copied from the GPU ahead of writing.
         cache_staged_state_dict: As for ``FileSystemWriter``, for ``dcp.async_save``.
+        _extensions: As for ``FileSystemWriter`` (experimental in torch): stream transforms applied to
+            every item as it is written, such as torch's ``ZStandard`` compression. ``.metadata``
+            names them, and a reader given an ``_extension_registry`` that knows them (torch's
+            default one knows ``ZStandard``) undoes them.
 
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
@@ -341,6 +346,7 @@ class BlobStorageWriter(FileSystemWriter):
         single_file_per_rank: bool = True,
         per_thread_copy_ahead: int = 10_000_000,
         cache_staged_state_dict: bool = False,
+        _extensions: Sequence[StreamTransformExtension] | None = None,
     ) -> None:
         _check_positive_int("thread_count", thread_count)
         _check_transfer_options(max_concurrency, block_size)
@@ -364,6 +370,7 @@ class BlobStorageWriter(FileSystemWriter):
             per_thread_copy_ahead=per_thread_copy_ahead,
             cache_staged_state_dict=cache_staged_state_dict,
             overwrite=overwrite,
+            _extensions=_extensions,
         )
         self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
         self.path = checked_url
@@ -489,6 +496,11 @@ class BlobStorageReader(FileSystemReader):
             seconds per GB.
         retry: How throttled or briefly failing requests are retried: a
             :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+        _extension_registry: As for ``FileSystemReader`` (experimental in torch): the stream
+            transforms a checkpoint's items may have been written with; ``None`` for torch's
+            default registry, which knows ``ZStandard``. Loads then fetch the wanted items' stored
+            (for example compressed) bytes, each item whole, as ``.metadata`` records them, and
+            undo the transforms in memory, one item at a time.
 
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
@@ -505,6 +517,7 @@ class BlobStorageReader(FileSystemReader):
         validate_content: bool = False,
         verify_checksum: bool = False,
         retry: RetryOptions | None = None,
+        _extension_registry: ExtensionRegistry | None = None,
     ) -> None:
         files = _BlobFiles(
             credential,
@@ -515,7 +528,7 @@ class BlobStorageReader(FileSystemReader):
             retry=retry,
         )
         checked_url = _initial_location(files, url)
-        super().__init__(checked_url)
+        super().__init__(checked_url, _extension_registry=_extension_registry)
         self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
         self.path = checked_url
 

@@ -25,8 +25,9 @@ import tempfile
 import threading
 import tracemalloc
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ import torch.distributed.checkpoint.logger as dcp_logger
 import torch.multiprocessing
 from azure.core.credentials import AzureNamedKeyCredential
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension, ZStandard
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
@@ -493,6 +495,164 @@ def test_a_writer_or_reader_without_a_url_asks_for_one(container: Container) -> 
     with pytest.raises(CheckpointException, match=r"BlobStorageReader has no checkpoint URL.*checkpoint_id=url"):
         dcp.load(empty_like(state_dict(tensors=1)), storage_reader=BlobStorageReader(credential=False))
     assert names(container, "") == []
+
+
+# -- stream transform extensions --------------------------------------------------------------------------
+
+
+class Zlib(StreamTransformExtension):
+    """A compressing stream transform of the tests' own: torch's ZStandard needs a package (zstandard
+    or pyzstd) that the suite does not install; this one goes through the same hooks."""
+
+    @staticmethod
+    def registry_name() -> str:
+        return "azstoragetorch-tests.zlib"
+
+    @staticmethod
+    def from_descriptor(version: str) -> Zlib:
+        if version != "1":
+            raise ValueError(f"Unknown Zlib version {version!r}")
+        return Zlib()
+
+    def get_descriptor(self) -> str:
+        return f"{self.registry_name()}/1"
+
+    def transform_to(self, output: IO[bytes]) -> IO[bytes]:
+        return cast(IO[bytes], _ZlibWriter(output))
+
+    def transform_from(self, input: IO[bytes]) -> IO[bytes]:
+        return io.BytesIO(zlib.decompress(input.read()))
+
+
+class _ZlibWriter(io.RawIOBase):
+    def __init__(self, output: IO[bytes]) -> None:
+        super().__init__()
+        self._output = output
+        self._compressor = zlib.compressobj()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._output.write(self._compressor.compress(view))
+        return len(view)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._output.write(self._compressor.flush())
+            self._output.close()  # torch's wrapper of the shard file: flushes, does not close it
+        super().close()
+
+
+def registry() -> ExtensionRegistry:
+    extensions = ExtensionRegistry()
+    extensions.register(Zlib)
+    return extensions
+
+
+def compressible(tensors: int = 6) -> dict[str, Any]:
+    """state_dict() with tensors that compress well (few distinct values)."""
+    return {
+        key: (value * 4).round() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for key, value in state_dict(tensors).items()
+    }
+
+
+def transformed_items(metadata: Any) -> dict[str, Any]:
+    return {index.fqn: info for index, info in metadata.storage_data.items() if info.transform_descriptors}
+
+
+def test_a_checkpoint_written_with_an_extension_round_trips_compressed(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    expected = compressible()
+    url = container.blob_url("zlib")
+    dcp.save(expected, storage_writer=writer(url, account_credential, thread_count=2, _extensions=[Zlib()]))
+
+    metadata = pickle.loads(container.download("zlib/.metadata"))
+    transformed = transformed_items(metadata)
+    assert transformed.keys() >= {f"layer{i}.weight" for i in range(6)}
+    assert all(info.transform_descriptors == ["azstoragetorch-tests.zlib/1"] for info in transformed.values())
+    assert transformed["layer0.weight"].length < expected["layer0.weight"].nbytes / 2  # stored compressed
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, account_credential, _extension_registry=registry()))
+    assert_same(loaded, expected)
+
+
+def test_a_partial_load_of_a_compressed_checkpoint_fetches_the_items_stored_bytes(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    expected = compressible(tensors=8)
+    url = proxy.url(container.blob_url("zlib-partial"))
+    dcp.save(expected, storage_writer=writer(url, azurite.credential, _extensions=[Zlib()]))
+    wanted = {"layer5.weight": torch.zeros(64 * 1024), "step": None}
+    before = len(proxy.requests)
+
+    dcp.load(
+        wanted,
+        storage_reader=reader(url, azurite.credential, _extension_registry=registry()),
+        planner=DefaultLoadPlanner(allow_partial_load=True),
+    )
+
+    assert torch.equal(wanted["layer5.weight"], expected["layer5.weight"]) and wanted["step"] == 1234
+    reads = [seen for seen in shard_gets(proxy) if proxy.requests.index(seen) >= before]
+    storage = pickle.loads(container.download("zlib-partial/.metadata")).storage_data
+    wanted_lengths = sum(info.length for index, info in storage.items() if index.fqn in wanted)
+    # Each wanted item's compressed bytes, whole, as .metadata records them; nothing else.
+    assert bytes_asked(reads) == wanted_lengths < size_of(container, "zlib-partial", "__0_0.distcp") / 4
+
+
+def test_a_compressed_blob_checkpoint_copied_to_disk_loads_with_file_system_reader(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = compressible()
+    dcp.save(
+        expected,
+        storage_writer=writer(container.blob_url("zup"), account_credential, thread_count=2, _extensions=[Zlib()]),
+    )
+    for name in names(container, "zup"):
+        (tmp_path / name).write_bytes(container.download(f"zup/{name}"))
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=FileSystemReader(tmp_path, _extension_registry=registry()))
+
+    assert_same(loaded, expected)
+
+
+def test_a_compressed_disk_checkpoint_copied_up_loads_with_blob_storage_reader(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = compressible()
+    dcp.save(expected, storage_writer=FileSystemWriter(tmp_path, thread_count=3, _extensions=[Zlib()]))
+    for path in tmp_path.iterdir():
+        container.upload(f"zdown/{path.name}", path.read_bytes())
+
+    loaded = empty_like(expected)
+    dcp.load(
+        loaded, storage_reader=reader(container.blob_url("zdown"), account_credential, _extension_registry=registry())
+    )
+
+    assert_same(loaded, expected)
+
+
+@pytest.mark.skipif(not ZStandard.is_available(), reason="torch's ZStandard needs the zstandard or pyzstd package")
+def test_torchs_zstandard_round_trips_with_the_default_registry(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = compressible()
+    url = container.blob_url("zstd")
+    dcp.save(expected, storage_writer=writer(url, account_credential, _extensions=[ZStandard()]))
+    assert transformed_items(pickle.loads(container.download("zstd/.metadata")))
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))  # torch's default registry knows it
+    assert_same(loaded, expected)
+    for name in names(container, "zstd"):
+        (tmp_path / name).write_bytes(container.download(f"zstd/{name}"))
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=FileSystemReader(tmp_path))
+    assert_same(loaded, expected)
 
 
 # -- a failed save commits nothing after it raised; an overwrite killed at any moment ------------------
