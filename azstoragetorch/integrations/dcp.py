@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.filesystem import (
     FileSystemBase,
     FileSystemReader,
     FileSystemWriter,
+    SerializationFormat,
     _StorageInfo,
     _StoragePrefix,
 )
@@ -323,10 +324,14 @@ class BlobStorageWriter(FileSystemWriter):
             every item as it is written, such as torch's ``ZStandard`` compression. ``.metadata``
             names them, and a reader given an ``_extension_registry`` that knows them (torch's
             default one knows ``ZStandard``) undoes them.
+        serialization_format: As for ``FileSystemWriter``: ``SerializationFormat.TORCH_SAVE`` (the
+            default) or ``SerializationFormat.SAFETENSORS`` (needs the ``safetensors`` package),
+            written with the same bytes. Like ``FileSystemReader``, :class:`BlobStorageReader` loads
+            ``TORCH_SAVE`` checkpoints.
 
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
-        TypeError: ``credential`` is of an unsupported type.
+        TypeError: ``credential`` or ``serialization_format`` is of an unsupported type.
 
     ``storage_meta()`` (which torch records in ``.metadata``) and :attr:`checkpoint_id` give the URL
     without its SAS token.
@@ -347,8 +352,14 @@ class BlobStorageWriter(FileSystemWriter):
         per_thread_copy_ahead: int = 10_000_000,
         cache_staged_state_dict: bool = False,
         _extensions: Sequence[StreamTransformExtension] | None = None,
+        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
     ) -> None:
         _check_positive_int("thread_count", thread_count)
+        if not isinstance(serialization_format, SerializationFormat):
+            raise TypeError(
+                "serialization_format must be a torch.distributed.checkpoint.filesystem.SerializationFormat, "
+                f"not {type(serialization_format).__name__}."
+            )
         _check_transfer_options(max_concurrency, block_size)
         # The rank's uploads in flight are shared by the files it writes at once, which bounds its
         # memory at (max_concurrency + thread_count) blocks whatever thread_count is.
@@ -371,6 +382,7 @@ class BlobStorageWriter(FileSystemWriter):
             cache_staged_state_dict=cache_staged_state_dict,
             overwrite=overwrite,
             _extensions=_extensions,
+            serialization_format=serialization_format,
         )
         self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
         self.path = checked_url

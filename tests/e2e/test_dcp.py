@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import importlib.util
 import io
 import json
 import logging
@@ -39,6 +40,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension, ZStandard
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import SerializationFormat
 
 from azstoragetorch._client import _schedule
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
@@ -653,6 +655,47 @@ def test_torchs_zstandard_round_trips_with_the_default_registry(
     loaded = empty_like(expected)
     dcp.load(loaded, storage_reader=FileSystemReader(tmp_path))
     assert_same(loaded, expected)
+
+
+# -- serialization formats --------------------------------------------------------------------------------
+
+
+def test_serialization_format_torch_save_round_trips_with_file_system_writers_bytes(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = state_dict()
+    url = container.blob_url("torch-save")
+    chosen = SerializationFormat.TORCH_SAVE
+    dcp.save(expected, storage_writer=writer(url, account_credential, serialization_format=chosen))
+    dcp.save(expected, storage_writer=FileSystemWriter(tmp_path, serialization_format=chosen))
+
+    for name in names(container, "torch-save"):
+        if name.endswith(".distcp"):
+            assert container.download(f"torch-save/{name}") == (tmp_path / plain(name)).read_bytes()
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+    assert_same(loaded, expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("safetensors") is None, reason="SAFETENSORS needs the safetensors package")
+def test_serialization_format_safetensors_writes_file_system_writers_bytes(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = {key: value for key, value in state_dict().items() if isinstance(value, torch.Tensor)}
+    chosen = SerializationFormat.SAFETENSORS
+    dcp.save(expected, storage_writer=writer(container.blob_url("st"), account_credential, serialization_format=chosen))
+    dcp.save(expected, storage_writer=FileSystemWriter(tmp_path, serialization_format=chosen))
+
+    shards = [name for name in names(container, "st") if name.endswith(".distcp")]
+    assert shards
+    for name in shards:
+        assert container.download(f"st/{name}") == (tmp_path / plain(name)).read_bytes()
+
+
+def test_a_serialization_format_that_is_not_torchs_enum_is_rejected() -> None:
+    # FileSystemWriter compares it with the enum's members: "torch_save" would write no tensor bytes.
+    with pytest.raises(TypeError, match=r"serialization_format must be a .*SerializationFormat, not str"):
+        BlobStorageWriter("https://myaccount.blob.core.windows.net/container/ckpt", serialization_format="torch_save")  # type: ignore[arg-type]
 
 
 # -- a failed save commits nothing after it raised; an overwrite killed at any moment ------------------
