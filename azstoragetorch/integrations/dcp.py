@@ -64,7 +64,7 @@ from azstoragetorch.exceptions import ChecksumMismatchError
 from azstoragetorch.io import BlobIO, _check_positive_int, _check_transfer_options
 from azstoragetorch.retry import RetryOptions
 
-__all__ = ["BlobStorageReader", "BlobStorageWriter"]
+__all__ = ["BlobStorageReader", "BlobStorageWriter", "CheckpointVerification"]
 
 _MiB = 1024 * 1024
 # Shard files: __<rank>_<token>_<n>.distcp as BlobStorageWriter names them (the token is its save's),
@@ -566,6 +566,63 @@ class BlobStorageReader(FileSystemReader):
             metadata.storage_meta.checkpoint_id = shown(metadata.storage_meta.checkpoint_id)
         return metadata
 
+    def verify(self) -> CheckpointVerification:
+        """Check every file of the checkpoint against the CRC-32 its writer recorded, without loading it.
+
+        Reads ``.metadata`` and then every shard file it names, whole (``max_concurrency`` ranged
+        requests of ``block_size`` in flight, the reader's memory bound), and compares each file's
+        CRC-32 with the one recorded when it was committed. Nothing is raised for a bad file: the
+        result names every file that does not match, is missing, or has no recorded CRC-32 (written
+        by another tool, such as ``FileSystemWriter`` and a copy). Only checkpoints saved with
+        collectives (one ``.metadata``) are covered.
+
+        Raises:
+            FileNotFoundError: There is no ``.metadata`` at the URL.
+        """
+        if not os.fspath(self.path):
+            raise ValueError(
+                "BlobStorageReader has no checkpoint URL: pass it to BlobStorageReader(url) or reset(url)."
+            )
+        files = cast(_BlobFiles, self.fs)
+        checking = _BlobFiles(
+            files.credential,
+            max_concurrency=files.max_concurrency,
+            block_size=files.block_size,
+            validate_content=files.validate_content,
+            verify_checksum=True,
+            retry=files.retry,
+        )
+        metadata_name = ".metadata"
+        with checking.create_stream(self._get_metadata_path(), "rb") as stream:
+            metadata = cast(Metadata, pickle.load(stream))
+        names = [metadata_name, *sorted({info.relative_path for info in metadata.storage_data.values()})]
+        fetcher = _SpanFetcher(checking, os.fspath(self.path))
+        missing, unchecked, spans = [], [], []
+        max_span = max(files.block_size, files.max_concurrency * files.block_size // 2)
+        for name in names:
+            try:
+                _, properties = fetcher.pinned_version(name)
+            except FileNotFoundError:
+                missing.append(name)
+                continue
+            if properties.crc32 is None:
+                unchecked.append(name)
+                continue
+            spans += [
+                _Span(name, start, min(start + max_span, properties.size), [])
+                for start in range(0, properties.size, max_span)
+            ]
+        for _ in fetcher.fetch_in_order(spans):
+            pass  # the bytes only feed the checksums
+        checked = [name for name in names if name not in missing and name not in unchecked]
+        return CheckpointVerification(
+            checkpoint_id=self.checkpoint_id,
+            checked=checked,
+            mismatched=[name for name in checked if fetcher.mismatch(name) is not None],
+            missing=missing,
+            unchecked=unchecked,
+        )
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         files = cast(_BlobFiles, self.fs)
         window = files.max_concurrency * files.block_size
@@ -596,6 +653,27 @@ class BlobStorageReader(FileSystemReader):
             raise AssertionError(f"req {request.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")
         target.copy_(tensor)
         planner.commit_tensor(request, target)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointVerification:
+    """What :meth:`BlobStorageReader.verify` found. File names are relative to the checkpoint's URL."""
+
+    checkpoint_id: str
+    """The checkpoint's URL, without any SAS token."""
+    checked: list[str]
+    """The files read whole and compared with their recorded CRC-32 (``.metadata`` first)."""
+    mismatched: list[str]
+    """Those of ``checked`` whose CRC-32 is not the recorded one: their bytes changed after the commit."""
+    missing: list[str]
+    """Files ``.metadata`` names that do not exist."""
+    unchecked: list[str]
+    """Files without a recorded CRC-32 (not written by azstoragetorch), which could not be checked."""
+
+    @property
+    def ok(self) -> bool:
+        """Every file exists and matches its recorded CRC-32 (files without one aside)."""
+        return not self.mismatched and not self.missing
 
 
 # -- loading: which bytes, in which requests ------------------------------------------------------------
@@ -691,15 +769,24 @@ class _SpanFetcher:
 
     def verify_whole_files(self) -> None:
         """Check every shard file read whole against the CRC-32 its writer recorded."""
-        for relative_path, checksums in self._checksums.items():
-            client, properties = self._pinned_version(relative_path)
-            actual = checksums.whole()
-            if actual is not None and properties.crc32 is not None and actual != properties.crc32:
-                expected = f"{properties.crc32:08x}"
-                raise ChecksumMismatchError(client.display_url, "CRC-32 of the shard file", expected, f"{actual:08x}")
+        for relative_path in self._checksums:
+            found = self.mismatch(relative_path)
+            if found is not None:
+                client, expected, actual = found
+                raise ChecksumMismatchError(client.display_url, "CRC-32 of the shard file", expected, actual)
+
+    def mismatch(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, str, str] | None:
+        """For a file read whole whose CRC-32 differs from the recorded one: its client, the recorded
+        and the actual CRC-32 (hex). ``None`` otherwise, also for a file not read whole, or empty."""
+        checksums = self._checksums.get(relative_path)
+        client, properties = self.pinned_version(relative_path)
+        actual = None if checksums is None else checksums.whole()
+        if actual is not None and properties.crc32 is not None and actual != properties.crc32:
+            return client, f"{properties.crc32:08x}", f"{actual:08x}"
+        return None
 
     def _fetch(self, span: _Span) -> _buffers.Lease:
-        client, properties = self._pinned_version(span.relative_path)
+        client, properties = self.pinned_version(span.relative_path)
         length = span.end - span.start
         lease = client.download_range(
             span.start,
@@ -715,7 +802,7 @@ class _SpanFetcher:
             checksums.add(span.start, lease.view(length))
         return lease
 
-    def _pinned_version(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, BlobProperties]:
+    def pinned_version(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, BlobProperties]:
         """The shard file's client and properties; every range is read at their ETag (one request per file)."""
         with self._lock:
             future = self._versions.get(relative_path)

@@ -698,6 +698,61 @@ def test_a_serialization_format_that_is_not_torchs_enum_is_rejected() -> None:
         BlobStorageWriter("https://myaccount.blob.core.windows.net/container/ckpt", serialization_format="torch_save")  # type: ignore[arg-type]
 
 
+# -- verifying a checkpoint without loading it ----------------------------------------------------------
+
+
+def corrupt(container: Container, name: str) -> None:
+    """Change one byte of the blob ``name``, keeping its metadata (and so its recorded CRC-32)."""
+    blob = container.client.get_blob_client(name)
+    recorded = blob.get_blob_properties().metadata
+    data = bytearray(container.download(name))
+    data[len(data) // 2] ^= 0xFF
+    blob.upload_blob(bytes(data), metadata=recorded, overwrite=True)
+
+
+def test_verify_checks_every_file_against_its_recorded_crc32_and_names_the_bad_ones(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    url = container.blob_url("verified")
+    dcp.save(state_dict(), storage_writer=writer(url, account_credential, thread_count=3))
+    shards = [name for name in names(container, "verified") if name.endswith(".distcp")]
+    checker = reader(url, account_credential, block_size=64 * 1024, max_concurrency=2)  # many ranges per file
+
+    healthy = checker.verify()
+
+    assert healthy.ok and healthy.checked == [".metadata", *shards]
+    assert healthy.mismatched == healthy.missing == healthy.unchecked == []
+    assert healthy.checkpoint_id == url
+
+    corrupt(container, f"verified/{shards[1]}")
+    container.client.delete_blob(f"verified/{shards[2]}")
+    broken = checker.verify()
+
+    assert not broken.ok
+    assert broken.mismatched == [shards[1]] and broken.missing == [shards[2]]
+    assert broken.checked == [".metadata", shards[0], shards[1]]
+
+
+def test_verify_lists_files_without_a_recorded_crc32_as_unchecked(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    dcp.save(state_dict(), storage_writer=FileSystemWriter(tmp_path, thread_count=2))
+    for path in tmp_path.iterdir():
+        container.upload(f"copied/{path.name}", path.read_bytes())
+
+    result = reader(container.blob_url("copied"), account_credential).verify()
+
+    assert result.ok and result.checked == []
+    assert result.unchecked == [".metadata", "__0_0.distcp", "__0_1.distcp"]
+
+
+def test_verify_without_a_checkpoint_raises_file_not_found(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    with pytest.raises(FileNotFoundError, match="No such blob"):
+        reader(container.blob_url("nothing"), account_credential).verify()
+
+
 # -- a failed save commits nothing after it raised; an overwrite killed at any moment ------------------
 
 UPLOADS = ("PutBlob", "PutBlock", "PutBlockList")
