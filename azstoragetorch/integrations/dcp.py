@@ -103,6 +103,17 @@ class _BlobFiles(FileSystemBase):
         self.verify_checksum = verify_checksum
         self.shard_writers = _ShardWriters()  # those of the save under way; write_data starts a new one
 
+    def __getstate__(self) -> dict[str, Any]:
+        # dcp.async_save with the process checkpointer pickles the writer into its saving process;
+        # the shard writers (a lock) belong to a save under way in this process, not to the copy.
+        state = dict(self.__dict__)
+        del state["shard_writers"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.shard_writers = _ShardWriters()
+
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
         url = os.fspath(path)
@@ -296,7 +307,8 @@ class BlobStorageWriter(FileSystemWriter):
     ``.metadata`` does not use. So at every moment the prefix holds a loadable checkpoint: the old
     one until ``.metadata`` is replaced, the new one from then on. When one shard file fails, the
     save's other shard files stop and commit nothing, and the save raises once none of them can
-    still commit. ``dcp.async_save`` works too.
+    still commit. ``dcp.async_save`` works too, with the thread and the process checkpointer (the
+    process one pickles the writer into its saving process, so ``credential`` must pickle).
 
     Args:
         url: The checkpoint's location: ``https://<account>.blob.core.windows.net/<container>/<prefix>``

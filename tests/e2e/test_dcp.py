@@ -226,6 +226,25 @@ def test_async_save(container: Container, account_credential: AzureNamedKeyCrede
     assert_same(loaded, expected)
 
 
+@pytest.mark.parametrize("checkpointer", ["thread", "process"])
+def test_async_save_with_each_checkpointer_type_and_stager_loads_what_was_saved(
+    container: Container, checkpointer: str
+) -> None:
+    # In a process of its own: the process checkpointer needs a process group (world size 1 here)
+    # and starts a saving process of its own, to which it pickles the writer.
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+    command = [sys.executable, "-m", "tests.e2e.dcp_async_run", checkpointer, container.blob_url(checkpointer)]
+
+    run = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=600)
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[:-1] == [
+        "writer ok",
+        "default-shared-memory ok",
+        "default-private-memory ok",
+    ], run.stdout
+
+
 def test_sas_url_authorizes_and_stays_out_of_metadata_and_logs(
     container: Container, caplog: pytest.LogCaptureFixture
 ) -> None:
