@@ -26,17 +26,19 @@ import re
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import IO, Any, cast
 
 import torch
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import filesystem as _torch_filesystem
+from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 from torch.distributed.checkpoint.filesystem import (
     FileSystemBase,
     FileSystemReader,
     FileSystemWriter,
+    SerializationFormat,
     _StorageInfo,
     _StoragePrefix,
 )
@@ -62,7 +64,7 @@ from azstoragetorch.exceptions import ChecksumMismatchError
 from azstoragetorch.io import BlobIO, _check_positive_int, _check_transfer_options
 from azstoragetorch.retry import RetryOptions
 
-__all__ = ["BlobStorageReader", "BlobStorageWriter"]
+__all__ = ["BlobStorageReader", "BlobStorageWriter", "CheckpointVerification"]
 
 _MiB = 1024 * 1024
 # Shard files: __<rank>_<token>_<n>.distcp as BlobStorageWriter names them (the token is its save's),
@@ -100,6 +102,17 @@ class _BlobFiles(FileSystemBase):
         self.validate_content = validate_content
         self.verify_checksum = verify_checksum
         self.shard_writers = _ShardWriters()  # those of the save under way; write_data starts a new one
+
+    def __getstate__(self) -> dict[str, Any]:
+        # dcp.async_save with the process checkpointer pickles the writer into its saving process;
+        # the shard writers (a lock) belong to a save under way in this process, not to the copy.
+        state = dict(self.__dict__)
+        del state["shard_writers"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.shard_writers = _ShardWriters()
 
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
@@ -294,16 +307,21 @@ class BlobStorageWriter(FileSystemWriter):
     ``.metadata`` does not use. So at every moment the prefix holds a loadable checkpoint: the old
     one until ``.metadata`` is replaced, the new one from then on. When one shard file fails, the
     save's other shard files stop and commit nothing, and the save raises once none of them can
-    still commit. ``dcp.async_save`` works too.
+    still commit. ``dcp.async_save`` works too, with the thread and the process checkpointer (the
+    process one pickles the writer into its saving process, so ``credential`` must pickle).
 
     Args:
         url: The checkpoint's location: ``https://<account>.blob.core.windows.net/<container>/<prefix>``
             (or ``http://127.0.0.1:10000/<account>/<container>/<prefix>`` for the Azurite emulator).
-            A SAS token in the query string authorizes the requests.
+            A SAS token in the query string authorizes the requests. It may be left out and given to
+            each save instead, ``dcp.save(..., checkpoint_id=url)``, which calls :meth:`reset`: one
+            writer then serves any number of checkpoints.
         credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored when ``url`` carries a SAS token.
         thread_count: Shard files each rank writes at once (and so the number of files per rank).
-        overwrite: Replace a checkpoint that already exists at ``url``; it stays loadable until the
-            new ``.metadata`` replaces it. ``False`` (the default) raises ``FileExistsError`` instead.
+        overwrite: Replace a checkpoint that already exists at ``url`` (the default, as for
+            ``FileSystemWriter``); it stays loadable until the new ``.metadata`` replaces it.
+            ``False`` refuses, with torch's error: a ``RuntimeError``, "Checkpoint already exists and
+            self.overwrite=False.", which ``dcp.save`` raises inside a ``CheckpointException``.
         max_concurrency: Parallel block uploads per rank, shared by the ``thread_count`` files it
             writes at once. A rank holds about ``(max_concurrency + thread_count) * block_size`` bytes
             of blocks.
@@ -314,19 +332,30 @@ class BlobStorageWriter(FileSystemWriter):
         single_file_per_rank: As for ``FileSystemWriter``: ``False`` writes one file per tensor.
         per_thread_copy_ahead: As for ``FileSystemWriter``: bytes copied from the GPU ahead of writing.
         cache_staged_state_dict: As for ``FileSystemWriter``, for ``dcp.async_save``.
+        _extensions: As for ``FileSystemWriter`` (experimental in torch): stream transforms applied to
+            every item as it is written, such as torch's ``ZStandard`` compression. ``.metadata``
+            names them, and a reader given an ``_extension_registry`` that knows them (torch's
+            default one knows ``ZStandard``) undoes them.
+        serialization_format: As for ``FileSystemWriter``: ``SerializationFormat.TORCH_SAVE`` (the
+            default) or ``SerializationFormat.SAFETENSORS`` (needs the ``safetensors`` package),
+            written with the same bytes. Like ``FileSystemReader``, :class:`BlobStorageReader` loads
+            ``TORCH_SAVE`` checkpoints.
 
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
-        TypeError: ``credential`` is of an unsupported type.
+        TypeError: ``credential`` or ``serialization_format`` is of an unsupported type.
+
+    ``storage_meta()`` (which torch records in ``.metadata``) and :attr:`checkpoint_id` give the URL
+    without its SAS token.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
         credential: CredentialArgument = None,
         thread_count: int = 1,
-        overwrite: bool = False,
+        overwrite: bool = True,
         max_concurrency: int = 8,
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
@@ -334,8 +363,15 @@ class BlobStorageWriter(FileSystemWriter):
         single_file_per_rank: bool = True,
         per_thread_copy_ahead: int = 10_000_000,
         cache_staged_state_dict: bool = False,
+        _extensions: Sequence[StreamTransformExtension] | None = None,
+        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
     ) -> None:
         _check_positive_int("thread_count", thread_count)
+        if not isinstance(serialization_format, SerializationFormat):
+            raise TypeError(
+                "serialization_format must be a torch.distributed.checkpoint.filesystem.SerializationFormat, "
+                f"not {type(serialization_format).__name__}."
+            )
         _check_transfer_options(max_concurrency, block_size)
         # The rank's uploads in flight are shared by the files it writes at once, which bounds its
         # memory at (max_concurrency + thread_count) blocks whatever thread_count is.
@@ -347,7 +383,7 @@ class BlobStorageWriter(FileSystemWriter):
             validate_content=validate_content,
             retry=retry,
         )
-        checked_url = files.init_path(url)
+        checked_url = _initial_location(files, url)
         super().__init__(
             checked_url,
             single_file_per_rank=single_file_per_rank,
@@ -357,6 +393,8 @@ class BlobStorageWriter(FileSystemWriter):
             per_thread_copy_ahead=per_thread_copy_ahead,
             cache_staged_state_dict=cache_staged_state_dict,
             overwrite=overwrite,
+            _extensions=_extensions,
+            serialization_format=serialization_format,
         )
         self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
         self.path = checked_url
@@ -366,17 +404,27 @@ class BlobStorageWriter(FileSystemWriter):
         """The checkpoint's URL without any SAS token (torch records it in ``.metadata`` and its logs)."""
         return shown(os.fspath(self.path))
 
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Point the writer at ``checkpoint_id`` (a URL as for the constructor) for the next save, as
+        ``dcp.save(..., checkpoint_id=url)`` does; ``None`` keeps the URL. Either way the next save
+        gets a new ``save_id``."""
+        super().reset(checkpoint_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        _require_location(self.path, "BlobStorageWriter", "dcp.save")
+        super().set_up_storage_writer(is_coordinator, *args, **kwargs)
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return _BlobFiles.validate_checkpoint_id(checkpoint_id)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        # Replaces FileSystemWriter's version, whose warning would print the URL with its SAS token.
-        # An existing checkpoint stays untouched until this save's .metadata replaces it (finish).
-        if self._metadata_exists() and not self.overwrite:
-            raise FileExistsError(
-                errno.EEXIST, "A checkpoint already exists here; pass overwrite=True to replace it", self.checkpoint_id
-            )
+        # Replaces FileSystemWriter's version, whose warning about an overwrite would print the URL
+        # with its SAS token; here an overwrite needs no warning, since the existing checkpoint stays
+        # untouched until this save's .metadata replaces it (finish). A refusal is torch's, word for
+        # word, so that code written against FileSystemWriter recognises it.
+        if not self.overwrite and self._metadata_exists():
+            raise RuntimeError(f"Checkpoint already exists and {self.overwrite=}.")
         if self.rank is not None and not self.use_collectives:
             plan = dataclasses.replace(plan, storage_data=_StoragePrefix(_shard_prefix(self.rank, _save_token())))
         return plan
@@ -459,7 +507,8 @@ class BlobStorageReader(FileSystemReader):
     :class:`~azstoragetorch.exceptions.BlobModifiedDuringReadError` instead of mixing versions.
 
     Args:
-        url: The checkpoint's location, as for :class:`BlobStorageWriter`.
+        url: The checkpoint's location, as for :class:`BlobStorageWriter`; it may be left out and given
+            to each load instead, ``dcp.load(..., checkpoint_id=url)``.
         credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored when ``url`` carries a SAS token.
         max_concurrency: Ranged requests in flight, with ``block_size`` (of 8 MiB) bytes each. A load
             holds about ``1.5 * max_concurrency * block_size`` bytes of fetched data.
@@ -471,6 +520,11 @@ class BlobStorageReader(FileSystemReader):
             seconds per GB.
         retry: How throttled or briefly failing requests are retried: a
             :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+        _extension_registry: As for ``FileSystemReader`` (experimental in torch): the stream
+            transforms a checkpoint's items may have been written with; ``None`` for torch's
+            default registry, which knows ``ZStandard``. Loads then fetch the wanted items' stored
+            (for example compressed) bytes, each item whole, as ``.metadata`` records them, and
+            undo the transforms in memory, one item at a time.
 
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
@@ -479,7 +533,7 @@ class BlobStorageReader(FileSystemReader):
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
         credential: CredentialArgument = None,
         max_concurrency: int = 8,
@@ -487,6 +541,7 @@ class BlobStorageReader(FileSystemReader):
         validate_content: bool = False,
         verify_checksum: bool = False,
         retry: RetryOptions | None = None,
+        _extension_registry: ExtensionRegistry | None = None,
     ) -> None:
         files = _BlobFiles(
             credential,
@@ -496,8 +551,8 @@ class BlobStorageReader(FileSystemReader):
             verify_checksum=verify_checksum,
             retry=retry,
         )
-        checked_url = files.init_path(url)
-        super().__init__(checked_url)
+        checked_url = _initial_location(files, url)
+        super().__init__(checked_url, _extension_registry=_extension_registry)
         self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
         self.path = checked_url
 
@@ -506,15 +561,79 @@ class BlobStorageReader(FileSystemReader):
         """The checkpoint's URL without any SAS token."""
         return shown(os.fspath(self.path))
 
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """Point the reader at ``checkpoint_id`` (a URL as for the constructor) for the next load, as
+        ``dcp.load(..., checkpoint_id=url)`` does; ``None`` keeps the URL. What the last load read
+        is forgotten either way."""
+        super().reset(checkpoint_id)
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return _BlobFiles.validate_checkpoint_id(checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        _require_location(self.path, "BlobStorageReader", "dcp.load")
         metadata = super().read_metadata(*args, **kwargs)
         if metadata.storage_meta is not None and isinstance(metadata.storage_meta.checkpoint_id, str):
             metadata.storage_meta.checkpoint_id = shown(metadata.storage_meta.checkpoint_id)
         return metadata
+
+    def verify(self) -> CheckpointVerification:
+        """Check every file of the checkpoint against the CRC-32 its writer recorded, without loading it.
+
+        Reads ``.metadata`` and then every shard file it names, whole (``max_concurrency`` ranged
+        requests of ``block_size`` in flight, the reader's memory bound), and compares each file's
+        CRC-32 with the one recorded when it was committed. Nothing is raised for a bad file: the
+        result names every file that does not match, is missing, or has no recorded CRC-32 (written
+        by another tool, such as ``FileSystemWriter`` and a copy). Only checkpoints saved with
+        collectives (one ``.metadata``) are covered.
+
+        Raises:
+            FileNotFoundError: There is no ``.metadata`` at the URL.
+        """
+        if not os.fspath(self.path):
+            raise ValueError(
+                "BlobStorageReader has no checkpoint URL: pass it to BlobStorageReader(url) or reset(url)."
+            )
+        files = cast(_BlobFiles, self.fs)
+        checking = _BlobFiles(
+            files.credential,
+            max_concurrency=files.max_concurrency,
+            block_size=files.block_size,
+            validate_content=files.validate_content,
+            verify_checksum=True,
+            retry=files.retry,
+        )
+        metadata_name = ".metadata"
+        with checking.create_stream(self._get_metadata_path(), "rb") as stream:
+            metadata = cast(Metadata, pickle.load(stream))
+        names = [metadata_name, *sorted({info.relative_path for info in metadata.storage_data.values()})]
+        fetcher = _SpanFetcher(checking, os.fspath(self.path))
+        missing, unchecked, spans = [], [], []
+        max_span = max(files.block_size, files.max_concurrency * files.block_size // 2)
+        for name in names:
+            try:
+                _, properties = fetcher.pinned_version(name)
+            except FileNotFoundError:
+                missing.append(name)
+                continue
+            if properties.crc32 is None:
+                unchecked.append(name)
+                continue
+            spans += [
+                _Span(name, start, min(start + max_span, properties.size), [])
+                for start in range(0, properties.size, max_span)
+            ]
+        for _ in fetcher.fetch_in_order(spans):
+            pass  # the bytes only feed the checksums
+        checked = [name for name in names if name not in missing and name not in unchecked]
+        return CheckpointVerification(
+            checkpoint_id=self.checkpoint_id,
+            checked=checked,
+            mismatched=[name for name in checked if fetcher.mismatch(name) is not None],
+            missing=missing,
+            unchecked=unchecked,
+        )
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         files = cast(_BlobFiles, self.fs)
@@ -546,6 +665,27 @@ class BlobStorageReader(FileSystemReader):
             raise AssertionError(f"req {request.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")
         target.copy_(tensor)
         planner.commit_tensor(request, target)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointVerification:
+    """What :meth:`BlobStorageReader.verify` found. File names are relative to the checkpoint's URL."""
+
+    checkpoint_id: str
+    """The checkpoint's URL, without any SAS token."""
+    checked: list[str]
+    """The files read whole and compared with their recorded CRC-32 (``.metadata`` first)."""
+    mismatched: list[str]
+    """Those of ``checked`` whose CRC-32 is not the recorded one: their bytes changed after the commit."""
+    missing: list[str]
+    """Files ``.metadata`` names that do not exist."""
+    unchecked: list[str]
+    """Files without a recorded CRC-32 (not written by azstoragetorch), which could not be checked."""
+
+    @property
+    def ok(self) -> bool:
+        """Every file exists and matches its recorded CRC-32 (files without one aside)."""
+        return not self.mismatched and not self.missing
 
 
 # -- loading: which bytes, in which requests ------------------------------------------------------------
@@ -641,15 +781,24 @@ class _SpanFetcher:
 
     def verify_whole_files(self) -> None:
         """Check every shard file read whole against the CRC-32 its writer recorded."""
-        for relative_path, checksums in self._checksums.items():
-            client, properties = self._pinned_version(relative_path)
-            actual = checksums.whole()
-            if actual is not None and properties.crc32 is not None and actual != properties.crc32:
-                expected = f"{properties.crc32:08x}"
-                raise ChecksumMismatchError(client.display_url, "CRC-32 of the shard file", expected, f"{actual:08x}")
+        for relative_path in self._checksums:
+            found = self.mismatch(relative_path)
+            if found is not None:
+                client, expected, actual = found
+                raise ChecksumMismatchError(client.display_url, "CRC-32 of the shard file", expected, actual)
+
+    def mismatch(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, str, str] | None:
+        """For a file read whole whose CRC-32 differs from the recorded one: its client, the recorded
+        and the actual CRC-32 (hex). ``None`` otherwise, also for a file not read whole, or empty."""
+        checksums = self._checksums.get(relative_path)
+        client, properties = self.pinned_version(relative_path)
+        actual = None if checksums is None else checksums.whole()
+        if actual is not None and properties.crc32 is not None and actual != properties.crc32:
+            return client, f"{properties.crc32:08x}", f"{actual:08x}"
+        return None
 
     def _fetch(self, span: _Span) -> _buffers.Lease:
-        client, properties = self._pinned_version(span.relative_path)
+        client, properties = self.pinned_version(span.relative_path)
         length = span.end - span.start
         lease = client.download_range(
             span.start,
@@ -665,7 +814,7 @@ class _SpanFetcher:
             checksums.add(span.start, lease.view(length))
         return lease
 
-    def _pinned_version(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, BlobProperties]:
+    def pinned_version(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, BlobProperties]:
         """The shard file's client and properties; every range is read at their ETag (one request per file)."""
         with self._lock:
             future = self._versions.get(relative_path)
@@ -729,6 +878,19 @@ def _save_token() -> str:
 def _shard_prefix(rank: int, token: str) -> str:
     """What torch's writer puts before ``<n>.distcp`` in the names of a rank's shard files."""
     return f"__{rank}_{token}_"
+
+
+def _initial_location(files: _BlobFiles, url: str | None) -> str:
+    """The constructor's checkpoint URL, checked; ``""`` when there is none yet (``dcp.save`` and
+    ``dcp.load`` then give it as ``checkpoint_id``)."""
+    return "" if url is None else files.init_path(url)
+
+
+def _require_location(path: str | os.PathLike[str], owner: str, call: str) -> None:
+    if not os.fspath(path):
+        raise ValueError(
+            f"{owner} has no checkpoint URL: pass it to {owner}(url) or as {call}(..., checkpoint_id=url)."
+        )
 
 
 def _parse_location(url: str) -> tuple[ContainerUrl, str]:

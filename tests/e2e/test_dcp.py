@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
+import importlib.util
 import io
 import json
 import logging
@@ -22,17 +24,23 @@ import subprocess
 import sys
 import tempfile
 import threading
+import tracemalloc
+import warnings
+import zlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any, cast
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.logger as dcp_logger
 import torch.multiprocessing
 from azure.core.credentials import AzureNamedKeyCredential
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension, ZStandard
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import SerializationFormat
 
 from azstoragetorch._client import _schedule
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
@@ -218,6 +226,25 @@ def test_async_save(container: Container, account_credential: AzureNamedKeyCrede
     assert_same(loaded, expected)
 
 
+@pytest.mark.parametrize("checkpointer", ["thread", "process"])
+def test_async_save_with_each_checkpointer_type_and_stager_loads_what_was_saved(
+    container: Container, checkpointer: str
+) -> None:
+    # In a process of its own: the process checkpointer needs a process group (world size 1 here)
+    # and starts a saving process of its own, to which it pickles the writer.
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
+    command = [sys.executable, "-m", "tests.e2e.dcp_async_run", checkpointer, container.blob_url(checkpointer)]
+
+    run = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=600)
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split("\n")[:-1] == [
+        "writer ok",
+        "default-shared-memory ok",
+        "default-private-memory ok",
+    ], run.stdout
+
+
 def test_sas_url_authorizes_and_stays_out_of_metadata_and_logs(
     container: Container, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -305,7 +332,17 @@ def test_a_failed_overwrite_leaves_the_old_checkpoint_loadable(
     assert_same(loaded, old)
 
 
-def test_overwrite_false_refuses_an_existing_checkpoint(
+def torch_refusal() -> BaseException:
+    """What FileSystemWriter(overwrite=False) fails with, in dcp.save, where a checkpoint exists."""
+    with tempfile.TemporaryDirectory() as directory:
+        dcp.save(state_dict(tensors=1), storage_writer=FileSystemWriter(directory))
+        with pytest.raises(CheckpointException) as error:
+            dcp.save(state_dict(tensors=1), storage_writer=FileSystemWriter(directory, overwrite=False))
+    ((failure, _traceback),) = error.value.failures.values()
+    return cast(BaseException, failure)
+
+
+def test_overwrite_false_refuses_an_existing_checkpoint_as_torch_does(
     container: Container, account_credential: AzureNamedKeyCredential
 ) -> None:
     url = container.blob_url("kept")
@@ -313,11 +350,34 @@ def test_overwrite_false_refuses_an_existing_checkpoint(
     dcp.save(first, storage_writer=writer(url, account_credential))
     before = {name: container.download(f"kept/{name}") for name in names(container, "kept")}
 
-    with pytest.raises(CheckpointException, match=r"FileExistsError.*overwrite=True") as error:
+    with pytest.raises(CheckpointException) as error:
         dcp.save(state_dict(tensors=2), storage_writer=writer(url, account_credential, overwrite=False))
 
-    assert url in root_error(error.value)
+    ((failure, _traceback),) = error.value.failures.values()
+    expected = torch_refusal()
+    assert (type(failure), str(failure)) == (type(expected), str(expected))
+    assert (type(failure), str(failure)) == (RuntimeError, "Checkpoint already exists and self.overwrite=False.")
     assert {name: container.download(f"kept/{name}") for name in names(container, "kept")} == before
+
+
+def test_overwrite_is_the_default_as_for_filesystemwriter(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    url = container.blob_url("latest")
+    first = state_dict()
+    second = {key: value + 1 if isinstance(value, torch.Tensor) else value for key, value in first.items()}
+    dcp.save(first, storage_writer=writer(url, account_credential))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dcp.save(second, storage_writer=writer(url, account_credential))
+
+    # torch's warning about an overwrite would print the URL, and with it any SAS token.
+    assert not [warning for warning in caught if "existing checkpoint" in str(warning.message)]
+
+    loaded = empty_like(second)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+    assert_same(loaded, second)
 
 
 def test_overwrite_replaces_and_removes_shards_no_longer_used(
@@ -354,6 +414,362 @@ def test_without_collectives_an_overwrite_replaces_the_ranks_own_metadata_and_sh
     loaded = empty_like(second)
     dcp.load(loaded, storage_reader=reader(url, account_credential))
     assert_same(loaded, second)
+
+
+# -- one writer and one reader for many checkpoints ------------------------------------------------------
+
+
+def stepped(step: int) -> dict[str, Any]:
+    """A small state dict whose every tensor and value says which step saved it."""
+    return {
+        "weight": torch.full((256,), float(step)),
+        "bias": torch.arange(16, dtype=torch.int64) + step,
+        "step": step,
+    }
+
+
+def test_one_writer_and_one_reader_serve_many_checkpoints_with_flat_memory(
+    container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A training loop: one writer and one reader made once, each save and load names its checkpoint.
+    # Steps 0-29 go to checkpoints of their own, 30-59 replace "latest" each time.
+    save_with = BlobStorageWriter(credential=account_credential, thread_count=2)
+    load_with = BlobStorageReader(credential=account_credential)
+    url_of = {step: container.blob_url(f"run/step-{step}" if step < 30 else "run/latest") for step in range(60)}
+    save_ids = set()
+    traced = {}
+    # torch's DCP logger records every call, and pytest's log capture keeps the records: the
+    # harness's memory, not the loop's.
+    monkeypatch.setattr(dcp_logger._dcp_logger, "disabled", True)
+    tracemalloc.start()
+    try:
+        for step in range(60):
+            dcp.save(stepped(step), checkpoint_id=url_of[step], storage_writer=save_with)
+            save_ids.add(save_with.storage_meta().save_id)  # type: ignore[union-attr]
+            loaded = {"weight": torch.zeros(256), "bias": torch.zeros(16, dtype=torch.int64), "step": None}
+            dcp.load(loaded, checkpoint_id=url_of[step], storage_reader=load_with)
+            assert_same(loaded, stepped(step))
+            if step in (19, 59):
+                gc.collect()
+                traced[step] = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+    assert len(save_ids) == 60  # every save got a save_id of its own
+    for step in (0, 17, 29, 59):  # each checkpoint still holds its own step's values
+        loaded = {"weight": torch.zeros(256), "bias": torch.zeros(16, dtype=torch.int64), "step": None}
+        dcp.load(loaded, checkpoint_id=url_of[step], storage_reader=load_with)
+        assert_same(loaded, stepped(step))
+    assert plain_names(container, "run/latest") == [".metadata", "__0_0.distcp", "__0_1.distcp"]
+    # 40 more saves and loads after warming up keep well under 16 KiB each (bounded caches such as
+    # urllib's fill up): nothing a save or load holds, such as a block buffer or a plan, piles up.
+    growth = traced[59] - traced[19]
+    print(f"Python memory grew by {growth} bytes over 40 steps")
+    assert growth < 40 * 16 * 1024
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://myaccount.blob.core.windows.net/container/ckpt",
+        "https://myaccount.blob.core.windows.net/container/runs/7/step-100/",
+        "https://myaccount.blob.core.windows.net/container",
+        "https://myaccount.blob.core.windows.net/container/ckpt?sv=2024-08-04&sp=racwdl&sig=c2lnbmF0dXJl",
+        "https://myaccount.dfs.core.windows.net/container/ckpt",
+        "http://127.0.0.1:10000/devstoreaccount1/container/ckpt",
+        "https://myaccount.blob.core.windows.net/container/with%20space/ckpt",
+    ],
+)
+def test_every_url_the_constructors_accept_is_a_valid_checkpoint_id(url: str) -> None:
+    for make in (BlobStorageWriter, BlobStorageReader):
+        assert make.validate_checkpoint_id(url)
+        made = make(url, credential=False)
+        made.reset(url)  # what dcp.save/dcp.load(checkpoint_id=url) does
+        assert "sig=" not in made.checkpoint_id
+        assert made.checkpoint_id == make(url, credential=False).checkpoint_id
+
+
+def test_reset_rejects_what_the_constructors_reject() -> None:
+    for make in (BlobStorageWriter, BlobStorageReader):
+        assert not make.validate_checkpoint_id(pathlib.Path("/tmp/checkpoint"))
+        made = make(credential=False)
+        for local in ("/tmp/checkpoint", pathlib.Path("/tmp/checkpoint")):
+            with pytest.raises(ValueError, match="not a blob prefix URL"):
+                made.reset(local)
+
+
+def test_storage_meta_names_the_checkpoint_without_its_sas_and_a_new_save_id_per_reset() -> None:
+    url = "https://myaccount.blob.core.windows.net/container/ckpt"
+    made = BlobStorageWriter(credential=False)
+    made.reset(f"{url}?sv=2024-08-04&sp=racwdl&sig=c2lnbmF0dXJl")
+    first = made.storage_meta()
+    made.reset()
+    second = made.storage_meta()
+    assert first is not None and second is not None
+    assert first.checkpoint_id == second.checkpoint_id == url
+    assert first.save_id != second.save_id
+
+
+def test_a_writer_or_reader_without_a_url_asks_for_one(container: Container) -> None:
+    with pytest.raises(CheckpointException, match=r"BlobStorageWriter has no checkpoint URL.*checkpoint_id=url"):
+        dcp.save(state_dict(tensors=1), storage_writer=BlobStorageWriter(credential=False))
+    with pytest.raises(CheckpointException, match=r"BlobStorageReader has no checkpoint URL.*checkpoint_id=url"):
+        dcp.load(empty_like(state_dict(tensors=1)), storage_reader=BlobStorageReader(credential=False))
+    assert names(container, "") == []
+
+
+# -- stream transform extensions --------------------------------------------------------------------------
+
+
+class Zlib(StreamTransformExtension):
+    """A compressing stream transform of the tests' own: torch's ZStandard needs a package (zstandard
+    or pyzstd) that the suite does not install; this one goes through the same hooks."""
+
+    @staticmethod
+    def registry_name() -> str:
+        return "azstoragetorch-tests.zlib"
+
+    @staticmethod
+    def from_descriptor(version: str) -> Zlib:
+        if version != "1":
+            raise ValueError(f"Unknown Zlib version {version!r}")
+        return Zlib()
+
+    def get_descriptor(self) -> str:
+        return f"{self.registry_name()}/1"
+
+    def transform_to(self, output: IO[bytes]) -> IO[bytes]:
+        return cast(IO[bytes], _ZlibWriter(output))
+
+    def transform_from(self, input: IO[bytes]) -> IO[bytes]:
+        return io.BytesIO(zlib.decompress(input.read()))
+
+
+class _ZlibWriter(io.RawIOBase):
+    def __init__(self, output: IO[bytes]) -> None:
+        super().__init__()
+        self._output = output
+        self._compressor = zlib.compressobj()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._output.write(self._compressor.compress(view))
+        return len(view)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._output.write(self._compressor.flush())
+            self._output.close()  # torch's wrapper of the shard file: flushes, does not close it
+        super().close()
+
+
+def registry() -> ExtensionRegistry:
+    extensions = ExtensionRegistry()
+    extensions.register(Zlib)
+    return extensions
+
+
+def compressible(tensors: int = 6) -> dict[str, Any]:
+    """state_dict() with tensors that compress well (few distinct values)."""
+    return {
+        key: (value * 4).round() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        for key, value in state_dict(tensors).items()
+    }
+
+
+def transformed_items(metadata: Any) -> dict[str, Any]:
+    return {index.fqn: info for index, info in metadata.storage_data.items() if info.transform_descriptors}
+
+
+def test_a_checkpoint_written_with_an_extension_round_trips_compressed(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    expected = compressible()
+    url = container.blob_url("zlib")
+    dcp.save(expected, storage_writer=writer(url, account_credential, thread_count=2, _extensions=[Zlib()]))
+
+    metadata = pickle.loads(container.download("zlib/.metadata"))
+    transformed = transformed_items(metadata)
+    assert transformed.keys() >= {f"layer{i}.weight" for i in range(6)}
+    assert all(info.transform_descriptors == ["azstoragetorch-tests.zlib/1"] for info in transformed.values())
+    assert transformed["layer0.weight"].length < expected["layer0.weight"].nbytes / 2  # stored compressed
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, account_credential, _extension_registry=registry()))
+    assert_same(loaded, expected)
+
+
+def test_a_partial_load_of_a_compressed_checkpoint_fetches_the_items_stored_bytes(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    expected = compressible(tensors=8)
+    url = proxy.url(container.blob_url("zlib-partial"))
+    dcp.save(expected, storage_writer=writer(url, azurite.credential, _extensions=[Zlib()]))
+    wanted = {"layer5.weight": torch.zeros(64 * 1024), "step": None}
+    before = len(proxy.requests)
+
+    dcp.load(
+        wanted,
+        storage_reader=reader(url, azurite.credential, _extension_registry=registry()),
+        planner=DefaultLoadPlanner(allow_partial_load=True),
+    )
+
+    assert torch.equal(wanted["layer5.weight"], expected["layer5.weight"]) and wanted["step"] == 1234
+    reads = [seen for seen in shard_gets(proxy) if proxy.requests.index(seen) >= before]
+    storage = pickle.loads(container.download("zlib-partial/.metadata")).storage_data
+    wanted_lengths = sum(info.length for index, info in storage.items() if index.fqn in wanted)
+    # Each wanted item's compressed bytes, whole, as .metadata records them; nothing else.
+    assert bytes_asked(reads) == wanted_lengths < size_of(container, "zlib-partial", "__0_0.distcp") / 4
+
+
+def test_a_compressed_blob_checkpoint_copied_to_disk_loads_with_file_system_reader(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = compressible()
+    dcp.save(
+        expected,
+        storage_writer=writer(container.blob_url("zup"), account_credential, thread_count=2, _extensions=[Zlib()]),
+    )
+    for name in names(container, "zup"):
+        (tmp_path / name).write_bytes(container.download(f"zup/{name}"))
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=FileSystemReader(tmp_path, _extension_registry=registry()))
+
+    assert_same(loaded, expected)
+
+
+def test_a_compressed_disk_checkpoint_copied_up_loads_with_blob_storage_reader(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = compressible()
+    dcp.save(expected, storage_writer=FileSystemWriter(tmp_path, thread_count=3, _extensions=[Zlib()]))
+    for path in tmp_path.iterdir():
+        container.upload(f"zdown/{path.name}", path.read_bytes())
+
+    loaded = empty_like(expected)
+    dcp.load(
+        loaded, storage_reader=reader(container.blob_url("zdown"), account_credential, _extension_registry=registry())
+    )
+
+    assert_same(loaded, expected)
+
+
+@pytest.mark.skipif(not ZStandard.is_available(), reason="torch's ZStandard needs the zstandard or pyzstd package")
+def test_torchs_zstandard_round_trips_with_the_default_registry(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = compressible()
+    url = container.blob_url("zstd")
+    dcp.save(expected, storage_writer=writer(url, account_credential, _extensions=[ZStandard()]))
+    assert transformed_items(pickle.loads(container.download("zstd/.metadata")))
+
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))  # torch's default registry knows it
+    assert_same(loaded, expected)
+    for name in names(container, "zstd"):
+        (tmp_path / name).write_bytes(container.download(f"zstd/{name}"))
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=FileSystemReader(tmp_path))
+    assert_same(loaded, expected)
+
+
+# -- serialization formats --------------------------------------------------------------------------------
+
+
+def test_serialization_format_torch_save_round_trips_with_file_system_writers_bytes(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = state_dict()
+    url = container.blob_url("torch-save")
+    chosen = SerializationFormat.TORCH_SAVE
+    dcp.save(expected, storage_writer=writer(url, account_credential, serialization_format=chosen))
+    dcp.save(expected, storage_writer=FileSystemWriter(tmp_path, serialization_format=chosen))
+
+    for name in names(container, "torch-save"):
+        if name.endswith(".distcp"):
+            assert container.download(f"torch-save/{name}") == (tmp_path / plain(name)).read_bytes()
+    loaded = empty_like(expected)
+    dcp.load(loaded, storage_reader=reader(url, account_credential))
+    assert_same(loaded, expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("safetensors") is None, reason="SAFETENSORS needs the safetensors package")
+def test_serialization_format_safetensors_writes_file_system_writers_bytes(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    expected = {key: value for key, value in state_dict().items() if isinstance(value, torch.Tensor)}
+    chosen = SerializationFormat.SAFETENSORS
+    dcp.save(expected, storage_writer=writer(container.blob_url("st"), account_credential, serialization_format=chosen))
+    dcp.save(expected, storage_writer=FileSystemWriter(tmp_path, serialization_format=chosen))
+
+    shards = [name for name in names(container, "st") if name.endswith(".distcp")]
+    assert shards
+    for name in shards:
+        assert container.download(f"st/{name}") == (tmp_path / plain(name)).read_bytes()
+
+
+def test_a_serialization_format_that_is_not_torchs_enum_is_rejected() -> None:
+    # FileSystemWriter compares it with the enum's members: "torch_save" would write no tensor bytes.
+    with pytest.raises(TypeError, match=r"serialization_format must be a .*SerializationFormat, not str"):
+        BlobStorageWriter("https://myaccount.blob.core.windows.net/container/ckpt", serialization_format="torch_save")  # type: ignore[arg-type]
+
+
+# -- verifying a checkpoint without loading it ----------------------------------------------------------
+
+
+def corrupt(container: Container, name: str) -> None:
+    """Change one byte of the blob ``name``, keeping its metadata (and so its recorded CRC-32)."""
+    blob = container.client.get_blob_client(name)
+    recorded = blob.get_blob_properties().metadata
+    data = bytearray(container.download(name))
+    data[len(data) // 2] ^= 0xFF
+    blob.upload_blob(bytes(data), metadata=recorded, overwrite=True)
+
+
+def test_verify_checks_every_file_against_its_recorded_crc32_and_names_the_bad_ones(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    url = container.blob_url("verified")
+    dcp.save(state_dict(), storage_writer=writer(url, account_credential, thread_count=3))
+    shards = [name for name in names(container, "verified") if name.endswith(".distcp")]
+    checker = reader(url, account_credential, block_size=64 * 1024, max_concurrency=2)  # many ranges per file
+
+    healthy = checker.verify()
+
+    assert healthy.ok and healthy.checked == [".metadata", *shards]
+    assert healthy.mismatched == healthy.missing == healthy.unchecked == []
+    assert healthy.checkpoint_id == url
+
+    corrupt(container, f"verified/{shards[1]}")
+    container.client.delete_blob(f"verified/{shards[2]}")
+    broken = checker.verify()
+
+    assert not broken.ok
+    assert broken.mismatched == [shards[1]] and broken.missing == [shards[2]]
+    assert broken.checked == [".metadata", shards[0], shards[1]]
+
+
+def test_verify_lists_files_without_a_recorded_crc32_as_unchecked(
+    container: Container, account_credential: AzureNamedKeyCredential, tmp_path: pathlib.Path
+) -> None:
+    dcp.save(state_dict(), storage_writer=FileSystemWriter(tmp_path, thread_count=2))
+    for path in tmp_path.iterdir():
+        container.upload(f"copied/{path.name}", path.read_bytes())
+
+    result = reader(container.blob_url("copied"), account_credential).verify()
+
+    assert result.ok and result.checked == []
+    assert result.unchecked == [".metadata", "__0_0.distcp", "__0_1.distcp"]
+
+
+def test_verify_without_a_checkpoint_raises_file_not_found(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    with pytest.raises(FileNotFoundError, match="No such blob"):
+        reader(container.blob_url("nothing"), account_credential).verify()
 
 
 # -- a failed save commits nothing after it raised; an overwrite killed at any moment ------------------
