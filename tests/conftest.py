@@ -1,4 +1,4 @@
-"""Shared fixtures: one Azurite emulator per test session, a fresh container per test."""
+"""Shared fixtures: one Azurite emulator per test module, a fresh container per test."""
 
 from __future__ import annotations
 
@@ -25,8 +25,13 @@ from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
 from tests.e2e.fault_proxy import FaultProxy
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def azurite() -> Iterator[Azurite]:
+    # One per module, not per session. A session-long emulator twice stopped answering for one to
+    # over two minutes on a loaded machine, both times at the same point of the run, after more than
+    # ten minutes and gigabytes of deleted test data: most likely Azurite's sweep of deleted blobs'
+    # blocks, which runs every ten minutes. A module's emulator rarely lives that long, holds little
+    # garbage, and starts in about a second.
     with Azurite() as emulator:
         yield emulator
 
@@ -43,7 +48,7 @@ def account_credential() -> AzureNamedKeyCredential:
     return AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def service_client(azurite: Azurite) -> BlobServiceClient:
     return BlobServiceClient(azurite.account_url, credential={"account_name": ACCOUNT_NAME, "account_key": ACCOUNT_KEY})
 

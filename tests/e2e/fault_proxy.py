@@ -29,7 +29,10 @@ import socket
 import socketserver
 import ssl
 import struct
+import sys
 import threading
+import time
+import traceback
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -243,10 +246,13 @@ class FaultProxy:
         for connection in [*connections, *upstreams]:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 30  # a woken thread may wait long for a core on a loaded machine
         for thread in [self._thread, *connections.values()]:
-            thread.join(timeout=10)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if thread.is_alive():
-                raise RuntimeError(f"FaultProxy thread {thread.name} did not stop")
+                frame = sys._current_frames().get(thread.ident or 0)
+                where = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+                raise RuntimeError(f"FaultProxy thread {thread.name} did not stop; it is here:\n{where}")
 
     def __enter__(self) -> FaultProxy:
         return self.start()
@@ -282,11 +288,23 @@ class FaultProxy:
     def _open_upstream(self) -> http.client.HTTPConnection | None:
         """A connection to the emulator that :meth:`stop` can cut, or ``None`` once stopping."""
         upstream: http.client.HTTPConnection
-        if self.upstream_context is not None:
-            upstream = http.client.HTTPSConnection(*self.upstream, timeout=30, context=self.upstream_context)
+        # Connecting is the one wait that stop() cannot cut (the socket is not ours to shut down
+        # yet): it is tried in short attempts that look at the stopping flag in between.
+        for _ in range(30):
+            if self._stopping.is_set():
+                return None
+            if self.upstream_context is not None:
+                upstream = http.client.HTTPSConnection(*self.upstream, timeout=1, context=self.upstream_context)
+            else:
+                upstream = http.client.HTTPConnection(*self.upstream, timeout=1)
+            try:
+                upstream.connect()
+                break
+            except TimeoutError:
+                upstream.close()
         else:
-            upstream = http.client.HTTPConnection(*self.upstream, timeout=30)
-        upstream.connect()
+            raise TimeoutError(f"the emulator on port {self.upstream[1]} did not accept a connection in 30 s")
+        upstream.sock.settimeout(30)
         with self._lock:
             if not self._stopping.is_set():
                 self._upstreams.add(upstream.sock)
