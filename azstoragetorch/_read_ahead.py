@@ -12,8 +12,7 @@ import collections
 from concurrent.futures import Future
 from typing import Any
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, _buffers, _schedule
-from azstoragetorch._client._checksums import PieceChecksums
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, Lease, PieceChecksums, lease, pause
 
 # After a jump to a new position only this much is fetched: a jump is usually a short look (the
 # zip directory at the end of a checkpoint), and a full chunk would delay it for nothing.
@@ -33,7 +32,7 @@ class _Chunk:
 
     __slots__ = ("future", "lease", "start", "stop")
 
-    def __init__(self, start: int, stop: int, future: Future[Any], lease: _buffers.Lease) -> None:
+    def __init__(self, start: int, stop: int, future: Future[Any], lease: Lease) -> None:
         self.start = start
         self.stop = stop
         self.future = future
@@ -79,7 +78,7 @@ class _ChunkStore:
     def add_downloaded(self, start: int, data: bytearray) -> None:
         done: Future[None] = Future()
         done.set_result(None)
-        self._chunks[start] = _Chunk(start, start + len(data), done, _buffers.Lease(data))
+        self._chunks[start] = _Chunk(start, start + len(data), done, Lease(data))
 
     def find(self, offset: int) -> _Chunk | None:
         for chunk in self._chunks.values():
@@ -92,11 +91,11 @@ class _ChunkStore:
         stop = min(start + min(length, self._chunk_size), self._properties.size)
         # Full chunks use the process's pooled buffers: allocating multi-MiB buffers afresh costs
         # page faults that, with transfer threads running, cost more CPU than the transfer itself.
-        lease = _buffers.lease(self._chunk_size if stop - start == self._chunk_size else stop - start)
-        download_hold = lease.retain()
+        chunk_lease = lease(self._chunk_size if stop - start == self._chunk_size else stop - start)
+        download_hold = chunk_lease.retain()
         future = self._client.submit(self._download, start, download_hold.view(stop - start))
         future.add_done_callback(lambda _: download_hold.release())  # also when cancelled before it ran
-        chunk = _Chunk(start, stop, future, lease)
+        chunk = _Chunk(start, stop, future, chunk_lease)
         self._chunks[start] = chunk
         while len(self._chunks) > self._capacity:
             # Oldest first: chunks behind the reader go before the read-ahead chunks requested later.
@@ -123,7 +122,7 @@ class _ChunkStore:
         )
         if self._checksums is not None:
             self._checksums.add(start, target[:filled])
-        _schedule.pause("part.finish")
+        pause("part.finish")
 
 
 class ReadAheadBuffer:
@@ -216,14 +215,14 @@ class ReadAheadBuffer:
         try:
             if chunk.start != self._window_anchor:
                 self._read_ahead_from(chunk)  # the reader entered another chunk
-            _schedule.pause("chunk.pick")
+            pause("chunk.pick")
             try:
                 data = chunk.view()
             except BaseException:
                 self._store.discard(chunk)  # let a later read try again
                 raise
             count = min(len(destination), chunk.stop - offset)
-            _schedule.pause("chunk.copy")
+            pause("chunk.copy")
             destination[:count] = data[offset - chunk.start : offset - chunk.start + count]
             return count
         finally:

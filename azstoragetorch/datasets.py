@@ -23,10 +23,11 @@ from azstoragetorch._client import (
     BlobProperties,
     ContainerUrl,
     CredentialArgument,
+    validate_credential,
+    validate_retry,
 )
-from azstoragetorch._client._credentials import validate_credential
-from azstoragetorch._client._pipeline import validate_retry
 from azstoragetorch._entries import Entries, EntriesBuilder
+from azstoragetorch._options import check_int
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
 
@@ -413,8 +414,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         prefetch: int = DEFAULT_PREFETCH,
         balance_ranks: bool = False,
     ) -> None:
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_SAMPLE_THREADS:
-            raise ValueError(f"prefetch must be an int from 1 to {MAX_SAMPLE_THREADS}, got {prefetch!r}.")
+        check_int("prefetch", prefetch, maximum=MAX_SAMPLE_THREADS)
         self._blobs_source = blobs
         self._listed: Sequence[Blob] | None = None
         self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
@@ -574,16 +574,40 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             order = torch.randperm(count, generator=generator)
         else:
             order = torch.arange(count)
-        rank, world_size = _live_rank_and_world_size() or self._rank_at_pickling or (0, 1)
+        rank, world_size = self._rank_and_world_size()
         worker = torch.utils.data.get_worker_info()
         worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        if self._balance_ranks and count and count % world_size:
+        dealt_count = self._dealt_count(count, world_size)
+        if dealt_count > count:
             # As DistributedSampler pads: repeat the start of the order up to a multiple of the ranks.
-            per_rank = -(-count // world_size)
-            order = order.repeat(world_size)[: per_rank * world_size]
-        # Ranks first, then each rank's workers: rank shares then differ by at most one sample.
+            order = order.repeat(world_size)[:dealt_count]
         # Only this share becomes Python ints (and, as it is fetched, Blob objects).
-        return cast(list[int], order[rank::world_size][worker_id::workers].tolist())
+        return cast(
+            list[int], _deal(order, rank=rank, world_size=world_size, worker_id=worker_id, workers=workers).tolist()
+        )
+
+    def _share_lengths(
+        self, count: int, *, workers: int, rank_and_world_size: tuple[int, int] | None = None
+    ) -> list[int]:
+        """How many of ``count`` blobs each of a rank's ``workers`` yields in an epoch, dealt as ``__iter__`` deals.
+
+        The rank is this process's (or the one given), so that a DataLoader can know its exact length.
+        """
+        rank, world_size = rank_and_world_size or self._rank_and_world_size()
+        positions = range(self._dealt_count(count, world_size))
+        return [
+            len(_deal(positions, rank=rank, world_size=world_size, worker_id=worker_id, workers=workers))
+            for worker_id in range(workers)
+        ]
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        return _live_rank_and_world_size() or self._rank_at_pickling or (0, 1)
+
+    def _dealt_count(self, count: int, world_size: int) -> int:
+        """``count``, padded to a multiple of the ranks when they are balanced."""
+        if self._balance_ranks and count and count % world_size:
+            return -(-count // world_size) * world_size
+        return count
 
     def _fetch_in_order(self, indexes: list[int]) -> Iterator[_TransformOutputType_co]:
         pending: collections.deque[Future[Any]] = collections.deque()
@@ -610,6 +634,17 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     # Mixed rather than added, so that (seed, epoch + 1) and (seed + 1, epoch) give different orders.
     digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+_Dealt = TypeVar("_Dealt", torch.Tensor, range)
+
+
+def _deal(order: _Dealt, *, rank: int, world_size: int, worker_id: int, workers: int) -> _Dealt:
+    """One worker's part of an epoch's ``order``: dealt to ranks first, then to each rank's workers.
+
+    Rank shares then differ by at most one sample. The one place that decides who reads which blob.
+    """
+    return order[rank::world_size][worker_id::workers]
 
 
 def _live_rank_and_world_size() -> tuple[int, int] | None:

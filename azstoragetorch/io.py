@@ -10,9 +10,15 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, NoReturn
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl, BlockUploader, CredentialArgument
-from azstoragetorch._client._checksums import PieceChecksums
-from azstoragetorch._client._uploads import MAX_BLOCK_SIZE
+from azstoragetorch._client import (
+    AzStorageTorchBlobClient,
+    BlobProperties,
+    BlobUrl,
+    BlockUploader,
+    CredentialArgument,
+    PieceChecksums,
+)
+from azstoragetorch._options import check_transfer_options
 from azstoragetorch._read_ahead import ReadAheadBuffer
 from azstoragetorch.exceptions import ChecksumMismatchError, FatalBlobIOWriteError
 from azstoragetorch.retry import RetryOptions
@@ -113,7 +119,7 @@ class BlobIO(io.IOBase, BinaryIO):
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
         if mode not in _MODES:
             raise ValueError(f"Unsupported mode {mode!r}: BlobIO opens blobs with 'rb' (read) or 'wb' (write).")
-        _check_transfer_options(max_concurrency, block_size)
+        check_transfer_options(max_concurrency, block_size)
         client = _internal_only_kwargs.pop("blob_client", None)
         if _internal_only_kwargs:
             raise TypeError(f"BlobIO() got unexpected keyword arguments: {', '.join(sorted(_internal_only_kwargs))}")
@@ -463,17 +469,3 @@ def _handled_while_raising(error: BaseException, *, since: BaseException | None)
         yield earlier
         earlier_ones.add(id(earlier))
         earlier = earlier.__context__
-
-
-def _check_transfer_options(max_concurrency: object, block_size: object) -> None:
-    """Raise ``ValueError`` for a ``max_concurrency`` or ``block_size`` that BlobIO cannot use."""
-    _check_positive_int("max_concurrency", max_concurrency)
-    _check_positive_int("block_size", block_size)
-    assert isinstance(block_size, int)
-    if block_size > MAX_BLOCK_SIZE:
-        raise ValueError(f"block_size must be at most {MAX_BLOCK_SIZE} bytes (4000 MiB), got {block_size}.")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")

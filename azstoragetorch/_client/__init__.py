@@ -1,18 +1,37 @@
 """The one layer of azstoragetorch that talks to Azure Blob Storage.
 
 Everything about how bytes travel lives here: URL parsing, credentials, the HTTP pipeline and its
-retries, connection pools, parallel ranged downloads and block uploads. The public classes
-(:mod:`azstoragetorch.io`, later the datasets and integrations) only use what this package exports.
+retries, connection pools, parallel ranged downloads and block uploads, the pooled buffers they fill
+and the checksums they record. The modules above (:mod:`azstoragetorch.io`, the datasets and the
+integrations) use only what this package exports; ruff's ``banned-api`` setting in
+``pyproject.toml`` fails the lint step for any import of a ``_client._*`` submodule from outside.
 """
 
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobProperties
+from azstoragetorch._client._buffers import Lease, lease
+from azstoragetorch._client._checksums import PieceChecksums
 from azstoragetorch._client._container_client import AzStorageTorchContainerClient, Level, ListedBlob
-from azstoragetorch._client._credentials import CredentialArgument
-from azstoragetorch._client._pipeline import MAX_SAMPLE_THREADS
-from azstoragetorch._client._uploads import BlockUploader
-from azstoragetorch._client._urls import BlobUrl, ContainerUrl
+from azstoragetorch._client._credentials import CredentialArgument, validate_credential
+from azstoragetorch._client._pipeline import (
+    MAX_SAMPLE_THREADS,
+    is_missing_container,
+    not_found_as_file_not_found,
+    validate_retry,
+)
+from azstoragetorch._client._redaction import redact, redact_error, redact_url
+from azstoragetorch._client._schedule import pause
+from azstoragetorch._client._uploads import MAX_BLOCK_SIZE, BlockUploader
+from azstoragetorch._client._urls import (
+    FSSPEC_PROTOCOLS,
+    BlobUrl,
+    ContainerUrl,
+    fsspec_path_to_url,
+    is_azure_blob_host,
+)
 
 __all__ = [
+    "FSSPEC_PROTOCOLS",
+    "MAX_BLOCK_SIZE",
     "MAX_SAMPLE_THREADS",
     "AzStorageTorchBlobClient",
     "AzStorageTorchContainerClient",
@@ -21,6 +40,19 @@ __all__ = [
     "BlockUploader",
     "ContainerUrl",
     "CredentialArgument",
+    "Lease",
     "Level",
     "ListedBlob",
+    "PieceChecksums",
+    "fsspec_path_to_url",
+    "is_azure_blob_host",
+    "is_missing_container",
+    "lease",
+    "not_found_as_file_not_found",
+    "pause",
+    "redact",
+    "redact_error",
+    "redact_url",
+    "validate_credential",
+    "validate_retry",
 ]

@@ -21,6 +21,7 @@ from azure.core.pipeline.transport import HttpResponse
 
 from azstoragetorch._client import _buffers, _checksums, _pipeline, _schedule
 from azstoragetorch._client._credentials import CredentialArgument
+from azstoragetorch._client._redaction import redact_error
 from azstoragetorch._client._resource import ResourceClient
 from azstoragetorch._client._urls import BlobUrl
 from azstoragetorch.exceptions import BlobModifiedDuringReadError, ChecksumMismatchError
@@ -192,7 +193,7 @@ class AzStorageTorchBlobClient(ResourceClient):
                 if isinstance(error, ChecksumMismatchError):
                     raise error
                 message = f"Reading {self.display_url} failed after {attempt} attempts: {error!r}"
-                failure = _pipeline.scrubbed(ServiceResponseError(message))
+                failure = redact_error(ServiceResponseError(message))
                 break
             _pipeline.log_debug("Retrying read of %s at offset %d after %r", self.display_url, offset + filled, error)
             time.sleep(_pipeline.backoff_seconds(attempt))

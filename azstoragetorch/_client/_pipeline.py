@@ -9,13 +9,16 @@ DataLoader worker never reads a response meant for its parent.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
+import errno
 import logging
 import os
 import random
 import threading
 import urllib.parse
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
@@ -35,7 +38,7 @@ from azure.core.pipeline.transport import HttpResponse, HttpTransport, RequestsT
 
 from azstoragetorch import __version__
 from azstoragetorch._client._credentials import CredentialArgument, auth_policy_for, shared_default_credential
-from azstoragetorch._client._redaction import install_log_filter, scrub
+from azstoragetorch._client._redaction import install_log_filter, redact, redact_error, redact_url
 from azstoragetorch._client._transport import Urllib3Transport
 from azstoragetorch.exceptions import ClientRequestIdMismatchError
 from azstoragetorch.retry import RetryOptions
@@ -299,19 +302,10 @@ def run(pipeline: Pipeline[Any, Any], request: Any, *, display_url: str, stream:
     except ClientRequestIdMismatchError:
         raise
     except AzureError as error:
-        replacement = scrubbed(error, prefix=f"Request to {display_url} failed: ")
+        replacement = redact_error(error, prefix=f"Request to {display_url} failed: ")
     # Raised outside the except block so that the original, which names the full URL with its
     # SAS, is not kept as __context__.
     raise replacement
-
-
-def scrubbed(error: AzureError, *, prefix: str = "") -> AzureError:
-    """A new exception of the same type whose message has no SAS, and that chains to nothing."""
-    # The original carries the request URL (and so any SAS) in its message and in its chained
-    # exceptions; build a fresh one of the same type from the scrubbed message instead.
-    replacement = type(error)(scrub(prefix + str(error)))
-    replacement.error_code = getattr(error, "error_code", None)  # type: ignore[attr-defined]
-    return replacement
 
 
 # The exception for an error answer comes from the service's error code: one status stands for many
@@ -356,6 +350,21 @@ def is_missing_container(error: ResourceNotFoundError) -> bool:
     return getattr(error, "error_code", None) == "ContainerNotFound"
 
 
+@contextlib.contextmanager
+def not_found_as_file_not_found(url: str, *, hint: str = "") -> Iterator[None]:
+    """Turn a "not found" answer into the ``FileNotFoundError`` that file APIs (torch, fsspec) expect.
+
+    The error says whether the blob or its container is missing, names ``url`` without any SAS token
+    as its ``filename``, and carries ``hint`` (such as "(is a checkpoint saved here?)") after that.
+    """
+    try:
+        yield
+    except ResourceNotFoundError as error:
+        what = "container" if is_missing_container(error) else "blob"
+        message = f"No such {what} {hint}" if hint else f"No such {what}"
+        raise FileNotFoundError(errno.ENOENT, message, redact_url(url)) from None
+
+
 _LEASED = (
     "Someone holds a lease on the blob; azstoragetorch takes no leases, so it can change the blob only once the "
     "lease is released or expires."
@@ -392,7 +401,7 @@ def raise_for_status(response: HttpResponse, *, action: str, display_url: str) -
         message += f" ({error_code})"
     if hint:
         message += f". {hint}"
-    error = _error_type(response.status_code, error_code)(message=scrub(message))
+    error = _error_type(response.status_code, error_code)(message=redact(message))
     error.status_code = response.status_code
     error.reason = response.reason
     error.error_code = error_code  # type: ignore[attr-defined]
@@ -464,7 +473,7 @@ def _element_text(response: HttpResponse, name: str) -> str | None:
 
 def log_debug(message: str, *args: object) -> None:
     if _LOGGER.isEnabledFor(logging.DEBUG):
-        _LOGGER.debug(scrub(message % args))
+        _LOGGER.debug(redact(message % args))
 
 
 def backoff_seconds(attempt: int, *, base: float = 0.25, cap: float = 10.0) -> float:

@@ -2,13 +2,16 @@
 
 SAS tokens travel in the query string, and the HTTP stack below us (requests, urllib3) writes full
 request URLs into its exception messages and debug logs. Everything that leaves this package passes
-through :func:`scrub` first, and :func:`install_log_filter` scrubs urllib3's own log records.
+through :func:`redact` first (:func:`redact_url` for a URL, :func:`redact_error` for an azure-core
+exception), and :func:`install_log_filter` redacts urllib3's own log records.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+
+from azure.core.exceptions import AzureError
 
 _REDACTED = "REDACTED"
 
@@ -19,15 +22,24 @@ _SIGNATURE = re.compile(r"(?i)(\bsig=)[^&\s'\"]+")
 _QUERY_AFTER_PATH = re.compile(r"(https?://[^\s'\"?]+|/[^\s'\"?]*)\?[^\s'\"]*(?:\bsig=)[^\s'\"]*", re.IGNORECASE)
 
 
-def scrub(text: str) -> str:
+def redact(text: str) -> str:
     """Return ``text`` with every SAS query string and signature removed."""
     text = _QUERY_AFTER_PATH.sub(r"\1?<SAS REDACTED>", text)
     return _SIGNATURE.sub(rf"\1{_REDACTED}", text)
 
 
-def shown(url: str) -> str:
+def redact_url(url: str) -> str:
     """``url`` as it may appear in a message: without its query string (and so without any SAS)."""
-    return scrub(url).split("?", 1)[0]
+    return redact(url).split("?", 1)[0].split("#", 1)[0]
+
+
+def redact_error(error: AzureError, *, prefix: str = "") -> AzureError:
+    """A new exception of the same type whose message has no SAS, and that chains to nothing."""
+    # The original carries the request URL (and so any SAS) in its message and in its chained
+    # exceptions; build a fresh one of the same type from the redacted message instead.
+    replacement = type(error)(redact(prefix + str(error)))
+    replacement.error_code = getattr(error, "error_code", None)  # type: ignore[attr-defined]
+    return replacement
 
 
 class _ScrubSecretsFilter(logging.Filter):
@@ -35,7 +47,7 @@ class _ScrubSecretsFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = scrub(message)
+        cleaned = redact(message)
         if cleaned != message:
             record.msg = cleaned
             record.args = None

@@ -116,12 +116,6 @@ class BlockUploader:
         self._room_after_current = 0  # what the blocks after it can hold
         self._plan_next_block()
 
-    @property
-    def error(self) -> BaseException | None:
-        """The first upload failure, if any; once set, nothing will be committed."""
-        self._collect_finished()
-        return self._error
-
     def write(self, data: memoryview) -> None:
         """Take a copy of ``data``; each block is handed to an upload thread as soon as it is full.
 

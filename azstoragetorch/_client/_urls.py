@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import re
 import urllib.parse
+
+from azstoragetorch._client._redaction import redact_url
 
 # Query parameters that select what is read rather than authorize the request. They are kept in
 # URLs shown to users; every other query parameter is treated as part of a SAS token.
@@ -136,7 +137,7 @@ class ContainerUrl:
         """Parse a container URL; raises ``ValueError`` naming the problem for anything malformed."""
         container, prefix = cls.parse_with_prefix(url)
         if prefix.strip("/"):
-            raise ValueError(f"Container URL {_strip_query(url)!r} has a path after the container name.")
+            raise ValueError(f"Container URL {redact_url(url)!r} has a path after the container name.")
         return container
 
     @classmethod
@@ -147,10 +148,10 @@ class ContainerUrl:
         ``ValueError`` naming the problem for anything malformed.
         """
         account_url, container_name, prefix, query = _split_resource_url(url, want_blob=False)
-        check_no_dot_segments(prefix, shown=_strip_query(url))
+        check_no_dot_segments(prefix, shown=redact_url(url))
         sas_pieces, selectors = _split_query(query)
         if selectors:
-            raise ValueError(f"URL {_strip_query(url)!r} has a snapshot or version id; those select single blobs.")
+            raise ValueError(f"URL {redact_url(url)!r} has a snapshot or version id; those select single blobs.")
         container = cls(
             scheme=account_url.scheme,
             netloc=account_url.netloc,
@@ -214,7 +215,7 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
     if not isinstance(url, str):
         raise TypeError(f"A blob URL must be a str, not {type(url).__name__}.")
     parsed = urllib.parse.urlsplit(url)
-    shown = _strip_query(url)
+    shown = redact_url(url)
     kind = "Blob URL" if want_blob else "URL"
     if parsed.scheme.lower() not in ("http", "https"):
         raise ValueError(f"{kind} {shown!r} must start with https:// (or http:// for an emulator).")
@@ -321,10 +322,6 @@ def _with_query(url: str, pieces: list[str]) -> str:
     return f"{url}?{'&'.join(pieces)}" if pieces else url
 
 
-def _strip_query(url: str) -> str:
-    return url.split("?", 1)[0].split("#", 1)[0]
-
-
 def is_azure_blob_host(hostname: str) -> bool:
     """Whether ``hostname`` is one of Azure's own blob endpoints (public or sovereign clouds)."""
     return _AZURE_BLOB_HOST.match(hostname.lower()) is not None
@@ -352,8 +349,7 @@ def fsspec_path_to_url(path: str, *, account_url: str | None) -> str:
     (``abfs://<container>@<account>.dfs.core.windows.net/<path>``, on one of Azure's storage endpoints
     or the host of ``account_url``, never another host), else ``account_url`` (such as
     ``https://<account>.blob.core.windows.net`` or an emulator's
-    ``http://127.0.0.1:10000/devstoreaccount1``), else the ``AZURE_STORAGE_ACCOUNT_NAME``
-    environment variable. Blob names in fsspec paths are not percent-encoded; the URL is.
+    ``http://127.0.0.1:10000/devstoreaccount1``). Blob names in fsspec paths are not percent-encoded; the URL is.
     """
     protocol, _, rest = path.partition("://")
     if protocol.lower() not in FSSPEC_PROTOCOLS:
@@ -361,24 +357,21 @@ def fsspec_path_to_url(path: str, *, account_url: str | None) -> str:
     location, _, blob_path = rest.partition("/")
     container, at, host = location.partition("@")
     if not container:
-        raise ValueError(f"{_strip_query(path)!r} names no container: write {protocol}://<container>/<path>.")
+        raise ValueError(f"{redact_url(path)!r} names no container: write {protocol}://<container>/<path>.")
     if at:
         base = _fsspec_account_base(host.lower(), account_url)
         if base is None:
             raise ValueError(
-                f"{_strip_query(path)!r}: {host!r} is not an Azure Storage endpoint; expected "
+                f"{redact_url(path)!r}: {host!r} is not an Azure Storage endpoint; expected "
                 f"<container>@<account>.dfs.core.windows.net (or another Azure cloud's endpoint) after {protocol}://. "
                 "To use another endpoint (Azure Stack, a custom domain), pass it as account_url."
             )
     elif account_url:
         base = account_url.rstrip("/")
-    elif os.environ.get("AZURE_STORAGE_ACCOUNT_NAME"):
-        base = f"https://{os.environ['AZURE_STORAGE_ACCOUNT_NAME']}.blob.core.windows.net"
     else:
         raise ValueError(
-            f"{_strip_query(path)!r} does not say which storage account to use. Name it in the path "
-            f"({protocol}://<container>@<account>.dfs.core.windows.net/...), pass account_url, or set "
-            "AZURE_STORAGE_ACCOUNT_NAME."
+            f"{redact_url(path)!r} does not say which storage account to use. Name it in the path "
+            f"({protocol}://<container>@<account>.dfs.core.windows.net/...) or pass account_url."
         )
     quoted = urllib.parse.quote(blob_path, safe="/~")
     return f"{base}/{urllib.parse.quote(container, safe='')}/{quoted}".rstrip("/")

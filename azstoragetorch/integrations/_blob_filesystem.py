@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -32,8 +32,9 @@ from azstoragetorch._client import (
     BlobProperties,
     ContainerUrl,
     CredentialArgument,
+    not_found_as_file_not_found,
+    redact,
 )
-from azstoragetorch._client._redaction import scrub
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
 
@@ -135,7 +136,7 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
     def modified(self, path: str) -> Any:
         entry = self.info(path)
         if entry["type"] != "file":
-            raise IsADirectoryError(errno.EISDIR, "A blob prefix has no modification time", scrub(path))
+            raise IsADirectoryError(errno.EISDIR, "A blob prefix has no modification time", redact(path))
         return entry["last_modified"]
 
     # -- changing things ---------------------------------------------------------------------
@@ -160,7 +161,7 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
             if self.isfile(one_path):
                 self.rm_file(one_path)
             elif not recursive:
-                raise IsADirectoryError(errno.EISDIR, "Pass recursive=True to delete a blob prefix", scrub(one_path))
+                raise IsADirectoryError(errno.EISDIR, "Pass recursive=True to delete a blob prefix", redact(one_path))
             else:
                 container, name = self._locate(self._strip_protocol(one_path))
                 with _not_found_as_file_not_found(one_path):
@@ -279,13 +280,9 @@ def _directory_entry(name: str) -> dict[str, Any]:
 
 
 def _file_not_found(path: str) -> FileNotFoundError:
-    return FileNotFoundError(errno.ENOENT, "No such blob or blob prefix", scrub(path))
+    return FileNotFoundError(errno.ENOENT, "No such blob or blob prefix", redact(path))
 
 
-@contextlib.contextmanager
-def _not_found_as_file_not_found(path: str) -> Iterator[None]:
+def _not_found_as_file_not_found(path: str) -> contextlib.AbstractContextManager[None]:
     """Missing blobs and containers become ``FileNotFoundError``, which is what fsspec callers expect."""
-    try:
-        yield
-    except ResourceNotFoundError:
-        raise _file_not_found(path) from None
+    return not_found_as_file_not_found(path)

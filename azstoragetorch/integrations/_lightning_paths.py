@@ -46,13 +46,18 @@ from typing import Any
 
 import fsspec.config
 import torch
-from azure.core.exceptions import ResourceNotFoundError
 from azure.core.utils import parse_connection_string
 
-from azstoragetorch._client import BlobUrl, ContainerUrl, CredentialArgument
-from azstoragetorch._client._pipeline import is_missing_container
-from azstoragetorch._client._redaction import shown
-from azstoragetorch._client._urls import FSSPEC_PROTOCOLS, fsspec_path_to_url, is_azure_blob_host
+from azstoragetorch._client import (
+    FSSPEC_PROTOCOLS,
+    BlobUrl,
+    ContainerUrl,
+    CredentialArgument,
+    fsspec_path_to_url,
+    is_azure_blob_host,
+    not_found_as_file_not_found,
+    redact_url,
+)
 from azstoragetorch.integrations._blob_filesystem import BlobFileSystem
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
@@ -115,7 +120,7 @@ class BlobPaths:
             return fsspec_path_to_url(path, account_url=self.account_url)
         if _has_file_name_in_query(urllib.parse.urlsplit(path).query):
             raise ValueError(
-                f"{shown(path)!r} has a file name after its query string: Lightning appended it to a directory "
+                f"{redact_url(path)!r} has a file name after its query string: Lightning appended it to a directory "
                 "URL that carries a SAS token. Pass the SAS token as credential=AzureSasCredential(...) and "
                 "keep directory URLs free of query strings."
             )
@@ -132,7 +137,7 @@ class BlobPaths:
     def _required_url(self, path: str) -> str:
         url = self.url_for(path)
         if url is None:
-            raise ValueError(f"{shown(path)!r} is not a blob path here: {self.refusal(path)}")
+            raise ValueError(f"{redact_url(path)!r} is not a blob path here: {self.refusal(path)}")
         return url
 
     def _fsspec_refusal(self, path: str) -> str | None:
@@ -231,11 +236,8 @@ def load_blob_checkpoint(
 
     A missing blob or container raises ``FileNotFoundError`` naming ``path`` without any SAS token.
     """
-    try:
+    with not_found_as_file_not_found(path, hint="(no checkpoint here)"):
         reader = BlobIO(url, "rb", credential=credential, **blobio_options)
-    except ResourceNotFoundError as error:
-        detail = "its container does not exist" if is_missing_container(error) else "no such blob"
-        raise FileNotFoundError(f"Checkpoint not found: {shown(path)} ({detail}).") from None
     with reader:
         return torch.load(reader, map_location=map_location, weights_only=weights_only)
 

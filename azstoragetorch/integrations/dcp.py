@@ -53,15 +53,17 @@ from azstoragetorch._client import (
     BlobProperties,
     ContainerUrl,
     CredentialArgument,
-    _buffers,
-    _schedule,
+    Lease,
+    PieceChecksums,
+    is_missing_container,
+    pause,
+    redact_url,
+    validate_credential,
+    validate_retry,
 )
-from azstoragetorch._client._checksums import PieceChecksums
-from azstoragetorch._client._credentials import validate_credential
-from azstoragetorch._client._pipeline import is_missing_container, validate_retry
-from azstoragetorch._client._redaction import shown
+from azstoragetorch._options import check_int, check_transfer_options
 from azstoragetorch.exceptions import ChecksumMismatchError
-from azstoragetorch.io import BlobIO, _check_positive_int, _check_transfer_options
+from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
 
 __all__ = ["BlobStorageReader", "BlobStorageWriter", "CheckpointVerification"]
@@ -94,7 +96,7 @@ class _BlobFiles(FileSystemBase):
     ) -> None:
         validate_credential(credential)
         validate_retry(retry)
-        _check_transfer_options(max_concurrency, block_size)
+        check_transfer_options(max_concurrency, block_size)
         self.credential = credential
         self.retry = retry
         self.max_concurrency = max_concurrency
@@ -165,7 +167,7 @@ class _BlobFiles(FileSystemBase):
             os.fspath(path), "wb", credential=self.credential, validate_content=self.validate_content, retry=self.retry
         ) as f:
             f.write(data)
-            _schedule.pause("commit")
+            pause("commit")
 
     def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
         """Copy through this process and delete the source; the destination is committed whole, as a
@@ -280,7 +282,7 @@ class _ShardFile(BlobIO):
             self._writers.check()
             super().flush()  # the blocks are uploaded first, so that the commit is a single request
             with self._writers.committing():
-                _schedule.pause("commit")
+                pause("commit")
                 super().close()
         except BaseException as error:
             if not self.closed:
@@ -366,13 +368,13 @@ class BlobStorageWriter(FileSystemWriter):
         _extensions: Sequence[StreamTransformExtension] | None = None,
         serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
     ) -> None:
-        _check_positive_int("thread_count", thread_count)
+        check_int("thread_count", thread_count)
         if not isinstance(serialization_format, SerializationFormat):
             raise TypeError(
                 "serialization_format must be a torch.distributed.checkpoint.filesystem.SerializationFormat, "
                 f"not {type(serialization_format).__name__}."
             )
-        _check_transfer_options(max_concurrency, block_size)
+        check_transfer_options(max_concurrency, block_size)
         # The rank's uploads in flight are shared by the files it writes at once, which bounds its
         # memory at (max_concurrency + thread_count) blocks whatever thread_count is.
         per_file = -(-max_concurrency // thread_count)
@@ -402,7 +404,7 @@ class BlobStorageWriter(FileSystemWriter):
     @property
     def checkpoint_id(self) -> str:
         """The checkpoint's URL without any SAS token (torch records it in ``.metadata`` and its logs)."""
-        return shown(os.fspath(self.path))
+        return redact_url(os.fspath(self.path))
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Point the writer at ``checkpoint_id`` (a URL as for the constructor) for the next save, as
@@ -559,7 +561,7 @@ class BlobStorageReader(FileSystemReader):
     @property
     def checkpoint_id(self) -> str:
         """The checkpoint's URL without any SAS token."""
-        return shown(os.fspath(self.path))
+        return redact_url(os.fspath(self.path))
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Point the reader at ``checkpoint_id`` (a URL as for the constructor) for the next load, as
@@ -575,7 +577,7 @@ class BlobStorageReader(FileSystemReader):
         _require_location(self.path, "BlobStorageReader", "dcp.load")
         metadata = super().read_metadata(*args, **kwargs)
         if metadata.storage_meta is not None and isinstance(metadata.storage_meta.checkpoint_id, str):
-            metadata.storage_meta.checkpoint_id = shown(metadata.storage_meta.checkpoint_id)
+            metadata.storage_meta.checkpoint_id = redact_url(metadata.storage_meta.checkpoint_id)
         return metadata
 
     def verify(self) -> CheckpointVerification:
@@ -749,7 +751,7 @@ class _SpanFetcher:
 
     def fetch_in_order(self, spans: list[_Span]) -> Iterator[tuple[_Span, memoryview]]:
         """Each span with its bytes, in the order given; the bytes are valid until the next span is asked for."""
-        pending: collections.deque[tuple[_Span, concurrent.futures.Future[_buffers.Lease]]] = collections.deque()
+        pending: collections.deque[tuple[_Span, concurrent.futures.Future[Lease]]] = collections.deque()
         in_flight = 0
         workers = max(1, min(len(spans), 2 * self._files.max_concurrency))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="azstoragetorch-dcp") as pool:
@@ -769,7 +771,7 @@ class _SpanFetcher:
 
     @staticmethod
     def _hand_over(
-        entry: tuple[_Span, concurrent.futures.Future[_buffers.Lease]],
+        entry: tuple[_Span, concurrent.futures.Future[Lease]],
     ) -> Generator[tuple[_Span, memoryview], None, int]:
         span, future = entry
         lease = future.result()
@@ -797,7 +799,7 @@ class _SpanFetcher:
             return client, f"{properties.crc32:08x}", f"{actual:08x}"
         return None
 
-    def _fetch(self, span: _Span) -> _buffers.Lease:
+    def _fetch(self, span: _Span) -> Lease:
         client, properties = self.pinned_version(span.relative_path)
         length = span.end - span.start
         lease = client.download_range(
@@ -832,7 +834,7 @@ class _SpanFetcher:
         return future.result()
 
 
-def _release_fetched(future: concurrent.futures.Future[_buffers.Lease]) -> None:
+def _release_fetched(future: concurrent.futures.Future[Lease]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().release()
 
@@ -899,7 +901,7 @@ def _parse_location(url: str) -> tuple[ContainerUrl, str]:
         raise TypeError(f"A checkpoint location must be a blob URL string, not {type(url).__name__}.")
     if "://" not in url or url.split("://", 1)[0].lower() not in ("http", "https"):
         raise ValueError(
-            f"{shown(url)!r} is not a blob prefix URL: expected "
+            f"{redact_url(url)!r} is not a blob prefix URL: expected "
             "https://<account>.blob.core.windows.net/<container>/<prefix> "
             "(or http://127.0.0.1:10000/<account>/<container>/<prefix> for Azurite)."
         )
@@ -913,4 +915,6 @@ def _missing_blob_as_file_not_found(url: str) -> Iterator[None]:
         yield
     except ResourceNotFoundError as error:
         what = "container" if is_missing_container(error) else "blob"
-        raise FileNotFoundError(errno.ENOENT, f"No such {what} (is a checkpoint saved here?)", shown(url)) from None
+        raise FileNotFoundError(
+            errno.ENOENT, f"No such {what} (is a checkpoint saved here?)", redact_url(url)
+        ) from None

@@ -38,14 +38,21 @@ import torch
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobUrl, CredentialArgument
-from azstoragetorch._client._credentials import validate_credential
-from azstoragetorch._client._pipeline import scrubbed, validate_retry
-from azstoragetorch._client._redaction import scrub, shown
+from azstoragetorch._client import (
+    AzStorageTorchBlobClient,
+    BlobUrl,
+    CredentialArgument,
+    redact,
+    redact_error,
+    redact_url,
+    validate_credential,
+    validate_retry,
+)
+from azstoragetorch._options import check_int, check_transfer_options
 from azstoragetorch.datasets import DEFAULT_PREFETCH, Blob, BlobDataset, IterableBlobDataset, _list_source
 from azstoragetorch.integrations import _lightning_paths
 from azstoragetorch.integrations._lightning_paths import BlobPaths
-from azstoragetorch.io import BlobIO, _check_transfer_options
+from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
 
 __all__ = ["AzureBlobCheckpointIO", "BlobDataModule", "BlobSaveConfigCallback", "BlobSplit"]
@@ -134,7 +141,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
     ) -> None:
         super().__init__()
         validate_credential(credential)
-        _check_transfer_options(max_concurrency, block_size)
+        check_transfer_options(max_concurrency, block_size)
         validate_retry(retry)
         self._paths = BlobPaths(_checked_account_url(account_url), credential, retry)
         self._transfer = {
@@ -236,7 +243,9 @@ class AzureBlobCheckpointIO(CheckpointIO):
         text = os.fspath(path)
         url = self._paths.url_for(text) if isinstance(text, str) else None
         if url is None:
-            raise ValueError(f"AzureBlobCheckpointIO cannot use {shown(str(text))!r}: {self._paths.refusal(str(text))}")
+            raise ValueError(
+                f"AzureBlobCheckpointIO cannot use {redact_url(str(text))!r}: {self._paths.refusal(str(text))}"
+            )
         BlobUrl.parse(url)  # a container without a blob name, and other malformed URLs, raise ValueError here
         return url
 
@@ -278,7 +287,7 @@ def _checked_account_url(account_url: str | None) -> str | None:
     parts = urllib.parse.urlsplit(account_url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ValueError(
-            f"account_url {shown(account_url)!r} must be an http(s) URL such as "
+            f"account_url {redact_url(account_url)!r} must be an http(s) URL such as "
             "https://<account>.blob.core.windows.net or http://127.0.0.1:10000/devstoreaccount1."
         )
     if parts.query or parts.fragment:
@@ -301,7 +310,7 @@ def _checked_storage_options(storage_options: Any) -> dict[str, Any]:
             f"AzureBlobCheckpointIO does not support storage_options {', '.join(map(repr, unknown))}; "
             f"supported keys: {', '.join(_STORAGE_OPTION_KEYS)}."
         )
-    _check_transfer_options(storage_options.get("max_concurrency", 1), storage_options.get("block_size", 1))
+    check_transfer_options(storage_options.get("max_concurrency", 1), storage_options.get("block_size", 1))
     return dict(storage_options)
 
 
@@ -334,7 +343,7 @@ class BlobSplit:
 
     def __repr__(self) -> str:
         # The source URLs may carry SAS tokens, which must never be shown.
-        source = scrub(repr(self.source))
+        source = redact(repr(self.source))
         return f"BlobSplit(source={source}, iterable={self.iterable!r}, transform={self.transform!r})"
 
 
@@ -419,8 +428,8 @@ class BlobDataModule(LightningDataModule):
         super().__init__()
         given = {"train": train, "val": val, "test": test, "predict": predict}
         self.splits = {name: _as_split(name, value) for name, value in given.items() if value is not None}
-        _check_count("batch_size", batch_size, minimum=1)
-        _check_count("num_workers", num_workers, minimum=0)
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("num_workers", num_workers, minimum=0)
         if persistent_workers and not num_workers:
             raise ValueError("persistent_workers=True needs num_workers > 0: there are no workers to keep.")
         validate_credential(credential)
@@ -491,7 +500,7 @@ class BlobDataModule(LightningDataModule):
         try:
             blobs = _list_source(split.source, self._credential, self._retry)
         except AzureError as error:
-            raise scrubbed(error, prefix=f"The {name} split could not be listed: ") from None
+            raise redact_error(error, prefix=f"The {name} split could not be listed: ") from None
         digest = hashlib.sha256("\n".join(blob.url for blob in blobs).encode()).hexdigest()
         self._fingerprints[name] = digest
         self._blob_counts[name] = len(blobs)
@@ -535,7 +544,6 @@ class BlobDataModule(LightningDataModule):
                 dataset,
                 blob_count=self._blob_counts[name],
                 epoch_of=self._current_epoch,
-                rank_of=_rank_and_world_size,
                 **options,
             )
         shuffle = self._shuffle and name == "train"
@@ -563,7 +571,7 @@ class _IterableSplitLoader(StatefulDataLoader):  # type: ignore[misc]  # torchda
         *,
         blob_count: int,
         epoch_of: Callable[[], int | None],
-        rank_of: Callable[[], tuple[int, int]],
+        rank_of: Callable[[], tuple[int, int]] | None = None,
         **options: Any,
     ) -> None:
         super().__init__(dataset, **options)
@@ -578,21 +586,13 @@ class _IterableSplitLoader(StatefulDataLoader):  # type: ignore[misc]  # torchda
         return super().__iter__()
 
     def __len__(self) -> int:
-        # Mirrors how IterableBlobDataset deals blobs: to ranks (padded to equal shares when the
-        # training split balances them), then to workers, each of which makes its own batches.
-        rank, world_size = self._rank_of()
-        count = self._blob_count
-        if cast(IterableBlobDataset[Any], self.dataset)._balance_ranks and count % world_size:
-            count = -(-count // world_size) * world_size
-        rank_share = len(range(rank, count, world_size))
-        workers = max(self.num_workers, 1)
-        return sum(-(-len(range(worker, rank_share, workers)) // self.batch_size) for worker in range(workers))
-
-
-def _rank_and_world_size() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+        dataset = cast(IterableBlobDataset[Any], self.dataset)
+        rank_and_world_size = self._rank_of() if self._rank_of is not None else None
+        shares = dataset._share_lengths(
+            self._blob_count, workers=max(self.num_workers, 1), rank_and_world_size=rank_and_world_size
+        )
+        # Each worker makes its own batches, the last of them possibly short.
+        return sum(-(-share // self.batch_size) for share in shares)
 
 
 def _as_split(name: str, value: Any) -> BlobSplit:
@@ -627,11 +627,6 @@ def _importable(what: str, value: Any) -> Any:
     return found
 
 
-def _check_count(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int of at least {minimum}, got {value!r}.")
-
-
 # -- LightningCLI ------------------------------------------------------------------------------------
 
 
@@ -660,7 +655,7 @@ class BlobSaveConfigCallback(SaveConfigCallback):
         exists = filesystem.isfile(config_path) if trainer.is_global_zero and not self.overwrite else False
         if trainer.strategy.broadcast(exists):  # every rank raises, so none waits for the others
             raise RuntimeError(
-                f"{shown(config_path)} exists already. Set LightningCLI(save_config_kwargs="
+                f"{redact_url(config_path)} exists already. Set LightningCLI(save_config_kwargs="
                 '{"overwrite": True}) to replace it, or save_config_callback=None not to save the config.'
             )
         if trainer.is_global_zero:

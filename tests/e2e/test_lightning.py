@@ -9,6 +9,7 @@ queued saves), DDP with two processes, and what the user sees for failed uploads
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import pathlib
@@ -438,12 +439,13 @@ def test_missing_checkpoint_is_file_not_found_without_the_sas(
 ) -> None:
     missing_blob = f"{container.blob_url('nope.ckpt')}?{container.container_sas()}"
 
-    with pytest.raises(FileNotFoundError, match="no such blob") as error:
+    with pytest.raises(FileNotFoundError, match="No such blob") as error:
         AzureBlobCheckpointIO(account_url=azurite.account_url).load_checkpoint(missing_blob)
-    with pytest.raises(FileNotFoundError, match="container does not exist"):
+    with pytest.raises(FileNotFoundError, match="No such container"):
         plugin.load_checkpoint(azurite.blob_url("no-such-container", "model.ckpt"))
 
     assert container.blob_url("nope.ckpt") in str(error.value)
+    assert error.value.errno == errno.ENOENT and error.value.filename == container.blob_url("nope.ckpt")
     assert "sig=" not in str(error.value)
 
 

@@ -2,7 +2,7 @@ import logging
 
 import pytest
 
-from azstoragetorch._client._redaction import install_log_filter, scrub
+from azstoragetorch._client._redaction import install_log_filter, redact
 
 SECRET = "c2VjcmV0LXNpZ25hdHVyZQ%3D%3D"
 
@@ -16,16 +16,16 @@ SECRET = "c2VjcmV0LXNpZ25hdHVyZQ%3D%3D"
         f"sig={SECRET}",
     ],
 )
-def test_scrub_removes_signatures(text: str) -> None:
-    assert SECRET not in scrub(text)
+def test_redact_removes_signatures(text: str) -> None:
+    assert SECRET not in redact(text)
 
 
-def test_scrub_leaves_ordinary_text_alone() -> None:
+def test_redact_leaves_ordinary_text_alone() -> None:
     text = "Could not read https://a.blob.core.windows.net/c/b?snapshot=2024: HTTP 404"
-    assert scrub(text) == text
+    assert redact(text) == text
 
 
-def test_urllib3_debug_records_are_scrubbed(caplog: pytest.LogCaptureFixture) -> None:
+def test_urllib3_debug_records_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
     install_log_filter()
     logger = logging.getLogger("urllib3.connectionpool")
     with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):

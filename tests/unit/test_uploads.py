@@ -65,7 +65,9 @@ def test_stage_failure_surfaces_and_nothing_is_committed() -> None:
     with pytest.raises(ConnectionError):
         uploader.write(memoryview(os.urandom(100 * 10)))
         uploader.flush()
-    assert uploader.error is not None
+    # The failure stays: every later call raises it again, and nothing is committed.
+    with pytest.raises(ConnectionError):
+        uploader.write(memoryview(b"more"))
     with pytest.raises(ConnectionError):
         uploader.commit()
     assert client.committed is None and client.commit_calls == 0
