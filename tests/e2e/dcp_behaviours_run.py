@@ -26,7 +26,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 import torch.distributed
@@ -42,6 +42,7 @@ from torch.distributed._shard.sharding_spec import (
     ShardMetadata,
 )
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint._extension import StreamTransformExtension
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -495,37 +496,94 @@ def overwrite(s: Scenario, checks: Checks) -> None:
 # -- one rank's writer fails -------------------------------------------------------------------------
 
 
-def failure_on_one_rank(s: Scenario, checks: Checks) -> None:
-    """One rank's writer is refused every request (a wrong account key). dcp.save raises on every
-    rank, naming that rank alone; no .metadata is committed: a new checkpoint does not exist, an old
-    one loads as it was. Then a save with working writers succeeds in the same places."""
-    for failing in sorted({0, s.world_size - 1}):  # the coordinator, and a rank that is not
-        old, new = f"old-failing{failing}", f"new-failing{failing}"
-        dcp.save(versioned(1), storage_writer=s.writer(old))
-        before = s.metadata_etag(old)
-        torch.distributed.barrier()
+class FailingWrites(StreamTransformExtension):
+    """A stream transform whose every write fails: given to one rank's writer, its shard files fail
+    part way (after the file was opened, before it could commit), while the rest of that writer,
+    such as the coordinator's write of .metadata, works."""
 
-        for name in (old, new):
-            credential = WRONG_KEY if s.rank == failing else CREDENTIAL
-            try:
-                dcp.save(versioned(2), storage_writer=s.writer(name, credential=credential))
-            except CheckpointException as error:
-                failed = failures_of(error)
-                checks.same(f"{name}: the ranks that failed", sorted(failed), [failing])
-                kind, message = failed.get(failing, ("", ""))
-                checks.true(f"{name}: the failure names the refusal: {kind}: {message[:300]}", "403" in message)
-            else:
-                checks.true(f"{name}: dcp.save returned although rank {failing}'s writer failed", False)
+    @staticmethod
+    def registry_name() -> str:
+        return "azstoragetorch-tests.failing-writes"
+
+    @staticmethod
+    def from_descriptor(version: str) -> FailingWrites:
+        return FailingWrites()
+
+    def get_descriptor(self) -> str:
+        return f"{self.registry_name()}/1"
+
+    def transform_to(self, output: IO[bytes]) -> IO[bytes]:
+        return cast(IO[bytes], _FailingStream())
+
+    def transform_from(self, input: IO[bytes]) -> IO[bytes]:
+        raise NotImplementedError("nothing is loaded from a save that failed")
+
+
+class _FailingStream(io.RawIOBase):
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        raise OSError(INJECTED)
+
+
+INJECTED = "injected failure of a shard file's write"
+
+
+def sharded_version(s: Scenario, version: int) -> dict[str, Any]:
+    """Every rank holds rows of the tensor, so every rank has shard data to write."""
+    return {"weight": as_dtensor(s, full(50 + version, 32, 8), Shard(0)), "step": version}
+
+
+def check_sharded_version(s: Scenario, checks: Checks, what: str, name: str, version: int) -> None:
+    target: dict[str, Any] = {"weight": as_dtensor(s, torch.zeros(32, 8), Shard(0)), "step": -1}
+    try:
+        dcp.load(target, storage_reader=s.reader(name))
+    except CheckpointException as error:  # raised on every rank alike: the ranks stay in step
+        checks.true(f"{what}: the checkpoint does not load: {failures_of(error)}", False)
+        return
+    check_dtensor(s, checks, f"{what}: weight", target["weight"], full(50 + version, 32, 8))
+    checks.same(f"{what}: step", target["step"], version)
+
+
+def failure_on_one_rank(s: Scenario, checks: Checks) -> None:
+    """One rank's writer fails: refused every request (a wrong account key), or its shard files' writes
+    fail part way. dcp.save raises on every rank, naming that rank alone; no .metadata is committed,
+    so a new checkpoint does not exist and an old one loads as it was. Then a save with working
+    writers succeeds in the same places."""
+    failures: dict[str, tuple[dict[str, Any], str]] = {
+        "refused": ({"credential": WRONG_KEY}, "403"),
+        "failing-writes": ({"_extensions": [FailingWrites()]}, INJECTED),
+    }
+    for failing in sorted({0, s.world_size - 1}):  # the coordinator, and a rank that is not
+        for kind, (options, sign) in failures.items():
+            old, new = f"old-{kind}-rank{failing}", f"new-{kind}-rank{failing}"
+            dcp.save(sharded_version(s, 1), storage_writer=s.writer(old))
+            before = s.metadata_etag(old)
             torch.distributed.barrier()
 
-        checks.same(f"{old}: .metadata after the failed save", s.metadata_etag(old), before)
-        check_version(checks, f"{old}: after the failed save", load_version(s, old), 1)
-        checks.same(f"{new}: .metadata after the failed save", s.metadata_etag(new), None)
-        torch.distributed.barrier()
+            for name in (old, new):
+                try:
+                    dcp.save(
+                        sharded_version(s, 2), storage_writer=s.writer(name, **options if s.rank == failing else {})
+                    )
+                except CheckpointException as error:
+                    failed = failures_of(error)
+                    checks.same(f"{name}: the ranks that failed", sorted(failed), [failing])
+                    kind_of, message = failed.get(failing, ("", ""))
+                    checks.true(f"{name}: the failure says what failed: {kind_of}: {message[:300]}", sign in message)
+                else:
+                    checks.true(f"{name}: dcp.save returned although rank {failing}'s writer failed", False)
+                torch.distributed.barrier()
 
-        for name in (old, new):
-            dcp.save(versioned(3), storage_writer=s.writer(name))
-            check_version(checks, f"{name}: saved again with working writers", load_version(s, name), 3)
+            checks.same(f"{old}: .metadata after the failed save", s.metadata_etag(old), before)
+            check_sharded_version(s, checks, f"{old}: after the failed save", old, 1)
+            checks.same(f"{new}: .metadata after the failed save", s.metadata_etag(new), None)
+            torch.distributed.barrier()
+
+            for name in (old, new):
+                dcp.save(sharded_version(s, 3), storage_writer=s.writer(name))
+                check_sharded_version(s, checks, f"{name}: saved again with working writers", name, 3)
 
 
 SCENARIOS: dict[str, Callable[[Scenario, Checks], None]] = {
@@ -565,7 +623,7 @@ def rank_main(
                 began = time.monotonic()
                 try:
                     scenario(context, checks)
-                except Exception:
+                except (Exception, CheckpointException):  # (torch's is a BaseException)
                     error = traceback.format_exc()
                 took = round(time.monotonic() - began, 2)
                 report = {"checks": checks.count, "failures": checks.failures, "error": error, "seconds": took}
