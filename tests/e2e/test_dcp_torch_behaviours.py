@@ -15,7 +15,6 @@ import pathlib
 import tempfile
 import time
 import traceback
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,11 @@ import torch.multiprocessing
 from azure.storage.blob import BlobServiceClient
 
 from azstoragetorch.testing import Azurite
+from tests.conftest import _make_container
 from tests.e2e import dcp_behaviours_run
+
+# The first test of each world size carries that world size's whole run in its setup.
+pytestmark = pytest.mark.timeout(600)
 
 WORLD_SIZES = [1, 2]
 THREAD_COUNTS = [1, 4]
@@ -33,10 +36,9 @@ THREAD_COUNTS = [1, 4]
 @pytest.fixture(scope="module")
 def run_container(service_client: BlobServiceClient, azurite: Azurite) -> Iterator[str]:
     """A container for every run (each configuration under a prefix of its own)."""
-    name = f"behaviours-{uuid.uuid4().hex[:16]}"
-    client = service_client.create_container(name)
-    yield azurite.container_url(name)
-    client.delete_container()
+    made = _make_container(service_client, azurite, None)  # as the container fixture makes one
+    yield made.url
+    made.client.delete_container()
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda world_size: f"world{world_size}")
