@@ -285,7 +285,11 @@ def test_a_split_that_cannot_be_listed_names_the_split_and_url_without_sas(
             "could not be imported",
         ),
         ({"train": "https://a.blob.core.windows.net/c", "collate_fn": "json"}, ValueError, "does not name a callable"),
-        ({"train": "https://a.blob.core.windows.net/c", "batch_size": 0}, ValueError, "batch_size must be a positive int"),
+        (
+            {"train": "https://a.blob.core.windows.net/c", "batch_size": 0},
+            ValueError,
+            "batch_size must be a positive int",
+        ),
         ({"train": "https://a.blob.core.windows.net/c", "persistent_workers": True}, ValueError, "num_workers > 0"),
         ({"train": "https://a.blob.core.windows.net/c", "credential": "key"}, TypeError, "Unsupported credential"),
     ],
