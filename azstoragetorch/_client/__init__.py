@@ -9,11 +9,13 @@ from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobPr
 from azstoragetorch._client._container_client import AzStorageTorchContainerClient, Level, ListedBlob
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._pipeline import MAX_SAMPLE_THREADS
+from azstoragetorch._client._stats import PROGRESS_INTERVAL_SECONDS, ProgressHook, Recorder, TransferStats, stats
 from azstoragetorch._client._uploads import BlockUploader
 from azstoragetorch._client._urls import BlobUrl, ContainerUrl
 
 __all__ = [
     "MAX_SAMPLE_THREADS",
+    "PROGRESS_INTERVAL_SECONDS",
     "AzStorageTorchBlobClient",
     "AzStorageTorchContainerClient",
     "BlobProperties",
@@ -23,4 +25,8 @@ __all__ = [
     "CredentialArgument",
     "Level",
     "ListedBlob",
+    "ProgressHook",
+    "Recorder",
+    "TransferStats",
+    "stats",
 ]
