@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, NoReturn
 
@@ -17,6 +18,8 @@ from azstoragetorch._client import (
     BlockUploader,
     CredentialArgument,
     PieceChecksums,
+    Recorder,
+    TransferStats,
 )
 from azstoragetorch._options import check_transfer_options
 from azstoragetorch._read_ahead import ReadAheadBuffer
@@ -93,6 +96,12 @@ class BlobIO(io.IOBase, BinaryIO):
         retry: How requests that fail for a passing reason (throttling, a dropped connection) are
             retried: a :class:`~azstoragetorch.retry.RetryOptions`. ``None`` (the default) means
             ``RetryOptions()``, which rides out minutes of throttling; see :doc:`reliability`.
+        progress_hook: A callable taking ``(bytes_done, bytes_total)``, as the Azure SDK's clients
+            take it: bytes downloaded or uploaded so far, and the blob's size (``None`` while a
+            write's length is not known). It is called from the transfer threads at most every
+            100 ms while bytes move, and once more when :meth:`close` succeeds (a writer's
+            last call gives the final size as both numbers). An exception it raises fails the
+            transfer. ``None`` (the default) costs nothing. See :doc:`observability`.
 
     Raises:
         ValueError: The URL is malformed, ``mode`` is not ``"rb"`` or ``"wb"``, a size is out of
@@ -114,9 +123,13 @@ class BlobIO(io.IOBase, BinaryIO):
         validate_content: bool = False,
         verify_checksum: bool = False,
         retry: RetryOptions | None = None,
+        progress_hook: Callable[[int, int | None], Any] | None = None,
         **_internal_only_kwargs: Any,
     ) -> None:
+        opened_at = time.perf_counter()
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
+        if progress_hook is not None and not callable(progress_hook):
+            raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
         if mode not in _MODES:
             raise ValueError(f"Unsupported mode {mode!r}: BlobIO opens blobs with 'rb' (read) or 'wb' (write).")
         check_transfer_options(max_concurrency, block_size)
@@ -125,7 +138,10 @@ class BlobIO(io.IOBase, BinaryIO):
             raise TypeError(f"BlobIO() got unexpected keyword arguments: {', '.join(sorted(_internal_only_kwargs))}")
         if client is None:
             client = AzStorageTorchBlobClient(BlobUrl.parse(blob_url), credential, retry=retry)
-        self._client: AzStorageTorchBlobClient = client
+        self._recorder = Recorder(progress_hook if mode == "wb" else None, started=opened_at)
+        # A client of its own, so that only this object's requests count towards its stats.
+        self._client: AzStorageTorchBlobClient = client.with_recorder(self._recorder)
+        client = self._client
         self._mode = mode
         self._position = 0
         self._reader: ReadAheadBuffer | None = None
@@ -134,6 +150,8 @@ class BlobIO(io.IOBase, BinaryIO):
         self._handled_before: BaseException | None = None  # what was being handled when the ``with`` began
         if mode == "rb":
             self._reader = self._open_reader(max_concurrency, block_size, validate_content, verify_checksum)
+            if progress_hook is not None:
+                self._recorder.attach_hook(progress_hook, self._reader.size)
         else:
             if verify_checksum:
                 raise ValueError("verify_checksum checks what is read; a BlobIO opened with 'wb' records the CRC-32.")
@@ -143,6 +161,7 @@ class BlobIO(io.IOBase, BinaryIO):
                 client, block_size=block_size, max_concurrency=max_concurrency, validate_content=validate_content
             )
         self._closed = False
+        self._recorder.add_blocked(time.perf_counter() - opened_at)
 
     def _open_reader(
         self, max_concurrency: int, block_size: int, validate_content: bool, verify_checksum: bool
@@ -182,6 +201,12 @@ class BlobIO(io.IOBase, BinaryIO):
     def name(self) -> str:
         """The blob's URL, without any SAS token."""
         return self._client.display_url
+
+    @property
+    def stats(self) -> TransferStats:
+        """What this object's transfers cost so far: bytes, requests, retries and times (see
+        :class:`~azstoragetorch.TransferStats`). Final once :meth:`close` has returned."""
+        return self._recorder.snapshot()
 
     @property
     def properties(self) -> BlobProperties:
@@ -242,10 +267,14 @@ class BlobIO(io.IOBase, BinaryIO):
     def read(self, size: int | None = -1, /) -> bytes:
         """Read up to ``size`` bytes (all remaining bytes if ``size`` is negative or ``None``)."""
         reader = self._require_reader("read")
+        started = time.perf_counter()
         remaining = max(0, reader.size - self._position)
         count = remaining if size is None or size < 0 else min(size, remaining)
         buffer = bytearray(count)
-        self._position += reader.readinto(self._position, memoryview(buffer))
+        try:
+            self._position += reader.readinto(self._position, memoryview(buffer))
+        finally:
+            self._recorder.add_blocked(time.perf_counter() - started)
         return bytes(buffer)
 
     def readlines(self, hint: int = -1, /) -> list[bytes]:
@@ -266,15 +295,27 @@ class BlobIO(io.IOBase, BinaryIO):
     def readinto(self, buffer: Any, /) -> int:
         """Read into a writable bytes-like object; returns the number of bytes read (0 at the end)."""
         reader = self._require_reader("readinto")
-        with memoryview(buffer) as view, view.cast("B") as destination:
-            count = reader.readinto(self._position, destination)
+        started = time.perf_counter()
+        try:
+            with memoryview(buffer) as view, view.cast("B") as destination:
+                count = reader.readinto(self._position, destination)
+        finally:
+            self._recorder.add_blocked(time.perf_counter() - started)
         self._position += count
         return count
 
     def readline(self, size: int | None = -1, /) -> bytes:
         """Read one line, up to and including ``b"\\n"``, or at most ``size`` bytes if given."""
         reader = self._require_reader("readline")
-        limit = reader.size - self._position if size is None or size < 0 else size
+        started = time.perf_counter()
+        try:
+            line = self._read_line(reader, reader.size - self._position if size is None or size < 0 else size)
+        finally:
+            self._recorder.add_blocked(time.perf_counter() - started)
+        self._position += len(line)
+        return bytes(line)
+
+    def _read_line(self, reader: ReadAheadBuffer, limit: int) -> bytearray:
         line = bytearray()
         probe = 256
         while len(line) < limit:
@@ -288,8 +329,7 @@ class BlobIO(io.IOBase, BinaryIO):
                 break
             line += piece[:count]
             probe = min(probe * 2, 1 << 20)  # long lines: fewer, larger probes
-        self._position += len(line)
-        return bytes(line)
+        return line
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -309,9 +349,13 @@ class BlobIO(io.IOBase, BinaryIO):
         uploader = self._require_uploader("write")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"write() takes bytes, bytearray or memoryview, not {type(data).__name__}.")
-        with memoryview(data) as view, view.cast("B") as chunk:
-            count = len(chunk)
-            self._upload_step(self._take, uploader, chunk)
+        started = time.perf_counter()
+        try:
+            with memoryview(data) as view, view.cast("B") as chunk:
+                count = len(chunk)
+                self._upload_step(self._take, uploader, chunk)
+        finally:
+            self._recorder.add_blocked(time.perf_counter() - started)
         return count
 
     def _take(self, uploader: BlockUploader, chunk: memoryview) -> None:
@@ -330,7 +374,11 @@ class BlobIO(io.IOBase, BinaryIO):
         """
         self._check_not_closed()
         if self._uploader is not None:
-            self._upload_step(self._uploader.flush)
+            started = time.perf_counter()
+            try:
+                self._upload_step(self._uploader.flush)
+            finally:
+                self._recorder.add_blocked(time.perf_counter() - started)
 
     def close(self) -> None:
         """Close the object; in write mode, upload what remains and commit the blob.
@@ -343,12 +391,17 @@ class BlobIO(io.IOBase, BinaryIO):
         """
         if self._closed:
             return
+        started = time.perf_counter()
+        succeeded = False
         try:
             if self._uploader is not None:
                 self._upload_step(self._uploader.commit)
             elif self._reader is not None and self._reader.verifies_checksum:
                 self._verify_whole_blob(self._reader)
+            succeeded = True
         finally:
+            self._recorder.add_blocked(time.perf_counter() - started)
+            self._recorder.end(total=self._position if self._uploader is not None else None, report=succeeded)
             self._release()
 
     def __enter__(self) -> BlobIO:
@@ -391,6 +444,7 @@ class BlobIO(io.IOBase, BinaryIO):
 
     def _release(self) -> None:
         self._closed = True
+        self._recorder.end(report=False)  # a no-op after close()'s own end()
         if self._reader is not None:
             self._reader.close()
         if self._uploader is not None:

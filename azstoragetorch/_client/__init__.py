@@ -20,6 +20,7 @@ from azstoragetorch._client._pipeline import (
 )
 from azstoragetorch._client._redaction import redact, redact_error, redact_url
 from azstoragetorch._client._schedule import pause
+from azstoragetorch._client._stats import PROGRESS_INTERVAL_SECONDS, ProgressHook, Recorder, TransferStats, stats
 from azstoragetorch._client._uploads import MAX_BLOCK_SIZE, BlockUploader
 from azstoragetorch._client._urls import (
     FSSPEC_PROTOCOLS,
@@ -33,6 +34,7 @@ __all__ = [
     "FSSPEC_PROTOCOLS",
     "MAX_BLOCK_SIZE",
     "MAX_SAMPLE_THREADS",
+    "PROGRESS_INTERVAL_SECONDS",
     "AzStorageTorchBlobClient",
     "AzStorageTorchContainerClient",
     "BlobProperties",
@@ -44,6 +46,9 @@ __all__ = [
     "Level",
     "ListedBlob",
     "PieceChecksums",
+    "ProgressHook",
+    "Recorder",
+    "TransferStats",
     "fsspec_path_to_url",
     "is_azure_blob_host",
     "is_missing_container",
@@ -53,6 +58,7 @@ __all__ = [
     "redact",
     "redact_error",
     "redact_url",
+    "stats",
     "validate_credential",
     "validate_retry",
 ]

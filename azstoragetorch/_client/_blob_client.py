@@ -19,7 +19,7 @@ import urllib3.exceptions
 from azure.core.exceptions import ServiceResponseError
 from azure.core.pipeline.transport import HttpResponse
 
-from azstoragetorch._client import _buffers, _checksums, _pipeline, _schedule
+from azstoragetorch._client import _buffers, _checksums, _pipeline, _schedule, _stats
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._redaction import redact_error
 from azstoragetorch._client._resource import ResourceClient
@@ -100,6 +100,10 @@ class AzStorageTorchBlobClient(ResourceClient):
         count, error = _read_body_into(response, memoryview(data))
         if validate_content and error is None and count == len(data):
             error = self._md5_mismatch(response, memoryview(data))
+        if not (validate_content and error is not None):
+            _stats.add_bytes(self.recorder, count)
+        if error is not None:  # what follows fetches (the rest of) it again
+            _stats.add_retry(self.recorder, _stats.reason_for_error(error))
         if validate_content and error is not None:
             self.download_into(0, memoryview(data), etag=properties.etag, validate_content=True)
         elif error is not None or count < len(data):
@@ -120,12 +124,17 @@ class AzStorageTorchBlobClient(ResourceClient):
         if first_length == properties.size:
             body = _read_whole_body(response)
             if body is not None and len(body) == first_length:
+                _stats.add_bytes(self.recorder, first_length)
                 return body
             data = bytearray(properties.size)  # the body broke off: fetch it again, with retries
+            _stats.add_retry(self.recorder, _stats.RESET)
             self.download_into(0, memoryview(data), etag=properties.etag)
             return bytes(data)
         data = bytearray(properties.size)
         count, error = _read_body_into(response, memoryview(data)[:first_length])
+        _stats.add_bytes(self.recorder, count)
+        if error is not None:
+            _stats.add_retry(self.recorder, _stats.reason_for_error(error))
         if error is not None or count < first_length:
             self.download_into(count, memoryview(data)[count:first_length], etag=properties.etag)
         rest = memoryview(data)[first_length:]
@@ -184,6 +193,7 @@ class AzStorageTorchBlobClient(ResourceClient):
                 if error is not None:
                     count = 0  # a range is checked as a whole: fetch it again entirely
             filled += count
+            _stats.add_bytes(self.recorder, count)
             if error is None and filled >= wanted:
                 return properties, filled
             if error is None:
@@ -196,6 +206,7 @@ class AzStorageTorchBlobClient(ResourceClient):
                 failure = redact_error(ServiceResponseError(message))
                 break
             _pipeline.log_debug("Retrying read of %s at offset %d after %r", self.display_url, offset + filled, error)
+            _stats.add_retry(self.recorder, _stats.reason_for_error(error))
             time.sleep(_pipeline.backoff_seconds(attempt))
         raise failure
 
@@ -291,12 +302,14 @@ class AzStorageTorchBlobClient(ResourceClient):
         headers = {"x-ms-blob-type": "BlockBlob", **_crc32_metadata(crc32)}
         _schedule.pause("commit")
         self._send("PUT", action="upload", headers=headers, body=data, validate_content=validate_content, expected=201)
+        _stats.add_bytes(self.recorder, len(data))
 
     def stage_block(self, block_id: str, data: bytes | memoryview, *, validate_content: bool) -> None:
         query = ("comp=block", f"blockid={urllib.parse.quote(block_id, safe='')}")
         self._send(
             "PUT", action="upload a block of", query=query, body=data, validate_content=validate_content, expected=201
         )
+        _stats.add_bytes(self.recorder, len(data))
 
     def commit_block_list(self, block_ids: list[str], *, crc32: int | None = None) -> None:
         """Make the staged blocks the blob's content; ``crc32`` is recorded in its metadata."""

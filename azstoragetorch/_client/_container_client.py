@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from azstoragetorch._client import _checksums
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobProperties
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._resource import ResourceClient
@@ -119,6 +120,7 @@ class AzStorageTorchContainerClient(ResourceClient):
             # Listings give the ETag bare; headers (and If-Match) quote it. Keep the header form.
             etag=etag if etag.startswith('"') or not etag else f'"{etag}"',
             last_modified=parsedate_to_datetime(last_modified) if last_modified else None,
+            crc32=_checksums.parse_recorded(_metadata_value(element, _checksums.METADATA_NAME)),
         )
         return ListedBlob(self.blob_client(name), properties, is_directory=_is_directory(element))
 
@@ -129,6 +131,13 @@ def _is_directory(element: ElementTree.Element) -> bool:
         entry.tag.lower() == "hdi_isfolder" and (entry.text or "").strip().lower() == "true"
         for entry in element.iterfind("Metadata/*")
     )
+
+
+def _metadata_value(element: ElementTree.Element, name: str) -> str | None:
+    for entry in element.iterfind("Metadata/*"):
+        if entry.tag.lower() == name:
+            return entry.text
+    return None
 
 
 def _decoded_name(element: ElementTree.Element) -> str:

@@ -39,6 +39,8 @@ from azure.core.pipeline.transport import HttpResponse, HttpTransport, RequestsT
 from azstoragetorch import __version__
 from azstoragetorch._client._credentials import CredentialArgument, auth_policy_for, shared_default_credential
 from azstoragetorch._client._redaction import install_log_filter, redact, redact_error, redact_url
+from azstoragetorch._client._stats import OPTION as _STATS_OPTION
+from azstoragetorch._client._stats import Recorder, StatsPolicy
 from azstoragetorch._client._transport import Urllib3Transport
 from azstoragetorch.exceptions import ClientRequestIdMismatchError
 from azstoragetorch.retry import RetryOptions
@@ -279,6 +281,7 @@ def build_pipeline(origin: str, auth_policy: Any | None, retry: RetryOptions) ->
         UserAgentPolicy(sdk_moniker=f"azstoragetorch/{__version__}"),
         _ClientRequestIdPolicy(),
         _StorageRetryPolicy(retry),
+        StatsPolicy(),  # inside the retry loop: it sees every attempt
     ]
     if auth_policy is not None:
         policies.append(auth_policy)
@@ -294,10 +297,20 @@ def validate_retry(retry: object) -> None:
         )
 
 
-def run(pipeline: Pipeline[Any, Any], request: Any, *, display_url: str, stream: bool = False) -> HttpResponse:
-    """Send ``request``; transport failures come back naming the blob, with any SAS token removed."""
+def run(
+    pipeline: Pipeline[Any, Any],
+    request: Any,
+    *,
+    display_url: str,
+    stream: bool = False,
+    recorder: Recorder | None = None,
+) -> HttpResponse:
+    """Send ``request``; transport failures come back naming the blob, with any SAS token removed.
+
+    ``recorder`` counts the request and its retries (:class:`~azstoragetorch._client._stats.StatsPolicy`).
+    """
     try:
-        response: HttpResponse = pipeline.run(request, stream=stream).http_response
+        response: HttpResponse = pipeline.run(request, stream=stream, **{_STATS_OPTION: recorder}).http_response
         return response
     except ClientRequestIdMismatchError:
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import os
 import urllib.parse
@@ -14,6 +15,7 @@ from azure.core.pipeline.transport import HttpRequest, HttpResponse
 
 from azstoragetorch._client import _pipeline
 from azstoragetorch._client._credentials import CredentialArgument, check_not_sent_in_clear, validate_credential
+from azstoragetorch._client._stats import Recorder
 from azstoragetorch._client._urls import BlobUrl, ContainerUrl, check_sas_complete
 from azstoragetorch.retry import RetryOptions
 
@@ -41,6 +43,14 @@ class ResourceClient:
         self._retry = retry
         self._pipeline: Pipeline[Any, Any] | None = None
         self._pipeline_pid = 0
+        # Counts this client's requests, retries and bytes for one transfer (a BlobIO); not pickled.
+        self.recorder: Recorder | None = None
+
+    def with_recorder(self, recorder: Recorder | None) -> Any:
+        """A copy of this client whose transfers ``recorder`` counts (this one's stay uncounted by it)."""
+        clone = copy.copy(self)
+        clone.recorder = recorder
+        return clone
 
     @property
     def credential(self) -> CredentialArgument:
@@ -110,4 +120,6 @@ class ResourceClient:
             request.set_bytes_body(body)  # type: ignore[arg-type]
             if validate_content:
                 request.headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
-        return _pipeline.run(self._get_pipeline(), request, display_url=self.display_url, stream=stream)
+        return _pipeline.run(
+            self._get_pipeline(), request, display_url=self.display_url, stream=stream, recorder=self.recorder
+        )

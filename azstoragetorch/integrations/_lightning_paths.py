@@ -230,16 +230,21 @@ def load_blob_checkpoint(
     credential: CredentialArgument,
     map_location: Any,
     weights_only: bool | None,
+    on_stats: Any = None,
     **blobio_options: Any,
 ) -> Any:
     """``torch.load`` the checkpoint at ``path`` (whose blob URL is ``url``).
 
     A missing blob or container raises ``FileNotFoundError`` naming ``path`` without any SAS token.
+    ``on_stats``, if given, is called with the read's :class:`~azstoragetorch.TransferStats` after it.
     """
     with not_found_as_file_not_found(path, hint="(no checkpoint here)"):
         reader = BlobIO(url, "rb", credential=credential, **blobio_options)
     with reader:
-        return torch.load(reader, map_location=map_location, weights_only=weights_only)
+        loaded = torch.load(reader, map_location=map_location, weights_only=weights_only)
+    if on_stats is not None:
+        on_stats(reader.stats)
+    return loaded
 
 
 # -- the registry ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -42,6 +43,7 @@ from azstoragetorch._client import (
     AzStorageTorchBlobClient,
     BlobUrl,
     CredentialArgument,
+    TransferStats,
     redact,
     redact_error,
     redact_url,
@@ -50,7 +52,7 @@ from azstoragetorch._client import (
 )
 from azstoragetorch._options import check_int, check_transfer_options
 from azstoragetorch.datasets import DEFAULT_PREFETCH, Blob, BlobDataset, IterableBlobDataset, _list_source
-from azstoragetorch.integrations import _lightning_paths
+from azstoragetorch.integrations import _lightning_paths, _lightning_stats
 from azstoragetorch.integrations._lightning_paths import BlobPaths
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
@@ -121,6 +123,13 @@ class AzureBlobCheckpointIO(CheckpointIO):
         retry: How throttled or briefly failing requests are retried, for saves, loads, removals
             and Lightning's listings alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None``
             for its defaults.
+        log_stats: Log each save's and load's transfer statistics through the Trainer's loggers:
+            ``checkpoint/save_seconds``, ``checkpoint/save_mib_per_s``, ``checkpoint/save_retries``,
+            ``checkpoint/save_stall_seconds`` (how long ``Trainer.save_checkpoint`` held up the
+            training loop, with or without ``AsyncCheckpointIO``), ``checkpoint/load_seconds`` and
+            more; see :doc:`observability`.
+        progress_hook: Given to every save's and load's :class:`~azstoragetorch.io.BlobIO`: called
+            with ``(bytes_done, bytes_total)`` from the transfer threads at most every 100 ms.
 
     Raises:
         TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
@@ -138,21 +147,30 @@ class AzureBlobCheckpointIO(CheckpointIO):
         validate_content: bool = False,
         verify_checksum: bool = False,
         retry: RetryOptions | None = None,
+        log_stats: bool = True,
+        progress_hook: Callable[[int, int | None], Any] | None = None,
     ) -> None:
         super().__init__()
         validate_credential(credential)
         check_transfer_options(max_concurrency, block_size)
         validate_retry(retry)
+        if progress_hook is not None and not callable(progress_hook):
+            raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
         self._paths = BlobPaths(_checked_account_url(account_url), credential, retry)
         self._transfer = {
             "max_concurrency": max_concurrency,
             "block_size": block_size,
             "validate_content": validate_content,
             "retry": retry,
+            "progress_hook": progress_hook,
         }
         self._verify_checksum = verify_checksum
         self._saves = _SavesInProgress()
+        self._log_stats = bool(log_stats)
+        self._pending_metrics = _lightning_stats.PendingMetrics()
         _lightning_paths.register(self._paths)
+        if self._log_stats:
+            _lightning_stats.install()
 
     def __repr__(self) -> str:
         credential = type(self._paths.credential).__name__
@@ -160,14 +178,23 @@ class AzureBlobCheckpointIO(CheckpointIO):
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned DDP processes receive a pickled copy; the lock of the original stays behind.
-        return {"paths": self._paths, "transfer": self._transfer, "verify_checksum": self._verify_checksum}
+        return {
+            "paths": self._paths,
+            "transfer": self._transfer,
+            "verify_checksum": self._verify_checksum,
+            "log_stats": self._log_stats,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._paths = state["paths"]
         self._transfer = state["transfer"]
         self._verify_checksum = state["verify_checksum"]
         self._saves = _SavesInProgress()
+        self._log_stats = state.get("log_stats", True)
+        self._pending_metrics = _lightning_stats.PendingMetrics()
         _lightning_paths.register(self._paths)
+        if self._log_stats:
+            _lightning_stats.install()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` with :func:`torch.save` to the blob at ``path``, replacing it atomically.
@@ -186,8 +213,12 @@ class AzureBlobCheckpointIO(CheckpointIO):
         """
         transfer = self._transfer | _checked_storage_options(storage_options)
         url = self._url(path)
+        started = time.perf_counter()
         with self._saves.saving(url), BlobIO(url, "wb", credential=self._paths.credential, **transfer) as writer:
             torch.save(checkpoint, writer)
+        if self._log_stats:
+            metrics = _lightning_stats.checkpoint_metrics("save", writer.stats, time.perf_counter() - started)
+            self._pending_metrics.add(metrics)
         _LOGGER.debug("Saved checkpoint %s", BlobUrl.parse(url).display_url)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
@@ -206,17 +237,25 @@ class AzureBlobCheckpointIO(CheckpointIO):
             azstoragetorch.exceptions.ChecksumMismatchError: (``verify_checksum`` or
                 ``validate_content``) The bytes received do not match the checkpoint's checksum.
         """
+        started = time.perf_counter()
+
+        def record(stats: TransferStats) -> None:
+            metrics = _lightning_stats.checkpoint_metrics("load", stats, time.perf_counter() - started)
+            self._pending_metrics.add(metrics)
+
         return _lightning_paths.load_blob_checkpoint(
             os.fspath(path),
             self._url(path),
             credential=self._paths.credential,
             map_location="cpu" if map_location is None else map_location,
             weights_only=weights_only,
+            on_stats=record if self._log_stats else None,
             max_concurrency=self._transfer["max_concurrency"],
             block_size=self._transfer["block_size"],
             validate_content=self._transfer["validate_content"],
             verify_checksum=self._verify_checksum,
             retry=self._paths.retry,
+            progress_hook=self._transfer["progress_hook"],
         )
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -400,6 +439,9 @@ class BlobDataModule(LightningDataModule):
         prefetch: Samples fetched ahead per worker by iterable splits (1 to 128).
         retry: How throttled or briefly failing requests are retried, listing and reading alike: a
             :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+        log_stats: Log each training epoch's data loading through the Trainer's loggers:
+            ``data/train_mib_per_s``, ``data/train_retries``, ``data/train_throttled_retries`` and more,
+            gathered across the DataLoader workers; see :doc:`observability`.
 
     Raises:
         ValueError: An argument is out of range, or an import path names nothing callable.
@@ -424,6 +466,7 @@ class BlobDataModule(LightningDataModule):
         credential: CredentialArgument = None,
         prefetch: int = DEFAULT_PREFETCH,
         retry: RetryOptions | None = None,
+        log_stats: bool = True,
     ) -> None:
         super().__init__()
         given = {"train": train, "val": val, "test": test, "predict": predict}
@@ -449,6 +492,10 @@ class BlobDataModule(LightningDataModule):
         self._fingerprints: dict[str, str] = {}
         self._blob_counts: dict[str, int] = {}
         self._fingerprints_at_save: dict[str, str] = {}
+        self._log_stats = bool(log_stats)
+        self._stats_tables: dict[str, _lightning_stats.WorkerStatsTable] = {}
+        if self._log_stats:
+            _lightning_stats.install()
 
     def setup(self, stage: str) -> None:
         """List the blobs of the splits ``stage`` uses (once per split)."""
@@ -539,6 +586,10 @@ class BlobDataModule(LightningDataModule):
             "pin_memory": self._pin_memory,
             "persistent_workers": self._persistent_workers,
         }
+        if self._log_stats:
+            table = self._stats_tables.setdefault(name, _lightning_stats.WorkerStatsTable(self._num_workers))
+            if self._num_workers:
+                options["collate_fn"] = table.collate(self._collate_fn)
         if isinstance(dataset, IterableBlobDataset):
             return _IterableSplitLoader(
                 dataset,

@@ -32,6 +32,12 @@ class InMemoryBlobClient:
         self._pool = ThreadPoolExecutor(4)
         self.release = threading.Event()
         self.release.set()
+        self.recorder: Any = None
+
+    def with_recorder(self, recorder: Any) -> InMemoryBlobClient:
+        # One shared fake: tests look at what it recorded through the client they made.
+        self.recorder = recorder
+        return self
 
     @property
     def properties(self) -> BlobProperties:
