@@ -352,6 +352,39 @@ def read_raw(data_set: DataSet, concurrency: int) -> Sample:
     return meter.sample
 
 
+# -- client CPU per request (small data set) -----------------------------------------------------------
+
+
+def read_signed_serial(data_set: DataSet, azurite: Azurite) -> Sample:
+    """``dataset[i]`` for every blob, one after the other in this thread: one signed GET each, so the process
+    CPU per blob is the client's CPU per signed request (dataset indexing included)."""
+    dataset: BlobDataset[dict[str, Any]] = BlobDataset.from_container_url(
+        data_set.container_url, credential=azurite.credential
+    )
+    tally = Tally(data_set, "signed serial")
+    with Meter() as meter:
+        for index in range(len(dataset)):
+            tally.add_sample(dataset[index])
+    tally.verify()
+    return meter.sample
+
+
+def read_raw_serial(data_set: DataSet) -> Sample:
+    """Anonymous ``http.client`` GETs one after the other on one keep-alive connection: a bare request's CPU."""
+    tally = Tally(data_set, "raw serial")
+    with Meter() as meter, ThreadConnections(data_set.container_url) as connections:
+        for name in data_set.names:
+            connection = connections.get()
+            connection.request("GET", f"{connections.path}/{name}", headers={"x-ms-version": X_MS_VERSION})
+            response = connection.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"raw GET {name}: HTTP {response.status} {data[:300]!r}")
+            tally.add(name, fingerprint(data))
+    tally.verify()
+    return meter.sample
+
+
 # -- cases and the round-robin schedule ----------------------------------------------------------------
 
 
@@ -362,7 +395,11 @@ VARIANT_LABELS = {
     "iter_w2": "IterableBlobDataset, num_workers=2",
     "sdk_serial": "SDK serial download_blob().readall()",
     "raw_get": "raw: http.client GET x c",
+    "signed_serial": "signed serial: dataset[i] in a loop",
+    "raw_serial": "raw serial: http.client GET in a loop",
 }
+# Client CPU per signed request (small blobs, one request at a time), the issue's target (#14).
+SIGNED_REQUEST_TARGET_MS = 0.35
 DATASET_VARIANTS = {"map_w0": ("map", 0), "map_w2": ("map", 2), "iter_w0": ("iter", 0), "iter_w2": ("iter", 2)}
 KIND_LABELS = {"map": "BlobDataset", "iter": "IterableBlobDataset"}
 
@@ -396,6 +433,9 @@ def build_cases(data_sets: Sequence[DataSet], azurite: Azurite, sdk: BlobService
         cases.append(case(data_set, "sdk_serial", functools.partial(read_sdk_serial, data_set, container)))
         for concurrency in RAW_CONCURRENCIES:
             cases.append(case(data_set, "raw_get", functools.partial(read_raw, data_set, concurrency), concurrency))
+        if data_set.spec.blob_size <= 64 * KiB:
+            cases.append(case(data_set, "signed_serial", functools.partial(read_signed_serial, data_set, azurite)))
+            cases.append(case(data_set, "raw_serial", functools.partial(read_raw_serial, data_set)))
     return cases
 
 
@@ -604,6 +644,18 @@ def format_table(data_set: DataSet, rows: list[Row], cases: list[Case], rounds: 
         if case.data_set is data_set and case.variant == "raw_get" and case.samples:
             parts.append(f"c={case.concurrency}: {fmt_range(case_row(case).samples_per_s, 0)}")
     lines.append("raw ceiling by concurrency (samples/s): " + "   ".join(parts))
+    per_request = {
+        case.variant: stats(1000 * s.cpu_self / len(data_set.names) for s in case.samples)
+        for case in cases
+        if case.data_set is data_set and case.variant in ("signed_serial", "raw_serial") and case.samples
+    }
+    if per_request:
+        signed = per_request.get("signed_serial")
+        verdict = "" if signed is None else (" pass" if signed.median <= SIGNED_REQUEST_TARGET_MS else " MISS")
+        lines.append(
+            f"client CPU ms per request, serial: signed {fmt_range(signed, 3)}, bare anonymous GET "
+            f"{fmt_range(per_request.get('raw_serial'), 3)} (target signed <= {SIGNED_REQUEST_TARGET_MS} ms:{verdict})"
+        )
     return "\n".join(lines)
 
 

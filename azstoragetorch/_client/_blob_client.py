@@ -23,6 +23,7 @@ from azstoragetorch._client import _buffers, _checksums, _pipeline, _schedule, _
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._redaction import redact_error
 from azstoragetorch._client._resource import ResourceClient
+from azstoragetorch._client._transport import WireResponse
 from azstoragetorch._client._urls import BlobUrl
 from azstoragetorch.exceptions import BlobModifiedDuringReadError, ChecksumMismatchError
 from azstoragetorch.retry import RetryOptions
@@ -119,28 +120,27 @@ class AzStorageTorchBlobClient(ResourceClient):
         response = self._send_range_get(0, part_size, None)
         if response is None:
             return b""
-        properties = _properties_from(response, size=_total_size(response))
-        first_length = min(part_size, properties.size)
-        if first_length == properties.size:
+        # Only the size and ETag matter here (parsing Last-Modified would cost more than the rest).
+        size, etag = _total_size(response), response.headers.get("ETag", "")
+        first_length = min(part_size, size)
+        if first_length == size:
             body = _read_whole_body(response)
             if body is not None and len(body) == first_length:
                 _stats.add_bytes(self.recorder, first_length)
                 return body
-            data = bytearray(properties.size)  # the body broke off: fetch it again, with retries
+            data = bytearray(size)  # the body broke off: fetch it again, with retries
             _stats.add_retry(self.recorder, _stats.RESET)
-            self.download_into(0, memoryview(data), etag=properties.etag)
+            self.download_into(0, memoryview(data), etag=etag)
             return bytes(data)
-        data = bytearray(properties.size)
+        data = bytearray(size)
         count, error = _read_body_into(response, memoryview(data)[:first_length])
         _stats.add_bytes(self.recorder, count)
         if error is not None:
             _stats.add_retry(self.recorder, _stats.reason_for_error(error))
         if error is not None or count < first_length:
-            self.download_into(count, memoryview(data)[count:first_length], etag=properties.etag)
+            self.download_into(count, memoryview(data)[count:first_length], etag=etag)
         rest = memoryview(data)[first_length:]
-        self.download_parallel(
-            first_length, rest, etag=properties.etag, part_size=part_size, max_concurrency=max_concurrency
-        )
+        self.download_parallel(first_length, rest, etag=etag, part_size=part_size, max_concurrency=max_concurrency)
         return bytes(data)
 
     def download_into(
@@ -381,9 +381,12 @@ def _total_size(response: HttpResponse) -> int:
 
 
 def _raw_and_body(response: HttpResponse) -> tuple[Any, Any]:
-    """urllib3's response (under requests' one, if requests sent it), and the plain http.client
-    body under it when reading that directly is safe (no content encoding to undo), else ``None``."""
+    """The transport's own response (urllib3's under requests' one, if requests sent it), and what
+    reads the body straight into memory when that is safe (no content encoding to undo), else
+    ``None``: the response itself for our transport, the http.client one under urllib3's."""
     internal = response.internal_response
+    if isinstance(internal, WireResponse):
+        return internal, None if response.headers.get("Content-Encoding") else internal
     raw = getattr(internal, "raw", internal)
     body = getattr(raw, "_fp", None)
     if not hasattr(body, "readinto") or response.headers.get("Content-Encoding"):

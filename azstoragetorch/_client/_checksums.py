@@ -2,10 +2,14 @@
 
 Writers record the CRC-32 of everything they committed in the blob's metadata. Readers that opt in
 compute the CRC-32 of every byte range they download, in whatever order the ranges arrive, and
-combine them into the whole blob's, to compare with the recorded one. zlib computes a CRC-32 at
-several GB/s and releases the GIL while doing it; combining two CRC-32s needs only their values and
-the second piece's length (a GF(2) matrix product, as zlib's ``crc32_combine``), so nothing is read
-twice and nothing is kept but a number per piece.
+combine them into the whole blob's, to compare with the recorded one. Combining two CRC-32s needs
+only their values and the second piece's length (a GF(2) matrix product, as zlib's
+``crc32_combine``), so nothing is read twice and nothing is kept but a number per piece.
+
+The CRC-32 itself is ISA-L's (the ``isal`` package) where it is installed: the same CRC-32 (IEEE
+802.3, as zlib computes it), at about a fifth of zlib's CPU per byte (0.1 against 0.34-0.5 s/GiB
+here), which is a quarter of a checkpoint save's client CPU. Both release the GIL, so upload threads
+checksum their blocks in parallel. Without ``isal``, zlib computes the identical values.
 """
 
 from __future__ import annotations
@@ -13,14 +17,30 @@ from __future__ import annotations
 import functools
 import threading
 import zlib
+from collections.abc import Callable
+
+_Buffer = bytes | bytearray | memoryview
 
 # Blob metadata (x-ms-meta-<name>) in which writers record the CRC-32, as 8 hexadecimal digits.
 METADATA_NAME = "azstoragetorch_crc32"
 _POLYNOMIAL = 0xEDB88320  # CRC-32 (IEEE 802.3), reflected, as zlib.crc32 computes it
 
 
-def crc32(data: bytes | bytearray | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+def _isal_crc32_or_none() -> Callable[[_Buffer, int], int] | None:
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return None
+    return isal_zlib.crc32
+
+
+_isal_crc32 = _isal_crc32_or_none()
+_crc32: Callable[[_Buffer, int], int] = _isal_crc32 or zlib.crc32  # both return the unsigned value
+
+
+def crc32(data: _Buffer, value: int = 0) -> int:
+    """The CRC-32 of ``data``, continuing from ``value`` (the CRC-32 of the bytes before it)."""
+    return _crc32(data, value)
 
 
 def _times(matrix: tuple[int, ...], vector: int) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
 import threading
+import time
 import urllib.parse
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -160,27 +162,50 @@ class SharedKeyPolicy(SansIOHTTPPolicy[Any, Any]):
 
     Runs after the retry policy so that every attempt gets a fresh ``x-ms-date`` and signature.
     The key itself never leaves this object: only the HMAC goes on the wire.
+
+    Signing runs once per request, and a dataset of small blobs sends thousands per second, so the
+    work that does not change between requests is done once: the key is decoded and an HMAC keyed
+    with it is kept (each request signs with a copy), and the date string is reused within its
+    second. The key is read from the credential at every request all the same, so that
+    ``AzureNamedKeyCredential.update`` takes effect at once.
     """
 
     def __init__(self, credential: AzureNamedKeyCredential) -> None:
         self._credential = credential
+        self._keyed: tuple[str, str, Any] | None = None  # (account name, key, HMAC keyed with it)
+        self._date: tuple[int, str] = (-1, "")
 
     def __repr__(self) -> str:
         return f"SharedKeyPolicy(account={self._credential.named_key.name!r})"
 
     def on_request(self, request: PipelineRequest[Any]) -> None:
         http_request = request.http_request
-        http_request.headers["x-ms-date"] = formatdate(usegmt=True)
+        http_request.headers["x-ms-date"] = self._now()
         account_name, key = self._credential.named_key
+        keyed = self._keyed
+        if keyed is None or keyed[0] != account_name or keyed[1] != key:
+            keyed = self._keyed = (account_name, key, _keyed_hmac(account_name, key))
         string_to_sign = _string_to_sign(http_request.method, http_request.url, http_request.headers, account_name)
-        try:
-            decoded_key = base64.b64decode(key, validate=True)
-        except ValueError:
-            raise ValueError(
-                f"The account key for {account_name!r} in AzureNamedKeyCredential is not valid base64."
-            ) from None
-        digest = hmac.new(decoded_key, string_to_sign.encode("utf-8"), hashlib.sha256).digest()
-        http_request.headers["Authorization"] = f"SharedKey {account_name}:{base64.b64encode(digest).decode()}"
+        mac = keyed[2].copy()
+        mac.update(string_to_sign.encode("utf-8"))
+        http_request.headers["Authorization"] = f"SharedKey {account_name}:{base64.b64encode(mac.digest()).decode()}"
+
+    def _now(self) -> str:
+        second = int(time.time())
+        cached = self._date
+        if cached[0] != second:
+            cached = self._date = (second, formatdate(second, usegmt=True))
+        return cached[1]
+
+
+def _keyed_hmac(account_name: str, key: str) -> Any:
+    try:
+        decoded_key = base64.b64decode(key, validate=True)
+    except ValueError:
+        raise ValueError(
+            f"The account key for {account_name!r} in AzureNamedKeyCredential is not valid base64."
+        ) from None
+    return hmac.new(decoded_key, digestmod=hashlib.sha256)
 
 
 def _string_to_sign(method: str, url: str, headers: Any, account_name: str) -> str:
@@ -189,12 +214,19 @@ def _string_to_sign(method: str, url: str, headers: Any, account_name: str) -> s
         lowered["content-length"] = ""  # the service signs an empty length for empty bodies
     standard = [lowered.get(name, "") for name in _SIGNED_STANDARD_HEADERS]
     ms_headers = sorted((name, value.strip()) for name, value in lowered.items() if name.startswith("x-ms-"))
-    parsed = urllib.parse.urlsplit(url)
-    resource = f"/{account_name}{parsed.path or '/'}"
-    query: dict[str, list[str]] = {}
-    for name, value in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True):
-        query.setdefault(name.lower(), []).append(value)
-    for name in sorted(query):
-        resource += f"\n{name}:{','.join(sorted(query[name]))}"
+    resource = f"/{account_name}{_canonical_path(url)}"
+    query_start = url.find("?")
+    if query_start != -1:
+        query: dict[str, list[str]] = {}
+        for name, value in urllib.parse.parse_qsl(url[query_start + 1 :], keep_blank_values=True):
+            query.setdefault(name.lower(), []).append(value)
+        for name in sorted(query):
+            resource += f"\n{name}:{','.join(sorted(query[name]))}"
     lines = [method.upper(), *standard, *(f"{name}:{value}" for name, value in ms_headers), resource]
     return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_path(url: str) -> str:
+    # Cached by URL: a data set reads each blob (and its URL) again in every epoch.
+    return urllib.parse.urlsplit(url).path or "/"

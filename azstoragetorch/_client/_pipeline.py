@@ -33,7 +33,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.core.pipeline import Pipeline, PipelineRequest, PipelineResponse
-from azure.core.pipeline.policies import HeadersPolicy, RetryPolicy, SansIOHTTPPolicy, UserAgentPolicy
+from azure.core.pipeline.policies import RetryPolicy, SansIOHTTPPolicy, UserAgentPolicy
 from azure.core.pipeline.transport import HttpResponse, HttpTransport, RequestsTransport
 
 from azstoragetorch import __version__
@@ -41,7 +41,7 @@ from azstoragetorch._client._credentials import CredentialArgument, auth_policy_
 from azstoragetorch._client._redaction import install_log_filter, redact, redact_error, redact_url
 from azstoragetorch._client._stats import OPTION as _STATS_OPTION
 from azstoragetorch._client._stats import Recorder, StatsPolicy
-from azstoragetorch._client._transport import Urllib3Transport
+from azstoragetorch._client._transport import WireTransport
 from azstoragetorch.exceptions import ClientRequestIdMismatchError
 from azstoragetorch.retry import RetryOptions
 
@@ -124,15 +124,18 @@ def transport_for(origin: str) -> HttpTransport:  # type: ignore[type-arg]
     with state.lock:
         transport = state.transports.get(origin)
         if transport is None:
-            transport = _new_transport()
+            transport = _new_transport(origin)
             state.transports[origin] = transport
         return transport
 
 
-def _new_transport() -> HttpTransport:  # type: ignore[type-arg]
+def _new_transport(origin: str) -> HttpTransport:  # type: ignore[type-arg]
     if not _proxy_configured():
-        return Urllib3Transport(
-            connection_timeout=CONNECTION_TIMEOUT_SECONDS, read_timeout=READ_TIMEOUT_SECONDS, maxsize=MAX_CONNECTIONS
+        return WireTransport(
+            origin,
+            connection_timeout=CONNECTION_TIMEOUT_SECONDS,
+            read_timeout=READ_TIMEOUT_SECONDS,
+            maxsize=MAX_CONNECTIONS,
         )
     # Proxies (with NO_PROXY exceptions and the rest) are what requests handles and our lean
     # transport does not: use azure-core's requests transport, which reads them per request.
@@ -162,16 +165,28 @@ def executor() -> ThreadPoolExecutor:
         return state.executor
 
 
-class _ClientRequestIdPolicy(SansIOHTTPPolicy[Any, Any]):
-    """Tags each request with a fresh ``x-ms-client-request-id`` and checks the echo.
+class _RequestHeadersPolicy(SansIOHTTPPolicy[Any, Any]):
+    """Sets the headers every request carries (API version, User-Agent), tags each request with a
+    fresh ``x-ms-client-request-id`` and checks its echo.
+
+    One policy rather than azure-core's HeadersPolicy and UserAgentPolicy plus one of our own: each
+    policy costs a few microseconds per request in the pipeline, and a dataset of small blobs sends
+    thousands of requests per second. The User-Agent is azure-core's (with ``AZURE_HTTP_USER_AGENT``
+    from the environment), computed once.
 
     It sits before the signing policy so the ID is part of a Shared Key signature. Error responses
     from some endpoints (Azurite's among them) carry no echo; only a present, different ID is an
     error.
     """
 
+    def __init__(self) -> None:
+        self._user_agent = UserAgentPolicy(sdk_moniker=f"azstoragetorch/{__version__}").user_agent
+
     def on_request(self, request: PipelineRequest[Any]) -> None:
-        request.http_request.headers["x-ms-client-request-id"] = str(uuid.uuid4())
+        headers = request.http_request.headers
+        headers["x-ms-version"] = API_VERSION
+        headers["User-Agent"] = self._user_agent
+        headers["x-ms-client-request-id"] = str(uuid.uuid4())
 
     def on_response(self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]) -> None:
         sent = request.http_request.headers["x-ms-client-request-id"]
@@ -277,9 +292,7 @@ def pipeline_for(
 
 def build_pipeline(origin: str, auth_policy: Any | None, retry: RetryOptions) -> Pipeline[Any, Any]:
     policies: list[Any] = [
-        HeadersPolicy({"x-ms-version": API_VERSION}),
-        UserAgentPolicy(sdk_moniker=f"azstoragetorch/{__version__}"),
-        _ClientRequestIdPolicy(),
+        _RequestHeadersPolicy(),
         _StorageRetryPolicy(retry),
         StatsPolicy(),  # inside the retry loop: it sees every attempt
     ]

@@ -52,6 +52,11 @@ class ResourceClient:
         clone.recorder = recorder
         return clone
 
+        # Built on first use and kept: quoting the names again for every request costs more than the
+        # rest of building it.
+        self._display_url: str | None = None
+        self._plain_request_url: str | None = None
+
     @property
     def credential(self) -> CredentialArgument:
         return self._credential
@@ -64,7 +69,9 @@ class ResourceClient:
     @property
     def display_url(self) -> str:
         """The URL to show: without any SAS token."""
-        return self._url.display_url
+        if self._display_url is None:
+            self._display_url = self._url.display_url
+        return self._display_url
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.display_url!r})"
@@ -114,7 +121,13 @@ class ResourceClient:
         validate_content: bool = False,
         stream: bool = False,
     ) -> HttpResponse:
-        request = HttpRequest(method, self._url.request_url(*query), headers=headers or {})
+        if query:
+            url = self._url.request_url(*query)
+        else:
+            if self._plain_request_url is None:
+                self._plain_request_url = self._url.request_url()
+            url = self._plain_request_url
+        request = HttpRequest(method, url, headers=headers or {})
         if body is not None:
             # A memoryview is sent as it is (urllib3 hands buffers straight to sendall).
             request.set_bytes_body(body)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ ENVIRONMENT_VARIABLE = "AZSTORAGETORCH_PERTURB"
 #   "buffer.release" just before a lease on a pooled buffer is released
 #   "part.finish"    a transfer thread has finished one part (a range or a block)
 #   "commit"         just before a blob, or a checkpoint's metadata, is committed
+#   "connection.release"  a response was read to its end and its connection goes back to the pool
 DEFAULT_MAX_DELAY_SECONDS = 0.005
 
 

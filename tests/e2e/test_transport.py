@@ -1,4 +1,4 @@
-"""Both transports against Azurite: the lean urllib3 one, and requests when proxies are configured."""
+"""Both transports against Azurite: our lean one on sockets, and requests when proxies are configured."""
 
 import os
 
@@ -8,12 +8,12 @@ from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.pipeline.transport import RequestsTransport
 
 from azstoragetorch._client import _pipeline
-from azstoragetorch._client._transport import Urllib3Transport
+from azstoragetorch._client._transport import WireTransport
 from azstoragetorch.io import BlobIO
 from tests.conftest import Container
 
 
-@pytest.mark.parametrize("proxy_settings", [False, True], ids=["urllib3", "requests-with-proxy-settings"])
+@pytest.mark.parametrize("proxy_settings", [False, True], ids=["wire", "requests-with-proxy-settings"])
 def test_round_trip_on_each_transport(
     container: Container,
     account_credential: AzureNamedKeyCredential,
@@ -35,4 +35,4 @@ def test_round_trip_on_each_transport(
     with BlobIO(url, "rb", credential=account_credential, block_size=64 * 1024) as f:
         assert torch.equal(torch.load(f)["weight"], tensors["weight"])
     transport = _pipeline.transport_for(url.split("/devstoreaccount1")[0])
-    assert isinstance(transport, RequestsTransport if proxy_settings else Urllib3Transport)
+    assert isinstance(transport, RequestsTransport if proxy_settings else WireTransport)

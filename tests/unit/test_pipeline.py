@@ -17,7 +17,7 @@ from azure.core.pipeline.transport import HttpRequest, RequestsTransport
 
 from azstoragetorch import datasets
 from azstoragetorch._client import AzStorageTorchBlobClient, _pipeline
-from azstoragetorch._client._transport import Urllib3Transport
+from azstoragetorch._client._transport import WireTransport
 
 
 @pytest.fixture
@@ -28,11 +28,11 @@ def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def test_without_proxies_requests_go_straight_to_urllib3(fresh_state: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_proxies_requests_go_straight_to_the_socket(fresh_state: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/custom-ca.pem")
     transport = _pipeline.transport_for("https://a.blob.core.windows.net")
-    assert isinstance(transport, Urllib3Transport)
-    assert transport._pool.connection_pool_kw["ca_certs"] == "/etc/custom-ca.pem"
+    assert isinstance(transport, WireTransport)
+    assert transport.ca_bundle == "/etc/custom-ca.pem"
 
 
 def test_with_a_proxy_requests_handles_the_environment(fresh_state: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,8 +134,8 @@ def test_a_credential_in_use_keeps_its_pipeline(fresh_state: None) -> None:
 
 def test_the_connection_pool_holds_a_connection_for_every_thread_that_may_use_one(fresh_state: None) -> None:
     transport = _pipeline.transport_for("https://a.blob.core.windows.net")
-    assert isinstance(transport, Urllib3Transport)
-    assert transport._pool.connection_pool_kw["maxsize"] >= _pipeline.MAX_THREADS + datasets.MAX_SAMPLE_THREADS
+    assert isinstance(transport, WireTransport)
+    assert transport._maxsize >= _pipeline.MAX_THREADS + datasets.MAX_SAMPLE_THREADS
 
 
 def sas_url(**times: datetime.datetime) -> str:
