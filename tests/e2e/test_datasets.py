@@ -434,7 +434,9 @@ def random_bytes(size: int, seed: int) -> bytes:
 
 
 def tensor_sample(blob: Blob) -> dict[str, Any]:
-    return {"url": blob.url, "data": blob.read_tensor()}
+    tensor = blob.read_tensor()
+    # In a worker, received into shared memory already, so that sending it to the main process copies nothing.
+    return {"url": blob.url, "data": tensor, "shared_when_read": tensor.is_shared()}
 
 
 def as_bytes(tensor: torch.Tensor) -> bytes:
@@ -615,6 +617,7 @@ def test_tensors_from_dataloader_workers_arrive_intact_through_shared_memory(
         assert as_bytes(tensor) == expected[sample["url"]], sample["url"]
         if tensor.numel():
             assert tensor.is_shared()  # sent as shared memory, not pickled through the worker's pipe
+            assert sample["shared_when_read"]
 
 
 # -- SAS, anonymous access, snapshots and versions --------------------------------------------------
