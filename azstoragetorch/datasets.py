@@ -123,9 +123,10 @@ class Blob:
         """The blob's content as a new 1-D ``torch.uint8`` tensor, received straight into its storage.
 
         No ``bytes`` object is made on the way: each part of the response goes from the socket into
-        the tensor's memory. Returned from a transform in a DataLoader worker, the tensor reaches the
-        main process through shared memory rather than being pickled through a pipe, as ``bytes``
-        are. Blobs larger than 8 MiB are fetched in parallel ranged requests. Decode it with, for
+        the tensor's memory. In a DataLoader worker the tensor is allocated in shared memory, so
+        returned from a transform (as it is, or as a view such as ``.view(torch.float32)``) it
+        reaches the main process without a copy, rather than being pickled through a pipe as
+        ``bytes`` are. Blobs larger than 8 MiB are fetched in parallel ranged requests. Decode it with, for
         example, ``torchvision.io.decode_image(blob.read_tensor())``, or reinterpret raw data with
         ``tensor.view(torch.float32)``.
 
