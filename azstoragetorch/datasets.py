@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import functools
 import hashlib
 import os
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 import torch.distributed
 import torch.utils.data
-from typing_extensions import Self
+from typing_extensions import Buffer, Self
 
 from azstoragetorch import _client
 from azstoragetorch._client import (
@@ -49,6 +50,7 @@ DEFAULT_PREFETCH = 32
 MAX_SAMPLE_THREADS = _client.MAX_SAMPLE_THREADS
 # The default sample reads a blob up to this size in one request; larger blobs in parallel parts.
 READ_ALL_PART_BYTES = 8 * 1024 * 1024
+READ_ALL_CONCURRENCY = 8
 
 
 class Blob:
@@ -61,6 +63,9 @@ class Blob:
         def to_tensor(blob: Blob) -> torch.Tensor:
             with blob.reader() as f:
                 return torch.load(f)
+
+    :meth:`read_tensor` and :meth:`readinto` receive the whole content straight into a tensor's (or
+    any buffer's) memory, which suits large samples decoded from their raw bytes.
 
     Datasets create these objects; constructing one directly is not supported.
     """
@@ -115,6 +120,65 @@ class Blob:
             verify_checksum=verify_checksum,
         )
 
+    def read_tensor(self) -> torch.Tensor:
+        """The blob's content as a new 1-D ``torch.uint8`` tensor, received straight into its storage.
+
+        No ``bytes`` object is made on the way: each part of the response goes from the socket into
+        the tensor's memory. In a DataLoader worker the tensor is allocated in shared memory, so
+        returned from a transform (as it is, or as a view such as ``.view(torch.float32)``) it
+        reaches the main process without a copy, rather than being pickled through a pipe as
+        ``bytes`` are. Blobs larger than 8 MiB are fetched in parallel ranged requests. Decode it with, for
+        example, ``torchvision.io.decode_image(blob.read_tensor())``, or reinterpret raw data with
+        ``tensor.view(torch.float32)``.
+
+        Raises:
+            BlobModifiedDuringReadError: The blob was replaced while it was being read (the read is
+                pinned to the ETag of its first response, as for :meth:`reader`).
+        """
+        tensor = torch.empty(0, dtype=torch.uint8)
+
+        def allocate(size: int) -> memoryview:
+            nonlocal tensor
+            tensor = _new_byte_tensor(size)
+            return _tensor_bytes(tensor)
+
+        self._client.read_all_into(allocate, part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
+        return tensor
+
+    def readinto(self, buffer: torch.Tensor | Buffer) -> int:
+        """Receive the blob's whole content into ``buffer``, which must be exactly :attr:`size` bytes.
+
+        ``buffer`` is a contiguous CPU tensor of ``torch.uint8`` (any shape: its bytes are filled in
+        order; pinned memory works too) or any writable, contiguous buffer (``bytearray``,
+        ``memoryview``, ``array.array``, a NumPy array), whose raw bytes are filled as
+        :meth:`io.RawIOBase.readinto` does. Lets a transform reuse or preallocate the memory a
+        sample lands in; :meth:`read_tensor` allocates it for you. Returns the number of bytes read.
+
+        The size is checked against the blob as the service reports it when the read starts, so a
+        buffer sized from a listing that is out of date is refused rather than partly filled. If the
+        read fails, the buffer's content is unspecified, but nothing writes into it after this
+        method has returned or raised.
+
+        Raises:
+            TypeError: ``buffer`` is not a buffer, is read-only, or is a tensor whose dtype is not
+                ``torch.uint8`` (view one with ``tensor.view(torch.uint8)``).
+            ValueError: ``buffer`` is not contiguous or not on the CPU, or its size in bytes is not
+                the blob's size.
+            BlobModifiedDuringReadError: The blob was replaced while it was being read.
+        """
+        view = _writable_bytes(buffer)
+
+        def allocate(size: int) -> memoryview:
+            if size != len(view):
+                raise ValueError(
+                    f"readinto needs a buffer of exactly the blob's size: {self.url} has {size} bytes, "
+                    f"the buffer holds {len(view)}."
+                )
+            return view
+
+        self._client.read_all_into(allocate, part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
+        return len(view)
+
     def __repr__(self) -> str:
         return f"Blob({self._client.display_url!r})"
 
@@ -126,11 +190,70 @@ class Blob:
         return self._properties
 
 
+def _new_byte_tensor(size: int) -> torch.Tensor:
+    """A new uint8 tensor of ``size`` elements; in a DataLoader worker, in shared memory already.
+
+    A tensor that a worker returns is moved into shared memory when it is sent to the main process,
+    which copies it. Received there in the first place, it is sent as it is: one copy of every
+    sample and the page faults of a private buffer fewer, in the workers. ``_new_shared`` is how
+    torch's own collate allocates a batch in workers; it is private, so without it (or if it fails)
+    the tensor is an ordinary one, and torch moves it when sending it.
+    """
+    if size and torch.utils.data.get_worker_info() is not None:
+        new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+        try:
+            storage = new_shared(size) if new_shared is not None else None
+        except Exception:
+            storage = None
+        if storage is not None and storage.nbytes() == size:
+            return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[call-overload]
+    return torch.empty(size, dtype=torch.uint8)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (which must outlive the view)."""
+    if tensor.nbytes == 0:
+        return memoryview(bytearray())
+    array = (ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr())
+    return memoryview(array).cast("B")
+
+
+def _writable_bytes(buffer: object) -> memoryview:
+    """``buffer`` (a tensor or a buffer) as a flat writable byte view; a clear error for what cannot be one."""
+    if isinstance(buffer, torch.Tensor):
+        if buffer.dtype != torch.uint8:
+            raise TypeError(
+                f"buffer is a tensor of {buffer.dtype}; readinto fills torch.uint8 tensors "
+                "(for another dtype, pass tensor.view(torch.uint8) of a contiguous tensor)."
+            )
+        if buffer.device.type != "cpu" or buffer.layout != torch.strided:
+            raise ValueError(
+                f"buffer is a {buffer.layout} tensor on {buffer.device}; readinto fills dense CPU tensors "
+                "(read into one, pinned for speed, then move it with .to(device, non_blocking=True))."
+            )
+        if not buffer.is_contiguous():
+            raise ValueError("buffer is a non-contiguous tensor; pass a contiguous one (tensor.contiguous() copies).")
+        return _tensor_bytes(buffer)
+    try:
+        view = memoryview(buffer)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"buffer must be a torch.Tensor or a writable bytes-like object, not {type(buffer).__name__}."
+        ) from None
+    if view.readonly:
+        raise TypeError(
+            f"buffer is read-only ({type(buffer).__name__}); pass a bytearray, a tensor or another writable buffer."
+        )
+    if not view.c_contiguous:
+        raise ValueError(f"buffer is a non-contiguous {type(buffer).__name__}; pass a contiguous one.")
+    return view.cast("B")
+
+
 def _read_whole_blob(blob: Blob) -> dict[str, str | bytes]:
     """The default transform: ``{"url": ..., "data": <the blob's bytes>}``."""
     # Straight from the client rather than through blob.reader(): no read-ahead buffers to fill
     # and copy out of, which for a dataset of small blobs is most of the client's work.
-    data = blob._client.read_all(part_size=READ_ALL_PART_BYTES, max_concurrency=8)
+    data = blob._client.read_all(part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
     return {"url": blob.url, "data": data}
 
 

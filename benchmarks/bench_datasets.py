@@ -4,7 +4,9 @@
 Starts its own in-memory Azurite, uploads two data sets (default 2,000 blobs of 16 KiB and 200 blobs of 4 MiB)
 into public-read containers and measures, interleaved in one run, reading every blob once through
 ``BlobDataset`` and ``IterableBlobDataset`` in a ``DataLoader`` (``num_workers`` 0 and 2), a serial
-azure-storage-blob loop, and a "raw ceiling" of plain anonymous HTTP GETs from a thread pool.
+azure-storage-blob loop, and a "raw ceiling" of plain anonymous HTTP GETs from a thread pool. On the large data
+set the datasets also run with the tensor path (a transform returning ``Blob.read_tensor()``) next to the default
+``bytes`` sample.
 
     .venv/bin/python benchmarks/bench_datasets.py [--rounds 3] [--json out.json] [--quick]
 
@@ -37,7 +39,7 @@ import torch.utils.data
 from _common import ThreadConnections, format_machine, machine_info
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
-from azstoragetorch.datasets import BlobDataset, IterableBlobDataset
+from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
 from azstoragetorch.testing import Azurite
 
 KiB = 1024
@@ -50,6 +52,12 @@ X_MS_VERSION = "2024-08-04"
 FINGERPRINT_BYTES = 16  # bytes kept from each end of a blob to check that a read returned that blob
 # The issue's targets: a dataset in a DataLoader should reach these fractions of the raw ceiling.
 TARGETS = {0: 0.75, 2: 0.90}
+# Issue #14 section 2, large samples: with num_workers=2 a dataset reaches this fraction of its own figure at
+# num_workers=0; the tensor path at num_workers=0 reaches this fraction of the bytes path's.
+WORKERS_VS_NONE_TARGET = 0.8
+TENSOR_VS_BYTES_TARGET = 1.0
+# The data sets on which the datasets also run with the tensor path.
+TENSOR_DATA_SETS = ("large",)
 
 
 class VerificationError(AssertionError):
@@ -141,9 +149,16 @@ class Tally:
             self._wrong.append(f"{name} ({got.size} bytes, expected {expected.size}, or different content)")
 
     def add_sample(self, sample: dict[str, Any]) -> None:
-        """A dataset sample, ``{"url": ..., "data": ...}``."""
+        """A dataset sample, ``{"url": ..., "data": ...}``; the data is ``bytes`` or a uint8 tensor."""
         url = sample["url"]
-        self.add(self._data_set.name_by_url.get(url, url), fingerprint(sample["data"]))
+        data = sample["data"]
+        if isinstance(data, torch.Tensor):
+            got = Fingerprint(
+                data.numel(), data[:FINGERPRINT_BYTES].numpy().tobytes(), data[-FINGERPRINT_BYTES:].numpy().tobytes()
+            )
+        else:
+            got = fingerprint(data)
+        self.add(self._data_set.name_by_url.get(url, url), got)
 
     def verify(self) -> None:
         missing = [name for name in self._data_set.names if name not in self._seen]
@@ -294,23 +309,30 @@ def read_with_loader(data_set: DataSet, dataset: torch.utils.data.Dataset[Any], 
     return meter.sample
 
 
-def read_map_style(data_set: DataSet, azurite: Azurite, num_workers: int) -> Sample:
+def tensor_sample(blob: Blob) -> dict[str, Any]:
+    """The tensor path: the default sample's shape, with the content as a uint8 tensor received in place."""
+    return {"url": blob.url, "data": blob.read_tensor()}
+
+
+def read_map_style(data_set: DataSet, azurite: Azurite, num_workers: int, tensors: bool = False) -> Sample:
     start = time.perf_counter()
     dataset: BlobDataset[dict[str, Any]] = BlobDataset.from_container_url(
-        data_set.container_url, credential=azurite.credential
+        data_set.container_url, credential=azurite.credential, transform=tensor_sample if tensors else None
     )
     listing = time.perf_counter() - start  # the map-style dataset lists when it is created: not in the clock
-    sample = read_with_loader(data_set, dataset, num_workers, f"BlobDataset num_workers={num_workers}")
+    what = f"BlobDataset{' (tensors)' if tensors else ''} num_workers={num_workers}"
+    sample = read_with_loader(data_set, dataset, num_workers, what)
     return dataclasses.replace(sample, listing_seconds=listing)
 
 
-def read_iterable(data_set: DataSet, azurite: Azurite, num_workers: int) -> Sample:
+def read_iterable(data_set: DataSet, azurite: Azurite, num_workers: int, tensors: bool = False) -> Sample:
     # Lists lazily, on first iteration in each worker: the listing is in the clock. A fresh object every
     # time, since with num_workers=0 the dataset keeps its listing after the first iteration.
     dataset: IterableBlobDataset[dict[str, Any]] = IterableBlobDataset.from_container_url(
-        data_set.container_url, credential=azurite.credential
+        data_set.container_url, credential=azurite.credential, transform=tensor_sample if tensors else None
     )
-    return read_with_loader(data_set, dataset, num_workers, f"IterableBlobDataset num_workers={num_workers}")
+    what = f"IterableBlobDataset{' (tensors)' if tensors else ''} num_workers={num_workers}"
+    return read_with_loader(data_set, dataset, num_workers, what)
 
 
 # -- variant 3: the serial azure-storage-blob loop -----------------------------------------------------
@@ -393,6 +415,10 @@ VARIANT_LABELS = {
     "map_w2": "BlobDataset, num_workers=2",
     "iter_w0": "IterableBlobDataset, num_workers=0",
     "iter_w2": "IterableBlobDataset, num_workers=2",
+    "map_tensor_w0": "BlobDataset, read_tensor, num_workers=0",
+    "map_tensor_w2": "BlobDataset, read_tensor, num_workers=2",
+    "iter_tensor_w0": "IterableBlobDataset, read_tensor, num_workers=0",
+    "iter_tensor_w2": "IterableBlobDataset, read_tensor, num_workers=2",
     "sdk_serial": "SDK serial download_blob().readall()",
     "raw_get": "raw: http.client GET x c",
     "signed_serial": "signed serial: dataset[i] in a loop",
@@ -401,6 +427,12 @@ VARIANT_LABELS = {
 # Client CPU per signed request (small blobs, one request at a time), the issue's target (#14).
 SIGNED_REQUEST_TARGET_MS = 0.35
 DATASET_VARIANTS = {"map_w0": ("map", 0), "map_w2": ("map", 2), "iter_w0": ("iter", 0), "iter_w2": ("iter", 2)}
+TENSOR_VARIANTS = {
+    "map_tensor_w0": ("map", 0),
+    "map_tensor_w2": ("map", 2),
+    "iter_tensor_w0": ("iter", 0),
+    "iter_tensor_w2": ("iter", 2),
+}
 KIND_LABELS = {"map": "BlobDataset", "iter": "IterableBlobDataset"}
 
 
@@ -429,6 +461,10 @@ def build_cases(data_sets: Sequence[DataSet], azurite: Azurite, sdk: BlobService
             cases.append(
                 case(data_set, f"iter_w{workers}", functools.partial(read_iterable, data_set, azurite, workers))
             )
+            if data_set.key in TENSOR_DATA_SETS:
+                for kind, read in (("map", read_map_style), ("iter", read_iterable)):
+                    run = functools.partial(read, data_set, azurite, workers, tensors=True)
+                    cases.append(case(data_set, f"{kind}_tensor_w{workers}", run))
         container = sdk.get_container_client(data_set.key)
         cases.append(case(data_set, "sdk_serial", functools.partial(read_sdk_serial, data_set, container)))
         for concurrency in RAW_CONCURRENCIES:
@@ -577,6 +613,43 @@ def check_targets(rows: list[Row]) -> list[Target]:
     return targets
 
 
+@dataclasses.dataclass
+class RatioTarget:
+    """A target that compares two rows of one data set (medians of samples/s): ``variant`` over ``baseline``."""
+
+    data_set: str
+    label: str
+    variant: str
+    baseline: str
+    threshold: float | None  # None: shown for information only
+    ratio: float | None
+
+    @property
+    def met(self) -> bool:
+        return self.threshold is None or (self.ratio is not None and self.ratio >= self.threshold)
+
+
+def check_large_sample_targets(rows: list[Row]) -> list[RatioTarget]:
+    """Issue #14 section 2, on the data sets read with both paths."""
+    speeds = {(r.data_set, r.variant): r.samples_per_s.median for r in rows if r.samples_per_s is not None}
+
+    def target(data_set: str, label: str, variant: str, baseline: str, threshold: float | None) -> RatioTarget:
+        over, under = speeds.get((data_set, variant)), speeds.get((data_set, baseline))
+        ratio = over / under if over is not None and under else None
+        return RatioTarget(data_set, label, variant, baseline, threshold, ratio)
+
+    targets = []
+    for data_set in TENSOR_DATA_SETS:
+        for kind, name in KIND_LABELS.items():
+            for path, prefix in (("bytes", f"{kind}_"), ("read_tensor", f"{kind}_tensor_")):
+                label = f"{name}, {path}: num_workers=2 / 0"
+                targets.append(target(data_set, label, f"{prefix}w2", f"{prefix}w0", WORKERS_VS_NONE_TARGET))
+            for workers, threshold in ((0, TENSOR_VS_BYTES_TARGET), (2, None)):
+                label = f"{name}, num_workers={workers}: read_tensor / bytes"
+                targets.append(target(data_set, label, f"{kind}_tensor_w{workers}", f"{kind}_w{workers}", threshold))
+    return targets
+
+
 # -- report --------------------------------------------------------------------------------------------
 
 
@@ -623,7 +696,7 @@ def format_table(data_set: DataSet, rows: list[Row], cases: list[Case], rounds: 
                 fmt_range(row.mibps, 1),
                 fmt_range(row.first_batch_s, 2),
                 fmt_range(row.cpu_self_s, 2),
-                fmt_range(row.cpu_workers_s, 2) if row.variant in ("map_w2", "iter_w2") else "-",
+                fmt_range(row.cpu_workers_s, 2) if row.variant.endswith("_w2") else "-",
                 fmt_rss(row.peak_rss_self_mib, row.rss_growth_self_mib),
                 fmt_rss(row.peak_rss_workers_mib),
                 fmt_ratio(row.ratios.get("vs_raw")),
@@ -670,6 +743,17 @@ def format_targets(targets: list[Target]) -> str:
     return "\n".join(lines)
 
 
+def format_large_sample_targets(targets: list[RatioTarget]) -> str:
+    lines = ["Large samples through workers (issue #14 section 2; samples/s medians of the same run):"]
+    for t in targets:
+        verdict = "info" if t.threshold is None else ("pass" if t.met else "MISS")
+        goal = "" if t.threshold is None else f" (target >= {t.threshold:.2f})"
+        lines.append(f"  {verdict}  {t.data_set:<6} {t.label:<52} {fmt_ratio(t.ratio):>6}{goal}")
+    scored = [t for t in targets if t.threshold is not None]
+    lines.append(f"  {sum(t.met for t in scored)} of {len(scored)} targets met")
+    return "\n".join(lines)
+
+
 def format_high_water(cases: list[Case], children_before_mib: float) -> str:
     # Taken from the samples rather than now: Azurite has exited (and been reaped) since the last one.
     children_mib = max((s.maxrss_children_mib for c in cases for s in c.samples), default=children_before_mib)
@@ -707,6 +791,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=pathlib.Path, help="also write all samples and the summary here")
     parser.add_argument("--quick", action="store_true", help="smoke run: 500 small and 50 large blobs, 1 round")
     parser.add_argument("--quiet", action="store_true", help="no per-measurement progress on stderr")
+    parser.add_argument(
+        "--only", choices=("small", "large"), help="run one data set only (the tensor path runs on large)"
+    )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
@@ -729,12 +816,14 @@ def to_json(
     cases: list[Case],
     rows: list[Row],
     targets: list[Target],
+    large_sample_targets: list[RatioTarget],
 ) -> dict[str, Any]:
     return {
         "machine": info,
         "config": {
             "rounds": args.rounds,
             "quick": args.quick,
+            "only": args.only,
             "data_sets": [dataclasses.asdict(d.spec) for d in data_sets],
             "batch_size": BATCH_SIZE,
             "worker_counts": WORKER_COUNTS,
@@ -747,6 +836,7 @@ def to_json(
         },
         "summary": [dataclasses.asdict(row) for row in rows],
         "targets": [{**dataclasses.asdict(t), "met": t.met} for t in targets],
+        "large_sample_targets": [{**dataclasses.asdict(t), "met": t.met} for t in large_sample_targets],
         "cases": [
             {
                 "key": c.key,
@@ -773,6 +863,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Azurite() as azurite, BlobServiceClient(azurite.account_url, credential=azurite.credential) as service:
         data_sets = []
         for spec in data_set_specs(args.quick):
+            if args.only and spec.key != args.only:
+                continue
             start = time.perf_counter()
             data_sets.append(upload(azurite, service, spec))
             log(f"uploaded {spec.key}: {spec.description} in {time.perf_counter() - start:.1f} s")
@@ -781,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info["loadavg_end"] = os.getloadavg()
     rows = summarize(data_sets, cases)
     targets = check_targets(rows)
+    large_sample_targets = check_large_sample_targets(rows) if any(d.key in TENSOR_DATA_SETS for d in data_sets) else []
 
     print(format_machine(info))
     print(f"{'data sets':<19}" + "; ".join(f"{d.key}: {d.spec.description}" for d in data_sets))
@@ -791,11 +884,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
     print(format_targets(targets))
     print()
+    if large_sample_targets:
+        print(format_large_sample_targets(large_sample_targets))
+        print()
     print(format_high_water(cases, children_before_mib))
     print()
     print(NOTES)
     if args.json:
-        args.json.write_text(json.dumps(to_json(info, args, data_sets, cases, rows, targets), indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(to_json(info, args, data_sets, cases, rows, targets, large_sample_targets), indent=2) + "\n"
+        )
         print(f"\nwrote {args.json}")
     return 0
 

@@ -11,6 +11,7 @@ import http.client
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import Future
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -133,15 +134,51 @@ class AzStorageTorchBlobClient(ResourceClient):
             self.download_into(0, memoryview(data), etag=etag)
             return bytes(data)
         data = bytearray(size)
-        count, error = _read_body_into(response, memoryview(data)[:first_length])
+        self._fill_whole(response, etag, memoryview(data), part_size=part_size, max_concurrency=max_concurrency)
+        return bytes(data)
+
+    def read_all_into(self, allocate: Callable[[int], memoryview], *, part_size: int, max_concurrency: int) -> None:
+        """The whole blob, received straight into the memory that ``allocate`` returns (no copy).
+
+        ``allocate(size)`` is called once, when the first response has told the blob's size, and
+        returns a writable byte view of exactly ``size`` bytes: a new tensor's storage, or the caller's
+        buffer after checking that it fits (it may raise; the response is then dropped). The first
+        ``part_size`` bytes come with that response, the rest in parallel ranged GETs, all pinned to
+        its ETag: a blob changed meanwhile raises :class:`BlobModifiedDuringReadError`, and every part
+        has finished before this returns or raises.
+        """
+        response = self._send_range_get(0, part_size, None)
+        if response is None:  # an empty blob
+            allocate(0)
+            return
+        # Only the size and ETag matter here (parsing Last-Modified would cost more than the rest).
+        size, etag = _total_size(response), response.headers.get("ETag", "")
+        try:
+            buffer = allocate(size)
+        except BaseException:
+            _raw_and_body(response)[0].close()  # mid-body: never reuse the connection
+            raise
+        if len(buffer) != size:
+            _raw_and_body(response)[0].close()
+            raise ValueError(f"allocate returned {len(buffer)} bytes for a blob of {size}.")
+        self._fill_whole(response, etag, buffer, part_size=part_size, max_concurrency=max_concurrency)
+
+    def _fill_whole(
+        self, response: HttpResponse, etag: str, buffer: memoryview, *, part_size: int, max_concurrency: int
+    ) -> None:
+        """Fill ``buffer`` (the whole blob) from ``response`` to a GET of its first ``part_size`` bytes,
+        then the rest in parallel ranged GETs pinned to ``etag``."""
+        first_length = min(part_size, len(buffer))
+        count, error = _read_body_into(response, buffer[:first_length])
         _stats.add_bytes(self.recorder, count)
         if error is not None:
             _stats.add_retry(self.recorder, _stats.reason_for_error(error))
         if error is not None or count < first_length:
-            self.download_into(count, memoryview(data)[count:first_length], etag=etag)
-        rest = memoryview(data)[first_length:]
-        self.download_parallel(first_length, rest, etag=etag, part_size=part_size, max_concurrency=max_concurrency)
-        return bytes(data)
+            self.download_into(count, buffer[count:first_length], etag=etag)
+        if first_length < len(buffer):
+            self.download_parallel(
+                first_length, buffer[first_length:], etag=etag, part_size=part_size, max_concurrency=max_concurrency
+            )
 
     def download_into(
         self,

@@ -8,6 +8,7 @@ functions so that spawned workers can import them.
 
 from __future__ import annotations
 
+import array
 import datetime
 import io
 import json
@@ -33,11 +34,13 @@ from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, 
 from azure.storage.blob import BlobServiceClient, ContainerClient, ContainerSasPermissions, generate_container_sas
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from azstoragetorch._client import _schedule
 from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
+from azstoragetorch.exceptions import BlobModifiedDuringReadError
 from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
 from tests.conftest import Container, _make_container
 from tests.e2e import _distributed_worker
-from tests.e2e.fault_proxy import FaultProxy
+from tests.e2e.fault_proxy import FaultProxy, Respond
 
 TRAIN = [f"train/{index:02d}.bin" for index in range(12)]
 TRAIN_PREFIX = [*TRAIN, "trainx.bin"]  # everything whose name starts with "train"
@@ -420,6 +423,201 @@ def test_the_default_sample_is_the_whole_blob_whatever_its_size(
         [container.blob_url(name) for name in sorted(blobs)], credential=account_credential
     )
     assert items(named) == expected
+
+
+# -- the tensor path: Blob.read_tensor and Blob.readinto --------------------------------------------
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator).numpy().tobytes()
+
+
+def tensor_sample(blob: Blob) -> dict[str, Any]:
+    tensor = blob.read_tensor()
+    # In a worker, received into shared memory already, so that sending it to the main process copies nothing.
+    return {"url": blob.url, "data": tensor, "shared_when_read": tensor.is_shared()}
+
+
+def as_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.numpy().tobytes()
+
+
+def test_read_tensor_and_readinto_give_the_blobs_bytes_whatever_the_size(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    """Sizes around the single-request limit (8 MiB), past which the rest arrives in parallel parts."""
+    blobs = {f"size-{size:09d}": random_bytes(size, size) for size in DEFAULT_SAMPLE_SIZES}
+    for name, content in blobs.items():
+        container.upload(name, content)
+    listed = BlobDataset.from_container_url(container.url, credential=account_credential, transform=identity)
+    named = BlobDataset.from_blob_urls(
+        [container.blob_url(name) for name in sorted(blobs)], credential=account_credential, transform=identity
+    )
+    seed = 1414
+    print(f"perturbation seed {seed}")
+    with _schedule.perturbed(seed, max_delay=0.01) as perturbation:
+        for dataset in (listed, named):
+            for blob, name in zip(items(dataset), sorted(blobs), strict=True):
+                content = blobs[name]
+                tensor = blob.read_tensor()
+                assert tensor.dtype == torch.uint8 and tensor.shape == (len(content),) and tensor.is_contiguous()
+                assert as_bytes(tensor) == content, name
+                into_tensor = torch.full((len(content),), 7, dtype=torch.uint8)
+                into_bytearray = bytearray(len(content))
+                backing = bytearray(len(content))
+                for buffer in (into_tensor, into_bytearray, memoryview(backing)):
+                    assert blob.readinto(buffer) == len(content)
+                assert as_bytes(into_tensor) == content, name
+                assert into_bytearray == content and backing == content, name
+    assert perturbation.counts.get("part.finish", 0) > 0  # the parts of the large blobs were perturbed
+
+
+def test_readinto_fills_tensors_of_any_shape_and_other_buffers(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    content = random_bytes(2 * 3 * 4 * 1000, 5)
+    blob = BlobDataset.from_blob_urls(
+        container.upload("image.raw", content), credential=account_credential, transform=identity
+    )[0]
+    image = torch.empty((1000, 4, 6), dtype=torch.uint8)
+    assert blob.readinto(image) == len(content)
+    assert as_bytes(image) == content
+    floats = array.array("f", bytes(len(content)))  # raw bytes, as io.RawIOBase.readinto fills them
+    assert blob.readinto(floats) == len(content)
+    assert floats.tobytes() == content
+    as_float32 = torch.empty(len(content) // 4, dtype=torch.float32)
+    blob.readinto(as_float32.view(torch.uint8))
+    assert as_bytes(as_float32.view(torch.uint8)) == content
+    # Random bytes include NaNs, which never compare equal: compare the same bits as integers.
+    assert torch.equal(blob.read_tensor().view(torch.int32), as_float32.view(torch.int32))
+
+
+BAD_BUFFERS: list[tuple[str, Any, type[Exception], str]] = [
+    ("str", "not a buffer", TypeError, "not str"),
+    ("bytes", bytes(100), TypeError, "read-only"),
+    ("float32 tensor", torch.zeros(25, dtype=torch.float32), TypeError, "torch.float32"),
+    ("non-contiguous tensor", torch.zeros(200, dtype=torch.uint8)[::2], ValueError, "non-contiguous"),
+    ("transposed tensor", torch.zeros((10, 10), dtype=torch.uint8).t(), ValueError, "non-contiguous"),
+    ("meta tensor", torch.empty(100, dtype=torch.uint8, device="meta"), ValueError, "meta"),
+    ("non-contiguous memoryview", memoryview(bytearray(200))[::2], ValueError, "non-contiguous"),
+]
+
+
+@pytest.mark.parametrize(("what", "buffer", "error", "says"), BAD_BUFFERS, ids=[case[0] for case in BAD_BUFFERS])
+def test_readinto_refuses_unusable_buffers_before_any_request(
+    proxy: FaultProxy,
+    container: Container,
+    account_credential: AzureNamedKeyCredential,
+    what: str,
+    buffer: Any,
+    error: type[Exception],
+    says: str,
+) -> None:
+    url = container.upload("hundred.bin", bytes(range(100)))
+    blob = BlobDataset.from_blob_urls(proxy.url(url), credential=account_credential, transform=identity)[0]
+    with pytest.raises(error, match=says):
+        blob.readinto(buffer)
+    assert proxy.count("GetBlob") == 0
+
+
+@pytest.mark.parametrize("size", [0, 99, 101, 8 * MiB + 1])
+def test_readinto_refuses_a_buffer_of_another_size_and_leaves_it_untouched(
+    container: Container, account_credential: AzureNamedKeyCredential, size: int
+) -> None:
+    content = random_bytes(8 * MiB + 100 if size > MiB else 100, size)
+    blob = BlobDataset.from_blob_urls(
+        container.upload("blob.bin", content), credential=account_credential, transform=identity
+    )[0]
+    buffer = torch.full((size,), 0xAB, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=f"has {len(content)} bytes, the buffer holds {size}"):
+        blob.readinto(buffer)
+    assert bool((buffer == 0xAB).all())
+    assert as_bytes(blob.read_tensor()) == content  # the abandoned response left no broken connection behind
+    empty = BlobDataset.from_blob_urls(
+        container.upload("empty.bin", b""), credential=account_credential, transform=identity
+    )[0]
+    with pytest.raises(ValueError, match=f"has 0 bytes, the buffer holds {max(size, 1)}"):
+        empty.readinto(bytearray(max(size, 1)))
+
+
+@pytest.mark.parametrize("new_size", [20 * MiB + 5, 20 * MiB + 7, 9 * MiB], ids=["same-size", "larger", "smaller"])
+@pytest.mark.parametrize("method", ["read_tensor", "readinto"])
+def test_a_blob_replaced_while_it_is_read_raises_and_is_never_mixed(
+    proxy: FaultProxy,
+    container: Container,
+    account_credential: AzureNamedKeyCredential,
+    method: str,
+    new_size: int,
+) -> None:
+    old = random_bytes(20 * MiB + 5, 1)
+    url = container.upload("blob.bin", old)
+    blob = BlobDataset.from_blob_urls(proxy.url(url), credential=account_credential, transform=identity)[0]
+    replaced = threading.Event()
+
+    def replace_before_the_second_part(seen: Any) -> bool:
+        # Runs in the proxy before it forwards the request: the first part has been answered with
+        # the old blob's ETag, the later parts meet the new blob.
+        byte_range = seen.byte_range
+        if seen.operation == "GetBlob" and byte_range and byte_range[0] > 0 and not replaced.is_set():
+            container.upload("blob.bin", random_bytes(new_size, 2))
+            replaced.set()
+        return False
+
+    proxy.add_fault(replace_before_the_second_part, Respond(500))
+    with pytest.raises(BlobModifiedDuringReadError) as caught:
+        if method == "read_tensor":
+            blob.read_tensor()
+        else:
+            blob.readinto(torch.empty(len(old), dtype=torch.uint8))
+    assert replaced.is_set() and caught.value.blob_url == proxy.url(url)
+
+
+def test_readinto_refuses_a_size_from_a_listing_that_is_out_of_date(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    container.upload("blob.bin", b"old content")
+    blob = BlobDataset.from_container_url(container.url, credential=account_credential, transform=identity)[0]
+    container.upload("blob.bin", b"the new, longer content")
+    buffer = torch.zeros(blob.size, dtype=torch.uint8)  # the listed size
+    with pytest.raises(ValueError, match="has 23 bytes, the buffer holds 11"):
+        blob.readinto(buffer)
+    assert as_bytes(blob.read_tensor()) == b"the new, longer content"  # as the default sample reads it
+
+
+TENSOR_SIZES = [0, 1, 3 * MiB + 17, 4 * MiB, 8 * MiB + 1, 777, 4 * MiB, 2 * MiB + 3, 12345, 4 * MiB - 1]
+
+
+@pytest.mark.parametrize("kind", ["map", "iterable"])
+def test_tensors_from_dataloader_workers_arrive_intact_through_shared_memory(
+    container: Container, account_credential: AzureNamedKeyCredential, kind: str, stop_workers: list[Any]
+) -> None:
+    blobs = {f"t/{index:02d}.bin": random_bytes(size, index) for index, size in enumerate(TENSOR_SIZES)}
+    for name, content in blobs.items():
+        container.upload(name, content)
+    if kind == "map":
+        dataset: Any = BlobDataset.from_container_url(
+            container.url, credential=account_credential, transform=tensor_sample
+        )
+    else:
+        dataset = IterableBlobDataset.from_container_url(
+            container.url, credential=account_credential, transform=tensor_sample
+        )
+    seed = 2718
+    print(f"perturbation seed {seed}")
+    with _schedule.perturbed(seed, max_delay=0.01):  # forked workers inherit it
+        loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=as_list)
+        stop_workers.append(loader)
+        samples = [sample for batch in loader for sample in batch]
+    expected = {container.blob_url(name): content for name, content in blobs.items()}
+    assert sorted(sample["url"] for sample in samples) == sorted(expected)
+    for sample in samples:
+        tensor = sample["data"]
+        assert tensor.dtype == torch.uint8
+        assert as_bytes(tensor) == expected[sample["url"]], sample["url"]
+        if tensor.numel():
+            assert tensor.is_shared()  # sent as shared memory, not pickled through the worker's pipe
+            assert sample["shared_when_read"]
 
 
 # -- SAS, anonymous access, snapshots and versions --------------------------------------------------
