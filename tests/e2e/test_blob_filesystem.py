@@ -11,9 +11,9 @@ from azure.core.exceptions import ClientAuthenticationError
 from fsspec.implementations.http import HTTPFileSystem
 from lightning.fabric.utilities.cloud_io import _is_dir, get_filesystem
 
-from azstoragetorch.integrations._blob_filesystem import BlobFileSystem
-from azstoragetorch.integrations._lightning_paths import BlobPaths
 from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+from azstoragetorch.integrations.lightning._filesystem import BlobFileSystem
+from azstoragetorch.integrations.lightning._paths import BlobPaths
 from azstoragetorch.testing import ACCOUNT_NAME, Azurite
 from tests.conftest import Container
 

@@ -18,7 +18,7 @@ from torch.utils.data import get_worker_info
 
 from azstoragetorch.datasets import IterableBlobDataset
 from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO, BlobDataModule, BlobSplit
-from azstoragetorch.integrations.lightning import _IterableSplitLoader as IterableSplitLoader
+from azstoragetorch.integrations.lightning._data_module import _IterableSplitLoader as IterableSplitLoader
 from azstoragetorch.testing import Azurite
 from tests.conftest import Container
 from tests.e2e.lightning_helpers import IdRecorder, decode_id, trainer, upload_ids

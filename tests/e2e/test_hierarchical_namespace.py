@@ -12,8 +12,8 @@ import pytest
 from azure.core.credentials import AzureNamedKeyCredential
 
 from azstoragetorch.datasets import BlobDataset, IterableBlobDataset
-from azstoragetorch.integrations._lightning_paths import BlobPaths
 from azstoragetorch.integrations.lightning import BlobDataModule
+from azstoragetorch.integrations.lightning._paths import BlobPaths
 from azstoragetorch.testing import Azurite
 from tests.conftest import Container
 from tests.e2e.fault_proxy import FaultProxy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from azstoragetorch._client._urls import fsspec_path_to_url, is_azure_blob_host
-from azstoragetorch.integrations._lightning_paths import BlobPaths
+from azstoragetorch.integrations.lightning._paths import BlobPaths
 
 EMULATOR = "http://127.0.0.1:10000/devstoreaccount1"
 

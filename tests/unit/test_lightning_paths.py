@@ -16,10 +16,10 @@ from adlfs import AzureBlobFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from azstoragetorch.integrations import _lightning_paths
-from azstoragetorch.integrations._blob_filesystem import BlobFileSystem
-from azstoragetorch.integrations._lightning_paths import BlobPaths
 from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+from azstoragetorch.integrations.lightning import _paths as _lightning_paths
+from azstoragetorch.integrations.lightning._filesystem import BlobFileSystem
+from azstoragetorch.integrations.lightning._paths import BlobPaths
 from tests.e2e.lightning_helpers import TinyModel, loader, trainer
 
 MINE = "https://mine.blob.core.windows.net"

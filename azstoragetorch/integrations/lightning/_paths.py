@@ -58,7 +58,7 @@ from azstoragetorch._client import (
     not_found_as_file_not_found,
     redact_url,
 )
-from azstoragetorch.integrations._blob_filesystem import BlobFileSystem
+from azstoragetorch.integrations.lightning._filesystem import BlobFileSystem
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
 
