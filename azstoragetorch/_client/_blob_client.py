@@ -209,29 +209,13 @@ class AzStorageTorchBlobClient(ResourceClient):
         while True:
             if stop is not None and stop.is_set():
                 raise DownloadStopped(f"Reading {self.display_url} was stopped: another part of the read failed.")
-            length = len(buffer) - filled
-            if validate_content:
-                length = min(length, MAX_VALIDATED_RANGE)
-            # Failures to send the request were already retried by the pipeline's retry policy.
-            response = self._send_range_get(offset + filled, length, etag, content_md5=validate_content)
-            if response is None:  # the range starts at or after the end of the blob
+            fetched = self._fetch_range_once(offset, buffer, filled, etag, validate_content=validate_content)
+            if fetched is None:  # the range starts at or after the end of the blob
                 return properties or self.get_properties(), filled
-            properties = _properties_from(response, size=_total_size(response))
+            properties, count, error = fetched
             etag = properties.etag  # retries must continue the same version
-            wanted = min(len(buffer), properties.size - offset)
-            requested_end = min(filled + length, wanted)
-            received = buffer[filled:requested_end]
-            count, error = _read_body_into(response, received)
-            if error is None and count < len(received):
-                error = http.client.IncompleteRead(b"", len(received) - count)
-            if validate_content:
-                if error is None:
-                    error = self._md5_mismatch(response, received)
-                if error is not None:
-                    count = 0  # a range is checked as a whole: fetch it again entirely
             filled += count
-            _stats.add_bytes(self.recorder, count)
-            if error is None and filled >= wanted:
+            if error is None and filled >= min(len(buffer), properties.size - offset):
                 return properties, filled
             if error is None:
                 continue  # the next range of a validated read
@@ -240,12 +224,41 @@ class AzStorageTorchBlobClient(ResourceClient):
                 if isinstance(error, ChecksumMismatchError):
                     raise error
                 message = f"Reading {self.display_url} failed after {attempt} attempts: {error!r}"
-                failure = redact_error(ServiceResponseError(message))
-                break
+                raise redact_error(ServiceResponseError(message))
             _pipeline.log_debug("Retrying read of %s at offset %d after %r", self.display_url, offset + filled, error)
             _stats.add_retry(self.recorder, _stats.reason_for_error(error))
             time.sleep(_pipeline.backoff_seconds(attempt))
-        raise failure
+
+    def _fetch_range_once(
+        self, offset: int, buffer: memoryview, filled: int, etag: str | None, *, validate_content: bool
+    ) -> tuple[BlobProperties, int, BaseException | None] | None:
+        """One ranged GET for ``buffer[filled:]`` (at most one validated range), read into place.
+
+        Returns the blob's properties, the bytes that count as received and why the body fell short
+        (``None`` if it did not); ``None`` instead of all that when ``offset + filled`` is past the
+        blob's end. A validated range that breaks off or does not match its MD5 counts as 0 bytes:
+        it is checked as a whole, so it is fetched again entirely.
+        """
+        length = len(buffer) - filled
+        if validate_content:
+            length = min(length, MAX_VALIDATED_RANGE)
+        # Failures to send the request were already retried by the pipeline's retry policy.
+        response = self._send_range_get(offset + filled, length, etag, content_md5=validate_content)
+        if response is None:
+            return None
+        properties = _properties_from(response, size=_total_size(response))
+        requested_end = min(filled + length, len(buffer), properties.size - offset)
+        received = buffer[filled:requested_end]
+        count, error = _read_body_into(response, received)
+        if error is None and count < len(received):
+            error = http.client.IncompleteRead(b"", len(received) - count)
+        if validate_content:
+            if error is None:
+                error = self._md5_mismatch(response, received)
+            if error is not None:
+                count = 0
+        _stats.add_bytes(self.recorder, count)
+        return properties, count, error
 
     def _md5_mismatch(self, response: HttpResponse, received: memoryview) -> ChecksumMismatchError | None:
         expected = response.headers.get("Content-MD5")
