@@ -44,6 +44,10 @@ MAX_VALIDATED_RANGE = 4 * 1024 * 1024
 _BODY_PIECE_BYTES = 256 * 1024
 
 
+class _NotModified(Exception):
+    """A conditional read found the blob unchanged (never reaches the caller)."""
+
+
 class DownloadStopped(Exception):
     """A part of a parallel read stopped because another part failed (never reaches the caller)."""
 
@@ -111,18 +115,40 @@ class AzStorageTorchBlobClient(ResourceClient):
         A blob that fits in ``part_size`` arrives in one request, straight from the socket into the
         returned object. A larger one is fetched in parallel ranged GETs of ``part_size``.
         """
-        response = self._send_range_get(0, part_size, None)
-        if response is None:
-            return b""
+        read = self._read_all(None, part_size, max_concurrency, properties_of_empty=False)
+        assert read is not None  # only a conditional read can find nothing new
+        return read[1]
+
+    def read_all_if_changed(
+        self, etag: str | None, *, part_size: int, max_concurrency: int
+    ) -> tuple[BlobProperties, bytes] | None:
+        """As :meth:`read_all`, with the properties of the version read; ``None`` if the blob still
+        has ``etag`` (the first request carries ``If-None-Match``, so that answer has no body)."""
+        read = self._read_all(etag, part_size, max_concurrency, properties_of_empty=True)
+        if read is None:
+            return None
+        properties, data = read
+        assert properties is not None  # asked for, even of an empty blob
+        return properties, data
+
+    def _read_all(
+        self, if_none_match: str | None, part_size: int, max_concurrency: int, *, properties_of_empty: bool
+    ) -> tuple[BlobProperties | None, bytes] | None:
+        try:
+            response = self._send_range_get(0, part_size, None, if_none_match=if_none_match)
+        except _NotModified:
+            return None
+        if response is None:  # an empty blob: its properties cost a request of their own
+            return (self.get_properties() if properties_of_empty else None), b""
         properties = _properties_from(response, size=_total_size(response))
         first_length = min(part_size, properties.size)
         if first_length == properties.size:
             body = _read_whole_body(response)
             if body is not None and len(body) == first_length:
-                return body
+                return properties, body
             data = bytearray(properties.size)  # the body broke off: fetch it again, with retries
             self.download_into(0, memoryview(data), etag=properties.etag)
-            return bytes(data)
+            return properties, bytes(data)
         data = bytearray(properties.size)
         count, error = _read_body_into(response, memoryview(data)[:first_length])
         if error is not None or count < first_length:
@@ -131,7 +157,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         self.download_parallel(
             first_length, rest, etag=properties.etag, part_size=part_size, max_concurrency=max_concurrency
         )
-        return bytes(data)
+        return properties, bytes(data)
 
     def download_into(
         self,
@@ -320,11 +346,19 @@ class AzStorageTorchBlobClient(ResourceClient):
     # -- plumbing ----------------------------------------------------------------------------
 
     def _send_range_get(
-        self, start: int, length: int, etag: str | None, *, content_md5: bool = False
+        self,
+        start: int,
+        length: int,
+        etag: str | None,
+        *,
+        content_md5: bool = False,
+        if_none_match: str | None = None,
     ) -> HttpResponse | None:
         headers = {"x-ms-range": f"bytes={start}-{start + max(length, 1) - 1}"}
         if etag is not None:
             headers["If-Match"] = etag
+        if if_none_match is not None:
+            headers["If-None-Match"] = if_none_match
         if content_md5:
             headers["x-ms-range-get-content-md5"] = "true"
         response = self._send_unchecked("GET", headers=headers, stream=True)
@@ -333,6 +367,8 @@ class AzStorageTorchBlobClient(ResourceClient):
         _discard(response)
         if response.status_code == 416:
             return None
+        if response.status_code == 304 and if_none_match is not None:
+            raise _NotModified
         if response.status_code == 412 and etag is not None:
             raise BlobModifiedDuringReadError(self.display_url, etag)
         if response.status_code == 200:

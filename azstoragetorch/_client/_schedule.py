@@ -27,6 +27,8 @@ ENVIRONMENT_VARIABLE = "AZSTORAGETORCH_PERTURB"
 #   "buffer.release" just before a lease on a pooled buffer is released
 #   "part.finish"    a transfer thread has finished one part (a range or a block)
 #   "commit"         just before a blob, or a checkpoint's metadata, is committed
+#   "cache.read"     a dataset cache file is open, not yet read (azstoragetorch._cache)
+#   "cache.store"    a dataset cache file is written under its temporary name, not yet renamed
 DEFAULT_MAX_DELAY_SECONDS = 0.005
 
 
