@@ -60,6 +60,7 @@ _EVICT_TO = 0.9
 _STALE_TEMP_SECONDS = 3600.0
 
 _warned_pid = 0
+_warned_lock = threading.Lock()
 
 
 def make_cache(cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = False) -> BlobCache | None:
@@ -328,9 +329,10 @@ def _reason(error: OSError) -> str:
 def _warn_once(what: str) -> None:
     """One warning per process for everything that makes the cache fall back to the service."""
     global _warned_pid
-    if _warned_pid == os.getpid():
-        return
-    _warned_pid = os.getpid()
+    with _warned_lock:  # samples are fetched by several threads, which may fail at once
+        if _warned_pid == os.getpid():
+            return
+        _warned_pid = os.getpid()
     warnings.warn(
         f"azstoragetorch: the dataset cache is not working: {what}; samples are read from Azure Blob Storage "
         "instead (this warning is shown once per process).",
