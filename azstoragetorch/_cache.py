@@ -63,6 +63,15 @@ _warned_pid = 0
 _warned_lock = threading.Lock()
 
 
+def _new_warned_lock() -> None:
+    global _warned_lock
+    _warned_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_warned_lock)
+
+
 def make_cache(cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = False) -> BlobCache | None:
     """The cache the datasets' ``cache_*`` options ask for (``None`` without ``cache_dir``); checks them."""
     if cache_dir is None:
