@@ -18,6 +18,7 @@ import torch.utils.data
 from typing_extensions import Buffer, Self
 
 from azstoragetorch import _client
+from azstoragetorch._cache import BlobCache, make_cache
 from azstoragetorch._client import (
     AzStorageTorchBlobClient,
     AzStorageTorchContainerClient,
@@ -75,6 +76,7 @@ class Blob:
         self._properties = properties
         # Where fetched properties are kept for the next Blob made for the same entry of a dataset.
         self._remember: Callable[[BlobProperties], None] | None = None
+        self._cache: BlobCache | None = None  # the dataset's cache_dir, if it has one
 
     @property
     def url(self) -> str:
@@ -118,6 +120,19 @@ class Blob:
             blob_client=self._client,
             validate_content=validate_content,
             verify_checksum=verify_checksum,
+        )
+
+    def read(self) -> bytes:
+        """The blob's whole content, from the dataset's local cache when it has one (``cache_dir``).
+
+        This is what the default sample holds; a ``transform`` that needs the whole blob gets the
+        cache's benefit by calling it rather than reading :meth:`reader` to the end.
+        """
+        if self._cache is None:
+            return self._client.read_all(part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
+        known_etag = self._properties.etag if self._properties is not None else None
+        return self._cache.read_all(
+            self._client, known_etag, part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY
         )
 
     def read_tensor(self) -> torch.Tensor:
@@ -251,10 +266,9 @@ def _writable_bytes(buffer: object) -> memoryview:
 
 def _read_whole_blob(blob: Blob) -> dict[str, str | bytes]:
     """The default transform: ``{"url": ..., "data": <the blob's bytes>}``."""
-    # Straight from the client rather than through blob.reader(): no read-ahead buffers to fill
-    # and copy out of, which for a dataset of small blobs is most of the client's work.
-    data = blob._client.read_all(part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
-    return {"url": blob.url, "data": data}
+    # Straight from the client (or the cache) rather than through blob.reader(): no read-ahead
+    # buffers to fill and copy out of, which for a dataset of small blobs is most of the client's work.
+    return {"url": blob.url, "data": blob.read()}
 
 
 def _apply(transform: Callable[[Blob], _T], blob: Blob) -> _T:
@@ -308,10 +322,17 @@ class _Blobs(Sequence[Blob]):
     them share their pages instead of copying them as they touch millions of objects.
     """
 
-    def __init__(self, entries: Entries, credential: CredentialArgument, retry: RetryOptions | None) -> None:
+    def __init__(
+        self,
+        entries: Entries,
+        credential: CredentialArgument,
+        retry: RetryOptions | None,
+        cache: BlobCache | None = None,
+    ) -> None:
         self._entries = entries
         self._credential = credential
         self._retry = retry
+        self._cache = cache
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -322,6 +343,7 @@ class _Blobs(Sequence[Blob]):
         blob = Blob(AzStorageTorchBlobClient(url, self._credential, retry=self._retry), properties)
         if properties is None:
             blob._remember = functools.partial(self._entries.remember, position)
+        blob._cache = self._cache
         return blob
 
     def __iter__(self) -> Iterator[Blob]:
@@ -332,33 +354,39 @@ class _Blobs(Sequence[Blob]):
 
 
 def _blobs_from_urls(
-    blob_urls: str | Iterable[str], credential: CredentialArgument, retry: RetryOptions | None = None
+    blob_urls: str | Iterable[str],
+    credential: CredentialArgument,
+    retry: RetryOptions | None = None,
+    cache: BlobCache | None = None,
 ) -> _Blobs:
     validate_credential(credential)
     validate_retry(retry)
     builder = EntriesBuilder()
     builder.add_urls([blob_urls] if isinstance(blob_urls, str) else blob_urls)
-    return _Blobs(builder.build(), credential, retry)
+    return _Blobs(builder.build(), credential, retry, cache)
 
 
 def _list_source(
-    source: str | Iterable[str], credential: CredentialArgument, retry: RetryOptions | None = None
+    source: str | Iterable[str],
+    credential: CredentialArgument,
+    retry: RetryOptions | None = None,
+    cache: BlobCache | None = None,
 ) -> Sequence[Blob]:
     """The blobs a data source names, listed now: a container URL whose path after the container is a
     folder (``.../<container>/train`` means the blobs under ``train/``), or an iterable of blob URLs."""
     if not isinstance(source, str):
-        return _blobs_from_urls(source, credential, retry)
+        return _blobs_from_urls(source, credential, retry, cache)
     container, folder = ContainerUrl.parse_with_prefix(source)
     prefix = folder.strip("/")
     client = AzStorageTorchContainerClient(container, credential, retry=retry)
-    return _listed_files(client, f"{prefix}/" if prefix else None)
+    return _listed_files(client, f"{prefix}/" if prefix else None, cache)
 
 
 # Listed blobs are stored a page at a time.
 _LISTING_BATCH = 5000
 
 
-def _listed_files(client: AzStorageTorchContainerClient, prefix: str | None) -> _Blobs:
+def _listed_files(client: AzStorageTorchContainerClient, prefix: str | None, cache: BlobCache | None = None) -> _Blobs:
     """The blobs under ``prefix``, in name order, without the directories of a hierarchical namespace
     (ADLS Gen2), which are listed as empty blobs but are not samples."""
     builder = EntriesBuilder()
@@ -372,7 +400,7 @@ def _listed_files(client: AzStorageTorchContainerClient, prefix: str | None) -> 
             builder.add_names(client.container_url, names, properties)
             names, properties = [], []
     builder.add_names(client.container_url, names, properties)
-    return _Blobs(builder.build(), client.credential, client.retry)
+    return _Blobs(builder.build(), client.credential, client.retry, cache)
 
 
 def _as_sequence(blobs: Iterable[Blob]) -> Sequence[Blob]:
@@ -387,15 +415,21 @@ class _ContainerListing:
     """The blobs of a container (under a prefix), listed when asked. Pickles without listing."""
 
     def __init__(
-        self, container_url: str, prefix: str | None, credential: CredentialArgument, retry: RetryOptions | None
+        self,
+        container_url: str,
+        prefix: str | None,
+        credential: CredentialArgument,
+        retry: RetryOptions | None,
+        cache: BlobCache | None = None,
     ) -> None:
         if prefix is not None and not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str or None, not {type(prefix).__name__}.")
         self._client = AzStorageTorchContainerClient(ContainerUrl.parse(container_url), credential, retry=retry)
         self._prefix = prefix
+        self._cache = cache
 
     def list(self) -> _Blobs:
-        return _listed_files(self._client, self._prefix)
+        return _listed_files(self._client, self._prefix, self._cache)
 
     def __iter__(self) -> Iterator[Blob]:
         return iter(self.list())
@@ -433,6 +467,8 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         credential: CredentialArgument = None,
         transform: Callable[[Blob], _TransformOutputType_co] | None = None,
         retry: RetryOptions | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int | None = None,
     ) -> Self:
         """A dataset of the given blobs, in the given order.
 
@@ -443,12 +479,20 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
             retry: How throttled or briefly failing requests are retried, listing and reading
                 alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
+                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
+                share one. Every hit is confirmed with the service by a conditional read (one
+                request, no transfer). ``None`` (the default): no cache. See :ref:`dataset-cache`.
+            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
+                deleted beyond it. ``None``: no limit but the disk.
 
         Raises:
-            ValueError: A URL is malformed.
-            TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
+            ValueError: A URL is malformed, or ``cache_max_bytes`` is not positive or has no ``cache_dir``.
+            TypeError: ``credential`` or ``cache_dir`` is of an unsupported type, or ``retry`` is not a
+                ``RetryOptions``.
         """
-        return cls(_blobs_from_urls(blob_urls, credential, retry), transform)
+        cache = make_cache(cache_dir, cache_max_bytes)
+        return cls(_blobs_from_urls(blob_urls, credential, retry, cache), transform)
 
     @classmethod
     def from_container_url(
@@ -459,6 +503,9 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         credential: CredentialArgument = None,
         transform: Callable[[Blob], _TransformOutputType_co] | None = None,
         retry: RetryOptions | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int | None = None,
+        cache_trust_listing: bool = False,
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``), in name order.
 
@@ -473,13 +520,23 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
             retry: How throttled or briefly failing requests are retried, listing and reading
                 alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
+                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
+                share one. Every hit is confirmed with the service by a conditional read (one
+                request, no transfer). ``None`` (the default): no cache. See :ref:`dataset-cache`.
+            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
+                deleted beyond it. ``None``: no limit but the disk.
+            cache_trust_listing: Serve a cached blob whose ETag is the listing's with no request at
+                all, at local-disk speed; a blob rewritten after the listing is then served as it
+                was listed. ``False`` (the default): confirm every hit with the service.
 
         Raises:
-            ValueError: The URL is malformed.
+            ValueError: The URL is malformed, or a ``cache_*`` option is out of range or has no ``cache_dir``.
             azure.core.exceptions.ResourceNotFoundError: The container does not exist.
             azure.core.exceptions.ClientAuthenticationError: Listing is not allowed.
         """
-        return cls(_ContainerListing(container_url, prefix, credential, retry), transform)
+        cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
+        return cls(_ContainerListing(container_url, prefix, credential, retry, cache), transform)
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -565,6 +622,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
         balance_ranks: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int | None = None,
     ) -> Self:
         """A dataset of the given blobs, in the given order unless ``shuffle`` is set.
 
@@ -575,6 +634,12 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
             retry: How throttled or briefly failing requests are retried, listing and reading
                 alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
+                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
+                share one. Every hit is confirmed with the service by a conditional read (one
+                request, no transfer). ``None`` (the default): no cache. See :ref:`dataset-cache`.
+            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
+                deleted beyond it. ``None``: no limit but the disk.
             shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
             seed: The shuffling seed; use the same one on every rank.
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
@@ -582,10 +647,12 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
                 with up to ``world_size - 1`` repeats (see "Training with DDP" above).
 
         Raises:
-            ValueError: A URL is malformed, or ``prefetch`` is out of range.
-            TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
+            ValueError: A URL is malformed, ``prefetch`` is out of range, or ``cache_max_bytes`` is not
+                positive or has no ``cache_dir``.
+            TypeError: ``credential`` or ``cache_dir`` is of an unsupported type, or ``retry`` is not a
+                ``RetryOptions``.
         """
-        blobs = _blobs_from_urls(blob_urls, credential, retry)
+        blobs = _blobs_from_urls(blob_urls, credential, retry, make_cache(cache_dir, cache_max_bytes))
         return cls(blobs, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
 
     @classmethod
@@ -601,6 +668,9 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
         balance_ranks: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int | None = None,
+        cache_trust_listing: bool = False,
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``).
 
@@ -616,6 +686,15 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
             retry: How throttled or briefly failing requests are retried, listing and reading
                 alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
+                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
+                share one. Every hit is confirmed with the service by a conditional read (one
+                request, no transfer). ``None`` (the default): no cache. See :ref:`dataset-cache`.
+            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
+                deleted beyond it. ``None``: no limit but the disk.
+            cache_trust_listing: Serve a cached blob whose ETag is the listing's with no request at
+                all, at local-disk speed; a blob rewritten after the listing is then served as it
+                was listed. ``False`` (the default): confirm every hit with the service.
             shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
             seed: The shuffling seed; use the same one on every rank.
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
@@ -623,10 +702,13 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
                 with up to ``world_size - 1`` repeats (see "Training with DDP" above).
 
         Raises:
-            ValueError: The URL is malformed, or ``prefetch`` is out of range.
-            TypeError: ``credential`` or ``prefix`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
+            ValueError: The URL is malformed, ``prefetch`` is out of range, or a ``cache_*`` option is
+                out of range or has no ``cache_dir``.
+            TypeError: ``credential``, ``prefix``, ``cache_dir`` or ``cache_trust_listing`` is of an
+                unsupported type, or ``retry`` is not a ``RetryOptions``.
         """
-        listing = _ContainerListing(container_url, prefix, credential, retry)
+        cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
+        listing = _ContainerListing(container_url, prefix, credential, retry, cache)
         return cls(listing, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
 
     def set_epoch(self, epoch: int) -> None:

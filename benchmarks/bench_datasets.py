@@ -27,8 +27,10 @@ import multiprocessing
 import os
 import pathlib
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -333,6 +335,108 @@ def read_iterable(data_set: DataSet, azurite: Azurite, num_workers: int, tensors
     )
     what = f"IterableBlobDataset{' (tensors)' if tensors else ''} num_workers={num_workers}"
     return read_with_loader(data_set, dataset, num_workers, what)
+
+
+# -- the local cache (cache_dir): epoch 2 against local files, epoch 1 against no cache ---------------------
+
+
+class LocalFiles(torch.utils.data.Dataset[dict[str, Any]]):
+    """The ceiling for a cached epoch: a plain Dataset reading the same samples from local files."""
+
+    def __init__(self, paths: list[str], urls: list[str]) -> None:
+        self.paths = paths
+        self.urls = urls
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        with open(self.paths[index], "rb") as file:
+            return {"url": self.urls[index], "data": file.read()}
+
+
+# Epoch 2: the cache filled beforehand (by one pass with the same URLs), hits trusted to the listing
+# or confirmed by a conditional read; epoch 1: a new, empty cache directory every pass.
+CACHE_VARIANTS = ("local_files", "epoch2_trusted", "epoch2_confirmed", "epoch1_no_cache", "epoch1_cache")
+CACHE_TARGETS = {"epoch2_trusted": ("local_files", 0.9), "epoch1_cache": ("epoch1_no_cache", 0.9)}
+
+
+def cache_comparison(
+    data_sets: Sequence[DataSet], azurite: Azurite, rounds: int, log: Callable[[str], None]
+) -> dict[str, dict[str, list[float]]]:
+    """MiB/s per data set and variant (DataLoader num_workers=0 and 2), every pass verified."""
+    results: dict[str, dict[str, list[float]]] = {}
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    try:
+        for data_set in data_sets:
+            url = data_set.container_url
+            local = scratch / f"{data_set.key}-local"
+            local.mkdir()
+            warm = scratch / f"{data_set.key}-warm"
+            filler = BlobDataset.from_container_url(url, credential=azurite.credential, cache_dir=warm)
+            urls = list(data_set.name_by_url)
+            for index in range(len(filler)):  # the local copies and the warm cache, from one read
+                sample = filler[index]
+                (local / data_set.name_by_url[sample["url"]]).write_bytes(sample["data"])
+            paths = [str(local / data_set.name_by_url[u]) for u in urls]
+
+            def make(
+                variant: str,
+                round_index: int,
+                url: str = url,
+                warm: pathlib.Path = warm,
+                paths: list[str] = paths,
+                urls: list[str] = urls,
+                key: str = data_set.key,
+            ) -> torch.utils.data.Dataset[Any]:
+                if variant == "local_files":
+                    return LocalFiles(paths, urls)
+                if variant.startswith("epoch2"):
+                    return BlobDataset.from_container_url(
+                        url,
+                        credential=azurite.credential,
+                        cache_dir=warm,
+                        cache_trust_listing=variant == "epoch2_trusted",
+                    )
+                cold = scratch / f"{key}-cold-{round_index}" if variant == "epoch1_cache" else None
+                return BlobDataset.from_container_url(url, credential=azurite.credential, cache_dir=cold)
+
+            cases = [(variant, workers) for variant in CACHE_VARIANTS for workers in WORKER_COUNTS]
+            for round_index in range(rounds + 1):
+                for variant, workers in rotate(cases, round_index):  # type: ignore[arg-type]
+                    dataset = make(variant, round_index)
+                    sample = read_with_loader(data_set, dataset, workers, f"{variant} num_workers={workers}")
+                    shutil.rmtree(scratch / f"{data_set.key}-cold-{round_index}", ignore_errors=True)
+                    mibps = data_set.spec.total_bytes / MiB / sample.seconds
+                    if round_index:
+                        results.setdefault(data_set.key, {}).setdefault(f"{variant}_w{workers}", []).append(mibps)
+                    log(f"cache {round_index or 'warm-up'}  {data_set.key}/{variant} w{workers}  {mibps:8.1f} MiB/s")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def format_cache(results: dict[str, dict[str, list[float]]]) -> str:
+    lines = ["Local cache (cache_dir=): MiB/s, median [low-high]; ratio of medians", ""]
+    for key, variants in results.items():
+        lines.append(f"{key}:")
+        for workers in WORKER_COUNTS:
+            for variant in CACHE_VARIANTS:
+                values = variants[f"{variant}_w{workers}"]
+                line = (
+                    f"  w{workers} {variant:<18}{statistics.median(values):9.1f} [{min(values):.1f}-{max(values):.1f}]"
+                )
+                against = {"epoch2_confirmed": "local_files", **{k: v[0] for k, v in CACHE_TARGETS.items()}}
+                if variant in against:
+                    base = statistics.median(variants[f"{against[variant]}_w{workers}"])
+                    ratio = statistics.median(values) / base
+                    target = CACHE_TARGETS.get(variant)
+                    verdict = (
+                        f" (target >= {target[1]:.2f}: {'met' if ratio >= target[1] else 'MISSED'})" if target else ""
+                    )
+                    line += f"   {ratio:.2f}x {against[variant]}{verdict}"
+                lines.append(line)
+    return "\n".join(lines)
 
 
 # -- variant 3: the serial azure-storage-blob loop -----------------------------------------------------
@@ -794,6 +898,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only", choices=("small", "large"), help="run one data set only (the tensor path runs on large)"
     )
+    parser.add_argument("--cache-only", action="store_true", help="only the local cache comparison (cache_dir=)")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
@@ -868,9 +973,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             start = time.perf_counter()
             data_sets.append(upload(azurite, service, spec))
             log(f"uploaded {spec.key}: {spec.description} in {time.perf_counter() - start:.1f} s")
-        cases = build_cases(data_sets, azurite, service)
+        cases = [] if args.cache_only else build_cases(data_sets, azurite, service)
         run_rounds(data_sets, cases, args.rounds, log)
+        cache_results = cache_comparison(data_sets, azurite, args.rounds, log)
     info["loadavg_end"] = os.getloadavg()
+    if args.cache_only:
+        print(format_machine(info))
+        print(f"{'data sets':<19}" + "; ".join(f"{d.key}: {d.spec.description}" for d in data_sets))
+        print(format_cache(cache_results))
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, "cache": cache_results}, indent=2) + "\n")
+        return 0
     rows = summarize(data_sets, cases)
     targets = check_targets(rows)
     large_sample_targets = check_large_sample_targets(rows) if any(d.key in TENSOR_DATA_SETS for d in data_sets) else []
@@ -890,10 +1003,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_high_water(cases, children_before_mib))
     print()
     print(NOTES)
+    print()
+    print(format_cache(cache_results))
     if args.json:
-        args.json.write_text(
-            json.dumps(to_json(info, args, data_sets, cases, rows, targets, large_sample_targets), indent=2) + "\n"
-        )
+        report = to_json(info, args, data_sets, cases, rows, targets, large_sample_targets) | {"cache": cache_results}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 

@@ -9,7 +9,7 @@ integrations) use only what this package exports; ruff's ``banned-api`` setting 
 
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobProperties
 from azstoragetorch._client._buffers import Lease, lease
-from azstoragetorch._client._checksums import PieceChecksums
+from azstoragetorch._client._checksums import PieceChecksums, crc32
 from azstoragetorch._client._container_client import AzStorageTorchContainerClient, Level, ListedBlob
 from azstoragetorch._client._credentials import CredentialArgument, validate_credential
 from azstoragetorch._client._pipeline import (
@@ -49,6 +49,7 @@ __all__ = [
     "ProgressHook",
     "Recorder",
     "TransferStats",
+    "crc32",
     "fsspec_path_to_url",
     "is_azure_blob_host",
     "is_missing_container",

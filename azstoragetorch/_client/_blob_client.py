@@ -47,6 +47,10 @@ MAX_VALIDATED_RANGE = 4 * 1024 * 1024
 _BODY_PIECE_BYTES = 256 * 1024
 
 
+class _NotModified(Exception):
+    """A conditional read found the blob unchanged (never reaches the caller)."""
+
+
 class DownloadStopped(Exception):
     """A part of a parallel read stopped because another part failed (never reaches the caller)."""
 
@@ -118,24 +122,47 @@ class AzStorageTorchBlobClient(ResourceClient):
         A blob that fits in ``part_size`` arrives in one request, straight from the socket into the
         returned object. A larger one is fetched in parallel ranged GETs of ``part_size``.
         """
-        response = self._send_range_get(0, part_size, None)
-        if response is None:
-            return b""
-        # Only the size and ETag matter here (parsing Last-Modified would cost more than the rest).
+        read = self._read_all(None, part_size, max_concurrency, with_properties=False)
+        assert read is not None  # only a conditional read can find nothing new
+        return read[1]
+
+    def read_all_if_changed(
+        self, etag: str | None, *, part_size: int, max_concurrency: int
+    ) -> tuple[BlobProperties, bytes] | None:
+        """As :meth:`read_all`, with the properties of the version read; ``None`` if the blob still
+        has ``etag`` (the first request carries ``If-None-Match``, so that answer has no body)."""
+        read = self._read_all(etag, part_size, max_concurrency, with_properties=True)
+        if read is None:
+            return None
+        properties, data = read
+        assert properties is not None  # asked for, even of an empty blob
+        return properties, data
+
+    def _read_all(
+        self, if_none_match: str | None, part_size: int, max_concurrency: int, *, with_properties: bool
+    ) -> tuple[BlobProperties | None, bytes] | None:
+        try:
+            response = self._send_range_get(0, part_size, None, if_none_match=if_none_match)
+        except _NotModified:
+            return None
+        if response is None:  # an empty blob: its properties cost a request of their own
+            return (self.get_properties() if with_properties else None), b""
         size, etag = _total_size(response), response.headers.get("ETag", "")
+        # Parsing Last-Modified would cost more than the rest of a small blob's read: only if asked.
+        properties = _properties_from(response, size=size) if with_properties else None
         first_length = min(part_size, size)
         if first_length == size:
             body = _read_whole_body(response)
             if body is not None and len(body) == first_length:
                 _stats.add_bytes(self.recorder, first_length)
-                return body
+                return properties, body
             data = bytearray(size)  # the body broke off: fetch it again, with retries
             _stats.add_retry(self.recorder, _stats.RESET)
             self.download_into(0, memoryview(data), etag=etag)
-            return bytes(data)
+            return properties, bytes(data)
         data = bytearray(size)
         self._fill_whole(response, etag, memoryview(data), part_size=part_size, max_concurrency=max_concurrency)
-        return bytes(data)
+        return properties, bytes(data)
 
     def read_all_into(self, allocate: Callable[[int], memoryview], *, part_size: int, max_concurrency: int) -> None:
         """The whole blob, received straight into the memory that ``allocate`` returns (no copy).
@@ -384,11 +411,19 @@ class AzStorageTorchBlobClient(ResourceClient):
     # -- plumbing ----------------------------------------------------------------------------
 
     def _send_range_get(
-        self, start: int, length: int, etag: str | None, *, content_md5: bool = False
+        self,
+        start: int,
+        length: int,
+        etag: str | None,
+        *,
+        content_md5: bool = False,
+        if_none_match: str | None = None,
     ) -> HttpResponse | None:
         headers = {"x-ms-range": f"bytes={start}-{start + max(length, 1) - 1}"}
         if etag is not None:
             headers["If-Match"] = etag
+        if if_none_match is not None:
+            headers["If-None-Match"] = if_none_match
         if content_md5:
             headers["x-ms-range-get-content-md5"] = "true"
         response = self._send_unchecked("GET", headers=headers, stream=True)
@@ -397,6 +432,8 @@ class AzStorageTorchBlobClient(ResourceClient):
         _discard(response)
         if response.status_code == 416:
             return None
+        if response.status_code == 304 and if_none_match is not None:
+            raise _NotModified
         if response.status_code == 412 and etag is not None:
             raise BlobModifiedDuringReadError(self.display_url, etag)
         if response.status_code == 200:

@@ -28,6 +28,8 @@ ENVIRONMENT_VARIABLE = "AZSTORAGETORCH_PERTURB"
 #   "part.finish"    a transfer thread has finished one part (a range or a block)
 #   "commit"         just before a blob, or a checkpoint's metadata, is committed
 #   "connection.release"  a response was read to its end and its connection goes back to the pool
+#   "cache.read"     a dataset cache file is open, not yet read (azstoragetorch._cache)
+#   "cache.store"    a dataset cache file is written under its temporary name, not yet renamed
 DEFAULT_MAX_DELAY_SECONDS = 0.005
 
 

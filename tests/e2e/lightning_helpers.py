@@ -82,6 +82,11 @@ def decode_id(blob: Any) -> dict[str, torch.Tensor]:
         return {"id": torch.tensor(int.from_bytes(reader.read(), "little"))}
 
 
+def decode_id_read(blob: Any) -> dict[str, torch.Tensor]:
+    """As :func:`decode_id`, through ``Blob.read`` (and so through the dataset's cache, if any)."""
+    return {"id": torch.tensor(int.from_bytes(blob.read(), "little"))}
+
+
 class IdRecorder(pl.LightningModule):
     """Records, per epoch and in order, the sample ids of every training batch it is given."""
 

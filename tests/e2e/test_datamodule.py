@@ -67,6 +67,34 @@ def test_every_sample_once_per_epoch_in_a_new_order(
     assert len({tuple(model.seen[epoch]) for epoch in range(3)}) == 3  # shuffled anew every epoch
 
 
+@pytest.mark.parametrize(("iterable", "trust"), [(True, False), (False, True)], ids=["iterable", "map-trusted"])
+def test_a_cache_dir_keeps_every_split_blob_for_later_epochs(
+    container: Container,
+    account_credential: AzureNamedKeyCredential,
+    tmp_path: pathlib.Path,
+    iterable: bool,
+    trust: bool,
+) -> None:
+    source = upload_ids(container, "train", 20)
+    data = data_module(
+        BlobSplit(source, iterable=iterable),
+        account_credential,
+        val=upload_ids(container, "val", 6),
+        transform="tests.e2e.lightning_helpers.decode_id_read",
+        num_workers=2,
+        cache_dir=tmp_path / "cache",
+        cache_max_bytes=10**6,
+        cache_trust_listing=trust,
+    )
+    model = IdRecorder()
+
+    trainer(max_epochs=2, enable_checkpointing=False).fit(model, datamodule=data)
+
+    for epoch in range(2):
+        assert sorted(model.seen[epoch]) == list(range(20)), epoch
+    assert len([path for path in (tmp_path / "cache").iterdir() if not path.name.startswith(".")]) == 26
+
+
 def test_the_order_is_reproducible_from_the_seed(
     container: Container, account_credential: AzureNamedKeyCredential
 ) -> None:

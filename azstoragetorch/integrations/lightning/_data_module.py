@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import os
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -14,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from azstoragetorch._cache import make_cache
 from azstoragetorch._client import (
     CredentialArgument,
     redact,
@@ -110,13 +112,22 @@ class BlobDataModule(LightningDataModule):
         prefetch: Samples fetched ahead per worker by iterable splits (1 to 128).
         retry: How throttled or briefly failing requests are retried, listing and reading alike: a
             :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+        cache_dir: A local directory in which every split keeps the blobs it reads (default samples
+            and :meth:`~azstoragetorch.datasets.Blob.read`), so that later epochs read local files;
+            the workers and the ranks of a node share it. Each hit is confirmed with the service
+            by a conditional read (one request, no transfer). ``None``: no cache.
+        cache_max_bytes: The most bytes the cache holds; least recently used blobs are deleted
+            beyond it. ``None``: no limit but the disk.
+        cache_trust_listing: For splits listed from a container, serve a cached blob whose ETag is
+            the listing's (made in ``setup``) with no request; a blob rewritten after that is served
+            as listed. URL-list splits always confirm hits.
         log_stats: Log each training epoch's data loading through the Trainer's loggers:
             ``data/train_mib_per_s``, ``data/train_retries``, ``data/train_throttled_retries`` and more,
             gathered across the DataLoader workers; see :doc:`observability`.
 
     Raises:
         ValueError: An argument is out of range, or an import path names nothing callable.
-        TypeError: A split, the credential or ``retry`` is of an unsupported type.
+        TypeError: A split, the credential, ``retry`` or ``cache_dir`` is of an unsupported type.
     """
 
     def __init__(
@@ -138,6 +149,9 @@ class BlobDataModule(LightningDataModule):
         prefetch: int = DEFAULT_PREFETCH,
         retry: RetryOptions | None = None,
         log_stats: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int | None = None,
+        cache_trust_listing: bool = False,
     ) -> None:
         super().__init__()
         given = {"train": train, "val": val, "test": test, "predict": predict}
@@ -158,6 +172,7 @@ class BlobDataModule(LightningDataModule):
         self._pin_memory = pin_memory
         self._credential = credential
         self._retry = retry
+        self._cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
         self._prefetch = prefetch
         self._datasets: dict[str, Any] = {}
         self._fingerprints: dict[str, str] = {}
@@ -216,7 +231,7 @@ class BlobDataModule(LightningDataModule):
     def _dataset(self, name: str) -> Any:
         split = self.splits[name]
         try:
-            blobs = _list_source(split.source, self._credential, self._retry)
+            blobs = _list_source(split.source, self._credential, self._retry, self._cache)
         except AzureError as error:
             raise redact_error(error, prefix=f"The {name} split could not be listed: ") from None
         digest = hashlib.sha256("\n".join(blob.url for blob in blobs).encode()).hexdigest()

@@ -1,0 +1,349 @@
+"""The datasets' local disk cache of whole blobs (``cache_dir=``): epoch 2 and later read local files.
+
+**Layout.** One file per blob, named by the SHA-256 of the blob's URL with its snapshot or version
+but never its SAS token, so a file name reveals neither a secret nor, without the URL, the blob.
+A file holds a header (a magic string, the content's CRC-32 and length, the blob's ETag) and the
+content. A hit needs the URL and the ETag to match, so a blob rewritten since it was cached (a new
+ETag) is read from the service again and its file replaced.
+
+**Which ETag.** By default a hit is confirmed by the service: the read carries ``If-None-Match``
+with the cached ETag, and an unchanged blob answers ``304 Not Modified`` with no body, so a hit
+costs one round trip but no transfer. With ``trust_known_etag`` (``cache_trust_listing=True`` on a
+listed dataset) the ETag the dataset already knows (from its listing) decides alone, with no
+request at all; a blob rewritten after the listing is then served as it was listed.
+
+**Across processes.** DataLoader workers and the ranks of a node share one directory. A file is
+written under a temporary name in the same directory and renamed into place (``os.replace``), so a
+reader sees the old file or the new one, never a part of one; a reader that opened a file keeps
+reading that file even if it is replaced or evicted meanwhile (POSIX unlink semantics). Files are
+not fsynced (a cache can be refetched): every read checks the length and the CRC-32, so a torn or
+damaged file (a power loss, a bit flip) is fetched again.
+
+**Eviction.** With ``max_bytes``, the bytes in the directory are counted in its lock file, updated
+under ``flock`` at every store; a store that would pass the limit first deletes the least recently
+used files (by modification time, which every hit refreshes) down to 90% of it.
+
+**Failures.** A directory that cannot be created or written, or a full disk, costs one warning per
+process; that process then stops storing and reads from the service as without a cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import struct
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from azstoragetorch._client import AzStorageTorchBlobClient, crc32, pause
+
+try:
+    import fcntl
+except ImportError:  # Windows: threads of one process still exclude each other; processes race benignly
+    fcntl = None  # type: ignore[assignment]
+
+_MAGIC = b"AZTCACH1"
+_HEADER = struct.Struct("<8sIQH")  # magic, CRC-32 of the content, content length, ETag length
+_USAGE = struct.Struct("<Q")  # bytes of cache files in the directory, kept in the lock file
+_LOCK_NAME = ".lock"
+_TEMP_PREFIX = ".tmp-"
+# Eviction goes below the limit by this fraction, so that the directory is not scanned at every store.
+_EVICT_TO = 0.9
+# Temporary files older than this were left by a process that died while storing.
+_STALE_TEMP_SECONDS = 3600.0
+
+_warned_pid = 0
+_warned_lock = threading.Lock()
+
+
+def _new_warned_lock() -> None:
+    global _warned_lock
+    _warned_lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_warned_lock)
+
+
+def make_cache(cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = False) -> BlobCache | None:
+    """The cache the datasets' ``cache_*`` options ask for (``None`` without ``cache_dir``); checks them."""
+    if cache_dir is None:
+        if cache_max_bytes is not None or trust_listing:
+            raise ValueError("cache_max_bytes and cache_trust_listing need cache_dir: there is no cache without it.")
+        return None
+    if not isinstance(cache_dir, (str, os.PathLike)):
+        raise TypeError(f"cache_dir must be a str or os.PathLike, not {type(cache_dir).__name__}.")
+    if cache_max_bytes is not None and (
+        isinstance(cache_max_bytes, bool) or not isinstance(cache_max_bytes, int) or cache_max_bytes < 1
+    ):
+        raise ValueError(f"cache_max_bytes must be a positive int or None, got {cache_max_bytes!r}.")
+    if not isinstance(trust_listing, bool):
+        raise TypeError(f"cache_trust_listing must be a bool, not {type(trust_listing).__name__}.")
+    return BlobCache(os.fspath(cache_dir), cache_max_bytes, trust_known_etag=trust_listing)
+
+
+class _ProcessState:
+    """What one process keeps about a cache: locks and descriptors are never shared across a fork."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock_fd: int | None = None
+        self.ready = False  # the directory exists
+        self.storing = True  # False after a store failed (unwritable directory, full disk)
+
+
+class BlobCache:
+    """Whole blobs on local disk, keyed by URL and ETag; shared by the processes of a node.
+
+    Pickles as its settings, so DataLoader workers and spawned ranks each start their own state.
+    """
+
+    def __init__(self, directory: str, max_bytes: int | None, *, trust_known_etag: bool = False) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.trust_known_etag = trust_known_etag
+        self._state = _ProcessState()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory, "max_bytes": self.max_bytes, "trust_known_etag": self.trust_known_etag}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"], state["max_bytes"], trust_known_etag=state["trust_known_etag"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"BlobCache({self.directory!r}, max_bytes={self.max_bytes})"
+
+    def read_all(
+        self, client: AzStorageTorchBlobClient, known_etag: str | None, *, part_size: int, max_concurrency: int
+    ) -> bytes:
+        """The whole blob, from the cache when the cached copy is current, else from the service
+        (and then stored). ``known_etag`` is the ETag the dataset knows, used only if trusted."""
+        path = os.path.join(self.directory, _file_name(client.blob_url.display_url))
+        cached = self._lookup(path)
+        if cached is not None:
+            etag, data = cached
+            if self.trust_known_etag and known_etag is not None:
+                if etag == known_etag:
+                    self._touch(path)
+                    return data
+            else:
+                read = client.read_all_if_changed(etag, part_size=part_size, max_concurrency=max_concurrency)
+                if read is None:  # 304: the cached copy is the blob's current content
+                    self._touch(path)
+                    return data
+                self._store(path, read[0].etag, read[1])
+                return read[1]
+        read = client.read_all_if_changed(None, part_size=part_size, max_concurrency=max_concurrency)
+        assert read is not None  # an unconditional read always returns the content
+        self._store(path, read[0].etag, read[1])
+        return read[1]
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _lookup(self, path: str) -> tuple[str, bytes] | None:
+        """The cached ETag and content at ``path``, if it is there and intact; a damaged file is removed."""
+        try:
+            with open(path, "rb", buffering=0) as file:
+                pause("cache.read")  # another process may now replace or evict the file
+                header = file.read(_HEADER.size)
+                if len(header) == _HEADER.size:
+                    magic, checksum, length, etag_length = _HEADER.unpack(header)
+                    expected_size = _HEADER.size + etag_length + length
+                    if magic == _MAGIC and os.fstat(file.fileno()).st_size == expected_size:
+                        etag = file.read(etag_length)
+                        data = _read_exactly(file, length)
+                        if len(etag) == etag_length and data is not None and crc32(data) == checksum:
+                            return etag.decode("utf-8", "replace"), data
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            # Not readable (permissions, I/O error): as a miss; storing will tell whether it is usable.
+            _warn_once(f"reading {path} failed ({_reason(error)})")
+            return None
+        # Torn or damaged (a crash before the data reached the disk, a bit flip): fetch it again.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+
+    def _touch(self, path: str) -> None:
+        """Mark the file as just used, for least-recently-used eviction."""
+        with contextlib.suppress(OSError):
+            _set_mtime_now(path)
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _store(self, path: str, etag: str, data: bytes) -> None:
+        state = self._process_state()
+        if not state.storing:
+            return
+        etag_bytes = etag.encode()
+        header = _HEADER.pack(_MAGIC, crc32(data), len(data), len(etag_bytes)) + etag_bytes
+        size = len(header) + len(data)
+        if self.max_bytes is not None and size > self.max_bytes:
+            return  # larger than the whole cache
+        temp = os.path.join(self.directory, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+        try:
+            self._make_directory(state)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                _write_all(fd, header)
+                _write_all(fd, data)
+                # No fsync: it cost about 4 ms per file here (8x the write), the largest part of a
+                # small blob's first epoch. The cache is disposable: a file torn by a power loss
+                # fails its length or CRC-32 check and is fetched again.
+            finally:
+                os.close(fd)
+            _set_mtime_now(temp)
+            pause("cache.store")  # another process may store or evict the same blob now
+            self._publish(state, temp, path, size)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            state.storing = False
+            _warn_once(f"storing in {self.directory} failed ({_reason(error)})")
+
+    def _make_directory(self, state: _ProcessState) -> None:
+        if not state.ready:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            state.ready = True
+
+    def _publish(self, state: _ProcessState, temp: str, path: str, size: int) -> None:
+        """Rename ``temp`` to ``path``; with a limit, count it and evict first if it would pass it."""
+        if self.max_bytes is None:
+            os.replace(temp, path)
+            return
+        with self._locked(state) as lock_fd:
+            usage = os.pread(lock_fd, _USAGE.size, 0)
+            if len(usage) == _USAGE.size:
+                (used,) = _USAGE.unpack(usage)
+                used = used - _size_or_zero(path) + size
+            else:  # a new lock file: count what is there
+                used = sum(entry_size for _, entry_size, _ in self._entries()) - _size_or_zero(path) + size
+            if used > self.max_bytes:
+                used = self._evict(path, size)
+            # Counted before the rename: a crash in between overcounts, which the next eviction's
+            # scan corrects, and never lets the directory grow past the limit unnoticed.
+            os.pwrite(lock_fd, _USAGE.pack(used), 0)
+            os.replace(temp, path)
+
+    def _evict(self, path: str, incoming: int) -> int:
+        """Delete the least recently used files until ``incoming`` more bytes fit below 90% of the
+        limit; returns the bytes the directory will hold once ``path`` is replaced by them."""
+        assert self.max_bytes is not None
+        entries = sorted(entry for entry in self._entries() if entry[2] != path)
+        total = sum(entry_size for _, entry_size, _ in entries)
+        target = int(self.max_bytes * _EVICT_TO)
+        for _, entry_size, entry_path in entries:
+            if total + incoming <= target:
+                break
+            # A reader that has the file open keeps reading it whole; one that opens it next misses.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry_path)
+            total -= entry_size
+        return total + incoming
+
+    def _entries(self) -> list[tuple[float, int, str]]:
+        """(mtime, size, path) of every cache file; removes temporary files left by dead processes."""
+        found = []
+        now = time.time()
+        with os.scandir(self.directory) as scan:
+            for entry in scan:
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if entry.name.startswith(_TEMP_PREFIX):
+                    if now - stat.st_mtime > _STALE_TEMP_SECONDS:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                elif not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+                    found.append((stat.st_mtime, stat.st_size, entry.path))
+        return found
+
+    @contextlib.contextmanager
+    def _locked(self, state: _ProcessState) -> Iterator[int]:
+        """The directory's lock: the threads of this process, then (``flock``) the other processes."""
+        with state.lock:
+            if state.lock_fd is None:
+                lock_path = os.path.join(self.directory, _LOCK_NAME)
+                state.lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            if fcntl is not None:
+                fcntl.flock(state.lock_fd, fcntl.LOCK_EX)
+            try:
+                yield state.lock_fd
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(state.lock_fd, fcntl.LOCK_UN)
+
+    def _process_state(self) -> _ProcessState:
+        if self._pid != os.getpid():
+            # A forked copy: the parent's locks may be held by its threads, and a flock shared with
+            # the parent through an inherited descriptor would not exclude it.
+            self._state = _ProcessState()
+            self._pid = os.getpid()
+        return self._state
+
+
+def _file_name(display_url: str) -> str:
+    # The display URL keeps the snapshot or version (another blob's content) and drops the SAS.
+    return hashlib.sha256(display_url.encode()).hexdigest()
+
+
+def _read_exactly(file: Any, length: int) -> bytes | None:
+    data: bytes = file.read(length)
+    if len(data) == length:
+        return data
+    pieces = [data]  # a read returns at most about 2 GiB at once
+    while length - sum(map(len, pieces)) > 0:
+        piece = file.read(length - sum(map(len, pieces)))
+        if not piece:
+            return None
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (the seam where tests make the disk full)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _set_mtime_now(path: str) -> None:
+    # From the clock in nanoseconds: the kernel stamps files from a coarse clock (a few ms), too
+    # coarse to order the files of a busy cache.
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or errno.errorcode.get(error.errno or 0, "") or type(error).__name__
+
+
+def _warn_once(what: str) -> None:
+    """One warning per process for everything that makes the cache fall back to the service."""
+    global _warned_pid
+    with _warned_lock:  # samples are fetched by several threads, which may fail at once
+        if _warned_pid == os.getpid():
+            return
+        _warned_pid = os.getpid()
+    warnings.warn(
+        f"azstoragetorch: the dataset cache is not working: {what}; samples are read from Azure Blob Storage "
+        "instead (this warning is shown once per process).",
+        RuntimeWarning,
+        stacklevel=2,
+    )

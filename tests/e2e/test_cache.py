@@ -1,0 +1,399 @@
+"""The datasets' local cache (``cache_dir=``) against Azurite: hits, freshness, processes, failures, eviction.
+
+Every test compares every byte it reads with what was uploaded. Blobs are a few KiB to a few hundred
+KiB, of varied sizes (and one empty), with content that differs from blob to blob.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+import urllib.parse
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.utils.data
+from azure.core.credentials import AzureNamedKeyCredential
+
+from azstoragetorch import _cache
+from azstoragetorch._client import AzStorageTorchBlobClient, _schedule
+from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
+from azstoragetorch.testing import Azurite
+from tests.conftest import Container
+from tests.e2e.fault_proxy import FaultProxy
+
+COUNT = 24
+
+
+def content(index: int, generation: int = 0) -> bytes:
+    if index == 0:
+        return b""
+    size = random.Random(index).randrange(1, 300 * 1024)
+    return random.Random(f"{index}:{generation}").randbytes(size)
+
+
+def name(index: int) -> str:
+    return f"cache/{index:03d}.bin"
+
+
+NAMES = [name(index) for index in range(COUNT)]
+
+
+@pytest.fixture
+def blobs(container: Container) -> Container:
+    for index in range(COUNT):
+        container.upload(name(index), content(index))
+    return container
+
+
+def expected(container: Container, generation: dict[int, int] | None = None) -> list[dict[str, Any]]:
+    generation = generation or {}
+    return [
+        {"url": container.blob_url(name(index)), "data": content(index, generation.get(index, 0))}
+        for index in range(COUNT)
+    ]
+
+
+def samples(dataset: Any) -> list[Any]:
+    if isinstance(dataset, BlobDataset):
+        return [dataset[index] for index in range(len(dataset))]
+    return list(dataset)
+
+
+def cache_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.iterdir() if not path.name.startswith("."))
+
+
+def gets(proxy: FaultProxy) -> list[Any]:
+    return [seen for seen in proxy.requests if seen.operation == "GetBlob"]
+
+
+def with_seed(seed: int) -> Any:
+    print(f"perturbation seed {seed}")
+    return _schedule.perturbed(seed, only=frozenset({"cache.read", "cache.store"}))
+
+
+# -- hits -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [BlobDataset, IterableBlobDataset])
+def test_epoch_two_is_served_from_the_cache_each_hit_confirmed_without_a_transfer(
+    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential, kind: Any
+) -> None:
+    with FaultProxy(azurite.port) as proxy:
+        dataset = kind.from_container_url(
+            proxy.url(blobs.url), prefix="cache/", credential=account_credential, cache_dir=tmp_path
+        )
+        want = [{"url": proxy.url(item["url"]), "data": item["data"]} for item in expected(blobs)]
+        assert samples(dataset) == want
+        first = gets(proxy)
+        assert all("if-none-match" not in seen.headers for seen in first)
+        assert len(cache_files(tmp_path)) == COUNT
+        assert samples(dataset) == want
+        second = gets(proxy)[len(first) :]
+    # One conditional read per blob (the empty one has no range to ask for and is read again).
+    assert len([seen for seen in second if "if-none-match" in seen.headers]) == COUNT
+
+
+def test_a_conditional_read_answers_nothing_for_the_current_etag(blobs: Container, account_credential: Any) -> None:
+    client = AzStorageTorchBlobClient.from_url(blobs.blob_url(name(3)), account_credential)
+    read = client.read_all_if_changed(None, part_size=64 * 1024, max_concurrency=4)
+    assert read is not None and read[1] == content(3)  # larger than one part: ranged reads in parallel
+    assert client.read_all_if_changed(read[0].etag, part_size=64 * 1024, max_concurrency=4) is None
+    assert client.read_all_if_changed('"0x0"', part_size=64 * 1024, max_concurrency=4) == read
+
+
+def test_trusting_the_listing_reads_nothing_in_epoch_two(
+    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    with FaultProxy(azurite.port) as proxy:
+        dataset = BlobDataset.from_container_url(
+            proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
+        )
+        first = [sample["data"] for sample in samples(dataset)]
+        seen = len(proxy.requests)
+        assert [sample["data"] for sample in samples(dataset)] == first == [item["data"] for item in expected(blobs)]
+        assert proxy.requests[seen:] == []  # no read, no HEAD, the empty blob included
+
+
+# -- freshness --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["urls", "container", "listing-trusted"])
+def test_a_blob_replaced_between_epochs_is_served_new(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, source: str
+) -> None:
+    def make() -> BlobDataset[Any]:
+        if source == "urls":
+            return BlobDataset.from_blob_urls(
+                [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path
+            )
+        # A trusted listing is only as new as itself: each epoch lists again (a new dataset).
+        return BlobDataset.from_container_url(
+            blobs.url, credential=account_credential, cache_dir=tmp_path, cache_trust_listing=source != "container"
+        )
+
+    dataset = make()
+    assert samples(dataset) == expected(blobs)
+    blobs.upload(name(5), content(5, generation=1))
+    blobs.upload(name(0), b"no longer empty")
+    if source == "listing-trusted":
+        dataset = make()
+    replaced = expected(blobs, {5: 1})
+    replaced[0]["data"] = b"no longer empty"
+    assert samples(dataset) == replaced
+    assert samples(dataset) == replaced  # and the new content is what the cache holds now
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+
+def as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def cache_holds_intact_copies(directory: Path, container: Container) -> None:
+    """Every cache file is intact and holds the current content of the blob its name stands for."""
+    by_file = {_cache._file_name(container.blob_url(n)): index for index, n in enumerate(NAMES)}
+    reader = _cache.BlobCache(str(directory), None)
+    for path in cache_files(directory):
+        cached = reader._lookup(str(path))
+        assert cached is not None, path
+        assert cached[1] == content(by_file[path.name])
+
+
+@pytest.mark.parametrize("max_bytes", [None, 1024 * 1024], ids=["unlimited", "evicting"])
+def test_concurrent_workers_of_two_loaders_share_one_cache(
+    blobs: Container,
+    tmp_path: Path,
+    account_credential: AzureNamedKeyCredential,
+    stop_workers: list[Any],
+    max_bytes: int | None,
+) -> None:
+    """Two DataLoaders with two workers each (four processes) read the same blobs at once, twice."""
+    datasets: list[Any] = [
+        BlobDataset.from_blob_urls(
+            [blobs.blob_url(n) for n in NAMES],
+            credential=account_credential,
+            cache_dir=tmp_path,
+            cache_max_bytes=max_bytes,
+        ),
+        IterableBlobDataset.from_container_url(
+            blobs.url,
+            credential=account_credential,
+            cache_dir=tmp_path,
+            cache_max_bytes=max_bytes,
+            cache_trust_listing=True,
+        ),
+    ]
+    results: dict[int, list[list[Any]]] = {}
+    errors: list[BaseException] = []
+
+    def run(which: int) -> None:
+        try:
+            loader = torch.utils.data.DataLoader(datasets[which], batch_size=3, num_workers=2, collate_fn=as_list)
+            stop_workers.append(loader)
+            results[which] = [[sample for batch in loader for sample in batch] for _epoch in range(2)]
+        except BaseException as error:
+            errors.append(error)
+
+    with with_seed(random.randrange(2**32)):
+        threads = [threading.Thread(target=run, args=(which,)) for which in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    want = sorted(expected(blobs), key=lambda sample: sample["url"])
+    for epochs in results.values():
+        for epoch in epochs:
+            assert sorted(epoch, key=lambda sample: sample["url"]) == want
+    cache_holds_intact_copies(tmp_path, blobs)
+    sizes = sum(path.stat().st_size for path in cache_files(tmp_path))
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]
+    if max_bytes is None:
+        assert len(cache_files(tmp_path)) == COUNT
+    else:
+        assert sizes <= max_bytes
+        # The count in the lock file is exact when no process died while storing.
+        assert int.from_bytes((tmp_path / ".lock").read_bytes()[:8], "little") == sizes
+
+
+# -- failures ---------------------------------------------------------------------------------------
+
+
+def our_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if "dataset cache" in str(w.message)]
+
+
+def test_a_full_disk_falls_back_to_the_service_with_one_warning(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ENOSPC at the one place the cache writes data, after part of the file went out: what a disk
+    # that fills up mid-file does. (A small tmpfs would be more real, but needs privileges.)
+    def fill_up(fd: int, data: bytes) -> None:
+        os.write(fd, memoryview(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_cache, "_write_all", fill_up)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=as_list)  # batches fetched in threads
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _epoch in range(2):
+            assert [sample for batch in loader for sample in batch] == expected(blobs)
+    assert len(our_warnings(caught)) == 1
+    assert "No space left on device" in our_warnings(caught)[0]
+    assert [path.name for path in tmp_path.iterdir()] == []  # no partial file left behind
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_cache_dir_that_cannot_be_a_directory_falls_back_with_one_warning(
+    blobs: Container,
+    tmp_path: Path,
+    account_credential: AzureNamedKeyCredential,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    occupied = tmp_path / "occupied"
+    occupied.write_bytes(b"not a directory")
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    dataset = IterableBlobDataset.from_container_url(
+        blobs.url,
+        credential=account_credential,
+        cache_dir=occupied if where == "a file" else occupied / "cache",
+        cache_max_bytes=10**9,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _epoch in range(2):
+            assert samples(dataset) == expected(blobs)
+    assert len(our_warnings(caught)) == 1
+    assert occupied.read_bytes() == b"not a directory"
+
+
+def test_a_damaged_cache_file_is_detected_and_fetched_again(
+    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    with FaultProxy(azurite.port) as proxy:
+        dataset = BlobDataset.from_container_url(
+            proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
+        )
+        want = [item["data"] for item in expected(blobs)]
+        assert [sample["data"] for sample in samples(dataset)] == want
+        files = {index: tmp_path / _cache._file_name(proxy.url(blobs.blob_url(name(index)))) for index in range(COUNT)}
+        damaged = {
+            3: lambda data: data[:-1000] + bytes([data[-1000] ^ 0x10]) + data[-999:],  # one bit flipped
+            4: lambda data: data[:-1],  # truncated
+            6: lambda data: b"X" + data[1:],  # header damaged
+            7: lambda data: b"",  # empty (a crash before the data reached the disk)
+            8: lambda data: data + b"\0",  # too long
+        }
+        for index, damage in damaged.items():
+            files[index].write_bytes(damage(files[index].read_bytes()))
+        seen = len(gets(proxy))
+        assert [sample["data"] for sample in samples(dataset)] == want
+        assert sorted(read.path.rsplit("/", 1)[1] for read in gets(proxy)[seen:]) == [
+            name(index).rsplit("/", 1)[1] for index in sorted(damaged)
+        ]
+        # Repaired: the next epoch reads nothing.
+        seen = len(gets(proxy))
+        assert [sample["data"] for sample in samples(dataset)] == want
+        assert gets(proxy)[seen:] == []
+    assert len(cache_files(tmp_path)) == COUNT
+
+
+# -- eviction ---------------------------------------------------------------------------------------
+
+
+def test_least_recently_used_blobs_are_evicted_and_the_cache_stays_within_its_limit(
+    container: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    sized = {f"lru/{index:02d}": random.Random(index).randbytes(10_000) for index in range(20)}
+    for blob_name, data in sized.items():
+        container.upload(blob_name, data)
+    names = sorted(sized)
+    limit = 65_000  # room for six of them
+    dataset = BlobDataset.from_blob_urls(
+        [container.blob_url(n) for n in names],
+        credential=account_credential,
+        cache_dir=tmp_path,
+        cache_max_bytes=limit,
+    )
+    recency: list[str] = []  # least recently used first
+    file_names = {_cache._file_name(container.blob_url(n)): n for n in names}
+    order = [*range(10), 7, 3, 7, *range(10, 20), 12, 0, 1, 19, 2]
+    for index in order:
+        assert dataset[index]["data"] == sized[names[index]]
+        recency = [n for n in recency if n != names[index]] + [names[index]]
+        present = {file_names[path.name] for path in cache_files(tmp_path)}
+        assert sum(path.stat().st_size for path in cache_files(tmp_path)) <= limit
+        assert names[index] in present
+        # What is left is always the most recently used blobs.
+        assert present == set(recency[len(recency) - len(present) :]), (index, sorted(present))
+    assert len(present) >= 5  # evicted down to 90% of the limit, not to nothing
+
+
+# -- secrets ----------------------------------------------------------------------------------------
+
+
+def test_a_sas_is_never_in_a_cache_file_name_or_content_and_does_not_change_the_key(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    sas = blobs.container_sas()
+    signature = urllib.parse.parse_qs(sas)["sig"][0]
+    with_sas = BlobDataset.from_blob_urls([f"{blobs.blob_url(n)}?{sas}" for n in NAMES], cache_dir=tmp_path)
+    assert [sample["data"] for sample in samples(with_sas)] == [item["data"] for item in expected(blobs)]
+    names = {path.name for path in tmp_path.iterdir()}
+    for path in tmp_path.iterdir():
+        raw = path.read_bytes()
+        for secret in (signature, urllib.parse.quote(signature, safe=""), "sig=", sas):
+            assert secret not in path.name
+            assert secret.encode() not in raw
+    assert all(len(n) == 64 and set(n) <= set("0123456789abcdef") for n in names if not n.startswith("."))
+    # The same blobs through a credential instead hit the same files.
+    BlobDataset.from_blob_urls([blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path)[1]
+    assert {path.name for path in tmp_path.iterdir()} == names
+
+
+# -- transforms -------------------------------------------------------------------------------------
+
+
+def name_and_read(blob: Blob) -> tuple[str, bytes]:
+    return blob.blob_name, blob.read()
+
+
+def test_a_transform_reads_through_the_cache_with_blob_read(
+    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    with FaultProxy(azurite.port) as proxy:
+        dataset = IterableBlobDataset.from_container_url(
+            proxy.url(blobs.url),
+            credential=account_credential,
+            transform=name_and_read,
+            cache_dir=tmp_path,
+            cache_trust_listing=True,
+        )
+        want = [(n, content(index)) for index, n in enumerate(NAMES)]
+        assert samples(dataset) == want
+        reads = len(gets(proxy))
+        assert samples(dataset) == want
+        assert len(gets(proxy)) == reads
+
+
+def test_cache_options_are_checked(blobs: Container) -> None:
+    with pytest.raises(ValueError, match="cache_max_bytes must be a positive int"):
+        BlobDataset.from_blob_urls(blobs.blob_url(NAMES[1]), cache_dir="x", cache_max_bytes=0)
+    with pytest.raises(ValueError, match="need cache_dir"):
+        IterableBlobDataset.from_blob_urls(blobs.blob_url(NAMES[1]), cache_max_bytes=10)
+    with pytest.raises(ValueError, match="need cache_dir"):
+        BlobDataset.from_container_url(blobs.url, cache_trust_listing=True)
+    with pytest.raises(TypeError, match="cache_dir must be a str or os"):
+        IterableBlobDataset.from_container_url(blobs.url, cache_dir=3)
