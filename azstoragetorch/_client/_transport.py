@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import io
+import logging
 import os
 import re
 import select
@@ -36,6 +37,10 @@ from azure.core.exceptions import (
 from azure.core.pipeline.transport import HttpRequest, HttpResponse, HttpTransport
 
 from azstoragetorch._client import _schedule
+from azstoragetorch._client._redaction import redact_url
+
+# Each request at DEBUG, as HTTP stacks log them, but with no query string: a SAS never reaches a log.
+_LOGGER = logging.getLogger("azstoragetorch.transport")
 
 _MAX_LINE = 65536
 _MAX_HEADERS = 200
@@ -300,6 +305,8 @@ class WireTransport(HttpTransport):  # type: ignore[type-arg]
             if connection is None:
                 connection = self._connect()
             response = self._exchange(connection, request.method, head, body)
+            if _LOGGER.isEnabledFor(logging.DEBUG):
+                _LOGGER.debug("%s %s -> %d", request.method, redact_url(request.url), response.status)
             # Unless streamed, the whole body now: the connection goes back to the pool.
             content = None if stream else response.read()
         except TimeoutError as error:
