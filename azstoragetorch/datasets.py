@@ -24,6 +24,8 @@ from azstoragetorch._client import (
     BlobProperties,
     ContainerUrl,
     CredentialArgument,
+    ProgressHook,
+    Recorder,
     validate_credential,
     validate_retry,
 )
@@ -51,6 +53,7 @@ MAX_SAMPLE_THREADS = _client.MAX_SAMPLE_THREADS
 # The default sample reads a blob up to this size in one request; larger blobs in parallel parts.
 READ_ALL_PART_BYTES = 8 * 1024 * 1024
 READ_ALL_CONCURRENCY = 8
+_READ_ALL = {"part_size": READ_ALL_PART_BYTES, "max_concurrency": READ_ALL_CONCURRENCY}
 
 
 class Blob:
@@ -75,6 +78,8 @@ class Blob:
         self._properties = properties
         # Where fetched properties are kept for the next Blob made for the same entry of a dataset.
         self._remember: Callable[[BlobProperties], None] | None = None
+        # The dataset's progress_hook, given every read of this blob (set by _apply).
+        self._progress_hook: ProgressHook | None = None
 
     @property
     def url(self) -> str:
@@ -118,6 +123,7 @@ class Blob:
             blob_client=self._client,
             validate_content=validate_content,
             verify_checksum=verify_checksum,
+            progress_hook=self._progress_hook,
         )
 
     def read_tensor(self) -> torch.Tensor:
@@ -142,7 +148,7 @@ class Blob:
             tensor = _new_byte_tensor(size)
             return _tensor_bytes(tensor)
 
-        self._client.read_all_into(allocate, part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
+        self._read_whole(lambda client: client.read_all_into(allocate, **_READ_ALL))
         return tensor
 
     def readinto(self, buffer: torch.Tensor | Buffer) -> int:
@@ -176,11 +182,21 @@ class Blob:
                 )
             return view
 
-        self._client.read_all_into(allocate, part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
+        self._read_whole(lambda client: client.read_all_into(allocate, **_READ_ALL))
         return len(view)
 
     def __repr__(self) -> str:
         return f"Blob({self._client.display_url!r})"
+
+    def _read_whole(self, read: Callable[[AzStorageTorchBlobClient], _T]) -> _T:
+        """``read(client)``, a read of the whole blob, reported to the progress hook if there is one."""
+        hook = self._progress_hook
+        if hook is None:
+            return read(self._client)
+        recorder = Recorder(hook)  # its total is set from the first response
+        result = read(self._client.with_recorder(recorder))
+        recorder.end(total=recorder.bytes_done() if recorder.total is None else None)  # None: an empty blob
+        return result
 
     def _get_properties(self) -> BlobProperties:
         if self._properties is None:
@@ -253,11 +269,12 @@ def _read_whole_blob(blob: Blob) -> dict[str, str | bytes]:
     """The default transform: ``{"url": ..., "data": <the blob's bytes>}``."""
     # Straight from the client rather than through blob.reader(): no read-ahead buffers to fill
     # and copy out of, which for a dataset of small blobs is most of the client's work.
-    data = blob._client.read_all(part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
+    data = blob._read_whole(lambda client: client.read_all(**_READ_ALL))
     return {"url": blob.url, "data": data}
 
 
-def _apply(transform: Callable[[Blob], _T], blob: Blob) -> _T:
+def _apply(transform: Callable[[Blob], _T], blob: Blob, progress_hook: ProgressHook | None = None) -> _T:
+    blob._progress_hook = progress_hook
     try:
         return transform(blob)
     except Exception as error:
@@ -417,13 +434,27 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
     ``__getitems__``), not one after the other. For training on several ranks, use a
     :class:`~torch.utils.data.distributed.DistributedSampler` as with any map-style dataset
     (Lightning adds one for you).
+
+    **Progress.** With ``progress_hook``, each read of a sample's blob calls ``hook(bytes_done,
+    bytes_total)``: the default sample's read, and a transform's :meth:`Blob.read_tensor`,
+    :meth:`Blob.readinto` and each :meth:`Blob.reader`. ``bytes_done`` counts that read's bytes
+    and ``bytes_total`` is the blob's size, so every read ends with a call where the two are equal.
+    The hook is called from the threads that fetch samples, in the process that reads them (a
+    DataLoader worker), at most every 100 ms per read and once at its end; with workers started by
+    ``spawn`` or ``forkserver`` it must pickle. When it is not set, nothing is reported or counted
+    for it.
     """
 
     def __init__(
-        self, blobs: Iterable[Blob], transform: Callable[[Blob], _TransformOutputType_co] | None = None
+        self,
+        blobs: Iterable[Blob],
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        *,
+        progress_hook: ProgressHook | None = None,
     ) -> None:
         self._blobs = _as_sequence(blobs)
         self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
+        self._progress_hook = _checked_hook(progress_hook)
 
     @classmethod
     def from_blob_urls(
@@ -433,6 +464,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         credential: CredentialArgument = None,
         transform: Callable[[Blob], _TransformOutputType_co] | None = None,
         retry: RetryOptions | None = None,
+        progress_hook: ProgressHook | None = None,
     ) -> Self:
         """A dataset of the given blobs, in the given order.
 
@@ -443,12 +475,15 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
             retry: How throttled or briefly failing requests are retried, listing and reading
                 alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
 
         Raises:
             ValueError: A URL is malformed.
-            TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
+            TypeError: ``credential`` is of an unsupported type, ``retry`` is not a ``RetryOptions``,
+                or ``progress_hook`` is not callable.
         """
-        return cls(_blobs_from_urls(blob_urls, credential, retry), transform)
+        return cls(_blobs_from_urls(blob_urls, credential, retry), transform, progress_hook=progress_hook)
 
     @classmethod
     def from_container_url(
@@ -459,6 +494,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         credential: CredentialArgument = None,
         transform: Callable[[Blob], _TransformOutputType_co] | None = None,
         retry: RetryOptions | None = None,
+        progress_hook: ProgressHook | None = None,
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``), in name order.
 
@@ -473,24 +509,28 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
             transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
             retry: How throttled or briefly failing requests are retried, listing and reading
                 alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
 
         Raises:
             ValueError: The URL is malformed.
+            TypeError: ``progress_hook`` is not callable.
             azure.core.exceptions.ResourceNotFoundError: The container does not exist.
             azure.core.exceptions.ClientAuthenticationError: Listing is not allowed.
         """
-        return cls(_ContainerListing(container_url, prefix, credential, retry), transform)
+        listing = _ContainerListing(container_url, prefix, credential, retry)
+        return cls(listing, transform, progress_hook=progress_hook)
 
     def __len__(self) -> int:
         return len(self._blobs)
 
     def __getitem__(self, index: int) -> _TransformOutputType_co:
-        return _apply(self._transform, self._blobs[index])
+        return _apply(self._transform, self._blobs[index], self._progress_hook)
 
     def __getitems__(self, indices: list[int]) -> list[_TransformOutputType_co]:
         """Fetch a batch of samples concurrently; the DataLoader calls this for each batch."""
         blobs = [self._blobs[index] for index in indices]  # IndexError before any request is sent
-        futures = [_sample_threads.submit(_apply, self._transform, blob) for blob in blobs]
+        futures = [_sample_threads.submit(_apply, self._transform, blob, self._progress_hook) for blob in blobs]
         try:
             return [future.result() for future in futures]
         finally:
@@ -525,6 +565,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
     **Resuming.** :meth:`state_dict` and :meth:`load_state_dict` record and restore the position
     within the epoch, so torchdata's ``StatefulDataLoader`` resumes mid-epoch without repeating or
     skipping a sample, with or without workers.
+
+    **Progress.** ``progress_hook`` is given every read of a sample's blob, as for :class:`BlobDataset`.
     """
 
     def __init__(
@@ -536,8 +578,10 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
         balance_ranks: bool = False,
+        progress_hook: ProgressHook | None = None,
     ) -> None:
         check_int("prefetch", prefetch, maximum=MAX_SAMPLE_THREADS)
+        self._progress_hook = _checked_hook(progress_hook)
         self._blobs_source = blobs
         self._listed: Sequence[Blob] | None = None
         self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
@@ -565,6 +609,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
         balance_ranks: bool = False,
+        progress_hook: ProgressHook | None = None,
     ) -> Self:
         """A dataset of the given blobs, in the given order unless ``shuffle`` is set.
 
@@ -580,13 +625,23 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
             balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
                 with up to ``world_size - 1`` repeats (see "Training with DDP" above).
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
 
         Raises:
             ValueError: A URL is malformed, or ``prefetch`` is out of range.
             TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
         """
         blobs = _blobs_from_urls(blob_urls, credential, retry)
-        return cls(blobs, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
+        return cls(
+            blobs,
+            transform,
+            shuffle=shuffle,
+            seed=seed,
+            prefetch=prefetch,
+            balance_ranks=balance_ranks,
+            progress_hook=progress_hook,
+        )
 
     @classmethod
     def from_container_url(
@@ -601,6 +656,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
         balance_ranks: bool = False,
+        progress_hook: ProgressHook | None = None,
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``).
 
@@ -621,13 +677,23 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
             balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
                 with up to ``world_size - 1`` repeats (see "Training with DDP" above).
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
 
         Raises:
             ValueError: The URL is malformed, or ``prefetch`` is out of range.
             TypeError: ``credential`` or ``prefix`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
         """
         listing = _ContainerListing(container_url, prefix, credential, retry)
-        return cls(listing, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
+        return cls(
+            listing,
+            transform,
+            shuffle=shuffle,
+            seed=seed,
+            prefetch=prefetch,
+            balance_ranks=balance_ranks,
+            progress_hook=progress_hook,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch whose order the next iteration follows (only matters with ``shuffle=True``)."""
@@ -738,7 +804,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         upcoming = (blobs[index] for index in indexes)
         try:
             for blob in upcoming:
-                pending.append(_sample_threads.submit(_apply, self._transform, blob))
+                pending.append(_sample_threads.submit(_apply, self._transform, blob, self._progress_hook))
                 if len(pending) >= self._prefetch:
                     yield pending.popleft().result()
             while pending:
@@ -746,6 +812,12 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _checked_hook(progress_hook: ProgressHook | None) -> ProgressHook | None:
+    if progress_hook is not None and not callable(progress_hook):
+        raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
+    return progress_hook
 
 
 def _shared_epoch(epoch: int) -> torch.Tensor:

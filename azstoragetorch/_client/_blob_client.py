@@ -123,6 +123,8 @@ class AzStorageTorchBlobClient(ResourceClient):
             return b""
         # Only the size and ETag matter here (parsing Last-Modified would cost more than the rest).
         size, etag = _total_size(response), response.headers.get("ETag", "")
+        if self.recorder is not None and self.recorder.total is None:
+            self.recorder.total = size  # for a progress hook, known from the first response
         first_length = min(part_size, size)
         if first_length == size:
             body = _read_whole_body(response)
@@ -153,6 +155,8 @@ class AzStorageTorchBlobClient(ResourceClient):
             return
         # Only the size and ETag matter here (parsing Last-Modified would cost more than the rest).
         size, etag = _total_size(response), response.headers.get("ETag", "")
+        if self.recorder is not None and self.recorder.total is None:
+            self.recorder.total = size  # for a progress hook, known from the first response
         try:
             buffer = allocate(size)
         except BaseException:
