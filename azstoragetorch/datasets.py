@@ -25,6 +25,8 @@ from azstoragetorch._client import (
     BlobProperties,
     ContainerUrl,
     CredentialArgument,
+    ProgressHook,
+    Recorder,
     validate_credential,
     validate_retry,
 )
@@ -52,6 +54,7 @@ MAX_SAMPLE_THREADS = _client.MAX_SAMPLE_THREADS
 # The default sample reads a blob up to this size in one request; larger blobs in parallel parts.
 READ_ALL_PART_BYTES = 8 * 1024 * 1024
 READ_ALL_CONCURRENCY = 8
+_READ_ALL = {"part_size": READ_ALL_PART_BYTES, "max_concurrency": READ_ALL_CONCURRENCY}
 
 
 class Blob:
@@ -77,6 +80,8 @@ class Blob:
         # Where fetched properties are kept for the next Blob made for the same entry of a dataset.
         self._remember: Callable[[BlobProperties], None] | None = None
         self._cache: BlobCache | None = None  # the dataset's cache_dir, if it has one
+        # The dataset's progress_hook, given every read of this blob (set by _apply).
+        self._progress_hook: ProgressHook | None = None
 
     @property
     def url(self) -> str:
@@ -120,6 +125,7 @@ class Blob:
             blob_client=self._client,
             validate_content=validate_content,
             verify_checksum=verify_checksum,
+            progress_hook=self._progress_hook,
         )
 
     def read(self) -> bytes:
@@ -128,12 +134,11 @@ class Blob:
         This is what the default sample holds; a ``transform`` that needs the whole blob gets the
         cache's benefit by calling it rather than reading :meth:`reader` to the end.
         """
-        if self._cache is None:
-            return self._client.read_all(part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
+        cache = self._cache
+        if cache is None:
+            return self._read_whole(lambda client: client.read_all(**_READ_ALL))
         known_etag = self._properties.etag if self._properties is not None else None
-        return self._cache.read_all(
-            self._client, known_etag, part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY
-        )
+        return self._read_whole(lambda client: cache.read_all(client, known_etag, **_READ_ALL))
 
     def read_tensor(self) -> torch.Tensor:
         """The blob's content as a new 1-D ``torch.uint8`` tensor, received straight into its storage.
@@ -157,7 +162,7 @@ class Blob:
             tensor = _new_byte_tensor(size)
             return _tensor_bytes(tensor)
 
-        self._client.read_all_into(allocate, part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
+        self._read_whole(lambda client: client.read_all_into(allocate, **_READ_ALL))
         return tensor
 
     def readinto(self, buffer: torch.Tensor | Buffer) -> int:
@@ -191,11 +196,21 @@ class Blob:
                 )
             return view
 
-        self._client.read_all_into(allocate, part_size=READ_ALL_PART_BYTES, max_concurrency=READ_ALL_CONCURRENCY)
+        self._read_whole(lambda client: client.read_all_into(allocate, **_READ_ALL))
         return len(view)
 
     def __repr__(self) -> str:
         return f"Blob({self._client.display_url!r})"
+
+    def _read_whole(self, read: Callable[[AzStorageTorchBlobClient], _T]) -> _T:
+        """``read(client)``, a read of the whole blob, reported to the progress hook if there is one."""
+        hook = self._progress_hook
+        if hook is None:
+            return read(self._client)
+        recorder = Recorder(hook)  # its total is set from the first response
+        result = read(self._client.with_recorder(recorder))
+        recorder.end(total=recorder.bytes_done() if recorder.total is None else None)  # None: an empty blob
+        return result
 
     def _get_properties(self) -> BlobProperties:
         if self._properties is None:
@@ -271,7 +286,8 @@ def _read_whole_blob(blob: Blob) -> dict[str, str | bytes]:
     return {"url": blob.url, "data": blob.read()}
 
 
-def _apply(transform: Callable[[Blob], _T], blob: Blob) -> _T:
+def _apply(transform: Callable[[Blob], _T], blob: Blob, progress_hook: ProgressHook | None = None) -> _T:
+    blob._progress_hook = progress_hook
     try:
         return transform(blob)
     except Exception as error:
@@ -451,13 +467,27 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
     ``__getitems__``), not one after the other. For training on several ranks, use a
     :class:`~torch.utils.data.distributed.DistributedSampler` as with any map-style dataset
     (Lightning adds one for you).
+
+    **Progress.** With ``progress_hook``, each read of a sample's blob calls ``hook(bytes_done,
+    bytes_total)``: the default sample's read, and a transform's :meth:`Blob.read_tensor`,
+    :meth:`Blob.readinto` and each :meth:`Blob.reader`. ``bytes_done`` counts that read's bytes
+    and ``bytes_total`` is the blob's size, so every read ends with a call where the two are equal.
+    The hook is called from the threads that fetch samples, in the process that reads them (a
+    DataLoader worker), at most every 100 ms per read and once at its end; with workers started by
+    ``spawn`` or ``forkserver`` it must pickle. When it is not set, nothing is reported or counted
+    for it.
     """
 
     def __init__(
-        self, blobs: Iterable[Blob], transform: Callable[[Blob], _TransformOutputType_co] | None = None
+        self,
+        blobs: Iterable[Blob],
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        *,
+        progress_hook: ProgressHook | None = None,
     ) -> None:
         self._blobs = _as_sequence(blobs)
         self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
+        self._progress_hook = _checked_hook(progress_hook)
 
     @classmethod
     def from_blob_urls(
@@ -469,6 +499,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         retry: RetryOptions | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         cache_max_bytes: int | None = None,
+        progress_hook: ProgressHook | None = None,
     ) -> Self:
         """A dataset of the given blobs, in the given order.
 
@@ -485,14 +516,16 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
                 request, no transfer). ``None`` (the default): no cache. See :ref:`dataset-cache`.
             cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
                 deleted beyond it. ``None``: no limit but the disk.
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
 
         Raises:
             ValueError: A URL is malformed, or ``cache_max_bytes`` is not positive or has no ``cache_dir``.
-            TypeError: ``credential`` or ``cache_dir`` is of an unsupported type, or ``retry`` is not a
-                ``RetryOptions``.
+            TypeError: ``credential`` or ``cache_dir`` is of an unsupported type, ``retry`` is not a
+                ``RetryOptions``, or ``progress_hook`` is not callable.
         """
         cache = make_cache(cache_dir, cache_max_bytes)
-        return cls(_blobs_from_urls(blob_urls, credential, retry, cache), transform)
+        return cls(_blobs_from_urls(blob_urls, credential, retry, cache), transform, progress_hook=progress_hook)
 
     @classmethod
     def from_container_url(
@@ -506,6 +539,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         cache_dir: str | os.PathLike[str] | None = None,
         cache_max_bytes: int | None = None,
         cache_trust_listing: bool = False,
+        progress_hook: ProgressHook | None = None,
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``), in name order.
 
@@ -529,25 +563,29 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
             cache_trust_listing: Serve a cached blob whose ETag is the listing's with no request at
                 all, at local-disk speed; a blob rewritten after the listing is then served as it
                 was listed. ``False`` (the default): confirm every hit with the service.
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
 
         Raises:
             ValueError: The URL is malformed, or a ``cache_*`` option is out of range or has no ``cache_dir``.
             azure.core.exceptions.ResourceNotFoundError: The container does not exist.
             azure.core.exceptions.ClientAuthenticationError: Listing is not allowed.
+            TypeError: ``progress_hook`` is not callable.
         """
         cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
-        return cls(_ContainerListing(container_url, prefix, credential, retry, cache), transform)
+        listing = _ContainerListing(container_url, prefix, credential, retry, cache)
+        return cls(listing, transform, progress_hook=progress_hook)
 
     def __len__(self) -> int:
         return len(self._blobs)
 
     def __getitem__(self, index: int) -> _TransformOutputType_co:
-        return _apply(self._transform, self._blobs[index])
+        return _apply(self._transform, self._blobs[index], self._progress_hook)
 
     def __getitems__(self, indices: list[int]) -> list[_TransformOutputType_co]:
         """Fetch a batch of samples concurrently; the DataLoader calls this for each batch."""
         blobs = [self._blobs[index] for index in indices]  # IndexError before any request is sent
-        futures = [_sample_threads.submit(_apply, self._transform, blob) for blob in blobs]
+        futures = [_sample_threads.submit(_apply, self._transform, blob, self._progress_hook) for blob in blobs]
         try:
             return [future.result() for future in futures]
         finally:
@@ -582,6 +620,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
     **Resuming.** :meth:`state_dict` and :meth:`load_state_dict` record and restore the position
     within the epoch, so torchdata's ``StatefulDataLoader`` resumes mid-epoch without repeating or
     skipping a sample, with or without workers.
+
+    **Progress.** ``progress_hook`` is given every read of a sample's blob, as for :class:`BlobDataset`.
     """
 
     def __init__(
@@ -593,8 +633,10 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         seed: int = 0,
         prefetch: int = DEFAULT_PREFETCH,
         balance_ranks: bool = False,
+        progress_hook: ProgressHook | None = None,
     ) -> None:
         check_int("prefetch", prefetch, maximum=MAX_SAMPLE_THREADS)
+        self._progress_hook = _checked_hook(progress_hook)
         self._blobs_source = blobs
         self._listed: Sequence[Blob] | None = None
         self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
@@ -624,6 +666,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         balance_ranks: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
         cache_max_bytes: int | None = None,
+        progress_hook: ProgressHook | None = None,
     ) -> Self:
         """A dataset of the given blobs, in the given order unless ``shuffle`` is set.
 
@@ -645,6 +688,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
             balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
                 with up to ``world_size - 1`` repeats (see "Training with DDP" above).
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
 
         Raises:
             ValueError: A URL is malformed, ``prefetch`` is out of range, or ``cache_max_bytes`` is not
@@ -653,7 +698,15 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
                 ``RetryOptions``.
         """
         blobs = _blobs_from_urls(blob_urls, credential, retry, make_cache(cache_dir, cache_max_bytes))
-        return cls(blobs, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
+        return cls(
+            blobs,
+            transform,
+            shuffle=shuffle,
+            seed=seed,
+            prefetch=prefetch,
+            balance_ranks=balance_ranks,
+            progress_hook=progress_hook,
+        )
 
     @classmethod
     def from_container_url(
@@ -671,6 +724,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         cache_dir: str | os.PathLike[str] | None = None,
         cache_max_bytes: int | None = None,
         cache_trust_listing: bool = False,
+        progress_hook: ProgressHook | None = None,
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``).
 
@@ -700,6 +754,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
             balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
                 with up to ``world_size - 1`` repeats (see "Training with DDP" above).
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
 
         Raises:
             ValueError: The URL is malformed, ``prefetch`` is out of range, or a ``cache_*`` option is
@@ -709,7 +765,15 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         """
         cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
         listing = _ContainerListing(container_url, prefix, credential, retry, cache)
-        return cls(listing, transform, shuffle=shuffle, seed=seed, prefetch=prefetch, balance_ranks=balance_ranks)
+        return cls(
+            listing,
+            transform,
+            shuffle=shuffle,
+            seed=seed,
+            prefetch=prefetch,
+            balance_ranks=balance_ranks,
+            progress_hook=progress_hook,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch whose order the next iteration follows (only matters with ``shuffle=True``)."""
@@ -820,7 +884,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         upcoming = (blobs[index] for index in indexes)
         try:
             for blob in upcoming:
-                pending.append(_sample_threads.submit(_apply, self._transform, blob))
+                pending.append(_sample_threads.submit(_apply, self._transform, blob, self._progress_hook))
                 if len(pending) >= self._prefetch:
                     yield pending.popleft().result()
             while pending:
@@ -828,6 +892,12 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _checked_hook(progress_hook: ProgressHook | None) -> ProgressHook | None:
+    if progress_hook is not None and not callable(progress_hook):
+        raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
+    return progress_hook
 
 
 def _shared_epoch(epoch: int) -> torch.Tensor:

@@ -16,6 +16,11 @@ This is what ``make demo`` runs. It needs no Azure account and nothing from the 
 6. save and load a 21 M-parameter transformer's weights with :class:`~azstoragetorch.io.BlobIO`,
    ``torch.save`` and ``torch.load``, for a throughput figure on a checkpoint of real size.
 
+Along the way it shows what storage cost: the transfer statistics that the plugin and the data
+module log through the first run's ``CSVLogger`` (``checkpoint/save_*`` per save, ``data/train_*``
+per epoch), those of the DCP save and load (``BlobStorageWriter.stats``, ``BlobStorageReader.stats``)
+and of the ``BlobIO`` transfers (``BlobIO.stats``), and the process's totals (``azstoragetorch.stats()``).
+
 Every step is checked (the resumed run must continue the step count and the epoch's data, the
 reloaded models must give identical outputs, the classifier must learn). It prints what it saw and
 ends with ``demo OK``, or exits with status 1. Run it from the repository root:
@@ -24,9 +29,12 @@ ends with ``demo OK``, or exits with status 1. Run it from the repository root:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
+import pathlib
 import sys
+import tempfile
 import time
 import warnings
 from typing import Any
@@ -36,11 +44,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from azure.storage.blob import BlobServiceClient
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shapes import ShapesClassifier, upload_shapes
 
+import azstoragetorch
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
 from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO, BlobDataModule, BlobSplit
 from azstoragetorch.io import BlobIO
@@ -90,7 +100,13 @@ class SampleCounter(Callback):
         self.seconds = time.perf_counter() - self._start
 
 
-def trainer(plugin: AzureBlobCheckpointIO, dirpath: str, counter: SampleCounter, **settings: Any) -> pl.Trainer:
+def trainer(
+    plugin: AzureBlobCheckpointIO,
+    dirpath: str,
+    counter: SampleCounter,
+    logger: CSVLogger | None = None,
+    **settings: Any,
+) -> pl.Trainer:
     checkpoints = ModelCheckpoint(
         dirpath=dirpath,
         every_n_train_steps=CHECKPOINT_EVERY,
@@ -103,7 +119,7 @@ def trainer(plugin: AzureBlobCheckpointIO, dirpath: str, counter: SampleCounter,
         accelerator="cpu",
         plugins=[plugin],
         callbacks=[checkpoints, counter],
-        logger=False,
+        logger=logger if logger is not None else False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -148,14 +164,53 @@ def step_train_and_stop(
 ) -> SampleCounter:
     print(f"\n[2/5] Training from the container; stopping at step {STOP_AT_STEP}, mid-epoch 2 ...")
     counter = SampleCounter()
-    first = trainer(plugin, dirpath, counter, max_steps=STOP_AT_STEP)
-    first.fit(ShapesClassifier(), datamodule=data_module(azurite))
+    with tempfile.TemporaryDirectory(prefix="azstoragetorch-demo-") as logs:
+        logger = CSVLogger(logs, name="first-run")
+        first = trainer(plugin, dirpath, counter, logger=logger, max_steps=STOP_AT_STEP)
+        first.fit(ShapesClassifier(), datamodule=data_module(azurite))
+        rows = logged_metrics(logger)
     figures.add(
         "training, first run (loading + training + val)",
         f"{counter.samples} samples in {counter.seconds:.1f} s = {counter.samples / counter.seconds:.0f} samples/s",
     )
     figures.check(first.global_step == STOP_AT_STEP, f"first run stopped at step {first.global_step}")
+    saves = [row for row in rows if "checkpoint/save_seconds" in row]
+    epochs = [row for row in rows if "data/train_mib_per_s" in row]
+    figures.check(bool(saves) and bool(epochs), "no checkpoint/save_* or data/train_* metrics were logged")
+    if saves:
+        figures.add(
+            "logged: checkpoint/save_* (mean of saves)",
+            f"{len(saves)} saves, {mean(saves, 'checkpoint/save_seconds'):.3f} s, "
+            f"{mean(saves, 'checkpoint/save_mib_per_s'):.1f} MiB/s, "
+            f"{mean(saves, 'checkpoint/save_requests'):.0f} requests, "
+            f"{sum(row['checkpoint/save_retries'] for row in saves):.0f} retries",
+        )
+    for index, row in enumerate(epochs):
+        figures.add(
+            f"logged: data/train_* of epoch {index}",
+            f"{row['data/train_bytes'] / 1e6:.2f} MB at {row['data/train_mib_per_s']:.1f} MiB/s, "
+            f"{row['data/train_requests']:.0f} requests, {row['data/train_retries']:.0f} retries",
+        )
     return counter
+
+
+def logged_metrics(logger: CSVLogger) -> list[dict[str, float]]:
+    """The rows of a CSVLogger's metrics.csv, without their empty cells."""
+    with (pathlib.Path(logger.log_dir) / "metrics.csv").open() as file:
+        return [{key: float(value) for key, value in row.items() if value} for row in csv.DictReader(file)]
+
+
+def mean(rows: list[dict[str, float]], name: str) -> float:
+    return sum(row[name] for row in rows) / len(rows)
+
+
+def describe(stats: azstoragetorch.TransferStats | None) -> str:
+    if stats is None:
+        return "(none)"
+    return (
+        f"{stats.bytes / 1e6:.2f} MB in {stats.seconds:.2f} s = {stats.mib_per_s:.0f} MiB/s, "
+        f"{stats.requests} requests, {stats.retries} retries"
+    )
 
 
 def step_resume(azurite: Azurite, plugin: AzureBlobCheckpointIO, dirpath: str, figures: Figures) -> ShapesClassifier:
@@ -192,10 +247,8 @@ def step_dcp(azurite: Azurite, model: ShapesClassifier, figures: Figures) -> Non
     url = azurite.blob_url("checkpoints", "shapes-dcp/final")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     start = time.perf_counter()
-    dcp.save(
-        {"model": model_state, "optim": optimizer_state},
-        storage_writer=BlobStorageWriter(url, credential=azurite.credential, thread_count=2),
-    )
+    writer = BlobStorageWriter(url, credential=azurite.credential, thread_count=2)
+    dcp.save({"model": model_state, "optim": optimizer_state}, storage_writer=writer)
     saved = time.perf_counter() - start
     fresh = ShapesClassifier(channels=model.hparams.channels)
     fresh_optimizer = fresh.configure_optimizers()
@@ -204,10 +257,17 @@ def step_dcp(azurite: Azurite, model: ShapesClassifier, figures: Figures) -> Non
     model_state, optimizer_state = get_state_dict(fresh, fresh_optimizer)
     state = {"model": model_state, "optim": optimizer_state}
     start = time.perf_counter()
-    dcp.load(state, storage_reader=BlobStorageReader(url, credential=azurite.credential))
+    reader = BlobStorageReader(url, credential=azurite.credential)
+    dcp.load(state, storage_reader=reader)
     loaded = time.perf_counter() - start
     set_state_dict(fresh, fresh_optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     figures.add("DCP save / load of model + optimizer", f"{saved:.2f} s / {loaded:.2f} s")
+    figures.add("DCP save, BlobStorageWriter.stats", describe(writer.stats))
+    figures.add("DCP load, BlobStorageReader.stats", describe(reader.stats))
+    figures.check(
+        writer.stats is not None and reader.stats is not None and writer.stats.bytes > 0 and reader.stats.bytes > 0,
+        "the DCP save or load gathered no statistics",
+    )
     batch = torch.rand(16, 1, 28, 28)
     figures.check(outputs_equal(model, fresh, batch), "the model loaded through DCP gives different outputs")
 
@@ -249,6 +309,7 @@ def step_blobio(azurite: Azurite, figures: Figures) -> None:
     figures.add(
         "BlobIO load, 84 MB state dict", f"{size / 1e6:.1f} MB in {loaded:.2f} s = {size / 1e6 / loaded:.0f} MB/s"
     )
+    figures.add("BlobIO load, BlobIO.stats", describe(blob.stats))
     tokens = torch.randint(0, 8192, (2, 16))
     figures.check(
         outputs_equal(model, restored, tokens), "the transformer loaded through BlobIO gives different outputs"
@@ -272,6 +333,7 @@ def main() -> int:
         model = step_resume(azurite, plugin, dirpath, figures)
         step_dcp(azurite, model, figures)
         step_blobio(azurite, figures)
+        figures.add("this process in all, azstoragetorch.stats()", describe(azstoragetorch.stats()))
         print("\nStopping Azurite ...")
     print(f"\nSummary ({time.perf_counter() - start:.0f} s in all, against Azurite on this machine):")
     print("\n".join(figures.lines))

@@ -17,11 +17,18 @@ What it shows:
 2. A new Trainer resuming with ``ckpt_path="last"``, which finds ``last.ckpt`` in the container.
 3. ``LightningModule.load_from_checkpoint(<blob URL>)`` for inference.
 4. ``AsyncCheckpointIO`` around the plugin, so that uploads run beside training.
+
+After the first two steps it prints what the checkpoint saves and the load cost, as the plugin logged
+them through the Trainer's ``CSVLogger`` (``checkpoint/save_seconds``, ``checkpoint/save_mib_per_s``,
+...; see the observability page of the docs).
 """
 
 from __future__ import annotations
 
+import csv
 import os
+import pathlib
+import tempfile
 import warnings
 from typing import Any
 
@@ -30,6 +37,7 @@ import torch
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import AsyncCheckpointIO
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -66,14 +74,14 @@ def data(seed: int) -> DataLoader[Any]:
     return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=64)
 
 
-def make_trainer(plugin: Any, dirpath: str, max_epochs: int) -> pl.Trainer:
+def make_trainer(plugin: Any, dirpath: str, max_epochs: int, logger: CSVLogger | None = None) -> pl.Trainer:
     checkpoints = ModelCheckpoint(dirpath=dirpath, monitor="val_loss", save_top_k=2, save_last=True)
     return pl.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
         plugins=[plugin],
         callbacks=[checkpoints],
-        logger=False,
+        logger=logger if logger is not None else False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -82,13 +90,16 @@ def make_trainer(plugin: Any, dirpath: str, max_epochs: int) -> pl.Trainer:
 def run(container_url: str, plugin: AzureBlobCheckpointIO, list_blobs: Any) -> None:
     dirpath = f"{container_url.rstrip('/')}/examples/lightning-run"
 
-    trainer = make_trainer(plugin, dirpath, max_epochs=4)
-    trainer.fit(Regressor(), data(0), data(1))
-    print("1. Checkpoints in the container:", ", ".join(list_blobs("examples/lightning-run/")))
+    with tempfile.TemporaryDirectory(prefix="azstoragetorch-example-") as logs:
+        trainer = make_trainer(plugin, dirpath, max_epochs=4, logger=CSVLogger(logs, name="train"))
+        trainer.fit(Regressor(), data(0), data(1))
+        print("1. Checkpoints in the container:", ", ".join(list_blobs("examples/lightning-run/")))
+        print_checkpoint_metrics(trainer, "save")
 
-    resumed = make_trainer(plugin, dirpath, max_epochs=6)
-    resumed.fit(Regressor(), data(0), data(1), ckpt_path="last")
-    print(f"2. Resumed from {resumed.ckpt_path}; now at step {resumed.global_step}")
+        resumed = make_trainer(plugin, dirpath, max_epochs=6, logger=CSVLogger(logs, name="resume"))
+        resumed.fit(Regressor(), data(0), data(1), ckpt_path="last")
+        print(f"2. Resumed from {resumed.ckpt_path}; now at step {resumed.global_step}")
+        print_checkpoint_metrics(resumed, "load")
 
     best = resumed.checkpoint_callback.best_model_path  # type: ignore[union-attr]
     model = Regressor.load_from_checkpoint(best)
@@ -98,6 +109,24 @@ def run(container_url: str, plugin: AzureBlobCheckpointIO, list_blobs: Any) -> N
     asynchronous = make_trainer(AsyncCheckpointIO(plugin), f"{dirpath}-async", max_epochs=2)
     asynchronous.fit(Regressor(), data(0), data(1))
     print("4. With AsyncCheckpointIO:", ", ".join(list_blobs("examples/lightning-run-async/")))
+
+
+def print_checkpoint_metrics(trainer: pl.Trainer, kind: str) -> None:
+    """The ``checkpoint/<kind>_*`` values the plugin logged, read back from the CSVLogger's metrics.csv."""
+    assert trainer.logger is not None and trainer.logger.log_dir is not None
+    with (pathlib.Path(trainer.logger.log_dir) / "metrics.csv").open() as file:
+        rows = [row for row in csv.DictReader(file) if row.get(f"checkpoint/{kind}_seconds")]
+    if not rows:
+        print(f"   (no checkpoint/{kind}_* metrics were logged)")
+        return
+    seconds = [float(row[f"checkpoint/{kind}_seconds"]) for row in rows]
+    rates = [float(row[f"checkpoint/{kind}_mib_per_s"]) for row in rows]
+    retries = sum(float(row[f"checkpoint/{kind}_retries"]) for row in rows)
+    print(
+        f"   logged: {len(rows)} checkpoint {kind}(s), {sum(seconds) / len(rows):.3f} s and "
+        f"{sum(rates) / len(rates):.1f} MiB/s on average, {retries:.0f} retries "
+        f"(checkpoint/{kind}_seconds, checkpoint/{kind}_mib_per_s, ...)"
+    )
 
 
 def main() -> None:

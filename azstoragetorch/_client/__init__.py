@@ -20,7 +20,14 @@ from azstoragetorch._client._pipeline import (
 )
 from azstoragetorch._client._redaction import redact, redact_error, redact_url
 from azstoragetorch._client._schedule import pause
-from azstoragetorch._client._stats import PROGRESS_INTERVAL_SECONDS, ProgressHook, Recorder, TransferStats, stats
+from azstoragetorch._client._stats import (
+    PROGRESS_INTERVAL_SECONDS,
+    ProgressHook,
+    Recorder,
+    TransferStats,
+    stats,
+    sum_stats,
+)
 from azstoragetorch._client._uploads import MAX_BLOCK_SIZE, BlockUploader
 from azstoragetorch._client._urls import (
     FSSPEC_PROTOCOLS,
@@ -60,6 +67,7 @@ __all__ = [
     "redact_error",
     "redact_url",
     "stats",
+    "sum_stats",
     "validate_credential",
     "validate_retry",
 ]

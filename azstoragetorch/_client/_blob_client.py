@@ -148,6 +148,8 @@ class AzStorageTorchBlobClient(ResourceClient):
         if response is None:  # an empty blob: its properties cost a request of their own
             return (self.get_properties() if with_properties else None), b""
         size, etag = _total_size(response), response.headers.get("ETag", "")
+        if self.recorder is not None and self.recorder.total is None:
+            self.recorder.total = size  # for a progress hook, known from the first response
         # Parsing Last-Modified would cost more than the rest of a small blob's read: only if asked.
         properties = _properties_from(response, size=size) if with_properties else None
         first_length = min(part_size, size)
@@ -180,6 +182,8 @@ class AzStorageTorchBlobClient(ResourceClient):
             return
         # Only the size and ETag matter here (parsing Last-Modified would cost more than the rest).
         size, etag = _total_size(response), response.headers.get("ETag", "")
+        if self.recorder is not None and self.recorder.total is None:
+            self.recorder.total = size  # for a progress hook, known from the first response
         try:
             buffer = allocate(size)
         except BaseException:

@@ -88,6 +88,21 @@ class TransferStats:
         )
 
 
+def sum_stats(parts: list[TransferStats], *, seconds: float) -> TransferStats:
+    """The counts of several transfers (the shard files of one checkpoint save) as one, over
+    ``seconds`` of wall time. Their first bytes are relative to their own starts, so none is given."""
+    return TransferStats(
+        bytes=sum(part.bytes for part in parts),
+        seconds=seconds,
+        requests=sum(part.requests for part in parts),
+        retries=sum(part.retries for part in parts),
+        throttled_retries=sum(part.throttled_retries for part in parts),
+        timeout_retries=sum(part.timeout_retries for part in parts),
+        reset_retries=sum(part.reset_retries for part in parts),
+        blocked_seconds=sum((part.blocked_seconds for part in parts), 0.0),
+    )
+
+
 class _Counts:
     """One thread's counters: only that thread writes them, so plain adds suffice."""
 

@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Generator, Iterator, Sequence
@@ -55,9 +56,13 @@ from azstoragetorch._client import (
     CredentialArgument,
     Lease,
     PieceChecksums,
+    ProgressHook,
+    Recorder,
+    TransferStats,
     is_missing_container,
     pause,
     redact_url,
+    sum_stats,
     validate_credential,
     validate_retry,
 )
@@ -93,17 +98,21 @@ class _BlobFiles(FileSystemBase):
         validate_content: bool = False,
         verify_checksum: bool = False,
         retry: RetryOptions | None = None,
+        progress_hook: ProgressHook | None = None,
     ) -> None:
         validate_credential(credential)
         validate_retry(retry)
         check_transfer_options(max_concurrency, block_size)
+        if progress_hook is not None and not callable(progress_hook):
+            raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
+        self.progress_hook = progress_hook
         self.credential = credential
         self.retry = retry
         self.max_concurrency = max_concurrency
         self.block_size = block_size
         self.validate_content = validate_content
         self.verify_checksum = verify_checksum
-        self.shard_writers = _ShardWriters()  # those of the save under way; write_data starts a new one
+        self.shard_writers = _ShardWriters(None)  # those of the save under way; write_data starts a new one
 
     def __getstate__(self) -> dict[str, Any]:
         # dcp.async_save with the process checkpointer pickles the writer into its saving process;
@@ -114,7 +123,7 @@ class _BlobFiles(FileSystemBase):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.shard_writers = _ShardWriters()
+        self.shard_writers = _ShardWriters(None)
 
     @contextlib.contextmanager
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
@@ -128,7 +137,12 @@ class _BlobFiles(FileSystemBase):
             # Only torch's writer threads open files for writing (finish writes .metadata itself).
             writers = self.shard_writers
             shard = _ShardFile(
-                url, writers, credential=self.credential, validate_content=self.validate_content, **options
+                url,
+                writers,
+                credential=self.credential,
+                validate_content=self.validate_content,
+                progress_hook=writers.file_hook(),
+                **options,
             )
             try:
                 with shard:
@@ -227,10 +241,35 @@ class _ShardWriters:
     returns (and so before the save can raise) no commit of this save is under way or still to come.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, progress_hook: ProgressHook | None) -> None:
         self._state = threading.Condition()
         self._committing = 0
         self.failure: BaseException | None = None
+        self.committed: list[TransferStats] = []  # of the shard files committed so far
+        self._progress_hook = progress_hook
+        self._written: list[int] = []  # bytes uploaded so far, by shard file (for the progress hook)
+        self._reporting = threading.Lock()
+
+    def file_hook(self) -> ProgressHook | None:
+        """The progress hook of one more shard file: it reports the bytes of the whole save so far."""
+        hook = self._progress_hook
+        if hook is None:
+            return None
+        with self._reporting:
+            index = len(self._written)
+            self._written.append(0)
+
+        def report(done: int, total: int | None) -> None:
+            with self._reporting:  # one call at a time, so that the sums reach the hook in order
+                self._written[index] = done
+                hook(sum(self._written), None)  # the save's total is known once it is done
+
+        return report
+
+    def finished(self, stats: TransferStats) -> None:
+        """A shard file of this save was committed; ``stats`` is what it cost."""
+        with self._state:
+            self.committed.append(stats)
 
     def check(self) -> None:
         """Raise if a shard file of this save has failed."""
@@ -284,6 +323,7 @@ class _ShardFile(BlobIO):
             with self._writers.committing():
                 pause("commit")
                 super().close()
+            self._writers.finished(self.stats)
         except BaseException as error:
             if not self.closed:
                 self.__exit__(type(error), error, error.__traceback__)  # stops the uploads, commits nothing
@@ -342,6 +382,11 @@ class BlobStorageWriter(FileSystemWriter):
             default) or ``SerializationFormat.SAFETENSORS`` (needs the ``safetensors`` package),
             written with the same bytes. Like ``FileSystemReader``, :class:`BlobStorageReader` loads
             ``TORCH_SAVE`` checkpoints.
+        progress_hook: A callable ``hook(bytes_done, bytes_total)``, called during each save with the
+            bytes this rank has uploaded so far (``bytes_total`` is ``None`` while it saves), from the
+            transfer threads at most every 100 ms per shard file, and once more when the shard files
+            are committed, with both numbers the rank's total. With ``dcp.async_save`` and the
+            process checkpointer it is called in the saving process (and must pickle).
 
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
@@ -367,6 +412,7 @@ class BlobStorageWriter(FileSystemWriter):
         cache_staged_state_dict: bool = False,
         _extensions: Sequence[StreamTransformExtension] | None = None,
         serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+        progress_hook: ProgressHook | None = None,
     ) -> None:
         check_int("thread_count", thread_count)
         if not isinstance(serialization_format, SerializationFormat):
@@ -384,8 +430,10 @@ class BlobStorageWriter(FileSystemWriter):
             block_size=block_size,
             validate_content=validate_content,
             retry=retry,
+            progress_hook=progress_hook,
         )
         checked_url = _initial_location(files, url)
+        self._stats: TransferStats | None = None
         super().__init__(
             checked_url,
             single_file_per_rank=single_file_per_rank,
@@ -405,6 +453,15 @@ class BlobStorageWriter(FileSystemWriter):
     def checkpoint_id(self) -> str:
         """The checkpoint's URL without any SAS token (torch records it in ``.metadata`` and its logs)."""
         return redact_url(os.fspath(self.path))
+
+    @property
+    def stats(self) -> TransferStats | None:
+        """What this rank's last successful save through this writer cost: the sums over its shard
+        files (bytes, requests, retries, the seconds their writes held up torch's writer threads),
+        over the wall seconds of writing them. ``first_byte_seconds`` is ``None``; so is the whole
+        property before the first save, and after ``dcp.async_save`` with the process checkpointer
+        (which saves through a copy of the writer)."""
+        return self._stats
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Point the writer at ``checkpoint_id`` (a URL as for the constructor) for the next save, as
@@ -473,7 +530,8 @@ class BlobStorageWriter(FileSystemWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         files = cast(_BlobFiles, self.fs)
-        writers = files.shard_writers = _ShardWriters()
+        started = time.perf_counter()
+        writers = files.shard_writers = _ShardWriters(files.progress_hook)
         try:
             future = super().write_data(plan, planner)
         except BaseException as error:  # not from a shard file (create_stream keeps those): stop them all
@@ -487,6 +545,9 @@ class BlobStorageWriter(FileSystemWriter):
         missing = [item.index.fqn for item in plan.items if item.index not in written]
         if missing:
             raise RuntimeError(f"Writing the checkpoint's shards did not finish; not written: {', '.join(missing[:5])}")
+        self._stats = sum_stats(writers.committed, seconds=time.perf_counter() - started)
+        if files.progress_hook is not None:
+            files.progress_hook(self._stats.bytes, self._stats.bytes)
         return future
 
 
@@ -527,6 +588,10 @@ class BlobStorageReader(FileSystemReader):
             default registry, which knows ``ZStandard``. Loads then fetch the wanted items' stored
             (for example compressed) bytes, each item whole, as ``.metadata`` records them, and
             undo the transforms in memory, one item at a time.
+        progress_hook: A callable ``hook(bytes_done, bytes_total)``, called during each load with the
+            bytes this rank has fetched so far and the bytes its load plan needs (the wanted ranges,
+            with the gaps that coalescing fetches), from the transfer threads at most every 100 ms
+            and once at the end, when the two are equal.
 
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
@@ -544,6 +609,7 @@ class BlobStorageReader(FileSystemReader):
         verify_checksum: bool = False,
         retry: RetryOptions | None = None,
         _extension_registry: ExtensionRegistry | None = None,
+        progress_hook: ProgressHook | None = None,
     ) -> None:
         files = _BlobFiles(
             credential,
@@ -552,8 +618,10 @@ class BlobStorageReader(FileSystemReader):
             validate_content=validate_content,
             verify_checksum=verify_checksum,
             retry=retry,
+            progress_hook=progress_hook,
         )
         checked_url = _initial_location(files, url)
+        self._stats: TransferStats | None = None
         super().__init__(checked_url, _extension_registry=_extension_registry)
         self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
         self.path = checked_url
@@ -562,6 +630,13 @@ class BlobStorageReader(FileSystemReader):
     def checkpoint_id(self) -> str:
         """The checkpoint's URL without any SAS token."""
         return redact_url(os.fspath(self.path))
+
+    @property
+    def stats(self) -> TransferStats | None:
+        """What this rank's last successful load through this reader cost: the bytes, requests and
+        retries of reading its shard files, over the wall seconds of reading them (``.metadata``
+        aside); ``None`` before the first load."""
+        return self._stats
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Point the reader at ``checkpoint_id`` (a URL as for the constructor) for the next load, as
@@ -641,13 +716,16 @@ class BlobStorageReader(FileSystemReader):
         files = cast(_BlobFiles, self.fs)
         window = files.max_concurrency * files.block_size
         spans = _coalesce(plan.items, self.storage_data, max_span=max(files.block_size, window // 2))
-        fetcher = _SpanFetcher(files, os.fspath(self.path))
+        recorder = Recorder(files.progress_hook, total=sum(span.end - span.start for span in spans))
+        fetcher = _SpanFetcher(files, os.fspath(self.path), recorder)
         for span, data in fetcher.fetch_in_order(spans):
             for request in span.requests:
                 info: _StorageInfo = self.storage_data[request.storage_index]
                 start = info.offset - span.start
                 self._load_item(request, info, data[start : start + info.length], planner)
         fetcher.verify_whole_files()
+        recorder.end()
+        self._stats = recorder.snapshot()
         done: Future[None] = Future()
         done.set_result(None)
         return done
@@ -741,9 +819,10 @@ class _SpanFetcher:
     transfer threads, and waiting for work queued behind oneself in one pool could deadlock it.
     """
 
-    def __init__(self, files: _BlobFiles, checkpoint_url: str) -> None:
+    def __init__(self, files: _BlobFiles, checkpoint_url: str, recorder: Recorder | None = None) -> None:
         self._files = files
         self._checkpoint_url = checkpoint_url
+        self._recorder = recorder  # counts the requests and bytes of a load
         self._budget = files.max_concurrency * files.block_size  # bytes being fetched, beside the span in use
         self._lock = threading.Lock()
         self._versions: dict[str, concurrent.futures.Future[tuple[AzStorageTorchBlobClient, BlobProperties]]] = {}
@@ -828,6 +907,7 @@ class _SpanFetcher:
             try:
                 with _missing_blob_as_file_not_found(url):
                     client = self._files.blob_client(url)
+                    client.recorder = self._recorder
                     future.set_result((client, client.get_properties()))
             except BaseException as error:
                 future.set_exception(error)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -171,3 +174,52 @@ def test_bad_arguments_get_the_usage_and_exit_code_2(arguments: tuple[str, ...])
     result = cli(*arguments)
     assert result.returncode == 2
     assert result.stderr.startswith("usage: azstoragetorch")
+
+
+# -- the console script that pyproject.toml declares --------------------------------------------------
+
+
+def installed_script() -> str:
+    """The ``azstoragetorch`` script that installing the package put beside this interpreter."""
+    directories = [sysconfig.get_path("scripts"), os.path.dirname(sys.executable)]
+    for directory in directories:
+        found = shutil.which("azstoragetorch", path=directory)
+        if found is not None:
+            return found
+    pytest.fail(f"No azstoragetorch script in {directories}: install the package (`make setup`, `pip install -e .`).")
+
+
+def script(*args: str) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "AZURE_STORAGE_KEY": ACCOUNT_KEY}
+    return subprocess.run([installed_script(), *args], capture_output=True, text=True, env=environment, timeout=240)
+
+
+def test_the_console_script_is_declared_for_the_cli() -> None:
+    (entry,) = importlib.metadata.entry_points(group="console_scripts", name="azstoragetorch")
+    assert entry.value == "azstoragetorch._cli:main"
+
+
+def test_the_installed_console_script_prints_its_usage() -> None:
+    result = script("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: azstoragetorch ")
+    for command in ("ls", "verify", "cp"):
+        assert f"    {command} " in result.stdout
+
+
+@pytest.mark.parametrize("args", [(), ("frobnicate",), ("ls",)])
+def test_the_installed_console_script_refuses_bad_arguments_with_its_usage(args: tuple[str, ...]) -> None:
+    result = script(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: azstoragetorch ") and "error:" in result.stderr
+    assert result.stdout == ""
+
+
+def test_the_installed_console_script_runs_a_command(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    save_blob(container, "runs/last.ckpt", os.urandom(2000), account_credential)
+    result = script("ls", container.blob_url("runs/"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"Checkpoints under {container.url}/runs/:"
+    assert "runs/last.ckpt" in result.stdout
