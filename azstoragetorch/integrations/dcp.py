@@ -460,8 +460,11 @@ class BlobStorageWriter(FileSystemWriter):
         those of the checkpoint it replaced and those left by failed or killed saves."""
         referenced = {info.relative_path for info in metadata.storage_data.values()}
         client, prefix = cast(_BlobFiles, self.fs).container_client(self.path)
+        # Without collectives every rank runs this: each lists only its own shard files, so that
+        # the listing a rank sends does not grow with the number of ranks.
+        listed = (f"{prefix}/" if prefix else "") + ("" if rank is None else f"__{rank}_")
         try:
-            for blob in client.list_blobs(f"{prefix}/" if prefix else None):
+            for blob in client.list_blobs(listed or None):
                 name = blob.client.blob_url.blob_name[len(prefix) + 1 if prefix else 0 :]
                 shard = _SHARD_FILE.fullmatch(name)
                 if shard and name not in referenced and (rank is None or int(shard["rank"]) == rank):
