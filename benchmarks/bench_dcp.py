@@ -6,14 +6,16 @@ state dict (default ~256 MiB) in one process with ``thread_count`` 1, 4 and 8 th
 
 - ``blob``: azstoragetorch's ``BlobStorageWriter`` / ``BlobStorageReader``;
 - ``fsspec``: torch's ``FsspecWriter`` / ``FsspecReader`` over adlfs (``abfs://``), torch's own way to Azure;
-- ``local``: torch's ``FileSystemWriter`` / ``FileSystemReader`` on the local disk.
+- ``local``: torch's ``FileSystemWriter`` / ``FileSystemReader`` on the local disk;
+- ``blob-zstd`` and ``local-zstd``: ``blob`` and ``local`` with torch's ``ZStandard`` extension
+  (``_extensions=[ZStandard()]``; the readers' default registry undoes it).
 
 Each case runs in a worker process of its own, so that no variant inherits another's heap (whether a large
 allocation reuses freed memory or faults in fresh pages depends on what ran before it) or threads: it saves
 once untimed and once timed, then loads once untimed and once timed into the same tensors, as a resumed job
 loads into tensors that already exist. Every load is checked tensor by tensor against what was saved.
 
-    .venv/bin/python benchmarks/bench_dcp.py [--size-mib 256] [--rounds 3] [--json out.json]
+    .venv/bin/python benchmarks/bench_dcp.py [--size-mib 256] [--rounds 3] [--variants blob,fsspec] [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from _common import (
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.storage.blob import BlobServiceClient
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._extension import ZStandard
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
@@ -58,6 +61,8 @@ VARIANTS = {
     "blob": "BlobStorageWriter/Reader",
     "fsspec": "FsspecWriter/Reader + adlfs",
     "local": "FileSystemWriter/Reader, local disk",
+    "blob-zstd": "BlobStorageWriter/Reader + ZStandard",
+    "local-zstd": "FileSystemWriter/Reader + ZStandard, disk",
 }
 
 
@@ -72,16 +77,23 @@ class Run:
 
     def writer(self, variant: str, threads: int, suffix: str = "") -> Any:
         location = self.location(variant, threads) + suffix
-        if variant == "blob":
-            return BlobStorageWriter(location, credential=self.azurite.credential, thread_count=threads, overwrite=True)
+        extensions = [ZStandard()] if variant.endswith("-zstd") else None
+        if variant.startswith("blob"):
+            return BlobStorageWriter(
+                location,
+                credential=self.azurite.credential,
+                thread_count=threads,
+                overwrite=True,
+                _extensions=extensions,
+            )
         if variant == "fsspec":
             connection = self.azurite.connection_string
             return FsspecWriter(location, thread_count=threads, overwrite=True, connection_string=connection)
-        return FileSystemWriter(location, thread_count=threads, overwrite=True)
+        return FileSystemWriter(location, thread_count=threads, overwrite=True, _extensions=extensions)
 
     def reader(self, variant: str, threads: int, suffix: str = "") -> Any:
         location = self.location(variant, threads) + suffix
-        if variant == "blob":
+        if variant.startswith("blob"):
             return BlobStorageReader(location, credential=self.azurite.credential)
         if variant == "fsspec":
             return FsspecReader(location, connection_string=self.azurite.connection_string)
@@ -89,7 +101,7 @@ class Run:
 
     def location(self, variant: str, threads: int) -> str:
         name = f"{variant}-t{threads}"
-        if variant == "blob":
+        if variant.startswith("blob"):
             return self.azurite.blob_url(CONTAINER, name)
         if variant == "fsspec":
             return f"abfs://{CONTAINER}/{name}"
@@ -97,7 +109,7 @@ class Run:
 
     def size(self, variant: str, threads: int) -> int:
         """The checkpoint's bytes: all its files."""
-        if variant == "local":
+        if variant.startswith("local"):
             folder = self.location(variant, threads)
             return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
         service = BlobServiceClient.from_connection_string(self.azurite.connection_string)
@@ -119,19 +131,24 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     with Stopwatch() as loading:
         dcp.load(target, storage_reader=run.reader(variant, threads))
     verify(target, state_dict, f"{variant} t={threads} load")
+    stored = run.size(variant, threads)
     return {
         "save": saving.sample.__dict__,
         "load": loading.sample.__dict__,
-        "bytes": run.size(variant, threads),
+        # Compressed checkpoints are measured against the bytes of the state dict they hold, so
+        # that their CPU per GiB compares with the uncompressed variants'.
+        "bytes": sum(tensor.nbytes for tensor in state_dict.values()) if variant.endswith("-zstd") else stored,
+        "stored_bytes": stored,
     }
 
 
 def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[Any, Any]:
     """Each round: a fresh Azurite (it frees overwritten blobs only every few minutes), then every case once,
     in an order rotated by one per round."""
-    cases = [(variant, threads) for variant in VARIANTS for threads in THREAD_COUNTS]
+    cases = [(variant, threads) for variant in args.variants for threads in THREAD_COUNTS]
     samples: dict[tuple[str, str, int], list[Sample]] = {}
     sizes: dict[tuple[str, int], int] = {}
+    stored: dict[tuple[str, int], int] = {}
     for round_index in range(1, args.rounds + 1):
         order = cases[round_index % len(cases) :] + cases[: round_index % len(cases)]
         local_root = tempfile.mkdtemp(prefix="bench-dcp-")
@@ -141,6 +158,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[Any, A
                 for variant, threads in order:
                     report = run_worker(args, azurite, local_root, variant, threads)
                     sizes[(variant, threads)] = report["bytes"]
+                    stored[(variant, threads)] = report["stored_bytes"]
                     for direction in ("save", "load"):
                         sample = Sample(**report[direction])
                         samples.setdefault((direction, variant, threads), []).append(sample)
@@ -151,7 +169,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[Any, A
                         )
         finally:
             shutil.rmtree(local_root, ignore_errors=True)
-    return {"samples": samples, "sizes": sizes}
+    return {"samples": samples, "sizes": sizes, "stored": stored}
 
 
 def run_worker(args: argparse.Namespace, azurite: Azurite, local_root: str, variant: str, threads: int) -> Any:
@@ -186,7 +204,7 @@ def summarize(measured: dict[Any, Any]) -> dict[tuple[str, str, int], dict[str, 
     return rows
 
 
-def report(rows: dict[tuple[str, str, int], dict[str, Any]], size: int, rounds: int) -> str:
+def report(rows: dict[tuple[str, str, int], dict[str, Any]], size: int, rounds: int, variants: list[str]) -> str:
     lines = []
     for direction in ("save", "load"):
         lines.append(
@@ -194,7 +212,8 @@ def report(rows: dict[tuple[str, str, int], dict[str, Any]], size: int, rounds: 
             f"median [min-max] of {rounds} rounds"
         )
         lines.append(f"{'variant':<38} {'threads':>7} {'MiB/s':>24} {'CPU s/GiB':>20}")
-        for variant, label in VARIANTS.items():
+        for variant in variants:
+            label = VARIANTS[variant]
             for threads in THREAD_COUNTS:
                 row = rows[(direction, variant, threads)]
                 mibps, cpu = fmt_range(row["mibps"], 1), fmt_range(row["cpu_per_gib"], 2)
@@ -203,6 +222,8 @@ def report(rows: dict[tuple[str, str, int], dict[str, Any]], size: int, rounds: 
     speed_target = {"save": 1.3, "load": 4.0}
     for direction in ("save", "load"):
         for threads in THREAD_COUNTS:
+            if "blob" not in variants or "fsspec" not in variants:
+                break
             ours, theirs = rows[(direction, "blob", threads)], rows[(direction, "fsspec", threads)]
             speed = ours["mibps"].median / theirs["mibps"].median
             cpu = ours["cpu_per_gib"].median / theirs["cpu_per_gib"].median
@@ -212,6 +233,17 @@ def report(rows: dict[tuple[str, str, int], dict[str, Any]], size: int, rounds: 
                 f"target {direction} t={threads}: >= {speed_target[direction]}x fsspec MiB/s: {speed:.2f}x {met_speed};"
                 f"  <= 0.5x its CPU/GiB: {cpu:.2f}x {met_cpu}"
             )
+    for direction in ("save", "load"):
+        for threads in THREAD_COUNTS:
+            if "blob-zstd" not in variants or "local-zstd" not in variants:
+                break
+            ours = rows[(direction, "blob-zstd", threads)]["cpu_per_gib"].median
+            local = rows[(direction, "local-zstd", threads)]["cpu_per_gib"].median
+            met = "met" if ours <= local + 0.5 else "MISSED"
+            lines.append(
+                f"target {direction} t={threads} with ZStandard: CPU/GiB <= local disk's + 0.5: "
+                f"{ours:.2f} vs {local:.2f} + 0.5 {met}"
+            )
     return "\n".join(lines)
 
 
@@ -219,6 +251,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256, help="size of the state dict (default 256)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up round")
+    parser.add_argument(
+        "--variants",
+        type=lambda value: value.split(","),
+        default=list(VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     # Internal: the worker processes.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -231,6 +269,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    unknown = [variant for variant in args.variants if variant not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     warnings.filterwarnings("ignore")  # torch: "no process group, saving in a single process"
     if args.worker:
         print(json.dumps(worker(args)))
@@ -240,8 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured = measure(args, lambda line: print(line, flush=True))
     info["loadavg_end"] = os.getloadavg()
     rows = summarize(measured)
-    size = measured["sizes"][("blob", 1)]
-    print("\n" + report(rows, size, args.rounds))
+    size = measured["sizes"][(args.variants[0], 1)]
+    print("\n" + report(rows, size, args.rounds, args.variants))
+    for (variant, threads), stored in measured["stored"].items():
+        if variant.endswith("-zstd"):
+            print(
+                f"{variant} t={threads}: {stored / MiB:.1f} MiB stored for {measured['sizes'][(variant, threads)] / MiB:.1f} MiB of tensors"
+            )
     print(f"\nload average: start {info['loadavg_start'][0]:.2f}, end {info['loadavg_end'][0]:.2f} (1 min)")
     if args.json:
         with open(args.json, "w") as out:
