@@ -287,7 +287,8 @@ def _read_whole_blob(blob: Blob) -> dict[str, str | bytes]:
 
 
 def _apply(transform: Callable[[Blob], _T], blob: Blob, progress_hook: ProgressHook | None = None) -> _T:
-    blob._progress_hook = progress_hook
+    if progress_hook is not None:  # a Blob made for this sample: no other sample shares it
+        blob._progress_hook = progress_hook
     try:
         return transform(blob)
     except Exception as error:
