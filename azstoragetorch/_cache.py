@@ -121,7 +121,7 @@ class BlobCache:
         return f"BlobCache({self.directory!r}, max_bytes={self.max_bytes})"
 
     def read_all(
-        self, client: AzStorageTorchBlobClient, known_etag: str | None, *, part_size: int, max_concurrency: int
+        self, client: AzStorageTorchBlobClient, known_etag: str | None, *, block_size: int, max_concurrency: int
     ) -> bytes:
         """The whole blob, from the cache when the cached copy is current, else from the service
         (and then stored). ``known_etag`` is the ETag the dataset knows, used only if trusted."""
@@ -134,13 +134,13 @@ class BlobCache:
                     self._touch(path)
                     return data
             else:
-                read = client.read_all_if_changed(etag, part_size=part_size, max_concurrency=max_concurrency)
+                read = client.read_all_if_changed(etag, block_size=block_size, max_concurrency=max_concurrency)
                 if read is None:  # 304: the cached copy is the blob's current content
                     self._touch(path)
                     return data
                 self._store(path, read[0].etag, read[1])
                 return read[1]
-        read = client.read_all_if_changed(None, part_size=part_size, max_concurrency=max_concurrency)
+        read = client.read_all_if_changed(None, block_size=block_size, max_concurrency=max_concurrency)
         assert read is not None  # an unconditional read always returns the content
         self._store(path, read[0].etag, read[1])
         return read[1]

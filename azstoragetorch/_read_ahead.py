@@ -237,7 +237,7 @@ class ReadAheadBuffer:
             offset,
             destination,
             etag=self._properties.etag,
-            part_size=self._chunk_size,
+            block_size=self._chunk_size,
             max_concurrency=self._max_chunks,
             validate_content=self._validate_content,
         )
@@ -275,7 +275,7 @@ class ReadAheadBuffer:
                 offset,
                 length,
                 etag=self._properties.etag,
-                part_size=self._chunk_size,
+                block_size=self._chunk_size,
                 max_concurrency=self._max_chunks,
                 validate_content=self._validate_content,
             )

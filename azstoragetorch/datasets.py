@@ -52,9 +52,9 @@ DEFAULT_PREFETCH = 32
 # connection pool that these threads share with the transfer threads.
 MAX_SAMPLE_THREADS = _client.MAX_SAMPLE_THREADS
 # The default sample reads a blob up to this size in one request; larger blobs in parallel parts.
-READ_ALL_PART_BYTES = 8 * 1024 * 1024
+READ_ALL_BLOCK_SIZE = 8 * 1024 * 1024
 READ_ALL_CONCURRENCY = 8
-_READ_ALL = {"part_size": READ_ALL_PART_BYTES, "max_concurrency": READ_ALL_CONCURRENCY}
+_READ_ALL = {"block_size": READ_ALL_BLOCK_SIZE, "max_concurrency": READ_ALL_CONCURRENCY}
 
 
 class Blob:

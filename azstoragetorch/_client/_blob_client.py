@@ -116,22 +116,22 @@ class AzStorageTorchBlobClient(ResourceClient):
             self.download_into(count, memoryview(data)[count:], etag=properties.etag)
         return properties, data
 
-    def read_all(self, *, part_size: int, max_concurrency: int) -> bytes:
+    def read_all(self, *, block_size: int, max_concurrency: int) -> bytes:
         """The whole blob as ``bytes``, copied as few times as possible (a dataset's default sample).
 
-        A blob that fits in ``part_size`` arrives in one request, straight from the socket into the
-        returned object. A larger one is fetched in parallel ranged GETs of ``part_size``.
+        A blob that fits in ``block_size`` arrives in one request, straight from the socket into the
+        returned object. A larger one is fetched in parallel ranged GETs of ``block_size``.
         """
-        read = self._read_all(None, part_size, max_concurrency, with_properties=False)
+        read = self._read_all(None, block_size, max_concurrency, with_properties=False)
         assert read is not None  # only a conditional read can find nothing new
         return read[1]
 
     def read_all_if_changed(
-        self, etag: str | None, *, part_size: int, max_concurrency: int
+        self, etag: str | None, *, block_size: int, max_concurrency: int
     ) -> tuple[BlobProperties, bytes] | None:
         """As :meth:`read_all`, with the properties of the version read; ``None`` if the blob still
         has ``etag`` (the first request carries ``If-None-Match``, so that answer has no body)."""
-        read = self._read_all(etag, part_size, max_concurrency, with_properties=True)
+        read = self._read_all(etag, block_size, max_concurrency, with_properties=True)
         if read is None:
             return None
         properties, data = read
@@ -139,10 +139,10 @@ class AzStorageTorchBlobClient(ResourceClient):
         return properties, data
 
     def _read_all(
-        self, if_none_match: str | None, part_size: int, max_concurrency: int, *, with_properties: bool
+        self, if_none_match: str | None, block_size: int, max_concurrency: int, *, with_properties: bool
     ) -> tuple[BlobProperties | None, bytes] | None:
         try:
-            response = self._send_range_get(0, part_size, None, if_none_match=if_none_match)
+            response = self._send_range_get(0, block_size, None, if_none_match=if_none_match)
         except _NotModified:
             return None
         if response is None:  # an empty blob: its properties cost a request of their own
@@ -152,7 +152,7 @@ class AzStorageTorchBlobClient(ResourceClient):
             self.recorder.total = size  # for a progress hook, known from the first response
         # Parsing Last-Modified would cost more than the rest of a small blob's read: only if asked.
         properties = _properties_from(response, size=size) if with_properties else None
-        first_length = min(part_size, size)
+        first_length = min(block_size, size)
         if first_length == size:
             body = _read_whole_body(response)
             if body is not None and len(body) == first_length:
@@ -163,20 +163,20 @@ class AzStorageTorchBlobClient(ResourceClient):
             self.download_into(0, memoryview(data), etag=etag)
             return properties, bytes(data)
         data = bytearray(size)
-        self._fill_whole(response, etag, memoryview(data), part_size=part_size, max_concurrency=max_concurrency)
+        self._fill_whole(response, etag, memoryview(data), block_size=block_size, max_concurrency=max_concurrency)
         return properties, bytes(data)
 
-    def read_all_into(self, allocate: Callable[[int], memoryview], *, part_size: int, max_concurrency: int) -> None:
+    def read_all_into(self, allocate: Callable[[int], memoryview], *, block_size: int, max_concurrency: int) -> None:
         """The whole blob, received straight into the memory that ``allocate`` returns (no copy).
 
         ``allocate(size)`` is called once, when the first response has told the blob's size, and
         returns a writable byte view of exactly ``size`` bytes: a new tensor's storage, or the caller's
         buffer after checking that it fits (it may raise; the response is then dropped). The first
-        ``part_size`` bytes come with that response, the rest in parallel ranged GETs, all pinned to
+        ``block_size`` bytes come with that response, the rest in parallel ranged GETs, all pinned to
         its ETag: a blob changed meanwhile raises :class:`BlobModifiedDuringReadError`, and every part
         has finished before this returns or raises.
         """
-        response = self._send_range_get(0, part_size, None)
+        response = self._send_range_get(0, block_size, None)
         if response is None:  # an empty blob
             allocate(0)
             return
@@ -192,14 +192,14 @@ class AzStorageTorchBlobClient(ResourceClient):
         if len(buffer) != size:
             _raw_and_body(response)[0].close()
             raise ValueError(f"allocate returned {len(buffer)} bytes for a blob of {size}.")
-        self._fill_whole(response, etag, buffer, part_size=part_size, max_concurrency=max_concurrency)
+        self._fill_whole(response, etag, buffer, block_size=block_size, max_concurrency=max_concurrency)
 
     def _fill_whole(
-        self, response: HttpResponse, etag: str, buffer: memoryview, *, part_size: int, max_concurrency: int
+        self, response: HttpResponse, etag: str, buffer: memoryview, *, block_size: int, max_concurrency: int
     ) -> None:
-        """Fill ``buffer`` (the whole blob) from ``response`` to a GET of its first ``part_size`` bytes,
+        """Fill ``buffer`` (the whole blob) from ``response`` to a GET of its first ``block_size`` bytes,
         then the rest in parallel ranged GETs pinned to ``etag``."""
-        first_length = min(part_size, len(buffer))
+        first_length = min(block_size, len(buffer))
         count, error = _read_body_into(response, buffer[:first_length])
         _stats.add_bytes(self.recorder, count)
         if error is not None:
@@ -208,7 +208,7 @@ class AzStorageTorchBlobClient(ResourceClient):
             self.download_into(count, buffer[count:first_length], etag=etag)
         if first_length < len(buffer):
             self.download_parallel(
-                first_length, buffer[first_length:], etag=etag, part_size=part_size, max_concurrency=max_concurrency
+                first_length, buffer[first_length:], etag=etag, block_size=block_size, max_concurrency=max_concurrency
             )
 
     def download_into(
@@ -304,7 +304,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         buffer: memoryview,
         *,
         etag: str,
-        part_size: int,
+        block_size: int,
         max_concurrency: int,
         validate_content: bool = False,
     ) -> None:
@@ -315,7 +315,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         are waited for: ``buffer`` may be the caller's memory (``torch.load``'s tensor storage) or a
         leased buffer that goes back to the pool right after, so nothing may write into it later.
         """
-        parts = [(start, min(start + part_size, len(buffer))) for start in range(0, len(buffer), part_size)]
+        parts = [(start, min(start + block_size, len(buffer))) for start in range(0, len(buffer), block_size)]
         if len(parts) <= 1:
             self.download_into(offset, buffer, etag=etag, validate_content=validate_content)
             return
@@ -348,7 +348,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         length: int,
         *,
         etag: str,
-        part_size: int,
+        block_size: int,
         max_concurrency: int,
         validate_content: bool = False,
     ) -> _buffers.Lease:
@@ -357,13 +357,13 @@ class AzStorageTorchBlobClient(ResourceClient):
         The buffer's size is ``length`` rounded up to whole parts, so that ranges of similar sizes
         reuse each other's buffers. Fetched as :meth:`download_parallel` does.
         """
-        lease = _buffers.lease(-(-length // part_size) * part_size)
+        lease = _buffers.lease(-(-length // block_size) * block_size)
         try:
             self.download_parallel(
                 offset,
                 lease.view(length),
                 etag=etag,
-                part_size=part_size,
+                block_size=block_size,
                 max_concurrency=max_concurrency,
                 validate_content=validate_content,
             )

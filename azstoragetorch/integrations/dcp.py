@@ -188,7 +188,7 @@ class _BlobFiles(FileSystemBase):
         """Copy through this process and delete the source; the destination is committed whole, as a
         rename would be. (``BlobStorageWriter`` renames nothing; torch's ``FileSystemBase`` asks for it.)"""
         source = self.blob_client(path)
-        self.write_whole(new_path, source.read_all(part_size=self.block_size, max_concurrency=self.max_concurrency))
+        self.write_whole(new_path, source.read_all(block_size=self.block_size, max_concurrency=self.max_concurrency))
         source.delete()
 
     def mkdir(self, path: str | os.PathLike[str]) -> None:
@@ -889,7 +889,7 @@ class _SpanFetcher:
             span.start,
             length,
             etag=properties.etag,
-            part_size=self._files.block_size,
+            block_size=self._files.block_size,
             max_concurrency=self._files.max_concurrency,
             validate_content=self._files.validate_content,
         )

@@ -175,7 +175,7 @@ def test_a_blob_dataset_passes_its_hook_to_every_sample_read(
     container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_stats, "PROGRESS_INTERVAL_SECONDS", 0.0)
-    monkeypatch.setitem(datasets._READ_ALL, "part_size", BLOCK)  # several parts per blob
+    monkeypatch.setitem(datasets._READ_ALL, "block_size", BLOCK)  # several parts per blob
     sizes = [3 * BLOCK + 5, 5 * BLOCK + 7, 100]
     urls = [container.upload(f"s/{size}", os.urandom(size)) for size in sizes]
     calls = Calls()
@@ -196,7 +196,7 @@ def test_an_iterable_dataset_passes_its_hook_to_a_transforms_reads(
     container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_stats, "PROGRESS_INTERVAL_SECONDS", 0.0)
-    monkeypatch.setitem(datasets._READ_ALL, "part_size", BLOCK)
+    monkeypatch.setitem(datasets._READ_ALL, "block_size", BLOCK)
     sizes = [2 * BLOCK + 1, 3 * BLOCK + 2]
     for size in sizes:
         container.upload(f"s/{size}", os.urandom(size))

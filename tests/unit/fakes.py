@@ -67,19 +67,19 @@ class InMemoryBlobClient:
         buffer: memoryview,
         *,
         etag: str,
-        part_size: int,
+        block_size: int,
         max_concurrency: int,
         validate_content: bool = False,
     ) -> None:
         with self._lock:
-            self.parallel_reads.append((offset, len(buffer), part_size))
+            self.parallel_reads.append((offset, len(buffer), block_size))
         # The real splitting, joining and failure handling, over this fake's download_into.
         AzStorageTorchBlobClient.download_parallel(
             self,  # type: ignore[arg-type]
             offset,
             buffer,
             etag=etag,
-            part_size=part_size,
+            block_size=block_size,
             max_concurrency=max_concurrency,
             validate_content=validate_content,
         )

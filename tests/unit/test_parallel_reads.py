@@ -40,7 +40,7 @@ def test_a_failed_part_leaves_no_writes_into_the_buffer_after_the_call_raises() 
     client = _OnePartFails(data, failing_offset=0)
     guard = bytearray(len(data))
     with pytest.raises(ConnectionError, match="injected"):
-        client.download_parallel(0, memoryview(guard), etag='"1"', part_size=PART, max_concurrency=4)
+        client.download_parallel(0, memoryview(guard), etag='"1"', block_size=PART, max_concurrency=4)
     seen_when_raised = bytes(guard)
     started = client.started
     for _ in range(started):
@@ -52,7 +52,7 @@ def test_a_failed_part_leaves_no_writes_into_the_buffer_after_the_call_raises() 
 def test_download_range_returns_a_lease_and_releases_it_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     data = bytes(range(256)) * 16
     client = InMemoryBlobClient(data)
-    lease = client.download_range(100, 3000, etag='"1"', part_size=PART, max_concurrency=2)
+    lease = client.download_range(100, 3000, etag='"1"', block_size=PART, max_concurrency=2)
     assert bytes(lease.view(3000)) == data[100:3100]
     assert len(lease.buffer) == 3 * PART  # rounded up to whole parts, so similar ranges share buffers
     lease.release()
@@ -61,6 +61,6 @@ def test_download_range_returns_a_lease_and_releases_it_on_failure(monkeypatch: 
     monkeypatch.setattr(_buffers, "give_back", returned.append)
     failing = _OnePartFails(data, failing_offset=PART)
     with pytest.raises(ConnectionError):
-        failing.download_range(0, 4 * PART, etag='"1"', part_size=PART, max_concurrency=4)
+        failing.download_range(0, 4 * PART, etag='"1"', block_size=PART, max_concurrency=4)
     assert len(returned) == 1  # released exactly once, after every part ended
     assert failing.finished.acquire(timeout=0)  # (and the parts had all ended by then)
