@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/bench_dcp.py
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_entries.py
+	$(PY) benchmarks/bench_stats.py
 
 clean:
 	rm -rf $(VENV) tools/azurite/node_modules docs/_build .pytest_cache .mypy_cache .ruff_cache
