@@ -45,17 +45,16 @@ class ResourceClient:
         self._pipeline_pid = 0
         # Counts this client's requests, retries and bytes for one transfer (a BlobIO); not pickled.
         self.recorder: Recorder | None = None
+        # Built on first use and kept: quoting the names again for every request costs more than the
+        # rest of building it.
+        self._display_url: str | None = None
+        self._plain_request_url: str | None = None
 
     def with_recorder(self, recorder: Recorder | None) -> Any:
         """A copy of this client whose transfers ``recorder`` counts (this one's stay uncounted by it)."""
         clone = copy.copy(self)
         clone.recorder = recorder
         return clone
-
-        # Built on first use and kept: quoting the names again for every request costs more than the
-        # rest of building it.
-        self._display_url: str | None = None
-        self._plain_request_url: str | None = None
 
     @property
     def credential(self) -> CredentialArgument:
