@@ -393,11 +393,11 @@ VARIANT_LABELS = {
     "raw_blocks": "raw: Put Block x c, 8 MiB, no MD5",
     "raw_blocks_md5": "raw: Put Block x c, 8 MiB, MD5",
     "raw_get": "raw: ranged GET x c, 8 MiB",
-    "raw_get_load": "raw: GET x c, then torch.load",
+    "raw_then_load": "raw: GET x c, then torch.load",
 }
 RAW_VARIANTS = {"save": ("raw_put", "raw_blocks", "raw_blocks_md5"), "load": ("raw_get",)}
 # The ceiling for loads (a client's GET to memory, then torch.load), for the "vs raw+load" ratio.
-RAW_LOAD_VARIANT = "raw_get_load"
+RAW_LOAD_VARIANT = "raw_then_load"
 AZURE_CLIENTS = ("sdk", "adlfs")  # the "other Azure clients" BlobIO saves are compared with
 
 
@@ -432,7 +432,7 @@ def build_cases(bench: Bench) -> list[Case]:
         cases.append(case("raw_blocks_md5", "save", md5_run, c))
         cases.append(case("raw_get", "load", functools.partial(load_raw_ranged_gets, bench, "raw.pt", c), c))
     for c in RAW_LOAD_CONCURRENCIES:
-        cases.append(case("raw_get_load", "load", functools.partial(load_raw_then_torch, bench, "raw.pt", c), c))
+        cases.append(case("raw_then_load", "load", functools.partial(load_raw_then_torch, bench, "raw.pt", c), c))
     return cases
 
 
@@ -602,7 +602,7 @@ def format_table(rows: list[Row], direction: Direction, size: int, rounds: int) 
 
 def format_concurrency_table(cases: list[Case], size: int) -> str:
     lines = ["Raw ceiling by concurrency (MiB/s, median [min-max]):"]
-    for variant in ("raw_blocks_md5", "raw_get", "raw_get_load"):
+    for variant in ("raw_blocks_md5", "raw_get", "raw_then_load"):
         parts = []
         for case in cases:
             if case.variant == variant and case.samples:
