@@ -17,11 +17,15 @@ from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, Lea
 # After a jump to a new position only this much is fetched: a jump is usually a short look (the
 # zip directory at the end of a checkpoint), and a full chunk would delay it for nothing.
 JUMP_FETCH_BYTES = 1024 * 1024
-# A read of at least max_chunks * chunk_size bytes that no chunk covers goes straight into the
-# caller's buffer, in parallel ranged GETs of chunk_size: it alone keeps every connection busy.
-# Smaller reads go through the window, whose requests run ahead across reads; that pipelining is
-# what hides Azure's per-request latency when torch.load reads many medium-sized tensors one after
-# another (on loopback, where latency is nil, both paths measure the same).
+# A read of at least max_chunks * DIRECT_PART_BYTES (smaller with smaller chunks) goes straight
+# into the caller's buffer for every range of it that no chunk holds, in up to max_chunks parallel
+# ranged GETs of DIRECT_PART_BYTES to chunk_size: alone, it keeps every connection busy. A copy out
+# of a chunk into torch.load's fresh tensor memory costs as much CPU as receiving the bytes (the
+# page faults plus a pass over memory), which direct reads save. 4 MiB is the Azure SDK's own
+# range size: large enough that the per-request cost stays small next to the transfer. Smaller
+# reads go through the window, whose requests run ahead across reads; that pipelining is what hides
+# Azure's per-request latency when torch.load reads many medium-sized tensors one after another.
+DIRECT_PART_BYTES = 4 * 1024 * 1024
 # Fetched right after the end of a direct read, in parallel with it, for the small reads that
 # usually follow (the next zip header of a checkpoint), so that they need no round trip of their own.
 AFTER_DIRECT_BYTES = 64 * 1024
@@ -86,6 +90,14 @@ class _ChunkStore:
                 return chunk
         return None
 
+    def next_start(self, offset: int, end: int) -> int:
+        """Where the first chunk after ``offset`` starts, if before ``end``; else ``end``."""
+        return min((chunk.start for chunk in self._chunks.values() if offset < chunk.start < end), default=end)
+
+    def downloading(self) -> int:
+        """How many chunks are still being downloaded (or waiting to be)."""
+        return sum(not chunk.future.done() for chunk in self._chunks.values())
+
     def request(self, start: int, length: int) -> _Chunk:
         """Start downloading ``length`` bytes (at most a chunk) from ``start``, evicting the oldest chunks."""
         stop = min(start + min(length, self._chunk_size), self._properties.size)
@@ -136,9 +148,12 @@ class ReadAheadBuffer:
     ``(max_chunks + 2) * chunk_size`` bytes whatever the blob's size (one more for a chunk that is
     evicted while a read copies out of it).
 
-    A read of ``max_chunks * chunk_size`` bytes or more that no chunk covers bypasses the window:
-    it is split into parallel ranged GETs that write straight into the caller's buffer, while a
-    small chunk after its end is fetched for the small reads that usually come next.
+    A read of ``max_chunks * DIRECT_PART_BYTES`` bytes or more (``max_chunks * chunk_size`` with
+    smaller chunks) bypasses the window for every range of it that no chunk holds: those ranges are
+    split into parallel ranged GETs that write straight into the caller's buffer, while a small
+    chunk after its end is fetched for the small reads that usually come next. Such a read does not
+    widen the window, so a run of large reads (a checkpoint of large tensors) is received into its
+    destination with no copy.
 
     All downloads are pinned to the ETag seen when the blob was opened. With ``validate_content``
     every range is checked against the MD5 the service computes for it; with ``checksums``, the
@@ -162,6 +177,8 @@ class ReadAheadBuffer:
         self._properties = properties
         self._chunk_size = chunk_size
         self._max_chunks = max(1, max_chunks)
+        self._direct_part = min(chunk_size, DIRECT_PART_BYTES)
+        self._direct_min = self._direct_part * self._max_chunks
         self._store = _ChunkStore(
             client,
             properties,
@@ -193,27 +210,31 @@ class ReadAheadBuffer:
     def readinto(self, position: int, destination: memoryview) -> int:
         """Copy the blob's bytes at ``position`` into ``destination``; returns the count (0 at the end)."""
         end = min(position + len(destination), self.size)
+        direct = end - position >= self._direct_min
         offset = position
         while offset < end:
             chunk = self._store.find(offset)
-            if chunk is None and end - offset >= self._chunk_size * self._max_chunks:
-                into = offset - position
-                self._read_directly(offset, destination[into : into + end - offset])
-                break
+            if chunk is None and direct:
+                # Up to the next chunk already requested: those bytes are paid for, the rest is not.
+                stop = self._store.next_start(offset, end)
+                self._read_directly(offset, destination[offset - position : stop - position], last=stop == end)
+                offset = stop
+                continue
             if chunk is None:
                 chunk = self._fetch_at(offset, forward=0 <= offset - self._next_expected < self._chunk_size)
-            offset += self._copy_out(chunk, offset, destination[offset - position : end - position])
+            # A large read does not widen the window: what it covers next is read directly.
+            offset += self._copy_out(chunk, offset, destination[offset - position : end - position], widen=not direct)
         self._next_expected = max(end, position)
         return max(0, end - position)
 
     def close(self) -> None:
         self._store.close()
 
-    def _copy_out(self, chunk: _Chunk, offset: int, destination: memoryview) -> int:
+    def _copy_out(self, chunk: _Chunk, offset: int, destination: memoryview, *, widen: bool) -> int:
         """Copy from ``chunk`` at ``offset`` into ``destination``, widening the window if the reader moved on."""
         hold = chunk.lease.retain()  # pinned: the read-ahead below may evict this very chunk
         try:
-            if chunk.start != self._window_anchor:
+            if widen and chunk.start != self._window_anchor:
                 self._read_ahead_from(chunk)  # the reader entered another chunk
             pause("chunk.pick")
             try:
@@ -228,17 +249,20 @@ class ReadAheadBuffer:
         finally:
             hold.release()
 
-    def _read_directly(self, offset: int, destination: memoryview) -> None:
+    def _read_directly(self, offset: int, destination: memoryview, *, last: bool) -> None:
         end = offset + len(destination)
-        if end < self.size and self._store.find(end) is None:
+        if last and end < self.size and self._store.find(end) is None:
             self._ahead = 0
             self._window_anchor = self._store.request(end, AFTER_DIRECT_BYTES).start
+        # The chunks still downloading count towards max_concurrency; the parts take what is left.
+        concurrency = max(1, self._max_chunks - self._store.downloading())
+        part_size = min(self._chunk_size, max(self._direct_part, -(-len(destination) // concurrency)))
         self._client.download_parallel(
             offset,
             destination,
             etag=self._properties.etag,
-            block_size=self._chunk_size,
-            max_concurrency=self._max_chunks,
+            block_size=part_size,
+            max_concurrency=concurrency,
             validate_content=self._validate_content,
         )
         if self._checksums is not None:

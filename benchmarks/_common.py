@@ -184,12 +184,13 @@ class VerificationError(AssertionError):
     """A load returned something other than what was saved. Never caught: the run must fail."""
 
 
-def make_state_dict(size_mib: int) -> dict[str, torch.Tensor]:
-    """Layers of a 1024x1024 float32 weight (4 MiB) and a 1024-element bias (4 KiB), plus two scalars."""
+def make_state_dict(size_mib: int, tensor_mib: int = 4) -> dict[str, torch.Tensor]:
+    """Layers of a float32 weight of ``tensor_mib`` MiB (1024 columns) and a 1024-element bias (4 KiB), plus
+    two scalars; about ``size_mib`` MiB in all."""
     generator = torch.Generator().manual_seed(0)
     state_dict: dict[str, torch.Tensor] = {}
-    for layer in range(max(1, round(size_mib / 4))):
-        state_dict[f"layers.{layer}.weight"] = torch.randn(1024, 1024, generator=generator)
+    for layer in range(max(1, round(size_mib / tensor_mib))):
+        state_dict[f"layers.{layer}.weight"] = torch.randn(tensor_mib * 256, 1024, generator=generator)
         state_dict[f"layers.{layer}.bias"] = torch.randn(1024, generator=generator)
     state_dict["step"] = torch.tensor(12345, dtype=torch.int64)
     state_dict["loss_scale"] = torch.tensor(65536.0)

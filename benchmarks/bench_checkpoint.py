@@ -58,6 +58,8 @@ GiB = 1024**3
 CONTAINER = "bench"
 SDK_CONCURRENCY = 8
 RAW_CONCURRENCIES = (1, 2, 4, 8, 16)
+# The issue's load ceiling is a GET to memory, then torch.load: measured at BlobIO's concurrency and above.
+RAW_LOAD_CONCURRENCIES = (8, 16)
 RAW_CHUNK = 8 * MiB  # range size of the raw GETs and block size of the raw Put Blocks
 X_MS_VERSION = "2024-08-04"
 # torch names the folder inside the zip after the file ("archive" for file objects): this name makes
@@ -304,6 +306,66 @@ def load_raw_ranged_gets(bench: Bench, blob: str, concurrency: int) -> Sample:
     return sw.sample
 
 
+class MemoryReader(io.RawIOBase):
+    """A file object over bytes already in memory, with no copy of them (``io.BytesIO`` of a bytearray copies
+    it first): what torch.load reads from after a client that downloads to memory."""
+
+    def __init__(self, data: bytearray) -> None:
+        super().__init__()
+        self._view = memoryview(data)
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = base + offset
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        piece = self._view[self._position : self._position + len(memoryview(buffer).cast("B"))]
+        memoryview(buffer).cast("B")[: len(piece)] = piece
+        self._position += len(piece)
+        return len(piece)
+
+    def close(self) -> None:
+        self._view.release()
+        super().close()
+
+
+def load_raw_then_torch(bench: Bench, blob: str, concurrency: int) -> Sample:
+    """The issue's ceiling for a load: the raw ranged GETs into memory, then torch.load from that memory."""
+    buffer = bytearray(len(bench.payload))
+    view = memoryview(buffer)
+
+    with Stopwatch() as sw, ThreadConnections(bench.blob_url(blob)) as connections:
+
+        def get_range(chunk: tuple[int, int]) -> None:
+            start, end = chunk
+            response = _request(connections.get(), "GET", connections.path, {"Range": f"bytes={start}-{end - 1}"})
+            filled = start
+            while filled < end:
+                count = response.readinto(view[filled:end])
+                if not count:
+                    raise RuntimeError(f"raw GET: range {start}-{end - 1} ended early at {filled}")
+                filled += count
+
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(get_range, _chunks(len(buffer))))
+        view.release()
+        with MemoryReader(buffer) as reader:
+            loaded = torch.load(reader)
+    verify(loaded, bench.state_dict, f"raw GET x{concurrency} + torch.load")
+    return sw.sample
+
+
 # -- cases and the round-robin schedule ------------------------------------------------------------
 
 
@@ -331,8 +393,11 @@ VARIANT_LABELS = {
     "raw_blocks": "raw: Put Block x c, 8 MiB, no MD5",
     "raw_blocks_md5": "raw: Put Block x c, 8 MiB, MD5",
     "raw_get": "raw: ranged GET x c, 8 MiB",
+    "raw_then_load": "raw: GET x c, then torch.load",
 }
 RAW_VARIANTS = {"save": ("raw_put", "raw_blocks", "raw_blocks_md5"), "load": ("raw_get",)}
+# The issue's ceiling for loads (a client's GET to memory, then torch.load), for the "vs raw+load" ratio.
+RAW_LOAD_VARIANT = "raw_then_load"
 AZURE_CLIENTS = ("sdk", "adlfs")  # the "other Azure clients" BlobIO saves are compared with
 
 
@@ -366,6 +431,8 @@ def build_cases(bench: Bench) -> list[Case]:
         md5_run = functools.partial(save_raw_blocks, bench, f"raw-blocks-md5-c{c}.pt", c, with_md5=True)
         cases.append(case("raw_blocks_md5", "save", md5_run, c))
         cases.append(case("raw_get", "load", functools.partial(load_raw_ranged_gets, bench, "raw.pt", c), c))
+    for c in RAW_LOAD_CONCURRENCIES:
+        cases.append(case("raw_then_load", "load", functools.partial(load_raw_then_torch, bench, "raw.pt", c), c))
     return cases
 
 
@@ -374,7 +441,16 @@ def rotate(items: Sequence[Case], by: int) -> list[Case]:
     return [*items[shift:], *items[:shift]]
 
 
-def run_rounds(bench: Bench, cases: list[Case], rounds: int, log: Callable[[str], None]) -> None:
+def put_load_blobs(bench: Bench) -> None:
+    """The blobs the load cases read, uploaded with the SDK (for --loads-only, where no save case writes them)."""
+    for blob in ("blobio.pt", "sdk.pt", "adlfs.pt", "raw.pt"):
+        bench.service.get_blob_client(CONTAINER, blob).upload_blob(bench.payload, overwrite=True, max_concurrency=8)
+    (bench.local_dir / LOCAL_FILE_NAME).write_bytes(bench.payload)
+
+
+def run_rounds(
+    bench: Bench, cases: list[Case], rounds: int, log: Callable[[str], None], *, loads_only: bool = False
+) -> None:
     """Round 0 warms up every case; rounds 1..n are measured.
 
     Each round starts a fresh in-memory Azurite (it frees deleted blobs only every 10 minutes, so one emulator
@@ -386,7 +462,9 @@ def run_rounds(bench: Bench, cases: list[Case], rounds: int, log: Callable[[str]
         with Azurite() as azurite:
             bench.connect(azurite)
             try:
-                for direction in ("save", "load"):
+                if loads_only:
+                    put_load_blobs(bench)
+                for direction in ("load",) if loads_only else ("save", "load"):
                     for case in rotate([c for c in cases if c.direction == direction], round_index):
                         if case.error is None:
                             run_case(bench, case, cases, round_index, name, log)
@@ -472,6 +550,8 @@ def add_ratios(rows: list[Row], direction: Direction) -> None:
         if local is not None and local.cpu_per_gib is not None:
             row.ratios["cpu_vs_local"] = row.cpu_per_gib.median / local.cpu_per_gib.median
         if direction == "load":
+            raw_load = speeds.get(RAW_LOAD_VARIANT)
+            row.ratios["vs_raw_load"] = here / raw_load if raw_load else None
             row.ratios["vs_sdk"] = here / speeds["sdk"] if "sdk" in speeds else None
             row.ratios["vs_local"] = here / speeds["local"] if "local" in speeds else None
         elif row.variant in ("blobio", "blobio_md5", *AZURE_CLIENTS):
@@ -495,7 +575,12 @@ def format_table(rows: list[Row], direction: Direction, size: int, rounds: int) 
     what = "torch.save" if direction == "save" else "torch.load"
     lines = [f"{direction.upper()}: {what} of a {size / MiB:.1f} MiB checkpoint; median [min-max] of {rounds} rounds"]
     if direction == "load":
-        ratio_columns = [("vs_sdk", "vs SDK"), ("vs_local", "vs local"), ("vs_raw_ceiling", "vs raw")]
+        ratio_columns = [
+            ("vs_sdk", "vs SDK"),
+            ("vs_local", "vs local"),
+            ("vs_raw_ceiling", "vs raw"),
+            ("vs_raw_load", "vs raw+load"),
+        ]
     else:
         ratio_columns = [("vs_best_other_azure", "vs best other Azure"), ("vs_raw_ceiling", "vs raw")]
     ratio_columns.append(("cpu_vs_local", "CPU vs local"))
@@ -517,7 +602,7 @@ def format_table(rows: list[Row], direction: Direction, size: int, rounds: int) 
 
 def format_concurrency_table(cases: list[Case], size: int) -> str:
     lines = ["Raw ceiling by concurrency (MiB/s, median [min-max]):"]
-    for variant in ("raw_blocks_md5", "raw_get"):
+    for variant in ("raw_blocks_md5", "raw_get", "raw_then_load"):
         parts = []
         for case in cases:
             if case.variant == variant and case.samples:
@@ -531,7 +616,8 @@ MiB/s = serialized checkpoint bytes / 2^20 / wall seconds, for every variant (sa
 CPU s/GiB = time.process_time() of this process (all threads, user+system) per 2^30 checkpoint bytes; Azurite
   is a separate process and is NOT included, so the raw rows show only the client side's cost.
 Ratios use the medians. vs best other Azure: against the faster of the SDK and adlfs (named), excluding itself.
-vs raw: against the best raw ceiling row. CPU vs local: CPU s/GiB over that of local-disk torch.save/torch.load.
+vs raw: against the best raw ceiling row (for loads, the GETs alone). vs raw+load: against the best "GET x c, then
+  torch.load" row, the issue's load ceiling (a client's GET to memory, then torch.load from that memory). CPU vs local: CPU s/GiB over that of local-disk torch.save/torch.load.
 Local disk goes through the page cache (no fsync, file read back from memory)."""
 
 
@@ -541,8 +627,10 @@ Local disk goes through the page cache (no fsync, file read back from memory).""
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--size-mib", type=int, default=256, help="approximate checkpoint size (default 256)")
+    parser.add_argument("--tensor-mib", type=int, default=4, help="size of each weight tensor (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (default 3)")
     parser.add_argument("--json", type=pathlib.Path, help="also write all samples and the summary here")
+    parser.add_argument("--loads-only", action="store_true", help="only the load rows (the blobs put by the SDK)")
     parser.add_argument("--quiet", action="store_true", help="no per-measurement progress on stderr")
     args = parser.parse_args(argv)
     if args.size_mib < 1 or args.rounds < 1:
@@ -550,8 +638,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_bench(local_dir: pathlib.Path, size_mib: int) -> Bench:
-    state_dict = make_state_dict(size_mib)
+def make_bench(local_dir: pathlib.Path, size_mib: int, tensor_mib: int) -> Bench:
+    state_dict = make_state_dict(size_mib, tensor_mib)
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     return Bench(state_dict, buffer.getvalue(), local_dir)
@@ -564,6 +652,8 @@ def to_json(
         "machine": info,
         "config": {
             "size_mib_requested": args.size_mib,
+            "tensor_mib": args.tensor_mib,
+            "loads_only": args.loads_only,
             "checkpoint_bytes": size,
             "rounds": args.rounds,
             "sdk_concurrency": SDK_CONCURRENCY,
@@ -616,19 +706,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     info = machine_info(adlfs=package_version("adlfs"))
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as local_dir:
-        bench = make_bench(pathlib.Path(local_dir), args.size_mib)
+        bench = make_bench(pathlib.Path(local_dir), args.size_mib, args.tensor_mib)
         cases = build_cases(bench)
         size = len(bench.payload)
         log(f"checkpoint: {len(bench.state_dict)} tensors, {size / MiB:.1f} MiB serialized")
-        run_rounds(bench, cases, args.rounds, log)
+        run_rounds(bench, cases, args.rounds, log, loads_only=args.loads_only)
     info["loadavg_end"] = os.getloadavg()
     rows = summarize(cases, size)
 
     tensors = len(bench.state_dict)
     print(format_machine(info))
-    print(f"{'checkpoint':<19}{tensors} tensors (4 MiB weights, 4 KiB biases, 2 scalars), {size / MiB:.1f} MiB")
+    print(
+        f"{'checkpoint':<19}{tensors} tensors ({args.tensor_mib} MiB weights, 4 KiB biases, 2 scalars), {size / MiB:.1f} MiB"
+    )
     print()
-    for direction in ("save", "load"):
+    for direction in ("load",) if args.loads_only else ("save", "load"):
         print(format_table([r for r in rows if r.direction == direction], direction, size, args.rounds))
         print()
     print(format_concurrency_table(cases, size))

@@ -132,6 +132,8 @@ class _LoopbackBearerTokenPolicy(BearerTokenCredentialPolicy[Any, Any]):
         super().on_request(request)
 
 
+# Asked for every client made (a dataset makes one per sample); parsing the address costs more than the rest.
+@functools.lru_cache(maxsize=256)
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

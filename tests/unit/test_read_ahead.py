@@ -167,3 +167,58 @@ def test_closing_while_chunks_download_recycles_no_buffer_in_use(monkeypatch: py
     client.release.set()
     client._pool.shutdown(wait=True)
     assert sum(recycled is in_flight for recycled in returned) == 1  # returned once, when done
+
+
+def test_large_reads_after_the_window_has_widened_still_go_to_the_destination(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A large read whose start the read-ahead already holds copies only that part; the rest goes
+    straight into the destination. (It used to widen the window at every chunk it entered and copy
+    all of itself, so a checkpoint of large tensors was received into chunks and copied.)"""
+    monkeypatch.setattr(_read_ahead, "AFTER_DIRECT_BYTES", 64)
+    data = os.urandom(CHUNK * 80)
+    buffer, client = make_buffer(data, max_chunks=4)
+    position = 0
+    for _ in range(20):  # small forward reads: the window widens to max_chunks - 1 chunks ahead
+        assert read(buffer, position, 100) == data[position : position + 100]
+        position += 100
+    for record in range(3):  # then large records, each behind a header-sized read, as torch.load reads them
+        for chunk in list(buffer._store._chunks.values()):
+            chunk.future.result()  # the fake records a request when it runs
+        requested_before = list(client.reads)
+        assert read(buffer, position, CHUNK * 15) == data[position : position + CHUNK * 15], f"record {record}"
+        position += CHUNK * 15
+        direct = [(offset, offset + length) for offset, length, _ in client.parallel_reads]
+        new_chunks = [
+            (start, length)
+            for start, length in client.reads[len(requested_before) :]
+            if not any(low <= start < high for low, high in direct)  # the parts of direct reads
+        ]
+        # No chunk is fetched for the record itself; only the small one after its end.
+        assert all(start >= position for start, _ in new_chunks), new_chunks
+        assert read(buffer, position, 30) == data[position : position + 30]
+        position += 30
+    copied_into_records = sum(length for _, length, _ in client.parallel_reads)
+    assert copied_into_records >= CHUNK * 15 * 3 - CHUNK * 4  # at most the window held before the first
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_mixed_small_and_direct_reads_under_a_perturbed_schedule(seed: int) -> None:
+    """Large reads that are partly held by chunks and partly read directly, between small ones, with
+    every hand-off point (chunk pick and copy, part finish, buffer release) perturbed."""
+    mib = 1024 * 1024
+    data = random.Random(seed).randbytes(20 * mib + 7)
+    print(f"perturbation seed {seed}")
+    buffer, client = make_buffer(data, max_chunks=3, first=mib, chunk_size=mib)
+    chooser = random.Random(seed)
+    position = 0
+    with _schedule.perturbed(seed, max_delay=0.002, probability=0.5):
+        for step in range(120):
+            if chooser.random() < 0.15:
+                position = chooser.randrange(0, len(data))
+            length = chooser.choice([30, 4096, mib // 3, 3 * mib, 3 * mib + 5, 5 * mib])
+            got = read(buffer, position, length)
+            assert got == data[position : position + length], f"step {step} at {position}"
+            position += len(got)
+    buffer.close()
+    assert client.parallel_reads  # the direct path ran
