@@ -19,7 +19,7 @@ from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, Lea
 JUMP_FETCH_BYTES = 1024 * 1024
 # A read of at least max_chunks * DIRECT_PART_BYTES (smaller with smaller chunks) goes straight
 # into the caller's buffer for every range of it that no chunk holds, in up to max_chunks parallel
-# ranged GETs of DIRECT_PART_BYTES to chunk_size: alone, it keeps every connection busy. A copy out
+# ranged GETs of DIRECT_PART_BYTES to block_size: alone, it keeps every connection busy. A copy out
 # of a chunk into torch.load's fresh tensor memory costs as much CPU as receiving the bytes (the
 # page faults plus a pass over memory), which direct reads save. 4 MiB is the Azure SDK's own
 # range size: large enough that the per-request cost stays small next to the transfer. Smaller
@@ -63,14 +63,14 @@ class _ChunkStore:
         client: AzStorageTorchBlobClient,
         properties: BlobProperties,
         *,
-        chunk_size: int,
+        block_size: int,
         capacity: int,
         validate_content: bool,
         checksums: PieceChecksums | None,
     ) -> None:
         self._client = client
         self._properties = properties
-        self._chunk_size = chunk_size
+        self._block_size = block_size
         self._capacity = capacity
         self._validate_content = validate_content
         self._checksums = checksums
@@ -100,10 +100,10 @@ class _ChunkStore:
 
     def request(self, start: int, length: int) -> _Chunk:
         """Start downloading ``length`` bytes (at most a chunk) from ``start``, evicting the oldest chunks."""
-        stop = min(start + min(length, self._chunk_size), self._properties.size)
+        stop = min(start + min(length, self._block_size), self._properties.size)
         # Full chunks use the process's pooled buffers: allocating multi-MiB buffers afresh costs
         # page faults that, with transfer threads running, cost more CPU than the transfer itself.
-        chunk_lease = lease(self._chunk_size if stop - start == self._chunk_size else stop - start)
+        chunk_lease = lease(self._block_size if stop - start == self._block_size else stop - start)
         download_hold = chunk_lease.retain()
         future = self._client.submit(self._download, start, download_hold.view(stop - start))
         future.add_done_callback(lambda _: download_hold.release())  # also when cancelled before it ran
@@ -140,15 +140,15 @@ class _ChunkStore:
 class ReadAheadBuffer:
     """A sliding window of chunks downloaded in parallel ahead of a forward-moving reader.
 
-    Small reads are served from chunks of up to ``chunk_size`` bytes, each fetched by one ranged
+    Small reads are served from chunks of up to ``block_size`` bytes, each fetched by one ranged
     GET. While reads keep moving forward, the number of chunks requested ahead of the reader doubles, up to
     ``max_chunks - 1``, so a long sequential read keeps that many requests in flight and the
     reader rarely waits. A jump elsewhere resets the window and fetches a small chunk at the new
     position. At most ``max_chunks + 1`` chunks are kept, which bounds memory at about
-    ``(max_chunks + 2) * chunk_size`` bytes whatever the blob's size (one more for a chunk that is
+    ``(max_chunks + 2) * block_size`` bytes whatever the blob's size (one more for a chunk that is
     evicted while a read copies out of it).
 
-    A read of ``max_chunks * DIRECT_PART_BYTES`` bytes or more (``max_chunks * chunk_size`` with
+    A read of ``max_chunks * DIRECT_PART_BYTES`` bytes or more (``max_chunks * block_size`` with
     smaller chunks) bypasses the window for every range of it that no chunk holds: those ranges are
     split into parallel ranged GETs that write straight into the caller's buffer, while a small
     chunk after its end is fetched for the small reads that usually come next. Such a read does not
@@ -165,7 +165,7 @@ class ReadAheadBuffer:
         client: AzStorageTorchBlobClient,
         properties: BlobProperties,
         *,
-        chunk_size: int,
+        block_size: int,
         max_chunks: int,
         first_chunk: bytearray,
         validate_content: bool = False,
@@ -175,14 +175,14 @@ class ReadAheadBuffer:
         self._validate_content = validate_content
         self._checksums = checksums
         self._properties = properties
-        self._chunk_size = chunk_size
+        self._block_size = block_size
         self._max_chunks = max(1, max_chunks)
-        self._direct_part = min(chunk_size, DIRECT_PART_BYTES)
+        self._direct_part = min(block_size, DIRECT_PART_BYTES)
         self._direct_min = self._direct_part * self._max_chunks
         self._store = _ChunkStore(
             client,
             properties,
-            chunk_size=chunk_size,
+            block_size=block_size,
             capacity=self._max_chunks + 1,
             validate_content=validate_content,
             checksums=checksums,
@@ -221,7 +221,7 @@ class ReadAheadBuffer:
                 offset = stop
                 continue
             if chunk is None:
-                chunk = self._fetch_at(offset, forward=0 <= offset - self._next_expected < self._chunk_size)
+                chunk = self._fetch_at(offset, forward=0 <= offset - self._next_expected < self._block_size)
             # A large read does not widen the window: what it covers next is read directly.
             offset += self._copy_out(chunk, offset, destination[offset - position : end - position], widen=not direct)
         self._next_expected = max(end, position)
@@ -256,12 +256,12 @@ class ReadAheadBuffer:
             self._window_anchor = self._store.request(end, AFTER_DIRECT_BYTES).start
         # The chunks still downloading count towards max_concurrency; the parts take what is left.
         concurrency = max(1, self._max_chunks - self._store.downloading())
-        part_size = min(self._chunk_size, max(self._direct_part, -(-len(destination) // concurrency)))
+        direct_block_size = min(self._block_size, max(self._direct_part, -(-len(destination) // concurrency)))
         self._client.download_parallel(
             offset,
             destination,
             etag=self._properties.etag,
-            block_size=part_size,
+            block_size=direct_block_size,
             max_concurrency=concurrency,
             validate_content=self._validate_content,
         )
@@ -270,7 +270,7 @@ class ReadAheadBuffer:
 
     def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:
         if forward:
-            return self._store.request(offset, self._chunk_size)  # the read-ahead follows in _copy_out
+            return self._store.request(offset, self._block_size)  # the read-ahead follows in _copy_out
         self._ahead = 0
         chunk = self._store.request(offset, JUMP_FETCH_BYTES)
         self._window_anchor = chunk.start
@@ -284,13 +284,13 @@ class ReadAheadBuffer:
         for _ in range(self._ahead):
             if start >= self.size:
                 break
-            start = (self._store.find(start) or self._store.request(start, self._chunk_size)).stop
+            start = (self._store.find(start) or self._store.request(start, self._block_size)).stop
 
     def whole_crc32(self) -> int:
         """The whole blob's CRC-32, from everything downloaded, after downloading what never was."""
         assert self._checksums is not None
         offset = self._checksums.covered_from_start()
-        window = self._chunk_size * self._max_chunks
+        window = self._block_size * self._max_chunks
         while (crc := self._checksums.whole()) is None:
             if offset >= self.size:  # downloads from the reachable end on always tile the rest
                 raise AssertionError("downloaded ranges do not tile the blob")
@@ -299,7 +299,7 @@ class ReadAheadBuffer:
                 offset,
                 length,
                 etag=self._properties.etag,
-                block_size=self._chunk_size,
+                block_size=self._block_size,
                 max_concurrency=self._max_chunks,
                 validate_content=self._validate_content,
             )

@@ -179,7 +179,7 @@ class BlobIO(io.IOBase, BinaryIO):
         return ReadAheadBuffer(
             self._client,
             properties,
-            chunk_size=block_size,
+            block_size=block_size,
             max_chunks=max_concurrency,
             first_chunk=first,
             validate_content=validate_content,

@@ -16,13 +16,13 @@ CHUNK = 1024
 
 
 def make_buffer(
-    data: bytes, *, max_chunks: int = 4, first: int = CHUNK, chunk_size: int = CHUNK
+    data: bytes, *, max_chunks: int = 4, first: int = CHUNK, block_size: int = CHUNK
 ) -> tuple[ReadAheadBuffer, InMemoryBlobClient]:
     client = InMemoryBlobClient(data)
     buffer = ReadAheadBuffer(
         client,  # type: ignore[arg-type]
         client.properties,
-        chunk_size=chunk_size,
+        block_size=block_size,
         max_chunks=max_chunks,
         first_chunk=bytearray(data[:first]),
     )
@@ -108,9 +108,9 @@ def test_large_uncovered_reads_go_straight_to_the_destination(monkeypatch: pytes
     assert read(buffer, CHUNK * 10, 30) == data[CHUNK * 10 : CHUNK * 10 + 30]
     assert read(buffer, CHUNK * 10 + 64, CHUNK * 12) == data[CHUNK * 10 + 64 : CHUNK * 22 + 64]
     assert read(buffer, CHUNK * 22 + 64, 30) == data[CHUNK * 22 + 64 : CHUNK * 22 + 94]
-    [(offset, length, part_size)] = client.parallel_reads
+    [(offset, length, block_size)] = client.parallel_reads
     assert offset > CHUNK * 10 + 64 and offset + length == CHUNK * 22 + 64  # what the chunk did not cover
-    assert part_size == CHUNK  # parts of chunk_size; 12 chunks >= max_chunks * chunk_size
+    assert block_size == CHUNK  # parts of block_size; 12 chunks >= max_chunks * block_size
     # The small read after it was served by the small chunk fetched alongside, not a new request.
     assert (CHUNK * 22 + 64, 64) in client.reads
     assert not any(start == CHUNK * 22 + 64 and length != 64 for start, length in client.reads)
@@ -124,7 +124,7 @@ def test_random_reads_with_pooled_chunks_under_a_perturbed_schedule(max_chunks: 
     data = random.Random(max_chunks).randbytes(14 * mib + 5)
     for seed in (1, 2, 3):
         print(f"perturbation seed {seed}, max_chunks {max_chunks}")
-        buffer, _ = make_buffer(data, max_chunks=max_chunks, first=mib, chunk_size=mib)
+        buffer, _ = make_buffer(data, max_chunks=max_chunks, first=mib, block_size=mib)
         chooser = random.Random(seed)
         position = 0
         with _schedule.perturbed(seed, max_delay=0.002, probability=1.0, only=frozenset({"chunk.copy"})):
@@ -144,7 +144,7 @@ def test_closing_while_chunks_download_recycles_no_buffer_in_use(monkeypatch: py
     """A buffer goes back to the pool only when its download is done, even if the reader closed first."""
     mib = 1024 * 1024
     data = os.urandom(8 * mib)
-    buffer, client = make_buffer(data, first=mib, chunk_size=mib)
+    buffer, client = make_buffer(data, first=mib, block_size=mib)
     client.release.clear()  # downloads wait for this
     returned: list[bytearray] = []
     monkeypatch.setattr(_buffers, "give_back", returned.append)
@@ -209,7 +209,7 @@ def test_mixed_small_and_direct_reads_under_a_perturbed_schedule(seed: int) -> N
     mib = 1024 * 1024
     data = random.Random(seed).randbytes(20 * mib + 7)
     print(f"perturbation seed {seed}")
-    buffer, client = make_buffer(data, max_chunks=3, first=mib, chunk_size=mib)
+    buffer, client = make_buffer(data, max_chunks=3, first=mib, block_size=mib)
     chooser = random.Random(seed)
     position = 0
     with _schedule.perturbed(seed, max_delay=0.002, probability=0.5):
