@@ -50,6 +50,7 @@ from _common import (
 )
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
+from azstoragetorch.integrations.dcp import _MemoryFile
 from azstoragetorch.io import BlobIO
 from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
 
@@ -282,12 +283,9 @@ def save_raw_blocks(bench: Bench, blob: str, concurrency: int, with_md5: bool = 
     return sw.sample
 
 
-def load_raw_ranged_gets(bench: Bench, blob: str, concurrency: int) -> Sample:
-    """Anonymous ranged GETs (public container) from a thread pool into a preallocated buffer."""
-    buffer = bytearray(len(bench.payload))
-    view = memoryview(buffer)
-
-    with Stopwatch() as sw, ThreadConnections(bench.blob_url(blob)) as connections:
+def _raw_ranged_gets_into(bench: Bench, blob: str, concurrency: int, view: memoryview) -> None:
+    """Anonymous ranged GETs (public container) from a thread pool straight into ``view``."""
+    with ThreadConnections(bench.blob_url(blob)) as connections:
 
         def get_range(chunk: tuple[int, int]) -> None:
             start, end = chunk
@@ -300,65 +298,32 @@ def load_raw_ranged_gets(bench: Bench, blob: str, concurrency: int) -> Sample:
                 filled += count
 
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(get_range, _chunks(len(buffer))))
+            list(pool.map(get_range, _chunks(len(view))))
+
+
+def load_raw_ranged_gets(bench: Bench, blob: str, concurrency: int) -> Sample:
+    """Anonymous ranged GETs (public container) from a thread pool into a preallocated buffer."""
+    buffer = bytearray(len(bench.payload))
+    view = memoryview(buffer)
+    with Stopwatch() as sw:
+        _raw_ranged_gets_into(bench, blob, concurrency, view)
     view.release()
     verify_bytes(buffer, bench.payload, f"raw GET x{concurrency}")
     return sw.sample
 
 
-class MemoryReader(io.RawIOBase):
+def MemoryReader(data: bytearray) -> io.RawIOBase:  # stands in for a class
     """A file object over bytes already in memory, with no copy of them (``io.BytesIO`` of a bytearray copies
-    it first): what torch.load reads from after a client that downloads to memory."""
-
-    def __init__(self, data: bytearray) -> None:
-        super().__init__()
-        self._view = memoryview(data)
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
-        self._position = base + offset
-        return self._position
-
-    def readinto(self, buffer: Any) -> int:
-        piece = self._view[self._position : self._position + len(memoryview(buffer).cast("B"))]
-        memoryview(buffer).cast("B")[: len(piece)] = piece
-        self._position += len(piece)
-        return len(piece)
-
-    def close(self) -> None:
-        self._view.release()
-        super().close()
+    it first): what torch.load reads from after a client that downloads to memory. The DCP reader's own."""
+    return _MemoryFile(memoryview(data))
 
 
 def load_raw_then_torch(bench: Bench, blob: str, concurrency: int) -> Sample:
     """The issue's ceiling for a load: the raw ranged GETs into memory, then torch.load from that memory."""
     buffer = bytearray(len(bench.payload))
     view = memoryview(buffer)
-
-    with Stopwatch() as sw, ThreadConnections(bench.blob_url(blob)) as connections:
-
-        def get_range(chunk: tuple[int, int]) -> None:
-            start, end = chunk
-            response = _request(connections.get(), "GET", connections.path, {"Range": f"bytes={start}-{end - 1}"})
-            filled = start
-            while filled < end:
-                count = response.readinto(view[filled:end])
-                if not count:
-                    raise RuntimeError(f"raw GET: range {start}-{end - 1} ended early at {filled}")
-                filled += count
-
-        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(get_range, _chunks(len(buffer))))
+    with Stopwatch() as sw:
+        _raw_ranged_gets_into(bench, blob, concurrency, view)
         view.release()
         with MemoryReader(buffer) as reader:
             loaded = torch.load(reader)
