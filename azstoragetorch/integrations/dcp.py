@@ -717,6 +717,10 @@ class BlobStorageReader(FileSystemReader):
         )
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        # Not FileSystemReader's read loop, which opens each shard file as a stream through the
+        # FileSystemBase seam and reads item by item: here the plan's items of all files are
+        # coalesced into ranged fetches that run in parallel, and each item is loaded from memory
+        # (_load_item). The seam still serves .metadata (read_metadata) and everything else.
         files = cast(_BlobFiles, self.fs)
         window = files.max_concurrency * files.block_size
         spans = _coalesce(plan.items, self.storage_data, max_span=max(files.block_size, window // 2))
@@ -816,6 +820,30 @@ def _coalesce(items: list[ReadItem], storage_data: dict[Any, _StorageInfo], *, m
     return interleaved
 
 
+class _ByteBudget:
+    """The bytes of spans a load holds at once: being fetched, fetched and waiting, or being consumed.
+
+    It only answers whether one more span fits; which span frees room, and when, is the order of
+    hand-over, decided by :meth:`_SpanFetcher.fetch_in_order`. Only the consuming thread uses it
+    (the fetching threads never touch it), so it needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held = 0
+
+    def admits(self, size: int) -> bool:
+        """Whether a span of ``size`` bytes fits beside those held. (A span larger than the limit
+        never fits: the caller starts it once every span before it has been handed over.)"""
+        return self._held + size <= self._limit
+
+    def take(self, size: int) -> None:
+        self._held += size
+
+    def give_back(self, size: int) -> None:
+        self._held -= size
+
+
 class _SpanFetcher:
     """Downloads spans in parallel, handing them back in order while holding a bounded amount of memory.
 
@@ -835,36 +863,42 @@ class _SpanFetcher:
         self._checksums: dict[str, PieceChecksums] = {}
 
     def fetch_in_order(self, spans: list[_Span]) -> Iterator[tuple[_Span, memoryview]]:
-        """Each span with its bytes, in the order given; the bytes are valid until the next span is asked for."""
-        pending: collections.deque[tuple[_Span, concurrent.futures.Future[Lease]]] = collections.deque()
-        in_flight = 0
+        """Each span with its bytes, in the order given; the bytes are valid until the next span is asked for.
+
+        Two jobs, kept apart: the :class:`_ByteBudget` says whether the next span may start (memory),
+        and this keeps the started spans in a queue and hands them over oldest first (order). Handing
+        over is the only way bytes go back to the budget, so a span waits only for spans before it.
+        """
+        budget = _ByteBudget(self._budget)
+        started: collections.deque[tuple[_Span, concurrent.futures.Future[Lease]]] = collections.deque()
         workers = max(1, min(len(spans), 2 * self._files.max_concurrency))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="azstoragetorch-dcp") as pool:
             try:
                 for span in spans:
-                    while pending and in_flight + (span.end - span.start) > self._budget:
-                        in_flight -= yield from self._hand_over(pending.popleft())
-                    pending.append((span, pool.submit(self._fetch, span)))
-                    in_flight += span.end - span.start
-                while pending:
-                    yield from self._hand_over(pending.popleft())
+                    while started and not budget.admits(span.end - span.start):
+                        yield from self._hand_over(started.popleft(), budget)
+                    budget.take(span.end - span.start)
+                    started.append((span, pool.submit(self._fetch, span)))
+                while started:
+                    yield from self._hand_over(started.popleft(), budget)
             finally:
                 # Spans fetched but never handed over: their leases are ours to release, once fetched.
-                for _, future in pending:
+                for _, future in started:
                     future.cancel()
                     future.add_done_callback(_release_fetched)
 
     @staticmethod
     def _hand_over(
-        entry: tuple[_Span, concurrent.futures.Future[Lease]],
-    ) -> Generator[tuple[_Span, memoryview], None, int]:
+        entry: tuple[_Span, concurrent.futures.Future[Lease]], budget: _ByteBudget
+    ) -> Generator[tuple[_Span, memoryview], None, None]:
+        """Give the consumer one span's bytes, then its buffer back to the pool and its bytes to ``budget``."""
         span, future = entry
         lease = future.result()
         try:
             yield span, lease.view(span.end - span.start)
         finally:
             lease.release()  # the consumer is done with it (it asked for the next span, or stopped)
-        return span.end - span.start
+        budget.give_back(span.end - span.start)
 
     def verify_whole_files(self) -> None:
         """Check every shard file read whole against the CRC-32 its writer recorded."""
