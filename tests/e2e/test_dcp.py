@@ -1018,6 +1018,34 @@ def test_a_shard_file_replaced_between_its_ranges_fails_the_load(
     assert [seen.operation for seen in proxy.requests if seen.path.endswith(shard)].count("GetBlobProperties") == 0
 
 
+def test_spans_of_one_file_wait_for_its_first_answer_under_perturbation(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    # Two shard files of eight 1 MiB tensors, fetched as many spans of 1 MiB side by side: every span
+    # but a file's first waits for that first answer's ETag. Once loaded whole; once with the first
+    # GET of one file refused, which every span of that file must then fail with.
+    seed = random.randrange(2**32)
+    print(f"perturbation seed {seed}")
+    expected = state_dict(tensors=16, size=256 * 1024)
+    url = proxy.url(container.blob_url("spans"))
+    dcp.save(expected, storage_writer=writer(url, azurite.credential, thread_count=2))
+    options = {"block_size": MiB // 2, "max_concurrency": 4}
+
+    loaded = empty_like(expected)
+    with _schedule.perturbed(seed):
+        dcp.load(loaded, storage_reader=reader(url, azurite.credential, **options))
+    assert_same(loaded, expected)
+
+    refused = proxy.add_fault(
+        lambda seen: is_shard_get(seen) and "if-match" not in seen.headers and "_1.distcp" in seen.path,
+        Respond(403, "AuthorizationFailure"),
+        times=None,
+    )
+    with _schedule.perturbed(seed), pytest.raises(CheckpointException, match="AuthorizationFailure"):
+        dcp.load(empty_like(expected), storage_reader=reader(url, azurite.credential, **options))
+    assert refused.hits == 1  # the file's other spans waited for its first answer and failed with it
+
+
 def test_a_missing_shard_file_fails_the_load_naming_it(
     container: Container, account_credential: AzureNamedKeyCredential
 ) -> None:
