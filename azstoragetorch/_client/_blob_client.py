@@ -219,6 +219,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         etag: str | None,
         validate_content: bool = False,
         stop: threading.Event | None = None,
+        on_response: Callable[[BlobProperties], None] | None = None,
     ) -> tuple[BlobProperties, int]:
         """Fill ``buffer`` with the blob's bytes from ``offset``; stops early only at the blob's end.
 
@@ -233,6 +234,9 @@ class AzStorageTorchBlobClient(ResourceClient):
 
         Once ``stop`` is set (another part of the same parallel read failed), no further request is
         sent and :class:`DownloadStopped` is raised.
+
+        ``on_response`` is called once, with the properties of the first answer, as soon as its
+        headers are in (before its body): a caller can pin other reads to its ETag without waiting.
         """
         filled = 0
         properties: BlobProperties | None = None
@@ -240,9 +244,16 @@ class AzStorageTorchBlobClient(ResourceClient):
         while True:
             if stop is not None and stop.is_set():
                 raise DownloadStopped(f"Reading {self.display_url} was stopped: another part of the read failed.")
-            fetched = self._fetch_range_once(offset, buffer, filled, etag, validate_content=validate_content)
+            fetched = self._fetch_range_once(
+                offset, buffer, filled, etag, validate_content=validate_content, on_response=on_response
+            )
             if fetched is None:  # the range starts at or after the end of the blob
-                return properties or self.get_properties(), filled
+                if properties is None:  # (the first answer; _fetch_range_once did not report it)
+                    properties = self.get_properties()
+                    if on_response is not None:
+                        on_response(properties)
+                return properties, filled
+            on_response = None  # reported: only the first answer is
             properties, count, error = fetched
             etag = properties.etag  # retries must continue the same version
             filled += count
@@ -261,7 +272,14 @@ class AzStorageTorchBlobClient(ResourceClient):
             time.sleep(_pipeline.backoff_seconds(attempt))
 
     def _fetch_range_once(
-        self, offset: int, buffer: memoryview, filled: int, etag: str | None, *, validate_content: bool
+        self,
+        offset: int,
+        buffer: memoryview,
+        filled: int,
+        etag: str | None,
+        *,
+        validate_content: bool,
+        on_response: Callable[[BlobProperties], None] | None = None,
     ) -> tuple[BlobProperties, int, BaseException | None] | None:
         """One ranged GET for ``buffer[filled:]`` (at most one validated range), read into place.
 
@@ -278,6 +296,8 @@ class AzStorageTorchBlobClient(ResourceClient):
         if response is None:
             return None
         properties = _properties_from(response, size=_total_size(response))
+        if on_response is not None:
+            on_response(properties)
         requested_end = min(filled + length, len(buffer), properties.size - offset)
         received = buffer[filled:requested_end]
         count, error = _read_body_into(response, received)
@@ -303,10 +323,11 @@ class AzStorageTorchBlobClient(ResourceClient):
         offset: int,
         buffer: memoryview,
         *,
-        etag: str,
+        etag: str | None,
         block_size: int,
         max_concurrency: int,
         validate_content: bool = False,
+        on_response: Callable[[BlobProperties], None] | None = None,
     ) -> None:
         """Fill ``buffer`` from ``offset`` with up to ``max_concurrency`` ranged GETs at a time.
 
@@ -314,25 +335,48 @@ class AzStorageTorchBlobClient(ResourceClient):
         not yet started are cancelled, the running ones stop at their next request, and all of them
         are waited for: ``buffer`` may be the caller's memory (``torch.load``'s tensor storage) or a
         leased buffer that goes back to the pool right after, so nothing may write into it later.
+
+        Without ``etag``, the first part's answer pins the version: the other parts are sent once its
+        headers are in, with its ETag, so the bytes are of one version and no properties request is
+        needed first. ``on_response`` gets that first answer's properties, as for :meth:`download_into`.
         """
         parts = [(start, min(start + block_size, len(buffer))) for start in range(0, len(buffer), block_size)]
         if len(parts) <= 1:
-            self.download_into(offset, buffer, etag=etag, validate_content=validate_content)
+            self.download_into(offset, buffer, etag=etag, validate_content=validate_content, on_response=on_response)
             return
         stop = threading.Event()
+        first_answer: Future[BlobProperties] = Future()
 
-        def download_part(start: int, stop_at: int) -> None:
+        def answered(properties: BlobProperties) -> None:
+            first_answer.set_result(properties)
+            if on_response is not None:
+                on_response(properties)
+
+        def download_part(
+            start: int, stop_at: int, etag: str | None, seen: Callable[[BlobProperties], None] | None
+        ) -> None:
             self.download_into(
-                offset + start, buffer[start:stop_at], etag=etag, validate_content=validate_content, stop=stop
+                offset + start,
+                buffer[start:stop_at],
+                etag=etag,
+                validate_content=validate_content,
+                stop=stop,
+                on_response=seen,
             )
             _schedule.pause("part.finish")
 
-        started: list[Future[None]] = []
+        started: list[Future[None]] = [self.submit(download_part, *parts[0], etag, answered)]
         try:
-            for start, stop_at in parts:
+            if etag is None:
+                waited: list[Future[Any]] = [started[0], first_answer]
+                concurrent.futures.wait(waited, return_when=concurrent.futures.FIRST_COMPLETED)
+                if not first_answer.done():
+                    started[0].result()  # it failed before an answer came: raises why
+                etag = first_answer.result().etag
+            for start, stop_at in parts[1:]:
                 if len(started) >= max_concurrency:
                     started[len(started) - max_concurrency].result()  # a slot is free once the oldest part is done
-                started.append(self.submit(download_part, start, stop_at))
+                started.append(self.submit(download_part, start, stop_at, etag, None))
             for future in started:
                 future.result()
         except BaseException:
@@ -347,15 +391,17 @@ class AzStorageTorchBlobClient(ResourceClient):
         offset: int,
         length: int,
         *,
-        etag: str,
+        etag: str | None,
         block_size: int,
         max_concurrency: int,
         validate_content: bool = False,
+        on_response: Callable[[BlobProperties], None] | None = None,
     ) -> _buffers.Lease:
         """The blob's ``length`` bytes from ``offset``, in a leased pooled buffer the caller releases.
 
         The buffer's size is ``length`` rounded up to whole parts, so that ranges of similar sizes
-        reuse each other's buffers. Fetched as :meth:`download_parallel` does.
+        reuse each other's buffers. Fetched as :meth:`download_parallel` does (``etag`` and
+        ``on_response`` as there).
         """
         lease = _buffers.lease(-(-length // block_size) * block_size)
         try:
@@ -366,6 +412,7 @@ class AzStorageTorchBlobClient(ResourceClient):
                 block_size=block_size,
                 max_concurrency=max_concurrency,
                 validate_content=validate_content,
+                on_response=on_response,
             )
         except BaseException:
             lease.release()

@@ -694,7 +694,7 @@ class BlobStorageReader(FileSystemReader):
         max_span = max(files.block_size, files.max_concurrency * files.block_size // 2)
         for name in names:
             try:
-                _, properties = fetcher.pinned_version(name)
+                properties = fetcher.pinned_version(name)
             except FileNotFoundError:
                 missing.append(name)
                 continue
@@ -717,6 +717,10 @@ class BlobStorageReader(FileSystemReader):
         )
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        # Not FileSystemReader's read loop, which opens each shard file as a stream through the
+        # FileSystemBase seam and reads item by item: here the plan's items of all files are
+        # coalesced into ranged fetches that run in parallel, and each item is loaded from memory
+        # (_load_item). The seam still serves .metadata (read_metadata) and everything else.
         files = cast(_BlobFiles, self.fs)
         window = files.max_concurrency * files.block_size
         spans = _coalesce(plan.items, self.storage_data, max_span=max(files.block_size, window // 2))
@@ -816,6 +820,30 @@ def _coalesce(items: list[ReadItem], storage_data: dict[Any, _StorageInfo], *, m
     return interleaved
 
 
+class _ByteBudget:
+    """The bytes of spans a load holds at once: being fetched, fetched and waiting, or being consumed.
+
+    It only answers whether one more span fits; which span frees room, and when, is the order of
+    hand-over, decided by :meth:`_SpanFetcher.fetch_in_order`. Only the consuming thread uses it
+    (the fetching threads never touch it), so it needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held = 0
+
+    def admits(self, size: int) -> bool:
+        """Whether a span of ``size`` bytes fits beside those held. (A span larger than the limit
+        never fits: the caller starts it once every span before it has been handed over.)"""
+        return self._held + size <= self._limit
+
+    def take(self, size: int) -> None:
+        self._held += size
+
+    def give_back(self, size: int) -> None:
+        self._held -= size
+
+
 class _SpanFetcher:
     """Downloads spans in parallel, handing them back in order while holding a bounded amount of memory.
 
@@ -829,40 +857,48 @@ class _SpanFetcher:
         self._recorder = recorder  # counts the requests and bytes of a load
         self._budget = files.max_concurrency * files.block_size  # bytes being fetched, beside the span in use
         self._lock = threading.Lock()
-        self._versions: dict[str, concurrent.futures.Future[tuple[AzStorageTorchBlobClient, BlobProperties]]] = {}
+        self._clients: dict[str, AzStorageTorchBlobClient] = {}
+        # Each shard file's properties, from the first answer about it: every range read is pinned to it.
+        self._versions: dict[str, concurrent.futures.Future[BlobProperties]] = {}
         self._checksums: dict[str, PieceChecksums] = {}
 
     def fetch_in_order(self, spans: list[_Span]) -> Iterator[tuple[_Span, memoryview]]:
-        """Each span with its bytes, in the order given; the bytes are valid until the next span is asked for."""
-        pending: collections.deque[tuple[_Span, concurrent.futures.Future[Lease]]] = collections.deque()
-        in_flight = 0
+        """Each span with its bytes, in the order given; the bytes are valid until the next span is asked for.
+
+        Two jobs, kept apart: the :class:`_ByteBudget` says whether the next span may start (memory),
+        and this keeps the started spans in a queue and hands them over oldest first (order). Handing
+        over is the only way bytes go back to the budget, so a span waits only for spans before it.
+        """
+        budget = _ByteBudget(self._budget)
+        started: collections.deque[tuple[_Span, concurrent.futures.Future[Lease]]] = collections.deque()
         workers = max(1, min(len(spans), 2 * self._files.max_concurrency))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="azstoragetorch-dcp") as pool:
             try:
                 for span in spans:
-                    while pending and in_flight + (span.end - span.start) > self._budget:
-                        in_flight -= yield from self._hand_over(pending.popleft())
-                    pending.append((span, pool.submit(self._fetch, span)))
-                    in_flight += span.end - span.start
-                while pending:
-                    yield from self._hand_over(pending.popleft())
+                    while started and not budget.admits(span.end - span.start):
+                        yield from self._hand_over(started.popleft(), budget)
+                    budget.take(span.end - span.start)
+                    started.append((span, pool.submit(self._fetch, span)))
+                while started:
+                    yield from self._hand_over(started.popleft(), budget)
             finally:
                 # Spans fetched but never handed over: their leases are ours to release, once fetched.
-                for _, future in pending:
+                for _, future in started:
                     future.cancel()
                     future.add_done_callback(_release_fetched)
 
     @staticmethod
     def _hand_over(
-        entry: tuple[_Span, concurrent.futures.Future[Lease]],
-    ) -> Generator[tuple[_Span, memoryview], None, int]:
+        entry: tuple[_Span, concurrent.futures.Future[Lease]], budget: _ByteBudget
+    ) -> Generator[tuple[_Span, memoryview], None, None]:
+        """Give the consumer one span's bytes, then its buffer back to the pool and its bytes to ``budget``."""
         span, future = entry
         lease = future.result()
         try:
             yield span, lease.view(span.end - span.start)
         finally:
             lease.release()  # the consumer is done with it (it asked for the next span, or stopped)
-        return span.end - span.start
+        budget.give_back(span.end - span.start)
 
     def verify_whole_files(self) -> None:
         """Check every shard file read whole against the CRC-32 its writer recorded."""
@@ -876,46 +912,75 @@ class _SpanFetcher:
         """For a file read whole whose CRC-32 differs from the recorded one: its client, the recorded
         and the actual CRC-32 (hex). ``None`` otherwise, also for a file not read whole, or empty."""
         checksums = self._checksums.get(relative_path)
-        client, properties = self.pinned_version(relative_path)
+        client, properties = self._client(relative_path), self._version(relative_path)[0].result()
         actual = None if checksums is None else checksums.whole()
         if actual is not None and properties.crc32 is not None and actual != properties.crc32:
             return client, f"{properties.crc32:08x}", f"{actual:08x}"
         return None
 
     def _fetch(self, span: _Span) -> Lease:
-        client, properties = self.pinned_version(span.relative_path)
+        client = self._client(span.relative_path)
+        version, first = self._version(span.relative_path)
         length = span.end - span.start
-        lease = client.download_range(
-            span.start,
-            length,
-            etag=properties.etag,
-            block_size=self._files.block_size,
-            max_concurrency=self._files.max_concurrency,
-            validate_content=self._files.validate_content,
-        )
+        options: dict[str, Any] = {
+            "block_size": self._files.block_size,
+            "max_concurrency": self._files.max_concurrency,
+            "validate_content": self._files.validate_content,
+        }
+        if first:
+            # The first range of a file pins its version: the answer's headers carry the ETag, size
+            # and recorded CRC-32 that a properties request would, and every other range of the file
+            # (this span's and the others') is then read with If-Match on that ETag.
+            try:
+                with _missing_blob_as_file_not_found(client.display_url):
+                    lease = client.download_range(
+                        span.start, length, etag=None, on_response=version.set_result, **options
+                    )
+            except BaseException as error:
+                if not version.done():  # no answer came: the spans waiting for one fail alike
+                    version.set_exception(error)
+                raise
+            properties = version.result()
+        else:
+            properties = version.result()  # the first span of the file is running: it sets it
+            lease = client.download_range(span.start, length, etag=properties.etag, **options)
         if self._files.verify_checksum:
             with self._lock:
                 checksums = self._checksums.setdefault(span.relative_path, PieceChecksums(properties.size))
             checksums.add(span.start, lease.view(length))
         return lease
 
-    def pinned_version(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, BlobProperties]:
-        """The shard file's client and properties; every range is read at their ETag (one request per file)."""
+    def pinned_version(self, relative_path: str) -> BlobProperties:
+        """The shard file's properties, from a properties request if no range of it was read yet;
+        the ranges read after are pinned to it. (``verify`` needs each file's size before it reads.)"""
+        version, first = self._version(relative_path)
+        if first:
+            client = self._client(relative_path)
+            try:
+                with _missing_blob_as_file_not_found(client.display_url):
+                    version.set_result(client.get_properties())
+            except BaseException as error:
+                version.set_exception(error)
+        return version.result()
+
+    def _version(self, relative_path: str) -> tuple[concurrent.futures.Future[BlobProperties], bool]:
+        """The future of the shard file's pinned properties, and whether the caller is the first to
+        ask (and so must set it; the others wait for it)."""
         with self._lock:
             future = self._versions.get(relative_path)
-            owner = future is None
-            if future is None:
-                future = self._versions[relative_path] = concurrent.futures.Future()
-        if owner:
-            url = self._files.concat_path(self._checkpoint_url, relative_path)
-            try:
-                with _missing_blob_as_file_not_found(url):
-                    client = self._files.blob_client(url)
-                    client.recorder = self._recorder
-                    future.set_result((client, client.get_properties()))
-            except BaseException as error:
-                future.set_exception(error)
-        return future.result()
+            if future is not None:
+                return future, False
+            future = self._versions[relative_path] = concurrent.futures.Future()
+            return future, True
+
+    def _client(self, relative_path: str) -> AzStorageTorchBlobClient:
+        with self._lock:
+            client = self._clients.get(relative_path)
+            if client is None:
+                url = self._files.concat_path(self._checkpoint_url, relative_path)
+                client = self._clients[relative_path] = self._files.blob_client(url)
+                client.recorder = self._recorder
+            return client
 
 
 def _release_fetched(future: concurrent.futures.Future[Lease]) -> None:

@@ -992,20 +992,89 @@ def test_a_full_load_coalesces_many_items_into_few_requests(
     assert bytes_asked(reads) == shard_size
 
 
+def test_a_shard_file_replaced_between_its_ranges_fails_the_load(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    # The file's first GET pins its version (no properties request first); the file is replaced as
+    # the next GET, pinned with If-Match, reaches the proxy, so that GET must be refused.
+    expected = state_dict(tensors=4, size=512 * 1024)
+    url = proxy.url(container.blob_url("swapped"))
+    dcp.save(expected, storage_writer=writer(url, azurite.credential))
+    (shard,) = [name for name in names(container, "swapped") if name.endswith(".distcp")]
+    replaced = threading.Event()
+
+    def replace_at_second_range(seen: SeenRequest) -> bool:
+        if is_shard_get(seen) and "if-match" in seen.headers and not replaced.is_set():
+            container.upload(f"swapped/{shard}", b"another version")  # straight to the emulator
+            replaced.set()
+        return False
+
+    proxy.add_fault(replace_at_second_range, Respond(500), times=None)  # (the matcher acts; it never matches)
+    loaded = empty_like(expected)
+
+    with pytest.raises(CheckpointException, match="BlobModifiedDuringReadError"):
+        dcp.load(loaded, storage_reader=reader(url, azurite.credential, block_size=MiB, max_concurrency=4))
+    assert replaced.is_set()
+    assert [seen.operation for seen in proxy.requests if seen.path.endswith(shard)].count("GetBlobProperties") == 0
+
+
+def test_spans_of_one_file_wait_for_its_first_answer_under_perturbation(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    # Two shard files of eight 1 MiB tensors, fetched as many spans of 1 MiB side by side: every span
+    # but a file's first waits for that first answer's ETag. Once loaded whole; once with the first
+    # GET of one file refused, which every span of that file must then fail with.
+    seed = random.randrange(2**32)
+    print(f"perturbation seed {seed}")
+    expected = state_dict(tensors=16, size=256 * 1024)
+    url = proxy.url(container.blob_url("spans"))
+    dcp.save(expected, storage_writer=writer(url, azurite.credential, thread_count=2))
+    options = {"block_size": MiB // 2, "max_concurrency": 4}
+
+    loaded = empty_like(expected)
+    with _schedule.perturbed(seed):
+        dcp.load(loaded, storage_reader=reader(url, azurite.credential, **options))
+    assert_same(loaded, expected)
+
+    refused = proxy.add_fault(
+        lambda seen: is_shard_get(seen) and "if-match" not in seen.headers and "_1.distcp" in seen.path,
+        Respond(403, "AuthorizationFailure"),
+        times=None,
+    )
+    with _schedule.perturbed(seed), pytest.raises(CheckpointException, match="AuthorizationFailure"):
+        dcp.load(empty_like(expected), storage_reader=reader(url, azurite.credential, **options))
+    assert refused.hits == 1  # the file's other spans waited for its first answer and failed with it
+
+
+def test_a_missing_shard_file_fails_the_load_naming_it(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    dcp.save(state_dict(), storage_writer=writer(container.blob_url("gone"), account_credential, thread_count=2))
+    shard = [name for name in names(container, "gone") if name.endswith(".distcp")][1]
+    container.client.delete_blob(f"gone/{shard}")
+
+    with pytest.raises(CheckpointException) as raised:
+        dcp.load(empty_like(state_dict()), storage_reader=reader(container.blob_url("gone"), account_credential))
+    assert "FileNotFoundError" in str(raised.value) and shard in str(raised.value), str(raised.value)
+
+
 def test_large_ranges_are_split_into_parallel_requests(
     container: Container, azurite: Azurite, proxy: FaultProxy
 ) -> None:
     expected = state_dict(tensors=4, size=512 * 1024)  # 4 x 2 MiB
     url = proxy.url(container.blob_url("big"))
     dcp.save(expected, storage_writer=writer(url, azurite.credential))
-    gather = Gather(parties=4)
-    proxy.add_fault(to("__0_0.distcp", ("GetBlob",)), gather, times=4)
+    # The file's first GET (of its small first item) goes alone: its answer pins the version that
+    # the others ask for with If-Match. A tensor's 2 MiB then goes as three ranged GETs of 1 MiB or less.
+    gather = Gather(parties=3)
+    shard_get = to("__0_0.distcp", ("GetBlob",))
+    proxy.add_fault(lambda seen: shard_get(seen) and "if-match" in seen.headers, gather, times=3)
 
     loaded = empty_like(expected)
     dcp.load(loaded, storage_reader=reader(url, azurite.credential, block_size=MiB, max_concurrency=4))
 
     assert_same(loaded, expected)
-    assert gather.opened.is_set(), "four ranged GETs were never in flight together"
+    assert gather.opened.is_set(), "three ranged GETs were never in flight together"
 
 
 def test_shard_files_are_read_in_parallel(container: Container, azurite: Azurite, proxy: FaultProxy) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -54,9 +55,12 @@ class InMemoryBlobClient:
         etag: str | None,
         validate_content: bool = False,
         stop: threading.Event | None = None,
+        on_response: Callable[[BlobProperties], None] | None = None,
     ) -> tuple[BlobProperties, int]:
         with self._lock:
             self.reads.append((offset, len(buffer)))
+        if on_response is not None:
+            on_response(self.properties)
         piece = self.data[offset : offset + len(buffer)]
         buffer[: len(piece)] = piece
         return self.properties, len(piece)
@@ -66,10 +70,11 @@ class InMemoryBlobClient:
         offset: int,
         buffer: memoryview,
         *,
-        etag: str,
+        etag: str | None,
         block_size: int,
         max_concurrency: int,
         validate_content: bool = False,
+        on_response: Callable[[BlobProperties], None] | None = None,
     ) -> None:
         with self._lock:
             self.parallel_reads.append((offset, len(buffer), block_size))
@@ -82,6 +87,7 @@ class InMemoryBlobClient:
             block_size=block_size,
             max_concurrency=max_concurrency,
             validate_content=validate_content,
+            on_response=on_response,
         )
 
     download_range = AzStorageTorchBlobClient.download_range

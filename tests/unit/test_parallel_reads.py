@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from azstoragetorch._client import _buffers
+from azstoragetorch._client import BlobProperties, _buffers
 from tests.unit.fakes import InMemoryBlobClient
 
 PART = 1024
@@ -64,3 +64,42 @@ def test_download_range_returns_a_lease_and_releases_it_on_failure(monkeypatch: 
         failing.download_range(0, 4 * PART, etag='"1"', block_size=PART, max_concurrency=4)
     assert len(returned) == 1  # released exactly once, after every part ended
     assert failing.finished.acquire(timeout=0)  # (and the parts had all ended by then)
+
+
+class _RecordsEtags(InMemoryBlobClient):
+    """Records each part's ETag, and whether the first answer had come when the part was sent."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.answered = threading.Event()
+        self.sent: list[tuple[int, str | None, bool]] = []
+
+    def download_into(  # type: ignore[override]
+        self, offset: int, buffer: memoryview, *, etag: str | None, on_response: object = None, **kwargs: object
+    ) -> object:
+        with self._lock:
+            self.sent.append((offset, etag, self.answered.is_set()))
+
+        def answered(properties: BlobProperties) -> None:
+            self.answered.set()
+            if callable(on_response):
+                on_response(properties)
+
+        return super().download_into(offset, buffer, etag=etag, on_response=answered)
+
+
+def test_without_an_etag_the_first_answer_pins_the_other_parts() -> None:
+    data = bytes(range(256)) * 32  # 8 parts
+    client = _RecordsEtags(data)
+    seen: list[str] = []
+    guard = bytearray(len(data))
+
+    client.download_parallel(
+        0, memoryview(guard), etag=None, block_size=PART, max_concurrency=4, on_response=lambda p: seen.append(p.etag)
+    )
+
+    assert bytes(guard) == data
+    assert seen == [client.properties.etag]  # reported once, for the first answer
+    first, *others = sorted(client.sent)
+    assert first == (0, None, False)
+    assert others == [(offset, client.properties.etag, True) for offset in range(PART, len(data), PART)]
