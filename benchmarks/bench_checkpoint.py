@@ -312,21 +312,17 @@ def load_raw_ranged_gets(bench: Bench, blob: str, concurrency: int) -> Sample:
     return sw.sample
 
 
-def MemoryReader(data: bytearray) -> io.RawIOBase:  # stands in for a class
-    """A file object over bytes already in memory, with no copy of them (``io.BytesIO`` of a bytearray copies
-    it first): what torch.load reads from after a client that downloads to memory. The DCP reader's own."""
-    return _MemoryFile(memoryview(data))
-
-
 def load_raw_then_torch(bench: Bench, blob: str, concurrency: int) -> Sample:
     """The issue's ceiling for a load: the raw ranged GETs into memory, then torch.load from that memory."""
     buffer = bytearray(len(bench.payload))
     view = memoryview(buffer)
     with Stopwatch() as sw:
         _raw_ranged_gets_into(bench, blob, concurrency, view)
-        view.release()
-        with MemoryReader(buffer) as reader:
+        # torch.load straight from that memory: the DCP reader's file over a memoryview, which (unlike
+        # io.BytesIO of a bytearray) copies nothing first.
+        with _MemoryFile(view) as reader:
             loaded = torch.load(reader)
+        view.release()
     verify(loaded, bench.state_dict, f"raw GET x{concurrency} + torch.load")
     return sw.sample
 

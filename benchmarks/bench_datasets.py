@@ -464,19 +464,24 @@ def read_raw(data_set: DataSet, concurrency: int) -> Sample:
     with Meter() as meter, ThreadConnections(data_set.container_url) as connections:
 
         def get(name: str) -> tuple[str, Fingerprint]:
-            connection = connections.get()
-            connection.request("GET", f"{connections.path}/{name}", headers={"x-ms-version": X_MS_VERSION})
-            response = connection.getresponse()
-            data = response.read()
-            if response.status != 200:
-                raise RuntimeError(f"raw GET {name}: HTTP {response.status} {data[:300]!r}")
-            return name, fingerprint(data)
+            return name, fingerprint(_raw_get(connections, name))
 
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             for name, got in pool.map(get, data_set.names):
                 tally.add(name, got)
     tally.verify()
     return meter.sample
+
+
+def _raw_get(connections: ThreadConnections, name: str) -> bytes:
+    """One anonymous ``http.client`` GET of blob ``name`` on this thread's keep-alive connection."""
+    connection = connections.get()
+    connection.request("GET", f"{connections.path}/{name}", headers={"x-ms-version": X_MS_VERSION})
+    response = connection.getresponse()
+    data = response.read()
+    if response.status != 200:
+        raise RuntimeError(f"raw GET {name}: HTTP {response.status} {data[:300]!r}")
+    return data
 
 
 # -- client CPU per request (small data set) -----------------------------------------------------------
@@ -501,13 +506,7 @@ def read_raw_serial(data_set: DataSet) -> Sample:
     tally = Tally(data_set, "raw serial")
     with Meter() as meter, ThreadConnections(data_set.container_url) as connections:
         for name in data_set.names:
-            connection = connections.get()
-            connection.request("GET", f"{connections.path}/{name}", headers={"x-ms-version": X_MS_VERSION})
-            response = connection.getresponse()
-            data = response.read()
-            if response.status != 200:
-                raise RuntimeError(f"raw GET {name}: HTTP {response.status} {data[:300]!r}")
-            tally.add(name, fingerprint(data))
+            tally.add(name, fingerprint(_raw_get(connections, name)))
     tally.verify()
     return meter.sample
 
