@@ -423,33 +423,21 @@ def _listed_files(client: AzStorageTorchContainerClient, prefix: str | None, cac
 def _as_sequence(blobs: Iterable[Blob]) -> Sequence[Blob]:
     if isinstance(blobs, _Blobs):
         return blobs
-    if isinstance(blobs, _ContainerListing):
-        return blobs.list()
     return list(blobs)
 
 
-class _ContainerListing:
-    """The blobs of a container (under a prefix), listed when asked. Pickles without listing."""
-
-    def __init__(
-        self,
-        container_url: str,
-        prefix: str | None,
-        credential: CredentialArgument,
-        retry: RetryOptions | None,
-        cache: BlobCache | None = None,
-    ) -> None:
-        if prefix is not None and not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str or None, not {type(prefix).__name__}.")
-        self._client = AzStorageTorchContainerClient(ContainerUrl.parse(container_url), credential, retry=retry)
-        self._prefix = prefix
-        self._cache = cache
-
-    def list(self) -> _Blobs:
-        return _listed_files(self._client, self._prefix, self._cache)
-
-    def __iter__(self) -> Iterator[Blob]:
-        return iter(self.list())
+def _list_container(
+    container_url: str,
+    prefix: str | None,
+    credential: CredentialArgument,
+    retry: RetryOptions | None,
+    cache: BlobCache | None = None,
+) -> _Blobs:
+    """The blobs of a container (under ``prefix``), listed now: what ``from_container_url`` serves."""
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str or None, not {type(prefix).__name__}.")
+    client = AzStorageTorchContainerClient(ContainerUrl.parse(container_url), credential, retry=retry)
+    return _listed_files(client, prefix, cache)
 
 
 class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
@@ -574,8 +562,8 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
             TypeError: ``progress_hook`` is not callable.
         """
         cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
-        listing = _ContainerListing(container_url, prefix, credential, retry, cache)
-        return cls(listing, transform, progress_hook=progress_hook)
+        blobs = _list_container(container_url, prefix, credential, retry, cache)
+        return cls(blobs, transform, progress_hook=progress_hook)
 
     def __len__(self) -> int:
         return len(self._blobs)
@@ -598,7 +586,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
     """An iterable-style dataset with one sample per blob, sharded across workers and ranks.
 
     Create it with :meth:`from_blob_urls` or :meth:`from_container_url`. A container is listed
-    lazily, the first time the dataset is iterated (in each DataLoader worker). Samples are the
+    once, when the dataset is created; DataLoader workers share that listing. Samples are the
     same as :class:`BlobDataset`'s, fetched ahead of the consumer (up to ``prefetch`` at once) and
     yielded in order.
 
@@ -729,9 +717,12 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
     ) -> Self:
         """A dataset of every blob in a container (whose name starts with ``prefix``).
 
-        The container is listed on first iteration; a missing container or a credential that may
-        not list it raises then, naming the container. The directories of an account with a
-        hierarchical namespace (ADLS Gen2), listed as empty blobs, are not samples.
+        The container is listed now, once: every epoch and every DataLoader worker (and its copy
+        of the dataset) deals its share from this one listing, so a blob written while training
+        runs neither shifts the shares nor appears; create a new dataset to see it. A missing
+        container or a credential that may not list it raises here, naming the container. The
+        directories of an account with a hierarchical namespace (ADLS Gen2), listed as empty
+        blobs, are not samples.
 
         Args:
             container_url: ``https://<account>.blob.core.windows.net/<container>``, optionally with
@@ -763,11 +754,18 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
                 out of range or has no ``cache_dir``.
             TypeError: ``credential``, ``prefix``, ``cache_dir`` or ``cache_trust_listing`` is of an
                 unsupported type, or ``retry`` is not a ``RetryOptions``.
+            azure.core.exceptions.ResourceNotFoundError: The container does not exist.
+            azure.core.exceptions.ClientAuthenticationError: Listing is not allowed.
         """
+        check_int("prefetch", prefetch, maximum=MAX_SAMPLE_THREADS)  # before the listing's requests
         cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
-        listing = _ContainerListing(container_url, prefix, credential, retry, cache)
+        # Listed here, once: DataLoader workers (forked, or sent a pickled copy) and later epochs
+        # share this listing, so every worker deals its share from the same list of blobs. Listed in
+        # each worker instead, a blob written between two workers' listings would shift the shares,
+        # and the epoch would repeat one blob and skip another.
+        blobs = _list_container(container_url, prefix, credential, retry, cache)
         return cls(
-            listing,
+            blobs,
             transform,
             shuffle=shuffle,
             seed=seed,

@@ -37,6 +37,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from azstoragetorch._client import _schedule
 from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
 from azstoragetorch.exceptions import BlobModifiedDuringReadError
+from azstoragetorch.io import BlobIO
 from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
 from tests.conftest import Container, _make_container
 from tests.e2e import _distributed_worker
@@ -196,15 +197,64 @@ def test_map_dataset_lists_the_container_in_name_order_and_reads_every_blob(
             dataset[index]
 
 
-def test_iterable_dataset_lists_lazily_and_yields_every_blob_in_order(
+def test_iterable_dataset_lists_once_when_created_and_yields_every_blob_in_order(
     data: Container, account_credential: AzureNamedKeyCredential, azurite: Azurite
 ) -> None:
     with FaultProxy(azurite.port) as proxy:
         dataset = IterableBlobDataset.from_container_url(proxy.url(data.url), credential=account_credential)
-        assert proxy.requests == []  # nothing listed yet
+        assert [seen.operation for seen in proxy.requests] == ["GET comp=list"]
         samples = list(dataset)
+        assert list(dataset) == samples  # a second epoch: the same listing, not listed again
         assert [seen.operation for seen in proxy.requests].count("GET comp=list") == 1
     assert samples == [{"url": proxy.url(data.blob_url(name)), "data": DATA[name]} for name in ALL]
+
+
+class _SetsEventOnFirstSample:
+    """A transform that tells the test, through a fork-shared Event, that its worker has started
+    yielding samples (and so has whatever listing it deals from)."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def __call__(self, blob: Blob) -> str:
+        self.event.set()
+        return blob.blob_name
+
+
+def test_workers_deal_from_one_listing_when_the_container_changes_during_the_epoch(
+    container: Container, account_credential: AzureNamedKeyCredential, azurite: Azurite, stop_workers: list[Any]
+) -> None:
+    # Worker 1 writes a blob that sorts first once worker 0 has started yielding (so after any
+    # listing worker 0 made), then starts its own share. Had each worker listed for itself, worker 1
+    # would deal from a list one longer and shifted by one: blobs repeated, others never seen.
+    names = [f"{index:03d}.bin" for index in range(12)]
+    for name in names:
+        container.upload(name, name.encode())
+    worker_0_started = multiprocessing.get_context("fork").Event()
+    new_blob_url = container.blob_url("000-new.bin")  # "-" sorts before "."
+
+    def write_a_blob_from_worker_1(worker_id: int) -> None:
+        if worker_id == 1:
+            assert worker_0_started.wait(timeout=300), "worker 0 yielded nothing"
+            with BlobIO(new_blob_url, "wb", credential=account_credential) as file:
+                file.write(b"new")
+
+    with FaultProxy(azurite.port) as proxy:
+        dataset = IterableBlobDataset.from_container_url(
+            proxy.url(container.url), credential=account_credential, transform=_SetsEventOnFirstSample(worker_0_started)
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=2,
+            worker_init_fn=write_a_blob_from_worker_1,
+            multiprocessing_context="fork",
+        )
+        stop_workers.append(loader)
+        seen = list(loader)
+        assert container.exists("000-new.bin")  # the change did happen during the epoch
+        assert sorted(seen) == names  # each listed blob once
+        assert [request.operation for request in proxy.requests].count("GET comp=list") == 1
 
 
 @pytest.mark.parametrize(
@@ -724,39 +774,24 @@ def listing_failure(
     return data.url, wrong, ClientAuthenticationError, data.url, None
 
 
+@pytest.mark.parametrize("kind", [BlobDataset, IterableBlobDataset])
 @pytest.mark.parametrize("case", LISTING_FAILURES)
-def test_listing_failures_raise_naming_the_container_but_not_its_sas(
-    case: str, data: Container, azurite: Azurite, account_credential: AzureNamedKeyCredential
+def test_listing_failures_raise_at_creation_naming_the_container_but_not_its_sas(
+    case: str,
+    kind: type[BlobDataset[Any]],
+    data: Container,
+    azurite: Azurite,
+    account_credential: AzureNamedKeyCredential,
 ) -> None:
+    # Both classes list when created, so the error reaches the caller's process before any
+    # DataLoader worker exists (rather than being re-raised from a worker).
     url, credential, expected, shown, sas = listing_failure(case, data, azurite, account_credential)
-    with pytest.raises(expected) as at_construction:
-        BlobDataset.from_container_url(url, credential=credential)
-    dataset = IterableBlobDataset.from_container_url(url, credential=credential)  # lazy: no request yet
-    with pytest.raises(expected) as at_first_iteration:
-        next(iter(dataset))
-    for error in (at_construction.value, at_first_iteration.value):
-        text = error_text(error)
-        assert shown in text, text
-        if sas is not None:
-            assert_hides(text, sas)
-
-
-def test_a_listing_failure_in_dataloader_workers_reaches_the_training_loop(
-    data: Container, azurite: Azurite, account_credential: AzureNamedKeyCredential, stop_workers: list[Any]
-) -> None:
-    url, credential, expected, shown, sas = listing_failure(
-        "missing-container-with-sas", data, azurite, account_credential
-    )
-    loader = torch.utils.data.DataLoader(
-        IterableBlobDataset.from_container_url(url, credential=credential), num_workers=2
-    )
-    iterator = iter(loader)
-    stop_workers.append(iterator)
     with pytest.raises(expected) as failure:
-        next(iterator)
-    assert shown in error_text(failure.value)
-    assert sas is not None
-    assert_hides(error_text(failure.value), sas)
+        kind.from_container_url(url, credential=credential)
+    text = error_text(failure.value)
+    assert shown in text, text
+    if sas is not None:
+        assert_hides(text, sas)
 
 
 @pytest.mark.parametrize("how", ["map-index", "map-batch", "map-workers", "iterable", "iterable-workers"])
