@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 import urllib.parse
@@ -85,16 +86,19 @@ class BlobUrl:
     def account_url(self) -> str:
         return self.container.account_url
 
-    @property
+    # The URL strings are made once per object (cached_property writes the instance's __dict__, which a
+    # frozen dataclass allows): a small blob's request needs them several times, and quoting the name
+    # again each time cost more than the rest of building the request.
+    @functools.cached_property
     def container_url(self) -> str:
         return self.container.url_without_query
 
-    @property
+    @functools.cached_property
     def url_without_query(self) -> str:
         """The blob's URL with no query string at all: no SAS, snapshot or version."""
         return f"{self.container_url}/{urllib.parse.quote(self.blob_name, safe='/~')}"
 
-    @property
+    @functools.cached_property
     def display_url(self) -> str:
         """The URL to show in messages and reprs: snapshot and version kept, SAS dropped."""
         return _with_query(self.url_without_query, self._selector_pieces())
