@@ -211,7 +211,9 @@ def _keyed_hmac(account_name: str, key: str) -> Any:
 
 
 def _string_to_sign(method: str, url: str, headers: Any, account_name: str) -> str:
-    lowered = {name.lower(): str(value) for name, value in headers.items()}
+    # azure-core's case-insensitive headers hand out their lower-cased names without a lookup per name.
+    pairs = headers.lowerkey_items() if hasattr(headers, "lowerkey_items") else headers.items()
+    lowered = {name.lower(): str(value) for name, value in pairs}
     if lowered.get("content-length") == "0":
         lowered["content-length"] = ""  # the service signs an empty length for empty bodies
     standard = [lowered.get(name, "") for name in _SIGNED_STANDARD_HEADERS]
