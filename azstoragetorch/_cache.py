@@ -68,6 +68,8 @@ _TEMP_PREFIX = ".tmp-"
 _EVICT_TO = 0.9
 # Temporary files older than this were left by a process that died while storing.
 _STALE_TEMP_SECONDS = 3600.0
+# Cache files up to this size are read with one system call (and their content sliced out of it).
+_ONE_READ = 64 * 1024
 # The most bytes of fetched blobs that wait, in one process, for the background writer to store them.
 _PENDING_LIMIT = 64 * 1024 * 1024
 
@@ -133,13 +135,25 @@ class BlobCache:
     def __repr__(self) -> str:
         return f"BlobCache({self.directory!r}, max_bytes={self.max_bytes})"
 
+    def trusted_hit(self, client: AzStorageTorchBlobClient, known_etag: str | None) -> bytes | None:
+        """The cached content if ``known_etag`` is trusted and is the cached copy's, else ``None``:
+        what :meth:`read_all` serves with no request, for a caller that keeps requests elsewhere."""
+        if not self.trust_known_etag or known_etag is None:
+            return None
+        path = self._path(client)
+        cached = _writer().pending(path) or self._lookup(path)
+        if cached is None or cached[0] != known_etag:
+            return None
+        self._touch(path)
+        return cached[1]
+
     def read_all(
         self, client: AzStorageTorchBlobClient, known_etag: str | None, *, block_size: int, max_concurrency: int
     ) -> bytes:
         """The whole blob, from the cache when the cached copy is current, else from the service
         (and then stored in the background). ``known_etag`` is the ETag the dataset knows, used
         only if trusted."""
-        path = os.path.join(self.directory, _file_name(client.blob_url.display_url))
+        path = self._path(client)
         cached = _writer().pending(path) or self._lookup(path)
         if cached is not None:
             etag, data = cached
@@ -161,30 +175,32 @@ class BlobCache:
 
     # -- reading ---------------------------------------------------------------------------------
 
+    def _path(self, client: AzStorageTorchBlobClient) -> str:
+        return os.path.join(self.directory, _file_name(client.blob_url.display_url))
+
     def _lookup(self, path: str) -> tuple[str, bytes] | None:
         """The cached ETag and content at ``path``, if it is there and intact; a damaged file is removed."""
         try:
-            with open(path, "rb", buffering=0) as file:
-                pause("cache.read")  # another process may now replace or evict the file
-                header = file.read(_HEADER.size)
-                if len(header) == _HEADER.size:
-                    magic, checksum, length, etag_length = _HEADER.unpack(header)
-                    expected_size = _HEADER.size + etag_length + length
-                    if magic == _MAGIC and os.fstat(file.fileno()).st_size == expected_size:
-                        etag = file.read(etag_length)
-                        data = _read_exactly(file, length)
-                        if len(etag) == etag_length and data is not None and crc32(data) == checksum:
-                            return etag.decode("utf-8", "replace"), data
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return None
         except OSError as error:
             # Not readable (permissions, I/O error): as a miss; storing will tell whether it is usable.
             _warn_once(f"reading {path} failed ({_reason(error)})")
             return None
-        # Torn or damaged (a crash before the data reached the disk, a bit flip): fetch it again.
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return None
+        try:
+            pause("cache.read")  # another process may now replace or evict the file
+            found = _read_entry(fd)
+        except OSError as error:
+            _warn_once(f"reading {path} failed ({_reason(error)})")
+            return None
+        finally:
+            os.close(fd)
+        if found is None:
+            # Torn or damaged (a crash before the data reached the disk, a bit flip): fetch it again.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return found
 
     def _touch(self, path: str) -> None:
         """Mark the file as just used, for least-recently-used eviction (which needs a limit)."""
@@ -409,16 +425,40 @@ def _file_name(display_url: str) -> str:
     return hashlib.sha256(display_url.encode()).hexdigest()
 
 
-def _read_exactly(file: Any, length: int) -> bytes | None:
-    data: bytes = file.read(length)
+def _read_entry(fd: int) -> tuple[str, bytes] | None:
+    """The ETag and content of the cache file open at ``fd``; ``None`` if it is torn or damaged."""
+    size = os.fstat(fd).st_size
+    # Few system calls, and the content copied once: a small file in one read; a large one's header
+    # and ETag (a few dozen bytes) in one, then its content straight into the returned bytes.
+    head = os.pread(fd, size if size <= _ONE_READ else _HEADER.size + 256, 0)
+    if len(head) < _HEADER.size:
+        return None
+    magic, checksum, length, etag_length = _HEADER.unpack_from(head)
+    start = _HEADER.size + etag_length
+    if magic != _MAGIC or size != start + length:
+        return None
+    if len(head) < start:  # an unusually long ETag
+        head = os.pread(fd, start, 0)
+        if len(head) < start:
+            return None
+    data = head[start:] if len(head) == size else _pread_exactly(fd, length, start)
+    if data is None or crc32(data) != checksum:
+        return None
+    return head[_HEADER.size : start].decode("utf-8", "replace"), data
+
+
+def _pread_exactly(fd: int, length: int, offset: int) -> bytes | None:
+    data = os.pread(fd, length, offset)
     if len(data) == length:
         return data
     pieces = [data]  # a read returns at most about 2 GiB at once
-    while length - sum(map(len, pieces)) > 0:
-        piece = file.read(length - sum(map(len, pieces)))
+    done = len(data)
+    while done < length:
+        piece = os.pread(fd, length - done, offset + done)
         if not piece:
-            return None
+            return None  # shorter than its header says (truncated since the fstat)
         pieces.append(piece)
+        done += len(piece)
     return b"".join(pieces)
 
 

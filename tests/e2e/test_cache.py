@@ -488,3 +488,34 @@ def test_a_process_killed_while_storing_leaves_no_torn_file_to_be_served(
     for path in cache_files(tmp_path):
         cached = reader._lookup(str(path))
         assert cached is not None and cached[1] == content(by_file[path.name])
+
+
+def test_a_batch_reads_trusted_hits_in_its_own_thread_and_hands_the_rest_to_the_sample_threads(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: Any
+) -> None:
+    from azstoragetorch import datasets
+
+    handed: list[str] = []
+    submit = datasets._sample_threads.submit
+
+    def counted(fn: Any, transform: Any, blob: Blob, *args: Any) -> Any:
+        handed.append(blob.blob_name)
+        return submit(fn, transform, blob, *args)
+
+    monkeypatch.setattr(datasets._sample_threads, "submit", counted)
+
+    def listed() -> BlobDataset[Any]:
+        return BlobDataset.from_container_url(
+            blobs.url, credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
+        )
+
+    assert listed().__getitems__(list(range(COUNT))) == expected(blobs)
+    assert sorted(handed) == NAMES  # all misses
+    _cache.flush()
+    blobs.upload(name(5), content(5, generation=1))  # the cached copy is stale for a new listing
+    damaged = tmp_path / _cache._file_name(blobs.blob_url(name(3)))
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    handed.clear()
+    with with_seed(random.randrange(2**32)):
+        assert listed().__getitems__(list(range(COUNT))) == expected(blobs, {5: 1})
+    assert sorted(handed) == [name(3), name(5)]
