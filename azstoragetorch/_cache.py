@@ -22,7 +22,7 @@ damaged file (a power loss, a bit flip) is fetched again.
 **Storing in the background.** A blob read from the service is returned at once and handed to one
 writer thread per process, which stores it (the bytes are immutable, so nothing is copied). Until
 it is stored, a read in the same process is served from that memory. At most ``_PENDING_LIMIT``
-bytes wait for the writer; a read that would pass it waits for room, so a disk slower than the
+bytes (or one larger blob) wait for the writer; a read that would pass it waits for room, so a disk slower than the
 network slows the reads instead of growing the memory. The writer finishes its work when the
 process exits normally (a DataLoader worker too); a process killed meanwhile loses the blobs not
 yet stored, and at worst leaves a temporary file that is never read.

@@ -14,6 +14,7 @@ import sys
 import threading
 import urllib.parse
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,13 @@ def name(index: int) -> str:
 
 
 NAMES = [name(index) for index in range(COUNT)]
+
+
+@pytest.fixture(autouse=True)
+def stores_end_with_their_test() -> Iterator[None]:
+    """The cache stores in a background thread: none of a test's may land (or warn) in the next one."""
+    yield
+    _cache.flush()
 
 
 @pytest.fixture
