@@ -22,10 +22,10 @@ damaged file (a power loss, a bit flip) is fetched again.
 **Storing in the background.** A blob read from the service is returned at once and handed to one
 writer thread per process, which stores it (the bytes are immutable, so nothing is copied). Until
 it is stored, a read in the same process is served from that memory. At most ``_PENDING_LIMIT``
-bytes (or one larger blob) wait for the writer; a read that would pass it waits for room, so a disk slower than the
-network slows the reads instead of growing the memory. The writer finishes its work when the
-process exits normally (a DataLoader worker too); a process killed meanwhile loses the blobs not
-yet stored, and at worst leaves a temporary file that is never read.
+bytes (or one larger blob) wait for the writer; a read that would pass it waits for room, so a
+disk slower than the network slows the reads instead of growing the memory. The writer finishes
+its work when the process exits normally (a DataLoader worker too); a process killed meanwhile
+loses the blobs not yet stored, and at worst leaves a temporary file that is never read.
 
 **Eviction.** With ``max_bytes``, the bytes in the directory are counted in its lock file, updated
 under ``flock`` at every store; a store that would pass the limit first deletes the least recently
@@ -363,7 +363,7 @@ class _Writer:
             self._condition.notify_all()
 
     def flush(self) -> None:
-        """Wait until every blob handed over so far is stored (or dropped after a failure)."""
+        """Wait until no blob waits to be stored (each is stored, or dropped after a failure)."""
         if self._pid != os.getpid():
             return  # a copy inherited by a forked process, without its thread
         with self._condition:
