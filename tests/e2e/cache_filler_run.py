@@ -3,7 +3,8 @@
 Run as ``python -m tests.e2e.cache_filler_run <cache dir> <stores to finish> <blob URL>...`` from the
 repository root, with the emulator's account key in ``AZSTORAGETORCH_TEST_ACCOUNT_KEY``. Reads every
 blob once through ``BlobDataset(cache_dir=...)``. The cache's writer finishes the first ``<stores to
-finish>`` stores, writes half of the next one's file, prints ``torn`` and waits to be killed.
+finish>`` stores, writes half of the next one's file, prints ``torn`` and waits to be killed; with
+every store to finish, it slows each one down, prints ``read`` and exits.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def main() -> None:
     write_all = _cache._write_all
 
     def write_then_stall(fd: int, data: bytes) -> None:
+        if finished >= len(urls):
+            # Slow stores: the reads end well before them, so that exiting has stores to finish.
+            threading.Event().wait(0.05)
         if next(writes) < 2 * finished + 1:
             write_all(fd, data)
             return
@@ -39,7 +43,9 @@ def main() -> None:
     for index in range(len(dataset)):
         dataset[index]
     print("read", flush=True)
-    threading.Event().wait()  # the writer is stalled: the test kills this process
+    if finished < len(urls):
+        threading.Event().wait()  # the writer is stalled: the test kills this process
+    # Otherwise exit at once: the stores still pending are finished on the way out.
 
 
 if __name__ == "__main__":

@@ -527,3 +527,16 @@ def test_a_batch_reads_trusted_hits_in_its_own_thread_and_hands_the_rest_to_the_
     with with_seed(random.randrange(2**32)):
         assert listed().__getitems__(list(range(COUNT))) == expected(blobs, {5: 1})
     assert sorted(handed) == [name(3), name(5)]
+
+
+def test_a_process_that_exits_right_after_reading_stores_everything_first(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    urls = [blobs.blob_url(n) for n in NAMES]
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "AZSTORAGETORCH_TEST_ACCOUNT_KEY": ACCOUNT_KEY}
+    command = [sys.executable, "-m", "tests.e2e.cache_filler_run", str(tmp_path), str(COUNT), *urls]
+    finished = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, check=False)
+    assert (finished.returncode, finished.stdout) == (0, "read\n"), finished.stderr
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]
+    assert len(cache_files(tmp_path)) == COUNT
+    cache_holds_intact_copies(tmp_path, blobs)
