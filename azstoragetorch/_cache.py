@@ -19,9 +19,18 @@ reading that file even if it is replaced or evicted meanwhile (POSIX unlink sema
 not fsynced (a cache can be refetched): every read checks the length and the CRC-32, so a torn or
 damaged file (a power loss, a bit flip) is fetched again.
 
+**Storing in the background.** A blob read from the service is returned at once and handed to one
+writer thread per process, which stores it (the bytes are immutable, so nothing is copied). Until
+it is stored, a read in the same process is served from that memory. At most ``_PENDING_LIMIT``
+bytes (or one larger blob) wait for the writer; a read that would pass it waits for room, so a
+disk slower than the network slows the reads instead of growing the memory. The writer finishes
+its work when the process exits normally (a DataLoader worker too); a process killed meanwhile
+loses the blobs not yet stored, and at worst leaves a temporary file that is never read.
+
 **Eviction.** With ``max_bytes``, the bytes in the directory are counted in its lock file, updated
 under ``flock`` at every store; a store that would pass the limit first deletes the least recently
-used files (by modification time, which every hit refreshes) down to 90% of it.
+used files (by modification time, which every hit refreshes) down to 90% of it. Without a limit
+nothing is evicted, so hits leave the files untouched (no ``utime``).
 
 **Failures.** A directory that cannot be created or written, or a full disk, costs one warning per
 process; that process then stops storing and reads from the service as without a cache.
@@ -29,9 +38,11 @@ process; that process then stops storing and reads from the service as without a
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
+import multiprocessing.util
 import os
 import struct
 import threading
@@ -57,6 +68,10 @@ _TEMP_PREFIX = ".tmp-"
 _EVICT_TO = 0.9
 # Temporary files older than this were left by a process that died while storing.
 _STALE_TEMP_SECONDS = 3600.0
+# Cache files up to this size are read with one system call (and their content sliced out of it).
+_ONE_READ = 64 * 1024
+# The most bytes of fetched blobs that wait, in one process, for the background writer to store them.
+_PENDING_LIMIT = 64 * 1024 * 1024
 
 _warned_pid = 0
 _warned_lock = threading.Lock()
@@ -120,13 +135,26 @@ class BlobCache:
     def __repr__(self) -> str:
         return f"BlobCache({self.directory!r}, max_bytes={self.max_bytes})"
 
+    def trusted_hit(self, client: AzStorageTorchBlobClient, known_etag: str | None) -> bytes | None:
+        """The cached content if ``known_etag`` is trusted and is the cached copy's, else ``None``:
+        what :meth:`read_all` serves with no request, for a caller that keeps requests elsewhere."""
+        if not self.trust_known_etag or known_etag is None:
+            return None
+        path = self._path(client)
+        cached = _writer().pending(path) or self._lookup(path)
+        if cached is None or cached[0] != known_etag:
+            return None
+        self._touch(path)
+        return cached[1]
+
     def read_all(
         self, client: AzStorageTorchBlobClient, known_etag: str | None, *, block_size: int, max_concurrency: int
     ) -> bytes:
         """The whole blob, from the cache when the cached copy is current, else from the service
-        (and then stored). ``known_etag`` is the ETag the dataset knows, used only if trusted."""
-        path = os.path.join(self.directory, _file_name(client.blob_url.display_url))
-        cached = self._lookup(path)
+        (and then stored in the background). ``known_etag`` is the ETag the dataset knows, used
+        only if trusted."""
+        path = self._path(client)
+        cached = _writer().pending(path) or self._lookup(path)
         if cached is not None:
             etag, data = cached
             if self.trust_known_etag and known_etag is not None:
@@ -138,46 +166,54 @@ class BlobCache:
                 if read is None:  # 304: the cached copy is the blob's current content
                     self._touch(path)
                     return data
-                self._store(path, read[0].etag, read[1])
+                self._hand_over(path, read[0].etag, read[1])
                 return read[1]
         read = client.read_all_if_changed(None, block_size=block_size, max_concurrency=max_concurrency)
         assert read is not None  # an unconditional read always returns the content
-        self._store(path, read[0].etag, read[1])
+        self._hand_over(path, read[0].etag, read[1])
         return read[1]
 
     # -- reading ---------------------------------------------------------------------------------
 
+    def _path(self, client: AzStorageTorchBlobClient) -> str:
+        return os.path.join(self.directory, _file_name(client.blob_url.display_url))
+
     def _lookup(self, path: str) -> tuple[str, bytes] | None:
         """The cached ETag and content at ``path``, if it is there and intact; a damaged file is removed."""
         try:
-            with open(path, "rb", buffering=0) as file:
-                pause("cache.read")  # another process may now replace or evict the file
-                header = file.read(_HEADER.size)
-                if len(header) == _HEADER.size:
-                    magic, checksum, length, etag_length = _HEADER.unpack(header)
-                    expected_size = _HEADER.size + etag_length + length
-                    if magic == _MAGIC and os.fstat(file.fileno()).st_size == expected_size:
-                        etag = file.read(etag_length)
-                        data = _read_exactly(file, length)
-                        if len(etag) == etag_length and data is not None and crc32(data) == checksum:
-                            return etag.decode("utf-8", "replace"), data
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return None
         except OSError as error:
             # Not readable (permissions, I/O error): as a miss; storing will tell whether it is usable.
             _warn_once(f"reading {path} failed ({_reason(error)})")
             return None
-        # Torn or damaged (a crash before the data reached the disk, a bit flip): fetch it again.
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return None
+        try:
+            pause("cache.read")  # another process may now replace or evict the file
+            found = _read_entry(fd)
+        except OSError as error:
+            _warn_once(f"reading {path} failed ({_reason(error)})")
+            return None
+        finally:
+            os.close(fd)
+        if found is None:
+            # Torn or damaged (a crash before the data reached the disk, a bit flip): fetch it again.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        return found
 
     def _touch(self, path: str) -> None:
-        """Mark the file as just used, for least-recently-used eviction."""
-        with contextlib.suppress(OSError):
-            _set_mtime_now(path)
+        """Mark the file as just used, for least-recently-used eviction (which needs a limit)."""
+        if self.max_bytes is not None:
+            with contextlib.suppress(OSError):  # a blob not stored yet, or evicted meanwhile
+                _set_mtime_now(path)
 
     # -- writing ---------------------------------------------------------------------------------
+
+    def _hand_over(self, path: str, etag: str, data: bytes) -> None:
+        """Store the blob in the background (if this process still stores)."""
+        if self._process_state().storing:
+            _writer().put(self, path, etag, data)
 
     def _store(self, path: str, etag: str, data: bytes) -> None:
         state = self._process_state()
@@ -200,7 +236,8 @@ class BlobCache:
                 # fails its length or CRC-32 check and is fetched again.
             finally:
                 os.close(fd)
-            _set_mtime_now(temp)
+            if self.max_bytes is not None:  # the eviction order; without a limit the kernel's stamp will do
+                _set_mtime_now(temp)
             pause("cache.store")  # another process may store or evict the same blob now
             self._publish(state, temp, path, size)
         except OSError as error:
@@ -291,21 +328,137 @@ class BlobCache:
         return self._state
 
 
+class _Writer:
+    """The thread that stores fetched blobs, one per process for all of its caches (see the module's
+    "Storing in the background")."""
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._condition = threading.Condition()
+        # In the order handed over; an item stays (and is counted) until it is stored.
+        self._queue: collections.deque[tuple[BlobCache, str, str, bytes]] = collections.deque()
+        self._pending_bytes = 0
+        # The latest blob handed over for each path, served to reads until it is stored.
+        self._latest: dict[str, tuple[str, bytes]] = {}
+        self._thread: threading.Thread | None = None
+
+    def pending(self, path: str) -> tuple[str, bytes] | None:
+        """The ETag and content handed over for ``path`` and not yet stored, if any."""
+        with self._condition:
+            return self._latest.get(path)
+
+    def put(self, cache: BlobCache, path: str, etag: str, data: bytes) -> None:
+        pause("cache.handoff")  # the writer may be storing an older copy of the same blob now
+        with self._condition:
+            while self._pending_bytes and self._pending_bytes + len(data) > _PENDING_LIMIT:
+                self._condition.wait()
+            self._queue.append((cache, path, etag, data))
+            self._pending_bytes += len(data)
+            self._latest[path] = (etag, data)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="azstoragetorch-cache-writer", daemon=True)
+                self._thread.start()
+                # Run at a normal exit, a DataLoader worker's included (atexit is not, in a worker).
+                multiprocessing.util.Finalize(None, self.flush, exitpriority=100)
+            self._condition.notify_all()
+
+    def flush(self) -> None:
+        """Wait until no blob waits to be stored (each is stored, or dropped after a failure)."""
+        if self._pid != os.getpid():
+            return  # a copy inherited by a forked process, without its thread
+        with self._condition:
+            while self._queue:
+                self._condition.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._queue:
+                    self._condition.wait()
+                cache, path, etag, data = self._queue[0]
+            try:
+                cache._store(path, etag, data)
+            except Exception as error:  # a defect: keep the samples coming, without a cache
+                cache._process_state().storing = False
+                _warn_once(f"storing in {cache.directory} failed ({type(error).__name__}: {error})")
+            finally:
+                with self._condition:
+                    self._queue.popleft()
+                    self._pending_bytes -= len(data)
+                    if self._latest.get(path, (None, None))[1] is data:
+                        del self._latest[path]  # after the rename: a read finds it on disk now
+                    self._condition.notify_all()
+
+
+_the_writer: _Writer | None = None
+_the_writer_lock = threading.Lock()
+
+
+def _writer() -> _Writer:
+    global _the_writer
+    writer = _the_writer
+    if writer is None or writer._pid != os.getpid():
+        with _the_writer_lock:
+            if _the_writer is None or _the_writer._pid != os.getpid():
+                _the_writer = _Writer()
+            writer = _the_writer
+    return writer
+
+
+def _forget_writer() -> None:
+    global _the_writer, _the_writer_lock
+    _the_writer = None  # the parent's thread is not in the child; its queue belongs to the parent
+    _the_writer_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_writer)
+
+
+def flush() -> None:
+    """Wait until this process has stored every blob it has read (tests, and callers that copy a cache)."""
+    _writer().flush()
+
+
 def _file_name(display_url: str) -> str:
     # The display URL keeps the snapshot or version (another blob's content) and drops the SAS.
     return hashlib.sha256(display_url.encode()).hexdigest()
 
 
-def _read_exactly(file: Any, length: int) -> bytes | None:
-    data: bytes = file.read(length)
+def _read_entry(fd: int) -> tuple[str, bytes] | None:
+    """The ETag and content of the cache file open at ``fd``; ``None`` if it is torn or damaged."""
+    size = os.fstat(fd).st_size
+    # Few system calls, and the content copied once: a small file in one read; a large one's header
+    # and ETag (a few dozen bytes) in one, then its content straight into the returned bytes.
+    head = os.pread(fd, size if size <= _ONE_READ else _HEADER.size + 256, 0)
+    if len(head) < _HEADER.size:
+        return None
+    magic, checksum, length, etag_length = _HEADER.unpack_from(head)
+    start = _HEADER.size + etag_length
+    if magic != _MAGIC or size != start + length:
+        return None
+    if len(head) < start:  # an unusually long ETag
+        head = os.pread(fd, start, 0)
+        if len(head) < start:
+            return None
+    data = head[start:] if len(head) == size else _pread_exactly(fd, length, start)
+    if data is None or crc32(data) != checksum:
+        return None
+    return head[_HEADER.size : start].decode("utf-8", "replace"), data
+
+
+def _pread_exactly(fd: int, length: int, offset: int) -> bytes | None:
+    data = os.pread(fd, length, offset)
     if len(data) == length:
         return data
     pieces = [data]  # a read returns at most about 2 GiB at once
-    while length - sum(map(len, pieces)) > 0:
-        piece = file.read(length - sum(map(len, pieces)))
+    done = len(data)
+    while done < length:
+        piece = os.pread(fd, length - done, offset + done)
         if not piece:
-            return None
+            return None  # shorter than its header says (truncated since the fstat)
         pieces.append(piece)
+        done += len(piece)
     return b"".join(pieces)
 
 

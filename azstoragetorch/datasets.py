@@ -212,6 +212,13 @@ class Blob:
         recorder.end(total=recorder.bytes_done() if recorder.total is None else None)  # None: an empty blob
         return result
 
+    def _trusted_hit(self) -> bytes | None:
+        """The content from the cache if the listing's ETag confirms it with no request, else ``None``."""
+        cache, properties = self._cache, self._properties
+        if cache is None or properties is None:
+            return None
+        return cache.trusted_hit(self._client, properties.etag)
+
     def _get_properties(self) -> BlobProperties:
         if self._properties is None:
             self._properties = self._client.get_properties()
@@ -283,7 +290,11 @@ def _read_whole_blob(blob: Blob) -> dict[str, str | bytes]:
     """The default transform: ``{"url": ..., "data": <the blob's bytes>}``."""
     # Straight from the client (or the cache) rather than through blob.reader(): no read-ahead
     # buffers to fill and copy out of, which for a dataset of small blobs is most of the client's work.
-    return {"url": blob.url, "data": blob.read()}
+    return _whole_blob_sample(blob, blob.read())
+
+
+def _whole_blob_sample(blob: Blob, data: bytes) -> dict[str, str | bytes]:
+    return {"url": blob.url, "data": data}
 
 
 def _apply(transform: Callable[[Blob], _T], blob: Blob, progress_hook: ProgressHook | None = None) -> _T:
@@ -574,11 +585,24 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
     def __getitems__(self, indices: list[int]) -> list[_TransformOutputType_co]:
         """Fetch a batch of samples concurrently; the DataLoader calls this for each batch."""
         blobs = [self._blobs[index] for index in indices]  # IndexError before any request is sent
-        futures = [_sample_threads.submit(_apply, self._transform, blob, self._progress_hook) for blob in blobs]
+        # A default sample that the cache serves with no request (cache_trust_listing) is read here:
+        # handing it to a sample thread costs more than a small hit, and parallel hits only contend
+        # for the cores. Everything else goes to the sample threads as soon as it is known to.
+        lean = self._transform is _read_whole_blob and self._progress_hook is None
+        samples: list[Any] = [None] * len(blobs)
+        futures: dict[int, Future[Any]] = {}
         try:
-            return [future.result() for future in futures]
+            for position, blob in enumerate(blobs):
+                hit = blob._trusted_hit() if lean else None
+                if hit is None:
+                    futures[position] = _sample_threads.submit(_apply, self._transform, blob, self._progress_hook)
+                else:
+                    samples[position] = _whole_blob_sample(blob, hit)
+            for position, future in futures.items():
+                samples[position] = future.result()
+            return samples
         finally:
-            for future in futures:
+            for future in futures.values():
                 future.cancel()
 
 

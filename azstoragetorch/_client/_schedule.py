@@ -30,6 +30,7 @@ ENVIRONMENT_VARIABLE = "AZSTORAGETORCH_PERTURB"
 #   "connection.release"  a response was read to its end and its connection goes back to the pool
 #   "cache.read"     a dataset cache file is open, not yet read (azstoragetorch._cache)
 #   "cache.store"    a dataset cache file is written under its temporary name, not yet renamed
+#   "cache.handoff"  a fetched blob is about to be handed to the cache's background writer
 DEFAULT_MAX_DELAY_SECONDS = 0.005
 
 

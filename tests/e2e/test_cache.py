@@ -9,9 +9,12 @@ from __future__ import annotations
 import errno
 import os
 import random
+import subprocess
+import sys
 import threading
 import urllib.parse
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,12 @@ from azure.core.credentials import AzureNamedKeyCredential
 from azstoragetorch import _cache
 from azstoragetorch._client import AzStorageTorchBlobClient, _schedule
 from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
-from azstoragetorch.testing import Azurite
+from azstoragetorch.testing import ACCOUNT_KEY, Azurite
 from tests.conftest import Container
 from tests.e2e.fault_proxy import FaultProxy
 
 COUNT = 24
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def content(index: int, generation: int = 0) -> bytes:
@@ -41,6 +45,13 @@ def name(index: int) -> str:
 
 
 NAMES = [name(index) for index in range(COUNT)]
+
+
+@pytest.fixture(autouse=True)
+def stores_end_with_their_test() -> Iterator[None]:
+    """The cache stores in a background thread: none of a test's may land (or warn) in the next one."""
+    yield
+    _cache.flush()
 
 
 @pytest.fixture
@@ -74,7 +85,7 @@ def gets(proxy: FaultProxy) -> list[Any]:
 
 def with_seed(seed: int) -> Any:
     print(f"perturbation seed {seed}")
-    return _schedule.perturbed(seed, only=frozenset({"cache.read", "cache.store"}))
+    return _schedule.perturbed(seed, only=frozenset({"cache.read", "cache.store", "cache.handoff"}))
 
 
 # -- hits -------------------------------------------------------------------------------------------
@@ -92,6 +103,7 @@ def test_epoch_two_is_served_from_the_cache_each_hit_confirmed_without_a_transfe
         assert samples(dataset) == want
         first = gets(proxy)
         assert all("if-none-match" not in seen.headers for seen in first)
+        _cache.flush()  # stores happen in the background
         assert len(cache_files(tmp_path)) == COUNT
         assert samples(dataset) == want
         second = gets(proxy)[len(first) :]
@@ -208,6 +220,7 @@ def test_concurrent_workers_of_two_loaders_share_one_cache(
         for thread in threads:
             thread.join()
     assert errors == []
+    _cache.flush()  # the workers stored theirs before they exited
     want = sorted(expected(blobs), key=lambda sample: sample["url"])
     for epochs in results.values():
         for epoch in epochs:
@@ -249,6 +262,7 @@ def test_a_full_disk_falls_back_to_the_service_with_one_warning(
         warnings.simplefilter("always")
         for _epoch in range(2):
             assert [sample for batch in loader for sample in batch] == expected(blobs)
+        _cache.flush()
     assert len(our_warnings(caught)) == 1
     assert "No space left on device" in our_warnings(caught)[0]
     assert [path.name for path in tmp_path.iterdir()] == []  # no partial file left behind
@@ -275,6 +289,7 @@ def test_a_cache_dir_that_cannot_be_a_directory_falls_back_with_one_warning(
         warnings.simplefilter("always")
         for _epoch in range(2):
             assert samples(dataset) == expected(blobs)
+        _cache.flush()
     assert len(our_warnings(caught)) == 1
     assert occupied.read_bytes() == b"not a directory"
 
@@ -288,6 +303,7 @@ def test_a_damaged_cache_file_is_detected_and_fetched_again(
         )
         want = [item["data"] for item in expected(blobs)]
         assert [sample["data"] for sample in samples(dataset)] == want
+        _cache.flush()
         files = {index: tmp_path / _cache._file_name(proxy.url(blobs.blob_url(name(index)))) for index in range(COUNT)}
         damaged = {
             3: lambda data: data[:-1000] + bytes([data[-1000] ^ 0x10]) + data[-999:],  # one bit flipped
@@ -307,6 +323,7 @@ def test_a_damaged_cache_file_is_detected_and_fetched_again(
         seen = len(gets(proxy))
         assert [sample["data"] for sample in samples(dataset)] == want
         assert gets(proxy)[seen:] == []
+    _cache.flush()
     assert len(cache_files(tmp_path)) == COUNT
 
 
@@ -332,6 +349,7 @@ def test_least_recently_used_blobs_are_evicted_and_the_cache_stays_within_its_li
     order = [*range(10), 7, 3, 7, *range(10, 20), 12, 0, 1, 19, 2]
     for index in order:
         assert dataset[index]["data"] == sized[names[index]]
+        _cache.flush()
         recency = [n for n in recency if n != names[index]] + [names[index]]
         present = {file_names[path.name] for path in cache_files(tmp_path)}
         assert sum(path.stat().st_size for path in cache_files(tmp_path)) <= limit
@@ -351,6 +369,7 @@ def test_a_sas_is_never_in_a_cache_file_name_or_content_and_does_not_change_the_
     signature = urllib.parse.parse_qs(sas)["sig"][0]
     with_sas = BlobDataset.from_blob_urls([f"{blobs.blob_url(n)}?{sas}" for n in NAMES], cache_dir=tmp_path)
     assert [sample["data"] for sample in samples(with_sas)] == [item["data"] for item in expected(blobs)]
+    _cache.flush()
     names = {path.name for path in tmp_path.iterdir()}
     for path in tmp_path.iterdir():
         raw = path.read_bytes()
@@ -360,6 +379,7 @@ def test_a_sas_is_never_in_a_cache_file_name_or_content_and_does_not_change_the_
     assert all(len(n) == 64 and set(n) <= set("0123456789abcdef") for n in names if not n.startswith("."))
     # The same blobs through a credential instead hit the same files.
     BlobDataset.from_blob_urls([blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path)[1]
+    _cache.flush()
     assert {path.name for path in tmp_path.iterdir()} == names
 
 
@@ -397,3 +417,126 @@ def test_cache_options_are_checked(blobs: Container) -> None:
         BlobDataset.from_container_url(blobs.url, cache_trust_listing=True)
     with pytest.raises(TypeError, match="cache_dir must be a str or os"):
         IterableBlobDataset.from_container_url(blobs.url, cache_dir=3)
+
+
+# -- storing in the background ----------------------------------------------------------------------
+
+
+def test_a_sample_returns_before_its_blob_is_stored_and_is_served_from_memory_meanwhile(
+    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: Any
+) -> None:
+    stored = threading.Event()
+    write_all = _cache._write_all
+
+    def held(fd: int, data: bytes) -> None:
+        # A store in the sample's own thread would wait here, and the read would fail.
+        if not stored.wait(60):
+            raise RuntimeError("the store held up the sample that read the blob")
+        write_all(fd, data)
+
+    monkeypatch.setattr(_cache, "_write_all", held)
+    with FaultProxy(azurite.port) as proxy:
+        dataset = BlobDataset.from_container_url(
+            proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
+        )
+        assert dataset[3]["data"] == content(3)
+        assert cache_files(tmp_path) == []  # not stored yet
+        seen = len(gets(proxy))
+        assert dataset[3]["data"] == content(3)  # from memory: no second read
+        assert gets(proxy)[seen:] == []
+        stored.set()
+        _cache.flush()
+    assert [path.name for path in cache_files(tmp_path)] == [_cache._file_name(proxy.url(blobs.blob_url(name(3))))]
+    assert _cache.BlobCache(str(tmp_path), None)._lookup(str(cache_files(tmp_path)[0])) is not None
+
+
+def test_hits_leave_the_files_untouched_without_a_limit(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    """Without cache_max_bytes nothing is evicted, so a hit costs no utime."""
+    dataset = BlobDataset.from_container_url(
+        blobs.url, credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
+    )
+    assert samples(dataset) == expected(blobs)
+    _cache.flush()
+    for path in cache_files(tmp_path):
+        os.utime(path, ns=(10**18, 10**18))
+    assert samples(dataset) == expected(blobs)
+    assert {path.stat().st_mtime_ns for path in cache_files(tmp_path)} == {10**18}
+
+
+def test_a_process_killed_while_storing_leaves_no_torn_file_to_be_served(
+    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    finished = random.randrange(COUNT)
+    print(f"stores finished before the kill: {finished}")
+    with FaultProxy(azurite.port) as proxy:  # the killer's URLs and ours, so that both use the same files
+        urls = [proxy.url(blobs.blob_url(n)) for n in NAMES]
+        environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "AZSTORAGETORCH_TEST_ACCOUNT_KEY": ACCOUNT_KEY}
+        command = [sys.executable, "-m", "tests.e2e.cache_filler_run", str(tmp_path), str(finished), *urls]
+        with subprocess.Popen(command, cwd=REPOSITORY, env=environment, stdout=subprocess.PIPE, text=True) as filler:
+            try:
+                assert filler.stdout is not None
+                assert filler.stdout.readline() == "torn\n"
+            finally:
+                filler.kill()
+            filler.wait()
+        assert len([path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]) == 1  # the torn one
+        by_file = {_cache._file_name(url): index for index, url in enumerate(urls)}
+        assert sorted(by_file[path.name] for path in cache_files(tmp_path)) == list(range(finished))
+
+        seen = len(gets(proxy))
+        dataset = BlobDataset.from_blob_urls(urls, credential=account_credential, cache_dir=tmp_path)
+        assert [sample["data"] for sample in samples(dataset)] == [content(index) for index in range(COUNT)]
+        full_reads = [read for read in gets(proxy)[seen:] if "if-none-match" not in read.headers]
+        _cache.flush()
+    assert len(full_reads) == COUNT - finished  # what the killed process had stored is served
+    reader = _cache.BlobCache(str(tmp_path), None)
+    assert sorted(by_file[path.name] for path in cache_files(tmp_path)) == list(range(COUNT))
+    for path in cache_files(tmp_path):
+        cached = reader._lookup(str(path))
+        assert cached is not None and cached[1] == content(by_file[path.name])
+
+
+def test_a_batch_reads_trusted_hits_in_its_own_thread_and_hands_the_rest_to_the_sample_threads(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: Any
+) -> None:
+    from azstoragetorch import datasets
+
+    handed: list[str] = []
+    submit = datasets._sample_threads.submit
+
+    def counted(fn: Any, transform: Any, blob: Blob, *args: Any) -> Any:
+        handed.append(blob.blob_name)
+        return submit(fn, transform, blob, *args)
+
+    monkeypatch.setattr(datasets._sample_threads, "submit", counted)
+
+    def listed() -> BlobDataset[Any]:
+        return BlobDataset.from_container_url(
+            blobs.url, credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
+        )
+
+    assert listed().__getitems__(list(range(COUNT))) == expected(blobs)
+    assert sorted(handed) == NAMES  # all misses
+    _cache.flush()
+    blobs.upload(name(5), content(5, generation=1))  # the cached copy is stale for a new listing
+    damaged = tmp_path / _cache._file_name(blobs.blob_url(name(3)))
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    handed.clear()
+    with with_seed(random.randrange(2**32)):
+        assert listed().__getitems__(list(range(COUNT))) == expected(blobs, {5: 1})
+    assert sorted(handed) == [name(3), name(5)]
+
+
+def test_a_process_that_exits_right_after_reading_stores_everything_first(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    urls = [blobs.blob_url(n) for n in NAMES]
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "AZSTORAGETORCH_TEST_ACCOUNT_KEY": ACCOUNT_KEY}
+    command = [sys.executable, "-m", "tests.e2e.cache_filler_run", str(tmp_path), str(COUNT), *urls]
+    finished = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, check=False)
+    assert (finished.returncode, finished.stdout) == (0, "read\n"), finished.stderr
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]
+    assert len(cache_files(tmp_path)) == COUNT
+    cache_holds_intact_copies(tmp_path, blobs)
