@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import functools
 import hashlib
 import mmap
@@ -150,8 +151,10 @@ class Blob:
         the tensor's memory. In a DataLoader worker the tensor is allocated in shared memory, so
         returned from a transform (as it is, or as a view such as ``.view(torch.float32)``) it
         reaches the main process without a copy, rather than being pickled through a pipe as
-        ``bytes`` are. Blobs larger than 8 MiB are fetched in parallel ranged requests. Decode it with, for
-        example, ``torchvision.io.decode_image(blob.read_tensor())``, or reinterpret raw data with
+        ``bytes`` are (where shared memory, ``/dev/shm``, has no room for it, in ordinary memory,
+        which torch copies there if the tensor is returned). Blobs larger than 8 MiB are fetched in
+        parallel ranged requests. Decode it with, for example,
+        ``torchvision.io.decode_image(blob.read_tensor())``, or reinterpret raw data with
         ``tensor.view(torch.float32)``.
 
         Raises:
@@ -236,7 +239,6 @@ def _new_byte_tensor(size: int) -> torch.Tensor:
     so its pages are faulted in here, in one system call (see ``_populate``), rather than one page at
     a time by the socket reads that fill it.
     """
-    tensor = None
     if size and torch.utils.data.get_worker_info() is not None:
         new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
         try:
@@ -244,9 +246,13 @@ def _new_byte_tensor(size: int) -> torch.Tensor:
         except Exception:
             storage = None
         if storage is not None and storage.nbytes() == size:
-            tensor = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[call-overload]
-    if tensor is None:
-        tensor = torch.empty(size, dtype=torch.uint8)
+            shared: torch.Tensor = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[call-overload]
+            # EFAULT: the shared-memory file system (/dev/shm) has no room for it, and the first write
+            # would kill the worker with SIGBUS. Ordinary memory serves a transform that decodes the
+            # tensor rather than returning it.
+            if _populate(shared) != errno.EFAULT:
+                return shared
+    tensor = torch.empty(size, dtype=torch.uint8)
     _populate(tensor)
     return tensor
 
@@ -269,7 +275,7 @@ def _libc_madvise() -> Callable[[int, int, int], int] | None:
 _madvise = _libc_madvise()
 
 
-def _populate(tensor: torch.Tensor) -> None:
+def _populate(tensor: torch.Tensor) -> int:
     """Fault in the whole pages of a new tensor's memory at once, before anything is written into it.
 
     A fresh 4 MiB buffer takes 1,024 page faults when it is first written; taken inside the socket
@@ -277,14 +283,15 @@ def _populate(tensor: torch.Tensor) -> None:
     several times the CPU of the one ``madvise`` that maps them all. Memory already mapped (a
     private tensor in reused heap memory) costs only a walk of its page table. Where this is not
     available (not Linux, a kernel before 5.14) or fails (no memory left), nothing changes: the
-    pages are faulted in by the first writes, as without it.
+    pages are faulted in by the first writes, as without it. Returns the ``errno`` of a failure, else 0.
     """
     if _madvise is None or tensor.nbytes < _PAGE_SIZE:
-        return
+        return 0
     start = -(-tensor.data_ptr() // _PAGE_SIZE) * _PAGE_SIZE  # whole pages of the tensor's own memory only
     end = (tensor.data_ptr() + tensor.nbytes) // _PAGE_SIZE * _PAGE_SIZE
-    if end > start:
-        _madvise(start, end - start, _MADV_POPULATE_WRITE)
+    if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+        return ctypes.get_errno() or -1
+    return 0
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:

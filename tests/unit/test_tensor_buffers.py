@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import sys
 import types
@@ -98,7 +99,8 @@ def test_a_failing_madvise_leaves_the_tensor_as_it_was(in_a_worker: None, monkey
 
     def refused(address: int, length: int, advice: int) -> int:
         calls.append((address, length, advice))
-        return -1  # EINVAL on a kernel before 5.14, ENOMEM when memory runs out
+        ctypes.set_errno(errno.EINVAL)  # a kernel before 5.14
+        return -1
 
     monkeypatch.setattr(datasets, "_madvise", refused)
     tensor = datasets._new_byte_tensor(64 * mmap.PAGESIZE + 10)
@@ -109,6 +111,27 @@ def test_a_failing_madvise_leaves_the_tensor_as_it_was(in_a_worker: None, monkey
     assert address + length <= tensor.data_ptr() + tensor.nbytes and advice == datasets._MADV_POPULATE_WRITE
     datasets._tensor_bytes(tensor)[:] = b"\x01" * tensor.nbytes
     assert tensor.sum() == tensor.nbytes
+
+
+def test_a_worker_whose_shared_memory_is_full_reads_into_ordinary_memory(
+    in_a_worker: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MADV_POPULATE_WRITE fails with EFAULT where the first write would raise SIGBUS: /dev/shm is full
+    # (a container's default 64 MB). Writing into that tensor would kill the worker.
+    refused: list[int] = []
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        if not refused:
+            refused.append(address)
+            ctypes.set_errno(errno.EFAULT)
+            return -1
+        return 0
+
+    monkeypatch.setattr(datasets, "_madvise", madvise)
+    tensor = datasets._new_byte_tensor(64 * mmap.PAGESIZE)
+    assert refused and tensor.shape == (64 * mmap.PAGESIZE,) and not tensor.is_shared()
+    datasets._tensor_bytes(tensor)[:] = b"\x02" * tensor.nbytes
+    assert tensor.sum() == 2 * tensor.nbytes
 
 
 def test_a_tensor_view_writes_through_to_the_tensor_at_its_offset() -> None:
