@@ -279,9 +279,10 @@ def _populate(tensor: torch.Tensor) -> int:
     """Fault in the whole pages of a new tensor's memory at once, before anything is written into it.
 
     A fresh 4 MiB buffer takes 1,024 page faults when it is first written; taken inside the socket
-    reads of a worker's many sample threads, they contend for the process's memory map. One
-    ``madvise`` that maps them all cost DataLoader workers 12-28% less CPU on 4 MiB samples (see
-    docs/benchmarks.md). Memory already mapped (a private tensor in reused heap memory) costs only a
+    reads of a worker's many sample threads, they contend for the process's memory map; one
+    ``madvise`` maps them all (the kernel still allocates and zeroes every page: that cost, not the
+    faults, is most of what fresh memory costs, see docs/benchmarks.md). It also tells, before
+    anything is written, whether a write would raise SIGBUS (a full ``/dev/shm``). Memory already mapped (a private tensor in reused heap memory) costs only a
     walk of its page table. Where this is not available (not Linux, a kernel before 5.14) or fails,
     the pages are faulted in by the first writes, as without it. Returns the ``errno`` of a failure
     (``EFAULT``: a write would raise SIGBUS), else 0.
