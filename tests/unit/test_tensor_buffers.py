@@ -77,8 +77,8 @@ def _populate_write_supported() -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE and mincore are Linux's")
 def test_in_a_worker_a_new_tensors_pages_are_in_memory_before_it_is_filled(in_a_worker: None) -> None:
-    # Each shared tensor is fresh memory; faulted in page by page by the socket reads that fill it, it
-    # cost a worker several times the CPU of one madvise (#14, large samples through workers).
+    # Each shared tensor is fresh memory: mapped in one madvise rather than one fault per page inside the
+    # socket reads of the worker's sample threads (#14, large samples through workers).
     if not _populate_write_supported():
         pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14)")
     tensor = datasets._new_byte_tensor(64 * mmap.PAGESIZE)
