@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import functools
 import hashlib
+import mmap
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,6 +57,7 @@ MAX_SAMPLE_THREADS = _client.MAX_SAMPLE_THREADS
 # The default sample reads a blob up to this size in one request; larger blobs in parallel parts.
 READ_ALL_BLOCK_SIZE = 8 * 1024 * 1024
 READ_ALL_CONCURRENCY = 8
+_PAGE_SIZE = mmap.PAGESIZE
 _READ_ALL = {"block_size": READ_ALL_BLOCK_SIZE, "max_concurrency": READ_ALL_CONCURRENCY}
 
 
@@ -147,8 +151,10 @@ class Blob:
         the tensor's memory. In a DataLoader worker the tensor is allocated in shared memory, so
         returned from a transform (as it is, or as a view such as ``.view(torch.float32)``) it
         reaches the main process without a copy, rather than being pickled through a pipe as
-        ``bytes`` are. Blobs larger than 8 MiB are fetched in parallel ranged requests. Decode it with, for
-        example, ``torchvision.io.decode_image(blob.read_tensor())``, or reinterpret raw data with
+        ``bytes`` are (where shared memory, ``/dev/shm``, has no room for it, in ordinary memory,
+        which torch copies there if the tensor is returned). Blobs larger than 8 MiB are fetched in
+        parallel ranged requests. Decode it with, for example,
+        ``torchvision.io.decode_image(blob.read_tensor())``, or reinterpret raw data with
         ``tensor.view(torch.float32)``.
 
         Raises:
@@ -228,13 +234,17 @@ class Blob:
 
 
 def _new_byte_tensor(size: int) -> torch.Tensor:
-    """A new uint8 tensor of ``size`` elements; in a DataLoader worker, in shared memory already.
+    """A new uint8 tensor of ``size`` elements, its pages already in memory; in a DataLoader worker, in shared memory.
 
     A tensor that a worker returns is moved into shared memory when it is sent to the main process,
     which copies it. Received there in the first place, it is sent as it is: one copy of every
     sample and the page faults of a private buffer fewer, in the workers. ``_new_shared`` is how
     torch's own collate allocates a batch in workers; it is private, so without it (or if it fails)
     the tensor is an ordinary one, and torch moves it when sending it.
+
+    Every shared tensor is new memory (the main process may still be reading the ones sent before),
+    so its pages are faulted in here, in one system call (see ``_populate``), rather than one page at
+    a time by the socket reads that fill it.
     """
     if size and torch.utils.data.get_worker_info() is not None:
         new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
@@ -243,8 +253,54 @@ def _new_byte_tensor(size: int) -> torch.Tensor:
         except Exception:
             storage = None
         if storage is not None and storage.nbytes() == size:
-            return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[call-overload]
-    return torch.empty(size, dtype=torch.uint8)
+            shared: torch.Tensor = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[call-overload]
+            # EFAULT: the shared-memory file system (/dev/shm) has no room for it, and the first write
+            # would kill the worker with SIGBUS. Ordinary memory serves a transform that decodes the
+            # tensor rather than returning it.
+            if _populate(shared) != errno.EFAULT:
+                return shared
+    tensor = torch.empty(size, dtype=torch.uint8)
+    _populate(tensor)
+    return tensor
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a range in, writable, without writing to it
+
+
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return cast(Callable[[int, int, int], int], madvise)
+
+
+_madvise = _libc_madvise()
+
+
+def _populate(tensor: torch.Tensor) -> int:
+    """Fault in the whole pages of a new tensor's memory at once, before anything is written into it.
+
+    A fresh 4 MiB buffer takes 1,024 page faults when it is first written; taken inside the socket
+    reads of a worker's many sample threads, they contend for the process's memory map; one
+    ``madvise`` maps them all (the kernel still allocates and zeroes every page: that cost, not the
+    faults, is most of what fresh memory costs, see docs/benchmarks.md). It also tells, before
+    anything is written, whether a write would raise SIGBUS (a full ``/dev/shm``). Memory already mapped (a private tensor in reused heap memory) costs only a
+    walk of its page table. Where this is not available (not Linux, a kernel before 5.14) or fails,
+    the pages are faulted in by the first writes, as without it. Returns the ``errno`` of a failure
+    (``EFAULT``: a write would raise SIGBUS), else 0.
+    """
+    if _madvise is None or tensor.nbytes < _PAGE_SIZE:
+        return 0
+    start = -(-tensor.data_ptr() // _PAGE_SIZE) * _PAGE_SIZE  # whole pages of the tensor's own memory only
+    end = (tensor.data_ptr() + tensor.nbytes) // _PAGE_SIZE * _PAGE_SIZE
+    if end > start and _madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+        return ctypes.get_errno() or -1
+    return 0
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
