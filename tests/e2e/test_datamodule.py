@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
 import sys
 from collections import Counter
 from typing import Any
@@ -21,6 +20,7 @@ from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO, BlobDat
 from azstoragetorch.integrations.lightning._data_module import _IterableSplitLoader as IterableSplitLoader
 from azstoragetorch.testing import Azurite
 from tests.conftest import Container
+from tests.e2e._launch import run_job
 from tests.e2e.lightning_helpers import IdRecorder, decode_id, trainer, upload_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice for small data sets
@@ -250,7 +250,7 @@ def test_ddp_ranks_share_each_epoch(
     command = [sys.executable, "-m", "tests.e2e.lightning_data_run", "--train", source, "--out", str(tmp_path)]
     command += ["--num-workers", str(num_workers)] + (["--iterable"] if iterable else [])
 
-    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=240)
+    result = run_job(command, cwd=REPOSITORY)
 
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]

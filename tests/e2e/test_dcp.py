@@ -46,6 +46,7 @@ from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
 from azstoragetorch.testing import Azurite
 from tests.conftest import Container
 from tests.e2e import dcp_overwrite_run, dcp_worker
+from tests.e2e._launch import run_job
 from tests.e2e.fault_proxy import Delay, FaultProxy, Gather, Respond, SeenRequest
 
 # torch notes that without a process group it saves and loads in one process; that is the intent.
@@ -234,7 +235,7 @@ def test_async_save_with_each_checkpointer_type_and_stager_loads_what_was_saved(
     environment = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
     command = [sys.executable, "-m", "tests.e2e.dcp_async_run", checkpointer, container.blob_url(checkpointer)]
 
-    run = subprocess.run(command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=600)
+    run = run_job(command, cwd=REPOSITORY, env=environment)
 
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split("\n")[:-1] == [

@@ -14,7 +14,6 @@ import io
 import json
 import pathlib
 import pickle
-import subprocess
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ from azstoragetorch.exceptions import FatalBlobIOWriteError
 from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
 from azstoragetorch.testing import ACCOUNT_NAME, Azurite
 from tests.conftest import Container
+from tests.e2e._launch import run_job
 from tests.e2e.fault_proxy import Delay, FaultProxy, Respond, SeenRequest
 from tests.e2e.lightning_helpers import TinyModel, loader, same_weights, trainer
 
@@ -496,7 +496,7 @@ def test_unsupported_storage_options_are_rejected(
 
 def test_import_without_lightning_says_how_to_install() -> None:
     code = "import sys; sys.modules['lightning'] = None; import azstoragetorch.integrations.lightning"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPOSITORY, timeout=120)
+    result = run_job([sys.executable, "-c", code], cwd=REPOSITORY)
 
     assert result.returncode != 0
     assert 'pip install "azstoragetorch[lightning]"' in result.stderr
@@ -540,7 +540,7 @@ def run_script(
     command += ["--max-epochs", str(max_epochs), "--devices", str(devices), "--out", str(out)]
     if resume:
         command += ["--resume", resume]
-    result = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=240)
+    result = run_job(command, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)]
 
