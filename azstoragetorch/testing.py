@@ -67,6 +67,15 @@ def find_azurite_blob() -> str:
     )
 
 
+# What Azurite prints once it has bound its port.
+_LISTENING = "successfully listens on"
+_START_ATTEMPTS = 5
+
+
+class _PortTaken(Exception):
+    """The emulator could not bind its port: another process has it."""
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -84,6 +93,7 @@ class Azurite:
     """
 
     def __init__(self, port: int | None = None, *, in_memory: bool = True, oauth: bool = False) -> None:
+        self._port_chosen = port is None  # a port of our own choosing can be chosen again if taken
         self.port = port or _free_port()
         self._in_memory = in_memory
         self._oauth = oauth
@@ -125,6 +135,23 @@ class Azurite:
 
     def start(self) -> Azurite:
         """Start the emulator and wait until it answers; returns ``self``."""
+        for attempt in range(_START_ATTEMPTS):
+            self._process = subprocess.Popen(
+                self._command(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+            try:
+                self._wait_until_ready()
+                return self
+            except _PortTaken:
+                # Between choosing a free port and the emulator binding it, another process (another
+                # test session's emulator, say) took it. Only a port we chose may be changed.
+                if not self._port_chosen or attempt == _START_ATTEMPTS - 1:
+                    self.stop()
+                    raise RuntimeError(f"Port {self.port} is in use; Azurite could not listen on it.") from None
+                self.port = _free_port()
+        raise AssertionError("unreachable")
+
+    def _command(self) -> list[str]:
         command = [
             find_azurite_blob(),
             "--blobHost", "127.0.0.1",
@@ -137,21 +164,27 @@ class Azurite:
         ]  # fmt: skip
         if self._oauth:
             key_path = os.path.join(self._workdir.name, "key.pem")
-            _write_self_signed_certificate(self.ca_bundle, key_path)
+            if not os.path.exists(key_path):
+                _write_self_signed_certificate(self.ca_bundle, key_path)
             command += ["--oauth", "basic", "--cert", self.ca_bundle, "--key", key_path]
         command += ["--inMemoryPersistence"] if self._in_memory else ["--location", self._workdir.name]
-        self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self._wait_until_ready()
-        return self
+        return command
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
+        log_start = self._log.tell()  # this attempt's part of the log
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"Azurite exited during start-up with code {self._process.returncode}:\n{self.log_text()}"
-                )
+                text = self.log_text()[log_start:]
+                if "EADDRINUSE" in text:
+                    raise _PortTaken()
+                raise RuntimeError(f"Azurite exited during start-up with code {self._process.returncode}:\n{text}")
+            # An answer on the port proves nothing until this process says it listens there: the
+            # port may have been taken by another server after it was found free.
+            if _LISTENING not in self.log_text()[log_start:]:
+                time.sleep(0.05)
+                continue
             try:
                 context = ssl.create_default_context(cafile=self.ca_bundle) if self._oauth else None
                 urllib.request.urlopen(f"{self.account_url}?comp=list", timeout=2, context=context)

@@ -4,6 +4,7 @@ import io
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -248,9 +249,18 @@ def test_racing_writers_leave_one_writers_complete_blob(
 # -- Ctrl-C -------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def python_ctrl_c() -> Iterator[None]:
+    """Python's own Ctrl-C handler for the test, whatever the process inherited: a test run started in
+    the background by a non-interactive shell ignores SIGINT, and the signal would then do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_in_the_middle_of_a_large_write(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the first large write into a blob stop half-way with a real SIGINT, as Ctrl-C would."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # see python_ctrl_c
     real_write = BlockUploader.write
     interrupted = False
 
@@ -268,7 +278,10 @@ def interrupt_in_the_middle_of_a_large_write(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_ctrl_c_inside_torch_save_shows_keyboard_interrupt_and_commits_nothing(
-    container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+    container: Container,
+    account_credential: AzureNamedKeyCredential,
+    monkeypatch: pytest.MonkeyPatch,
+    python_ctrl_c: None,
 ) -> None:
     container.upload("checkpoint.pt", b"previous checkpoint")
     interrupt_in_the_middle_of_a_large_write(monkeypatch)
@@ -284,7 +297,10 @@ def test_ctrl_c_inside_torch_save_shows_keyboard_interrupt_and_commits_nothing(
 
 
 def test_ctrl_c_inside_torch_save_without_a_with_block_commits_nothing(
-    container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+    container: Container,
+    account_credential: AzureNamedKeyCredential,
+    monkeypatch: pytest.MonkeyPatch,
+    python_ctrl_c: None,
 ) -> None:
     # Without a with block the caller may still call close(), for example in a finally clause:
     # the interrupted write left a torn archive behind, which must not become the blob.
