@@ -234,7 +234,7 @@ class Blob:
 
 
 def _new_byte_tensor(size: int) -> torch.Tensor:
-    """A new uint8 tensor of ``size`` elements, its pages already in memory; in a DataLoader worker, in shared memory.
+    """A new uint8 tensor of ``size`` elements; in a DataLoader worker, in shared memory, its pages already in.
 
     A tensor that a worker returns is moved into shared memory when it is sent to the main process,
     which copies it. Received there in the first place, it is sent as it is: one copy of every
@@ -259,9 +259,8 @@ def _new_byte_tensor(size: int) -> torch.Tensor:
             # tensor rather than returning it.
             if _populate(shared) != errno.EFAULT:
                 return shared
-    tensor = torch.empty(size, dtype=torch.uint8)
-    _populate(tensor)
-    return tensor
+    # Ordinary memory is often heap memory used before, already mapped: nothing to fault in ahead.
+    return torch.empty(size, dtype=torch.uint8)
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a range in, writable, without writing to it
@@ -289,9 +288,9 @@ def _populate(tensor: torch.Tensor) -> int:
     reads of a worker's many sample threads, they contend for the process's memory map; one
     ``madvise`` maps them all (the kernel still allocates and zeroes every page: that cost, not the
     faults, is most of what fresh memory costs, see docs/benchmarks.md). It also tells, before
-    anything is written, whether a write would raise SIGBUS (a full ``/dev/shm``). Memory already mapped (a private tensor in reused heap memory) costs only a
-    walk of its page table. Where this is not available (not Linux, a kernel before 5.14) or fails,
-    the pages are faulted in by the first writes, as without it. Returns the ``errno`` of a failure
+    anything is written, whether a write would raise SIGBUS (a full ``/dev/shm``). Where this is
+    not available (not Linux, a kernel before 5.14) or fails, the pages are faulted in by the first
+    writes, as without it. Returns the ``errno`` of a failure
     (``EFAULT``: a write would raise SIGBUS), else 0.
     """
     if _madvise is None or tensor.nbytes < _PAGE_SIZE:
