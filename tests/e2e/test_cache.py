@@ -655,6 +655,24 @@ def test_an_entry_that_is_a_symbolic_link_is_never_served_nor_written_through(
     assert cached is not None and cached[1] == content(3)
 
 
+def test_an_entry_name_taken_by_a_fifo_is_a_miss_not_a_hang(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    """Opening a FIFO to read waits for a writer that never comes: the cache must not wait."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    entry = cache_dir / _cache._file_name(blobs.blob_url(name(3)))
+    os.mkfifo(entry)
+    dataset = BlobDataset.from_blob_urls([blobs.blob_url(name(3))], credential=account_credential, cache_dir=cache_dir)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(dataset[0]["data"]), daemon=True)
+    reader.start()
+    reader.join(60)
+    assert read == [content(3)]
+    _cache.flush()
+    assert entry.is_file()  # replaced by the blob's cache file
+
+
 def test_a_temporary_name_taken_by_a_symbolic_link_is_not_written_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
