@@ -44,7 +44,7 @@ with no slash and with ``O_NOFOLLOW``: a symbolic link planted in the directory 
 link, never its target). Only names that the cache gives its files are counted or evicted.
 
 **Failures.** A directory that cannot be created or written, or a full disk, costs one warning per
-process; that process then stops storing and reads from the service as without a cache.
+process and directory; that process then stops storing and reads from the service as without a cache.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ _ONE_READ = 64 * 1024
 _PENDING_LIMIT = 64 * 1024 * 1024
 
 # Flags of every open of a file in the directory: never through a symbolic link, never inherited by
-# a program the process runs, and (for reads) never blocked by a FIFO planted under a cache name.
+# a program the process runs. Reads add O_NONBLOCK: a FIFO planted under a cache name must not block.
 _NO_LINKS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 _ENTRY_NAME = re.compile(r"[0-9a-f]{64}")  # what _file_name returns: only such files are evicted
 # Symbolic links followed on the way to the directory before it counts as a loop (Linux's limit).
