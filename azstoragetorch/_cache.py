@@ -32,8 +32,19 @@ under ``flock`` at every store; a store that would pass the limit first deletes 
 used files (by modification time, which every hit refreshes) down to 90% of it. Without a limit
 nothing is evicted, so hits leave the files untouched (no ``utime``).
 
+**Trust.** The directory is used only if no one but its user could change what it holds, as ssh
+requires of its files: each process opens it once and refuses it (one warning per process and
+directory, then reads from the service as without a cache) if another user owns it, if its group
+or others can write to it, or if a directory or symbolic link on the way to it could be replaced
+by another user (one owned by someone other than the user or root, or writable by group or others
+without the sticky bit, as ``/tmp`` has). The parts of the path that do not exist are created with
+mode 0o700. Every file is then opened, renamed and deleted relative to that descriptor, by a name
+with no slash and with ``O_NOFOLLOW``: a symbolic link planted in the directory is never followed
+(a lock or entry that is one, or a lock with another hard link, is not used; a rename replaces a
+link, never its target). Only names that the cache gives its files are counted or evicted.
+
 **Failures.** A directory that cannot be created or written, or a full disk, costs one warning per
-process; that process then stops storing and reads from the service as without a cache.
+process and directory; that process then stops storing and reads from the service as without a cache.
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ import errno
 import hashlib
 import multiprocessing.util
 import os
+import re
+import stat
 import struct
 import threading
 import time
@@ -73,7 +86,15 @@ _ONE_READ = 64 * 1024
 # The most bytes of fetched blobs that wait, in one process, for the background writer to store them.
 _PENDING_LIMIT = 64 * 1024 * 1024
 
+# Flags of every open of a file in the directory: never through a symbolic link, never inherited by
+# a program the process runs. Reads add O_NONBLOCK: a FIFO planted under a cache name must not block.
+_NO_LINKS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_ENTRY_NAME = re.compile(r"[0-9a-f]{64}")  # what _file_name returns: only such files are evicted
+# Symbolic links followed on the way to the directory before it counts as a loop (Linux's limit).
+_MAX_LINKS = 40
+
 _warned_pid = 0
+_warned: set[str] = set()  # the directories this process has warned about
 _warned_lock = threading.Lock()
 
 
@@ -94,13 +115,22 @@ def make_cache(cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = Fal
         return None
     if not isinstance(cache_dir, (str, os.PathLike)):
         raise TypeError(f"cache_dir must be a str or os.PathLike, not {type(cache_dir).__name__}.")
+    directory = os.fspath(cache_dir)
+    if not isinstance(directory, str):
+        raise TypeError("cache_dir must be a str or os.PathLike of str, not of bytes.")
+    if not directory:
+        raise ValueError("cache_dir must name a directory, got an empty string (leave it out for no cache).")
+    if "\0" in directory:
+        raise ValueError(f"cache_dir must not contain a NUL character, got {directory!r}.")
+    # Absolute now: the workers and a later os.chdir must not move the cache.
+    directory = os.path.join(os.getcwd(), os.path.expanduser(directory))
     if cache_max_bytes is not None and (
         isinstance(cache_max_bytes, bool) or not isinstance(cache_max_bytes, int) or cache_max_bytes < 1
     ):
         raise ValueError(f"cache_max_bytes must be a positive int or None, got {cache_max_bytes!r}.")
     if not isinstance(trust_listing, bool):
         raise TypeError(f"cache_trust_listing must be a bool, not {type(trust_listing).__name__}.")
-    return BlobCache(os.fspath(cache_dir), cache_max_bytes, trust_known_etag=trust_listing)
+    return BlobCache(directory, cache_max_bytes, trust_known_etag=trust_listing)
 
 
 class _ProcessState:
@@ -109,7 +139,9 @@ class _ProcessState:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.lock_fd: int | None = None
-        self.ready = False  # the directory exists
+        self.opening = threading.Lock()
+        self.dir_fd: int | None = None  # the directory, opened and checked once (see "Trust")
+        self.usable = True  # False once the directory was refused or could not be opened
         self.storing = True  # False after a store failed (unwritable directory, full disk)
 
 
@@ -138,7 +170,7 @@ class BlobCache:
     def trusted_hit(self, client: AzStorageTorchBlobClient, known_etag: str | None) -> bytes | None:
         """The cached content if ``known_etag`` is trusted and is the cached copy's, else ``None``:
         what :meth:`read_all` serves with no request, for a caller that keeps requests elsewhere."""
-        if not self.trust_known_etag or known_etag is None:
+        if not self.trust_known_etag or known_etag is None or self._directory_fd() is None:
             return None
         path = self._path(client)
         cached = _writer().pending(path) or self._lookup(path)
@@ -153,6 +185,10 @@ class BlobCache:
         """The whole blob, from the cache when the cached copy is current, else from the service
         (and then stored in the background). ``known_etag`` is the ETag the dataset knows, used
         only if trusted."""
+        if self._directory_fd() is None:  # refused: read as without a cache
+            read = client.read_all_if_changed(None, block_size=block_size, max_concurrency=max_concurrency)
+            assert read is not None  # an unconditional read always returns the content
+            return read[1]
         path = self._path(client)
         cached = _writer().pending(path) or self._lookup(path)
         if cached is not None:
@@ -178,35 +214,59 @@ class BlobCache:
     def _path(self, client: AzStorageTorchBlobClient) -> str:
         return os.path.join(self.directory, _file_name(client.blob_url.display_url))
 
+    def _directory_fd(self) -> int | None:
+        """This process's descriptor of the directory, opened at its first use; ``None`` if refused."""
+        state = self._process_state()
+        if state.dir_fd is None and state.usable:
+            with state.opening:
+                if state.dir_fd is None and state.usable:
+                    try:
+                        state.dir_fd = _open_directory(self.directory)
+                    except _Refused as refusal:
+                        state.usable = False
+                        _warn_once(self.directory, f"{self.directory} is not safe to use: {refusal}")
+                    except OSError as error:
+                        state.usable = False
+                        _warn_once(self.directory, f"opening {self.directory} failed ({_reason(error)})")
+        return state.dir_fd
+
     def _lookup(self, path: str) -> tuple[str, bytes] | None:
         """The cached ETag and content at ``path``, if it is there and intact; a damaged file is removed."""
+        dir_fd = self._directory_fd()
+        if dir_fd is None:
+            return None
+        name = os.path.basename(path)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            # Never through a link: a planted one could hand out any file the user can read.
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _NO_LINKS, dir_fd=dir_fd)
         except FileNotFoundError:
             return None
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                return None  # a link: a miss, and the store's rename replaces the link itself
             # Not readable (permissions, I/O error): as a miss; storing will tell whether it is usable.
-            _warn_once(f"reading {path} failed ({_reason(error)})")
+            _warn_once(self.directory, f"reading {path} failed ({_reason(error)})")
             return None
         try:
             pause("cache.read")  # another process may now replace or evict the file
             found = _read_entry(fd)
         except OSError as error:
-            _warn_once(f"reading {path} failed ({_reason(error)})")
+            _warn_once(self.directory, f"reading {path} failed ({_reason(error)})")
             return None
         finally:
             os.close(fd)
         if found is None:
             # Torn or damaged (a crash before the data reached the disk, a bit flip): fetch it again.
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(name, dir_fd=dir_fd)
         return found
 
     def _touch(self, path: str) -> None:
         """Mark the file as just used, for least-recently-used eviction (which needs a limit)."""
-        if self.max_bytes is not None:
+        dir_fd = self._process_state().dir_fd
+        if self.max_bytes is not None and dir_fd is not None:
             with contextlib.suppress(OSError):  # a blob not stored yet, or evicted meanwhile
-                _set_mtime_now(path)
+                _set_mtime_now(os.path.basename(path), dir_fd)
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -224,93 +284,72 @@ class BlobCache:
         size = len(header) + len(data)
         if self.max_bytes is not None and size > self.max_bytes:
             return  # larger than the whole cache
-        temp = os.path.join(self.directory, f"{_TEMP_PREFIX}{uuid.uuid4().hex}")
+        dir_fd = self._directory_fd()
+        if dir_fd is None:
+            return
+        temp = f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            self._make_directory(state)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_LINKS, 0o600, dir_fd=dir_fd)
             try:
                 _write_all(fd, header)
                 _write_all(fd, data)
                 # No fsync: it cost about 4 ms per file here (8x the write), the largest part of a
                 # small blob's first epoch. The cache is disposable: a file torn by a power loss
                 # fails its length or CRC-32 check and is fetched again.
+                if self.max_bytes is not None:  # the eviction order; without a limit the kernel's stamp will do
+                    _set_mtime_now(fd)
             finally:
                 os.close(fd)
-            if self.max_bytes is not None:  # the eviction order; without a limit the kernel's stamp will do
-                _set_mtime_now(temp)
             pause("cache.store")  # another process may store or evict the same blob now
-            self._publish(state, temp, path, size)
+            self._publish(state, dir_fd, temp, os.path.basename(path), size)
         except OSError as error:
             with contextlib.suppress(OSError):
-                os.unlink(temp)
+                os.unlink(temp, dir_fd=dir_fd)
             state.storing = False
-            _warn_once(f"storing in {self.directory} failed ({_reason(error)})")
+            _warn_once(self.directory, f"storing in {self.directory} failed ({_reason(error)})")
 
-    def _make_directory(self, state: _ProcessState) -> None:
-        if not state.ready:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            state.ready = True
-
-    def _publish(self, state: _ProcessState, temp: str, path: str, size: int) -> None:
-        """Rename ``temp`` to ``path``; with a limit, count it and evict first if it would pass it."""
+    def _publish(self, state: _ProcessState, dir_fd: int, temp: str, name: str, size: int) -> None:
+        """Rename ``temp`` to ``name``; with a limit, count it and evict first if it would pass it."""
+        # A rename replaces whatever has the name, a symbolic link included, never what a link names.
         if self.max_bytes is None:
-            os.replace(temp, path)
+            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             return
-        with self._locked(state) as lock_fd:
+        with self._locked(state, dir_fd) as lock_fd:
             usage = os.pread(lock_fd, _USAGE.size, 0)
             if len(usage) == _USAGE.size:
                 (used,) = _USAGE.unpack(usage)
-                used = used - _size_or_zero(path) + size
+                used = used - _size_or_zero(name, dir_fd) + size
             else:  # a new lock file: count what is there
-                used = sum(entry_size for _, entry_size, _ in self._entries()) - _size_or_zero(path) + size
+                used = sum(entry_size for _, entry_size, _ in _entries(dir_fd)) - _size_or_zero(name, dir_fd) + size
             if used > self.max_bytes:
-                used = self._evict(path, size)
+                used = self._evict(dir_fd, name, size)
             # Counted before the rename: a crash in between overcounts, which the next eviction's
             # scan corrects, and never lets the directory grow past the limit unnoticed.
             os.pwrite(lock_fd, _USAGE.pack(used), 0)
-            os.replace(temp, path)
+            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
-    def _evict(self, path: str, incoming: int) -> int:
+    def _evict(self, dir_fd: int, name: str, incoming: int) -> int:
         """Delete the least recently used files until ``incoming`` more bytes fit below 90% of the
-        limit; returns the bytes the directory will hold once ``path`` is replaced by them."""
+        limit; returns the bytes the directory will hold once ``name`` is replaced by them."""
         assert self.max_bytes is not None
-        entries = sorted(entry for entry in self._entries() if entry[2] != path)
+        entries = sorted(entry for entry in _entries(dir_fd) if entry[2] != name)
         total = sum(entry_size for _, entry_size, _ in entries)
         target = int(self.max_bytes * _EVICT_TO)
-        for _, entry_size, entry_path in entries:
+        for _, entry_size, entry_name in entries:
             if total + incoming <= target:
                 break
             # A reader that has the file open keeps reading it whole; one that opens it next misses.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry_path)
+                os.unlink(entry_name, dir_fd=dir_fd)
             total -= entry_size
         return total + incoming
 
-    def _entries(self) -> list[tuple[float, int, str]]:
-        """(mtime, size, path) of every cache file; removes temporary files left by dead processes."""
-        found = []
-        now = time.time()
-        with os.scandir(self.directory) as scan:
-            for entry in scan:
-                try:
-                    stat = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if entry.name.startswith(_TEMP_PREFIX):
-                    if now - stat.st_mtime > _STALE_TEMP_SECONDS:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(entry.path)
-                elif not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
-                    found.append((stat.st_mtime, stat.st_size, entry.path))
-        return found
-
     @contextlib.contextmanager
-    def _locked(self, state: _ProcessState) -> Iterator[int]:
+    def _locked(self, state: _ProcessState, dir_fd: int) -> Iterator[int]:
         """The directory's lock: the threads of this process, then (``flock``) the other processes."""
         with state.lock:
             if state.lock_fd is None:
-                lock_path = os.path.join(self.directory, _LOCK_NAME)
-                state.lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+                state.lock_fd = _open_lock(dir_fd, os.path.join(self.directory, _LOCK_NAME))
             if fcntl is not None:
                 fcntl.flock(state.lock_fd, fcntl.LOCK_EX)
             try:
@@ -380,7 +419,7 @@ class _Writer:
                 cache._store(path, etag, data)
             except Exception as error:  # a defect: keep the samples coming, without a cache
                 cache._process_state().storing = False
-                _warn_once(f"storing in {cache.directory} failed ({type(error).__name__}: {error})")
+                _warn_once(cache.directory, f"storing in {cache.directory} failed ({type(error).__name__}: {error})")
             finally:
                 with self._condition:
                     self._queue.popleft()
@@ -420,6 +459,116 @@ def flush() -> None:
     _writer().flush()
 
 
+class _Refused(Exception):
+    """The cache directory, or the way to it, could be changed by another user."""
+
+
+def _open_directory(directory: str) -> int:
+    """A descriptor of ``directory`` (absolute), created with mode 0o700 where it is missing, once
+    it and the way to it are safe (see the module's "Trust"); raises :class:`_Refused` if not."""
+    if os.name != "posix" or os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
+        raise _Refused("this platform cannot open files without following symbolic links")
+    uid = os.geteuid()
+    # Walked one name at a time, following links by hand, so that every directory passed through and
+    # every link followed is checked (realpath would hide a link in a directory others can write).
+    todo = directory.split("/")[::-1]
+    current = "/"
+    found = _lstat_safe("/", uid)
+    links = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)  # a resolved path: lexical is right here
+            found = os.lstat(current)
+            continue
+        path = os.path.join(current, part)
+        try:
+            found = _lstat_safe(path, uid)
+        except FileNotFoundError:
+            # Only the user can add to a safe directory, except a sticky one (/tmp), where another
+            # user may have made it first: then it is theirs, and the checks below refuse it.
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+            found = _lstat_safe(path, uid)
+        if stat.S_ISLNK(found.st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+            target = os.readlink(path)
+            if target.startswith("/"):
+                current = "/"
+            todo.extend(target.split("/")[::-1])
+            continue
+        if not stat.S_ISDIR(found.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
+        if found.st_mode & 0o022 and not found.st_mode & stat.S_ISVTX:
+            raise _Refused(_writable_by_others(path, found))  # another user could rename what it holds
+        current = path
+    fd = os.open(current, os.O_RDONLY | os.O_DIRECTORY | _NO_LINKS)
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
+            raise _Refused(f"{current} was replaced while it was checked")
+        if opened.st_uid != uid:
+            raise _Refused(f"{current} is owned by uid {opened.st_uid}, not by this user (uid {uid})")
+        if opened.st_mode & 0o022:  # sticky or not: another user could add files to it
+            raise _Refused(_writable_by_others(current, opened))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _writable_by_others(path: str, found: os.stat_result) -> str:
+    mode = stat.S_IMODE(found.st_mode)
+    return f"{path} can be written by its group or by others (mode {mode:#o}); 'chmod go-w {path}' makes it safe"
+
+
+def _lstat_safe(path: str, uid: int) -> os.stat_result:
+    """``os.lstat(path)``, if the user or root owns it: only they may choose what a name on the way
+    to the cache stands for."""
+    found = os.lstat(path)
+    if found.st_uid not in (uid, 0):
+        raise _Refused(f"{path} is owned by uid {found.st_uid}, not by this user (uid {uid}) or root")
+    return found
+
+
+def _open_lock(dir_fd: int, path: str) -> int:
+    try:
+        fd = os.open(_LOCK_NAME, os.O_RDWR | os.O_CREAT | _NO_LINKS, 0o600, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path} is a symbolic link, which the cache never follows", path) from None
+        raise
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1 or found.st_uid != os.geteuid():
+        os.close(fd)  # another name for another file: writing the count would change that file
+        raise OSError(errno.EPERM, f"{path} is not a plain file of this user's with one name", path)
+    return fd
+
+
+def _entries(dir_fd: int) -> list[tuple[float, int, str]]:
+    """(mtime, size, name) of every cache file; removes temporary files left by dead processes."""
+    found = []
+    now = time.time()
+    with os.scandir(dir_fd) as scan:
+        for entry in scan:
+            try:
+                entry_stat = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if entry.name.startswith(_TEMP_PREFIX):
+                if now - entry_stat.st_mtime > _STALE_TEMP_SECONDS:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.name, dir_fd=dir_fd)
+            elif _ENTRY_NAME.fullmatch(entry.name) and stat.S_ISREG(entry_stat.st_mode):
+                # Only the cache's own names: a user's file in the directory is neither counted nor evicted.
+                found.append((entry_stat.st_mtime, entry_stat.st_size, entry.name))
+    return found
+
+
 def _file_name(display_url: str) -> str:
     # The display URL keeps the snapshot or version (another blob's content) and drops the SAS.
     return hashlib.sha256(display_url.encode()).hexdigest()
@@ -427,7 +576,10 @@ def _file_name(display_url: str) -> str:
 
 def _read_entry(fd: int) -> tuple[str, bytes] | None:
     """The ETag and content of the cache file open at ``fd``; ``None`` if it is torn or damaged."""
-    size = os.fstat(fd).st_size
+    found = os.fstat(fd)
+    if not stat.S_ISREG(found.st_mode):
+        return None  # a directory, FIFO or device under a cache name
+    size = found.st_size
     # Few system calls, and the content copied once: a small file in one read; a large one's header
     # and ETag (a few dozen bytes) in one, then its content straight into the returned bytes.
     head = os.pread(fd, size if size <= _ONE_READ else _HEADER.size + 256, 0)
@@ -469,16 +621,20 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _set_mtime_now(path: str) -> None:
+def _set_mtime_now(file: int | str, dir_fd: int | None = None) -> None:
+    """Stamp an open file, or a name in the directory (a link's own stamp, never its target's)."""
     # From the clock in nanoseconds: the kernel stamps files from a coarse clock (a few ms), too
     # coarse to order the files of a busy cache.
     now = time.time_ns()
-    os.utime(path, ns=(now, now))
+    if isinstance(file, int):
+        os.utime(file, ns=(now, now))
+    else:
+        os.utime(file, ns=(now, now), dir_fd=dir_fd, follow_symlinks=False)
 
 
-def _size_or_zero(path: str) -> int:
+def _size_or_zero(name: str, dir_fd: int) -> int:
     try:
-        return os.stat(path).st_size
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
     except FileNotFoundError:
         return 0
 
@@ -487,16 +643,19 @@ def _reason(error: OSError) -> str:
     return error.strerror or errno.errorcode.get(error.errno or 0, "") or type(error).__name__
 
 
-def _warn_once(what: str) -> None:
-    """One warning per process for everything that makes the cache fall back to the service."""
+def _warn_once(directory: str, what: str) -> None:
+    """One warning per process and directory for everything that makes the cache fall back to the service."""
     global _warned_pid
     with _warned_lock:  # samples are fetched by several threads, which may fail at once
-        if _warned_pid == os.getpid():
+        if _warned_pid != os.getpid():
+            _warned_pid = os.getpid()
+            _warned.clear()
+        if directory in _warned:
             return
-        _warned_pid = os.getpid()
+        _warned.add(directory)
     warnings.warn(
         f"azstoragetorch: the dataset cache is not working: {what}; samples are read from Azure Blob Storage "
-        "instead (this warning is shown once per process).",
+        "instead (this warning is shown once per process and cache directory).",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -568,14 +568,16 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
             cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
                 each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
                 share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. See :ref:`dataset-cache`.
+                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
+                that another user could change is refused with a warning. See :ref:`dataset-cache`.
             cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
                 deleted beyond it. ``None``: no limit but the disk.
             progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
                 blob (see "Progress" above).
 
         Raises:
-            ValueError: A URL is malformed, or ``cache_max_bytes`` is not positive or has no ``cache_dir``.
+            ValueError: A URL is malformed, ``cache_dir`` is empty, or ``cache_max_bytes`` is not positive
+                or has no ``cache_dir``.
             TypeError: ``credential`` or ``cache_dir`` is of an unsupported type, ``retry`` is not a
                 ``RetryOptions``, or ``progress_hook`` is not callable.
         """
@@ -612,7 +614,8 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
             cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
                 each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
                 share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. See :ref:`dataset-cache`.
+                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
+                that another user could change is refused with a warning. See :ref:`dataset-cache`.
             cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
                 deleted beyond it. ``None``: no limit but the disk.
             cache_trust_listing: Serve a cached blob whose ETag is the listing's with no request at
@@ -622,7 +625,8 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
                 blob (see "Progress" above).
 
         Raises:
-            ValueError: The URL is malformed, or a ``cache_*`` option is out of range or has no ``cache_dir``.
+            ValueError: The URL is malformed, ``cache_dir`` is empty, or a ``cache_*`` option is out of
+                range or has no ``cache_dir``.
             azure.core.exceptions.ResourceNotFoundError: The container does not exist.
             azure.core.exceptions.ClientAuthenticationError: Listing is not allowed.
             TypeError: ``progress_hook`` is not callable.
@@ -748,7 +752,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
                 each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
                 share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. See :ref:`dataset-cache`.
+                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
+                that another user could change is refused with a warning. See :ref:`dataset-cache`.
             cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
                 deleted beyond it. ``None``: no limit but the disk.
             shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
@@ -760,8 +765,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
                 blob (see "Progress" above).
 
         Raises:
-            ValueError: A URL is malformed, ``prefetch`` is out of range, or ``cache_max_bytes`` is not
-                positive or has no ``cache_dir``.
+            ValueError: A URL is malformed, ``prefetch`` is out of range, ``cache_dir`` is empty, or
+                ``cache_max_bytes`` is not positive or has no ``cache_dir``.
             TypeError: ``credential`` or ``cache_dir`` is of an unsupported type, or ``retry`` is not a
                 ``RetryOptions``.
         """
@@ -814,7 +819,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
             cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
                 each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
                 share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. See :ref:`dataset-cache`.
+                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
+                that another user could change is refused with a warning. See :ref:`dataset-cache`.
             cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
                 deleted beyond it. ``None``: no limit but the disk.
             cache_trust_listing: Serve a cached blob whose ETag is the listing's with no request at
@@ -829,8 +835,8 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
                 blob (see "Progress" above).
 
         Raises:
-            ValueError: The URL is malformed, ``prefetch`` is out of range, or a ``cache_*`` option is
-                out of range or has no ``cache_dir``.
+            ValueError: The URL is malformed, ``prefetch`` is out of range, ``cache_dir`` is empty, or a
+                ``cache_*`` option is out of range or has no ``cache_dir``.
             TypeError: ``credential``, ``prefix``, ``cache_dir`` or ``cache_trust_listing`` is of an
                 unsupported type, or ``retry`` is not a ``RetryOptions``.
             azure.core.exceptions.ResourceNotFoundError: The container does not exist.

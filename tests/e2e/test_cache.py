@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -545,3 +546,333 @@ def test_a_process_that_exits_right_after_reading_stores_everything_first(
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]
     assert len(cache_files(tmp_path)) == COUNT
     cache_holds_intact_copies(tmp_path, blobs)
+
+
+# -- trust: links, owners, modes (hostile) ----------------------------------------------------------
+
+needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
+STRANGER = 12345  # a uid that is not this user's (the tests run as root, which may give files away)
+
+
+def read_twice_recording_warnings(dataset: Any) -> list[str]:
+    """Both epochs through a DataLoader (its batches fetched by several threads), every byte compared."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, collate_fn=as_list)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _epoch in range(2):
+            assert [sample["data"] for batch in loader for sample in batch] == [
+                content(index) for index in range(COUNT)
+            ]
+        _cache.flush()
+    return our_warnings(caught)
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int, int, bytes | str]]:
+    """Every name under ``directory`` with its owner, mode, link count and bytes (or link target)."""
+    found: dict[str, tuple[int, int, int, bytes | str]] = {}
+    inside = sorted(directory.rglob("*")) if directory.is_dir() and not directory.is_symlink() else []
+    for path in [directory, *inside]:
+        info = path.lstat()
+        held: bytes | str = b""
+        if path.is_symlink():
+            held = os.readlink(path)
+        elif path.is_file():
+            held = path.read_bytes()
+        found[str(path.relative_to(directory))] = (info.st_uid, info.st_mode, info.st_nlink, held)
+    return found
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard"])
+def test_a_lock_file_that_is_a_link_is_not_written_through(
+    blobs: Container,
+    tmp_path: Path,
+    account_credential: AzureNamedKeyCredential,
+    monkeypatch: pytest.MonkeyPatch,
+    link: str,
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious bytes that the cache must never count into")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    if link == "symbolic":
+        (cache_dir / ".lock").symlink_to(victim)
+    else:
+        os.link(victim, cache_dir / ".lock")
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=cache_dir, cache_max_bytes=10**9
+    )
+    warned = read_twice_recording_warnings(dataset)
+    assert victim.read_bytes() == b"precious bytes that the cache must never count into"
+    assert len(warned) == 1 and ".lock" in warned[0], warned
+    assert cache_files(cache_dir) == []  # nothing was stored without its count
+
+
+def forged_entry(real_entry: bytes, data: bytes) -> bytes:
+    """A cache file with ``real_entry``'s ETag (so it is a hit) and other content, CRC-32 included."""
+    magic, _checksum, _length, etag_length = _cache._HEADER.unpack_from(real_entry)
+    etag = real_entry[_cache._HEADER.size : _cache._HEADER.size + etag_length]
+    return _cache._HEADER.pack(magic, _cache.crc32(data), len(data), etag_length) + etag + data
+
+
+@pytest.mark.parametrize("trust", [True, False], ids=["listing-trusted", "etag-confirmed"])
+@pytest.mark.parametrize("target", ["file", "directory"])
+def test_an_entry_that_is_a_symbolic_link_is_never_served_nor_written_through(
+    blobs: Container,
+    tmp_path: Path,
+    account_credential: AzureNamedKeyCredential,
+    monkeypatch: pytest.MonkeyPatch,
+    trust: bool,
+    target: str,
+) -> None:
+    """A link under a cache file's name, to a file that looks like a current hit (the blob's ETag, a
+    valid CRC-32): followed, it would hand out any file the user can read as a sample."""
+
+    def dataset(directory: Path) -> BlobDataset[Any]:
+        return BlobDataset.from_container_url(
+            blobs.url, credential=account_credential, cache_dir=directory, cache_trust_listing=trust
+        )
+
+    genuine = tmp_path / "genuine"
+    samples(dataset(genuine))
+    _cache.flush()
+    entry_name = _cache._file_name(blobs.blob_url(name(3)))
+    elsewhere = tmp_path / "elsewhere"
+    if target == "file":
+        elsewhere.write_bytes(forged_entry((genuine / entry_name).read_bytes(), b"the user's private key"))
+    else:
+        elsewhere.mkdir()
+    before = snapshot(elsewhere)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    (cache_dir / entry_name).symlink_to(elsewhere)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    assert read_twice_recording_warnings(dataset(cache_dir)) == []
+    assert snapshot(elsewhere) == before
+    # The store's rename replaced the link itself: the entry is now a real cache file.
+    assert not (cache_dir / entry_name).is_symlink()
+    cached = _cache.BlobCache(str(cache_dir), None)._lookup(str(cache_dir / entry_name))
+    assert cached is not None and cached[1] == content(3)
+
+
+def test_an_entry_name_taken_by_a_fifo_is_a_miss_not_a_hang(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    """Opening a FIFO to read waits for a writer that never comes: the cache must not wait."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    entry = cache_dir / _cache._file_name(blobs.blob_url(name(3)))
+    os.mkfifo(entry)
+    dataset = BlobDataset.from_blob_urls([blobs.blob_url(name(3))], credential=account_credential, cache_dir=cache_dir)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(dataset[0]["data"]), daemon=True)
+    reader.start()
+    reader.join(60)
+    assert read == [content(3)]
+    _cache.flush()
+    assert entry.is_file()  # replaced by the blob's cache file
+
+
+def test_a_temporary_name_taken_by_a_symbolic_link_is_not_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Temporary names are random; one planted anyway (here: predicted) is never opened through."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    fixed = uuid.UUID(int=7)
+    (cache_dir / f"{_cache._TEMP_PREFIX}{fixed.hex}").symlink_to(victim)
+    monkeypatch.setattr(_cache.uuid, "uuid4", lambda: fixed)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    cache = _cache.BlobCache(str(cache_dir), 10**6)
+    entry = str(cache_dir / ("a" * 64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache._store(entry, '"0x1"', b"data")
+    assert victim.read_bytes() == b"untouched"
+    assert len(our_warnings(caught)) == 1
+    assert not os.path.exists(entry)
+
+
+def test_eviction_deletes_only_the_caches_own_files(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> None:
+    """A user's file in the cache folder (or a link under a cache name) is neither counted nor evicted."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"v" * 100)
+    kept = {"notes.txt": b"n" * 200_000, "model.pt": b"m" * 10}
+    for file_name, data in kept.items():
+        (cache_dir / file_name).write_bytes(data)
+        os.utime(cache_dir / file_name, (1, 1))  # the least recently used of all
+    (cache_dir / ("f" * 64)).symlink_to(victim)
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=cache_dir, cache_max_bytes=900_000
+    )
+    assert read_twice_recording_warnings(dataset) == []
+    for file_name, data in kept.items():
+        assert (cache_dir / file_name).read_bytes() == data
+    assert (cache_dir / ("f" * 64)).is_symlink() and victim.read_bytes() == b"v" * 100
+    entries = [path for path in cache_files(cache_dir) if len(path.name) == 64 and not path.is_symlink()]
+    assert 0 < sum(path.stat().st_size for path in entries) <= 900_000  # the user's files do not count
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param("owned by another user", marks=needs_root),
+        pytest.param("made first by another user in a sticky parent", marks=needs_root),
+        pytest.param("under a parent owned by another user", marks=needs_root),
+        pytest.param("a link owned by another user in a sticky parent", marks=needs_root),
+        "group-writable",
+        "world-writable",
+        "world-writable and sticky",
+        "under a group-writable parent",
+        "a link in a group-writable parent",
+    ],
+)
+def test_a_cache_folder_others_could_change_is_refused_with_one_warning(
+    blobs: Container,
+    azurite: Azurite,
+    tmp_path: Path,
+    account_credential: AzureNamedKeyCredential,
+    monkeypatch: pytest.MonkeyPatch,
+    layout: str,
+) -> None:
+    parent = tmp_path / "parent"
+    parent.mkdir(mode=0o700)
+    cache_dir = parent / "cache"
+    mine = tmp_path / "mine"  # a folder of this user's, which a planted link points to
+    mine.mkdir(mode=0o700)
+    if layout == "owned by another user":
+        cache_dir.mkdir(mode=0o700)
+        os.chown(cache_dir, STRANGER, STRANGER)
+    elif layout == "made first by another user in a sticky parent":  # /tmp/<name> before we make it
+        parent.chmod(0o1777)
+        cache_dir.mkdir(mode=0o700)
+        os.chown(cache_dir, STRANGER, STRANGER)
+    elif layout == "under a parent owned by another user":
+        os.chown(parent, STRANGER, STRANGER)
+        parent.chmod(0o755)
+    elif layout == "a link owned by another user in a sticky parent":
+        parent.chmod(0o1777)
+        cache_dir.symlink_to(mine)
+        os.lchown(cache_dir, STRANGER, STRANGER)
+    elif layout == "group-writable":
+        cache_dir.mkdir()
+        cache_dir.chmod(0o775)
+    elif layout == "world-writable":
+        cache_dir.mkdir()
+        cache_dir.chmod(0o777)
+    elif layout == "world-writable and sticky":
+        cache_dir.mkdir()
+        cache_dir.chmod(0o1777)
+    elif layout == "under a group-writable parent":
+        parent.chmod(0o775)
+    else:
+        parent.chmod(0o775)
+        cache_dir.symlink_to(mine)
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    with FaultProxy(azurite.port) as proxy:
+        dataset = BlobDataset.from_container_url(
+            proxy.url(blobs.url), credential=account_credential, cache_dir=cache_dir, cache_trust_listing=True
+        )
+        warned = read_twice_recording_warnings(dataset)
+        assert len(gets(proxy)) == 2 * COUNT  # every read from the service, none conditional
+        assert all("if-none-match" not in seen.headers for seen in gets(proxy))
+    assert len(warned) == 1, warned
+    assert "not safe to use" in warned[0]
+    assert f"uid {STRANGER}" in warned[0] or "can be written by its group or by others" in warned[0]
+    assert snapshot(tmp_path) == before  # nothing created, written or changed
+
+
+@pytest.mark.parametrize("layout", ["a sticky world-writable parent (/tmp)", "a link of the user's", "missing"])
+def test_a_cache_folder_only_its_user_can_change_is_used(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, layout: str
+) -> None:
+    parent = tmp_path / "parent"
+    parent.mkdir(mode=0o700)
+    real = parent / "cache"
+    cache_dir = real
+    if layout == "a sticky world-writable parent (/tmp)":
+        parent.chmod(0o1777)
+    elif layout == "a link of the user's":
+        cache_dir = tmp_path / "alias"
+        cache_dir.symlink_to(real)
+    else:
+        real = cache_dir = parent / "a" / "b" / "cache"
+    umask = os.umask(0)  # the modes below are the cache's own, not the umask's
+    try:
+        dataset = BlobDataset.from_blob_urls(
+            [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=cache_dir
+        )
+        assert read_twice_recording_warnings(dataset) == []
+    finally:
+        os.umask(umask)
+    assert len(cache_files(real)) == COUNT
+    made = [real, real.parent, real.parent.parent] if layout == "missing" else [real]
+    assert [oct(path.stat().st_mode & 0o7777) for path in made] == ["0o700"] * len(made)
+
+
+def test_the_refusal_warning_is_given_once_per_process_and_folder(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folders = [tmp_path / "one", tmp_path / "two"]
+    for folder in folders:
+        folder.mkdir()
+        folder.chmod(0o777)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for folder in [*folders, folders[0]]:
+            dataset = BlobDataset.from_blob_urls(
+                [blobs.blob_url(n) for n in NAMES[:3]], credential=account_credential, cache_dir=folder
+            )
+            assert [sample["data"] for sample in samples(dataset)] == [content(index) for index in range(3)]
+    warned = our_warnings(caught)
+    assert len(warned) == 2 and str(folders[0]) in warned[0] and str(folders[1]) in warned[1], warned
+
+
+def test_an_empty_cache_dir_is_an_error_and_a_tilde_is_expanded(
+    blobs: Container,
+    tmp_path: Path,
+    account_credential: AzureNamedKeyCredential,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from azstoragetorch.integrations.lightning import BlobDataModule
+
+    makers = [
+        lambda **cache: BlobDataset.from_blob_urls(blobs.blob_url(NAMES[1]), credential=account_credential, **cache),
+        lambda **cache: IterableBlobDataset.from_blob_urls(blobs.blob_url(NAMES[1]), **cache),
+        lambda **cache: BlobDataset.from_container_url(blobs.url, credential=account_credential, **cache),
+        lambda **cache: IterableBlobDataset.from_container_url(blobs.url, credential=account_credential, **cache),
+        lambda **cache: BlobDataModule(train=blobs.url, credential=account_credential, **cache),
+    ]
+    monkeypatch.chdir(tmp_path)
+    for make in makers:
+        with pytest.raises(ValueError, match="cache_dir must name a directory, got an empty string"):
+            make(cache_dir="")  # (Path("") is Path("."): the current folder, a name like any other)
+        with pytest.raises(ValueError, match="cache_dir must not contain a NUL"):
+            make(cache_dir="cache\0/x")
+    assert list(tmp_path.iterdir()) == []
+
+    class BytesPath:
+        def __fspath__(self) -> bytes:
+            return b"/tmp/x"
+
+    with pytest.raises(TypeError, match=r"cache_dir must be a str or os\.PathLike of str"):
+        BlobDataset.from_blob_urls(blobs.blob_url(NAMES[1]), cache_dir=BytesPath())
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("HOME", str(home))
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir="~/x"
+    )
+    monkeypatch.chdir(home)  # a relative or expanded folder is fixed when the dataset is made
+    assert read_twice_recording_warnings(dataset) == []
+    assert len(cache_files(home / "x")) == COUNT
+    assert not (tmp_path / "~").exists() and not (home / "~").exists()

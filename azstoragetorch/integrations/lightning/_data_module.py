@@ -115,7 +115,8 @@ class BlobDataModule(LightningDataModule):
         cache_dir: A local directory in which every split keeps the blobs it reads (default samples
             and :meth:`~azstoragetorch.datasets.Blob.read`), so that later epochs read local files;
             the workers and the ranks of a node share it. Each hit is confirmed with the service
-            by a conditional read (one request, no transfer). ``None``: no cache.
+            by a conditional read (one request, no transfer). ``None``: no cache. ``~`` is expanded;
+            a folder that another user could change is refused with a warning.
         cache_max_bytes: The most bytes the cache holds; least recently used blobs are deleted
             beyond it. ``None``: no limit but the disk.
         cache_trust_listing: For splits listed from a container, serve a cached blob whose ETag is
@@ -126,7 +127,8 @@ class BlobDataModule(LightningDataModule):
             gathered across the DataLoader workers; see :doc:`observability`.
 
     Raises:
-        ValueError: An argument is out of range, or an import path names nothing callable.
+        ValueError: An argument is out of range (``cache_dir`` empty included), or an import path names
+            nothing callable.
         TypeError: A split, the credential, ``retry`` or ``cache_dir`` is of an unsupported type.
     """
 
