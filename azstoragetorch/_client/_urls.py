@@ -228,6 +228,12 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
         raise ValueError(f"{kind} {shown!r} must start with https:// (or http:// for an emulator).")
     if not parsed.hostname:
         raise ValueError(f"{kind} {shown!r} has no host name.")
+    if "@" in parsed.netloc:
+        # It would be shown in messages and sent in the Host header; Azure takes no credential there.
+        raise ValueError(
+            f"{kind} {shown!r} has a user name or password before its host (user@host), which Azure Storage "
+            "does not use: pass credential=..., or a SAS token in the query string."
+        )
     if parsed.fragment:
         raise ValueError(f"{kind} {shown!r} has a '#' fragment; percent-encode '#' in blob names as %23.")
 

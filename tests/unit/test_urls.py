@@ -268,3 +268,18 @@ def test_an_emulator_account_url_says_that_it_names_no_container(url: str) -> No
         with pytest.raises(ValueError, match=r"names no container \(account 'devstoreaccount1'\)") as caught:
             parse(url)
         assert "account name is missing" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:hunter2@myaccount.blob.core.windows.net/container/b.pt",
+        "https://hunter2@myaccount.blob.core.windows.net/container/b.pt",
+        "http://user:hunter2@127.0.0.1:10000/devstoreaccount1/container/b.pt",
+    ],
+)
+def test_a_user_name_or_password_in_the_url_is_refused_without_showing_it(url: str) -> None:
+    for parse in (BlobUrl.parse, ContainerUrl.parse_with_prefix):
+        with pytest.raises(ValueError, match="user name or password before its host") as caught:
+            parse(url)
+        assert "hunter2" not in str(caught.value)
