@@ -63,7 +63,11 @@ class Stub:
                         return
                     head += line
                 length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
                     0,
                 )
                 reader.read(length)
@@ -122,7 +126,7 @@ def refused_and_nothing_sent(network: Network, call: Callable[[], object]) -> No
 
 
 def anonymous_reaches_the_stub(network: Network, call: Callable[[], object]) -> None:
-    with pytest.raises(BaseException):  # noqa: PT011, B017 (the stub refuses whatever arrives)
+    with pytest.raises(BaseException):  # noqa: B017 (the stub refuses whatever arrives)
         call()
     assert network.lookups >= 1 and network.stub.connections >= 1
 
@@ -139,7 +143,9 @@ def test_a_dataset_from_a_container_url_refuses_and_sends_nothing(network: Netwo
     url = f"{network.base}/container" + (f"?{SAS}" if secret == "sas" else "")
     credential = KEYED if secret == "key" else None
     refused_and_nothing_sent(network, lambda: kind.from_container_url(url, credential=credential))
-    anonymous_reaches_the_stub(network, lambda: list(kind.from_container_url(f"{network.base}/container", credential=False)))
+    anonymous_reaches_the_stub(
+        network, lambda: list(kind.from_container_url(f"{network.base}/container", credential=False))
+    )
 
 
 @pytest.mark.parametrize("kind", [BlobDataset, IterableBlobDataset])
@@ -158,10 +164,16 @@ def test_a_dcp_save_and_load_refuse_and_send_nothing(network: Network, secret: s
     url = f"{network.base}/container/ckpt" + (f"?{SAS}" if secret == "sas" else "")
     credential = KEYED if secret == "key" else None
     state = {"w": torch.zeros(10)}
-    refused_and_nothing_sent(network, lambda: dcp.save(state, storage_writer=BlobStorageWriter(url, credential=credential)))
-    refused_and_nothing_sent(network, lambda: dcp.load(state, storage_reader=BlobStorageReader(url, credential=credential)))
+    refused_and_nothing_sent(
+        network, lambda: dcp.save(state, storage_writer=BlobStorageWriter(url, credential=credential))
+    )
+    refused_and_nothing_sent(
+        network, lambda: dcp.load(state, storage_reader=BlobStorageReader(url, credential=credential))
+    )
     anonymous = f"{network.base}/container/ckpt"
-    anonymous_reaches_the_stub(network, lambda: dcp.load(state, storage_reader=BlobStorageReader(anonymous, credential=False)))
+    anonymous_reaches_the_stub(
+        network, lambda: dcp.load(state, storage_reader=BlobStorageReader(anonymous, credential=False))
+    )
 
 
 # -- the command line ----------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from azure.core.credentials import AzureNamedKeyCredential
+from torch.distributed.checkpoint.api import CheckpointException
 
 from azstoragetorch._client import _schedule, _stats
 from azstoragetorch.exceptions import FatalBlobIOWriteError
@@ -144,9 +144,11 @@ def test_a_writers_hook_raising_in_a_with_block_commits_nothing(
     url = container.upload("blob", OLD)
     old_etag = etag(container, "blob")
     hook = Hook(fail_at_last=True)
-    with pytest.raises(FatalBlobIOWriteError):  # noqa: PT012 (the close at the block's end raises)
-        with BlobIO(url, "wb", credential=account_credential, block_size=BLOCK, progress_hook=hook) as f:
-            f.write(os.urandom(size))
+    with (
+        pytest.raises(FatalBlobIOWriteError),  # from the close at the end of the block
+        BlobIO(url, "wb", credential=account_credential, block_size=BLOCK, progress_hook=hook) as f,
+    ):
+        f.write(os.urandom(size))
     assert f.closed
     assert_unchanged(container, "blob", old_etag)
 
@@ -214,10 +216,12 @@ def test_a_reader_in_a_with_block_whose_last_call_raises_releases_its_buffers(
     data = os.urandom(size)
     url = container.upload("blob", data)
     hook = Hook()
-    with pytest.raises(HookError):  # noqa: PT012
-        with BlobIO(url, "rb", credential=account_credential, block_size=BLOCK, progress_hook=hook) as f:
-            assert f.read(10) == data[:10]
-            hook.armed = True
+    with (
+        pytest.raises(HookError),
+        BlobIO(url, "rb", credential=account_credential, block_size=BLOCK, progress_hook=hook) as f,
+    ):
+        assert f.read(10) == data[:10]
+        hook.armed = True
     assert_released(f)
 
 

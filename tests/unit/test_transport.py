@@ -122,7 +122,8 @@ def test_a_status_line_without_a_reason_phrase_is_accepted(serve, status_line: b
 
 
 @pytest.mark.parametrize(
-    "status_line", [b"HTTP/1.1 20\r\n", b"HTTP/1.1 2000 OK\r\n", b"HTTP/1.1\r\n", b"ICY 200 OK\r\n", b"HTTP/1.1 2x0\r\n"]
+    "status_line",
+    [b"HTTP/1.1 20\r\n", b"HTTP/1.1 2000 OK\r\n", b"HTTP/1.1\r\n", b"ICY 200 OK\r\n", b"HTTP/1.1 2x0\r\n"],
 )
 def test_a_status_line_without_a_status_is_still_refused(serve, status_line: bytes) -> None:  # type: ignore[no-untyped-def]
     transport, _ = serve([status_line + b"Content-Length: 0\r\n\r\n"], close_after=1)

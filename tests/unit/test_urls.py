@@ -260,9 +260,7 @@ def test_a_container_url_given_for_a_blob_says_that_it_names_no_blob(url: str) -
     assert "sig=" not in message
 
 
-@pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:10000/devstoreaccount1", "http://127.0.0.1:10000/devstoreaccount1/"]
-)
+@pytest.mark.parametrize("url", ["http://127.0.0.1:10000/devstoreaccount1", "http://127.0.0.1:10000/devstoreaccount1/"])
 def test_an_emulator_account_url_says_that_it_names_no_container(url: str) -> None:
     for parse in (BlobUrl.parse, ContainerUrl.parse):
         with pytest.raises(ValueError, match=r"names no container \(account 'devstoreaccount1'\)") as caught:
