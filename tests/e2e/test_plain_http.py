@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +26,7 @@ from azstoragetorch import _cli
 from azstoragetorch._client import _pipeline
 from azstoragetorch.datasets import BlobDataset, IterableBlobDataset
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
+from tests.stub_server import StubServer
 
 HOST = "stub.invalid"
 SAS = "sv=2021-08-06&sr=c&sp=rwl&se=2030-01-01T00%3A00%3A00Z&sig=c2VjcmV0LXNpZ25hdHVyZQ%3D%3D"
@@ -34,53 +34,10 @@ KEY = "bm90LXRoZS1kZXZlbG9wbWVudC1rZXk="  # not Azurite's published key, so a re
 REFUSAL = "Refusing to send .* over plain http://"
 
 
-class Stub:
-    """A loopback server that counts connections and refuses every request (403), keeping nothing."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
-
-    def _answer(self, connection: socket.socket) -> None:
-        refused = b"HTTP/1.1 403 Forbidden\r\nx-ms-error-code: AuthorizationFailure\r\nContent-Length: 0\r\n\r\n"
-        with connection, connection.makefile("rb") as reader:
-            while True:
-                head = b""
-                while not head.endswith(b"\r\n\r\n"):
-                    line = reader.readline()
-                    if not line:
-                        return
-                    head += line
-                length = next(
-                    (
-                        int(line.split(b":")[1])
-                        for line in head.split(b"\r\n")
-                        if line.lower().startswith(b"content-length")
-                    ),
-                    0,
-                )
-                reader.read(length)
-                connection.sendall(refused)
-
-    def close(self) -> None:
-        self._listener.close()
-
-
 class Network:
     """The stub, and how often this process looked ``HOST`` up."""
 
-    def __init__(self, stub: Stub) -> None:
+    def __init__(self, stub: StubServer) -> None:
         self.stub = stub
         self.lookups = 0
 
@@ -99,7 +56,8 @@ def network(monkeypatch: pytest.MonkeyPatch) -> Iterator[Network]:
     for name in list(os.environ):
         if name.lower().endswith("_proxy") or name == _cli.ACCOUNT_KEY_VARIABLE:
             monkeypatch.delenv(name)
-    stub = Stub()
+    # Refuses whatever arrives, so that a call that does reach it fails at once.
+    stub = StubServer(b"HTTP/1.1 403 Forbidden\r\nx-ms-error-code: AuthorizationFailure\r\nContent-Length: 0\r\n\r\n")
     seen = Network(stub)
     real_getaddrinfo = socket.getaddrinfo
 

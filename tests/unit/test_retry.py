@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +14,7 @@ from azure.core.pipeline.transport import HttpRequest
 from azstoragetorch._client import _pipeline
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
+from tests.stub_server import StubServer
 
 # -- bounds: 0, 1, huge and negative values of every field -------------------------------------------
 
@@ -79,48 +78,14 @@ def test_the_policys_wait_after_any_number_of_attempts_is_at_most_the_maximum(at
     assert _policy_backoff(no_waits, attempts) == 0
 
 
-class AlwaysBusy:
-    """A keep-alive HTTP server on loopback that answers every request with 503 ServerBusy."""
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
-
-    def _answer(self, connection: socket.socket) -> None:
-        busy = b"HTTP/1.1 503 Server Busy\r\nx-ms-error-code: ServerBusy\r\nContent-Length: 0\r\n\r\n"
-        with connection, connection.makefile("rb") as reader:
-            while True:
-                head = b""
-                while not head.endswith(b"\r\n\r\n"):
-                    line = reader.readline()
-                    if not line:
-                        return
-                    head += line
-                self.requests += 1
-                connection.sendall(busy)
-
-    def close(self) -> None:
-        self._listener.close()
-
-
 @pytest.fixture
-def always_busy() -> Iterator[AlwaysBusy]:
-    server = AlwaysBusy()
+def always_busy() -> Iterator[StubServer]:
+    server = StubServer(b"HTTP/1.1 503 Server Busy\r\nx-ms-error-code: ServerBusy\r\nContent-Length: 0\r\n\r\n")
     yield server
     server.close()
 
 
-def test_a_policy_of_more_than_1024_retries_retries_them_all(always_busy: AlwaysBusy) -> None:
+def test_a_policy_of_more_than_1024_retries_retries_them_all(always_busy: StubServer) -> None:
     # Floats, as the defaults are: 0.0 * 2**1024 is what overflowed (an int 0 times it does not).
     retry = RetryOptions(retry_total=1100, retry_backoff_factor=0.0, retry_backoff_max=0.0)
     url = f"http://127.0.0.1:{always_busy.port}/devstoreaccount1/container/blob"
