@@ -251,14 +251,14 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
 
     container_name = urllib.parse.unquote(segments[0]) if segments else ""
     blob_name = urllib.parse.unquote("/".join(segments[1:]))
-    if path_style and (not container_name or (want_blob and not blob_name)) and account_name == EMULATOR_ACCOUNT:
-        # The emulator's own account comes first, so the account is not what is missing.
-        if container_name:
-            problem = f"names a container but no blob (account {account_name!r}, container {container_name!r})"
-        else:
-            problem = f"names no container (account {account_name!r})"
-        raise ValueError(f"{kind} {shown!r} {problem}: the path is /<account>/<container>/<blob>.")
     if path_style and (not container_name or (want_blob and not blob_name)):
+        if account_name == EMULATOR_ACCOUNT:
+            # The emulator's own account comes first, so the account is not what is missing.
+            if container_name:
+                problem = f"names a container but no blob (account {account_name!r}, container {container_name!r})"
+            else:
+                problem = f"names no container (account {account_name!r})"
+            raise ValueError(f"{kind} {shown!r} {problem}: the path is /<account>/<container>/<blob>.")
         # The usual slip is leaving out the account: say how the path was read.
         if container_name:
             problem = f"names a container but no blob (read as account {account_name!r}, container {container_name!r})"
