@@ -99,9 +99,12 @@ class BlobIO(io.IOBase, BinaryIO):
         progress_hook: A callable taking ``(bytes_done, bytes_total)``, as the Azure SDK's clients
             take it: bytes downloaded or uploaded so far, and the blob's size (``None`` while a
             write's length is not known). It is called from the transfer threads at most every
-            100 ms while bytes move, and once more when :meth:`close` succeeds (a writer's
-            last call gives the final size as both numbers). An exception it raises fails the
-            transfer. ``None`` (the default) costs nothing. See :doc:`observability`.
+            100 ms while bytes move, and a last time in :meth:`close`. A writer's last call gives
+            the final size as both numbers and comes *before* the commit: an exception the hook
+            raises, at any call, fails the write and nothing is committed. A reader's last call
+            comes once :meth:`close` has checked what it checks; an exception from it is raised by
+            ``close()``. Either way the object is closed afterwards. ``None`` (the default) costs
+            nothing. See :doc:`observability`.
 
     Raises:
         ValueError: The URL is malformed, ``mode`` is not ``"rb"`` or ``"wb"``, a size is out of
@@ -383,26 +386,40 @@ class BlobIO(io.IOBase, BinaryIO):
     def close(self) -> None:
         """Close the object; in write mode, upload what remains and commit the blob.
 
+        The object is closed once this returns or raises, whatever failed; calling it again does
+        nothing.
+
         Raises:
-            FatalBlobIOWriteError: Uploading or committing failed. The blob is left as it was
-                before this ``BlobIO`` was opened; open a new one to retry.
+            FatalBlobIOWriteError: Uploading or committing failed, or the progress hook raised (its
+                exception is the cause). The blob is left as it was before this ``BlobIO`` was
+                opened; open a new one to retry.
             BlobWriteConflictError: (a ``FatalBlobIOWriteError``) another writer committed the
                 blob while this one was writing it; the blob keeps the other writer's content.
+            Exception: (read mode) whatever the progress hook's last call raised.
         """
         if self._closed:
             return
         started = time.perf_counter()
-        succeeded = False
         try:
             if self._uploader is not None:
-                self._upload_step(self._uploader.commit)
-            elif self._reader is not None and self._reader.verifies_checksum:
-                self._verify_whole_blob(self._reader)
-            succeeded = True
+                self._upload_step(self._commit, self._uploader)
+            else:
+                if self._reader is not None and self._reader.verifies_checksum:
+                    self._verify_whole_blob(self._reader)
+                self._recorder.report_last()
         finally:
+            # Closed whatever happened above, a raising progress hook included: a second close()
+            # has nothing left to do, and a reader's buffers go back now.
             self._recorder.add_blocked(time.perf_counter() - started)
-            self._recorder.end(total=self._position if self._uploader is not None else None, report=succeeded)
+            self._recorder.end(report=False)
             self._release()
+
+    def _commit(self, uploader: BlockUploader) -> None:
+        uploader.flush()  # every block staged (a one-block blob is kept for its Put Blob)
+        # The hook's last call comes before the commit, so that an exception from it means, like any
+        # other failure of close(), that nothing was committed.
+        self._recorder.report_last(done=self._position, total=self._position)
+        uploader.commit()
 
     def __enter__(self) -> BlobIO:
         self._check_not_closed()

@@ -11,6 +11,8 @@ import math
 
 __all__ = ["RetryOptions"]
 
+_MOST_SECONDS = 3600
+
 
 @dataclasses.dataclass(frozen=True)
 class RetryOptions:
@@ -36,13 +38,15 @@ class RetryOptions:
     ``retry_backoff_max``), with the same meaning.
 
     Args:
-        retry_total: How many times one request may be retried; ``0`` turns retries off.
-        retry_backoff_factor: Seconds to wait before the first retry of a throttled request.
-        retry_backoff_max: The longest wait between two attempts, in seconds.
+        retry_total: How many times one request may be retried; ``0`` turns retries off. Any
+            number is allowed: past a few doublings every wait is ``retry_backoff_max``.
+        retry_backoff_factor: Seconds to wait before the first retry of a throttled request, at
+            most 3600.
+        retry_backoff_max: The longest wait between two attempts, in seconds, at most 3600.
 
     Raises:
         TypeError: A value is not a number (``retry_total`` must be an ``int``).
-        ValueError: A value is negative or not finite.
+        ValueError: A value is negative, not finite, or (a number of seconds) more than an hour.
     """
 
     retry_total: int = 10
@@ -60,3 +64,6 @@ class RetryOptions:
                 raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}.")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number of seconds, 0 or more, not {value}.")
+            if value > _MOST_SECONDS:
+                # Longer waits are a mistake (milliseconds given as seconds) that would look like a hang.
+                raise ValueError(f"{name} must be at most {_MOST_SECONDS} seconds (an hour), not {value}.")

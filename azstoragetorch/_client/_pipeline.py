@@ -235,7 +235,7 @@ class _StorageRetryPolicy(RetryPolicy[Any, Any]):
             # A first connection failure is most often a pooled connection that the other end had
             # closed: the next one, on a new connection, goes at once.
             return 0.0
-        backoff: float = min(settings["max_backoff"], settings["backoff"] * 2 ** (len(history) - 1))
+        backoff = doubled(settings["backoff"], len(history) - 1, most=settings["max_backoff"])
         return backoff * random.uniform(0.5, 1.0)
 
     def sleep(
@@ -502,6 +502,16 @@ def log_debug(message: str, *args: object) -> None:
         _LOGGER.debug(redact(message % args))
 
 
+def doubled(base: float, times: int, *, most: float) -> float:
+    """``base`` doubled ``times`` times, but at most ``most``, for any number of times.
+
+    ``base * 2 ** times`` raises ``OverflowError`` past 1,023 doublings (the int cannot become a
+    float), which a policy of over a thousand retries reaches. With the exponent stopped at 1,023
+    (the largest a float holds) the product saturates instead, and ``most`` caps it.
+    """
+    return min(most, base * 2.0 ** min(max(times, 0), 1023))
+
+
 def backoff_seconds(attempt: int, *, base: float = 0.25, cap: float = 10.0) -> float:
     """Exponential backoff with full jitter for the ``attempt``-th retry (1-based)."""
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+    return random.uniform(0, doubled(base, attempt - 1, most=cap))

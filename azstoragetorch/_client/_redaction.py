@@ -18,7 +18,9 @@ _REDACTED = "REDACTED"
 # "sig" is the secret part of a SAS; the other SAS fields are not secret on their own, but a URL
 # with its query string removed is what users expect to see, so whole query strings are dropped
 # where we can recognise them and any stray signature is masked as a fallback.
-_SIGNATURE = re.compile(r"(?i)(\bsig=)[^&\s'\"]+")
+# A signature percent-encoded into a path ("b%3Fsv=...%26sig%3D...", a SAS pasted into a blob name)
+# is masked too.
+_SIGNATURE = re.compile(r"(?i)((?:\b|(?<=%3f)|(?<=%26))sig(?:=|%3d))[^&\s'\"]+")
 _QUERY_AFTER_PATH = re.compile(r"(https?://[^\s'\"?]+|/[^\s'\"?]*)\?[^\s'\"]*(?:\bsig=)[^\s'\"]*", re.IGNORECASE)
 
 
@@ -29,8 +31,15 @@ def redact(text: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` as it may appear in a message: without its query string (and so without any SAS)."""
-    return redact(url).split("?", 1)[0].split("#", 1)[0]
+    """``url`` as it may appear in a message: without its query string (and so without any SAS),
+    its fragment, or a user name and password before an http(s) host."""
+    shown = redact(url).split("?", 1)[0].split("#", 1)[0]
+    match = _USERINFO.match(shown)
+    return shown if match is None else match["scheme"] + shown[match.end() :]
+
+
+# "https://user:password@host/...": everything up to the last "@" before the path.
+_USERINFO = re.compile(r"(?i)(?P<scheme>https?://)[^/]*@")
 
 
 def redact_error(error: AzureError, *, prefix: str = "") -> AzureError:

@@ -196,10 +196,12 @@ class Recorder:
         finally:
             reporting.release()
 
-    def end(self, *, total: int | None = None, report: bool = True) -> None:
-        """The transfer is over: stop the clock and, with ``report``, give the hook its last call."""
-        if self.ended is None:
-            self.ended = time.perf_counter()
+    def report_last(self, *, done: int | None = None, total: int | None = None, report: bool = True) -> None:
+        """Detach the hook and, with ``report``, give it its last call: ``(done, total)``, by default
+        the bytes moved so far. No call comes after this one, nor while it runs: a call under way in a
+        transfer thread is waited for first. An exception from the hook propagates to the caller, who
+        decides what it means (a writer calls this before its commit, so that it means nothing was
+        committed)."""
         if total is not None:
             self.total = total
         reporting, hook = self._reporting, self._hook
@@ -208,7 +210,14 @@ class Recorder:
         with reporting:
             self._hook = None  # transfer threads still finishing (read-ahead) report no more
             if report:
-                hook(self.bytes_done(), self.total)
+                hook(self.bytes_done() if done is None else done, self.total)
+
+    def end(self, *, total: int | None = None, report: bool = True) -> None:
+        """The transfer is over: stop the clock and, with ``report``, give the hook its last call
+        (see :meth:`report_last`; the clock is stopped even if the hook raises)."""
+        if self.ended is None:
+            self.ended = time.perf_counter()
+        self.report_last(total=total, report=report)
 
 
 _process = Recorder()

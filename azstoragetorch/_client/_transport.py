@@ -403,7 +403,9 @@ class WireTransport(HttpTransport):  # type: ignore[type-arg]
         status_line = reader.readline(_MAX_LINE + 1)
         if not status_line:
             raise http.client.RemoteDisconnected("Remote end closed connection without response")
-        version, _, rest = status_line.partition(b" ")
+        # "HTTP/1.1 200 OK\r\n"; the reason phrase may be empty or left out ("HTTP/1.1 200\r\n"), as
+        # http.client accepts and RFC 9112 allows.
+        version, _, rest = status_line.rstrip(b"\r\n").partition(b" ")
         code, _, reason = rest.partition(b" ")
         if not version.startswith(b"HTTP/") or len(code) != 3 or not code.isdigit():
             raise http.client.BadStatusLine(repr(status_line[:100]))

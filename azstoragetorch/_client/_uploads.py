@@ -114,6 +114,8 @@ class BlockUploader:
         self._error: BaseException | None = None
         self._current_size = 0  # the size of the block being filled
         self._room_after_current = 0  # what the blocks after it can hold
+        # None while open; then why nothing more may be written or committed.
+        self._finished: str | None = None
         self._plan_next_block()
 
     def write(self, data: memoryview) -> None:
@@ -123,6 +125,7 @@ class BlockUploader:
         Should anything interrupt a write part-way (``KeyboardInterrupt``), the uploader must be
         aborted: what it holds is then torn.
         """
+        self._check_open("write")
         if len(data) > self._current_size - self._filled + self._room_after_current:
             self._raise_too_large(len(data))
         while len(data):
@@ -155,7 +158,13 @@ class BlockUploader:
         Raises :class:`~azstoragetorch.exceptions.BlobWriteConflictError` if another writer
         committed the blob after this one staged its first block: that commit discarded this
         writer's blocks, and the first commit wins.
+
+        An uploader commits at most once: a second call, or a call after :meth:`abort`, raises
+        ``RuntimeError`` and sends nothing, whatever became of the first (its buffer is gone, and a
+        second Put Blob would replace the blob with nothing). A commit that failed stays failed.
         """
+        self._check_open("commit")
+        self._finished = "failed to commit"  # until it succeeds
         if not self._block_ids:
             self._raise_if_failed()
             data = self._block.view(self._filled)
@@ -170,6 +179,7 @@ class BlockUploader:
                 if error.status_code == 400 and getattr(error, "error_code", None) == "InvalidBlockList":
                     raise BlobWriteConflictError(self._client.display_url, error) from error
                 raise
+        self._finished = "was committed"
         self._drop_buffer()
 
     def abort(self) -> None:
@@ -177,6 +187,7 @@ class BlockUploader:
 
         Staged blocks that are never committed are discarded by the service (after a week).
         """
+        self._finished = self._finished or "was aborted"
         self._drop_buffer()
         for future in self._in_flight:
             future.cancel()
@@ -184,6 +195,13 @@ class BlockUploader:
             if not future.cancelled():
                 future.exception()
         self._in_flight = []
+
+    def _check_open(self, operation: str) -> None:
+        if self._finished is not None:
+            raise RuntimeError(
+                f"Cannot {operation}: the upload to {self._client.display_url} {self._finished} already; "
+                "nothing was sent."
+            )
 
     def _drop_buffer(self) -> None:
         self._block.release()

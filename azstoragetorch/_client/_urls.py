@@ -14,6 +14,9 @@ from azstoragetorch._client._redaction import redact_url
 # URLs shown to users; every other query parameter is treated as part of a SAS token.
 _SELECTOR_PARAMETERS = ("snapshot", "versionid")
 
+# The account of the Azure Storage emulator (Azurite), always the first segment of its URLs' paths.
+EMULATOR_ACCOUNT = "devstoreaccount1"
+
 # fsspec's names for Azure Blob Storage (adlfs registers these), accepted so that paths written
 # for adlfs keep working.
 FSSPEC_PROTOCOLS = ("az", "abfs", "abfss")
@@ -225,6 +228,12 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
         raise ValueError(f"{kind} {shown!r} must start with https:// (or http:// for an emulator).")
     if not parsed.hostname:
         raise ValueError(f"{kind} {shown!r} has no host name.")
+    if "@" in parsed.netloc:
+        # It would be shown in messages and sent in the Host header; Azure takes no credential there.
+        raise ValueError(
+            f"{kind} {shown!r} has a user name or password before its host (user@host), which Azure Storage "
+            "does not use: pass credential=..., or a SAS token in the query string."
+        )
     if parsed.fragment:
         raise ValueError(f"{kind} {shown!r} has a '#' fragment; percent-encode '#' in blob names as %23.")
 
@@ -243,6 +252,13 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
     container_name = urllib.parse.unquote(segments[0]) if segments else ""
     blob_name = urllib.parse.unquote("/".join(segments[1:]))
     if path_style and (not container_name or (want_blob and not blob_name)):
+        if account_name == EMULATOR_ACCOUNT:
+            # The emulator's own account comes first, so the account is not what is missing.
+            if container_name:
+                problem = f"names a container but no blob (account {account_name!r}, container {container_name!r})"
+            else:
+                problem = f"names no container (account {account_name!r})"
+            raise ValueError(f"{kind} {shown!r} {problem}: the path is /<account>/<container>/<blob>.")
         # The usual slip is leaving out the account: say how the path was read.
         if container_name:
             problem = f"names a container but no blob (read as account {account_name!r}, container {container_name!r})"
@@ -256,7 +272,7 @@ def _split_resource_url(url: str, *, want_blob: bool) -> tuple[_AccountUrl, str,
     if not container_name:
         raise ValueError(f"URL {shown!r} names no container.")
     if want_blob and not blob_name:
-        raise ValueError(f"Blob URL {shown!r} names a container but no blob.")
+        raise ValueError(f"Blob URL {shown!r} names a container but no blob: add the blob's name, <container>/<blob>.")
 
     account = _AccountUrl(parsed.scheme.lower(), parsed.netloc, account_name, path_style)
     check_sas_complete(parsed.query, where=f"the URL {shown!r}")

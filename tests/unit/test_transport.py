@@ -14,6 +14,8 @@ from azure.core.pipeline.transport import HttpRequest
 
 from azstoragetorch._client import _schedule
 from azstoragetorch._client._transport import WireTransport
+from azstoragetorch.io import BlobIO
+from azstoragetorch.retry import RetryOptions
 
 
 class CannedServer:
@@ -100,6 +102,43 @@ def test_content_length_bodies_and_connection_reuse(serve) -> None:  # type: ign
     assert bytes(buffer[:5]) == b"hello"
     assert server.connections == 1
     assert server.requests[0].startswith(b"GET /account/container/blob?comp=x HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+@pytest.mark.parametrize(
+    ("status_line", "reason"),
+    [
+        (b"HTTP/1.1 200\r\n", ""),  # no reason phrase, as http.client accepts
+        (b"HTTP/1.1 200 \r\n", ""),  # an empty one
+        (b"HTTP/1.1 200\n", ""),  # a bare line feed
+        (b"HTTP/1.1 206 Partial  Content\r\n", "Partial  Content"),
+    ],
+)
+def test_a_status_line_without_a_reason_phrase_is_accepted(serve, status_line: bytes, reason: str) -> None:  # type: ignore[no-untyped-def]
+    transport, server = serve([status_line + b"Content-Length: 2\r\n\r\nok", b"HTTP/1.1 204\r\n\r\n"])
+    response = _get(transport)
+    assert (response.status_code, response.reason, response.body()) == (int(status_line[9:12]), reason, b"ok")  # type: ignore[attr-defined]
+    assert _get(transport).status_code == 204  # the connection stayed usable
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    "status_line",
+    [b"HTTP/1.1 20\r\n", b"HTTP/1.1 2000 OK\r\n", b"HTTP/1.1\r\n", b"ICY 200 OK\r\n", b"HTTP/1.1 2x0\r\n"],
+)
+def test_a_status_line_without_a_status_is_still_refused(serve, status_line: bytes) -> None:  # type: ignore[no-untyped-def]
+    transport, _ = serve([status_line + b"Content-Length: 0\r\n\r\n"], close_after=1)
+    with pytest.raises(ServiceResponseError) as caught:
+        _get(transport)
+    assert isinstance(caught.value.inner_exception, http.client.BadStatusLine)
+
+
+def test_a_blob_read_from_a_stub_without_reason_phrases_needs_no_retry(serve) -> None:  # type: ignore[no-untyped-def]
+    answer = b'HTTP/1.1 206\r\nContent-Length: 5\r\nContent-Range: bytes 0-4/5\r\nETag: "0x1"\r\n\r\nhello'
+    _, server = serve([answer])
+    url = f"http://127.0.0.1:{server.port}/devstoreaccount1/container/blob"
+    with BlobIO(url, "rb", credential=False, retry=RetryOptions(retry_total=0)) as f:
+        assert f.read() == b"hello"
+    assert f.stats.retries == 0 and len(server.requests) == 1
 
 
 def test_chunked_bodies_are_decoded(serve) -> None:  # type: ignore[no-untyped-def]

@@ -198,3 +198,49 @@ def test_blobio_reports_a_blob_too_large_as_a_fatal_write_error(few_blocks: int)
     with pytest.raises(FatalBlobIOWriteError):
         f.close()
     assert client.commit_calls == 0 and client.put_blob_calls == 0
+
+
+# -- an uploader commits at most once --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [99, 350], ids=["one-block", "many-blocks"])
+def test_a_second_commit_raises_and_sends_nothing(size: int) -> None:
+    data = os.urandom(size)
+    client = InMemoryBlobClient()
+    uploader = make_uploader(client)
+    uploader.write(memoryview(data))
+    uploader.commit()
+    calls = (client.put_blob_calls, client.commit_calls)
+    with pytest.raises(RuntimeError, match="was committed already; nothing was sent"):
+        uploader.commit()
+    with pytest.raises(RuntimeError, match="was committed already"):
+        uploader.write(memoryview(b"more"))
+    assert (client.put_blob_calls, client.commit_calls) == calls
+    assert client.committed == data
+
+
+def test_a_commit_after_abort_raises_and_sends_nothing() -> None:
+    client = InMemoryBlobClient(b"old")
+    uploader = make_uploader(client)
+    uploader.write(memoryview(b"new"))
+    uploader.abort()
+    with pytest.raises(RuntimeError, match="was aborted already"):
+        uploader.commit()
+    assert (client.put_blob_calls, client.commit_calls) == (0, 0)
+
+
+def test_a_commit_that_failed_is_not_tried_again() -> None:
+    client = InMemoryBlobClient()
+    uploader = make_uploader(client)
+    uploader.write(memoryview(b"x" * 99))
+
+    def refuse(data: object, **options: object) -> None:
+        raise ConnectionError("the commit failed")
+
+    client.put_blob = refuse  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        uploader.commit()
+    del client.put_blob
+    with pytest.raises(RuntimeError, match="failed to commit already"):
+        uploader.commit()
+    assert client.committed is None

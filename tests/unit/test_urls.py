@@ -5,6 +5,7 @@ from azure.core.credentials import AzureSasCredential
 
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobUrl, ContainerUrl
 from azstoragetorch._client._urls import fsspec_path_to_url
+from azstoragetorch.io import BlobIO
 
 AZURE = "https://myaccount.blob.core.windows.net"
 SAS = "sv=2021-08-06&ss=b&srt=o&sp=r&se=2030-01-01T00%3A00%3A00Z&sig=abc%2Bdef%3D"
@@ -232,3 +233,51 @@ def test_a_path_style_url_without_its_account_says_the_account_may_be_missing(ur
 def test_a_path_style_container_url_without_its_account_says_so() -> None:
     with pytest.raises(ValueError, match=r"no container \(read as account 'container'\).*account name is missing"):
         ContainerUrl.parse("http://127.0.0.1:10000/container")
+
+
+# -- a URL that names no blob, with the account right ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:10000/devstoreaccount1/container",
+        "http://127.0.0.1:10000/devstoreaccount1/container/",
+        "http://localhost:10000/devstoreaccount1/container",
+        "http://azurite:10000/devstoreaccount1/container/",
+        f"http://127.0.0.1:10000/devstoreaccount1/container?{SAS}",
+        f"{AZURE}/container",
+        f"{AZURE}/container/",
+        f"{AZURE}/container?{SAS}",
+    ],
+)
+def test_a_container_url_given_for_a_blob_says_that_it_names_no_blob(url: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        BlobIO(url, "rb", credential=False)  # refused before any request
+    message = str(caught.value)
+    assert "names a container but no blob" in message
+    assert "account name is missing" not in message  # the account is right
+    assert "sig=" not in message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:10000/devstoreaccount1", "http://127.0.0.1:10000/devstoreaccount1/"])
+def test_an_emulator_account_url_says_that_it_names_no_container(url: str) -> None:
+    for parse in (BlobUrl.parse, ContainerUrl.parse):
+        with pytest.raises(ValueError, match=r"names no container \(account 'devstoreaccount1'\)") as caught:
+            parse(url)
+        assert "account name is missing" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user:hunter2@myaccount.blob.core.windows.net/container/b.pt",
+        "https://hunter2@myaccount.blob.core.windows.net/container/b.pt",
+        "http://user:hunter2@127.0.0.1:10000/devstoreaccount1/container/b.pt",
+    ],
+)
+def test_a_user_name_or_password_in_the_url_is_refused_without_showing_it(url: str) -> None:
+    for parse in (BlobUrl.parse, ContainerUrl.parse_with_prefix):
+        with pytest.raises(ValueError, match="user name or password before its host") as caught:
+            parse(url)
+        assert "hunter2" not in str(caught.value)

@@ -1,0 +1,50 @@
+"""A small HTTP server on loopback that gives every request the same answer, for tests that need a
+service's behaviour the emulator cannot produce, or no service at all."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class StubServer:
+    """Answers every request, on any number of keep-alive connections, with ``answer`` (raw bytes).
+
+    Counts the connections accepted and the requests read; a request's body is read and dropped.
+    """
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        with connection, connection.makefile("rb") as reader:
+            while True:
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    line = reader.readline()
+                    if not line:
+                        return
+                    head += line
+                lengths = [
+                    line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+                ]
+                reader.read(int(lengths[0]) if lengths else 0)
+                self.requests += 1
+                connection.sendall(self.answer)
+
+    def close(self) -> None:
+        self._listener.close()
