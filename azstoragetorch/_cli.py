@@ -8,7 +8,8 @@
 Credentials are the library's: a SAS token in the URL, else the account key in ``AZURE_STORAGE_KEY``
 (as the Azure CLI reads it), else :class:`azure.identity.DefaultAzureCredential`; ``--anonymous``
 sends no credential. Output names URLs without their SAS token. Exit codes: 0 success, 1 failure
-(or, for ``verify``, a file that does not match), 2 bad arguments.
+(or a blob ``cp`` refused, or, for ``verify``, a file that does not match), 2 bad arguments,
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -292,11 +293,7 @@ class _Stopped(Exception):
 
 
 class _Interrupted(KeyboardInterrupt):
-    """Ctrl-C during ``cp``; ``lingering`` when some transfers had not stopped yet (see :func:`main`)."""
-
-    def __init__(self, lingering: bool) -> None:
-        super().__init__()
-        self.lingering = lingering
+    """Ctrl-C during ``cp``'s transfers, once they were told to stop (see :func:`main`)."""
 
 
 def local_parts(name: str) -> tuple[str, ...]:
@@ -507,11 +504,14 @@ def _run_all(
     except KeyboardInterrupt:
         transfers.stop()
         pool.shutdown(wait=False, cancel_futures=True)
-        running = concurrent.futures.wait(futures, timeout=_STOP_GRACE_SECONDS).not_done
-        raise _Interrupted(lingering=bool(running)) from None
+        concurrent.futures.wait(futures, timeout=_STOP_GRACE_SECONDS)
+        raise _Interrupted() from None
     except BaseException:
         transfers.stop()
-        pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
         raise
     pool.shutdown()
     return outcomes
@@ -583,6 +583,13 @@ def _upload_plan(source: pathlib.Path, client: AzStorageTorchContainerClient, pr
 
 def _open_destination(root: pathlib.Path) -> int:
     """A descriptor of the local folder DST (created if missing); the user named it, so it may be a link."""
+    if os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
+        # Without them no path inside DST could be opened without following a planted link.
+        raise OSError(
+            errno.ENOSYS,
+            "cp downloads need a POSIX system (Linux, macOS): this one cannot open files "
+            "relative to a folder without following symbolic links",
+        )
     root.mkdir(parents=True, exist_ok=True)
     return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
@@ -721,10 +728,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as interruption:
         print("azstoragetorch: interrupted", file=sys.stderr)
-        if isinstance(interruption, _Interrupted) and interruption.lingering:
-            # Some transfers still wait on the service. They were told to stop: none can commit a
-            # blob or leave a file any more, so nothing is gained by waiting out their requests
-            # (minutes, when throttled), and leaving now is what makes the first Ctrl-C work.
+        if isinstance(interruption, _Interrupted):
+            # Transfer threads (ours, or the requests of a BlobIO that stopped without waiting for
+            # them) may still wait on the service, and the interpreter would wait for them at exit:
+            # minutes, when throttled. They were told to stop, and none can commit a blob or leave
+            # a file any more, so leaving now is what makes the first Ctrl-C work.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from azure.core.credentials import AzureNamedKeyCredential
 
+from azstoragetorch._client import _schedule
 from azstoragetorch.integrations.dcp import BlobStorageWriter
 from azstoragetorch.io import BlobIO
 from azstoragetorch.testing import ACCOUNT_KEY
@@ -313,7 +314,8 @@ class From:
 def interrupt_mid_transfer(proxy: FaultProxy, operation: str, first_held: int, *args: str) -> tuple[int, str, float]:
     """Run the CLI through ``proxy``, holding every ``operation`` request from the ``first_held``-th on
     (for ten minutes: far longer than the test may take), and send SIGINT, as Ctrl-C does, at a random
-    moment once one is held. Returns the exit code, standard error and seconds from SIGINT to exit."""
+    moment once one is held. The CLI runs with the perturbation hook on, with the same printed seed.
+    Returns the exit code, standard error and seconds from SIGINT to exit."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # see python_ctrl_c
     seed = random.randrange(1 << 30)
     print(f"seed {seed}: holding {operation} requests from number {first_held} on")
@@ -324,7 +326,7 @@ def interrupt_mid_transfer(proxy: FaultProxy, operation: str, first_held: int, *
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=cli_environment(),
+        env={**cli_environment(), _schedule.ENVIRONMENT_VARIABLE: str(seed)},  # shaken hand-offs, too
     )
     try:
         assert holding.wait(120), "the transfer never reached the held request"
