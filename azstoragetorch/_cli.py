@@ -152,12 +152,8 @@ def _listed_under(client: AzStorageTorchContainerClient, prefix: str) -> list[Li
     blobs = client.list_blobs(prefix or None)
     if not prefix or prefix.endswith("/"):
         return list(blobs)
-    return [blob for blob in blobs if _names(blob.client.blob_url.blob_name, prefix)]
-
-
-def _names(name: str, path: str) -> bool:
-    """Whether ``path`` (a blob name, or a folder without its ``/``) is the blob ``name`` or a folder of it."""
-    return name == path or name.startswith(f"{path}/")
+    folder = f"{prefix}/"
+    return [blob for blob in blobs if (name := blob.client.blob_url.blob_name) == prefix or name.startswith(folder)]
 
 
 def command_ls(args: argparse.Namespace, out: TextIO) -> int:
