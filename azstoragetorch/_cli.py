@@ -8,21 +8,26 @@
 Credentials are the library's: a SAS token in the URL, else the account key in ``AZURE_STORAGE_KEY``
 (as the Azure CLI reads it), else :class:`azure.identity.DefaultAzureCredential`; ``--anonymous``
 sends no credential. Output names URLs without their SAS token. Exit codes: 0 success, 1 failure
-(or, for ``verify``, a file that does not match), 2 bad arguments.
+(or a blob ``cp`` refused, or, for ``verify``, a file that does not match), 2 bad arguments,
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
+import errno
 import os
 import pathlib
+import secrets
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from azure.core.credentials import AzureNamedKeyCredential
@@ -34,6 +39,8 @@ from azstoragetorch._client import (
     ContainerUrl,
     CredentialArgument,
     ListedBlob,
+    TransferStats,
+    crc32,
     redact,
 )
 from azstoragetorch.exceptions import AZStorageTorchError, ChecksumMismatchError
@@ -139,9 +146,19 @@ def _size(count: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _listed_under(client: AzStorageTorchContainerClient, prefix: str) -> list[ListedBlob]:
+    """The blobs that a prefix names, as ``ls`` takes a path on a disk: ``run-1/`` is that folder, and
+    ``run-1`` is the blob ``run-1`` or the folder ``run-1/`` (never ``run-10/...``)."""
+    blobs = client.list_blobs(prefix or None)
+    if not prefix or prefix.endswith("/"):
+        return list(blobs)
+    folder = f"{prefix}/"
+    return [blob for blob in blobs if (name := blob.client.blob_url.blob_name) == prefix or name.startswith(folder)]
+
+
 def command_ls(args: argparse.Namespace, out: TextIO) -> int:
     client, prefix = _container_and_prefix(args.url, args.anonymous)
-    entries = find_checkpoints(list(client.list_blobs(prefix or None)))
+    entries = find_checkpoints(_listed_under(client, prefix))
     where = client.display_url + (f"/{prefix}" if prefix else "")
     if not entries:
         print(f"No checkpoints under {where}", file=out)
@@ -190,7 +207,20 @@ def _verify_dcp(client: AzStorageTorchContainerClient, folder: str, args: argpar
     from azstoragetorch.integrations.dcp import BlobStorageReader
 
     reader = BlobStorageReader(_blob_url(client, folder), credential=client.credential)
-    result = reader.verify()
+    try:
+        result = reader.verify()
+    except (AzureError, OSError):
+        raise  # the service or the connection failed, not the checkpoint
+    except Exception:
+        # Reading .metadata is all that verify() raises for: a damaged one is a file that does not
+        # match like any other, not a traceback. Anything else stays the error it is.
+        damage = _metadata_damage(client, folder)
+        if damage is None:
+            raise
+        print(f"MISMATCH {DCP_METADATA}", file=out)
+        shown = client.container_url.blob_url(folder).display_url
+        print(f"FAILED {shown}: {DCP_METADATA} is damaged ({damage}); its shard files were not checked", file=out)
+        return 1
     for name in result.mismatched:
         print(f"MISMATCH {name}", file=out)
     for name in result.missing:
@@ -207,14 +237,169 @@ def _verify_dcp(client: AzStorageTorchContainerClient, folder: str, args: argpar
     return 0 if all_matched else 1
 
 
+def _metadata_damage(client: AzStorageTorchContainerClient, folder: str) -> str | None:
+    """What is wrong with the checkpoint's ``.metadata``, or ``None`` if it reads as a DCP checkpoint's."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    with BlobIO(_blob_url(client, f"{folder}/{DCP_METADATA}"), "rb", credential=client.credential) as reader:
+        data = reader.read()
+        recorded = reader.properties.crc32
+    if recorded is not None and crc32(data) != recorded:
+        return f"its CRC-32 is {crc32(data):08x}, not the {recorded:08x} recorded when it was written"
+    try:
+        # torch's own reader unpickles it the same way (read_metadata): nothing new is trusted here.
+        metadata = pickle.loads(data)
+    except Exception as error:
+        return f"it cannot be read: {type(error).__name__}: {error}"
+    if not isinstance(metadata, Metadata):
+        return f"it holds a {type(metadata).__name__}, not a checkpoint's Metadata"
+    return None
+
+
 # -- cp ----------------------------------------------------------------------------------------------
+
+# How long the first Ctrl-C waits for transfers to notice that they must stop before the process exits
+# without them: a transfer blocked on a slow or throttled request would otherwise hold it for minutes.
+_STOP_GRACE_SECONDS = 1.0
+# The longest file or folder name most local file systems take, in bytes (NAME_MAX).
+_NAME_MAX = 255
+_PARTIAL_SUFFIX = ".partial"
 
 
 @dataclasses.dataclass
 class _Copy:
     source: str  # a blob URL (may hold a SAS; never printed) or a local path
-    destination: str
+    destination: str  # a blob URL, or the local path shown to the user
     size: int | None
+    blob: str = ""  # downloads: the blob's name, for messages
+    parts: tuple[str, ...] = ()  # downloads: the path inside the local folder, one name per level
+
+
+class _Refused(Exception):
+    """A blob that is not downloaded, and why; the copy goes on without it."""
+
+    def __init__(self, blob: str, reason: str) -> None:
+        super().__init__(f"refused blob {blob!r}: {reason}; nothing was written for it")
+
+
+class _Stopped(Exception):
+    """Raised in a transfer thread that was told to stop (Ctrl-C, or another file failed)."""
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``cp``'s transfers, once they were told to stop (see :func:`main`)."""
+
+
+def local_parts(name: str) -> tuple[str, ...]:
+    """The local path that the blob name ``name`` (relative to the folder being copied) becomes, one
+    name per level, or ``ValueError`` saying why it has none.
+
+    A blob name is any string, and whoever can write to a container chooses it; a local path must
+    stay inside the destination. Refused: an empty name or level (a leading ``/``, ``//``, a trailing
+    ``/``), ``.`` and ``..``, a backslash (a separator on Windows), NUL and other control characters,
+    a level longer than 255 bytes, and a name that has one of these only after Unicode NFKC
+    normalisation (fullwidth dots U+FF0E or backslash U+FF3C), which some tools and file systems apply.
+    """
+    if not name:
+        raise ValueError("its name is empty")
+    for form, how in ((name, ""), (unicodedata.normalize("NFKC", name), " after Unicode normalisation")):
+        control = next((char for char in form if ord(char) < 0x20 or ord(char) == 0x7F), None)
+        if control is not None:
+            raise ValueError(f"its name holds the control character {control!r}{how}")
+        if "\\" in form:
+            raise ValueError(f"its name holds a backslash{how}, a folder separator on Windows")
+        levels = form.split("/")
+        if form.startswith("/"):
+            raise ValueError(f"it names an absolute path{how}")
+        if "" in levels:
+            raise ValueError(f"its name has an empty level ('//' or a trailing '/'){how}")
+        if any(level in (".", "..") for level in levels):
+            raise ValueError(f"its name has a '.' or '..' level{how}")
+    parts = tuple(name.split("/"))
+    if any(len(part.encode("utf-8", "surrogatepass")) > _NAME_MAX for part in parts):
+        raise ValueError(f"a level of its name is longer than {_NAME_MAX} bytes")
+    return parts
+
+
+def _collision_key(parts: Sequence[str]) -> str:
+    # Names that differ only in case or Unicode form are one file on macOS and Windows, and look
+    # alike everywhere: the result of a copy must not depend on the file system it lands on.
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", "/".join(parts)).casefold())
+
+
+def local_collisions(paths: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Of ``paths`` (blob name -> local parts), those that would land on the same local file or folder
+    as another, each with a reason: the same name up to case or Unicode normalisation, or a file
+    that is also a folder of another blob (``a`` and ``a/b``)."""
+    files: dict[str, list[str]] = {}
+    folders: dict[str, list[str]] = {}
+    for name, parts in paths.items():
+        files.setdefault(_collision_key(parts), []).append(name)
+        for depth in range(1, len(parts)):
+            folders.setdefault(_collision_key(parts[:depth]), []).append(name)
+    refused: dict[str, str] = {}
+    for key, names in files.items():
+        if len(names) > 1:
+            for name in names:
+                others = ", ".join(repr(other) for other in names if other != name)
+                refused[name] = f"it differs only in case or Unicode form from {others}"
+        for name in folders.get(key, []):
+            refused[name] = f"a folder on its path is also the blob {names[0]!r}"
+            for file in names:
+                refused[file] = f"it is also a folder of the blob {name!r}"
+    return refused
+
+
+class _Transfers:
+    """What the copy's threads share: the order to stop, and the hidden ``.partial`` files in progress.
+
+    A download writes ``.<name>.<random>.partial`` beside its file and renames it into place only
+    once complete. Stopping removes every ``.partial`` file, and a file is created or renamed into
+    place only under the lock and only while not stopped: after :meth:`stop` returns, no thread can
+    leave a partial or complete-looking file behind, even one still waiting on a request.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._partials: dict[int, tuple[int, str]] = {}  # descriptor of the file -> (its folder's, its name)
+
+    def check(self) -> None:
+        if self._stopped.is_set():
+            raise _Stopped()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped.set()
+            for folder, name in self._partials.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=folder)
+            self._partials.clear()
+
+    def create_partial(self, folder: int, name: str) -> tuple[int, str]:
+        partial = f".{name[:48]}.{secrets.token_hex(4)}{_PARTIAL_SUFFIX}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with self._lock:
+            self.check()
+            descriptor = os.open(partial, flags, 0o666, dir_fd=folder)
+            self._partials[descriptor] = (folder, partial)
+        return descriptor, partial
+
+    def complete(self, descriptor: int, folder: int, name: str) -> None:
+        """Rename the finished ``.partial`` file (still registered under ``descriptor``) to ``name``."""
+        with self._lock:
+            self.check()
+            partial = self._partials.pop(descriptor)[1]
+            os.replace(partial, name, src_dir_fd=folder, dst_dir_fd=folder)
+
+    def discard(self, descriptor: int) -> None:
+        with self._lock:
+            found = self._partials.pop(descriptor, None)
+            if found is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(found[1], dir_fd=found[0])
 
 
 class _Progress:
@@ -246,42 +431,92 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
     source_is_url, destination_is_url = _is_url(args.source), _is_url(args.destination)
     if source_is_url == destination_is_url:
         raise _UsageError("cp copies between a container and a local path: exactly one of SRC and DST must be a URL.")
+    refused: list[_Refused] = []
+    root: pathlib.Path | None = None
     if source_is_url:
         client, prefix = _container_and_prefix(args.source, args.anonymous)
-        copies = _download_plan(client, prefix, pathlib.Path(args.destination))
-        credential = client.credential
+        root, copies, refused = _download_plan(client, prefix, pathlib.Path(args.destination))
     else:
         client, prefix = _container_and_prefix(args.destination, args.anonymous)
         copies = _upload_plan(pathlib.Path(args.source), client, prefix)
-        credential = client.credential
-    total = sum(copy.size or 0 for copy in copies)
-    progress = _Progress(total, enabled=not args.no_progress)
+    for refusal in refused:
+        print(f"azstoragetorch: {refusal}", file=sys.stderr)
+    transfers = _Transfers()
+    progress = _Progress(sum(copy.size or 0 for copy in copies), enabled=not args.no_progress)
     started = time.perf_counter()
-    moved = retries = 0
+    copied = moved = retries = 0
+    folder = _open_destination(root) if root is not None else None
+
+    def copy_one(copy: _Copy) -> TransferStats:
+        if folder is not None:
+            return _download_one(copy, folder, client.credential, progress.hook(), transfers)
+        return _upload_one(copy, client.credential, progress.hook(), transfers)
+
     try:
         # A DCP checkpoint's .metadata goes last, so that a reader never sees it before the shards.
         last = [copy for copy in copies if copy.destination.rsplit("/", 1)[-1].startswith(DCP_METADATA)]
         first = [copy for copy in copies if copy not in last]
         for batch in (first, last):
-            with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-                futures = [pool.submit(_copy_one, copy, credential, source_is_url, progress.hook()) for copy in batch]
-                for future in futures:
-                    stats = future.result()
-                    moved += stats.bytes
-                    retries += stats.retries
+            for outcome in _run_all(batch, copy_one, args.parallel, transfers):
+                if isinstance(outcome, _Refused):
+                    print(f"azstoragetorch: {outcome}", file=sys.stderr)
+                    refused.append(outcome)
+                    continue
+                copied += 1
+                moved += outcome.bytes
+                retries += outcome.retries
     finally:
         progress.close()
+        if folder is not None:
+            os.close(folder)
     seconds = time.perf_counter() - started
     rate = moved / _MiB / seconds if seconds > 0 else 0.0
     print(
-        f"Copied {len(copies)} file{'s' if len(copies) != 1 else ''}, {_size(moved)} in {seconds:.1f} s "
-        f"({rate:.1f} MiB/s, {retries} retries)",
+        f"Copied {copied} file{'s' if copied != 1 else ''}, {_size(moved)} in {seconds:.1f} s "
+        f"({rate:.1f} MiB/s, {retries} retries)" + (f"; refused {len(refused)} (named above)" if refused else ""),
         file=out,
     )
-    return 0
+    return 1 if refused else 0
 
 
-def _download_plan(client: AzStorageTorchContainerClient, prefix: str, destination: pathlib.Path) -> list[_Copy]:
+def _run_all(
+    copies: Sequence[_Copy], copy_one: Callable[[_Copy], TransferStats], parallel: int, transfers: _Transfers
+) -> list[TransferStats | _Refused]:
+    """Run ``copy_one`` on every copy, ``parallel`` at a time, and return the outcomes.
+
+    The first failure stops every other transfer (each stops between two pieces and cleans up after
+    itself) and is raised once they have. Ctrl-C stops them too, removes every unfinished download at
+    once, and waits at most a moment for them (see :func:`main`).
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="azstoragetorch-cp")
+    futures = [pool.submit(copy_one, copy) for copy in copies]
+    outcomes: list[TransferStats | _Refused] = []
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                outcomes.append(future.result())
+            except _Refused as refusal:
+                outcomes.append(refusal)
+    except KeyboardInterrupt:
+        transfers.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
+        concurrent.futures.wait(futures, timeout=_STOP_GRACE_SECONDS)
+        raise _Interrupted() from None
+    except BaseException:
+        transfers.stop()
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
+        raise
+    pool.shutdown()
+    return outcomes
+
+
+def _download_plan(
+    client: AzStorageTorchContainerClient, prefix: str, destination: pathlib.Path
+) -> tuple[pathlib.Path, list[_Copy], list[_Refused]]:
+    """The local folder to write into, the copies to make inside it, and the blobs refused."""
     folder = prefix.rstrip("/")
     if not folder:
         raise _UsageError("cp needs the URL of a blob or of a folder (a DCP checkpoint), not of a whole container.")
@@ -291,21 +526,37 @@ def _download_plan(client: AzStorageTorchContainerClient, prefix: str, destinati
         except ResourceNotFoundError:
             size = None
         if size is not None:
-            target = destination / folder.rsplit("/", 1)[-1] if destination.is_dir() else destination
-            return [_Copy(_blob_url(client, folder), str(target), size)]
+            # One blob: into DST if it is a folder, else to the path DST itself, which the user chose.
+            if destination.is_dir():
+                root, name = destination, folder.rsplit("/", 1)[-1]
+                try:
+                    parts = local_parts(name)
+                except ValueError as error:
+                    return root, [], [_Refused(folder, str(error))]
+            else:
+                root, parts = destination.parent, (destination.name,)
+            copy = _Copy(_blob_url(client, folder), str(root.joinpath(*parts)), size, folder, parts)
+            return root, [copy], []
     blobs = [blob for blob in client.list_blobs(f"{folder}/") if not blob.is_directory]
     if not blobs:
         raise FileNotFoundError(
             f"Nothing to copy: no blob or folder {client.container_url.blob_url(folder).display_url}"
         )
-    return [
-        _Copy(
-            _blob_url(client, blob.client.blob_url.blob_name),
-            str(destination / blob.client.blob_url.blob_name[len(folder) + 1 :]),
-            blob.properties.size,
-        )
+    refused: dict[str, str] = {}
+    paths: dict[str, tuple[str, ...]] = {}
+    for blob in blobs:
+        name = blob.client.blob_url.blob_name
+        try:
+            paths[name] = local_parts(name[len(folder) + 1 :])
+        except ValueError as error:
+            refused[name] = str(error)
+    refused.update(local_collisions(paths))
+    copies = [
+        _Copy(_blob_url(client, name), str(destination.joinpath(*paths[name])), blob.properties.size, name, paths[name])
         for blob in blobs
+        if (name := blob.client.blob_url.blob_name) not in refused
     ]
+    return destination, copies, [_Refused(name, reason) for name, reason in sorted(refused.items())]
 
 
 def _upload_plan(source: pathlib.Path, client: AzStorageTorchContainerClient, prefix: str) -> list[_Copy]:
@@ -326,23 +577,97 @@ def _upload_plan(source: pathlib.Path, client: AzStorageTorchContainerClient, pr
     ]
 
 
-def _copy_one(copy: _Copy, credential: CredentialArgument, download: bool, hook: Any) -> Any:
-    if download:
-        target = pathlib.Path(copy.destination)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        with BlobIO(copy.source, "rb", credential=credential, progress_hook=hook) as reader, partial.open("wb") as file:
-            buffer = bytearray(_COPY_PIECE)
-            while count := reader.readinto(buffer):
-                file.write(memoryview(buffer)[:count])
-        partial.replace(target)  # the local file is the whole blob or untouched
+def _open_destination(root: pathlib.Path) -> int:
+    """A descriptor of the local folder DST (created if missing); the user named it, so it may be a link."""
+    if os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
+        # Without them no path inside DST could be opened without following a planted link.
+        raise OSError(
+            errno.ENOSYS,
+            "cp downloads need a POSIX system (Linux, macOS): this one cannot open files "
+            "relative to a folder without following symbolic links",
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _open_folder(root: int, copy: _Copy) -> int:
+    """A descriptor of the folder inside ``root`` that ``copy``'s file goes in, created as needed.
+
+    Reached one level at a time from ``root``'s descriptor and never through a symbolic link, so a
+    link planted inside the destination (``ck -> /etc``) cannot lead the copy out of it.
+    """
+    folder = os.dup(root)
+    try:
+        for level in copy.parts[:-1]:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(level, 0o777, dir_fd=folder)
+            try:
+                inner = os.open(level, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+            except OSError as error:
+                if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise _Refused(copy.blob, f"{level!r} on its local path is a symbolic link or not a folder") from None
+            os.close(folder)
+            folder = inner
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder
+
+
+def _download_one(
+    copy: _Copy, root: int, credential: CredentialArgument, hook: Any, transfers: _Transfers
+) -> TransferStats:
+    """Download into a hidden ``.partial`` file, renamed to its name only once the blob is whole.
+
+    Whatever goes wrong (a full disk, a failed request, Ctrl-C), the ``.partial`` file is removed.
+    """
+    transfers.check()
+    try:
+        folder = _open_folder(root, copy)
+    except OSError as error:
+        raise _local_error(error, copy.destination) from error
+    descriptor = -1
+    try:
+        with BlobIO(copy.source, "rb", credential=credential, progress_hook=hook) as reader:
+            try:
+                descriptor, _ = transfers.create_partial(folder, copy.parts[-1])
+                with open(descriptor, "wb", closefd=False) as file:
+                    buffer = bytearray(_COPY_PIECE)
+                    while count := reader.readinto(buffer):
+                        transfers.check()
+                        file.write(memoryview(buffer)[:count])
+            except OSError as error:  # a full or read-only disk, a file too large, ...
+                raise _local_error(error, copy.destination) from error
+        try:
+            transfers.complete(descriptor, folder, copy.parts[-1])
+        except OSError as error:
+            raise _local_error(error, copy.destination) from error
         return reader.stats
+    finally:
+        if descriptor >= 0:
+            transfers.discard(descriptor)
+            os.close(descriptor)
+        os.close(folder)
+
+
+def _local_error(error: OSError, path: str) -> OSError:
+    """``error`` as it happened to the local file ``path``, named as the user knows it."""
+    return OSError(error.errno, f"cannot write {path}: {error.strerror or error}; its partial download was removed")
+
+
+def _upload_one(copy: _Copy, credential: CredentialArgument, hook: Any, transfers: _Transfers) -> TransferStats:
+    """Upload a file; the blob is committed only if nothing told the copy to stop before the commit."""
+    transfers.check()
     with (
         open(copy.source, "rb") as file,
         BlobIO(copy.destination, "wb", credential=credential, progress_hook=hook) as writer,
     ):
         while piece := file.read(_COPY_PIECE):
+            transfers.check()
             writer.write(piece)
+        writer.flush()  # every block staged: what is left is the commit, a single request
+        transfers.check()
     return writer.stats
 
 
@@ -397,7 +722,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AzureError, AZStorageTorchError, OSError) as error:
         print(f"azstoragetorch: error: {redact(str(error))}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         print("azstoragetorch: interrupted", file=sys.stderr)
+        if isinstance(interruption, _Interrupted):
+            # Transfer threads (ours, or the requests of a BlobIO that stopped without waiting for
+            # them) may still wait on the service, and the interpreter would wait for them at exit:
+            # minutes, when throttled. They were told to stop, and none can commit a blob or leave
+            # a file any more, so leaving now is what makes the first Ctrl-C work.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
     return 1

@@ -5,31 +5,46 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import pathlib
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from azure.core.credentials import AzureNamedKeyCredential
 
+from azstoragetorch._client import _schedule
 from azstoragetorch.integrations.dcp import BlobStorageWriter
 from azstoragetorch.io import BlobIO
 from azstoragetorch.testing import ACCOUNT_KEY
 from tests.conftest import Container
+from tests.e2e.fault_proxy import Delay, FaultProxy, SeenRequest
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 
 
-def cli(*args: str, key: bool = True) -> subprocess.CompletedProcess[str]:
+def cli_environment(key: bool = True) -> dict[str, str]:
     environment = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
     environment.pop("AZURE_STORAGE_KEY", None)
     if key:
         environment["AZURE_STORAGE_KEY"] = ACCOUNT_KEY
+    return environment
+
+
+def cli(*args: str, key: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "azstoragetorch", *args], capture_output=True, text=True, env=environment, timeout=240
+        [sys.executable, "-m", "azstoragetorch", *args],
+        capture_output=True,
+        text=True,
+        env=cli_environment(key),
+        timeout=240,
     )
 
 
@@ -156,6 +171,273 @@ def test_a_missing_blob_is_an_error_without_the_sas(container: Container, tmp_pa
     result = cli("cp", f"{container.blob_url('nothing')}?{sas}", str(tmp_path), key=False)
     assert result.returncode == 1
     assert "Nothing to copy" in result.stderr and "sig=" not in result.stderr
+
+
+# -- ls and verify: what a prefix means, a damaged .metadata -------------------------------------------
+
+
+def test_ls_of_a_prefix_without_a_slash_is_that_folder_or_that_blob(container: Container) -> None:
+    for name in ("runs/run-1/a.ckpt", "runs/run-10/b.ckpt", "runs/run-1-old/c.ckpt", "runs/run-1.ckpt"):
+        container.upload(name, b"checkpoint")
+
+    folder = cli("ls", container.blob_url("runs/run-1"))
+    blob = cli("ls", container.blob_url("runs/run-1.ckpt"))
+
+    assert folder.returncode == 0, folder.stderr
+    assert [line.split()[-1] for line in folder.stdout.splitlines()[2:]] == ["runs/run-1/a.ckpt"]
+    assert blob.returncode == 0, blob.stderr
+    assert [line.split()[-1] for line in blob.stdout.splitlines()[2:]] == ["runs/run-1.ckpt"]
+
+
+@pytest.mark.parametrize("damage", ["bytes-changed-behind-the-crc", "replaced-by-another-tool"])
+def test_verify_reports_a_damaged_dcp_metadata_as_a_mismatch(
+    container: Container, account_credential: AzureNamedKeyCredential, damage: str
+) -> None:
+    save_dcp(container, "dcp", account_credential)
+    if damage == "bytes-changed-behind-the-crc":
+        corrupt(container, "dcp/.metadata")
+    else:
+        container.upload("dcp/.metadata", b"\x80\x04 not a pickle")
+
+    result = cli("verify", container.blob_url("dcp"))
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == "MISMATCH .metadata"
+    assert lines[-1].startswith(f"FAILED {container.blob_url('dcp')}: .metadata is damaged")
+
+
+# -- cp: every local path stays inside the destination ------------------------------------------------
+
+
+def files_under(folder: pathlib.Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() or path.is_symlink()
+    }
+
+
+def test_cp_refuses_blob_names_that_lead_outside_the_destination_and_copies_the_rest(
+    container: Container, tmp_path: pathlib.Path
+) -> None:
+    outside = tmp_path / "outside"
+    hostile = [
+        f"ck/{outside}/file",  # "ck//tmp/...": the destination joined with an absolute path
+        "ck/dir/",  # a trailing slash: an empty file name
+        "ck/a\nb",  # a control character
+        "ck/\uff0e\uff0e/\uff0e\uff0e/escape",  # fullwidth "..", which NFKC makes ".."
+        "ck/caf\u00e9.pt",  # the same name in NFC ...
+        "ck/cafe\u0301.pt",  # ... and NFD
+        "ck/Model.pt",  # one file on a case-insensitive disk
+        "ck/model.pt",
+        "ck/x",  # a file that is also a folder of the next blob
+        "ck/x/y",
+    ]
+    for name in hostile:
+        container.upload(name, b"hostile " + name.encode())
+    container.upload("ck/good.pt", b"good")
+    container.upload("ck/sub/also.pt", b"also good")
+    destination = tmp_path / "copy"
+
+    result = cli("cp", "--no-progress", container.blob_url("ck"), str(destination))
+
+    assert result.returncode == 1, result.stderr
+    assert not outside.exists()
+    assert files_under(tmp_path) == {"copy/good.pt": b"good", "copy/sub/also.pt": b"also good"}
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("azstoragetorch: refused blob ")]
+    assert len(refusals) == len(hostile), result.stderr
+    for name in hostile:
+        assert any(repr(name) in line for line in refusals), name
+    assert result.stdout.startswith("Copied 2 files, ") and "refused 10" in result.stdout
+
+
+def test_cp_never_follows_a_symlink_planted_in_the_destination(container: Container, tmp_path: pathlib.Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target.pt").write_bytes(b"not yours")
+    destination = tmp_path / "copy"
+    destination.mkdir()
+    (destination / "linked").symlink_to(outside, target_is_directory=True)  # a folder that leads out
+    (destination / "nested").mkdir()
+    (destination / "nested" / "deeper").symlink_to(outside, target_is_directory=True)
+    (destination / "good.pt").symlink_to(outside / "target.pt")  # a file name that leads out
+    container.upload("ck/linked/target.pt", b"through a link")
+    container.upload("ck/linked/new.pt", b"through a link")
+    container.upload("ck/nested/deeper/target.pt", b"through a deeper link")
+    container.upload("ck/good.pt", b"good")
+
+    result = cli("cp", "--no-progress", container.blob_url("ck"), str(destination))
+
+    assert result.returncode == 1
+    assert files_under(outside) == {"target.pt": b"not yours"}
+    assert not (destination / "good.pt").is_symlink()  # the link itself was replaced, not its target
+    assert (destination / "good.pt").read_bytes() == b"good"
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("azstoragetorch: refused blob ")]
+    assert sorted(refusals) == sorted(
+        f"azstoragetorch: refused blob {name!r}: {level!r} on its local path is a symbolic link or not a folder; "
+        "nothing was written for it"
+        for name, level in [
+            ("ck/linked/target.pt", "linked"),
+            ("ck/linked/new.pt", "linked"),
+            ("ck/nested/deeper/target.pt", "deeper"),
+        ]
+    )
+
+
+# -- cp: Ctrl-C and a full disk -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def python_ctrl_c() -> Iterator[None]:
+    """Python's Ctrl-C handler in this process, so that the CLI's process gets one too: a test run that
+    a non-interactive shell started in the background ignores SIGINT, and its children inherit that."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+class From:
+    """Matches requests of one operation from the ``first``-th on (1-based); the earlier ones pass."""
+
+    def __init__(self, operation: str, first: int) -> None:
+        self.operation, self.first, self.seen = operation, first, 0
+
+    def __call__(self, request: SeenRequest) -> bool:
+        if request.operation != self.operation:
+            return False
+        self.seen += 1
+        return self.seen >= self.first
+
+
+def interrupt_mid_transfer(proxy: FaultProxy, operation: str, first_held: int, *args: str) -> tuple[int, str, float]:
+    """Run the CLI through ``proxy``, holding every ``operation`` request from the ``first_held``-th on
+    (for ten minutes: far longer than the test may take), and send SIGINT, as Ctrl-C does, at a random
+    moment once one is held. The CLI runs with the perturbation hook on, with the same printed seed.
+    Returns the exit code, standard error and seconds from SIGINT to exit."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # see python_ctrl_c
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed}: holding {operation} requests from number {first_held} on")
+    holding = threading.Event()
+    proxy.add_fault(From(operation, first_held), Delay(600, hold_request=True, holding=holding), times=None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "azstoragetorch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**cli_environment(), _schedule.ENVIRONMENT_VARIABLE: str(seed)},  # shaken hand-offs, too
+    )
+    try:
+        assert holding.wait(120), "the transfer never reached the held request"
+        time.sleep(random.Random(seed).uniform(0, 0.5))
+        assert process.poll() is None
+        process.send_signal(signal.SIGINT)
+        interrupted = time.perf_counter()
+        # Without the fix the copy waits out the held request: ten minutes.
+        _, stderr = process.communicate(timeout=60)
+        seconds = time.perf_counter() - interrupted
+    finally:
+        process.kill()
+        process.wait()
+    print(f"exit {process.returncode} {seconds:.2f} s after SIGINT")
+    return process.returncode, stderr, seconds
+
+
+@pytest.mark.parametrize("first_held", [1, 2, 3, 5])
+def test_ctrl_c_during_an_upload_stops_it_and_commits_nothing(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None, first_held: int
+) -> None:
+    container.upload("ck/model.pt", b"the previous checkpoint")
+    etag = container.client.get_blob_client("ck/model.pt").get_blob_properties().etag
+    source = tmp_path / "model.pt"
+    source.write_bytes(os.urandom(48 * 1024 * 1024))  # six blocks of 8 MiB
+
+    code, stderr, _ = interrupt_mid_transfer(
+        proxy, "PutBlock", first_held, "cp", "--no-progress", str(source), proxy.url(container.blob_url("ck/"))
+    )
+
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == "azstoragetorch: interrupted"
+    assert container.download("ck/model.pt") == b"the previous checkpoint"
+    assert container.client.get_blob_client("ck/model.pt").get_blob_properties().etag == etag
+    assert proxy.count("PutBlockList") == 0 and proxy.count("PutBlob") == 0
+
+
+@pytest.mark.parametrize("first_held", [2, 3, 4])
+def test_ctrl_c_during_a_download_stops_it_and_leaves_no_file(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None, first_held: int
+) -> None:
+    container.upload("ck/model.pt", os.urandom(48 * 1024 * 1024))
+    container.upload("ck/small.pt", b"x")  # a folder of two: one may finish, the other must not show
+    destination = tmp_path / "copy"
+
+    code, stderr, _ = interrupt_mid_transfer(
+        proxy, "GetBlob", first_held, "cp", "--no-progress", proxy.url(container.blob_url("ck")), str(destination)
+    )
+
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == "azstoragetorch: interrupted"
+    assert files_under(destination) in ({}, {"small.pt": b"x"})  # no model.pt, whole or partial
+
+
+def cp_with_a_file_size_limit(limit: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process that may write no file beyond ``limit`` bytes: its writes past it fail with
+    EFBIG, as they would with ENOSPC on a full disk (SIGXFSZ, which would kill it instead, is ignored)."""
+    program = (
+        "import resource, runpy, signal, sys; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "sys.argv[0] = 'azstoragetorch'; "
+        "runpy.run_module('azstoragetorch', run_name='__main__')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", program, *args], capture_output=True, text=True, env=cli_environment(), timeout=240
+    )
+
+
+def test_cp_to_a_disk_that_takes_no_more_names_the_file_and_removes_the_partial_file(
+    container: Container, tmp_path: pathlib.Path
+) -> None:
+    container.upload("ck/model.pt", os.urandom(3 * 1024 * 1024))
+    destination = tmp_path / "copy"
+
+    result = cp_with_a_file_size_limit(1024 * 1024, "cp", "--no-progress", container.blob_url("ck"), str(destination))
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"azstoragetorch: error: [Errno 27] cannot write {destination / 'model.pt'}: File too large;"
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+    assert files_under(destination) == {}
+
+
+@pytest.fixture
+def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 1 MiB tmpfs, where mounting one is allowed (root, and no container forbidding it)."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_cp_to_a_full_disk_names_the_file_and_removes_the_partial_file(
+    container: Container, small_disk: pathlib.Path
+) -> None:
+    container.upload("ck/model.pt", os.urandom(3 * 1024 * 1024))
+
+    result = cli("cp", "--no-progress", container.blob_url("ck"), str(small_disk))
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"azstoragetorch: error: [Errno 28] cannot write {small_disk / 'model.pt'}: No space left on device;"
+    ), result.stderr
+    assert os.listdir(small_disk) == []
 
 
 @pytest.mark.parametrize(
