@@ -41,7 +41,9 @@ without the sticky bit, as ``/tmp`` has). The parts of the path that do not exis
 mode 0o700. Every file is then opened, renamed and deleted relative to that descriptor, by a name
 with no slash and with ``O_NOFOLLOW``: a symbolic link planted in the directory is never followed
 (a lock or entry that is one, or a lock with another hard link, is not used; a rename replaces a
-link, never its target). Only names that the cache gives its files are counted or evicted.
+link, never its target). An entry owned by another user (planted while the directory was
+writable) or writable by group or others is a miss, replaced by the store. Only names that the
+cache gives its files are counted or evicted.
 
 **Failures.** A directory that cannot be created or written, or a full disk, costs one warning per
 process and directory; that process then stops storing and reads from the service as without a cache.
@@ -579,6 +581,10 @@ def _read_entry(fd: int) -> tuple[str, bytes] | None:
     found = os.fstat(fd)
     if not stat.S_ISREG(found.st_mode):
         return None  # a directory, FIFO or device under a cache name
+    if found.st_uid != os.geteuid() or found.st_mode & 0o022:
+        # Planted while the folder was writable (a later 'chmod go-w' keeps it), or writable by
+        # others through another name: whoever can write it chooses the sample.
+        return None
     size = found.st_size
     # Few system calls, and the content copied once: a small file in one read; a large one's header
     # and ETag (a few dozen bytes) in one, then its content straight into the returned bytes.

@@ -673,6 +673,50 @@ def test_an_entry_name_taken_by_a_fifo_is_a_miss_not_a_hang(
     assert entry.is_file()  # replaced by the blob's cache file
 
 
+@pytest.mark.parametrize(
+    "planted",
+    [
+        pytest.param("owned by another user", marks=needs_root),
+        "writable by others",
+    ],
+)
+def test_an_entry_another_user_could_have_written_is_never_served(
+    blobs: Container,
+    tmp_path: Path,
+    account_credential: AzureNamedKeyCredential,
+    monkeypatch: pytest.MonkeyPatch,
+    planted: str,
+) -> None:
+    """A folder that was writable (the warning said so) and then fixed with 'chmod go-w' still holds
+    what another user put there meanwhile: a file that looks like a current hit (the blob's ETag, a
+    valid CRC-32), which its owner can keep rewriting whatever the folder's mode."""
+
+    def dataset(directory: Path) -> BlobDataset[Any]:
+        return BlobDataset.from_container_url(
+            blobs.url, credential=account_credential, cache_dir=directory, cache_trust_listing=True
+        )
+
+    genuine = tmp_path / "genuine"
+    samples(dataset(genuine))
+    _cache.flush()
+    entry_name = _cache._file_name(blobs.blob_url(name(3)))
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    entry = cache_dir / entry_name
+    entry.write_bytes(forged_entry((genuine / entry_name).read_bytes(), b"another user's choice of sample"))
+    if planted == "owned by another user":
+        os.chown(entry, STRANGER, STRANGER)
+        entry.chmod(0o644)
+    else:
+        entry.chmod(0o666)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    assert read_twice_recording_warnings(dataset(cache_dir)) == []  # content(3) served, both epochs
+    # The planted file was replaced by the cache's own copy.
+    assert (entry.stat().st_uid, oct(entry.stat().st_mode & 0o777)) == (os.geteuid(), "0o600")
+    cached = _cache.BlobCache(str(cache_dir), None)._lookup(str(entry))
+    assert cached is not None and cached[1] == content(3)
+
+
 def test_a_temporary_name_taken_by_a_symbolic_link_is_not_written_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
