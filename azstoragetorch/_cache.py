@@ -30,7 +30,9 @@ loses the blobs not yet stored, and at worst leaves a temporary file that is nev
 **Eviction.** With ``max_bytes``, the bytes in the directory are counted in its lock file, updated
 under ``flock`` at every store; a store that would pass the limit first deletes the least recently
 used files (by modification time, which every hit refreshes) down to 90% of it. Without a limit
-nothing is evicted, so hits leave the files untouched (no ``utime``).
+nothing is evicted, so hits leave the files untouched (no ``utime``). A store waits at most
+``_LOCK_TIMEOUT`` for the lock; a process that holds it longer (stopped, or hung on the disk) makes
+this one stop storing (see "Failures"), rather than stop its samples or its exit.
 
 **Trust.** The directory is used only if no one but its user could change what it holds, as ssh
 requires of its files: each process opens it once and refuses it (one warning per process and
@@ -87,6 +89,10 @@ _STALE_TEMP_SECONDS = 3600.0
 _ONE_READ = 64 * 1024
 # The most bytes of fetched blobs that wait, in one process, for the background writer to store them.
 _PENDING_LIMIT = 64 * 1024 * 1024
+# The longest a store waits for the directory's lock, which other processes' stores hold for
+# milliseconds: one held longer belongs to a process that is stopped (Ctrl-Z) or hung on the disk,
+# and waiting for it would stop this process's samples (once the writer is behind) and its exit.
+_LOCK_TIMEOUT = 30.0
 
 # Flags of every open of a file in the directory: never through a symbolic link, never inherited by
 # a program the process runs. Reads add O_NONBLOCK: a FIFO planted under a cache name must not block.
@@ -353,7 +359,7 @@ class BlobCache:
             if state.lock_fd is None:
                 state.lock_fd = _open_lock(dir_fd, os.path.join(self.directory, _LOCK_NAME))
             if fcntl is not None:
-                fcntl.flock(state.lock_fd, fcntl.LOCK_EX)
+                _lock_exclusive(state.lock_fd, os.path.join(self.directory, _LOCK_NAME))
             try:
                 yield state.lock_fd
             finally:
@@ -549,6 +555,23 @@ def _open_lock(dir_fd: int, path: str) -> int:
         os.close(fd)  # another name for another file: writing the count would change that file
         raise OSError(errno.EPERM, f"{path} is not a plain file of this user's with one name", path)
     return fd
+
+
+def _lock_exclusive(fd: int, path: str) -> None:
+    """``flock(LOCK_EX)``, waiting at most ``_LOCK_TIMEOUT``; then an :class:`OSError` (the store fails)."""
+    assert fcntl is not None
+    deadline = time.monotonic() + _LOCK_TIMEOUT
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                message = f"{path} was held by another process for {_LOCK_TIMEOUT:g} s"
+                raise OSError(errno.ETIMEDOUT, message, path) from None
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
 
 
 def _entries(dir_fd: int) -> list[tuple[float, int, str]]:

@@ -548,6 +548,41 @@ def test_a_process_that_exits_right_after_reading_stores_everything_first(
     cache_holds_intact_copies(tmp_path, blobs)
 
 
+def test_a_lock_held_by_another_process_for_good_costs_one_warning_not_a_hang(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another job sharing the folder holds its lock and does not let go (stopped with Ctrl-Z while
+    storing, or hung on the disk): this process's samples and its exit must not wait for it."""
+    holder_code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    monkeypatch.setattr(_cache, "_LOCK_TIMEOUT", 1.0)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path, cache_max_bytes=10**9
+    )
+    with subprocess.Popen([sys.executable, "-c", holder_code, str(tmp_path)], stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _epoch in range(2):
+                    assert [sample["data"] for sample in samples(dataset)] == [content(i) for i in range(COUNT)]
+                flushed = threading.Thread(target=_cache.flush, daemon=True)  # what the process does at exit
+                flushed.start()
+                flushed.join(60)
+                assert not flushed.is_alive(), "the cache waits for the other process's lock for good"
+        finally:
+            holder.kill()  # lets a hung writer go on, so that the next test starts clean
+    warned = our_warnings(caught)
+    assert len(warned) == 1 and ".lock" in warned[0] and "another process" in warned[0], warned
+    assert cache_files(tmp_path) == [] and [path.name for path in tmp_path.iterdir()] == [".lock"]
+
+
 # -- trust: links, owners, modes (hostile) ----------------------------------------------------------
 
 needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
