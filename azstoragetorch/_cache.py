@@ -324,10 +324,13 @@ class BlobCache:
             return
         with self._locked(state, dir_fd) as lock_fd:
             usage = os.pread(lock_fd, _USAGE.size, 0)
+            used = -1
             if len(usage) == _USAGE.size:
-                (used,) = _USAGE.unpack(usage)
-                used = used - _size_or_zero(name, dir_fd) + size
-            else:  # a new lock file: count what is there
+                (counted,) = _USAGE.unpack(usage)
+                used = counted - _size_or_zero(name, dir_fd) + size
+            if used < size:
+                # A new lock file, or a count below the file being replaced (stored by a process
+                # without a limit, which counts nothing): count what is there.
                 used = sum(entry_size for _, entry_size, _ in _entries(dir_fd)) - _size_or_zero(name, dir_fd) + size
             if used > self.max_bytes:
                 used = self._evict(dir_fd, name, size)
@@ -662,10 +665,12 @@ def _set_mtime_now(file: int | str, dir_fd: int | None = None) -> None:
 
 
 def _size_or_zero(name: str, dir_fd: int) -> int:
+    """The size of the cache file ``name`` as :func:`_entries` counts it (a link or directory: 0)."""
     try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
+        found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return 0
+    return found.st_size if stat.S_ISREG(found.st_mode) else 0
 
 
 def _reason(error: OSError) -> str:

@@ -360,6 +360,34 @@ def test_least_recently_used_blobs_are_evicted_and_the_cache_stays_within_its_li
     assert len(present) >= 5  # evicted down to 90% of the limit, not to nothing
 
 
+def test_files_stored_without_a_limit_leave_a_limited_cache_storing_and_counting_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job without cache_max_bytes (an evaluation script) shares the folder with one that has it:
+    the files it stores are not in the count, which then must not go wrong in the limited job."""
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    limited = _cache.BlobCache(str(tmp_path), 10**6)
+    unlimited = _cache.BlobCache(str(tmp_path), None)
+    small, large, linked = (str(tmp_path / (digit * 64)) for digit in "abc")
+    os.symlink("x" * 2000, linked)  # not a cache file: its size is not in the count either
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for cache, path, etag, data in [
+            (limited, small, '"0x1"', b"s" * 10),
+            (unlimited, large, '"0x1"', b"l" * 100_000),
+            (limited, large, '"0x2"', b"the blob, rewritten smaller"),  # replaces a file not in the count
+            (limited, linked, '"0x1"', b"in place of a link"),
+        ]:
+            cache._hand_over(path, etag, data)
+            _cache.flush()
+    assert our_warnings(caught) == []
+    assert limited._lookup(large) == ('"0x2"', b"the blob, rewritten smaller")
+    assert limited._lookup(linked) == ('"0x1"', b"in place of a link")
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]
+    counted = int.from_bytes((tmp_path / ".lock").read_bytes()[:8], "little")
+    assert counted == sum(path.stat().st_size for path in cache_files(tmp_path))
+
+
 # -- secrets ----------------------------------------------------------------------------------------
 
 
