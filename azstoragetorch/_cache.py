@@ -131,7 +131,9 @@ def make_cache(cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = Fal
     if "\0" in directory:
         raise ValueError(f"cache_dir must not contain a NUL character, got {directory!r}.")
     # Absolute now: the workers and a later os.chdir must not move the cache.
-    directory = os.path.join(os.getcwd(), os.path.expanduser(directory))
+    directory = os.path.expanduser(directory)
+    if not os.path.isabs(directory):  # (not abspath: its lexical '..' would be wrong after a link)
+        directory = os.path.join(os.getcwd(), directory)
     if cache_max_bytes is not None and (
         isinstance(cache_max_bytes, bool) or not isinstance(cache_max_bytes, int) or cache_max_bytes < 1
     ):

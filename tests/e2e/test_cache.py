@@ -983,3 +983,17 @@ def test_an_empty_cache_dir_is_an_error_and_a_tilde_is_expanded(
     assert read_twice_recording_warnings(dataset) == []
     assert len(cache_files(home / "x")) == COUNT
     assert not (tmp_path / "~").exists() and not (home / "~").exists()
+
+
+def test_an_absolute_cache_dir_does_not_need_the_current_directory(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # a job whose working directory was removed under it: os.getcwd() fails
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path / "cache"
+    )
+    assert read_twice_recording_warnings(dataset) == []
+    assert len(cache_files(tmp_path / "cache")) == COUNT
