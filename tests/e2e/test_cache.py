@@ -593,7 +593,9 @@ def test_a_lock_held_by_another_process_for_good_costs_one_warning_not_a_hang(
     dataset = BlobDataset.from_blob_urls(
         [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path, cache_max_bytes=10**9
     )
-    with subprocess.Popen([sys.executable, "-c", holder_code, str(tmp_path)], stdout=subprocess.PIPE, text=True) as holder:
+    with subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as holder:
         try:
             assert holder.stdout is not None and holder.stdout.readline() == "held\n"
             with warnings.catch_warnings(record=True) as caught:
