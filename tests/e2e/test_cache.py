@@ -680,6 +680,14 @@ def forged_entry(real_entry: bytes, data: bytes) -> bytes:
     return _cache._HEADER.pack(magic, _cache.crc32(data), len(data), etag_length) + etag + data
 
 
+def genuine_entry(dataset: Any, container: Container, directory: Path) -> tuple[str, bytes]:
+    """The name and bytes of blob 3's cache file, once ``dataset`` (cached in ``directory``) was read."""
+    samples(dataset)
+    _cache.flush()
+    entry_name = _cache._file_name(container.blob_url(name(3)))
+    return entry_name, (directory / entry_name).read_bytes()
+
+
 @pytest.mark.parametrize("trust", [True, False], ids=["listing-trusted", "etag-confirmed"])
 @pytest.mark.parametrize("target", ["file", "directory"])
 def test_an_entry_that_is_a_symbolic_link_is_never_served_nor_written_through(
@@ -698,13 +706,10 @@ def test_an_entry_that_is_a_symbolic_link_is_never_served_nor_written_through(
             blobs.url, credential=account_credential, cache_dir=directory, cache_trust_listing=trust
         )
 
-    genuine = tmp_path / "genuine"
-    samples(dataset(genuine))
-    _cache.flush()
-    entry_name = _cache._file_name(blobs.blob_url(name(3)))
+    entry_name, genuine = genuine_entry(dataset(tmp_path / "genuine"), blobs, tmp_path / "genuine")
     elsewhere = tmp_path / "elsewhere"
     if target == "file":
-        elsewhere.write_bytes(forged_entry((genuine / entry_name).read_bytes(), b"the user's private key"))
+        elsewhere.write_bytes(forged_entry(genuine, b"the user's private key"))
     else:
         elsewhere.mkdir()
     before = snapshot(elsewhere)
@@ -761,14 +766,11 @@ def test_an_entry_another_user_could_have_written_is_never_served(
             blobs.url, credential=account_credential, cache_dir=directory, cache_trust_listing=True
         )
 
-    genuine = tmp_path / "genuine"
-    samples(dataset(genuine))
-    _cache.flush()
-    entry_name = _cache._file_name(blobs.blob_url(name(3)))
+    entry_name, genuine = genuine_entry(dataset(tmp_path / "genuine"), blobs, tmp_path / "genuine")
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(mode=0o700)
     entry = cache_dir / entry_name
-    entry.write_bytes(forged_entry((genuine / entry_name).read_bytes(), b"another user's choice of sample"))
+    entry.write_bytes(forged_entry(genuine, b"another user's choice of sample"))
     if planted == "owned by another user":
         os.chown(entry, STRANGER, STRANGER)
         entry.chmod(0o644)
