@@ -130,6 +130,10 @@ def make_cache(cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = Fal
         raise ValueError("cache_dir must name a directory, got an empty string (leave it out for no cache).")
     if "\0" in directory:
         raise ValueError(f"cache_dir must not contain a NUL character, got {directory!r}.")
+    try:
+        os.fsencode(directory)  # else every sample's read would fail, with a UnicodeEncodeError
+    except UnicodeEncodeError as error:
+        raise ValueError(f"cache_dir cannot be a file name here ({error.reason}), got {directory!r}.") from None
     # Absolute now: the workers and a later os.chdir must not move the cache.
     directory = os.path.expanduser(directory)
     if not os.path.isabs(directory):  # (not abspath: its lexical '..' would be wrong after a link)

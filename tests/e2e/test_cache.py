@@ -968,6 +968,8 @@ def test_an_empty_cache_dir_is_an_error_and_a_tilde_is_expanded(
             make(cache_dir="")  # (Path("") is Path("."): the current folder, a name like any other)
         with pytest.raises(ValueError, match="cache_dir must not contain a NUL"):
             make(cache_dir="cache\0/x")
+        with pytest.raises(ValueError, match="cache_dir cannot be a file name here"):
+            make(cache_dir="cache-\ud800")  # a lone surrogate: every sample's read failed with UnicodeEncodeError
     assert list(tmp_path.iterdir()) == []
 
     class BytesPath:
