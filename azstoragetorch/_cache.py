@@ -30,7 +30,9 @@ loses the blobs not yet stored, and at worst leaves a temporary file that is nev
 **Eviction.** With ``max_bytes``, the bytes in the directory are counted in its lock file, updated
 under ``flock`` at every store; a store that would pass the limit first deletes the least recently
 used files (by modification time, which every hit refreshes) down to 90% of it. Without a limit
-nothing is evicted, so hits leave the files untouched (no ``utime``).
+nothing is evicted, so hits leave the files untouched (no ``utime``). A store waits at most
+``_LOCK_TIMEOUT`` for the lock; a process that holds it longer (stopped, or hung on the disk) makes
+this one stop storing (see "Failures"), rather than stop its samples or its exit.
 
 **Trust.** The directory is used only if no one but its user could change what it holds, as ssh
 requires of its files: each process opens it once and refuses it (one warning per process and
@@ -41,7 +43,9 @@ without the sticky bit, as ``/tmp`` has). The parts of the path that do not exis
 mode 0o700. Every file is then opened, renamed and deleted relative to that descriptor, by a name
 with no slash and with ``O_NOFOLLOW``: a symbolic link planted in the directory is never followed
 (a lock or entry that is one, or a lock with another hard link, is not used; a rename replaces a
-link, never its target). Only names that the cache gives its files are counted or evicted.
+link, never its target). An entry owned by another user (planted while the directory was
+writable) or writable by group or others is a miss, replaced by the store. Only names that the
+cache gives its files are counted or evicted.
 
 **Failures.** A directory that cannot be created or written, or a full disk, costs one warning per
 process and directory; that process then stops storing and reads from the service as without a cache.
@@ -85,6 +89,10 @@ _STALE_TEMP_SECONDS = 3600.0
 _ONE_READ = 64 * 1024
 # The most bytes of fetched blobs that wait, in one process, for the background writer to store them.
 _PENDING_LIMIT = 64 * 1024 * 1024
+# The longest a store waits for the directory's lock, which other processes' stores hold for
+# milliseconds: one held longer belongs to a process that is stopped (Ctrl-Z) or hung on the disk,
+# and waiting for it would stop this process's samples (once the writer is behind) and its exit.
+_LOCK_TIMEOUT = 30.0
 
 # Flags of every open of a file in the directory: never through a symbolic link, never inherited by
 # a program the process runs. Reads add O_NONBLOCK: a FIFO planted under a cache name must not block.
@@ -122,8 +130,14 @@ def make_cache(cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = Fal
         raise ValueError("cache_dir must name a directory, got an empty string (leave it out for no cache).")
     if "\0" in directory:
         raise ValueError(f"cache_dir must not contain a NUL character, got {directory!r}.")
+    try:
+        os.fsencode(directory)  # else every sample's read would fail, with a UnicodeEncodeError
+    except UnicodeEncodeError as error:
+        raise ValueError(f"cache_dir cannot be a file name here ({error.reason}), got {directory!r}.") from None
     # Absolute now: the workers and a later os.chdir must not move the cache.
-    directory = os.path.join(os.getcwd(), os.path.expanduser(directory))
+    directory = os.path.expanduser(directory)
+    if not os.path.isabs(directory):  # (not abspath: its lexical '..' would be wrong after a link)
+        directory = os.path.join(os.getcwd(), directory)
     if cache_max_bytes is not None and (
         isinstance(cache_max_bytes, bool) or not isinstance(cache_max_bytes, int) or cache_max_bytes < 1
     ):
@@ -316,10 +330,13 @@ class BlobCache:
             return
         with self._locked(state, dir_fd) as lock_fd:
             usage = os.pread(lock_fd, _USAGE.size, 0)
+            used = -1
             if len(usage) == _USAGE.size:
-                (used,) = _USAGE.unpack(usage)
-                used = used - _size_or_zero(name, dir_fd) + size
-            else:  # a new lock file: count what is there
+                (counted,) = _USAGE.unpack(usage)
+                used = counted - _size_or_zero(name, dir_fd) + size
+            if used < size:
+                # A new lock file, or a count below the file being replaced (stored by a process
+                # without a limit, which counts nothing): count what is there.
                 used = sum(entry_size for _, entry_size, _ in _entries(dir_fd)) - _size_or_zero(name, dir_fd) + size
             if used > self.max_bytes:
                 used = self._evict(dir_fd, name, size)
@@ -351,7 +368,7 @@ class BlobCache:
             if state.lock_fd is None:
                 state.lock_fd = _open_lock(dir_fd, os.path.join(self.directory, _LOCK_NAME))
             if fcntl is not None:
-                fcntl.flock(state.lock_fd, fcntl.LOCK_EX)
+                _lock_exclusive(state.lock_fd, os.path.join(self.directory, _LOCK_NAME))
             try:
                 yield state.lock_fd
             finally:
@@ -549,6 +566,23 @@ def _open_lock(dir_fd: int, path: str) -> int:
     return fd
 
 
+def _lock_exclusive(fd: int, path: str) -> None:
+    """``flock(LOCK_EX)``, waiting at most ``_LOCK_TIMEOUT``; then an :class:`OSError` (the store fails)."""
+    assert fcntl is not None
+    deadline = time.monotonic() + _LOCK_TIMEOUT
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                message = f"{path} was held by another process for {_LOCK_TIMEOUT:g} s"
+                raise OSError(errno.ETIMEDOUT, message, path) from None
+        time.sleep(delay)
+        delay = min(2 * delay, 0.05)
+
+
 def _entries(dir_fd: int) -> list[tuple[float, int, str]]:
     """(mtime, size, name) of every cache file; removes temporary files left by dead processes."""
     found = []
@@ -579,6 +613,10 @@ def _read_entry(fd: int) -> tuple[str, bytes] | None:
     found = os.fstat(fd)
     if not stat.S_ISREG(found.st_mode):
         return None  # a directory, FIFO or device under a cache name
+    if found.st_uid != os.geteuid() or found.st_mode & 0o022:
+        # Planted while the folder was writable (a later 'chmod go-w' keeps it), or writable by
+        # others through another name: whoever can write it chooses the sample.
+        return None
     size = found.st_size
     # Few system calls, and the content copied once: a small file in one read; a large one's header
     # and ETag (a few dozen bytes) in one, then its content straight into the returned bytes.
@@ -633,10 +671,12 @@ def _set_mtime_now(file: int | str, dir_fd: int | None = None) -> None:
 
 
 def _size_or_zero(name: str, dir_fd: int) -> int:
+    """The size of the cache file ``name`` as :func:`_entries` counts it (a link or directory: 0)."""
     try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_size
+        found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return 0
+    return found.st_size if stat.S_ISREG(found.st_mode) else 0
 
 
 def _reason(error: OSError) -> str:

@@ -360,6 +360,34 @@ def test_least_recently_used_blobs_are_evicted_and_the_cache_stays_within_its_li
     assert len(present) >= 5  # evicted down to 90% of the limit, not to nothing
 
 
+def test_files_stored_without_a_limit_leave_a_limited_cache_storing_and_counting_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job without cache_max_bytes (an evaluation script) shares the folder with one that has it:
+    the files it stores are not in the count, which then must not go wrong in the limited job."""
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    limited = _cache.BlobCache(str(tmp_path), 10**6)
+    unlimited = _cache.BlobCache(str(tmp_path), None)
+    small, large, linked = (str(tmp_path / (digit * 64)) for digit in "abc")
+    os.symlink("x" * 2000, linked)  # not a cache file: its size is not in the count either
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for cache, path, etag, data in [
+            (limited, small, '"0x1"', b"s" * 10),
+            (unlimited, large, '"0x1"', b"l" * 100_000),
+            (limited, large, '"0x2"', b"the blob, rewritten smaller"),  # replaces a file not in the count
+            (limited, linked, '"0x1"', b"in place of a link"),
+        ]:
+            cache._hand_over(path, etag, data)
+            _cache.flush()
+    assert our_warnings(caught) == []
+    assert limited._lookup(large) == ('"0x2"', b"the blob, rewritten smaller")
+    assert limited._lookup(linked) == ('"0x1"', b"in place of a link")
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]
+    counted = int.from_bytes((tmp_path / ".lock").read_bytes()[:8], "little")
+    assert counted == sum(path.stat().st_size for path in cache_files(tmp_path))
+
+
 # -- secrets ----------------------------------------------------------------------------------------
 
 
@@ -548,6 +576,43 @@ def test_a_process_that_exits_right_after_reading_stores_everything_first(
     cache_holds_intact_copies(tmp_path, blobs)
 
 
+def test_a_lock_held_by_another_process_for_good_costs_one_warning_not_a_hang(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another job sharing the folder holds its lock and does not let go (stopped with Ctrl-Z while
+    storing, or hung on the disk): this process's samples and its exit must not wait for it."""
+    holder_code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    monkeypatch.setattr(_cache, "_LOCK_TIMEOUT", 1.0)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path, cache_max_bytes=10**9
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", holder_code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    ) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _epoch in range(2):
+                    assert [sample["data"] for sample in samples(dataset)] == [content(i) for i in range(COUNT)]
+                flushed = threading.Thread(target=_cache.flush, daemon=True)  # what the process does at exit
+                flushed.start()
+                flushed.join(60)
+                assert not flushed.is_alive(), "the cache waits for the other process's lock for good"
+        finally:
+            holder.kill()  # lets a hung writer go on, so that the next test starts clean
+    warned = our_warnings(caught)
+    assert len(warned) == 1 and ".lock" in warned[0] and "another process" in warned[0], warned
+    assert cache_files(tmp_path) == [] and [path.name for path in tmp_path.iterdir()] == [".lock"]
+
+
 # -- trust: links, owners, modes (hostile) ----------------------------------------------------------
 
 needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
@@ -615,6 +680,14 @@ def forged_entry(real_entry: bytes, data: bytes) -> bytes:
     return _cache._HEADER.pack(magic, _cache.crc32(data), len(data), etag_length) + etag + data
 
 
+def genuine_entry(dataset: Any, container: Container, directory: Path) -> tuple[str, bytes]:
+    """The name and bytes of blob 3's cache file, once ``dataset`` (cached in ``directory``) was read."""
+    samples(dataset)
+    _cache.flush()
+    entry_name = _cache._file_name(container.blob_url(name(3)))
+    return entry_name, (directory / entry_name).read_bytes()
+
+
 @pytest.mark.parametrize("trust", [True, False], ids=["listing-trusted", "etag-confirmed"])
 @pytest.mark.parametrize("target", ["file", "directory"])
 def test_an_entry_that_is_a_symbolic_link_is_never_served_nor_written_through(
@@ -633,13 +706,10 @@ def test_an_entry_that_is_a_symbolic_link_is_never_served_nor_written_through(
             blobs.url, credential=account_credential, cache_dir=directory, cache_trust_listing=trust
         )
 
-    genuine = tmp_path / "genuine"
-    samples(dataset(genuine))
-    _cache.flush()
-    entry_name = _cache._file_name(blobs.blob_url(name(3)))
+    entry_name, genuine = genuine_entry(dataset(tmp_path / "genuine"), blobs, tmp_path / "genuine")
     elsewhere = tmp_path / "elsewhere"
     if target == "file":
-        elsewhere.write_bytes(forged_entry((genuine / entry_name).read_bytes(), b"the user's private key"))
+        elsewhere.write_bytes(forged_entry(genuine, b"the user's private key"))
     else:
         elsewhere.mkdir()
     before = snapshot(elsewhere)
@@ -671,6 +741,47 @@ def test_an_entry_name_taken_by_a_fifo_is_a_miss_not_a_hang(
     assert read == [content(3)]
     _cache.flush()
     assert entry.is_file()  # replaced by the blob's cache file
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        pytest.param("owned by another user", marks=needs_root),
+        "writable by others",
+    ],
+)
+def test_an_entry_another_user_could_have_written_is_never_served(
+    blobs: Container,
+    tmp_path: Path,
+    account_credential: AzureNamedKeyCredential,
+    monkeypatch: pytest.MonkeyPatch,
+    planted: str,
+) -> None:
+    """A folder that was writable (the warning said so) and then fixed with 'chmod go-w' still holds
+    what another user put there meanwhile: a file that looks like a current hit (the blob's ETag, a
+    valid CRC-32), which its owner can keep rewriting whatever the folder's mode."""
+
+    def dataset(directory: Path) -> BlobDataset[Any]:
+        return BlobDataset.from_container_url(
+            blobs.url, credential=account_credential, cache_dir=directory, cache_trust_listing=True
+        )
+
+    entry_name, genuine = genuine_entry(dataset(tmp_path / "genuine"), blobs, tmp_path / "genuine")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir(mode=0o700)
+    entry = cache_dir / entry_name
+    entry.write_bytes(forged_entry(genuine, b"another user's choice of sample"))
+    if planted == "owned by another user":
+        os.chown(entry, STRANGER, STRANGER)
+        entry.chmod(0o644)
+    else:
+        entry.chmod(0o666)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    assert read_twice_recording_warnings(dataset(cache_dir)) == []  # content(3) served, both epochs
+    # The planted file was replaced by the cache's own copy.
+    assert (entry.stat().st_uid, oct(entry.stat().st_mode & 0o777)) == (os.geteuid(), "0o600")
+    cached = _cache.BlobCache(str(cache_dir), None)._lookup(str(entry))
+    assert cached is not None and cached[1] == content(3)
 
 
 def test_a_temporary_name_taken_by_a_symbolic_link_is_not_written_through(
@@ -857,6 +968,8 @@ def test_an_empty_cache_dir_is_an_error_and_a_tilde_is_expanded(
             make(cache_dir="")  # (Path("") is Path("."): the current folder, a name like any other)
         with pytest.raises(ValueError, match="cache_dir must not contain a NUL"):
             make(cache_dir="cache\0/x")
+        with pytest.raises(ValueError, match="cache_dir cannot be a file name here"):
+            make(cache_dir="cache-\ud800")  # a lone surrogate: every sample's read failed with UnicodeEncodeError
     assert list(tmp_path.iterdir()) == []
 
     class BytesPath:
@@ -876,3 +989,17 @@ def test_an_empty_cache_dir_is_an_error_and_a_tilde_is_expanded(
     assert read_twice_recording_warnings(dataset) == []
     assert len(cache_files(home / "x")) == COUNT
     assert not (tmp_path / "~").exists() and not (home / "~").exists()
+
+
+def test_an_absolute_cache_dir_does_not_need_the_current_directory(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()  # a job whose working directory was removed under it: os.getcwd() fails
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path / "cache"
+    )
+    assert read_twice_recording_warnings(dataset) == []
+    assert len(cache_files(tmp_path / "cache")) == COUNT
