@@ -1,0 +1,123 @@
+"""Train a model sharded with FSDP2 under ``ModelParallelStrategy``, checkpoints in a container.
+
+Run as ``python -m tests.e2e.lightning_sharded_run`` from the repository root; with ``--devices 2``
+Lightning starts the second rank by running this same command again (gloo on CPU). Each rank writes
+what it saw to ``<out>/rank<N>.json``, and rank 0 the full weights and optimizer state it ended
+with to ``<out>/final.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from azure.core.credentials import AzureNamedKeyCredential
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import AsyncCheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME
+from tests.e2e.lightning_helpers import loader
+
+
+class ShardedModel(pl.LightningModule):
+    """A small regression model whose layers ``configure_model`` shards with FSDP2; Adam, so that a
+    resumed run continues only if the optimizer state was restored too."""
+
+    def __init__(self, width: int = 16, val_losses: list[float] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.hidden = torch.nn.Linear(4, width)
+        self.output = torch.nn.Linear(width, 1)
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.hidden, mesh=mesh)
+        fully_shard(self.output, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(torch.relu(self.hidden(x)))
+
+    def training_step(self, batch: Any, batch_index: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch: Any, batch_index: int) -> None:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        if self.hparams.val_losses is not None:
+            loss = torch.tensor(self.hparams.val_losses[self.current_epoch])
+        self.log("val_loss", loss, sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--account-url", required=True)
+    parser.add_argument("--dirpath", required=True)
+    parser.add_argument("--max-epochs", type=int, required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--resume", default=None, help='"last", "best" or a checkpoint URL')
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--val-losses", default=None, help="comma-separated val_loss per epoch")
+    parser.add_argument("--async-io", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+    plugin: Any = AzureBlobCheckpointIO(
+        credential=AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY), account_url=args.account_url
+    )
+    if args.async_io:
+        plugin = AsyncCheckpointIO(plugin)
+    val_losses = [float(v) for v in args.val_losses.split(",")] if args.val_losses else None
+    monitor = {"monitor": "val_loss"} if val_losses else {}
+    checkpoints = ModelCheckpoint(dirpath=args.dirpath, save_last=True, save_top_k=args.top_k, **monitor)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
+        max_epochs=args.max_epochs,
+        plugins=[plugin],
+        callbacks=[checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    model = ShardedModel(val_losses=val_losses)
+    trainer.fit(model, loader(), loader(), ckpt_path=args.resume)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optimizer = get_optimizer_state_dict(model, trainer.optimizers[0], options=options)
+    report = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "resumed_from": trainer.ckpt_path,
+        "best": checkpoints.best_model_path,
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if trainer.global_rank == 0:
+        torch.save({"weights": weights, "optimizer": optimizer}, out / "final.pt")
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
