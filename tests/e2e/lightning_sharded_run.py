@@ -39,8 +39,10 @@ class ShardedModel(pl.LightningModule):
         self.output = torch.nn.Linear(width, 1)
 
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if isinstance(self, FSDPModule):  # validate() after fit() configures the model again
+            return
         mesh = self.device_mesh["data_parallel"]
         fully_shard(self.hidden, mesh=mesh)
         fully_shard(self.output, mesh=mesh)
@@ -57,7 +59,7 @@ class ShardedModel(pl.LightningModule):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self(x), y)
         if self.hparams.val_losses is not None:
-            loss = torch.tensor(self.hparams.val_losses[self.current_epoch])
+            loss = torch.tensor(self.hparams.val_losses[min(self.current_epoch, len(self.hparams.val_losses) - 1)])
         self.log("val_loss", loss, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--val-losses", default=None, help="comma-separated val_loss per epoch")
     parser.add_argument("--async-io", action="store_true")
+    parser.add_argument("--validate-best", action="store_true", help='then validate(ckpt_path="best")')
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -100,22 +103,29 @@ def main() -> None:
     )
     model = ShardedModel(val_losses=val_losses)
     trainer.fit(model, loader(), loader(), ckpt_path=args.resume)
+    resumed_from = trainer.ckpt_path
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
     optimizer = get_optimizer_state_dict(model, trainer.optimizers[0], options=options)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if trainer.global_rank == 0:  # now: the state dicts share tensors with the optimizer that validate() loads into
+        torch.save({"weights": weights, "optimizer": optimizer}, out / "final.pt")
+    validated = None
+    if args.validate_best:
+        trainer.validate(model, loader(), ckpt_path="best", verbose=False)
+        validated = trainer.ckpt_path
+
     report = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "global_step": trainer.global_step,
         "epoch": trainer.current_epoch,
-        "resumed_from": trainer.ckpt_path,
+        "resumed_from": resumed_from,
         "best": checkpoints.best_model_path,
+        "validated": validated,
     }
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if trainer.global_rank == 0:
-        torch.save({"weights": weights, "optimizer": optimizer}, out / "final.pt")
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 

@@ -1,0 +1,132 @@
+"""Sharded Lightning checkpoints in a container: ModelParallelStrategy (FSDP2) on two CPU ranks.
+
+Each job runs tests/e2e/lightning_sharded_run.py in fresh processes (Lightning starts the second
+rank), against the module's Azurite: every rank writes its own shards under ``<name>.ckpt/``, rank
+0 its ``meta.pt``; top-k deletes whole prefixes but never the checkpoint resumed from; resuming from
+a URL, "best" and "last" (at world size 2 and at 1) restores weights and optimizer exactly. No job
+may leave a local folder named after a URL.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import tempfile
+from typing import Any
+
+import pytest
+import torch
+
+from azstoragetorch.testing import Azurite
+from tests.conftest import Container
+from tests.e2e._launch import run_job
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_model_parallel_checkpoints_live_in_the_container_and_resume_exactly(
+    container: Container, azurite: Azurite, tmp_path: pathlib.Path
+) -> None:
+    local_before = url_named_folders()
+    dirpath = container.blob_url("run")
+
+    # Two ranks, three epochs; val_loss 3, 1, 2 makes epoch 1 the best, kept with last.ckpt.
+    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=3, val_losses="3,1,2", validate_best=True)
+
+    best = f"{dirpath}/epoch=1-step=4.ckpt"
+    assert [report["global_step"] for report in first] == [6, 6]
+    assert first[0]["best"] == best
+    assert first[0]["validated"] == best  # validate(ckpt_path="best") loaded the sharded checkpoint
+    assert checkpoint_folders(container) == {"run/epoch=1-step=4.ckpt": 2, "run/last.ckpt": 2}
+
+    # A fresh pair of processes resumes from the best checkpoint's URL and trains epoch 2 again: it
+    # ends exactly where the uninterrupted run ended. Its new best would drop the checkpoint it
+    # resumed from, which stays.
+    second = run_sharded(azurite, dirpath, tmp_path / "second", max_epochs=3, val_losses="3,1,0.5", resume=best)
+
+    assert [report["resumed_from"] for report in second] == [best, best]
+    assert [report["global_step"] for report in second] == [6, 6]
+    assert same_state(final(tmp_path / "second"), final(tmp_path / "first"))
+    assert checkpoint_folders(container) == {
+        "run/epoch=1-step=4.ckpt": 2,
+        "run/epoch=2-step=6.ckpt": 2,
+        "run/last.ckpt": 2,
+    }
+
+    # One rank resumes from "last" (the two ranks' shards resharded): the weights and the optimizer
+    # state are those saved.
+    third = run_sharded(azurite, dirpath, tmp_path / "third", max_epochs=3, resume="last", devices=1)
+
+    assert third[0]["resumed_from"] == f"{dirpath}/last.ckpt"
+    assert third[0]["epoch"] == 3
+    assert same_state(final(tmp_path / "third"), final(tmp_path / "second"))
+    assert url_named_folders() == local_before
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def run_sharded(
+    azurite: Azurite,
+    dirpath: str,
+    out: pathlib.Path,
+    *,
+    max_epochs: int,
+    devices: int = 2,
+    resume: str | None = None,
+    val_losses: str | None = None,
+    validate_best: bool = False,
+    top_k: int = 1,
+) -> list[dict[str, Any]]:
+    """Run tests/e2e/lightning_sharded_run.py in new processes; returns each rank's report."""
+    command = [sys.executable, "-m", "tests.e2e.lightning_sharded_run", "--account-url", azurite.account_url]
+    command += ["--dirpath", dirpath, "--max-epochs", str(max_epochs), "--devices", str(devices), "--out", str(out)]
+    command += ["--top-k", str(top_k)]
+    command += ["--resume", resume] if resume else []
+    command += ["--val-losses", val_losses] if val_losses else []
+    command += ["--validate-best"] if validate_best else []
+    result = run_job(command, cwd=REPOSITORY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)]
+
+
+def final(out: pathlib.Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = torch.load(out / "final.pt", weights_only=False)
+    return loaded
+
+
+def same_state(first: Any, second: Any) -> bool:
+    """Equal nested state: every tensor equal, every other value equal."""
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor) and torch.equal(first, second)
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(same_state(first[key], second[key]) for key in first)
+    if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
+        return len(first) == len(second) and all(same_state(a, b) for a, b in zip(first, second, strict=True))
+    return bool(first == second)
+
+
+def checkpoint_folders(container: Container) -> dict[str, int]:
+    """Each sharded checkpoint in the container, with how many ranks' shard files it holds; every one
+    must be complete (``.metadata`` and ``meta.pt``) and hold nothing else."""
+    folders: dict[str, list[str]] = {}
+    for blob in container.client.list_blobs():
+        folder, _, name = blob.name.rpartition("/")
+        folders.setdefault(folder, []).append(name)
+    result = {}
+    for folder, names in folders.items():
+        shards = [name for name in names if name.endswith(".distcp")]
+        assert sorted(set(names) - set(shards)) == [".metadata", "meta.pt"], (folder, names)
+        result[folder] = len({name.split("_")[2] for name in shards})
+    return result
+
+
+def url_named_folders() -> set[pathlib.Path]:
+    """Local folders named after a URL (``http:``/``https:``), in the repository and the temp directory."""
+    found: set[pathlib.Path] = set()
+    for root in (REPOSITORY, pathlib.Path(tempfile.gettempdir())):
+        found.update(path for path in root.glob("http*:") if path.is_dir())
+    return found
