@@ -1,7 +1,7 @@
 """Sharded (distributed) checkpoints in blob storage, for the strategies that save them themselves.
 
 ``ModelParallelStrategy`` (and ``FSDPStrategy(state_dict_type="sharded")``) bypass ``CheckpointIO``:
-they call ``Path(filepath)``, make that directory and run ``dcp.save(checkpoint_id=path)`` into it,
+they call ``Path(filepath)``, make that directory and run ``dcp_save(checkpoint_id=path)`` into it,
 so a blob URL became a local folder named ``http:/...``. This module wraps those strategies'
 ``save_checkpoint`` and ``load_checkpoint``: a path that a registered plugin claims is saved through
 :class:`~azstoragetorch.integrations.dcp.BlobStorageWriter` and loaded through
@@ -15,8 +15,8 @@ the DCP checkpoint too (the ``_META_KEY`` entry), so that it is committed with `
 request: a save killed half way through an overwrite leaves the old weights with the old trainer
 state, never the new ``meta.pt`` with old weights.
 
-A strategy that saves by local path and is not handled here (DeepSpeed) is refused when the Trainer
-sets up with the plugin, naming the strategy. Every wrapped method is looked up when the wrappers are
+A strategy that saves by local path without the plugin (DeepSpeed's does) is refused when the
+Trainer sets up with the plugin, naming the strategy. Every wrapped method is looked up when the wrappers are
 installed; one that has moved makes that setup raise, never a silent local save.
 """
 
@@ -33,14 +33,16 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from azure.core.exceptions import ResourceNotFoundError
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from azstoragetorch._client import (
     AzStorageTorchBlobClient,
     AzStorageTorchContainerClient,
     ContainerUrl,
     not_found_as_file_not_found,
+    redact_url,
 )
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
 from azstoragetorch.integrations.lightning import _paths
@@ -152,7 +154,7 @@ def save_sharded(where: Target, converted_state: dict[str, Any], metadata: dict[
     if rank == 0:
         with BlobIO(where.child(META_FILE), "wb", credential=where.paths.credential, retry=where.paths.retry) as meta:
             meta.write(buffer.getbuffer())
-    dcp.save({**converted_state, _META_KEY: buffer.getvalue()}, storage_writer=where.writer())
+    dcp_save({**converted_state, _META_KEY: buffer.getvalue()}, storage_writer=where.writer())
     if rank == 0:
         _delete_blob(where.url, where)  # a single-file checkpoint of the same name, as Lightning unlinks it
 
@@ -162,7 +164,7 @@ def read_metadata(where: Target, weights_only: bool | None) -> dict[str, Any]:
     or, for a checkpoint that Lightning wrote on disk and that was copied here, its ``meta.pt``."""
     entry: dict[str, Any] = {_META_KEY: b""}
     if _has_meta_entry(where):
-        dcp.load(entry, storage_reader=where.reader())
+        dcp_load(entry, storage_reader=where.reader())
         data = entry[_META_KEY]
     else:
         with not_found_as_file_not_found(where.child(META_FILE), hint="(no meta.pt in this checkpoint)"):
@@ -188,34 +190,107 @@ def load_dtensor_state(where: Target, state: dict[str, Any], strict: bool, weigh
         set_optimizer_state_dict,
     )
 
-    modules = {key: value for key, value in state.items() if isinstance(value, torch.nn.Module)}
-    optimizers = {key: value for key, value in state.items() if isinstance(value, torch.optim.Optimizer)}
-    if len(modules) != 1:
-        raise ValueError(f"Loading a sharded checkpoint needs exactly one model in the state, got {len(modules)}.")
+    modules, optimizers = _split(state)
     [(module_key, module)] = modules.items()
     module_state = {module_key: get_model_state_dict(module)}
-    dcp.load(module_state, storage_reader=where.reader())
+    dcp_load(module_state, storage_reader=where.reader())
     module.load_state_dict(module_state[module_key], strict=strict)
     for optimizer_key, optimizer in optimizers.items():
         optimizer_state = {optimizer_key: get_optimizer_state_dict(module, optimizer)}
-        dcp.load(optimizer_state, storage_reader=where.reader())
+        dcp_load(optimizer_state, storage_reader=where.reader())
         set_optimizer_state_dict(
             module,
             optimizer,
             optim_state_dict=optimizer_state[optimizer_key],
             options=StateDictOptions(cpu_offload=True),
         )
+    return _move_metadata(where, state, modules.keys() | optimizers.keys(), strict, weights_only)
+
+
+def load_fsdp_state(
+    where: Target, state: dict[str, Any], strict: bool, weights_only: bool | None, *, optimizers: bool = True
+) -> dict[str, Any]:
+    """Load a sharded checkpoint into an ``FSDPStrategy`` (FSDP1) model and its optimizers, as
+    Lightning does from disk; returns the trainer state not asked for in ``state``."""
+    from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    modules, optimizer_states = _split(state)
+    [(module_key, module)] = modules.items()
+    with _fsdp_sharded_state_dicts(module):
+        module_state = {module_key: module.state_dict()}
+        dcp_load(module_state, storage_reader=where.reader())
+        module.load_state_dict(module_state[module_key], strict=strict)
+        for optimizer_key, optimizer in optimizer_states.items() if optimizers else ():
+            loaded = load_sharded_optimizer_state_dict(
+                model_state_dict=module_state[module_key], optimizer_key=optimizer_key, storage_reader=where.reader()
+            )
+            optimizer.load_state_dict(
+                FullyShardedDataParallel.optim_state_dict_to_load(
+                    optim_state_dict=loaded[optimizer_key], model=module, optim=optimizer
+                )
+            )
+    return _move_metadata(where, state, modules.keys() | optimizer_states.keys(), strict, weights_only)
+
+
+def _split(state: dict[str, Any]) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer]]:
+    modules = {key: value for key, value in state.items() if isinstance(value, torch.nn.Module)}
+    optimizers = {key: value for key, value in state.items() if isinstance(value, torch.optim.Optimizer)}
+    if len(modules) != 1:
+        raise ValueError(
+            f"A sharded checkpoint holds exactly one model: pass it in the state, as {{'model': model, ...}} "
+            f"(found {len(modules)})."
+        )
+    return modules, optimizers
+
+
+def _move_metadata(
+    where: Target, state: dict[str, Any], loaded_keys: Any, strict: bool, weights_only: bool | None
+) -> dict[str, Any]:
+    """Read the checkpoint's trainer state; move the keys asked for in ``state`` into it (as Lightning
+    does), and return the rest."""
     metadata = read_metadata(where, weights_only)
-    requested = state.keys() - modules.keys() - optimizers.keys()
+    requested = state.keys() - set(loaded_keys)
     missing = sorted(requested - metadata.keys())
     if strict and missing:
         raise KeyError(
-            f"The requested state contains keys {missing} that are not in the checkpoint's metadata; "
+            f"The requested state contains keys {missing} that are not in the checkpoint {redact_url(where.url)!r}; "
             "pass strict=False to load without them."
         )
     for key in requested & metadata.keys():
         state[key] = metadata.pop(key)
     return metadata
+
+
+def _fsdp_sharded_state_dicts(module: torch.nn.Module) -> Any:
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+    from torch.distributed.fsdp.api import ShardedOptimStateDictConfig, ShardedStateDictConfig
+
+    return FullyShardedDataParallel.state_dict_type(
+        module=module,
+        state_dict_type=StateDictType.SHARDED_STATE_DICT,
+        state_dict_config=ShardedStateDictConfig(offload_to_cpu=True),
+        optim_state_dict_config=ShardedOptimStateDictConfig(offload_to_cpu=True),
+    )
+
+
+def _fabric_state(
+    state: dict[str, Any], module_state: Any, optimizer_state: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fabric's state split as Lightning splits it: models' and optimizers' (sharded) state dicts
+    to be saved as shards, everything else as trainer state for ``meta.pt``."""
+    converted: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.nn.Module):
+            converted[key] = module_state(value)
+        elif isinstance(value, torch.optim.Optimizer):
+            converted[key] = optimizer_state(value)
+        elif callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None)):
+            metadata[key] = value.state_dict()
+        else:
+            metadata[key] = value
+    return converted, metadata
 
 
 def remove_tree(where: Target) -> bool:
@@ -300,38 +375,170 @@ def _wrap_trainer_model_parallel_load(original: Any) -> Any:
     return load_checkpoint
 
 
+def _wrap_trainer_fsdp_save(original: Any) -> Any:
+    @functools.wraps(original)
+    def save_checkpoint(self: Any, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        filepath = self.broadcast(filepath)
+        where = target(self, filepath)
+        if where is None or self._state_dict_type not in ("sharded", "full"):
+            return original(self, checkpoint, filepath, storage_options)  # type: ignore[no-any-return]
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported.")
+        if self._state_dict_type == "full":
+            _save_full(self, checkpoint, where)
+            return None
+        converted = {"model": checkpoint.pop("state_dict")}
+        converted.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
+        save_sharded(where, converted, checkpoint, self.global_rank)
+        return None
+
+    return save_checkpoint
+
+
+def _wrap_trainer_fsdp_load(original: Any) -> Any:
+    @functools.wraps(original)
+    def load_checkpoint(self: Any, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        checkpoint_path = self.broadcast(checkpoint_path)
+        where = target(self, checkpoint_path)
+        if where is None:
+            return original(self, checkpoint_path, weights_only)  # type: ignore[no-any-return]
+        if not where.is_sharded():
+            with local_copy(where) as local:
+                return original(self, local, weights_only)  # type: ignore[no-any-return]
+        state = {"model": self.model, **{f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}}
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        strict = self.lightning_module.strict_loading
+        return load_fsdp_state(where, state, strict, weights_only, optimizers=fitting)
+
+    return load_checkpoint
+
+
+def _wrap_fabric_save(sharded_state: Any, is_sharded: Any) -> Any:
+    """A Fabric strategy's ``save_checkpoint``: ``sharded_state(strategy, state)`` gives the shards and
+    trainer state, ``is_sharded(strategy)`` whether the strategy saves sharded checkpoints."""
+
+    def wrap(original: Any) -> Any:
+        @functools.wraps(original)
+        def save_checkpoint(
+            self: Any, path: Any, state: dict[str, Any], storage_options: Any = None, filter: Any = None
+        ) -> None:
+            path = self.broadcast(path)
+            where = target(self, path)
+            if where is None or storage_options is not None or (filter is not None and is_sharded(self)):
+                return original(self, path, state, storage_options, filter)  # type: ignore[no-any-return]
+            if not is_sharded(self):
+                _fabric_save_full(self, original, where, state, filter)
+                return None
+            converted, metadata = sharded_state(self, state)
+            save_sharded(where, converted, metadata, self.global_rank)
+            return None
+
+        return save_checkpoint
+
+    return wrap
+
+
+def _fabric_save_full(strategy: Any, original: Any, where: Target, state: dict[str, Any], filter: Any) -> None:
+    """A full checkpoint: Lightning writes it (on rank 0) to a private local file, which is uploaded."""
+    directory = tempfile.mkdtemp(prefix="azstoragetorch-") if strategy.global_rank == 0 else ""
+    try:
+        local = os.path.join(directory, "checkpoint.ckpt") if directory else ""
+        original(strategy, local, state, None, filter)
+        if strategy.global_rank == 0:
+            with (
+                open(local, "rb") as file,
+                BlobIO(where.url, "wb", credential=where.paths.credential, retry=where.paths.retry) as blob,
+            ):
+                shutil.copyfileobj(file, blob, 8 * 1024 * 1024)
+            remove_tree(where)
+    finally:
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+    strategy.barrier()
+
+
+def _wrap_fabric_load(load_sharded: Any) -> Any:
+    def wrap(original: Any) -> Any:
+        @functools.wraps(original)
+        def load_checkpoint(
+            self: Any, path: Any, state: Any = None, strict: bool = True, weights_only: bool | None = None
+        ) -> dict[str, Any]:
+            path = self.broadcast(path)
+            where = target(self, path) if state else None
+            if where is None or isinstance(state, torch.optim.Optimizer):
+                return original(self, path, state, strict, weights_only)  # type: ignore[no-any-return]
+            if not where.is_sharded():
+                with local_copy(where) as local:
+                    return original(self, local, state, strict, weights_only)  # type: ignore[no-any-return]
+            if isinstance(state, torch.nn.Module):
+                load_sharded(where, {"model": state}, strict, weights_only)
+                return {}
+            return load_sharded(where, state, strict, weights_only)  # type: ignore[no-any-return]
+
+        return load_checkpoint
+
+    return wrap
+
+
+def _model_parallel_state(strategy: Any, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=False, cpu_offload=True)
+    [module] = _split(state)[0].values()
+    return _fabric_state(
+        state,
+        lambda model: get_model_state_dict(model, options=options),
+        lambda optimizer: get_optimizer_state_dict(module, optimizer, options=options),
+    )
+
+
+def _fsdp_state(strategy: Any, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    [module] = _split(state)[0].values()
+    with _fsdp_sharded_state_dicts(module):
+        return _fabric_state(
+            state,
+            lambda model: model.state_dict(),
+            lambda optimizer: FullyShardedDataParallel.optim_state_dict(module, optimizer),
+        )
+
+
 class ShardedCheckpointSetupError(RuntimeError):
     """Raised at setup for a strategy that would save blob checkpoints to a local folder."""
 
 
-# Strategies (by class name) that save by local path and cannot be sent to blob storage.
-_REFUSED = {
-    "DeepSpeedStrategy": "DeepSpeed writes its checkpoints itself, by local path",
-}
 _ADVICE = (
-    "Use ModelParallelStrategy (FSDP2 and tensor parallelism), FSDPStrategy, or DDPStrategy with "
-    "AzureBlobCheckpointIO, or save locally and copy the checkpoint with `azstoragetorch cp`."
+    "Use ModelParallelStrategy (FSDP2, tensor parallelism), FSDPStrategy or DDPStrategy with "
+    "AzureBlobCheckpointIO, or save to a local directory and copy the checkpoints with `azstoragetorch cp`."
 )
 
 
 def check_strategy(trainer: Any) -> None:
-    """Refuse, at setup, a strategy that would save this plugin's blob checkpoints to a local folder,
-    and a sharded strategy whose saving could not be wrapped in this Lightning version."""
+    """Refuse, at setup, a strategy that would save this plugin's blob checkpoints to a local folder:
+    one whose ``save_checkpoint`` neither uses the ``CheckpointIO`` plugin nor hands over to a parent
+    class's (DeepSpeed's, for one), and a sharded strategy whose saving this Lightning version did
+    not let us wrap."""
     strategy = trainer.strategy
     if _blob_plugin(strategy) is None:
         return
-    for cls in type(strategy).__mro__:
-        if cls.__name__ in _REFUSED and cls.__module__.startswith("lightning."):
-            raise ShardedCheckpointSetupError(
-                f"{type(strategy).__name__} cannot save checkpoints to Azure Blob Storage: {_REFUSED[cls.__name__]}. "
-                + _ADVICE
-            )
     for cls, reason in _missing.items():
         if isinstance(strategy, cls):
             raise ShardedCheckpointSetupError(
                 f"azstoragetorch cannot send {type(strategy).__name__}'s sharded checkpoints to Azure Blob Storage "
-                f"with this Lightning version: {reason}. They would be written to a local folder instead."
+                f"with this Lightning version ({reason}): they would be written to a local folder. " + _ADVICE
             )
+    save = getattr(type(strategy), "save_checkpoint", None)
+    if save is None or save in _wrapped:
+        return
+    names = getattr(getattr(save, "__code__", None), "co_names", ())
+    if "checkpoint_io" not in names and "super" not in names:
+        raise ShardedCheckpointSetupError(
+            f"{type(strategy).__name__} cannot save checkpoints to Azure Blob Storage: it writes them itself, "
+            "by local path, without the CheckpointIO plugin, so a blob URL would become a local folder. " + _ADVICE
+        )
 
 
 def _wrap_attach(original: Any) -> Any:
@@ -346,27 +553,40 @@ def _wrap_attach(original: Any) -> Any:
 _lock = threading.Lock()
 _installed = False
 _missing: dict[type, str] = {}  # strategy classes whose wrapper could not be installed, and why
+_wrapped: set[Any] = set()  # the wrappers installed
 
 
 def targets() -> list[tuple[Any, str, Any, tuple[str, ...]]]:
     """What is wrapped: (owner, attribute, wrapper, the parameters the wrapper relies on)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.fabric.strategies.fsdp import FSDPStrategy as FabricFSDP
+    from lightning.fabric.strategies.model_parallel import ModelParallelStrategy as FabricModelParallel
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
     from lightning.pytorch.trainer.connectors.callback_connector import _CallbackConnector
 
+    trainer_save = ("self", "checkpoint", "filepath", "storage_options")
+    trainer_load = ("self", "checkpoint_path", "weights_only")
+    fabric_save = ("self", "path", "state", "storage_options", "filter")
+    fabric_load = ("self", "path", "state", "strict", "weights_only")
     return [
-        (
-            ModelParallelStrategy,
-            "save_checkpoint",
-            _wrap_trainer_model_parallel_save,
-            ("self", "checkpoint", "filepath", "storage_options"),
-        ),
-        (
-            ModelParallelStrategy,
-            "load_checkpoint",
-            _wrap_trainer_model_parallel_load,
-            ("self", "checkpoint_path", "weights_only"),
-        ),
         (_CallbackConnector, "_attach_model_callbacks", _wrap_attach, ("self",)),
+        (ModelParallelStrategy, "save_checkpoint", _wrap_trainer_model_parallel_save, trainer_save),
+        (ModelParallelStrategy, "load_checkpoint", _wrap_trainer_model_parallel_load, trainer_load),
+        (FSDPStrategy, "save_checkpoint", _wrap_trainer_fsdp_save, trainer_save),
+        (FSDPStrategy, "load_checkpoint", _wrap_trainer_fsdp_load, trainer_load),
+        (
+            FabricModelParallel,
+            "save_checkpoint",
+            _wrap_fabric_save(_model_parallel_state, lambda strategy: strategy._save_distributed_checkpoint),
+            fabric_save,
+        ),
+        (FabricModelParallel, "load_checkpoint", _wrap_fabric_load(load_dtensor_state), fabric_load),
+        (
+            FabricFSDP,
+            "save_checkpoint",
+            _wrap_fabric_save(_fsdp_state, lambda strategy: strategy._state_dict_type == "sharded"),
+            fabric_save,
+        ),
+        (FabricFSDP, "load_checkpoint", _wrap_fabric_load(load_fsdp_state), fabric_load),
     ]
 
 
@@ -380,9 +600,10 @@ def moved(owner: Any, name: str, parameters: tuple[str, ...]) -> str | None:
     found = tuple(inspect.signature(inspect.unwrap(original)).parameters)
     if found != parameters:
         return f"{owner.__name__}.{name} takes {found}, not {parameters}"
-    for attribute in ("_save_distributed_checkpoint",) if name == "save_checkpoint" else ():
-        if attribute not in inspect.unwrap(original).__code__.co_names:
-            return f"{owner.__name__}.{name} no longer uses {attribute}"
+    attributes = {"ModelParallelStrategy": "_save_distributed_checkpoint", "FSDPStrategy": "_state_dict_type"}
+    attribute = attributes.get(owner.__name__) if name == "save_checkpoint" else None
+    if attribute is not None and attribute not in inspect.unwrap(original).__code__.co_names:
+        return f"{owner.__name__}.{name} no longer decides by {attribute}"
     return None
 
 
@@ -396,7 +617,9 @@ def install() -> None:
     for owner, name, wrap, parameters in targets():
         reason = moved(owner, name, parameters)
         if reason is None:
-            setattr(owner, name, wrap(getattr(owner, name)))
+            wrapper = wrap(getattr(owner, name))
+            _wrapped.add(wrapper)
+            setattr(owner, name, wrapper)
         elif owner.__name__ == "_CallbackConnector":  # without it no strategy could be checked at setup
             raise ShardedCheckpointSetupError(
                 f"azstoragetorch cannot check the Trainer's strategy with this Lightning version: {reason}."
