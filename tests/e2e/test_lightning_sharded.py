@@ -66,6 +66,26 @@ def test_model_parallel_checkpoints_live_in_the_container_and_resume_exactly(
     assert url_named_folders() == local_before
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "model_parallel"])
+def test_fabric_saves_and_loads_sharded_checkpoints_by_url(
+    strategy: str, container: Container, azurite: Azurite, tmp_path: pathlib.Path
+) -> None:
+    local_before = url_named_folders()
+    url = container.blob_url("fabric/step.ckpt")
+
+    for mode in ("save", "load"):  # each in fresh processes; load starts from other weights
+        command = [sys.executable, "-m", "tests.e2e.fabric_sharded_run", "--account-url", azurite.account_url]
+        command += ["--url", url, "--strategy", strategy, "--mode", mode, "--out", str(tmp_path)]
+        result = run_job(command, cwd=REPOSITORY)
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    assert checkpoint_folders(container) == {"fabric/step.ckpt": 2}
+    # The step after loading is the step after saving: same weights, same Adam state.
+    saved = json.loads((tmp_path / "save.json").read_text())
+    assert json.loads((tmp_path / "load.json").read_text()) == saved
+    assert url_named_folders() == local_before
+
+
 # -- helpers ----------------------------------------------------------------------------------------
 
 
