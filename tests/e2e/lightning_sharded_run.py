@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import warnings
 from typing import Any
@@ -66,6 +67,17 @@ class ShardedModel(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=0.01)
 
 
+class PidWriter(pl.Callback):
+    """Writes each rank's process id, for a test that kills one rank."""
+
+    def __init__(self, out: pathlib.Path) -> None:
+        self.out = out
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--account-url", required=True)
@@ -78,6 +90,7 @@ def main() -> None:
     parser.add_argument("--async-io", action="store_true")
     parser.add_argument("--validate-best", action="store_true", help='then validate(ckpt_path="best")')
     parser.add_argument("--out", required=True)
+    parser.add_argument("--write-pids", action="store_true", help="each rank writes <out>/pid<rank> at setup")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -88,6 +101,7 @@ def main() -> None:
         plugin = AsyncCheckpointIO(plugin)
     val_losses = [float(v) for v in args.val_losses.split(",")] if args.val_losses else None
     monitor = {"monitor": "val_loss"} if val_losses else {}
+    callbacks: list[pl.Callback] = [PidWriter(pathlib.Path(args.out))] if args.write_pids else []
     checkpoints = ModelCheckpoint(dirpath=args.dirpath, save_last=True, save_top_k=args.top_k, **monitor)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -95,7 +109,7 @@ def main() -> None:
         strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
         max_epochs=args.max_epochs,
         plugins=[plugin],
-        callbacks=[checkpoints],
+        callbacks=[checkpoints, *callbacks],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -9,10 +9,16 @@ may leave a local folder named after a URL.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import pathlib
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 from typing import Any
 
 import pytest
@@ -21,6 +27,7 @@ import torch
 from azstoragetorch.testing import Azurite
 from tests.conftest import Container
 from tests.e2e._launch import run_job
+from tests.e2e.fault_proxy import Delay, FaultProxy
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -66,6 +73,47 @@ def test_model_parallel_checkpoints_live_in_the_container_and_resume_exactly(
     assert url_named_folders() == local_before
 
 
+def test_a_rank_killed_while_overwriting_last_leaves_the_old_checkpoint_whole(
+    container: Container, azurite: Azurite, proxy: FaultProxy, tmp_path: pathlib.Path
+) -> None:
+    account_url = proxy.url(azurite.account_url)
+    dirpath = proxy.url(container.blob_url("run"))
+    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=1, account_url=account_url)
+    assert first[0]["global_step"] == 2
+
+    # The next epoch's last.ckpt: rank 1's shard upload is held at the proxy, and rank 1 is killed
+    # there. Rank 0 has already replaced meta.pt by then.
+    holding = threading.Event()
+    held = Delay(600, hold_request=True, holding=holding)
+    proxy.add_fault(lambda seen: "/run/last.ckpt/__1_" in seen.path and seen.method == "PUT", held, times=None)
+    command = sharded_command(account_url, dirpath, tmp_path / "killed", max_epochs=2, resume="last", top_k=1)
+    with subprocess.Popen(
+        [*command, "--write-pids"],
+        cwd=REPOSITORY,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as job:
+        try:
+            assert holding.wait(300), job.stderr.read()[-4000:] if job.poll() is not None else "no shard upload held"
+            os.kill(int((tmp_path / "killed" / "pid1").read_text()), signal.SIGKILL)
+            job.wait(300)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0
+    new_meta = torch.load(io.BytesIO(container.download("run/last.ckpt/meta.pt")), weights_only=False)
+    assert new_meta["global_step"] == 4
+
+    # Loaded in fresh processes, last.ckpt is the old checkpoint, whole: its weights, Adam state and
+    # trainer state (step 2) together, not the new meta.pt with the old weights.
+    resumed = run_sharded(azurite, dirpath, tmp_path / "resumed", max_epochs=1, resume="last", account_url=account_url)
+
+    assert [report["global_step"] for report in resumed] == [2, 2]
+    assert same_state(final(tmp_path / "resumed"), final(tmp_path / "first"))
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "model_parallel"])
 def test_fabric_saves_and_loads_sharded_checkpoints_by_url(
     strategy: str, container: Container, azurite: Azurite, tmp_path: pathlib.Path
@@ -100,17 +148,39 @@ def run_sharded(
     val_losses: str | None = None,
     validate_best: bool = False,
     top_k: int = 1,
+    account_url: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run tests/e2e/lightning_sharded_run.py in new processes; returns each rank's report."""
-    command = [sys.executable, "-m", "tests.e2e.lightning_sharded_run", "--account-url", azurite.account_url]
-    command += ["--dirpath", dirpath, "--max-epochs", str(max_epochs), "--devices", str(devices), "--out", str(out)]
-    command += ["--top-k", str(top_k)]
-    command += ["--resume", resume] if resume else []
+    command = sharded_command(
+        account_url or azurite.account_url,
+        dirpath,
+        out,
+        max_epochs=max_epochs,
+        devices=devices,
+        resume=resume,
+        top_k=top_k,
+    )
     command += ["--val-losses", val_losses] if val_losses else []
     command += ["--validate-best"] if validate_best else []
     result = run_job(command, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)]
+
+
+def sharded_command(
+    account_url: str,
+    dirpath: str,
+    out: pathlib.Path,
+    *,
+    max_epochs: int,
+    devices: int = 2,
+    resume: str | None = None,
+    top_k: int = 1,
+) -> list[str]:
+    command = [sys.executable, "-m", "tests.e2e.lightning_sharded_run", "--account-url", account_url]
+    command += ["--dirpath", dirpath, "--max-epochs", str(max_epochs), "--devices", str(devices), "--out", str(out)]
+    command += ["--top-k", str(top_k)]
+    return command + (["--resume", resume] if resume else [])
 
 
 def final(out: pathlib.Path) -> dict[str, Any]:
