@@ -73,6 +73,23 @@ def test_model_parallel_checkpoints_live_in_the_container_and_resume_exactly(
     assert url_named_folders() == local_before
 
 
+def test_async_checkpoint_io_uploads_behind_training_and_resumes_exactly(
+    container: Container, azurite: Azurite, tmp_path: pathlib.Path
+) -> None:
+    dirpath = container.blob_url("async")
+
+    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=3, val_losses="3,1,2", async_io=True)
+
+    assert [report["global_step"] for report in first] == [6, 6]
+    # Top-k's removals waited for the uploads queued before them: exactly the best and last remain.
+    assert checkpoint_folders(container) == {"async/epoch=1-step=4.ckpt": 2, "async/last.ckpt": 2}
+    # What was uploaded is the state when each save was asked for (staged), not a later one: resumed
+    # from last.ckpt (epoch 1; epoch 2 was no better, so saved nothing), epoch 2 ends where it did.
+    resumed = run_sharded(azurite, dirpath, tmp_path / "resumed", max_epochs=3, resume="last")
+    assert [report["global_step"] for report in resumed] == [6, 6]
+    assert same_state(final(tmp_path / "resumed"), final(tmp_path / "first"))
+
+
 def test_a_rank_killed_while_overwriting_last_leaves_the_old_checkpoint_whole(
     container: Container, azurite: Azurite, proxy: FaultProxy, tmp_path: pathlib.Path
 ) -> None:
@@ -149,6 +166,7 @@ def run_sharded(
     validate_best: bool = False,
     top_k: int = 1,
     account_url: str | None = None,
+    async_io: bool = False,
 ) -> list[dict[str, Any]]:
     """Run tests/e2e/lightning_sharded_run.py in new processes; returns each rank's report."""
     command = sharded_command(
@@ -162,6 +180,7 @@ def run_sharded(
     )
     command += ["--val-losses", val_losses] if val_losses else []
     command += ["--validate-best"] if validate_best else []
+    command += ["--async-io"] if async_io else []
     result = run_job(command, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)]

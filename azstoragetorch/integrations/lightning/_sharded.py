@@ -22,6 +22,7 @@ installed; one that has moved makes that setup raise, never a silent local save.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import io
@@ -29,6 +30,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -143,20 +145,85 @@ def _blob_plugin(strategy: Any) -> Any:
 # -- saving and loading ---------------------------------------------------------------------------
 
 
-def save_sharded(where: Target, converted_state: dict[str, Any], metadata: dict[str, Any], rank: int) -> None:
+def save_sharded(
+    where: Target, converted_state: dict[str, Any], metadata: dict[str, Any], rank: int, *, strategy: Any = None
+) -> None:
     """Save ``converted_state`` (this rank's shards) and ``metadata`` (rank 0's) as a sharded checkpoint.
 
     Every rank calls this. ``meta.pt`` is written by rank 0 before the shards; ``.metadata`` is
     committed last, so the checkpoint at ``where`` is the old one until the whole new one is in place.
+    When the strategy's plugin is wrapped in ``AsyncCheckpointIO``, only staging (copying the state)
+    happens here: the upload runs behind training through ``dcp.async_save`` (see :func:`_save_async`).
     """
     buffer = io.BytesIO()
     torch.save(metadata, buffer)
     if rank == 0:
         with BlobIO(where.child(META_FILE), "wb", credential=where.paths.credential, retry=where.paths.retry) as meta:
             meta.write(buffer.getbuffer())
-    dcp_save({**converted_state, _META_KEY: buffer.getvalue()}, storage_writer=where.writer())
+    state = {**converted_state, _META_KEY: buffer.getvalue()}
+    async_io = _async_checkpoint_io(strategy) if strategy is not None else None
+    if async_io is not None:
+        _save_async(strategy, async_io, where, state, rank)
+        return
+    dcp_save(state, storage_writer=where.writer())
     if rank == 0:
         _delete_blob(where.url, where)  # a single-file checkpoint of the same name, as Lightning unlinks it
+
+
+def _async_checkpoint_io(strategy: Any) -> Any:
+    """The strategy's ``AsyncCheckpointIO`` around an AzureBlobCheckpointIO, if it has one (and it
+    still keeps its saves in the executor and error that removals are queued behind, see _paths)."""
+    from lightning.pytorch.plugins import AsyncCheckpointIO
+
+    try:
+        async_io = strategy.checkpoint_io
+    except NotImplementedError:
+        return None
+    if not isinstance(async_io, AsyncCheckpointIO) or _blob_plugin(strategy) is None:
+        return None
+    if not all(hasattr(async_io, name) for name in ("_ensure_setup", "_executor", "_error")):
+        return None  # saved synchronously: slower, never wrong
+    return async_io
+
+
+# The process group of each strategy's background saves: their collectives must not interleave with
+# the training loop's on the default group.
+_save_groups: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_pending: weakref.WeakKeyDictionary[Any, concurrent.futures.Future[Any]] = weakref.WeakKeyDictionary()
+
+
+def _save_async(strategy: Any, async_io: Any, where: Target, state: dict[str, Any], rank: int) -> None:
+    """Stage ``state`` and hand its upload to ``dcp.async_save``; the training loop waits only for
+    the staging (and for the previous save, should it still be uploading).
+
+    The upload is joined in AsyncCheckpointIO's executor, so that ``save_top_k`` removals queued there
+    run after it, its error is raised by the next save or at teardown as AsyncCheckpointIO's are, and
+    teardown waits for it.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict_saver import async_save
+
+    previous = _pending.pop(strategy, None)
+    if previous is not None:
+        previous.result()  # one save uploads at a time: the next one reuses the process group
+    if strategy not in _save_groups:
+        _save_groups[strategy] = dist.new_group(backend="gloo")  # every rank saves, so every rank gets here
+    upload = async_save(state, storage_writer=where.writer(), process_group=_save_groups[strategy])
+    assert isinstance(upload, concurrent.futures.Future)
+
+    def finish() -> None:
+        try:
+            upload.result()
+            if rank == 0:
+                _delete_blob(where.url, where)
+        except BaseException as error:
+            if async_io._error is None:
+                async_io._error = error
+
+    async_io._ensure_setup()
+    _pending[strategy] = async_io._executor.submit(finish)
+    if async_io._error is not None:
+        raise async_io._error
 
 
 def read_metadata(where: Target, weights_only: bool | None) -> dict[str, Any]:
@@ -343,7 +410,7 @@ def _wrap_trainer_model_parallel_save(original: Any) -> Any:
             return None
         converted = {"state_dict": checkpoint.pop("state_dict")}
         converted.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
-        save_sharded(where, converted, checkpoint, self.global_rank)
+        save_sharded(where, converted, checkpoint, self.global_rank, strategy=self)
         return None
 
     return save_checkpoint
@@ -389,7 +456,7 @@ def _wrap_trainer_fsdp_save(original: Any) -> Any:
             return None
         converted = {"model": checkpoint.pop("state_dict")}
         converted.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
-        save_sharded(where, converted, checkpoint, self.global_rank)
+        save_sharded(where, converted, checkpoint, self.global_rank, strategy=self)
         return None
 
     return save_checkpoint
