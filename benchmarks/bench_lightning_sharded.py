@@ -70,7 +70,7 @@ def fabric_worker(args: argparse.Namespace) -> None:
     )
     fabric.launch()
     sharded = fabric.setup_module(model(args.size_mib))
-    size = sum(p.numel() * p.element_size() for p in sharded.parameters()) * fabric.world_size  # local shards
+    size = sum(p.numel() * p.element_size() for p in sharded.parameters())  # DTensors: the global sizes
     local_root = tempfile.mkdtemp(prefix="bench-sharded-") if fabric.global_rank == 0 else ""
     local_root = fabric.broadcast(local_root)
     results = []

@@ -396,24 +396,33 @@ def local_copy(where: Target) -> Iterator[str]:
 # -- the wrappers ---------------------------------------------------------------------------------
 
 
-def _wrap_trainer_model_parallel_save(original: Any) -> Any:
-    @functools.wraps(original)
-    def save_checkpoint(self: Any, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        filepath = self.broadcast(filepath)  # first, so that every rank decides alike where rank 0 saves
-        where = target(self, filepath)
-        if where is None:
-            return original(self, checkpoint, filepath, storage_options)  # type: ignore[no-any-return]
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported.")
-        if not self._save_distributed_checkpoint:
-            _save_full(self, checkpoint, where)
-            return None
-        converted = {"state_dict": checkpoint.pop("state_dict")}
-        converted.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
-        save_sharded(where, converted, checkpoint, self.global_rank, strategy=self)
-        return None
+def _wrap_trainer_save(model_key: str, saves_sharded: Any) -> Any:
+    """A Trainer strategy's ``save_checkpoint``: ``saves_sharded(strategy)`` says whether it saves a
+    sharded checkpoint (``True``), a single file (``False``) or something unknown to leave to it (``None``);
+    the model's shards go under ``model_key``, as Lightning names them."""
 
-    return save_checkpoint
+    def wrap(original: Any) -> Any:
+        @functools.wraps(original)
+        def save_checkpoint(self: Any, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+            filepath = self.broadcast(filepath)  # first, so that every rank decides alike where rank 0 saves
+            where = target(self, filepath)
+            sharded = saves_sharded(self) if where is not None else None
+            if where is None or sharded is None:
+                return original(self, checkpoint, filepath, storage_options)  # type: ignore[no-any-return]
+            if storage_options is not None:
+                raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported.")
+            if not sharded:
+                _save_full(self, checkpoint, where)
+                return None
+            converted = {model_key: checkpoint.pop("state_dict")}
+            optimizers = checkpoint.pop("optimizer_states", [])
+            converted.update({f"optimizer_{index}": state for index, state in enumerate(optimizers)})
+            save_sharded(where, converted, checkpoint, self.global_rank, strategy=self)
+            return None
+
+        return save_checkpoint
+
+    return wrap
 
 
 def _save_full(strategy: Any, checkpoint: dict[str, Any], where: Target) -> None:
@@ -426,60 +435,43 @@ def _save_full(strategy: Any, checkpoint: dict[str, Any], where: Target) -> None
         remove_tree(where)
 
 
-def _wrap_trainer_model_parallel_load(original: Any) -> Any:
-    @functools.wraps(original)
-    def load_checkpoint(self: Any, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint_path = self.broadcast(checkpoint_path)
-        where = target(self, checkpoint_path)
-        if where is None:
-            return original(self, checkpoint_path, weights_only)  # type: ignore[no-any-return]
-        if not where.is_sharded():
-            with local_copy(where) as local:
-                return original(self, local, weights_only)  # type: ignore[no-any-return]
-        state = {"state_dict": self.model, **{f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}}
-        return load_dtensor_state(where, state, strict=self.lightning_module.strict_loading, weights_only=weights_only)
+def _wrap_trainer_load(load_sharded: Any) -> Any:
+    """A Trainer strategy's ``load_checkpoint``: ``load_sharded(strategy, where, weights_only)`` loads a
+    sharded checkpoint into the strategy's model and optimizers and returns the trainer state."""
 
-    return load_checkpoint
+    def wrap(original: Any) -> Any:
+        @functools.wraps(original)
+        def load_checkpoint(self: Any, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+            checkpoint_path = self.broadcast(checkpoint_path)
+            where = target(self, checkpoint_path)
+            if where is None:
+                return original(self, checkpoint_path, weights_only)  # type: ignore[no-any-return]
+            if not where.is_sharded():
+                with local_copy(where) as local:
+                    return original(self, local, weights_only)  # type: ignore[no-any-return]
+            return load_sharded(self, where, weights_only)  # type: ignore[no-any-return]
 
+        return load_checkpoint
 
-def _wrap_trainer_fsdp_save(original: Any) -> Any:
-    @functools.wraps(original)
-    def save_checkpoint(self: Any, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        filepath = self.broadcast(filepath)
-        where = target(self, filepath)
-        if where is None or self._state_dict_type not in ("sharded", "full"):
-            return original(self, checkpoint, filepath, storage_options)  # type: ignore[no-any-return]
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported.")
-        if self._state_dict_type == "full":
-            _save_full(self, checkpoint, where)
-            return None
-        converted = {"model": checkpoint.pop("state_dict")}
-        converted.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
-        save_sharded(where, converted, checkpoint, self.global_rank, strategy=self)
-        return None
-
-    return save_checkpoint
+    return wrap
 
 
-def _wrap_trainer_fsdp_load(original: Any) -> Any:
-    @functools.wraps(original)
-    def load_checkpoint(self: Any, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        from lightning.pytorch.trainer.states import TrainerFn
+def _load_trainer_model_parallel(strategy: Any, where: Target, weights_only: bool | None) -> dict[str, Any]:
+    state = {"state_dict": strategy.model, **{f"optimizer_{i}": opt for i, opt in enumerate(strategy.optimizers)}}
+    return load_dtensor_state(where, state, strategy.lightning_module.strict_loading, weights_only)
 
-        checkpoint_path = self.broadcast(checkpoint_path)
-        where = target(self, checkpoint_path)
-        if where is None:
-            return original(self, checkpoint_path, weights_only)  # type: ignore[no-any-return]
-        if not where.is_sharded():
-            with local_copy(where) as local:
-                return original(self, local, weights_only)  # type: ignore[no-any-return]
-        state = {"model": self.model, **{f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}}
-        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        strict = self.lightning_module.strict_loading
-        return load_fsdp_state(where, state, strict, weights_only, optimizers=fitting)
 
-    return load_checkpoint
+def _load_trainer_fsdp(strategy: Any, where: Target, weights_only: bool | None) -> dict[str, Any]:
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    state = {"model": strategy.model, **{f"optimizer_{i}": opt for i, opt in enumerate(strategy.optimizers)}}
+    fitting = strategy.lightning_module.trainer.state.fn == TrainerFn.FITTING
+    strict = strategy.lightning_module.strict_loading
+    return load_fsdp_state(where, state, strict, weights_only, optimizers=fitting)
+
+
+def _fsdp_saves_sharded(strategy: Any) -> bool | None:
+    return {"sharded": True, "full": False}.get(strategy._state_dict_type)
 
 
 def _wrap_fabric_save(sharded_state: Any, is_sharded: Any) -> Any:
@@ -636,10 +628,15 @@ def targets() -> list[tuple[Any, str, Any, tuple[str, ...]]]:
     fabric_load = ("self", "path", "state", "strict", "weights_only")
     return [
         (_CallbackConnector, "_attach_model_callbacks", _wrap_attach, ("self",)),
-        (ModelParallelStrategy, "save_checkpoint", _wrap_trainer_model_parallel_save, trainer_save),
-        (ModelParallelStrategy, "load_checkpoint", _wrap_trainer_model_parallel_load, trainer_load),
-        (FSDPStrategy, "save_checkpoint", _wrap_trainer_fsdp_save, trainer_save),
-        (FSDPStrategy, "load_checkpoint", _wrap_trainer_fsdp_load, trainer_load),
+        (
+            ModelParallelStrategy,
+            "save_checkpoint",
+            _wrap_trainer_save("state_dict", lambda strategy: bool(strategy._save_distributed_checkpoint)),
+            trainer_save,
+        ),
+        (ModelParallelStrategy, "load_checkpoint", _wrap_trainer_load(_load_trainer_model_parallel), trainer_load),
+        (FSDPStrategy, "save_checkpoint", _wrap_trainer_save("model", _fsdp_saves_sharded), trainer_save),
+        (FSDPStrategy, "load_checkpoint", _wrap_trainer_load(_load_trainer_fsdp), trainer_load),
         (
             FabricModelParallel,
             "save_checkpoint",
