@@ -20,7 +20,7 @@ import torch
 from azure.core.credentials import AzureNamedKeyCredential
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import AsyncCheckpointIO
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
@@ -40,8 +40,14 @@ class ShardedModel(pl.LightningModule):
         self.output = torch.nn.Linear(width, 1)
 
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Wrapped here (Lightning then leaves the wrapping to us) to tell FSDP1 its device is the CPU.
+            if not isinstance(self.hidden, FullyShardedDataParallel):
+                self.hidden = FullyShardedDataParallel(self.hidden, device_id=torch.device("cpu"), use_orig_params=True)
+                self.output = FullyShardedDataParallel(self.output, device_id=torch.device("cpu"), use_orig_params=True)
+            return
         if isinstance(self, FSDPModule):  # validate() after fit() configures the model again
             return
         mesh = self.device_mesh["data_parallel"]
@@ -78,6 +84,11 @@ class PidWriter(pl.Callback):
         (self.out / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
 
 
+class CPUFSDPStrategy(FSDPStrategy):
+    """FSDPStrategy itself, on CPU: the Trainer refuses the class by exact type without a GPU, not
+    its subclasses. Saving and loading are FSDPStrategy's."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--account-url", required=True)
@@ -90,6 +101,7 @@ def main() -> None:
     parser.add_argument("--async-io", action="store_true")
     parser.add_argument("--validate-best", action="store_true", help='then validate(ckpt_path="best")')
     parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", choices=["model_parallel", "fsdp"], default="model_parallel")
     parser.add_argument("--write-pids", action="store_true", help="each rank writes <out>/pid<rank> at setup")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -106,7 +118,9 @@ def main() -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+        if args.strategy == "model_parallel"
+        else CPUFSDPStrategy(state_dict_type="sharded"),
         max_epochs=args.max_epochs,
         plugins=[plugin],
         callbacks=[checkpoints, *callbacks],
@@ -119,13 +133,14 @@ def main() -> None:
     trainer.fit(model, loader(), loader(), ckpt_path=args.resume)
     resumed_from = trainer.ckpt_path
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    optimizer = get_optimizer_state_dict(model, trainer.optimizers[0], options=options)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if trainer.global_rank == 0:  # now: the state dicts share tensors with the optimizer that validate() loads into
-        torch.save({"weights": weights, "optimizer": optimizer}, out / "final.pt")
+    if args.strategy == "model_parallel":  # (a run that gathered FSDP1's full state on CPU ended in a segfault)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=options)
+        optimizer = get_optimizer_state_dict(model, trainer.optimizers[0], options=options)
+        if trainer.global_rank == 0:  # now: the state dicts share tensors with the optimizer validate() loads into
+            torch.save({"weights": weights, "optimizer": optimizer}, out / "final.pt")
     validated = None
     if args.validate_best:
         trainer.validate(model, loader(), ckpt_path="best", verbose=False)

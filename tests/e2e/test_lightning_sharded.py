@@ -1,10 +1,12 @@
-"""Sharded Lightning checkpoints in a container: ModelParallelStrategy (FSDP2) on two CPU ranks.
+"""Sharded Lightning checkpoints in a container: ModelParallelStrategy (FSDP2) and FSDPStrategy (FSDP1)
+through the Trainer, and Fabric's, on two CPU ranks (gloo).
 
-Each job runs tests/e2e/lightning_sharded_run.py in fresh processes (Lightning starts the second
-rank), against the module's Azurite: every rank writes its own shards under ``<name>.ckpt/``, rank
-0 its ``meta.pt``; top-k deletes whole prefixes but never the checkpoint resumed from; resuming from
-a URL, "best" and "last" (at world size 2 and at 1) restores weights and optimizer exactly. No job
-may leave a local folder named after a URL.
+Each job runs tests/e2e/lightning_sharded_run.py (or fabric_sharded_run.py) in fresh processes
+(Lightning starts the second rank), against the module's Azurite: every rank writes its own shards
+under ``<name>.ckpt/``, rank 0 its ``meta.pt``; top-k deletes whole prefixes but never the checkpoint
+resumed from; resuming from a URL, "best" and "last" (at world size 2 and at 1) restores weights and
+optimizer exactly; a rank killed mid-overwrite leaves the old checkpoint whole; AsyncCheckpointIO
+uploads behind training. No job may leave a local folder named after a URL.
 """
 
 from __future__ import annotations
@@ -71,6 +73,22 @@ def test_model_parallel_checkpoints_live_in_the_container_and_resume_exactly(
     assert third[0]["epoch"] == 3
     assert same_state(final(tmp_path / "third"), final(tmp_path / "second"))
     assert url_named_folders() == local_before
+
+
+def test_fsdp_sharded_checkpoints_through_the_trainer(
+    container: Container, azurite: Azurite, tmp_path: pathlib.Path
+) -> None:
+    dirpath = container.blob_url("fsdp")
+
+    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=2, val_losses="3,1", strategy="fsdp")
+
+    assert [report["global_step"] for report in first] == [4, 4]
+    assert checkpoint_folders(container) == {"fsdp/epoch=1-step=4.ckpt": 2, "fsdp/last.ckpt": 2}
+    resumed = run_sharded(
+        azurite, dirpath, tmp_path / "resumed", max_epochs=3, val_losses="3,1,2", resume="last", strategy="fsdp"
+    )
+    assert [report["resumed_from"] for report in resumed] == [f"{dirpath}/last.ckpt"] * 2
+    assert [report["global_step"] for report in resumed] == [6, 6]
 
 
 def test_async_checkpoint_io_uploads_behind_training_and_resumes_exactly(
@@ -167,6 +185,7 @@ def run_sharded(
     top_k: int = 1,
     account_url: str | None = None,
     async_io: bool = False,
+    strategy: str = "model_parallel",
 ) -> list[dict[str, Any]]:
     """Run tests/e2e/lightning_sharded_run.py in new processes; returns each rank's report."""
     command = sharded_command(
@@ -181,6 +200,7 @@ def run_sharded(
     command += ["--val-losses", val_losses] if val_losses else []
     command += ["--validate-best"] if validate_best else []
     command += ["--async-io"] if async_io else []
+    command += ["--strategy", strategy]
     result = run_job(command, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)]

@@ -684,9 +684,11 @@ def install() -> None:
             wrapper = wrap(getattr(owner, name))
             _wrapped.add(wrapper)
             setattr(owner, name, wrapper)
-        elif owner.__name__ == "_CallbackConnector":  # without it no strategy could be checked at setup
+        elif owner.__module__.startswith("lightning.pytorch.strategies"):
+            _missing[owner] = reason  # the Trainer refuses that strategy at setup (check_strategy)
+        else:
+            # Without the Trainer's hook no strategy could be checked at setup; Fabric has no setup
+            # step of ours, so creating the plugin is where a moved Fabric method must stop the user.
             raise ShardedCheckpointSetupError(
-                f"azstoragetorch cannot check the Trainer's strategy with this Lightning version: {reason}."
+                f"azstoragetorch cannot keep sharded checkpoints in Blob Storage with this Lightning version: {reason}."
             )
-        else:  # the Trainer refuses that strategy at setup (check_strategy)
-            _missing[owner] = reason
