@@ -70,25 +70,22 @@ class Target:
         return f"{self.url}/{name}"
 
     def writer(self) -> BlobStorageWriter:
-        return BlobStorageWriter(
-            self.url,
-            credential=self.paths.credential,
-            retry=self.paths.retry,
-            max_concurrency=self.transfer.get("max_concurrency", 8),
-            block_size=self.transfer.get("block_size", 8 * 1024 * 1024),
-            validate_content=self.transfer.get("validate_content", False),
-        )
+        return BlobStorageWriter(self.url, **self._options())
 
     def reader(self) -> BlobStorageReader:
         return BlobStorageReader(
-            self.url,
-            credential=self.paths.credential,
-            retry=self.paths.retry,
-            max_concurrency=self.transfer.get("max_concurrency", 8),
-            block_size=self.transfer.get("block_size", 8 * 1024 * 1024),
-            validate_content=self.transfer.get("validate_content", False),
-            verify_checksum=self.transfer.get("verify_checksum", False),
+            self.url, verify_checksum=self.transfer.get("verify_checksum", False), **self._options()
         )
+
+    def _options(self) -> dict[str, Any]:
+        """The plugin's settings that BlobStorageWriter and BlobStorageReader share."""
+        return {
+            "credential": self.paths.credential,
+            "retry": self.paths.retry,
+            "max_concurrency": self.transfer.get("max_concurrency", 8),
+            "block_size": self.transfer.get("block_size", 8 * 1024 * 1024),
+            "validate_content": self.transfer.get("validate_content", False),
+        }
 
     def blob(self, name: str) -> AzStorageTorchBlobClient:
         return AzStorageTorchBlobClient.from_url(self.child(name), self.paths.credential, retry=self.paths.retry)
