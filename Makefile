@@ -40,6 +40,7 @@ bench: setup
 	$(PY) benchmarks/bench_checkpoint.py
 	$(PY) benchmarks/bench_datasets.py
 	$(PY) benchmarks/bench_lightning.py
+	$(PY) benchmarks/bench_lightning_sharded.py
 	$(PY) benchmarks/bench_dcp.py
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_entries.py

@@ -23,6 +23,7 @@ REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
         ("save_and_load.py", "Saved and loaded"),
         ("datasets_example.py", "datasets example OK"),
         ("dcp_checkpoint.py", "dcp example OK"),
+        ("lightning_sharded.py", "lightning sharded example OK"),
         (
             "lightning_checkpointing.py",
             "4. With AsyncCheckpointIO: epoch=0-step=8.ckpt, epoch=1-step=16.ckpt, last.ckpt",

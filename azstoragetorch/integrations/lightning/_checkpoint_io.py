@@ -26,7 +26,7 @@ from azstoragetorch._client import (
     validate_retry,
 )
 from azstoragetorch._options import check_transfer_options
-from azstoragetorch.integrations.lightning import _paths, _stats
+from azstoragetorch.integrations.lightning import _paths, _sharded, _stats
 from azstoragetorch.integrations.lightning._paths import BlobPaths
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
@@ -141,6 +141,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
         self._log_stats = bool(log_stats)
         self._pending_metrics = _stats.PendingMetrics()
         _paths.register(self._paths)
+        _sharded.install()
         if self._log_stats:
             _stats.install()
 
@@ -165,6 +166,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
         self._log_stats = state.get("log_stats", True)
         self._pending_metrics = _stats.PendingMetrics()
         _paths.register(self._paths)
+        _sharded.install()
         if self._log_stats:
             _stats.install()
 
@@ -233,6 +235,9 @@ class AzureBlobCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the checkpoint at ``path``; a checkpoint that is already gone is not an error.
 
+        A sharded checkpoint (a ``<name>.ckpt/`` prefix, as ``ModelParallelStrategy`` saves) is
+        deleted whole: every blob under the prefix, its ``.metadata`` first.
+
         If a save of the same path is still uploading in another thread, this waits for it first,
         so that the save cannot re-create the checkpoint after it was deleted. Under
         ``AsyncCheckpointIO``, a removal also waits its turn in the queue of saves: it runs after
@@ -244,8 +249,11 @@ class AzureBlobCheckpointIO(CheckpointIO):
         try:
             AzStorageTorchBlobClient.from_url(url, self._paths.credential, retry=self._paths.retry).delete()
         except ResourceNotFoundError:
-            return
-        _LOGGER.debug("Removed checkpoint %s", BlobUrl.parse(url).display_url)
+            pass
+        else:
+            _LOGGER.debug("Removed checkpoint %s", BlobUrl.parse(url).display_url)
+        if _sharded.remove_tree(_sharded.Target(self._paths, url, self._transfer)):
+            _LOGGER.debug("Removed sharded checkpoint %s", BlobUrl.parse(url).display_url)
 
     def teardown(self) -> None:
         """Nothing to release: connections are shared by the process and closed with it."""

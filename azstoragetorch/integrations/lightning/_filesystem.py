@@ -134,9 +134,14 @@ class BlobFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec is unt
             return False
 
     def modified(self, path: str) -> Any:
+        """A blob's last modification time; for a prefix that holds a ``torch.distributed.checkpoint``
+        checkpoint (a sharded Lightning checkpoint), that of its ``.metadata``, committed last."""
         entry = self.info(path)
         if entry["type"] != "file":
-            raise IsADirectoryError(errno.EISDIR, "A blob prefix has no modification time", redact(path))
+            try:
+                entry = self.info(f"{self._strip_protocol(path)}/.metadata")
+            except FileNotFoundError:
+                raise IsADirectoryError(errno.EISDIR, "A blob prefix has no modification time", redact(path)) from None
         return entry["last_modified"]
 
     # -- changing things ---------------------------------------------------------------------
