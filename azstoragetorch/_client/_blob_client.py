@@ -421,7 +421,7 @@ class AzStorageTorchBlobClient(ResourceClient):
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run one of this client's operations on the shared transfer threads."""
-        return _pipeline.executor().submit(fn, *args, **kwargs)
+        return _pipeline.submit(fn, *args, **kwargs)
 
     # -- writes ------------------------------------------------------------------------------
 

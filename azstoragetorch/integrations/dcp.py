@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import functools
 import io
 import logging
 import os
@@ -28,8 +29,8 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Generator, Iterator, Sequence
-from typing import IO, Any, cast
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import IO, Any, TypeVar, cast
 
 import torch
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
@@ -61,6 +62,7 @@ from azstoragetorch._client import (
     Recorder,
     TransferStats,
     crc32,
+    interpreter_exiting,
     is_missing_container,
     pause,
     redact_url,
@@ -277,6 +279,31 @@ class _SeenMetadata:
     The save commits only over that version."""
 
     etag: str | None
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _reported_at_exit(method: _Method) -> _Method:
+    """A save's step whose failure is logged if the interpreter is exiting: the future of
+    ``dcp.async_save`` that holds the error is then never looked at, and the exit code stays 0."""
+
+    @functools.wraps(method)
+    def reporting(self: BlobStorageWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as error:
+            if interpreter_exiting():
+                _LOGGER.error(
+                    "The checkpoint save to %s failed while the interpreter was exiting, and nothing else will "
+                    "report it: %s: %s. This save committed nothing.",
+                    self.checkpoint_id,
+                    type(error).__name__,
+                    error,
+                )
+            raise
+
+    return cast(_Method, reporting)
 
 
 class _SaveAborted(RuntimeError):
@@ -561,6 +588,7 @@ class BlobStorageWriter(FileSystemWriter):
             for rank, plan in enumerate(plans)
         ]
 
+    @_reported_at_exit
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit ``.metadata`` in one request, if no other save did since this one started; then
         delete the shard files that were there before the commit and that it does not use (the
@@ -633,6 +661,7 @@ class BlobStorageWriter(FileSystemWriter):
         if failed:
             _LOGGER.warning("Could not remove unused shard files under %s: %s", self.checkpoint_id, "; ".join(failed))
 
+    @_reported_at_exit
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         files = cast(_BlobFiles, self.fs)
         started = time.perf_counter()
