@@ -198,7 +198,7 @@ def submit(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> Future[_T]:
 def interpreter_exiting() -> bool:
     """Whether the interpreter is exiting: the transfer threads take no more work (see :func:`submit`)."""
     try:
-        executor().submit(int).result()
+        executor().submit(int)  # (not waited for: the pool may be busy, and only the refusal matters)
     except RuntimeError:
         return True
     return False

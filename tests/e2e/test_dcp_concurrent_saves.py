@@ -63,13 +63,13 @@ def loaded_as(url: str, credential: Any, candidates: dict[str, dict[str, torch.T
     pytest.fail(f"the checkpoint at {url} loaded as none of {sorted(candidates)}")
 
 
-def assert_only_what_metadata_names(container: Container, prefix: str) -> None:
-    """The prefix holds ``.metadata`` and the shard files it names: none missing, none left over."""
-    metadata = pickle.loads(container.download(f"{prefix}/.metadata"))
+def assert_only_what_metadata_names(container: Container, prefix: str, metadata_name: str = ".metadata") -> None:
+    """The prefix holds ``metadata_name`` and the shard files it names: none missing, none left over."""
+    metadata = pickle.loads(container.download(f"{prefix}/{metadata_name}"))
     assert isinstance(metadata, Metadata)
-    named = {info.relative_path for info in metadata.storage_data.values()}
+    named = {metadata_name} | {info.relative_path for info in metadata.storage_data.values()}
     present = {blob.name[len(prefix) + 1 :] for blob in container.client.list_blobs(name_starts_with=prefix + "/")}
-    assert present == {".metadata"} | named, f"missing {named - present}, left over {present - named - {'.metadata'}}"
+    assert present == named, f"missing {named - present}, left over {present - named}"
 
 
 def etags(container: Container, prefix: str) -> dict[str, str]:
@@ -119,14 +119,16 @@ def choreography(monkeypatch: pytest.MonkeyPatch) -> Choreography:
 class Save:
     """``dcp.save`` of ``state_dict`` with ``storage_writer``, on a thread named ``name``."""
 
-    def __init__(self, name: str, state_dict: dict[str, Any], storage_writer: BlobStorageWriter) -> None:
+    def __init__(
+        self, name: str, state_dict: dict[str, Any], storage_writer: BlobStorageWriter, use_collectives: bool = True
+    ) -> None:
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(state_dict, storage_writer), name=name)
+        self._thread = threading.Thread(target=self._run, args=(state_dict, storage_writer, use_collectives), name=name)
         self._thread.start()
 
-    def _run(self, state_dict: dict[str, Any], storage_writer: BlobStorageWriter) -> None:
+    def _run(self, state_dict: dict[str, Any], storage_writer: BlobStorageWriter, use_collectives: bool) -> None:
         try:
-            dcp.save(state_dict, storage_writer=storage_writer)
+            dcp.save(state_dict, storage_writer=storage_writer, use_collectives=use_collectives)
         except BaseException as error:
             self.error = error
 
@@ -147,21 +149,25 @@ def assert_conflict(save: Save, url: str) -> None:
 # -- fixed interleavings -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("before", ["an old checkpoint", "no checkpoint", "no checkpoint, overwrite=False"])
+@pytest.mark.parametrize(
+    "before",
+    ["an old checkpoint", "no checkpoint", "no checkpoint, overwrite=False", "an old checkpoint, without collectives"],
+)
 def test_of_two_saves_that_saw_the_same_checkpoint_only_the_first_to_commit_succeeds(
     container: Container, account_credential: AzureNamedKeyCredential, choreography: Choreography, before: str
 ) -> None:
     url = container.blob_url("same")
     candidates = {"A": state(1, 0), "B": state(2, 0)}
-    if before == "an old checkpoint":
+    collectives = not before.endswith("without collectives")  # then each rank commits its __<rank>.metadata
+    if before.startswith("an old checkpoint"):
         candidates["old"] = state(0, 0)
-        dcp.save(candidates["old"], storage_writer=writer(url, account_credential))
+        dcp.save(candidates["old"], storage_writer=writer(url, account_credential), use_collectives=collectives)
     options = {"overwrite": False} if before.endswith("overwrite=False") else {}
     for save in "AB":
         choreography.hold(save, "dcp.commit")
 
-    a = Save("A", candidates["A"], writer(url, account_credential, **options))
-    b = Save("B", candidates["B"], writer(url, account_credential, **options))
+    a = Save("A", candidates["A"], writer(url, account_credential, **options), collectives)
+    b = Save("B", candidates["B"], writer(url, account_credential, **options), collectives)
     choreography.wait_until_held("A", "dcp.commit")
     choreography.wait_until_held("B", "dcp.commit")  # both have written every shard, over the same version
     choreography.release("A", "dcp.commit")
@@ -173,7 +179,7 @@ def test_of_two_saves_that_saw_the_same_checkpoint_only_the_first_to_commit_succ
     assert_conflict(b, url)
     assert etags(container, "same").items() <= after_a.items()  # the loser changed nothing, removed its own
     assert loaded_as(url, account_credential, candidates) == "A"
-    assert_only_what_metadata_names(container, "same")
+    assert_only_what_metadata_names(container, "same", ".metadata" if collectives else "__0.metadata")
 
 
 def test_a_winners_late_cleanup_leaves_the_files_of_a_save_that_replaced_it(
