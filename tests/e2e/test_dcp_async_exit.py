@@ -46,6 +46,13 @@ def named_by_metadata(container: Container, prefix: str) -> set[str]:
     return {".metadata"} | {info.relative_path for info in metadata.storage_data.values()}
 
 
+def saved_version_1(container: Container, credential: AzureNamedKeyCredential, prefix: str) -> str:
+    """The URL of a checkpoint of version 1 saved under ``prefix``."""
+    url = container.blob_url(prefix)
+    dcp.save(dcp_concurrent_run.state(1, 0), storage_writer=BlobStorageWriter(url, credential=credential))
+    return url
+
+
 def is_block_upload(seen: SeenRequest) -> bool:
     return seen.operation == "PutBlock"
 
@@ -61,8 +68,7 @@ def exit_during_async_save(checkpointer: str, url: str) -> tuple[int, str, str]:
 def test_an_async_save_still_running_at_exit_is_finished_before_the_process_exits(
     container: Container, account_credential: AzureNamedKeyCredential, proxy: FaultProxy, checkpointer: str
 ) -> None:
-    url = container.blob_url("exit")
-    dcp.save(dcp_concurrent_run.state(1, 0), storage_writer=BlobStorageWriter(url, credential=account_credential))
+    url = saved_version_1(container, account_credential, "exit")
     proxy.add_fault(is_block_upload, Delay(0.2), times=None)  # the save outlives the main thread
 
     returncode, stdout, stderr = exit_during_async_save(checkpointer, proxy.url(url))
@@ -77,8 +83,7 @@ def test_an_async_save_still_running_at_exit_is_finished_before_the_process_exit
 def test_an_async_save_that_fails_at_exit_says_so_and_leaves_the_old_checkpoint(
     container: Container, account_credential: AzureNamedKeyCredential, proxy: FaultProxy, checkpointer: str
 ) -> None:
-    url = container.blob_url("failing")
-    dcp.save(dcp_concurrent_run.state(1, 0), storage_writer=BlobStorageWriter(url, credential=account_credential))
+    url = saved_version_1(container, account_credential, "failing")
     before = files_under(container, "failing")
     proxy.add_fault(is_block_upload, Delay(0.2), times=4)
     proxy.add_fault(lambda seen: seen.operation == "PutBlockList", Respond(403, "AuthorizationFailure"), times=None)

@@ -182,48 +182,41 @@ def test_of_two_saves_that_saw_the_same_checkpoint_only_the_first_to_commit_succ
     assert_only_what_metadata_names(container, "same", ".metadata" if collectives else "__0.metadata")
 
 
-def test_a_winners_late_cleanup_leaves_the_files_of_a_save_that_replaced_it(
-    container: Container, account_credential: AzureNamedKeyCredential, choreography: Choreography
+# A commits over the old checkpoint and is held before it deletes the old shard files; B starts after
+# A's commit, saves and commits over A's checkpoint; then A's cleanup runs. It must not take B's
+# shard files (which B's .metadata names) for files nobody uses.
+LATE_CLEANUP = ("A", "dcp.cleanup", "B", "both succeed")
+# B sees the old checkpoint and writes its shard files, then waits at its commit; A saves whole (and
+# deletes the old shard files and B's, which no checkpoint uses). B's commit must fail rather than
+# install a .metadata whose shard files are gone.
+STALE_COMMIT = ("B", "dcp.commit", "A", "B loses")
+
+
+@pytest.mark.parametrize("scenario", [LATE_CLEANUP, STALE_COMMIT], ids=["late cleanup", "stale commit"])
+def test_a_save_held_while_another_saves_whole_never_breaks_the_checkpoint(
+    container: Container,
+    account_credential: AzureNamedKeyCredential,
+    choreography: Choreography,
+    scenario: tuple[str, str, str, str],
 ) -> None:
-    # A commits over the old checkpoint and is held before it deletes the old shard files. B starts
-    # after A's commit, saves and commits over A's checkpoint. Then A's cleanup runs: it must not take
-    # B's shard files (which B's .metadata names) for files nobody uses.
-    url = container.blob_url("late")
+    held, point, other, outcome = scenario
+    url = container.blob_url("held")
     candidates = {"old": state(0, 0), "A": state(1, 0), "B": state(2, 0)}
     dcp.save(candidates["old"], storage_writer=writer(url, account_credential))
-    choreography.hold("A", "dcp.cleanup")
+    choreography.hold(held, point)
 
-    a = Save("A", candidates["A"], writer(url, account_credential))
-    choreography.wait_until_held("A", "dcp.cleanup")
-    assert loaded_as(url, account_credential, candidates) == "A"
-    assert Save("B", candidates["B"], writer(url, account_credential)).join().error is None
-    choreography.release("A", "dcp.cleanup")
+    waiting = Save(held, candidates[held], writer(url, account_credential))
+    choreography.wait_until_held(held, point)
+    assert Save(other, candidates[other], writer(url, account_credential)).join().error is None
+    choreography.release(held, point)
+    waiting.join()
 
-    assert a.join().error is None
-    assert loaded_as(url, account_credential, candidates) == "B"
-    assert_only_what_metadata_names(container, "late")
-
-
-def test_a_save_that_started_before_another_committed_loses_even_if_it_commits_much_later(
-    container: Container, account_credential: AzureNamedKeyCredential, choreography: Choreography
-) -> None:
-    # B sees the old checkpoint, then waits; A saves whole (and deletes the old shard files, and the
-    # files B had written by then, which no checkpoint uses); B's commit must fail, not install a
-    # .metadata whose shard files are gone.
-    url = container.blob_url("stale")
-    candidates = {"old": state(0, 0), "A": state(1, 0), "B": state(2, 0)}
-    dcp.save(candidates["old"], storage_writer=writer(url, account_credential))
-    choreography.hold("B", "dcp.commit")
-
-    b = Save("B", candidates["B"], writer(url, account_credential))
-    choreography.wait_until_held("B", "dcp.commit")
-    assert Save("A", candidates["A"], writer(url, account_credential)).join().error is None
-    choreography.release("B", "dcp.commit")
-    b.join()
-
-    assert_conflict(b, url)
-    assert loaded_as(url, account_credential, candidates) == "A"
-    assert_only_what_metadata_names(container, "stale")
+    if outcome == "both succeed":
+        assert waiting.error is None
+    else:
+        assert_conflict(waiting, url)
+    assert loaded_as(url, account_credential, candidates) == other
+    assert_only_what_metadata_names(container, "held")
 
 
 def test_a_commit_whose_answer_was_lost_and_retried_counts_as_committed(
