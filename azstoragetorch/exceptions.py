@@ -119,8 +119,8 @@ class CheckpointConflictError(AZStorageTorchError):
     Two saves went to one checkpoint URL at the same time: two jobs, or a restarted job while ranks
     of the old one still ran. A save commits its ``.metadata`` only if the checkpoint is still the
     version it found when it started, so the first to commit wins and every other one raises this.
-    Nothing of this save was committed, and its shard files were removed: the checkpoint is the
-    one the other save committed, complete (or whatever replaced it since).
+    Nothing of this save was committed, and it removed its own shard files (and nothing else): the
+    checkpoint is the one the other save committed, complete (or whatever replaced it since).
 
     Saving again would replace the other save's checkpoint: decide which job should save there, or
     give each job a URL of its own. ``dcp.save`` raises it inside its ``CheckpointException`` (in
@@ -136,8 +136,9 @@ class CheckpointConflictError(AZStorageTorchError):
             f"Nothing was saved: another save committed the checkpoint {checkpoint_id} after this save "
             "started (two saves to one checkpoint at the same time, such as two jobs, or a restarted job "
             "while ranks of the old one still run). The checkpoint is the one the other save committed; "
-            "this save's shard files were removed. Saving again would replace it: decide which job saves "
-            "there, or give each job a checkpoint URL of its own."
+            "this save removed its own shard files (a logged warning names any it could not). Saving again "
+            "would replace the other save's checkpoint: decide which job saves there, or give each job a "
+            "checkpoint URL of its own."
         )
 
     def __reduce__(self) -> tuple[type, tuple[str]]:
