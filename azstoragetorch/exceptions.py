@@ -13,6 +13,7 @@ __all__ = [
     "AZStorageTorchError",
     "BlobModifiedDuringReadError",
     "BlobWriteConflictError",
+    "CheckpointConflictError",
     "ChecksumMismatchError",
     "ClientRequestIdMismatchError",
     "FatalBlobIOWriteError",
@@ -110,6 +111,38 @@ class BlobWriteConflictError(FatalBlobIOWriteError):
 
     def __reduce__(self) -> tuple[type, tuple[str, BaseException]]:  # type: ignore[override]
         return (type(self), (self.blob_url, self.underlying_exception))
+
+
+class CheckpointConflictError(AZStorageTorchError):
+    """Another save committed the checkpoint while this ``torch.distributed.checkpoint`` save was writing it.
+
+    Two saves went to one checkpoint URL at the same time: two jobs, or a restarted job while ranks
+    of the old one still ran. A save commits its ``.metadata`` only if the checkpoint is still the
+    version it found when it started, so the first to commit wins and every other one raises this.
+    Nothing of this save was committed, and it removed its own shard files (and nothing else): the
+    checkpoint is the one the other save committed, complete (or whatever replaced it since).
+
+    Saving again would replace the other save's checkpoint: decide which job should save there, or
+    give each job a URL of its own. ``dcp.save`` raises it inside its ``CheckpointException`` (in
+    ``failures``), on every rank.
+
+    Args:
+        checkpoint_id: The checkpoint's URL with any SAS token removed.
+    """
+
+    def __init__(self, checkpoint_id: str) -> None:
+        self.checkpoint_id = checkpoint_id
+        super().__init__(
+            f"Nothing was saved: another save committed the checkpoint {checkpoint_id} after this save "
+            "started (two saves to one checkpoint at the same time, such as two jobs, or a restarted job "
+            "while ranks of the old one still run). The checkpoint is the one the other save committed; "
+            "this save removed its own shard files (a logged warning names any it could not). Saving again "
+            "would replace the other save's checkpoint: decide which job saves there, or give each job a "
+            "checkpoint URL of its own."
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        return (type(self), (self.checkpoint_id,))
 
 
 class BlobModifiedDuringReadError(AZStorageTorchError):

@@ -14,6 +14,7 @@ from azstoragetorch._client._container_client import AzStorageTorchContainerClie
 from azstoragetorch._client._credentials import CredentialArgument, validate_credential
 from azstoragetorch._client._pipeline import (
     MAX_SAMPLE_THREADS,
+    interpreter_exiting,
     is_missing_container,
     not_found_as_file_not_found,
     validate_retry,
@@ -58,6 +59,7 @@ __all__ = [
     "TransferStats",
     "crc32",
     "fsspec_path_to_url",
+    "interpreter_exiting",
     "is_azure_blob_host",
     "is_missing_container",
     "lease",

@@ -421,16 +421,38 @@ class AzStorageTorchBlobClient(ResourceClient):
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run one of this client's operations on the shared transfer threads."""
-        return _pipeline.executor().submit(fn, *args, **kwargs)
+        return _pipeline.submit(fn, *args, **kwargs)
 
     # -- writes ------------------------------------------------------------------------------
 
-    def put_blob(self, data: bytes | memoryview, *, validate_content: bool, crc32: int | None = None) -> None:
-        """Create or replace the blob with ``data``; ``crc32`` is recorded in its metadata."""
+    def put_blob(
+        self,
+        data: bytes | memoryview,
+        *,
+        validate_content: bool,
+        crc32: int | None = None,
+        if_match: str | None = None,
+        if_none_match: str | None = None,
+    ) -> str:
+        """Create or replace the blob with ``data``; ``crc32`` is recorded in its metadata. Returns
+        the new ETag.
+
+        ``if_match`` (an ETag) replaces only that version of the blob, and ``if_none_match="*"``
+        only creates it: otherwise nothing changes and the service's refusal is raised, a
+        ``ResourceModifiedError`` (412 ``ConditionNotMet``; some services answer a missing blob
+        with 404, ``ResourceNotFoundError``) or a ``ResourceExistsError`` (409 ``BlobAlreadyExists``).
+        """
         headers = {"x-ms-blob-type": "BlockBlob", **_crc32_metadata(crc32)}
+        if if_match is not None:
+            headers["If-Match"] = if_match
+        if if_none_match is not None:
+            headers["If-None-Match"] = if_none_match
         _schedule.pause("commit")
-        self._send("PUT", action="upload", headers=headers, body=data, validate_content=validate_content, expected=201)
+        response = self._send(
+            "PUT", action="upload", headers=headers, body=data, validate_content=validate_content, expected=201
+        )
         _stats.add_bytes(self.recorder, len(data))
+        return str(response.headers.get("ETag", ""))
 
     def stage_block(self, block_id: str, data: bytes | memoryview, *, validate_content: bool) -> None:
         query = ("comp=block", f"blockid={urllib.parse.quote(block_id, safe='')}")

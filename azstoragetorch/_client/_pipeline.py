@@ -18,9 +18,9 @@ import random
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NoReturn, TypeVar
 
 import requests
 import requests.adapters
@@ -96,6 +96,7 @@ class _ProcessState:
 
 
 _state = _ProcessState()
+_T = TypeVar("_T")
 
 
 def _forget_parent_state() -> None:
@@ -163,6 +164,44 @@ def executor() -> ThreadPoolExecutor:
         if state.executor is None:
             state.executor = ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="azstoragetorch")
         return state.executor
+
+
+def submit(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> Future[_T]:
+    """Run ``fn`` on the transfer threads; once the interpreter is exiting, on a thread of its own.
+
+    ``concurrent.futures`` stops every pool when the main thread has ended, before it joins the
+    pools' threads, and from then on their ``submit`` refuses work. A transfer that is still under
+    way at that moment on such a thread (the save of ``dcp.async_save``, which the exit waits for)
+    would then fail half done; its remaining requests run on threads started for them instead.
+    (The callers bound their own requests in flight, so these threads are few.)
+    """
+    try:
+        return executor().submit(fn, *args, **kwargs)
+    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+        pass
+    future: Future[_T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as error:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    threading.Thread(target=run, name="azstoragetorch-exiting").start()
+    return future
+
+
+def interpreter_exiting() -> bool:
+    """Whether the interpreter is exiting: the transfer threads take no more work (see :func:`submit`)."""
+    try:
+        executor().submit(int)  # (not waited for: the pool may be busy, and only the refusal matters)
+    except RuntimeError:
+        return True
+    return False
 
 
 class _RequestHeadersPolicy(SansIOHTTPPolicy[Any, Any]):

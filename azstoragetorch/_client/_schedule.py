@@ -31,6 +31,9 @@ ENVIRONMENT_VARIABLE = "AZSTORAGETORCH_PERTURB"
 #   "cache.read"     a dataset cache file is open, not yet read (azstoragetorch._cache)
 #   "cache.store"    a dataset cache file is written under its temporary name, not yet renamed
 #   "cache.handoff"  a fetched blob is about to be handed to the cache's background writer
+#   "dcp.start"      a DCP save has seen the checkpoint's .metadata it may replace (integrations.dcp)
+#   "dcp.commit"     a DCP save is about to commit its .metadata, if no other save did meanwhile
+#   "dcp.cleanup"    a DCP save is about to delete one shard file (replaced, or its own after losing)
 DEFAULT_MAX_DELAY_SECONDS = 0.005
 
 

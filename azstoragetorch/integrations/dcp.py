@@ -8,7 +8,7 @@ file is a :class:`~azstoragetorch.io.BlobIO` uploading blocks in parallel, and l
 byte ranges they need, sorted, coalesced and in parallel. Two things differ from ``FileSystemWriter``
 on purpose, so that an overwrite is safe at every instant: shard file names carry a token of their
 save, so a save never touches a file that the checkpoint it replaces still uses, and ``.metadata``
-is committed last, in one request.
+is committed last, in one request, and only over the version the save found when it started.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import functools
 import io
 import logging
 import os
@@ -28,11 +29,11 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Generator, Iterator, Sequence
-from typing import IO, Any, cast
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import IO, Any, TypeVar, cast
 
 import torch
-from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import filesystem as _torch_filesystem
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
@@ -60,6 +61,8 @@ from azstoragetorch._client import (
     ProgressHook,
     Recorder,
     TransferStats,
+    crc32,
+    interpreter_exiting,
     is_missing_container,
     pause,
     redact_url,
@@ -68,7 +71,7 @@ from azstoragetorch._client import (
     validate_retry,
 )
 from azstoragetorch._options import check_int, check_transfer_options
-from azstoragetorch.exceptions import ChecksumMismatchError
+from azstoragetorch.exceptions import CheckpointConflictError, ChecksumMismatchError
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
 
@@ -184,6 +187,46 @@ class _BlobFiles(FileSystemBase):
             f.write(data)
             pause("commit")
 
+    def version(self, path: str | os.PathLike[str]) -> str | None:
+        """The blob's ETag; ``None`` if it does not exist."""
+        try:
+            return self.blob_client(path).get_properties().etag
+        except ResourceNotFoundError as error:
+            if is_missing_container(error):
+                raise
+            return None
+
+    def commit_if(self, path: str | os.PathLike[str], data: bytes, version: str | None) -> bool:
+        """Make ``data`` the blob's content in one request if the blob still has ETag ``version``
+        (``None``: if it still does not exist). ``False``, and the blob unchanged by us, if it had
+        changed."""
+        client = self.blob_client(path)
+        try:
+            client.put_blob(
+                data,
+                validate_content=self.validate_content,
+                crc32=crc32(data),
+                if_match=version,
+                if_none_match="*" if version is None else None,
+            )
+        except (ResourceModifiedError, ResourceExistsError, ResourceNotFoundError) as error:
+            refused = (
+                isinstance(error, ResourceModifiedError)
+                or (
+                    isinstance(error, ResourceExistsError) and getattr(error, "error_code", None) == "BlobAlreadyExists"
+                )
+                or (isinstance(error, ResourceNotFoundError) and not is_missing_container(error))
+            )
+            if not refused:
+                raise
+            # The refusal may answer a retry whose first attempt was committed (and its answer
+            # lost): then the blob holds exactly these bytes, which no other save writes.
+            try:
+                return client.read_all(block_size=self.block_size, max_concurrency=self.max_concurrency) == data
+            except ResourceNotFoundError:
+                return False
+        return True
+
     def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
         """Copy through this process and delete the source; the destination is committed whole, as a
         rename would be. (``BlobStorageWriter`` renames nothing; torch's ``FileSystemBase`` asks for it.)"""
@@ -228,6 +271,39 @@ class _BlobFiles(FileSystemBase):
 
     def blob_client(self, path: str | os.PathLike[str]) -> AzStorageTorchBlobClient:
         return AzStorageTorchBlobClient.from_url(os.fspath(path), self.credential, retry=self.retry)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SeenMetadata:
+    """The checkpoint a save found when it started: the ETag of its ``.metadata``, ``None`` if none.
+    The save commits only over that version."""
+
+    etag: str | None
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _reported_at_exit(method: _Method) -> _Method:
+    """A save's step whose failure is logged if the interpreter is exiting: the future of
+    ``dcp.async_save`` that holds the error is then never looked at, and the exit code stays 0."""
+
+    @functools.wraps(method)
+    def reporting(self: BlobStorageWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException as error:
+            if interpreter_exiting():
+                _LOGGER.error(
+                    "The checkpoint save to %s failed while the interpreter was exiting, and nothing else will "
+                    "report it: %s: %s. This save committed nothing.",
+                    self.checkpoint_id,
+                    type(error).__name__,
+                    error,
+                )
+            raise
+
+    return cast(_Method, reporting)
 
 
 class _SaveAborted(RuntimeError):
@@ -346,9 +422,13 @@ class BlobStorageWriter(FileSystemWriter):
     each a :class:`~azstoragetorch.io.BlobIO` uploading blocks in parallel, ``max_concurrency``
     blocks in flight per rank in all. The token is new for every save, so a save never touches the
     files of the checkpoint it replaces. The coordinator commits ``.metadata`` last, in one request,
-    once every shard file is committed, and only then deletes the shard files that the new
-    ``.metadata`` does not use. So at every moment the prefix holds a loadable checkpoint: the old
-    one until ``.metadata`` is replaced, the new one from then on. When one shard file fails, the
+    once every shard file is committed, and only if ``.metadata`` is still the version it found when
+    the save started; only then does it delete the shard files that the new ``.metadata`` does not
+    use and that were there before its commit. So at every moment the prefix holds a loadable
+    checkpoint: the old one until ``.metadata`` is replaced, the new one from then on. Of two saves
+    to one URL at the same time (two jobs, or a restarted job while old ranks still run) that found
+    the same checkpoint, the first to commit wins; the other deletes its own shard files and raises
+    :class:`~azstoragetorch.exceptions.CheckpointConflictError`. When one shard file fails, the
     save's other shard files stop and commit nothing, and the save raises once none of them can
     still commit. ``dcp.async_save`` works too, with the thread and the process checkpointer (the
     process one pickles the writer into its saving process, so ``credential`` must pickle).
@@ -392,6 +472,8 @@ class BlobStorageWriter(FileSystemWriter):
     Raises:
         ValueError: ``url`` is not a blob prefix URL.
         TypeError: ``credential`` or ``serialization_format`` is of an unsupported type.
+        CheckpointConflictError: (From a save, inside DCP's ``CheckpointException``.) Another save
+            committed the checkpoint after this one started; nothing of this one was committed.
 
     ``storage_meta()`` (which torch records in ``.metadata``) and :attr:`checkpoint_id` give the URL
     without its SAS token.
@@ -435,6 +517,7 @@ class BlobStorageWriter(FileSystemWriter):
         )
         checked_url = _initial_location(files, url)
         self._stats: TransferStats | None = None
+        self._seen_metadata: _SeenMetadata | None = None  # of the save under way, from its start to its commit
         super().__init__(
             checked_url,
             single_file_per_rank=single_file_per_rank,
@@ -490,7 +573,13 @@ class BlobStorageWriter(FileSystemWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        # FileSystemWriter's, with one token for the whole save in every rank's file names.
+        # FileSystemWriter's, with one token for the whole save in every rank's file names. Run by
+        # whoever commits (the coordinator, or every rank without collectives) before any shard is
+        # written: the .metadata seen now is the version that finish may replace.
+        seen = cast(_BlobFiles, self.fs).version(self._get_metadata_path(self._metadata_rank()))
+        # overwrite=False: only a checkpoint that still does not exist at the commit.
+        self._seen_metadata = _SeenMetadata(seen if self.overwrite else None)
+        pause("dcp.start")
         token = _save_token()
         return [
             dataclasses.replace(plan, storage_data=_StoragePrefix(_shard_prefix(rank, token)))
@@ -499,39 +588,80 @@ class BlobStorageWriter(FileSystemWriter):
             for rank, plan in enumerate(plans)
         ]
 
+    @_reported_at_exit
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        """Commit ``.metadata`` in one request, then delete the shard files it does not use.
+        """Commit ``.metadata`` in one request, if no other save did since this one started; then
+        delete the shard files that were there before the commit and that it does not use (the
+        replaced checkpoint's, and those left by failed saves).
 
         torch's own ``finish`` deletes the old ``.metadata`` and then renames a temporary file over
         it; between the two no checkpoint would be loadable. (Without collectives, every rank does
         this for its ``__<rank>.metadata`` and its own shard files.)
+
+        Raises:
+            CheckpointConflictError: Another save committed ``.metadata`` after this save started.
+                This save's shard files are deleted; the other save's checkpoint stays.
         """
+        seen, self._seen_metadata = self._seen_metadata, None
+        if seen is None:
+            raise RuntimeError("BlobStorageWriter.finish was called without prepare_global_plan for this save.")
         version = getattr(_torch_filesystem, "CURRENT_DCP_VERSION", None)  # recorded by newer torch only
         if version is not None:
             metadata.version = version
         metadata.storage_data = {result.index: result.storage_data for writes in results for result in writes}
         metadata.storage_meta = self.storage_meta()
-        rank = None if self.use_collectives else self.rank
-        cast(_BlobFiles, self.fs).write_whole(self._get_metadata_path(rank), pickle.dumps(metadata))
-        self._remove_unreferenced_shards(metadata, rank)
+        rank = self._metadata_rank()
+        files = cast(_BlobFiles, self.fs)
+        ours = {info.relative_path for info in metadata.storage_data.values()}
+        # Listed before the commit: a save whose shard files are listed here started (and saw
+        # .metadata) before this commit, so it can no longer commit after it, and none of its
+        # files can ever be in use. A save that starts after this commit writes files that this
+        # listing does not hold, and that this save leaves alone even if it deletes later.
+        existing = self._shard_files(rank)
+        pause("dcp.commit")
+        if not files.commit_if(self._get_metadata_path(rank), pickle.dumps(metadata), seen.etag):
+            self._delete_shard_files(sorted(ours))  # named by this save's token: in no other save's use
+            raise CheckpointConflictError(self.checkpoint_id)
+        self._delete_shard_files(sorted(set(existing) - ours))
 
-    def _remove_unreferenced_shards(self, metadata: Metadata, rank: int | None) -> None:
-        """Delete the shard files (of ``rank``, or of every rank) that the new metadata does not use:
-        those of the checkpoint it replaced and those left by failed or killed saves."""
-        referenced = {info.relative_path for info in metadata.storage_data.values()}
+    def _metadata_rank(self) -> int | None:
+        """The rank in the name of the ``.metadata`` this save commits: ``None`` with collectives."""
+        return None if self.use_collectives else self.rank
+
+    def _shard_files(self, rank: int | None) -> list[str]:
+        """The names (under the checkpoint's URL) of its shard files: of ``rank``, or of every rank."""
         client, prefix = cast(_BlobFiles, self.fs).container_client(self.path)
         # Without collectives every rank runs this: each lists only its own shard files, so that
         # the listing a rank sends does not grow with the number of ranks.
         listed = (f"{prefix}/" if prefix else "") + ("" if rank is None else f"__{rank}_")
+        found = []
         try:
             for blob in client.list_blobs(listed or None):
                 name = blob.client.blob_url.blob_name[len(prefix) + 1 if prefix else 0 :]
                 shard = _SHARD_FILE.fullmatch(name)
-                if shard and name not in referenced and (rank is None or int(shard["rank"]) == rank):
-                    blob.client.delete()
-        except AzureError as error:  # the checkpoint is complete; leftovers only cost space
-            _LOGGER.warning("Could not remove unused shard files under %s: %s", self.checkpoint_id, error)
+                if shard and (rank is None or int(shard["rank"]) == rank):
+                    found.append(name)
+        except AzureError as error:  # the save can still commit; leftovers only cost space
+            _LOGGER.warning("Could not list the shard files under %s: %s", self.checkpoint_id, error)
+            return []
+        return found
 
+    def _delete_shard_files(self, names: list[str]) -> None:
+        """Delete these shard files, those already gone aside."""
+        files = cast(_BlobFiles, self.fs)
+        failed = []
+        for name in names:
+            pause("dcp.cleanup")
+            try:
+                files.blob_client(files.concat_path(self.path, name)).delete()
+            except ResourceNotFoundError:
+                pass  # deleted by the save that replaced this one's checkpoint, or by hand
+            except AzureError as error:  # the checkpoint is complete; leftovers only cost space
+                failed.append(f"{name} ({error})")
+        if failed:
+            _LOGGER.warning("Could not remove unused shard files under %s: %s", self.checkpoint_id, "; ".join(failed))
+
+    @_reported_at_exit
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         files = cast(_BlobFiles, self.fs)
         started = time.perf_counter()

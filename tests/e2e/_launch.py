@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 # A job here takes 10-60 s on a quiet 2-core machine; fully loaded, several times that.
@@ -39,6 +39,23 @@ def run_job(
         finally:
             _kill_group(process.pid)  # stragglers of a job that ended (normally or not)
     return subprocess.CompletedProcess(list(command), process.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def started_job(command: Sequence[str], **kwargs: Any) -> Iterator[subprocess.Popen[str]]:
+    """``subprocess.Popen(command, text=True, **kwargs)`` in a new process group, for a test that talks
+    to the job while it runs. When the ``with`` block ends the job may run for up to
+    ``JOB_TIMEOUT_SECONDS`` more (at once if the block raised); then all of its group is killed."""
+    with subprocess.Popen(list(command), text=True, start_new_session=True, **kwargs) as process:
+        try:
+            yield process
+        except BaseException:
+            _kill_group(process.pid)
+            raise
+        try:
+            process.wait(timeout=JOB_TIMEOUT_SECONDS)
+        finally:
+            _kill_group(process.pid)
 
 
 def _kill_group(pid: int) -> None:

@@ -836,6 +836,29 @@ def test_a_save_that_fails_in_one_writer_thread_commits_nothing_after_it_raised(
     assert len(after_retry) == 3  # .metadata and the retry's two shard files: nothing of the failed save
 
 
+@pytest.mark.parametrize("failing_shard", [0, 2])
+@pytest.mark.usefixtures("no_backoff")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # torch's thread prints it
+def test_when_one_shard_file_fails_the_others_stop_and_nothing_is_left_under_the_prefix(
+    container: Container, azurite: Azurite, proxy: FaultProxy, failing_shard: int
+) -> None:
+    # Four shard files, several blocks each: every upload of one of them is refused, while the
+    # others' block uploads are slowed, so that they are still under way when it fails. They must
+    # stop there and commit nothing: the prefix stays empty, also once torch's writer threads end.
+    url = proxy.url(container.blob_url("stopped"))
+    proxy.add_fault(to(f"__0_{failing_shard}.distcp"), Respond(503, "ServerBusy"), times=None)
+    others = [to(f"__0_{shard}.distcp", ("PutBlock",)) for shard in range(4) if shard != failing_shard]
+    proxy.add_fault(lambda seen: any(other(seen) for other in others), Delay(0.3), times=None)
+    saving = writer(url, azurite.credential, thread_count=4, block_size=64 * 1024, max_concurrency=8)
+
+    with pytest.raises(CheckpointException, match="ServerBusy"):
+        dcp.save(state_dict(tensors=8, size=64 * 1024), storage_writer=saving)
+    join_writer_threads()
+
+    assert names(container, "stopped") == []
+    assert not [seen for seen in proxy.requests if seen.operation == "PutBlockList"]  # no file even tried to commit
+
+
 @contextlib.contextmanager
 def savers(url: str, environment: dict[str, str]) -> Iterator[Callable[[int, threading.Event | None], str]]:
     """``overwrite(version, kill_when)``: save ``version`` at ``url`` in a new process, sent SIGKILL as

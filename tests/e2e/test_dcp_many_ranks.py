@@ -95,13 +95,16 @@ def test_each_rank_sends_requests_for_its_own_files_only_at_world_size_8(
 
     for rank, seen in enumerate(requests["save"]):
         others = [describe(request) for request in seen if not own(request, rank)]
-        # Only the coordinator commits .metadata and lists the checkpoint, once, to delete unused files.
-        assert others == (["PutBlob .metadata", f"List ws{world_size}/"] if rank == 0 else []), rank
+        # Only the coordinator reads the version of .metadata (when the save starts), lists the
+        # checkpoint, once, to delete unused files, and commits .metadata over that version.
+        coordinator = ["GetBlobProperties .metadata", f"List ws{world_size}/", "PutBlob .metadata"]
+        assert others == (coordinator if rank == 0 else []), rank
         assert len(seen) == dcp_ranks_run.files_of(rank) + len(others), rank
 
     for rank, seen in enumerate(requests["save-without-collectives"]):
         others = [describe(request) for request in seen if not own(request, rank)]
-        # Each rank commits its own __<rank>.metadata and lists only its own shard files.
-        assert others == [f"PutBlob __{rank}.metadata"], rank
+        # Each rank reads the version of and commits its own __<rank>.metadata, and lists only its
+        # own shard files.
+        assert others == [f"GetBlobProperties __{rank}.metadata", f"PutBlob __{rank}.metadata"], rank
         listings = [describe(request) for request in seen if is_listing(request)]
         assert listings == [f"List ws{world_size}-local/__{rank}_"], rank

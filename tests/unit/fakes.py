@@ -115,7 +115,18 @@ class InMemoryBlobClient:
         self.committed_block_sizes = [len(self.staged[block_id]) for block_id in block_ids]
         self.recorded_crc32 = crc32
 
-    def put_blob(self, data: bytes | memoryview, *, validate_content: bool, crc32: int | None = None) -> None:
+    def put_blob(
+        self,
+        data: bytes | memoryview,
+        *,
+        validate_content: bool,
+        crc32: int | None = None,
+        if_match: str | None = None,
+        if_none_match: str | None = None,
+    ) -> str:
+        # Uploads here never replace an earlier commit, so conditions are not modelled.
+        assert if_match is None and if_none_match is None, "conditional puts are tested against Azurite"
         self.put_blob_calls += 1
         self.committed = bytes(data)
         self.recorded_crc32 = crc32
+        return self.properties.etag

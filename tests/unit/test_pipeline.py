@@ -1,6 +1,7 @@
 import datetime
 import gc
 import os
+import threading
 import urllib.parse
 import weakref
 
@@ -178,3 +179,16 @@ def test_other_authentication_details_are_not_passed_on() -> None:
     with pytest.raises(ClientAuthenticationError) as caught:
         _pipeline.raise_for_status(response, action="read", display_url="u")  # type: ignore[arg-type]
     assert "c2VjcmV0" not in str(caught.value) and "MAC signature" not in str(caught.value)
+
+
+def test_once_the_transfer_threads_refuse_work_a_transfer_runs_on_a_thread_of_its_own(fresh_state: None) -> None:
+    # concurrent.futures refuses new work in every pool once the main thread has ended; a save
+    # still under way then (dcp.async_save's) must go on, not fail half done.
+    assert not _pipeline.interpreter_exiting()
+    _pipeline.executor().shutdown()  # refuses work as every pool does at exit
+    assert _pipeline.interpreter_exiting()
+    ran_on = _pipeline.submit(lambda: threading.current_thread().name).result(timeout=10)
+    assert ran_on == "azstoragetorch-exiting"
+    failed = _pipeline.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failed.result(timeout=10)
