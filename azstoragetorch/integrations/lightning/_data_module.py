@@ -174,7 +174,8 @@ class BlobDataModule(LightningDataModule):
         self._pin_memory = pin_memory
         self._credential = credential
         self._retry = retry
-        self._cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
+        # The folder is checked (and made) in setup(), which every rank runs: __init__ changes no state.
+        self._cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing, check=False)
         self._prefetch = prefetch
         self._datasets: dict[str, Any] = {}
         self._fingerprints: dict[str, str] = {}
@@ -199,6 +200,8 @@ class BlobDataModule(LightningDataModule):
                 f"trainer.{stage}() needs the {needed[0]} split, but BlobDataModule has only: {configured}. "
                 f"Pass {needed[0]}=... ."
             )
+        if self._cache is not None:
+            self._cache.check()  # here, once per rank: its DataLoader workers get the verdict
         for name in needed:
             if name in self.splits and name not in self._datasets:
                 self._datasets[name] = self._dataset(name)
