@@ -281,14 +281,14 @@ def test_a_cache_dir_that_cannot_be_a_directory_falls_back_with_one_warning(
     occupied = tmp_path / "occupied"
     occupied.write_bytes(b"not a directory")
     monkeypatch.setattr(_cache, "_warned_pid", 0)
-    dataset = IterableBlobDataset.from_container_url(
-        blobs.url,
-        credential=account_credential,
-        cache_dir=occupied if where == "a file" else occupied / "cache",
-        cache_max_bytes=10**9,
-    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        dataset = IterableBlobDataset.from_container_url(
+            blobs.url,
+            credential=account_credential,
+            cache_dir=occupied if where == "a file" else occupied / "cache",
+            cache_max_bytes=10**9,
+        )
         for _epoch in range(2):
             assert samples(dataset) == expected(blobs)
         _cache.flush()
@@ -889,10 +889,12 @@ def test_a_cache_folder_others_could_change_is_refused_with_one_warning(
     before = snapshot(tmp_path)
     monkeypatch.setattr(_cache, "_warned_pid", 0)
     with FaultProxy(azurite.port) as proxy:
-        dataset = BlobDataset.from_container_url(
-            proxy.url(blobs.url), credential=account_credential, cache_dir=cache_dir, cache_trust_listing=True
-        )
-        warned = read_twice_recording_warnings(dataset)
+        with warnings.catch_warnings(record=True) as caught:  # the folder is judged as the dataset is made
+            warnings.simplefilter("always")
+            dataset = BlobDataset.from_container_url(
+                proxy.url(blobs.url), credential=account_credential, cache_dir=cache_dir, cache_trust_listing=True
+            )
+        warned = our_warnings(caught) + read_twice_recording_warnings(dataset)
         assert len(gets(proxy)) == 2 * COUNT  # every read from the service, none conditional
         assert all("if-none-match" not in seen.headers for seen in gets(proxy))
     assert len(warned) == 1, warned
@@ -1014,6 +1016,36 @@ def test_a_worker_does_not_use_a_folder_changed_since_it_was_accepted(
     for folder in [tmp_path / "accepted", cache_dir, tmp_path / "other"]:
         assert not folder.exists() or list(folder.iterdir()) == []
     assert change != "removed" or not cache_dir.exists()
+
+
+def test_a_data_module_checks_its_cache_folder_in_setup_not_in_init(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from azstoragetorch.integrations.lightning import BlobDataModule
+
+    cache_dir = tmp_path / "made" / "cache"
+    data = BlobDataModule(train=blobs.url, credential=account_credential, cache_dir=cache_dir)
+    assert list(tmp_path.iterdir()) == []  # __init__ changes no state, as Lightning asks
+    data.setup("fit")
+    assert oct(cache_dir.stat().st_mode & 0o777) == "0o700"
+
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    refused.chmod(0o777)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    data = BlobDataModule(train=blobs.url, credential=account_credential, cache_dir=refused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data.setup("fit")
+        data.setup("fit")
+        assert our_warnings(caught) != []  # in setup, before a DataLoader worker could see the folder
+        assert [sample["data"] for sample in samples(data.train_dataloader().dataset)] == [
+            content(i) for i in range(COUNT)
+        ]
+        _cache.flush()
+    warned = our_warnings(caught)
+    assert len(warned) == 1 and "not safe to use" in warned[0], warned
+    assert list(refused.iterdir()) == []
 
 
 def test_each_cause_of_falling_back_warns_once(
