@@ -35,20 +35,27 @@ nothing is evicted, so hits leave the files untouched (no ``utime``). A store wa
 this one stop storing (see "Failures"), rather than stop its samples or its exit.
 
 **Trust.** The directory is used only if no one but its user could change what it holds, as ssh
-requires of its files: each process opens it once and refuses it (one warning per process and
-directory, then reads from the service as without a cache) if another user owns it, if its group
-or others can write to it, or if a directory or symbolic link on the way to it could be replaced
-by another user (one owned by someone other than the user or root, or writable by group or others
-without the sticky bit, as ``/tmp`` has). The parts of the path that do not exist are created with
-mode 0o700. Every file is then opened, renamed and deleted relative to that descriptor, by a name
+requires of its files: it is refused (then read from the service as without a cache) if another
+user owns it, if its group or others can write to it, or if a directory or symbolic link on the way
+to it could be replaced by another user (one owned by someone other than the user or root, or
+writable by group or others without the sticky bit, as ``/tmp`` has). The parts of the path that do
+not exist are created with mode 0o700. The folder is checked once, where the dataset is made
+(:func:`make_cache`; ``BlobDataModule`` in its ``setup``), which gives the one warning of a
+refusal; the verdict pickles with the cache, so DataLoader workers and spawned ranks neither check
+nor warn again. A process that received an accepted folder opens it by path again, walking the same
+checks without creating anything, and uses it only if it is the very directory that was accepted
+(same ``st_dev`` and ``st_ino``): one removed, renamed away and replaced, or made unsafe since is
+not used, with one warning in that process. Every file is then opened, renamed and deleted relative to that descriptor, by a name
 with no slash and with ``O_NOFOLLOW``: a symbolic link planted in the directory is never followed
 (a lock or entry that is one, or a lock with another hard link, is not used; a rename replaces a
 link, never its target). An entry owned by another user (planted while the directory was
 writable) or writable by group or others is a miss, replaced by the store. Only names that the
 cache gives its files are counted or evicted.
 
-**Failures.** A directory that cannot be created or written, or a full disk, costs one warning per
-process and directory; that process then stops storing and reads from the service as without a cache.
+**Failures.** A directory that cannot be created is refused as above. One that cannot be written,
+or a full disk, costs one warning per process and directory; that process then stops storing and
+reads from the service as without a cache. An entry that cannot be read is a miss, with its own
+one warning per process and directory: each cause warns once, so one does not silence another.
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from azstoragetorch._client import AzStorageTorchBlobClient, crc32, pause
 
@@ -102,7 +109,7 @@ _ENTRY_NAME = re.compile(r"[0-9a-f]{64}")  # what _file_name returns: only such 
 _MAX_LINKS = 40
 
 _warned_pid = 0
-_warned: set[str] = set()  # the directories this process has warned about
+_warned: set[tuple[str, str]] = set()  # the (directory, cause) pairs this process has warned about
 _warned_lock = threading.Lock()
 
 
@@ -115,8 +122,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_warned_lock)
 
 
-def make_cache(cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = False) -> BlobCache | None:
-    """The cache the datasets' ``cache_*`` options ask for (``None`` without ``cache_dir``); checks them."""
+def make_cache(
+    cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = False, check: bool = True
+) -> BlobCache | None:
+    """The cache the datasets' ``cache_*`` options ask for (``None`` without ``cache_dir``); checks them.
+
+    With ``check``, the folder is also checked (and created) now, in the process that makes the
+    dataset: a refusal warns here, once, and the verdict travels to its workers (see "Trust").
+    """
     if cache_dir is None:
         if cache_max_bytes is not None or trust_listing:
             raise ValueError("cache_max_bytes and cache_trust_listing need cache_dir: there is no cache without it.")
@@ -144,7 +157,10 @@ def make_cache(cache_dir: Any, cache_max_bytes: Any, *, trust_listing: Any = Fal
         raise ValueError(f"cache_max_bytes must be a positive int or None, got {cache_max_bytes!r}.")
     if not isinstance(trust_listing, bool):
         raise TypeError(f"cache_trust_listing must be a bool, not {type(trust_listing).__name__}.")
-    return BlobCache(directory, cache_max_bytes, trust_known_etag=trust_listing)
+    cache = BlobCache(directory, cache_max_bytes, trust_known_etag=trust_listing)
+    if check:
+        cache.check()
+    return cache
 
 
 class _ProcessState:
@@ -162,21 +178,33 @@ class _ProcessState:
 class BlobCache:
     """Whole blobs on local disk, keyed by URL and ETag; shared by the processes of a node.
 
-    Pickles as its settings, so DataLoader workers and spawned ranks each start their own state.
+    Pickles as its settings and the folder's verdict, so DataLoader workers and spawned ranks each
+    start their own state but neither check nor warn again (see the module's "Trust").
     """
 
     def __init__(self, directory: str, max_bytes: int | None, *, trust_known_etag: bool = False) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.trust_known_etag = trust_known_etag
+        self._verdict: _Verdict | None = None  # None until the folder is checked, in any process
         self._state = _ProcessState()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory, "max_bytes": self.max_bytes, "trust_known_etag": self.trust_known_etag}
+        return {
+            "directory": self.directory,
+            "max_bytes": self.max_bytes,
+            "trust_known_etag": self.trust_known_etag,
+            "verdict": self._verdict,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["directory"], state["max_bytes"], trust_known_etag=state["trust_known_etag"])  # type: ignore[misc]
+        self._verdict = state.get("verdict")
+
+    def check(self) -> None:
+        """Check (and create) the folder now, unless this process has: a refusal warns once, here."""
+        self._directory_fd()
 
     def __repr__(self) -> str:
         return f"BlobCache({self.directory!r}, max_bytes={self.max_bytes})"
@@ -234,15 +262,46 @@ class BlobCache:
         if state.dir_fd is None and state.usable:
             with state.opening:
                 if state.dir_fd is None and state.usable:
-                    try:
-                        state.dir_fd = _open_directory(self.directory)
-                    except _Refused as refusal:
-                        state.usable = False
-                        _warn_once(self.directory, f"{self.directory} is not safe to use: {refusal}")
-                    except OSError as error:
-                        state.usable = False
-                        _warn_once(self.directory, f"opening {self.directory} failed ({_reason(error)})")
+                    state.dir_fd = self._open()
+                    state.usable = state.dir_fd is not None
         return state.dir_fd
+
+    def _open(self) -> int | None:
+        verdict = self._verdict
+        if verdict is None or verdict.node != _node():
+            return self._judge()
+        if verdict.refusal is not None:
+            return None  # refused where the dataset was made, which warned
+        # Accepted where the dataset was made: by path again, so the same checks, and then it must
+        # be the very folder that was accepted (one renamed away and replaced since is not).
+        try:
+            fd = _open_directory(self.directory, create=False)
+        except (_Refused, OSError) as error:
+            why = str(error) if isinstance(error, _Refused) else _reason(error)
+            _warn_once(self.directory, "changed", f"{self.directory} changed since the dataset was made ({why})")
+            return None
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != verdict.identity:
+            os.close(fd)
+            _warn_once(self.directory, "changed", f"{self.directory} was replaced since the dataset was made")
+            return None
+        return fd
+
+    def _judge(self) -> int | None:
+        """The first check of the folder (creating it); records the verdict that pickles carry."""
+        try:
+            fd = _open_directory(self.directory)
+        except _Refused as refusal:
+            self._verdict = _Verdict(_node(), None, f"{self.directory} is not safe to use: {refusal}")
+        except OSError as error:
+            self._verdict = _Verdict(_node(), None, f"opening {self.directory} failed ({_reason(error)})")
+        else:
+            opened = os.fstat(fd)
+            self._verdict = _Verdict(_node(), (opened.st_dev, opened.st_ino), None)
+            return fd
+        assert self._verdict.refusal is not None
+        _warn_once(self.directory, "folder", self._verdict.refusal)
+        return None
 
     def _lookup(self, path: str) -> tuple[str, bytes] | None:
         """The cached ETag and content at ``path``, if it is there and intact; a damaged file is removed."""
@@ -259,13 +318,13 @@ class BlobCache:
             if error.errno == errno.ELOOP:
                 return None  # a link: a miss, and the store's rename replaces the link itself
             # Not readable (permissions, I/O error): as a miss; storing will tell whether it is usable.
-            _warn_once(self.directory, f"reading {path} failed ({_reason(error)})")
+            _warn_once(self.directory, "read", f"reading {path} failed ({_reason(error)})")
             return None
         try:
             pause("cache.read")  # another process may now replace or evict the file
             found = _read_entry(fd)
         except OSError as error:
-            _warn_once(self.directory, f"reading {path} failed ({_reason(error)})")
+            _warn_once(self.directory, "read", f"reading {path} failed ({_reason(error)})")
             return None
         finally:
             os.close(fd)
@@ -320,7 +379,7 @@ class BlobCache:
             with contextlib.suppress(OSError):
                 os.unlink(temp, dir_fd=dir_fd)
             state.storing = False
-            _warn_once(self.directory, f"storing in {self.directory} failed ({_reason(error)})")
+            _warn_once(self.directory, "store", f"storing in {self.directory} failed ({_reason(error)})")
 
     def _publish(self, state: _ProcessState, dir_fd: int, temp: str, name: str, size: int) -> None:
         """Rename ``temp`` to ``name``; with a limit, count it and evict first if it would pass it."""
@@ -436,7 +495,8 @@ class _Writer:
                 cache._store(path, etag, data)
             except Exception as error:  # a defect: keep the samples coming, without a cache
                 cache._process_state().storing = False
-                _warn_once(cache.directory, f"storing in {cache.directory} failed ({type(error).__name__}: {error})")
+                what = f"storing in {cache.directory} failed ({type(error).__name__}: {error})"
+                _warn_once(cache.directory, "store", what)
             finally:
                 with self._condition:
                     self._queue.popleft()
@@ -480,9 +540,22 @@ class _Refused(Exception):
     """The cache directory, or the way to it, could be changed by another user."""
 
 
-def _open_directory(directory: str) -> int:
-    """A descriptor of ``directory`` (absolute), created with mode 0o700 where it is missing, once
-    it and the way to it are safe (see the module's "Trust"); raises :class:`_Refused` if not."""
+class _Verdict(NamedTuple):
+    """What checking the folder found, carried to other processes by pickling."""
+
+    node: str  # the machine that checked: a verdict sent elsewhere is of another folder
+    identity: tuple[int, int] | None  # (st_dev, st_ino) of the accepted folder
+    refusal: str | None  # why it is not used, if it is not
+
+
+def _node() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else ""
+
+
+def _open_directory(directory: str, *, create: bool = True) -> int:
+    """A descriptor of ``directory`` (absolute), created with mode 0o700 where it is missing (with
+    ``create``), once it and the way to it are safe (see the module's "Trust"); raises
+    :class:`_Refused` if not."""
     if os.name != "posix" or os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
         raise _Refused("this platform cannot open files without following symbolic links")
     uid = os.geteuid()
@@ -504,6 +577,8 @@ def _open_directory(directory: str) -> int:
         try:
             found = _lstat_safe(path, uid)
         except FileNotFoundError:
+            if not create:
+                raise
             # Only the user can add to a safe directory, except a sticky one (/tmp), where another
             # user may have made it first: then it is theirs, and the checks below refuse it.
             with contextlib.suppress(FileExistsError):
@@ -683,19 +758,20 @@ def _reason(error: OSError) -> str:
     return error.strerror or errno.errorcode.get(error.errno or 0, "") or type(error).__name__
 
 
-def _warn_once(directory: str, what: str) -> None:
-    """One warning per process and directory for everything that makes the cache fall back to the service."""
+def _warn_once(directory: str, cause: str, what: str) -> None:
+    """One warning per process, directory and cause (``folder``, ``changed``, ``read``, ``store``) for
+    what makes the cache fall back to the service: an unreadable entry does not hide a full disk."""
     global _warned_pid
     with _warned_lock:  # samples are fetched by several threads, which may fail at once
         if _warned_pid != os.getpid():
             _warned_pid = os.getpid()
             _warned.clear()
-        if directory in _warned:
+        if (directory, cause) in _warned:
             return
-        _warned.add(directory)
+        _warned.add((directory, cause))
     warnings.warn(
         f"azstoragetorch: the dataset cache is not working: {what}; samples are read from Azure Blob Storage "
-        "instead (this warning is shown once per process and cache directory).",
+        "instead (this warning is shown once per process, cache directory and cause).",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -7,6 +7,7 @@ KiB, of varied sizes (and one empty), with content that differs from blob to blo
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import subprocess
@@ -280,14 +281,14 @@ def test_a_cache_dir_that_cannot_be_a_directory_falls_back_with_one_warning(
     occupied = tmp_path / "occupied"
     occupied.write_bytes(b"not a directory")
     monkeypatch.setattr(_cache, "_warned_pid", 0)
-    dataset = IterableBlobDataset.from_container_url(
-        blobs.url,
-        credential=account_credential,
-        cache_dir=occupied if where == "a file" else occupied / "cache",
-        cache_max_bytes=10**9,
-    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        dataset = IterableBlobDataset.from_container_url(
+            blobs.url,
+            credential=account_credential,
+            cache_dir=occupied if where == "a file" else occupied / "cache",
+            cache_max_bytes=10**9,
+        )
         for _epoch in range(2):
             assert samples(dataset) == expected(blobs)
         _cache.flush()
@@ -888,10 +889,12 @@ def test_a_cache_folder_others_could_change_is_refused_with_one_warning(
     before = snapshot(tmp_path)
     monkeypatch.setattr(_cache, "_warned_pid", 0)
     with FaultProxy(azurite.port) as proxy:
-        dataset = BlobDataset.from_container_url(
-            proxy.url(blobs.url), credential=account_credential, cache_dir=cache_dir, cache_trust_listing=True
-        )
-        warned = read_twice_recording_warnings(dataset)
+        with warnings.catch_warnings(record=True) as caught:  # the folder is judged as the dataset is made
+            warnings.simplefilter("always")
+            dataset = BlobDataset.from_container_url(
+                proxy.url(blobs.url), credential=account_credential, cache_dir=cache_dir, cache_trust_listing=True
+            )
+        warned = our_warnings(caught) + read_twice_recording_warnings(dataset)
         assert len(gets(proxy)) == 2 * COUNT  # every read from the service, none conditional
         assert all("if-none-match" not in seen.headers for seen in gets(proxy))
     assert len(warned) == 1, warned
@@ -945,6 +948,128 @@ def test_the_refusal_warning_is_given_once_per_process_and_folder(
             assert [sample["data"] for sample in samples(dataset)] == [content(index) for index in range(3)]
     warned = our_warnings(caught)
     assert len(warned) == 2 and str(folders[0]) in warned[0] and str(folders[1]) in warned[1], warned
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("mode", [0o777, 0o700])
+def test_a_refused_folder_warns_once_in_the_main_process_not_in_each_worker_and_epoch(
+    blobs: Container, tmp_path: Path, method: str, mode: int
+) -> None:
+    """Two workers over three epochs are six processes that use the cache: the folder is judged
+    once, where the dataset is made, and the workers get the verdict with the dataset."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    cache_dir.chmod(mode)
+    epochs = 3
+    urls = [blobs.blob_url(n) for n in NAMES]
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "AZSTORAGETORCH_TEST_ACCOUNT_KEY": ACCOUNT_KEY}
+    command = [sys.executable, "-m", "tests.e2e.cache_workers_run", str(cache_dir), method, str(epochs), *urls]
+    finished = subprocess.run(
+        command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, check=False, timeout=600
+    )
+    assert finished.returncode == 0, finished.stderr
+    *digests, main = finished.stdout.splitlines()
+    assert digests == [hashlib.sha256(b"".join(content(i) for i in range(COUNT))).hexdigest()] * epochs
+    warned = [
+        line for line in finished.stderr.splitlines() if line.startswith("warning in ") and "dataset cache" in line
+    ]
+    if mode == 0o777:
+        assert len(warned) == 1, warned
+        assert warned[0].startswith(f"warning in {main.split()[1]}: ") and "not safe to use" in warned[0]
+        assert list(cache_dir.iterdir()) == []
+    else:
+        assert warned == []
+        assert len(cache_files(cache_dir)) == COUNT
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("change", ["replaced", "removed", "made writable", "a link to a safe folder"])
+def test_a_worker_does_not_use_a_folder_changed_since_it_was_accepted(
+    blobs: Container,
+    tmp_path: Path,
+    account_credential: AzureNamedKeyCredential,
+    stop_workers: list[Any],
+    method: str,
+    change: str,
+) -> None:
+    cache_dir = tmp_path / "cache"
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=cache_dir
+    )
+    assert cache_dir.is_dir()  # made, and accepted, with the dataset
+    if change == "made writable":
+        cache_dir.chmod(0o777)
+    else:
+        cache_dir.rename(tmp_path / "accepted")
+        if change == "replaced":
+            cache_dir.mkdir(mode=0o700)  # the same checks pass, but it is not the folder that was accepted
+        elif change == "a link to a safe folder":
+            (tmp_path / "other").mkdir(mode=0o700)
+            cache_dir.symlink_to(tmp_path / "other")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=5, num_workers=2, multiprocessing_context=method, collate_fn=as_list
+    )
+    stop_workers.append(loader)
+    for _epoch in range(2):
+        assert [sample["data"] for batch in loader for sample in batch] == [content(i) for i in range(COUNT)]
+    # Read from the service: nothing stored anywhere, nothing created in the folder's place.
+    for folder in [tmp_path / "accepted", cache_dir, tmp_path / "other"]:
+        assert not folder.exists() or list(folder.iterdir()) == []
+    assert change != "removed" or not cache_dir.exists()
+
+
+def test_a_data_module_checks_its_cache_folder_in_setup_not_in_init(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from azstoragetorch.integrations.lightning import BlobDataModule
+
+    cache_dir = tmp_path / "made" / "cache"
+    data = BlobDataModule(train=blobs.url, credential=account_credential, cache_dir=cache_dir)
+    assert list(tmp_path.iterdir()) == []  # __init__ changes no state, as Lightning asks
+    data.setup("fit")
+    assert oct(cache_dir.stat().st_mode & 0o777) == "0o700"
+
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    refused.chmod(0o777)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    data = BlobDataModule(train=blobs.url, credential=account_credential, cache_dir=refused)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data.setup("fit")
+        data.setup("fit")
+        assert our_warnings(caught) != []  # in setup, before a DataLoader worker could see the folder
+        assert [sample["data"] for sample in samples(data.train_dataloader().dataset)] == [
+            content(i) for i in range(COUNT)
+        ]
+        _cache.flush()
+    warned = our_warnings(caught)
+    assert len(warned) == 1 and "not safe to use" in warned[0], warned
+    assert list(refused.iterdir()) == []
+
+
+def test_each_cause_of_falling_back_warns_once(
+    blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry that cannot be read must not use up the warning of a full disk that comes next."""
+    dataset = BlobDataset.from_blob_urls(
+        [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path
+    )
+    assert read_twice_recording_warnings(dataset) == []  # stored, then hits
+
+    def unreadable(fd: int) -> Any:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_cache, "_read_entry", unreadable)
+    monkeypatch.setattr(_cache, "_write_all", full)
+    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    warned = read_twice_recording_warnings(dataset)  # every entry unreadable, so every blob is stored again
+    assert len(warned) == 2, warned
+    assert "reading" in warned[0] and os.strerror(errno.EIO) in warned[0]
+    assert "storing" in warned[1] and "No space left on device" in warned[1]
 
 
 def test_an_empty_cache_dir_is_an_error_and_a_tilde_is_expanded(

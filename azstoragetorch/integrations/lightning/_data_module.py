@@ -116,7 +116,8 @@ class BlobDataModule(LightningDataModule):
             and :meth:`~azstoragetorch.datasets.Blob.read`), so that later epochs read local files;
             the workers and the ranks of a node share it. Each hit is confirmed with the service
             by a conditional read (one request, no transfer). ``None``: no cache. ``~`` is expanded;
-            a folder that another user could change is refused with a warning.
+            a folder that another user could change is refused with a warning. The folder is
+            checked and created in ``setup``, on every rank, not here.
         cache_max_bytes: The most bytes the cache holds; least recently used blobs are deleted
             beyond it. ``None``: no limit but the disk.
         cache_trust_listing: For splits listed from a container, serve a cached blob whose ETag is
@@ -174,7 +175,9 @@ class BlobDataModule(LightningDataModule):
         self._pin_memory = pin_memory
         self._credential = credential
         self._retry = retry
-        self._cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
+        # The folder is checked (and made) when a split is listed, in setup() on every rank: __init__
+        # changes no state.
+        self._cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing, check=False)
         self._prefetch = prefetch
         self._datasets: dict[str, Any] = {}
         self._fingerprints: dict[str, str] = {}
@@ -232,6 +235,8 @@ class BlobDataModule(LightningDataModule):
 
     def _dataset(self, name: str) -> Any:
         split = self.splits[name]
+        if self._cache is not None:
+            self._cache.check()  # in this rank's process (setup), before its DataLoader workers get the verdict
         try:
             blobs = _list_source(split.source, self._credential, self._retry, self._cache)
         except AzureError as error:
