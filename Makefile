@@ -44,6 +44,23 @@ test-compat: $(COMPAT_VENV)/.installed $(AZURITE)
 	$(COMPAT_VENV)/bin/python -c "import torch, lightning; print('torch', torch.__version__, '/ lightning', lightning.__version__)"
 	nice $(COMPAT_VENV)/bin/pytest -p no:cacheprovider
 
+# The floors suite (`make test-floors`): the whole pytest suite with every dependency pyproject.toml
+# declares installed at its floor (tools/floors.py writes them as pip constraints and checks them).
+FLOORS_VENV := .venv-floors
+
+$(FLOORS_VENV)/.installed: pyproject.toml Makefile tools/floors.py
+	rm -rf $(FLOORS_VENV)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOORS_VENV)/bin/python tools/floors.py > $(FLOORS_VENV)/constraints.txt
+	nice $(FLOORS_VENV)/bin/python -m pip install --quiet $(TORCH_PIN)
+	nice $(FLOORS_VENV)/bin/python -m pip install --quiet -c $(FLOORS_VENV)/constraints.txt -e '.[lightning,test]'
+	$(FLOORS_VENV)/bin/python tools/floors.py --check
+	touch $@
+
+test-floors: $(FLOORS_VENV)/.installed $(AZURITE)
+	nice $(FLOORS_VENV)/bin/pytest -p no:cacheprovider
+
 lint: setup
 	$(VENV)/bin/ruff check azstoragetorch tests examples benchmarks
 	$(VENV)/bin/ruff format --check azstoragetorch tests examples benchmarks
@@ -68,4 +85,4 @@ bench: setup
 	$(PY) benchmarks/bench_stats.py
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) tools/azurite/node_modules docs/_build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(FLOORS_VENV) tools/azurite/node_modules docs/_build .pytest_cache .mypy_cache .ruff_cache
