@@ -1,16 +1,17 @@
 """The dependency floors pyproject.toml declares, as pip constraints, for `make test-floors`.
 
-    python tools/floors.py            # print "name==floor" for each dependency and the lightning extra
-    python tools/floors.py --check    # exit 1 unless each is installed at exactly its floor
+python tools/floors.py            # print "name==floor" for each dependency and the lightning extra
+python tools/floors.py --check    # exit 1 unless each is installed at exactly its floor
 """
 
 from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
+
+import tomllib
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
