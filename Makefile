@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 AZURITE := tools/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: setup test lint docs demo bench clean
+.PHONY: setup test lint docs demo bench clean test-compat test-floors
 
 setup: $(VENV)/.installed $(AZURITE)
 
@@ -21,6 +21,45 @@ $(VENV)/.installed: pyproject.toml
 $(AZURITE): tools/azurite/package.json tools/azurite/package-lock.json
 	npm ci --prefix tools/azurite --no-audit --no-fund --loglevel=error
 	touch $@
+
+# The compatibility suite (`make test-compat`, not part of `make test`): the whole pytest suite in a
+# second venv with the newest torch and Lightning 2.6.x installable here. torch's CUDA builds need
+# their nvidia-* wheels (about 2.3 GB, most of them on this machine's disk) even to import on a CPU:
+# without them `import torch` fails on libcudnn.so, so they are installed as torch declares them.
+# Raise the pins when a newer release is installable, and keep the tested range in
+# azstoragetorch/_compat.py (TESTED_TORCH, TESTED_LIGHTNING) in step.
+COMPAT_VENV := .venv-compat
+COMPAT_TORCH := torch==2.14.1
+COMPAT_LIGHTNING := lightning==2.6.6
+
+$(COMPAT_VENV)/.installed: pyproject.toml Makefile
+	rm -rf $(COMPAT_VENV)
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	nice $(COMPAT_VENV)/bin/python -m pip install --quiet $(COMPAT_TORCH)
+	nice $(COMPAT_VENV)/bin/python -m pip install --quiet -e '.[lightning,test]' $(COMPAT_TORCH) $(COMPAT_LIGHTNING)
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.installed $(AZURITE)
+	$(COMPAT_VENV)/bin/python -c "import torch, lightning; print('torch', torch.__version__, '/ lightning', lightning.__version__)"
+	nice $(COMPAT_VENV)/bin/pytest -p no:cacheprovider
+
+# The floors suite (`make test-floors`): the whole pytest suite with every dependency pyproject.toml
+# declares installed at its floor (tools/floors.py writes them as pip constraints and checks them).
+FLOORS_VENV := .venv-floors
+
+$(FLOORS_VENV)/.installed: pyproject.toml Makefile tools/floors.py
+	rm -rf $(FLOORS_VENV)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOORS_VENV)/bin/python tools/floors.py > $(FLOORS_VENV)/constraints.txt
+	nice $(FLOORS_VENV)/bin/python -m pip install --quiet $(TORCH_PIN)
+	nice $(FLOORS_VENV)/bin/python -m pip install --quiet -c $(FLOORS_VENV)/constraints.txt -e '.[lightning,test]'
+	$(FLOORS_VENV)/bin/python tools/floors.py --check
+	touch $@
+
+test-floors: $(FLOORS_VENV)/.installed $(AZURITE)
+	nice $(FLOORS_VENV)/bin/pytest -p no:cacheprovider
 
 lint: setup
 	$(VENV)/bin/ruff check azstoragetorch tests examples benchmarks
@@ -47,4 +86,4 @@ bench: setup
 	$(PY) benchmarks/bench_stats.py
 
 clean:
-	rm -rf $(VENV) tools/azurite/node_modules docs/_build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(FLOORS_VENV) tools/azurite/node_modules docs/_build .pytest_cache .mypy_cache .ruff_cache

@@ -33,6 +33,7 @@ from azstoragetorch._client import (
     validate_credential,
     validate_retry,
 )
+from azstoragetorch._compat import warn_if_untested
 from azstoragetorch._entries import Entries, EntriesBuilder
 from azstoragetorch._options import check_int
 from azstoragetorch.io import BlobIO
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     import datetime
 
 __all__ = ["Blob", "BlobDataset", "IterableBlobDataset"]
+
+warn_if_untested("torch")
 
 _TransformOutputType_co = TypeVar("_TransformOutputType_co", covariant=True)
 _T = TypeVar("_T")

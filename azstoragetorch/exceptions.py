@@ -17,6 +17,7 @@ __all__ = [
     "ChecksumMismatchError",
     "ClientRequestIdMismatchError",
     "FatalBlobIOWriteError",
+    "UntestedVersionWarning",
 ]
 
 
@@ -194,3 +195,17 @@ class ChecksumMismatchError(AZStorageTorchError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
         return (type(self), (self.blob_url, self.what, self.expected, self.actual))
+
+
+class UntestedVersionWarning(UserWarning):
+    """The installed torch or Lightning is not a release azstoragetorch was tested with.
+
+    Issued once per process, when a module that uses torch or Lightning is imported; the library
+    runs anyway. The documentation's "Supported versions" section lists the tested releases. To
+    silence it::
+
+        import warnings
+        from azstoragetorch.exceptions import UntestedVersionWarning
+
+        warnings.filterwarnings("ignore", category=UntestedVersionWarning)
+    """

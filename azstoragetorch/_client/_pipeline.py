@@ -274,7 +274,9 @@ class _StorageRetryPolicy(RetryPolicy[Any, Any]):
             # A first connection failure is most often a pooled connection that the other end had
             # closed: the next one, on a new connection, goes at once.
             return 0.0
-        backoff = doubled(settings["backoff"], len(history) - 1, most=settings["max_backoff"])
+        # self.backoff_max, not settings["max_backoff"]: azure-core 1.31 fills the latter with its
+        # class default (120 s) whatever retry_backoff_max says.
+        backoff = doubled(settings["backoff"], len(history) - 1, most=self.backoff_max)
         return backoff * random.uniform(0.5, 1.0)
 
     def sleep(
@@ -285,7 +287,7 @@ class _StorageRetryPolicy(RetryPolicy[Any, Any]):
             _discard_error_body(response.http_response)
             retry_after = self.get_retry_after(response)
             if retry_after is not None:
-                backoff = max(backoff, min(retry_after, settings["max_backoff"]))
+                backoff = max(backoff, min(retry_after, self.backoff_max))
         if backoff > 0:
             transport.sleep(backoff)
 

@@ -30,20 +30,17 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import IO, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import filesystem as _torch_filesystem
-from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 from torch.distributed.checkpoint.filesystem import (
     FileSystemBase,
     FileSystemReader,
     FileSystemWriter,
     SerializationFormat,
-    _StorageInfo,
-    _StoragePrefix,
+    _StoragePrefix,  # private: listed in azstoragetorch/_compat.py, as is every such name here
 )
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner
@@ -70,12 +67,20 @@ from azstoragetorch._client import (
     validate_credential,
     validate_retry,
 )
+from azstoragetorch._compat import warn_if_untested
 from azstoragetorch._options import check_int, check_transfer_options
 from azstoragetorch.exceptions import CheckpointConflictError, ChecksumMismatchError
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
 
+if TYPE_CHECKING:
+    # Private torch names needed only for annotations: a release that moves them cannot break an import.
+    from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
 __all__ = ["BlobStorageReader", "BlobStorageWriter", "CheckpointVerification"]
+
+warn_if_untested("torch")
 
 _MiB = 1024 * 1024
 # Shard files: __<rank>_<token>_<n>.distcp as BlobStorageWriter names them (the token is its save's),
@@ -877,7 +882,7 @@ class BlobStorageReader(FileSystemReader):
             return
         seekable = stream if stream.seekable() else io.BytesIO(stream.read(-1))
         tensor = torch.load(seekable, map_location="cpu", weights_only=True)
-        tensor = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
+        tensor = _narrow(tensor, request.storage_offsets, request.lengths)
         target = planner.resolve_tensor(request).detach()
         if target.size() != tensor.size():
             raise AssertionError(f"req {request.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")
@@ -1148,6 +1153,18 @@ class _MemoryFile(io.RawIOBase):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+def _narrow(tensor: torch.Tensor, offsets: Sequence[int], lengths: Sequence[int]) -> torch.Tensor:
+    """The part of a stored tensor that a load asked for: ``lengths`` elements from ``offsets``, per dimension.
+
+    What torch's ``FileSystemReader`` does with its private ``narrow_tensor_by_index``, with the public
+    ``Tensor.narrow``: a view, no copy; a dimension read whole is left alone.
+    """
+    for dim, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
+        if length < tensor.size(dim):
+            tensor = tensor.narrow(dim, offset, length)
+    return tensor
 
 
 def _copy_on_this_thread(target: torch.Tensor, source: torch.Tensor) -> None:

@@ -18,11 +18,15 @@ except ImportError as error:  # pragma: no cover - exercised by a test in a proc
         'Install it with: pip install "azstoragetorch[lightning]"'
     ) from error
 
+from azstoragetorch._compat import warn_if_untested
 from azstoragetorch.integrations.lightning._checkpoint_io import AzureBlobCheckpointIO
 from azstoragetorch.integrations.lightning._config_callback import BlobSaveConfigCallback
 from azstoragetorch.integrations.lightning._data_module import BlobDataModule, BlobSplit
 
 __all__ = ["AzureBlobCheckpointIO", "BlobDataModule", "BlobSaveConfigCallback", "BlobSplit"]
+
+warn_if_untested("torch")
+warn_if_untested("lightning")
 
 # One module per feature; the public path stays azstoragetorch.integrations.lightning (for LightningCLI
 # configs' class_path, pickles and the docs).
