@@ -289,15 +289,6 @@ def test_cp_never_follows_a_symlink_planted_in_the_destination(container: Contai
 # -- cp: Ctrl-C and a full disk -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def python_ctrl_c() -> Iterator[None]:
-    """Python's Ctrl-C handler in this process, so that the CLI's process gets one too: a test run that
-    a non-interactive shell started in the background ignores SIGINT, and its children inherit that."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 class From:
     """Matches requests of one operation from the ``first``-th on (1-based); the earlier ones pass."""
 
