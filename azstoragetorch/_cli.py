@@ -23,6 +23,7 @@ import errno
 import os
 import pathlib
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -273,15 +274,17 @@ class _Copy:
     source: str  # a blob URL (may hold a SAS; never printed) or a local path
     destination: str  # a blob URL, or the local path shown to the user
     size: int | None
-    blob: str = ""  # downloads: the blob's name, for messages
+    blob: str = ""  # for messages: the blob's name (downloads), the local path as given (uploads)
     parts: tuple[str, ...] = ()  # downloads: the path inside the local folder, one name per level
 
 
 class _Refused(Exception):
-    """A blob that is not downloaded, and why; the copy goes on without it."""
+    """A blob that is not downloaded (or a local file not uploaded), and why; the copy goes on without it."""
 
-    def __init__(self, blob: str, reason: str) -> None:
-        super().__init__(f"refused blob {blob!r}: {reason}; nothing was written for it")
+    def __init__(
+        self, blob: str, reason: str, *, kind: str = "blob", outcome: str = "nothing was written for it"
+    ) -> None:
+        super().__init__(f"refused {kind} {blob!r}: {reason}; {outcome}")
 
 
 class _Stopped(Exception):
@@ -438,7 +441,7 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
         root, copies, refused = _download_plan(client, prefix, pathlib.Path(args.destination))
     else:
         client, prefix = _container_and_prefix(args.destination, args.anonymous)
-        copies = _upload_plan(pathlib.Path(args.source), client, prefix)
+        copies, refused = _upload_plan(pathlib.Path(args.source), client, prefix)
     for refusal in refused:
         print(f"azstoragetorch: {refusal}", file=sys.stderr)
     transfers = _Transfers()
@@ -559,22 +562,39 @@ def _download_plan(
     return destination, copies, [_Refused(name, reason) for name, reason in sorted(refused.items())]
 
 
-def _upload_plan(source: pathlib.Path, client: AzStorageTorchContainerClient, prefix: str) -> list[_Copy]:
+def _upload_plan(
+    source: pathlib.Path, client: AzStorageTorchContainerClient, prefix: str
+) -> tuple[list[_Copy], list[_Refused]]:
+    """The uploads to make, and the local files refused.
+
+    ``SRC`` itself is what the user named, link or not. Inside a folder, only regular files are
+    uploaded: a symbolic link only if it leads to a regular file inside ``SRC`` (Lightning's
+    ``last.ckpt`` link), so that a link planted in the folder cannot send a file from elsewhere
+    (``~/.ssh/id_rsa``) to the container; FIFOs, sockets and devices are refused too.
+    """
     if source.is_file():
         name = prefix + source.name if not prefix or prefix.endswith("/") else prefix
-        return [_Copy(str(source), _blob_url(client, name), source.stat().st_size)]
+        return [_Copy(os.path.realpath(source), _blob_url(client, name), source.stat().st_size, str(source))], []
     if not source.is_dir():
         raise FileNotFoundError(f"Nothing to copy: {source} is neither a file nor a folder.")
     base = prefix.rstrip("/")
-    files = sorted(path for path in source.rglob("*") if path.is_file())
-    return [
-        _Copy(
-            str(path),
-            _blob_url(client, f"{base}/{path.relative_to(source).as_posix()}".lstrip("/")),
-            path.stat().st_size,
-        )
-        for path in files
-    ]
+    inside = os.path.realpath(source)
+    copies: list[_Copy] = []
+    refused: list[_Refused] = []
+    for path in sorted(source.rglob("*")):  # rglob does not descend into linked folders
+        if path.is_dir() and not path.is_symlink():
+            continue
+        target = os.path.realpath(path)
+        if path.is_symlink() and (os.path.commonpath([inside, target]) != inside or not os.path.isfile(target)):
+            reason = "it is a symbolic link that does not lead to a regular file inside the folder being copied"
+        elif not os.path.isfile(target):
+            reason = "it is not a regular file (a FIFO, socket or device)"
+        else:
+            name = f"{base}/{path.relative_to(source).as_posix()}".lstrip("/")
+            copies.append(_Copy(target, _blob_url(client, name), os.stat(target).st_size, blob=str(path)))
+            continue
+        refused.append(_Refused(str(path), reason, kind="file", outcome="nothing was uploaded for it"))
+    return copies, refused
 
 
 def _open_destination(root: pathlib.Path) -> int:
@@ -657,17 +677,32 @@ def _local_error(error: OSError, path: str) -> OSError:
 
 
 def _upload_one(copy: _Copy, credential: CredentialArgument, hook: Any, transfers: _Transfers) -> TransferStats:
-    """Upload a file; the blob is committed only if nothing told the copy to stop before the commit."""
+    """Upload a file; the blob is committed only if nothing told the copy to stop before the commit,
+    and only if the file did not change while it was read (the blob would hold a mix of both)."""
     transfers.check()
-    with (
-        open(copy.source, "rb") as file,
-        BlobIO(copy.destination, "wb", credential=credential, progress_hook=hook) as writer,
-    ):
-        while piece := file.read(_COPY_PIECE):
+    try:
+        # O_NONBLOCK: a file swapped for a FIFO since the plan must not hang the copy on its open.
+        descriptor = os.open(copy.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot read {copy.blob}: {error.strerror or error}") from error
+    with open(descriptor, "rb") as file:
+        before = os.fstat(descriptor)
+        if not stat.S_ISREG(before.st_mode):
+            raise OSError(errno.EINVAL, f"cannot read {copy.blob}: it is no longer a regular file")
+        with BlobIO(copy.destination, "wb", credential=credential, progress_hook=hook) as writer:
+            read = 0
+            while piece := file.read(_COPY_PIECE):
+                transfers.check()
+                writer.write(piece)
+                read += len(piece)
+            after = os.fstat(descriptor)
+            if read != after.st_size or (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+                raise OSError(
+                    f"{copy.blob} changed while it was being uploaded; nothing was committed for it "
+                    "(copy it again once whatever writes it has finished)"
+                )
+            writer.flush()  # every block staged: what is left is the commit, a single request
             transfers.check()
-            writer.write(piece)
-        writer.flush()  # every block staged: what is left is the commit, a single request
-        transfers.check()
     return writer.stats
 
 

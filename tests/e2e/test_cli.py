@@ -286,6 +286,95 @@ def test_cp_never_follows_a_symlink_planted_in_the_destination(container: Contai
     )
 
 
+# -- cp uploads: only what is inside SRC, only as it was --------------------------------------------
+
+
+def blob_names(container: Container, prefix: str) -> dict[str, bytes]:
+    return {
+        blob.name.removeprefix(prefix): container.download(blob.name)
+        for blob in container.client.list_blobs(name_starts_with=prefix)
+    }
+
+
+def test_cp_uploads_regular_files_and_links_to_them_inside_the_folder_only(
+    container: Container, tmp_path: pathlib.Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "id_rsa").write_bytes(b"a private key")
+    source = tmp_path / "ck"
+    (source / "sub").mkdir(parents=True)
+    (source / "epoch=3.ckpt").write_bytes(b"a checkpoint")
+    (source / "sub" / "b.pt").write_bytes(b"b")
+    (source / "empty.pt").write_bytes(b"")
+    (source / "last.ckpt").symlink_to("epoch=3.ckpt")  # Lightning's save_last="link"
+    hostile = {
+        "key.pt": lambda path: path.symlink_to(outside / "id_rsa"),  # a file elsewhere
+        "escape.pt": lambda path: path.symlink_to("../outside/id_rsa"),
+        "folder": lambda path: path.symlink_to(outside, target_is_directory=True),
+        "subfolder": lambda path: path.symlink_to("sub", target_is_directory=True),
+        "dangling.pt": lambda path: path.symlink_to("nowhere"),
+        "fifo": os.mkfifo,  # opening it would wait for a writer forever
+    }
+    for name, make in hostile.items():
+        make(source / name)
+
+    result = cli("cp", "--no-progress", str(source), container.blob_url("up/"))
+
+    assert result.returncode == 1, result.stderr
+    assert blob_names(container, "up/") == {
+        "epoch=3.ckpt": b"a checkpoint",
+        "empty.pt": b"",
+        "last.ckpt": b"a checkpoint",
+        "sub/b.pt": b"b",
+    }
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("azstoragetorch: refused file ")]
+    assert len(refusals) == len(hostile), result.stderr
+    for name in hostile:
+        assert any(repr(str(source / name)) in line for line in refusals), name
+    assert result.stdout.startswith("Copied 4 files, ") and "refused 6" in result.stdout
+
+
+def test_cp_commits_nothing_for_a_file_that_changes_while_it_is_uploaded(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path
+) -> None:
+    container.upload("ck/last.ckpt", b"the previous checkpoint")
+    source = tmp_path / "last.ckpt"
+    source.write_bytes(os.urandom(96 * 1024 * 1024))  # more than the upload holds in memory
+    holding = threading.Event()
+    # Every block waits five seconds: the file is rewritten (as a training job saving it again
+    # would) while most of it has not been read yet.
+    proxy.add_fault(From("PutBlock", 1), Delay(5, hold_request=True, holding=holding), times=None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "azstoragetorch",
+            "cp",
+            "--no-progress",
+            str(source),
+            proxy.url(container.blob_url("ck/")),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_environment(),
+    )
+    try:
+        assert holding.wait(120), "the upload never began"
+        with source.open("r+b") as file:
+            file.write(b"the new checkpoint begins here")
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        process.kill()
+        process.wait()
+
+    assert process.returncode == 1, stderr
+    assert f"{source} changed while it was being uploaded; nothing was committed" in stderr
+    assert container.download("ck/last.ckpt") == b"the previous checkpoint"
+    assert proxy.count("PutBlockList") == 0
+
+
 # -- cp: Ctrl-C and a full disk -------------------------------------------------------------------------
 
 
