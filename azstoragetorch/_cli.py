@@ -406,14 +406,21 @@ class _Transfers:
 
 
 class _Progress:
-    """One progress bar (tqdm) for the bytes of every file being copied; thread-safe."""
+    """One progress bar (tqdm) for the bytes of every file being copied; thread-safe.
+
+    If standard error goes away (``2>&1 | less``, quit), the bar stops: a copy never fails, and an
+    interrupted one is never held up, for want of somewhere to draw it.
+    """
 
     def __init__(self, total: int, enabled: bool) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, file=sys.stderr
-        )
+        try:
+            self._bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, file=sys.stderr
+            )
+        except (OSError, ValueError):  # it draws itself at once
+            self._bar = tqdm(disable=True)
         self._lock = threading.Lock()
 
     def hook(self) -> Any:
@@ -421,13 +428,20 @@ class _Progress:
 
         def report(bytes_done: int, bytes_total: int | None) -> None:
             with self._lock:
-                self._bar.update(bytes_done - done[0])
+                self._draw(self._bar.update, bytes_done - done[0])
                 done[0] = bytes_done
 
         return report
 
     def close(self) -> None:
-        self._bar.close()
+        with self._lock:
+            self._draw(self._bar.close)
+
+    def _draw(self, method: Callable[..., Any], *args: Any) -> None:
+        try:
+            method(*args)
+        except (OSError, ValueError):  # a closed pipe or file
+            self._bar.disable = True
 
 
 def command_cp(args: argparse.Namespace, out: TextIO) -> int:
@@ -492,18 +506,21 @@ def _run_all(
     once, and waits at most a moment for them (see :func:`main`).
     """
     pool = concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="azstoragetorch-cp")
-    futures = [pool.submit(copy_one, copy) for copy in copies]
+    futures: list[concurrent.futures.Future[TransferStats]] = []
     outcomes: list[TransferStats | _Refused] = []
     try:
+        for copy in copies:  # Ctrl-C may come while the first transfers already run
+            futures.append(pool.submit(copy_one, copy))
         for future in concurrent.futures.as_completed(futures):
             try:
                 outcomes.append(future.result())
             except _Refused as refusal:
                 outcomes.append(refusal)
     except KeyboardInterrupt:
-        transfers.stop()
-        pool.shutdown(wait=False, cancel_futures=True)
-        concurrent.futures.wait(futures, timeout=_STOP_GRACE_SECONDS)
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C is still this interruption
+            transfers.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+            concurrent.futures.wait(futures, timeout=_STOP_GRACE_SECONDS)
         raise _Interrupted() from None
     except BaseException:
         transfers.stop()
@@ -758,14 +775,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"azstoragetorch: error: {redact(str(error))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interruption:
-        print("azstoragetorch: interrupted", file=sys.stderr)
+        # Standard error may be gone (``2>&1 | less``, quit): the exit below must happen anyway.
+        with contextlib.suppress(OSError, ValueError):
+            print("azstoragetorch: interrupted", file=sys.stderr)
         if isinstance(interruption, _Interrupted):
             # Transfer threads (ours, or the requests of a BlobIO that stopped without waiting for
             # them) may still wait on the service, and the interpreter would wait for them at exit:
             # minutes, when throttled. They were told to stop, and none can commit a blob or leave
             # a file any more, so leaving now is what makes the first Ctrl-C work.
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
             os._exit(130)
         return 130
     return 1

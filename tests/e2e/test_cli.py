@@ -391,10 +391,13 @@ class From:
         return self.seen >= self.first
 
 
-def interrupt_mid_transfer(proxy: FaultProxy, operation: str, first_held: int, *args: str) -> tuple[int, str, float]:
+def interrupt_mid_transfer(
+    proxy: FaultProxy, operation: str, first_held: int, *args: str, stderr_closed: bool = False
+) -> tuple[int, str, float]:
     """Run the CLI through ``proxy``, holding every ``operation`` request from the ``first_held``-th on
     (for ten minutes: far longer than the test may take), and send SIGINT, as Ctrl-C does, at a random
     moment once one is held. The CLI runs with the perturbation hook on, with the same printed seed.
+    With ``stderr_closed``, nobody reads its standard error any more by then (``2>&1 | less``, quit).
     Returns the exit code, standard error and seconds from SIGINT to exit."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # see python_ctrl_c
     seed = random.randrange(1 << 30)
@@ -412,6 +415,10 @@ def interrupt_mid_transfer(proxy: FaultProxy, operation: str, first_held: int, *
         assert holding.wait(120), "the transfer never reached the held request"
         time.sleep(random.Random(seed).uniform(0, 0.5))
         assert process.poll() is None
+        if stderr_closed:
+            assert process.stderr is not None
+            process.stderr.close()
+            process.stderr = None
         process.send_signal(signal.SIGINT)
         interrupted = time.perf_counter()
         # Without the fix the copy waits out the held request: ten minutes.
@@ -459,6 +466,40 @@ def test_ctrl_c_during_a_download_stops_it_and_leaves_no_file(
     assert code == 130, stderr
     assert stderr.splitlines()[-1] == "azstoragetorch: interrupted"
     assert files_under(destination) in ({}, {"small.pt": b"x"})  # no model.pt, whole or partial
+
+
+def test_ctrl_c_stops_the_copy_even_when_nobody_reads_its_standard_error_any_more(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None
+) -> None:
+    container.upload("ck/model.pt", b"the previous checkpoint")
+    source = tmp_path / "model.pt"
+    source.write_bytes(os.urandom(24 * 1024 * 1024))
+
+    code, _, _ = interrupt_mid_transfer(
+        proxy, "PutBlock", 1, "cp", str(source), proxy.url(container.blob_url("ck/")), stderr_closed=True
+    )
+
+    assert code == 130
+    assert container.download("ck/model.pt") == b"the previous checkpoint"
+
+
+def test_cp_does_not_need_anyone_to_read_its_progress_bar(container: Container, tmp_path: pathlib.Path) -> None:
+    data = os.urandom(24 * 1024 * 1024)
+    container.upload("ck/model.pt", data)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "azstoragetorch", "cp", container.blob_url("ck/model.pt"), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_environment(),
+    )
+    assert process.stderr is not None
+    process.stderr.close()  # `azstoragetorch cp ... 2>&1 | less`, quit at once
+    process.stderr = None
+    stdout, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 0
+    assert stdout.startswith(b"Copied 1 file, ")
+    assert (tmp_path / "model.pt").read_bytes() == data
 
 
 def cp_with_a_file_size_limit(limit: int, *args: str) -> subprocess.CompletedProcess[str]:
