@@ -29,7 +29,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import AzureError, ResourceNotFoundError
@@ -726,8 +726,15 @@ def _upload_one(copy: _Copy, credential: CredentialArgument, hook: Any, transfer
 # -- entry point -------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but its errors, which quote the arguments given, show no SAS token."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact(message))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="azstoragetorch",
         description="List, verify and copy PyTorch checkpoints in Azure Blob Storage.",
         epilog=(
@@ -766,11 +773,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return _COMMANDS[args.command](args, sys.stdout)
+        code = _COMMANDS[args.command](args, sys.stdout)
+        sys.stdout.flush()  # here, so that a closed standard output is handled below
+        return code
+    except BrokenPipeError:
+        # Whoever read standard output stopped (``azstoragetorch ls URL | head``): stop quietly, as
+        # other command-line tools do, and keep the interpreter's own last flush from complaining.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except _UsageError as error:
         parser.error(str(error))  # exits with 2 after the usage line
     except ValueError as error:  # a malformed URL, and the like
-        parser.error(redact(str(error)))
+        parser.error(str(error))
     except (AzureError, AZStorageTorchError, OSError) as error:
         print(f"azstoragetorch: error: {redact(str(error))}", file=sys.stderr)
         return 1

@@ -375,6 +375,32 @@ def test_cp_commits_nothing_for_a_file_that_changes_while_it_is_uploaded(
     assert proxy.count("PutBlockList") == 0
 
 
+def test_cp_arguments_with_a_sas_are_refused_without_showing_it(container: Container) -> None:
+    url = f"{container.blob_url('ck/')}?sv=2024-01-01&sig=ASecretSignature"
+
+    for result in (cli("cp", "model.pt", url, "extra"), cli("cp", "--parallel", url, "model.pt")):
+        assert result.returncode == 2
+        assert result.stderr.startswith("usage: azstoragetorch")
+        assert "ASecretSignature" not in result.stderr, result.stderr
+
+
+def test_ls_into_a_reader_that_stops_early_ends_quietly(container: Container) -> None:
+    for number in range(50):
+        container.upload(f"runs/epoch={number}.ckpt", b"checkpoint")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "azstoragetorch", "ls", container.blob_url("runs/")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_environment(),
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # `azstoragetorch ls URL | head -0`
+    _, stderr = process.communicate(timeout=120)
+
+    assert stderr == b""
+    assert process.returncode == 1
+
+
 # -- cp: Ctrl-C and a full disk -------------------------------------------------------------------------
 
 
