@@ -473,6 +473,9 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
         # A DCP checkpoint's .metadata goes last, so that a reader never sees it before the shards.
         last = [copy for copy in copies if copy.destination.rsplit("/", 1)[-1].startswith(DCP_METADATA)]
         first = [copy for copy in copies if copy not in last]
+        if folder is not None and first:
+            for copy in last:
+                _remove_old_metadata(folder, copy)
         for batch in (first, last):
             for outcome in _run_all(batch, copy_one, args.parallel, transfers):
                 if isinstance(outcome, _Refused):
@@ -650,6 +653,28 @@ def _open_folder(root: int, copy: _Copy) -> int:
         os.close(folder)
         raise
     return folder
+
+
+def _remove_old_metadata(root: int, copy: _Copy) -> None:
+    """Remove the local file that the download of a ``.metadata`` will replace, before any other.
+
+    A DCP checkpoint downloaded over an older one (``__0_0.distcp`` is the same name in each save
+    that torch's own writer makes) would otherwise be, until its new ``.metadata`` lands or forever if
+    the copy stops, the old ``.metadata`` over a mix of old and new shard files: wrong tensors, not an
+    error. Without it the folder is plainly not a checkpoint until the copy completes.
+    """
+    try:
+        folder = _open_folder(root, copy)
+    except (_Refused, OSError):
+        return  # the download itself reports this
+    try:
+        os.unlink(copy.parts[-1], dir_fd=folder)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise OSError(error.errno, f"cannot remove the old {copy.destination}: {error.strerror or error}") from error
+    finally:
+        os.close(folder)
 
 
 def _download_one(

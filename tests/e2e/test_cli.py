@@ -494,6 +494,56 @@ def test_ctrl_c_during_a_download_stops_it_and_leaves_no_file(
     assert files_under(destination) in ({}, {"small.pt": b"x"})  # no model.pt, whole or partial
 
 
+def test_a_dcp_checkpoint_downloaded_over_an_older_one_is_never_a_mix_of_both(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None
+) -> None:
+    # torch's own FileSystemWriter gives the shard files of every save the same names.
+    old = {".metadata": b"old metadata", "__0_0.distcp": b"old small shard", "__1_0.distcp": b"old large shard"}
+    destination = tmp_path / "ck"
+    destination.mkdir()
+    for name, data in old.items():
+        (destination / name).write_bytes(data)
+    container.upload("ck/.metadata", b"new metadata")
+    container.upload("ck/__0_0.distcp", b"new small shard")
+    container.upload("ck/__1_0.distcp", os.urandom(24 * 1024 * 1024))
+    holding = threading.Event()
+    proxy.add_fault(
+        lambda request: request.operation == "GetBlob" and request.path.endswith("__1_0.distcp"),
+        Delay(600, hold_request=True, holding=holding),
+        times=None,
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "azstoragetorch",
+            "cp",
+            "--no-progress",
+            proxy.url(container.blob_url("ck")),
+            str(destination),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_environment(),
+    )
+    try:
+        assert holding.wait(120), "the large shard was never requested"
+        deadline = time.monotonic() + 60
+        while (destination / "__0_0.distcp").read_bytes() != b"new small shard":  # one shard replaced
+            assert time.monotonic() < deadline, "the small shard was never copied"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+
+    assert process.returncode == 130, stderr
+    # Not the old .metadata over a new shard: no checkpoint at all until a copy completes.
+    assert files_under(destination) == {"__0_0.distcp": b"new small shard", "__1_0.distcp": b"old large shard"}
+
+
 def test_ctrl_c_stops_the_copy_even_when_nobody_reads_its_standard_error_any_more(
     container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None
 ) -> None:
