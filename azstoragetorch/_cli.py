@@ -9,7 +9,7 @@ Credentials are the library's: a SAS token in the URL, else the account key in `
 (as the Azure CLI reads it), else :class:`azure.identity.DefaultAzureCredential`; ``--anonymous``
 sends no credential. Output names URLs without their SAS token. Exit codes: 0 success, 1 failure
 (or a blob ``cp`` refused, or, for ``verify``, a file that does not match), 2 bad arguments,
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import errno
 import os
 import pathlib
 import secrets
+import signal
 import stat
 import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from azure.core.credentials import AzureNamedKeyCredential
@@ -794,9 +795,34 @@ def _positive(text: str) -> int:
 _COMMANDS = {"ls": command_ls, "verify": command_verify, "cp": command_cp}
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler ending the job) stops the command as Ctrl-C
+    does, cleaning up after itself; yields the number of the signal that stopped it, if one did."""
+    received: list[int] = [signal.SIGINT]
+
+    def stop(signum: int, frame: Any) -> None:
+        received[0] = signum
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # only the main thread may handle signals; a caller's own thread keeps its own
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    with _sigterm_as_ctrl_c() as received:
+        return _main(parser, args, received)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, received: list[int]) -> int:
     try:
         code = _COMMANDS[args.command](args, sys.stdout)
         sys.stdout.flush()  # here, so that a closed standard output is handled below
@@ -814,9 +840,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"azstoragetorch: error: {redact(str(error))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interruption:
+        code = 128 + received[0]  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
         # Standard error may be gone (``2>&1 | less``, quit): the exit below must happen anyway.
         with contextlib.suppress(OSError, ValueError):
-            print("azstoragetorch: interrupted", file=sys.stderr)
+            print(f"azstoragetorch: {'terminated' if code == 143 else 'interrupted'}", file=sys.stderr)
         if isinstance(interruption, _Interrupted):
             # Transfer threads (ours, or the requests of a BlobIO that stopped without waiting for
             # them) may still wait on the service, and the interpreter would wait for them at exit:
@@ -825,6 +852,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(OSError, ValueError):
                     stream.flush()
-            os._exit(130)
-        return 130
+            os._exit(code)
+        return code
     return 1

@@ -418,12 +418,18 @@ class From:
 
 
 def interrupt_mid_transfer(
-    proxy: FaultProxy, operation: str, first_held: int, *args: str, stderr_closed: bool = False
+    proxy: FaultProxy,
+    operation: str,
+    first_held: int,
+    *args: str,
+    stderr_closed: bool = False,
+    stop_signal: signal.Signals = signal.SIGINT,
 ) -> tuple[int, str, float]:
     """Run the CLI through ``proxy``, holding every ``operation`` request from the ``first_held``-th on
     (for ten minutes: far longer than the test may take), and send SIGINT, as Ctrl-C does, at a random
     moment once one is held. The CLI runs with the perturbation hook on, with the same printed seed.
-    With ``stderr_closed``, nobody reads its standard error any more by then (``2>&1 | less``, quit).
+    With ``stderr_closed``, nobody reads its standard error any more by then (``2>&1 | less``, quit);
+    ``stop_signal`` is sent instead of SIGINT if given.
     Returns the exit code, standard error and seconds from SIGINT to exit."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # see python_ctrl_c
     seed = random.randrange(1 << 30)
@@ -445,7 +451,7 @@ def interrupt_mid_transfer(
             assert process.stderr is not None
             process.stderr.close()
             process.stderr = None
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         interrupted = time.perf_counter()
         # Without the fix the copy waits out the held request: ten minutes.
         _, stderr = process.communicate(timeout=60)
@@ -492,6 +498,29 @@ def test_ctrl_c_during_a_download_stops_it_and_leaves_no_file(
     assert code == 130, stderr
     assert stderr.splitlines()[-1] == "azstoragetorch: interrupted"
     assert files_under(destination) in ({}, {"small.pt": b"x"})  # no model.pt, whole or partial
+
+
+def test_sigterm_stops_a_copy_as_ctrl_c_does_and_leaves_no_partial_file(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None
+) -> None:
+    container.upload("ck/model.pt", os.urandom(48 * 1024 * 1024))
+    container.upload("ck/small.pt", b"x")
+    destination = tmp_path / "copy"
+
+    code, stderr, _ = interrupt_mid_transfer(
+        proxy,
+        "GetBlob",
+        3,
+        "cp",
+        "--no-progress",
+        proxy.url(container.blob_url("ck")),
+        str(destination),
+        stop_signal=signal.SIGTERM,
+    )
+
+    assert code == 128 + signal.SIGTERM, stderr
+    assert stderr.splitlines()[-1] == "azstoragetorch: terminated"
+    assert files_under(destination) in ({}, {"small.pt": b"x"})  # no .partial file either
 
 
 def test_a_dcp_checkpoint_downloaded_over_an_older_one_is_never_a_mix_of_both(
