@@ -48,6 +48,17 @@ def cli(*args: str, key: bool = True) -> subprocess.CompletedProcess[str]:
     )
 
 
+def start_cli(*args: str, environment: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """The CLI started in a subprocess, with its standard output and error piped to the test."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "azstoragetorch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment or cli_environment(),
+    )
+
+
 def save_blob(container: Container, name: str, data: bytes, credential: AzureNamedKeyCredential) -> None:
     with BlobIO(container.blob_url(name), "wb", credential=credential) as f:
         f.write(data)
@@ -345,21 +356,7 @@ def test_cp_commits_nothing_for_a_file_that_changes_while_it_is_uploaded(
     # Every block waits five seconds: the file is rewritten (as a training job saving it again
     # would) while most of it has not been read yet.
     proxy.add_fault(From("PutBlock", 1), Delay(5, hold_request=True, holding=holding), times=None)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "azstoragetorch",
-            "cp",
-            "--no-progress",
-            str(source),
-            proxy.url(container.blob_url("ck/")),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_environment(),
-    )
+    process = start_cli("cp", "--no-progress", str(source), proxy.url(container.blob_url("ck/")))
     try:
         assert holding.wait(120), "the upload never began"
         with source.open("r+b") as file:
@@ -387,17 +384,12 @@ def test_cp_arguments_with_a_sas_are_refused_without_showing_it(container: Conta
 def test_ls_into_a_reader_that_stops_early_ends_quietly(container: Container) -> None:
     for number in range(50):
         container.upload(f"runs/epoch={number}.ckpt", b"checkpoint")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "azstoragetorch", "ls", container.blob_url("runs/")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_environment(),
-    )
+    process = start_cli("ls", container.blob_url("runs/"))
     assert process.stdout is not None
     process.stdout.close()  # `azstoragetorch ls URL | head -0`
     _, stderr = process.communicate(timeout=120)
 
-    assert stderr == b""
+    assert stderr == ""
     assert process.returncode == 1
 
 
@@ -436,13 +428,8 @@ def interrupt_mid_transfer(
     print(f"seed {seed}: holding {operation} requests from number {first_held} on")
     holding = threading.Event()
     proxy.add_fault(From(operation, first_held), Delay(600, hold_request=True, holding=holding), times=None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "azstoragetorch", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**cli_environment(), _schedule.ENVIRONMENT_VARIABLE: str(seed)},  # shaken hand-offs, too
-    )
+    # The perturbation hook on: shaken hand-offs, too.
+    process = start_cli(*args, environment={**cli_environment(), _schedule.ENVIRONMENT_VARIABLE: str(seed)})
     try:
         assert holding.wait(120), "the transfer never reached the held request"
         time.sleep(random.Random(seed).uniform(0, 0.5))
@@ -541,21 +528,7 @@ def test_a_dcp_checkpoint_downloaded_over_an_older_one_is_never_a_mix_of_both(
         Delay(600, hold_request=True, holding=holding),
         times=None,
     )
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "azstoragetorch",
-            "cp",
-            "--no-progress",
-            proxy.url(container.blob_url("ck")),
-            str(destination),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_environment(),
-    )
+    process = start_cli("cp", "--no-progress", proxy.url(container.blob_url("ck")), str(destination))
     try:
         assert holding.wait(120), "the large shard was never requested"
         deadline = time.monotonic() + 60
@@ -591,19 +564,14 @@ def test_ctrl_c_stops_the_copy_even_when_nobody_reads_its_standard_error_any_mor
 def test_cp_does_not_need_anyone_to_read_its_progress_bar(container: Container, tmp_path: pathlib.Path) -> None:
     data = os.urandom(24 * 1024 * 1024)
     container.upload("ck/model.pt", data)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "azstoragetorch", "cp", container.blob_url("ck/model.pt"), str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_environment(),
-    )
+    process = start_cli("cp", container.blob_url("ck/model.pt"), str(tmp_path))
     assert process.stderr is not None
     process.stderr.close()  # `azstoragetorch cp ... 2>&1 | less`, quit at once
     process.stderr = None
     stdout, _ = process.communicate(timeout=120)
 
     assert process.returncode == 0
-    assert stdout.startswith(b"Copied 1 file, ")
+    assert stdout.startswith("Copied 1 file, ")
     assert (tmp_path / "model.pt").read_bytes() == data
 
 
