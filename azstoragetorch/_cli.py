@@ -453,7 +453,9 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
     root: pathlib.Path | None = None
     if source_is_url:
         client, prefix = _container_and_prefix(args.source, args.anonymous)
-        root, copies, refused = _download_plan(client, prefix, pathlib.Path(args.destination))
+        # "DST/" is a folder, as it is to cp, even before it exists (pathlib drops the slash).
+        into_folder = args.destination.endswith(("/", os.sep))
+        root, copies, refused = _download_plan(client, prefix, pathlib.Path(args.destination), into_folder)
     else:
         client, prefix = _container_and_prefix(args.destination, args.anonymous)
         copies, refused = _upload_plan(pathlib.Path(args.source), client, prefix)
@@ -538,7 +540,7 @@ def _run_all(
 
 
 def _download_plan(
-    client: AzStorageTorchContainerClient, prefix: str, destination: pathlib.Path
+    client: AzStorageTorchContainerClient, prefix: str, destination: pathlib.Path, into_folder: bool
 ) -> tuple[pathlib.Path, list[_Copy], list[_Refused]]:
     """The local folder to write into, the copies to make inside it, and the blobs refused."""
     folder = prefix.rstrip("/")
@@ -551,7 +553,7 @@ def _download_plan(
             size = None
         if size is not None:
             # One blob: into DST if it is a folder, else to the path DST itself, which the user chose.
-            if destination.is_dir():
+            if into_folder or destination.is_dir():
                 root, name = destination, folder.rsplit("/", 1)[-1]
                 try:
                     parts = local_parts(name)

@@ -177,6 +177,17 @@ def test_cp_a_single_blob_both_ways_with_a_sas_that_never_shows(container: Conta
         assert signature not in result.stdout + result.stderr
 
 
+def test_cp_a_blob_to_a_path_ending_in_a_slash_puts_it_in_that_new_folder(
+    container: Container, tmp_path: pathlib.Path
+) -> None:
+    container.upload("runs/model.ckpt", b"a checkpoint")
+
+    result = cli("cp", "--no-progress", container.blob_url("runs/model.ckpt"), f"{tmp_path / 'new'}/")
+
+    assert result.returncode == 0, result.stderr
+    assert files_under(tmp_path) == {"new/model.ckpt": b"a checkpoint"}
+
+
 def test_a_missing_blob_is_an_error_without_the_sas(container: Container, tmp_path: pathlib.Path) -> None:
     sas = container.container_sas(read=True, list=True)
     result = cli("cp", f"{container.blob_url('nothing')}?{sas}", str(tmp_path), key=False)
