@@ -596,7 +596,12 @@ def _upload_plan(
     (``~/.ssh/id_rsa``) to the container; FIFOs, sockets and devices are refused too.
     """
     if source.is_file():
-        name = prefix + source.name if not prefix or prefix.endswith("/") else prefix
+        if prefix and not prefix.endswith("/"):
+            name = prefix  # the blob name the user gave
+        elif (problem := _blob_name_problem(source.name)) is not None:
+            return [], [_Refused(str(source), problem, kind="file", outcome="nothing was uploaded for it")]
+        else:
+            name = prefix + source.name
         return [_Copy(os.path.realpath(source), _blob_url(client, name), source.stat().st_size, str(source))], []
     if not source.is_dir():
         raise FileNotFoundError(f"Nothing to copy: {source} is neither a file nor a folder.")
@@ -612,12 +617,28 @@ def _upload_plan(
             reason = "it is a symbolic link that does not lead to a regular file inside the folder being copied"
         elif not os.path.isfile(target):
             reason = "it is not a regular file (a FIFO, socket or device)"
+        elif (problem := _blob_name_problem(relative := path.relative_to(source).as_posix())) is not None:
+            reason = problem
         else:
-            name = f"{base}/{path.relative_to(source).as_posix()}".lstrip("/")
+            name = f"{base}/{relative}".lstrip("/")
             copies.append(_Copy(target, _blob_url(client, name), os.stat(target).st_size, blob=str(path)))
             continue
         refused.append(_Refused(str(path), reason, kind="file", outcome="nothing was uploaded for it"))
     return copies, refused
+
+
+def _blob_name_problem(relative: str) -> str | None:
+    """Why the local name ``relative`` (below ``SRC``) makes no blob name that ``cp`` would download
+    again as the same file (a name that is not UTF-8, a backslash, ...), or ``None``."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8, as a blob name must be"
+    try:
+        local_parts(relative)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def _open_destination(root: pathlib.Path) -> int:

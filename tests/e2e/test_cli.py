@@ -357,6 +357,25 @@ def test_cp_uploads_regular_files_and_links_to_them_inside_the_folder_only(
     assert result.stdout.startswith("Copied 4 files, ") and "refused 6" in result.stdout
 
 
+def test_cp_refuses_to_upload_files_whose_names_make_no_blob_it_would_download(
+    container: Container, tmp_path: pathlib.Path
+) -> None:
+    source = tmp_path / "ck"
+    source.mkdir()
+    (source / "good.pt").write_bytes(b"good")
+    hostile = [os.fsdecode(b"latin-1 \xe9t\xe9.pt"), "back\\slash.pt", "new\nline.pt", "\uff0e\uff0e"]
+    for name in hostile:
+        (source / name).write_bytes(b"hostile")
+
+    result = cli("cp", "--no-progress", str(source), container.blob_url("up/"))
+
+    assert result.returncode == 1, result.stderr
+    assert blob_names(container, "up/") == {"good.pt": b"good"}
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("azstoragetorch: refused file ")]
+    assert len(refusals) == len(hostile), result.stderr
+    assert any("not valid UTF-8" in line for line in refusals)
+
+
 def test_cp_commits_nothing_for_a_file_that_changes_while_it_is_uploaded(
     container: Container, proxy: FaultProxy, tmp_path: pathlib.Path
 ) -> None:
