@@ -800,18 +800,25 @@ def _parser() -> argparse.ArgumentParser:
     cp = commands.add_parser("cp", help="copy a blob or a DCP checkpoint between a container and a local folder")
     cp.add_argument("source", metavar="SRC")
     cp.add_argument("destination", metavar="DST")
-    cp.add_argument("--parallel", type=_positive, default=4, help="files copied at once (default 4)")
+    cp.add_argument(
+        "--parallel", type=_parallel, default=4, help=f"files copied at once (default 4, at most {_MAX_PARALLEL})"
+    )
     cp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def _positive(text: str) -> int:
+# Each file copied at once holds a thread, its own parallel requests and tens of MiB of buffers:
+# thousands at once would exhaust threads or memory long before they made a copy faster.
+_MAX_PARALLEL = 64
+
+
+def _parallel(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    if not 1 <= value <= _MAX_PARALLEL:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {_MAX_PARALLEL}, not {text!r}")
     return value
 
 

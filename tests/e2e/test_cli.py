@@ -672,9 +672,18 @@ def test_cp_to_a_full_disk_names_the_file_and_removes_the_partial_file(
         ("ls",),
         ("cp", "a", "b"),
         ("cp", "http://127.0.0.1:1/devstoreaccount1/c/x", "y", "--parallel", "0"),
+        ("cp", "http://127.0.0.1:1/devstoreaccount1/c/x", "y", "--parallel", "100000"),
         ("verify", "not-a-url"),
     ],
-    ids=["nothing", "unknown-command", "ls-without-url", "cp-two-local-paths", "cp-bad-parallel", "malformed-url"],
+    ids=[
+        "nothing",
+        "unknown-command",
+        "ls-without-url",
+        "cp-two-local-paths",
+        "cp-bad-parallel",
+        "cp-huge-parallel",
+        "malformed-url",
+    ],
 )
 def test_bad_arguments_get_the_usage_and_exit_code_2(arguments: tuple[str, ...]) -> None:
     result = cli(*arguments)
