@@ -540,6 +540,23 @@ def test_sigterm_stops_a_copy_as_ctrl_c_does_and_leaves_no_partial_file(
     assert files_under(destination) in ({}, {"small.pt": b"x"})  # no .partial file either
 
 
+def test_two_copies_into_one_folder_at_once_leave_each_file_whole(container: Container, tmp_path: pathlib.Path) -> None:
+    contents = {source: {name: os.urandom(9 * 1024 * 1024) for name in ("a.pt", "b/c.pt")} for source in "xy"}
+    for source, files in contents.items():
+        for name, data in files.items():
+            container.upload(f"{source}/{name}", data)
+    destination = tmp_path / "copy"
+
+    processes = [start_cli("cp", "--no-progress", container.blob_url(source), str(destination)) for source in "xy"]
+    results = [process.communicate(timeout=240) for process in processes]
+
+    assert [process.returncode for process in processes] == [0, 0], results
+    copied = files_under(destination)
+    assert sorted(copied) == ["a.pt", "b/c.pt"]  # no .partial file left
+    for name, data in copied.items():
+        assert data in (contents["x"][name], contents["y"][name]), name
+
+
 def test_a_dcp_checkpoint_downloaded_over_an_older_one_is_never_a_mix_of_both(
     container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None
 ) -> None:
