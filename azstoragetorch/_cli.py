@@ -139,6 +139,13 @@ def find_checkpoints(blobs: Sequence[ListedBlob]) -> list[CheckpointEntry]:
     return sorted(entries.values(), key=lambda entry: entry.name)
 
 
+def _printable(name: str) -> str:
+    """``name`` with control and other unprintable characters escaped (``\\n``, ``\\x1b``,
+    ``\\u202e``): whoever can write to a container chooses its blob names, and one must not be able
+    to move the terminal's cursor, or add a line (``OK ...``) to what a command prints."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in name)
+
+
 def _size(count: int) -> str:
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -172,7 +179,7 @@ def command_ls(args: argparse.Namespace, out: TextIO) -> int:
             entry.modified.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if entry.modified else "-"
         )
         print(
-            f"{entry.kind:<5} {_size(entry.size):>10} {entry.files:>6} {modified:<20} {entry.crc32:<7} {entry.name}",
+            f"{entry.kind:<5} {_size(entry.size):>10} {entry.files:>6} {modified:<20} {entry.crc32:<7} {_printable(entry.name)}",
             file=out,
         )
     return 0
@@ -224,11 +231,11 @@ def _verify_dcp(client: AzStorageTorchContainerClient, folder: str, args: argpar
         print(f"FAILED {shown}: {DCP_METADATA} is damaged ({damage}); its shard files were not checked", file=out)
         return 1
     for name in result.mismatched:
-        print(f"MISMATCH {name}", file=out)
+        print(f"MISMATCH {_printable(name)}", file=out)
     for name in result.missing:
-        print(f"MISSING {name}", file=out)
+        print(f"MISSING {_printable(name)}", file=out)
     for name in result.unchecked:
-        print(f"UNVERIFIED {name} (no recorded CRC-32)", file=out)
+        print(f"UNVERIFIED {_printable(name)} (no recorded CRC-32)", file=out)
     matched = len(result.checked) - len(result.mismatched)
     all_matched = result.ok and not result.unchecked
     verdict = "OK" if all_matched else "FAILED"

@@ -211,6 +211,22 @@ def test_ls_of_a_prefix_without_a_slash_is_that_folder_or_that_blob(container: C
     assert [line.split()[-1] for line in blob.stdout.splitlines()[2:]] == ["runs/run-1.ckpt"]
 
 
+def test_ls_shows_control_characters_in_blob_names_escaped(container: Container) -> None:
+    container.upload("runs/evil\nfile    1 B      1 2026-01-01 00:00:00  yes     runs/fake.ckpt", b"x")
+    # \x1b and other C0 controls cannot pass through the emulator's XML listing; Azure encodes them.
+    container.upload("runs/\tright-to-left\u202etxt.ckpt", b"x")
+
+    result = cli("ls", container.blob_url("runs/"))
+
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()[2:]
+    assert [row.split(maxsplit=7)[-1] for row in rows] == [
+        "runs/\\tright-to-left\\u202etxt.ckpt",
+        "runs/evil\\nfile    1 B      1 2026-01-01 00:00:00  yes     runs/fake.ckpt",
+    ]
+    assert "\t" not in result.stdout and "\u202e" not in result.stdout
+
+
 @pytest.mark.parametrize("damage", ["bytes-changed-behind-the-crc", "replaced-by-another-tool"])
 def test_verify_reports_a_damaged_dcp_metadata_as_a_mismatch(
     container: Container, account_credential: AzureNamedKeyCredential, damage: str
