@@ -9,7 +9,7 @@ Credentials are the library's: a SAS token in the URL, else the account key in `
 (as the Azure CLI reads it), else :class:`azure.identity.DefaultAzureCredential`; ``--anonymous``
 sends no credential. Output names URLs without their SAS token. Exit codes: 0 success, 1 failure
 (or a blob ``cp`` refused, or, for ``verify``, a file that does not match), 2 bad arguments,
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ import errno
 import os
 import pathlib
 import secrets
+import signal
+import stat
 import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn, TextIO
 
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import AzureError, ResourceNotFoundError
@@ -137,6 +139,13 @@ def find_checkpoints(blobs: Sequence[ListedBlob]) -> list[CheckpointEntry]:
     return sorted(entries.values(), key=lambda entry: entry.name)
 
 
+def _printable(name: str) -> str:
+    """``name`` with control and other unprintable characters escaped (``\\n``, ``\\x1b``,
+    ``\\u202e``): whoever can write to a container chooses its blob names, and one must not be able
+    to move the terminal's cursor, or add a line (``OK ...``) to what a command prints."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in name)
+
+
 def _size(count: int) -> str:
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -170,7 +179,7 @@ def command_ls(args: argparse.Namespace, out: TextIO) -> int:
             entry.modified.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if entry.modified else "-"
         )
         print(
-            f"{entry.kind:<5} {_size(entry.size):>10} {entry.files:>6} {modified:<20} {entry.crc32:<7} {entry.name}",
+            f"{entry.kind:<5} {_size(entry.size):>10} {entry.files:>6} {modified:<20} {entry.crc32:<7} {_printable(entry.name)}",
             file=out,
         )
     return 0
@@ -222,11 +231,11 @@ def _verify_dcp(client: AzStorageTorchContainerClient, folder: str, args: argpar
         print(f"FAILED {shown}: {DCP_METADATA} is damaged ({damage}); its shard files were not checked", file=out)
         return 1
     for name in result.mismatched:
-        print(f"MISMATCH {name}", file=out)
+        print(f"MISMATCH {_printable(name)}", file=out)
     for name in result.missing:
-        print(f"MISSING {name}", file=out)
+        print(f"MISSING {_printable(name)}", file=out)
     for name in result.unchecked:
-        print(f"UNVERIFIED {name} (no recorded CRC-32)", file=out)
+        print(f"UNVERIFIED {_printable(name)} (no recorded CRC-32)", file=out)
     matched = len(result.checked) - len(result.mismatched)
     all_matched = result.ok and not result.unchecked
     verdict = "OK" if all_matched else "FAILED"
@@ -273,15 +282,17 @@ class _Copy:
     source: str  # a blob URL (may hold a SAS; never printed) or a local path
     destination: str  # a blob URL, or the local path shown to the user
     size: int | None
-    blob: str = ""  # downloads: the blob's name, for messages
+    blob: str = ""  # for messages: the blob's name (downloads), the local path as given (uploads)
     parts: tuple[str, ...] = ()  # downloads: the path inside the local folder, one name per level
 
 
 class _Refused(Exception):
-    """A blob that is not downloaded, and why; the copy goes on without it."""
+    """A blob that is not downloaded (or a local file not uploaded), and why; the copy goes on without it."""
 
-    def __init__(self, blob: str, reason: str) -> None:
-        super().__init__(f"refused blob {blob!r}: {reason}; nothing was written for it")
+    def __init__(
+        self, blob: str, reason: str, *, kind: str = "blob", outcome: str = "nothing was written for it"
+    ) -> None:
+        super().__init__(f"refused {kind} {blob!r}: {reason}; {outcome}")
 
 
 class _Stopped(Exception):
@@ -403,14 +414,21 @@ class _Transfers:
 
 
 class _Progress:
-    """One progress bar (tqdm) for the bytes of every file being copied; thread-safe."""
+    """One progress bar (tqdm) for the bytes of every file being copied; thread-safe.
+
+    If standard error goes away (``2>&1 | less``, quit), the bar stops: a copy never fails, and an
+    interrupted one is never held up, for want of somewhere to draw it.
+    """
 
     def __init__(self, total: int, enabled: bool) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, file=sys.stderr
-        )
+        try:
+            self._bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled, file=sys.stderr
+            )
+        except (OSError, ValueError):  # it draws itself at once
+            self._bar = tqdm(disable=True)
         self._lock = threading.Lock()
 
     def hook(self) -> Any:
@@ -418,13 +436,20 @@ class _Progress:
 
         def report(bytes_done: int, bytes_total: int | None) -> None:
             with self._lock:
-                self._bar.update(bytes_done - done[0])
+                self._draw(self._bar.update, bytes_done - done[0])
                 done[0] = bytes_done
 
         return report
 
     def close(self) -> None:
-        self._bar.close()
+        with self._lock:
+            self._draw(self._bar.close)
+
+    def _draw(self, method: Callable[..., Any], *args: Any) -> None:
+        try:
+            method(*args)
+        except (OSError, ValueError):  # a closed pipe or file
+            self._bar.disable = True
 
 
 def command_cp(args: argparse.Namespace, out: TextIO) -> int:
@@ -435,10 +460,12 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
     root: pathlib.Path | None = None
     if source_is_url:
         client, prefix = _container_and_prefix(args.source, args.anonymous)
-        root, copies, refused = _download_plan(client, prefix, pathlib.Path(args.destination))
+        # "DST/" is a folder, as it is to cp, even before it exists (pathlib drops the slash).
+        into_folder = args.destination.endswith(("/", os.sep))
+        root, copies, refused = _download_plan(client, prefix, pathlib.Path(args.destination), into_folder)
     else:
         client, prefix = _container_and_prefix(args.destination, args.anonymous)
-        copies = _upload_plan(pathlib.Path(args.source), client, prefix)
+        copies, refused = _upload_plan(pathlib.Path(args.source), client, prefix)
     for refusal in refused:
         print(f"azstoragetorch: {refusal}", file=sys.stderr)
     transfers = _Transfers()
@@ -456,6 +483,9 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
         # A DCP checkpoint's .metadata goes last, so that a reader never sees it before the shards.
         last = [copy for copy in copies if copy.destination.rsplit("/", 1)[-1].startswith(DCP_METADATA)]
         first = [copy for copy in copies if copy not in last]
+        if folder is not None and first:
+            for copy in last:
+                _remove_old_metadata(folder, copy)
         for batch in (first, last):
             for outcome in _run_all(batch, copy_one, args.parallel, transfers):
                 if isinstance(outcome, _Refused):
@@ -489,18 +519,21 @@ def _run_all(
     once, and waits at most a moment for them (see :func:`main`).
     """
     pool = concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="azstoragetorch-cp")
-    futures = [pool.submit(copy_one, copy) for copy in copies]
+    futures: list[concurrent.futures.Future[TransferStats]] = []
     outcomes: list[TransferStats | _Refused] = []
     try:
+        for copy in copies:  # Ctrl-C may come while the first transfers already run
+            futures.append(pool.submit(copy_one, copy))
         for future in concurrent.futures.as_completed(futures):
             try:
                 outcomes.append(future.result())
             except _Refused as refusal:
                 outcomes.append(refusal)
     except KeyboardInterrupt:
-        transfers.stop()
-        pool.shutdown(wait=False, cancel_futures=True)
-        concurrent.futures.wait(futures, timeout=_STOP_GRACE_SECONDS)
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C is still this interruption
+            transfers.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+            concurrent.futures.wait(futures, timeout=_STOP_GRACE_SECONDS)
         raise _Interrupted() from None
     except BaseException:
         transfers.stop()
@@ -514,7 +547,7 @@ def _run_all(
 
 
 def _download_plan(
-    client: AzStorageTorchContainerClient, prefix: str, destination: pathlib.Path
+    client: AzStorageTorchContainerClient, prefix: str, destination: pathlib.Path, into_folder: bool
 ) -> tuple[pathlib.Path, list[_Copy], list[_Refused]]:
     """The local folder to write into, the copies to make inside it, and the blobs refused."""
     folder = prefix.rstrip("/")
@@ -527,7 +560,7 @@ def _download_plan(
             size = None
         if size is not None:
             # One blob: into DST if it is a folder, else to the path DST itself, which the user chose.
-            if destination.is_dir():
+            if into_folder or destination.is_dir():
                 root, name = destination, folder.rsplit("/", 1)[-1]
                 try:
                     parts = local_parts(name)
@@ -559,22 +592,60 @@ def _download_plan(
     return destination, copies, [_Refused(name, reason) for name, reason in sorted(refused.items())]
 
 
-def _upload_plan(source: pathlib.Path, client: AzStorageTorchContainerClient, prefix: str) -> list[_Copy]:
+def _upload_plan(
+    source: pathlib.Path, client: AzStorageTorchContainerClient, prefix: str
+) -> tuple[list[_Copy], list[_Refused]]:
+    """The uploads to make, and the local files refused.
+
+    ``SRC`` itself is what the user named, link or not. Inside a folder, only regular files are
+    uploaded: a symbolic link only if it leads to a regular file inside ``SRC`` (Lightning's
+    ``last.ckpt`` link), so that a link planted in the folder cannot send a file from elsewhere
+    (``~/.ssh/id_rsa``) to the container; FIFOs, sockets and devices are refused too.
+    """
     if source.is_file():
-        name = prefix + source.name if not prefix or prefix.endswith("/") else prefix
-        return [_Copy(str(source), _blob_url(client, name), source.stat().st_size)]
+        if prefix and not prefix.endswith("/"):
+            name = prefix  # the blob name the user gave
+        elif (problem := _blob_name_problem(source.name)) is not None:
+            return [], [_Refused(str(source), problem, kind="file", outcome="nothing was uploaded for it")]
+        else:
+            name = prefix + source.name
+        return [_Copy(os.path.realpath(source), _blob_url(client, name), source.stat().st_size, str(source))], []
     if not source.is_dir():
         raise FileNotFoundError(f"Nothing to copy: {source} is neither a file nor a folder.")
     base = prefix.rstrip("/")
-    files = sorted(path for path in source.rglob("*") if path.is_file())
-    return [
-        _Copy(
-            str(path),
-            _blob_url(client, f"{base}/{path.relative_to(source).as_posix()}".lstrip("/")),
-            path.stat().st_size,
-        )
-        for path in files
-    ]
+    inside = os.path.realpath(source)
+    copies: list[_Copy] = []
+    refused: list[_Refused] = []
+    for path in sorted(source.rglob("*")):  # rglob does not descend into linked folders
+        if path.is_dir() and not path.is_symlink():
+            continue
+        target = os.path.realpath(path)
+        if path.is_symlink() and (os.path.commonpath([inside, target]) != inside or not os.path.isfile(target)):
+            reason = "it is a symbolic link that does not lead to a regular file inside the folder being copied"
+        elif not os.path.isfile(target):
+            reason = "it is not a regular file (a FIFO, socket or device)"
+        elif (problem := _blob_name_problem(relative := path.relative_to(source).as_posix())) is not None:
+            reason = problem
+        else:
+            name = f"{base}/{relative}".lstrip("/")
+            copies.append(_Copy(target, _blob_url(client, name), os.stat(target).st_size, blob=str(path)))
+            continue
+        refused.append(_Refused(str(path), reason, kind="file", outcome="nothing was uploaded for it"))
+    return copies, refused
+
+
+def _blob_name_problem(relative: str) -> str | None:
+    """Why the local name ``relative`` (below ``SRC``) makes no blob name that ``cp`` would download
+    again as the same file (a name that is not UTF-8, a backslash, ...), or ``None``."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8, as a blob name must be"
+    try:
+        local_parts(relative)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def _open_destination(root: pathlib.Path) -> int:
@@ -613,6 +684,28 @@ def _open_folder(root: int, copy: _Copy) -> int:
         os.close(folder)
         raise
     return folder
+
+
+def _remove_old_metadata(root: int, copy: _Copy) -> None:
+    """Remove the local file that the download of a ``.metadata`` will replace, before any other.
+
+    A DCP checkpoint downloaded over an older one (``__0_0.distcp`` is the same name in each save
+    that torch's own writer makes) would otherwise be, until its new ``.metadata`` lands or forever if
+    the copy stops, the old ``.metadata`` over a mix of old and new shard files: wrong tensors, not an
+    error. Without it the folder is plainly not a checkpoint until the copy completes.
+    """
+    try:
+        folder = _open_folder(root, copy)
+    except (_Refused, OSError):
+        return  # the download itself reports this
+    try:
+        os.unlink(copy.parts[-1], dir_fd=folder)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise OSError(error.errno, f"cannot remove the old {copy.destination}: {error.strerror or error}") from error
+    finally:
+        os.close(folder)
 
 
 def _download_one(
@@ -657,25 +750,47 @@ def _local_error(error: OSError, path: str) -> OSError:
 
 
 def _upload_one(copy: _Copy, credential: CredentialArgument, hook: Any, transfers: _Transfers) -> TransferStats:
-    """Upload a file; the blob is committed only if nothing told the copy to stop before the commit."""
+    """Upload a file; the blob is committed only if nothing told the copy to stop before the commit,
+    and only if the file did not change while it was read (the blob would hold a mix of both)."""
     transfers.check()
-    with (
-        open(copy.source, "rb") as file,
-        BlobIO(copy.destination, "wb", credential=credential, progress_hook=hook) as writer,
-    ):
-        while piece := file.read(_COPY_PIECE):
+    try:
+        # O_NONBLOCK: a file swapped for a FIFO since the plan must not hang the copy on its open.
+        descriptor = os.open(copy.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot read {copy.blob}: {error.strerror or error}") from error
+    with open(descriptor, "rb") as file:
+        before = os.fstat(descriptor)
+        if not stat.S_ISREG(before.st_mode):
+            raise OSError(errno.EINVAL, f"cannot read {copy.blob}: it is no longer a regular file")
+        with BlobIO(copy.destination, "wb", credential=credential, progress_hook=hook) as writer:
+            read = 0
+            while piece := file.read(_COPY_PIECE):
+                transfers.check()
+                writer.write(piece)
+                read += len(piece)
+            after = os.fstat(descriptor)
+            if read != after.st_size or (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+                raise OSError(
+                    f"{copy.blob} changed while it was being uploaded; nothing was committed for it "
+                    "(copy it again once whatever writes it has finished)"
+                )
+            writer.flush()  # every block staged: what is left is the commit, a single request
             transfers.check()
-            writer.write(piece)
-        writer.flush()  # every block staged: what is left is the commit, a single request
-        transfers.check()
     return writer.stats
 
 
 # -- entry point -------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but its errors, which quote the arguments given, show no SAS token."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(redact(message))
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="azstoragetorch",
         description="List, verify and copy PyTorch checkpoints in Azure Blob Storage.",
         epilog=(
@@ -692,45 +807,88 @@ def _parser() -> argparse.ArgumentParser:
     cp = commands.add_parser("cp", help="copy a blob or a DCP checkpoint between a container and a local folder")
     cp.add_argument("source", metavar="SRC")
     cp.add_argument("destination", metavar="DST")
-    cp.add_argument("--parallel", type=_positive, default=4, help="files copied at once (default 4)")
+    cp.add_argument(
+        "--parallel", type=_parallel, default=4, help=f"files copied at once (default 4, at most {_MAX_PARALLEL})"
+    )
     cp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def _positive(text: str) -> int:
+# Each file copied at once holds a thread, its own parallel requests and tens of MiB of buffers:
+# thousands at once would exhaust threads or memory long before they made a copy faster.
+_MAX_PARALLEL = 64
+
+
+def _parallel(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    if not 1 <= value <= _MAX_PARALLEL:
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to {_MAX_PARALLEL}, not {text!r}")
     return value
 
 
 _COMMANDS = {"ls": command_ls, "verify": command_verify, "cp": command_cp}
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[list[int]]:
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler ending the job) stops the command as Ctrl-C
+    does, cleaning up after itself; yields the number of the signal that stopped it, if one did."""
+    received: list[int] = [signal.SIGINT]
+
+    def stop(signum: int, frame: Any) -> None:
+        received[0] = signum
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # only the main thread may handle signals; a caller's own thread keeps its own
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    with _sigterm_as_ctrl_c() as received:
+        return _main(parser, args, received)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, received: list[int]) -> int:
     try:
-        return _COMMANDS[args.command](args, sys.stdout)
+        code = _COMMANDS[args.command](args, sys.stdout)
+        sys.stdout.flush()  # here, so that a closed standard output is handled below
+        return code
+    except BrokenPipeError:
+        # Whoever read standard output stopped (``azstoragetorch ls URL | head``): stop quietly, as
+        # other command-line tools do, and keep the interpreter's own last flush from complaining.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except _UsageError as error:
         parser.error(str(error))  # exits with 2 after the usage line
     except ValueError as error:  # a malformed URL, and the like
-        parser.error(redact(str(error)))
+        parser.error(str(error))
     except (AzureError, AZStorageTorchError, OSError) as error:
         print(f"azstoragetorch: error: {redact(str(error))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interruption:
-        print("azstoragetorch: interrupted", file=sys.stderr)
+        code = 128 + received[0]  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+        # Standard error may be gone (``2>&1 | less``, quit): the exit below must happen anyway.
+        with contextlib.suppress(OSError, ValueError):
+            print(f"azstoragetorch: {'terminated' if code == 143 else 'interrupted'}", file=sys.stderr)
         if isinstance(interruption, _Interrupted):
             # Transfer threads (ours, or the requests of a BlobIO that stopped without waiting for
             # them) may still wait on the service, and the interpreter would wait for them at exit:
             # minutes, when throttled. They were told to stop, and none can commit a blob or leave
             # a file any more, so leaving now is what makes the first Ctrl-C work.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
-        return 130
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(code)
+        return code
     return 1

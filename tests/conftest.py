@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -150,3 +151,13 @@ def stop_workers() -> Iterator[list[Any]]:
         for candidate in (loader, getattr(loader, "_iterator", None)):
             if hasattr(candidate, "_shutdown_workers"):
                 candidate._shutdown_workers()
+
+
+@pytest.fixture
+def python_ctrl_c() -> Iterator[None]:
+    """Python's own Ctrl-C handler for the test, whatever the process inherited: a test run started in
+    the background by a non-interactive shell ignores SIGINT, and the signal would then do nothing
+    (here, and in the subprocesses the test starts, which inherit it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -4,7 +4,6 @@ import io
 import os
 import signal
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -247,15 +246,6 @@ def test_racing_writers_leave_one_writers_complete_blob(
 
 
 # -- Ctrl-C -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def python_ctrl_c() -> Iterator[None]:
-    """Python's own Ctrl-C handler for the test, whatever the process inherited: a test run started in
-    the background by a non-interactive shell ignores SIGINT, and the signal would then do nothing."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 def interrupt_in_the_middle_of_a_large_write(monkeypatch: pytest.MonkeyPatch) -> None:

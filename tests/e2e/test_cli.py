@@ -48,6 +48,17 @@ def cli(*args: str, key: bool = True) -> subprocess.CompletedProcess[str]:
     )
 
 
+def start_cli(*args: str, environment: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """The CLI started in a subprocess, with its standard output and error piped to the test."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "azstoragetorch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment or cli_environment(),
+    )
+
+
 def save_blob(container: Container, name: str, data: bytes, credential: AzureNamedKeyCredential) -> None:
     with BlobIO(container.blob_url(name), "wb", credential=credential) as f:
         f.write(data)
@@ -166,6 +177,17 @@ def test_cp_a_single_blob_both_ways_with_a_sas_that_never_shows(container: Conta
         assert signature not in result.stdout + result.stderr
 
 
+def test_cp_a_blob_to_a_path_ending_in_a_slash_puts_it_in_that_new_folder(
+    container: Container, tmp_path: pathlib.Path
+) -> None:
+    container.upload("runs/model.ckpt", b"a checkpoint")
+
+    result = cli("cp", "--no-progress", container.blob_url("runs/model.ckpt"), f"{tmp_path / 'new'}/")
+
+    assert result.returncode == 0, result.stderr
+    assert files_under(tmp_path) == {"new/model.ckpt": b"a checkpoint"}
+
+
 def test_a_missing_blob_is_an_error_without_the_sas(container: Container, tmp_path: pathlib.Path) -> None:
     sas = container.container_sas(read=True, list=True)
     result = cli("cp", f"{container.blob_url('nothing')}?{sas}", str(tmp_path), key=False)
@@ -187,6 +209,22 @@ def test_ls_of_a_prefix_without_a_slash_is_that_folder_or_that_blob(container: C
     assert [line.split()[-1] for line in folder.stdout.splitlines()[2:]] == ["runs/run-1/a.ckpt"]
     assert blob.returncode == 0, blob.stderr
     assert [line.split()[-1] for line in blob.stdout.splitlines()[2:]] == ["runs/run-1.ckpt"]
+
+
+def test_ls_shows_control_characters_in_blob_names_escaped(container: Container) -> None:
+    container.upload("runs/evil\nfile    1 B      1 2026-01-01 00:00:00  yes     runs/fake.ckpt", b"x")
+    # \x1b and other C0 controls cannot pass through the emulator's XML listing; Azure encodes them.
+    container.upload("runs/\tright-to-left\u202etxt.ckpt", b"x")
+
+    result = cli("ls", container.blob_url("runs/"))
+
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()[2:]
+    assert [row.split(maxsplit=7)[-1] for row in rows] == [
+        "runs/\\tright-to-left\\u202etxt.ckpt",
+        "runs/evil\\nfile    1 B      1 2026-01-01 00:00:00  yes     runs/fake.ckpt",
+    ]
+    assert "\t" not in result.stdout and "\u202e" not in result.stdout
 
 
 @pytest.mark.parametrize("damage", ["bytes-changed-behind-the-crc", "replaced-by-another-tool"])
@@ -286,16 +324,122 @@ def test_cp_never_follows_a_symlink_planted_in_the_destination(container: Contai
     )
 
 
+# -- cp uploads: only what is inside SRC, only as it was --------------------------------------------
+
+
+def blob_names(container: Container, prefix: str) -> dict[str, bytes]:
+    return {
+        blob.name.removeprefix(prefix): container.download(blob.name)
+        for blob in container.client.list_blobs(name_starts_with=prefix)
+    }
+
+
+def test_cp_uploads_regular_files_and_links_to_them_inside_the_folder_only(
+    container: Container, tmp_path: pathlib.Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "id_rsa").write_bytes(b"a private key")
+    source = tmp_path / "ck"
+    (source / "sub").mkdir(parents=True)
+    (source / "epoch=3.ckpt").write_bytes(b"a checkpoint")
+    (source / "sub" / "b.pt").write_bytes(b"b")
+    (source / "empty.pt").write_bytes(b"")
+    (source / "last.ckpt").symlink_to("epoch=3.ckpt")  # Lightning's save_last="link"
+    hostile = {
+        "key.pt": lambda path: path.symlink_to(outside / "id_rsa"),  # a file elsewhere
+        "escape.pt": lambda path: path.symlink_to("../outside/id_rsa"),
+        "folder": lambda path: path.symlink_to(outside, target_is_directory=True),
+        "subfolder": lambda path: path.symlink_to("sub", target_is_directory=True),
+        "dangling.pt": lambda path: path.symlink_to("nowhere"),
+        "fifo": os.mkfifo,  # opening it would wait for a writer forever
+    }
+    for name, make in hostile.items():
+        make(source / name)
+
+    result = cli("cp", "--no-progress", str(source), container.blob_url("up/"))
+
+    assert result.returncode == 1, result.stderr
+    assert blob_names(container, "up/") == {
+        "epoch=3.ckpt": b"a checkpoint",
+        "empty.pt": b"",
+        "last.ckpt": b"a checkpoint",
+        "sub/b.pt": b"b",
+    }
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("azstoragetorch: refused file ")]
+    assert len(refusals) == len(hostile), result.stderr
+    for name in hostile:
+        assert any(repr(str(source / name)) in line for line in refusals), name
+    assert result.stdout.startswith("Copied 4 files, ") and "refused 6" in result.stdout
+
+
+def test_cp_refuses_to_upload_files_whose_names_make_no_blob_it_would_download(
+    container: Container, tmp_path: pathlib.Path
+) -> None:
+    source = tmp_path / "ck"
+    source.mkdir()
+    (source / "good.pt").write_bytes(b"good")
+    hostile = [os.fsdecode(b"latin-1 \xe9t\xe9.pt"), "back\\slash.pt", "new\nline.pt", "\uff0e\uff0e"]
+    for name in hostile:
+        (source / name).write_bytes(b"hostile")
+
+    result = cli("cp", "--no-progress", str(source), container.blob_url("up/"))
+
+    assert result.returncode == 1, result.stderr
+    assert blob_names(container, "up/") == {"good.pt": b"good"}
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("azstoragetorch: refused file ")]
+    assert len(refusals) == len(hostile), result.stderr
+    assert any("not valid UTF-8" in line for line in refusals)
+
+
+def test_cp_commits_nothing_for_a_file_that_changes_while_it_is_uploaded(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path
+) -> None:
+    container.upload("ck/last.ckpt", b"the previous checkpoint")
+    source = tmp_path / "last.ckpt"
+    source.write_bytes(os.urandom(96 * 1024 * 1024))  # more than the upload holds in memory
+    holding = threading.Event()
+    # Every block waits five seconds: the file is rewritten (as a training job saving it again
+    # would) while most of it has not been read yet.
+    proxy.add_fault(From("PutBlock", 1), Delay(5, hold_request=True, holding=holding), times=None)
+    process = start_cli("cp", "--no-progress", str(source), proxy.url(container.blob_url("ck/")))
+    try:
+        assert holding.wait(120), "the upload never began"
+        with source.open("r+b") as file:
+            file.write(b"the new checkpoint begins here")
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        process.kill()
+        process.wait()
+
+    assert process.returncode == 1, stderr
+    assert f"{source} changed while it was being uploaded; nothing was committed" in stderr
+    assert container.download("ck/last.ckpt") == b"the previous checkpoint"
+    assert proxy.count("PutBlockList") == 0
+
+
+def test_cp_arguments_with_a_sas_are_refused_without_showing_it(container: Container) -> None:
+    url = f"{container.blob_url('ck/')}?sv=2024-01-01&sig=ASecretSignature"
+
+    for result in (cli("cp", "model.pt", url, "extra"), cli("cp", "--parallel", url, "model.pt")):
+        assert result.returncode == 2
+        assert result.stderr.startswith("usage: azstoragetorch")
+        assert "ASecretSignature" not in result.stderr, result.stderr
+
+
+def test_ls_into_a_reader_that_stops_early_ends_quietly(container: Container) -> None:
+    for number in range(50):
+        container.upload(f"runs/epoch={number}.ckpt", b"checkpoint")
+    process = start_cli("ls", container.blob_url("runs/"))
+    assert process.stdout is not None
+    process.stdout.close()  # `azstoragetorch ls URL | head -0`
+    _, stderr = process.communicate(timeout=120)
+
+    assert stderr == ""
+    assert process.returncode == 1
+
+
 # -- cp: Ctrl-C and a full disk -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def python_ctrl_c() -> Iterator[None]:
-    """Python's Ctrl-C handler in this process, so that the CLI's process gets one too: a test run that
-    a non-interactive shell started in the background ignores SIGINT, and its children inherit that."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 class From:
@@ -311,28 +455,36 @@ class From:
         return self.seen >= self.first
 
 
-def interrupt_mid_transfer(proxy: FaultProxy, operation: str, first_held: int, *args: str) -> tuple[int, str, float]:
+def interrupt_mid_transfer(
+    proxy: FaultProxy,
+    operation: str,
+    first_held: int,
+    *args: str,
+    stderr_closed: bool = False,
+    stop_signal: signal.Signals = signal.SIGINT,
+) -> tuple[int, str, float]:
     """Run the CLI through ``proxy``, holding every ``operation`` request from the ``first_held``-th on
     (for ten minutes: far longer than the test may take), and send SIGINT, as Ctrl-C does, at a random
     moment once one is held. The CLI runs with the perturbation hook on, with the same printed seed.
+    With ``stderr_closed``, nobody reads its standard error any more by then (``2>&1 | less``, quit);
+    ``stop_signal`` is sent instead of SIGINT if given.
     Returns the exit code, standard error and seconds from SIGINT to exit."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # see python_ctrl_c
     seed = random.randrange(1 << 30)
     print(f"seed {seed}: holding {operation} requests from number {first_held} on")
     holding = threading.Event()
     proxy.add_fault(From(operation, first_held), Delay(600, hold_request=True, holding=holding), times=None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "azstoragetorch", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**cli_environment(), _schedule.ENVIRONMENT_VARIABLE: str(seed)},  # shaken hand-offs, too
-    )
+    # The perturbation hook on: shaken hand-offs, too.
+    process = start_cli(*args, environment={**cli_environment(), _schedule.ENVIRONMENT_VARIABLE: str(seed)})
     try:
         assert holding.wait(120), "the transfer never reached the held request"
         time.sleep(random.Random(seed).uniform(0, 0.5))
         assert process.poll() is None
-        process.send_signal(signal.SIGINT)
+        if stderr_closed:
+            assert process.stderr is not None
+            process.stderr.close()
+            process.stderr = None
+        process.send_signal(stop_signal)
         interrupted = time.perf_counter()
         # Without the fix the copy waits out the held request: ten minutes.
         _, stderr = process.communicate(timeout=60)
@@ -379,6 +531,111 @@ def test_ctrl_c_during_a_download_stops_it_and_leaves_no_file(
     assert code == 130, stderr
     assert stderr.splitlines()[-1] == "azstoragetorch: interrupted"
     assert files_under(destination) in ({}, {"small.pt": b"x"})  # no model.pt, whole or partial
+
+
+def test_sigterm_stops_a_copy_as_ctrl_c_does_and_leaves_no_partial_file(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None
+) -> None:
+    container.upload("ck/model.pt", os.urandom(48 * 1024 * 1024))
+    container.upload("ck/small.pt", b"x")
+    destination = tmp_path / "copy"
+
+    code, stderr, _ = interrupt_mid_transfer(
+        proxy,
+        "GetBlob",
+        3,
+        "cp",
+        "--no-progress",
+        proxy.url(container.blob_url("ck")),
+        str(destination),
+        stop_signal=signal.SIGTERM,
+    )
+
+    assert code == 128 + signal.SIGTERM, stderr
+    assert stderr.splitlines()[-1] == "azstoragetorch: terminated"
+    assert files_under(destination) in ({}, {"small.pt": b"x"})  # no .partial file either
+
+
+def test_two_copies_into_one_folder_at_once_leave_each_file_whole(container: Container, tmp_path: pathlib.Path) -> None:
+    contents = {source: {name: os.urandom(9 * 1024 * 1024) for name in ("a.pt", "b/c.pt")} for source in "xy"}
+    for source, files in contents.items():
+        for name, data in files.items():
+            container.upload(f"{source}/{name}", data)
+    destination = tmp_path / "copy"
+
+    processes = [start_cli("cp", "--no-progress", container.blob_url(source), str(destination)) for source in "xy"]
+    results = [process.communicate(timeout=240) for process in processes]
+
+    assert [process.returncode for process in processes] == [0, 0], results
+    copied = files_under(destination)
+    assert sorted(copied) == ["a.pt", "b/c.pt"]  # no .partial file left
+    for name, data in copied.items():
+        assert data in (contents["x"][name], contents["y"][name]), name
+
+
+def test_a_dcp_checkpoint_downloaded_over_an_older_one_is_never_a_mix_of_both(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None
+) -> None:
+    # torch's own FileSystemWriter gives the shard files of every save the same names.
+    old = {".metadata": b"old metadata", "__0_0.distcp": b"old small shard", "__1_0.distcp": b"old large shard"}
+    destination = tmp_path / "ck"
+    destination.mkdir()
+    for name, data in old.items():
+        (destination / name).write_bytes(data)
+    container.upload("ck/.metadata", b"new metadata")
+    container.upload("ck/__0_0.distcp", b"new small shard")
+    container.upload("ck/__1_0.distcp", os.urandom(24 * 1024 * 1024))
+    holding = threading.Event()
+    proxy.add_fault(
+        lambda request: request.operation == "GetBlob" and request.path.endswith("__1_0.distcp"),
+        Delay(600, hold_request=True, holding=holding),
+        times=None,
+    )
+    process = start_cli("cp", "--no-progress", proxy.url(container.blob_url("ck")), str(destination))
+    try:
+        assert holding.wait(120), "the large shard was never requested"
+        deadline = time.monotonic() + 60
+        while (destination / "__0_0.distcp").read_bytes() != b"new small shard":  # one shard replaced
+            assert time.monotonic() < deadline, "the small shard was never copied"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+
+    assert process.returncode == 130, stderr
+    # Not the old .metadata over a new shard: no checkpoint at all until a copy completes.
+    assert files_under(destination) == {"__0_0.distcp": b"new small shard", "__1_0.distcp": b"old large shard"}
+
+
+def test_ctrl_c_stops_the_copy_even_when_nobody_reads_its_standard_error_any_more(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None
+) -> None:
+    container.upload("ck/model.pt", b"the previous checkpoint")
+    source = tmp_path / "model.pt"
+    source.write_bytes(os.urandom(24 * 1024 * 1024))
+
+    code, _, _ = interrupt_mid_transfer(
+        proxy, "PutBlock", 1, "cp", str(source), proxy.url(container.blob_url("ck/")), stderr_closed=True
+    )
+
+    assert code == 130
+    assert container.download("ck/model.pt") == b"the previous checkpoint"
+
+
+def test_cp_does_not_need_anyone_to_read_its_progress_bar(container: Container, tmp_path: pathlib.Path) -> None:
+    data = os.urandom(24 * 1024 * 1024)
+    container.upload("ck/model.pt", data)
+    process = start_cli("cp", container.blob_url("ck/model.pt"), str(tmp_path))
+    assert process.stderr is not None
+    process.stderr.close()  # `azstoragetorch cp ... 2>&1 | less`, quit at once
+    process.stderr = None
+    stdout, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 0
+    assert stdout.startswith("Copied 1 file, ")
+    assert (tmp_path / "model.pt").read_bytes() == data
 
 
 def cp_with_a_file_size_limit(limit: int, *args: str) -> subprocess.CompletedProcess[str]:
@@ -448,9 +705,18 @@ def test_cp_to_a_full_disk_names_the_file_and_removes_the_partial_file(
         ("ls",),
         ("cp", "a", "b"),
         ("cp", "http://127.0.0.1:1/devstoreaccount1/c/x", "y", "--parallel", "0"),
+        ("cp", "http://127.0.0.1:1/devstoreaccount1/c/x", "y", "--parallel", "100000"),
         ("verify", "not-a-url"),
     ],
-    ids=["nothing", "unknown-command", "ls-without-url", "cp-two-local-paths", "cp-bad-parallel", "malformed-url"],
+    ids=[
+        "nothing",
+        "unknown-command",
+        "ls-without-url",
+        "cp-two-local-paths",
+        "cp-bad-parallel",
+        "cp-huge-parallel",
+        "malformed-url",
+    ],
 )
 def test_bad_arguments_get_the_usage_and_exit_code_2(arguments: tuple[str, ...]) -> None:
     result = cli(*arguments)
