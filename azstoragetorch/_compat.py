@@ -29,6 +29,7 @@ TESTED_LIGHTNING: tuple[tuple[int, int], ...] = ((2, 6),)
 _DCP = "azstoragetorch.integrations.dcp"
 _PATHS = "azstoragetorch.integrations.lightning._paths"
 _STATS = "azstoragetorch.integrations.lightning._stats"
+_SHARDED = "azstoragetorch.integrations.lightning._sharded"
 _FILESYSTEM = "torch.distributed.checkpoint.filesystem"
 
 
@@ -148,7 +149,8 @@ PRIVATE_NAMES: tuple[Reliance, ...] = (
         "lightning",
         "lightning.pytorch.trainer.connectors.callback_connector",
         "_CallbackConnector._attach_model_callbacks",
-        f"{_STATS}: TransferStatsLogger is attached when log_stats is on",
+        f"{_STATS}: TransferStatsLogger is attached when log_stats is on; "
+        f"{_SHARDED}: a strategy that saves by local path is refused at setup",
         ("self",),
     ),
 )
@@ -236,6 +238,30 @@ OVERRIDDEN: tuple[Reliance, ...] = (
         f"{_STATS}: the save's stall is logged",
         ("self", "filepath", "weights_only", "storage_options"),
     ),
+    # The sharded strategies save and load by local path, bypassing CheckpointIO: _sharded wraps
+    # these methods (install() also checks them, and that each save still decides by the private
+    # _save_distributed_checkpoint or _state_dict_type attribute).
+    *(
+        Reliance("lightning", module, f"{cls}.{method}", f"{_SHARDED}: blob paths go to BlobStorage{role}", params)
+        for module in ("lightning.pytorch.strategies", "lightning.fabric.strategies")
+        for cls in ("ModelParallelStrategy", "FSDPStrategy")
+        for method, role, params in (
+            (
+                "save_checkpoint",
+                "Writer",
+                ("self", "checkpoint", "filepath", "storage_options")
+                if module.startswith("lightning.pytorch")
+                else ("self", "path", "state", "storage_options", "filter"),
+            ),
+            (
+                "load_checkpoint",
+                "Reader",
+                ("self", "checkpoint_path", "weights_only")
+                if module.startswith("lightning.pytorch")
+                else ("self", "path", "state", "strict", "weights_only"),
+            ),
+        )
+    ),
     Reliance(
         "lightning",
         "lightning.pytorch.cli",
@@ -250,8 +276,9 @@ OVERRIDDEN: tuple[Reliance, ...] = (
 INSTANCE_ATTRIBUTES: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("torch", _FILESYSTEM, "FileSystemWriter"): ("fs", "path", "overwrite", "rank", "use_collectives", "transforms"),
     ("torch", _FILESYSTEM, "FileSystemReader"): ("fs", "path", "storage_data", "transforms"),
-    # _paths' removal wrapper queues removals on the executor that runs the saves.
-    ("lightning", "lightning.pytorch.plugins", "AsyncCheckpointIO"): ("_executor", "_error"),
+    # _paths' removal wrapper queues removals on the executor that runs the saves; _sharded's
+    # asynchronous sharded saves join that executor too (and start it with _ensure_setup).
+    ("lightning", "lightning.pytorch.plugins", "AsyncCheckpointIO"): ("_executor", "_error", "_ensure_setup"),
 }
 
 
