@@ -4,6 +4,7 @@
   (``.ckpt``, ``.pt``, ``.pth``) and DCP checkpoints (a folder with a ``.metadata``), one line each.
 - ``verify URL``: check a blob, or every file of a DCP checkpoint, against its recorded CRC-32.
 - ``cp SRC DST``: copy a blob or a folder (a DCP checkpoint) between a container and a local folder.
+  A download is checked against the CRC-32 recorded for each blob (``--no-verify`` skips the check).
 
 Credentials are the library's: a SAS token in the URL, else the account key in ``AZURE_STORAGE_KEY``
 (as the Azure CLI reads it), else :class:`azure.identity.DefaultAzureCredential`; ``--anonymous``
@@ -264,7 +265,10 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
         first = [copy for copy in copies if copy not in last]
         for batch in (first, last):
             with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-                futures = [pool.submit(_copy_one, copy, credential, source_is_url, progress.hook()) for copy in batch]
+                futures = [
+                    pool.submit(_copy_one, copy, credential, source_is_url, progress.hook(), not args.no_verify)
+                    for copy in batch
+                ]
                 for future in futures:
                     stats = future.result()
                     moved += stats.bytes
@@ -326,12 +330,18 @@ def _upload_plan(source: pathlib.Path, client: AzStorageTorchContainerClient, pr
     ]
 
 
-def _copy_one(copy: _Copy, credential: CredentialArgument, download: bool, hook: Any) -> Any:
+def _copy_one(copy: _Copy, credential: CredentialArgument, download: bool, hook: Any, verify: bool = True) -> Any:
     if download:
         target = pathlib.Path(copy.destination)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.partial")
-        with BlobIO(copy.source, "rb", credential=credential, progress_hook=hook) as reader, partial.open("wb") as file:
+        # Read whole, so BlobIO's close checks the CRC-32 when one was recorded: a blob that does
+        # not match raises there, before the file takes the target's name.
+        checking = None if verify else False
+        with (
+            BlobIO(copy.source, "rb", credential=credential, progress_hook=hook, verify_checksum=checking) as reader,
+            partial.open("wb") as file,
+        ):
             buffer = bytearray(_COPY_PIECE)
             while count := reader.readinto(buffer):
                 file.write(memoryview(buffer)[:count])
@@ -369,6 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("destination", metavar="DST")
     cp.add_argument("--parallel", type=_positive, default=4, help="files copied at once (default 4)")
     cp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cp.add_argument("--no-verify", action="store_true", help="do not check downloads against their recorded CRC-32")
     return parser
 
 

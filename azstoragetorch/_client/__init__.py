@@ -25,6 +25,7 @@ from azstoragetorch._client._stats import (
     ProgressHook,
     Recorder,
     TransferStats,
+    add_checksum_outcome,
     stats,
     sum_stats,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "ProgressHook",
     "Recorder",
     "TransferStats",
+    "add_checksum_outcome",
     "crc32",
     "fsspec_path_to_url",
     "is_azure_blob_host",
