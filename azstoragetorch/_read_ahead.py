@@ -129,11 +129,13 @@ class _ChunkStore:
             self.discard(chunk)
 
     def _download(self, start: int, target: memoryview) -> None:
-        _, filled = self._client.download_into(
-            start, target, etag=self._properties.etag, validate_content=self._validate_content
+        self._client.download_into(
+            start,
+            target,
+            etag=self._properties.etag,
+            validate_content=self._validate_content,
+            checksums=self._checksums,
         )
-        if self._checksums is not None:
-            self._checksums.add(start, target[:filled])
         pause("part.finish")
 
 
@@ -264,9 +266,8 @@ class ReadAheadBuffer:
             block_size=direct_block_size,
             max_concurrency=concurrency,
             validate_content=self._validate_content,
+            checksums=self._checksums,
         )
-        if self._checksums is not None:
-            self._checksums.add(offset, destination)
 
     def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:
         if forward:

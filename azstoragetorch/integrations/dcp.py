@@ -954,25 +954,41 @@ class _SpanFetcher:
         if first:
             # The first range of a file pins its version: the answer's headers carry the ETag, size
             # and recorded CRC-32 that a properties request would, and every other range of the file
-            # (this span's and the others') is then read with If-Match on that ETag.
+            # (this span's and the others') is then read with If-Match on that ETag. Its CRC-32 is
+            # taken before the answer tells whether one was recorded to compare it with.
+            checksums = self._checksums_of(span.relative_path, None)
+
+            def answered(properties: BlobProperties) -> None:
+                if checksums is not None:
+                    checksums.size = properties.size
+                version.set_result(properties)
+
             try:
                 with _missing_blob_as_file_not_found(client.display_url):
                     lease = client.download_range(
-                        span.start, length, etag=None, on_response=version.set_result, **options
+                        span.start, length, etag=None, on_response=answered, checksums=checksums, **options
                     )
             except BaseException as error:
                 if not version.done():  # no answer came: the spans waiting for one fail alike
                     version.set_exception(error)
                 raise
-            properties = version.result()
         else:
             properties = version.result()  # the first span of the file is running: it sets it
-            lease = client.download_range(span.start, length, etag=properties.etag, **options)
-        if self._files.verify_checksum and properties.crc32 is not None:
-            with self._lock:
-                checksums = self._checksums.setdefault(span.relative_path, PieceChecksums(properties.size))
-            checksums.add(span.start, lease.view(length))
+            recorded = properties.crc32 is not None
+            checksums = self._checksums_of(span.relative_path, properties.size) if recorded else None
+            lease = client.download_range(span.start, length, etag=properties.etag, checksums=checksums, **options)
         return lease
+
+    def _checksums_of(self, relative_path: str, size: int | None) -> PieceChecksums | None:
+        """Where the CRC-32s of the file's ranges go, while the load verifies what it reads (``size``:
+        the file's, if known yet)."""
+        if not self._files.verify_checksum:
+            return None
+        with self._lock:
+            checksums = self._checksums.setdefault(relative_path, PieceChecksums())
+        if size is not None:
+            checksums.size = size
+        return checksums
 
     def pinned_version(self, relative_path: str) -> BlobProperties:
         """The shard file's properties, from a properties request if no range of it was read yet;
