@@ -166,6 +166,22 @@ def test_validated_reads_refetch_a_corrupted_range(container: Container, azurite
     assert all(seen.headers.get("x-ms-range-get-content-md5") == "true" for seen in proxy.requests if gets(seen))
 
 
+def test_a_range_fetched_again_counts_once_in_the_crc32_checked_by_default(
+    container: Container, azurite: Azurite, proxy: FaultProxy
+) -> None:
+    # The CRC-32 is taken as a range's body arrives; a damaged range fetched again must not leave
+    # its damaged bytes in it (nor a body resumed after a break its bytes twice).
+    data = os.urandom(2 * MiB)
+    url = write(container, azurite, "b", data)
+    later_ranges = lambda seen: gets(seen) and not seen.headers.get("x-ms-range", "").startswith("bytes=0-")  # noqa: E731
+    proxy.add_fault(later_ranges, Corrupt(offset=1000), times=2)
+
+    with BlobIO(proxy.url(url), "rb", credential=azurite.credential, block_size=BLOCK, validate_content=True) as reader:
+        assert reader.read() == data
+
+    assert reader.stats.verified_blobs == 1
+
+
 @pytest.mark.usefixtures("no_backoff")
 def test_validated_reads_give_up_on_a_range_that_never_arrives_intact(
     container: Container, azurite: Azurite, proxy: FaultProxy
