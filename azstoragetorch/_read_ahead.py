@@ -129,11 +129,13 @@ class _ChunkStore:
             self.discard(chunk)
 
     def _download(self, start: int, target: memoryview) -> None:
-        _, filled = self._client.download_into(
-            start, target, etag=self._properties.etag, validate_content=self._validate_content
+        self._client.download_into(
+            start,
+            target,
+            etag=self._properties.etag,
+            validate_content=self._validate_content,
+            checksums=self._checksums,
         )
-        if self._checksums is not None:
-            self._checksums.add(start, target[:filled])
         pause("part.finish")
 
 
@@ -264,9 +266,8 @@ class ReadAheadBuffer:
             block_size=direct_block_size,
             max_concurrency=concurrency,
             validate_content=self._validate_content,
+            checksums=self._checksums,
         )
-        if self._checksums is not None:
-            self._checksums.add(offset, destination)
 
     def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:
         if forward:
@@ -286,9 +287,12 @@ class ReadAheadBuffer:
                 break
             start = (self._store.find(start) or self._store.request(start, self._block_size)).stop
 
-    def whole_crc32(self) -> int:
-        """The whole blob's CRC-32, from everything downloaded, after downloading what never was."""
+    def whole_crc32(self, *, download_rest: bool) -> int | None:
+        """The whole blob's CRC-32, from everything downloaded; with ``download_rest``, after downloading
+        what never was, else ``None`` when the downloads do not cover the blob (it was read in part)."""
         assert self._checksums is not None
+        if not download_rest:
+            return self._checksums.whole()
         offset = self._checksums.covered_from_start()
         window = self._block_size * self._max_chunks
         while (crc := self._checksums.whole()) is None:

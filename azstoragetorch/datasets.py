@@ -120,11 +120,12 @@ class Blob:
         """When the blob was last written (timezone-aware UTC)."""
         return self._get_properties().last_modified
 
-    def reader(self, *, validate_content: bool = False, verify_checksum: bool = False) -> BlobIO:
+    def reader(self, *, validate_content: bool = False, verify_checksum: bool | None = None) -> BlobIO:
         """Open the blob for reading, as a :class:`~azstoragetorch.io.BlobIO` in ``"rb"`` mode.
 
         Each call opens a new reader, so a blob can be read any number of times, in any epoch.
-        ``validate_content`` and ``verify_checksum`` check what is read, as for ``BlobIO``.
+        ``validate_content`` and ``verify_checksum`` check what is read, as for ``BlobIO``: by
+        default a blob read to the end is checked against its recorded CRC-32, if it has one.
         """
         return BlobIO(
             self._client.display_url,

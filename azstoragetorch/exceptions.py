@@ -170,11 +170,13 @@ class BlobModifiedDuringReadError(AZStorageTorchError):
 
 
 class ChecksumMismatchError(AZStorageTorchError):
-    """Bytes read from a blob do not match their checksum: they were corrupted on the way.
+    """Bytes read from a blob do not match their checksum: they were corrupted on the way, or
+    changed after they were written.
 
-    Raised when a checksum check that a reader asked for fails: the MD5 the service sends with a
-    range (``validate_content=True``), after the retries, or the CRC-32 an azstoragetorch writer
-    recorded for the whole blob (``verify_checksum=True``). The data must not be used.
+    Raised when a checksum check fails: the MD5 the service sends with a range
+    (``validate_content=True``), after the retries, or the CRC-32 an azstoragetorch writer
+    recorded for the whole blob, which readers check by default (``verify_checksum``). The data
+    must not be used.
 
     Args:
         blob_url: The blob's URL with any SAS token removed.
@@ -190,7 +192,7 @@ class ChecksumMismatchError(AZStorageTorchError):
         self.actual = actual
         super().__init__(
             f"The {what} of {blob_url} does not match: expected {expected}, computed {actual} from the bytes "
-            "received. The data was corrupted on the way and must not be used."
+            "received. The data was corrupted on the way or changed after it was written, and must not be used."
         )
 
     def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from azstoragetorch._client import (
     PieceChecksums,
     Recorder,
     TransferStats,
+    add_checksum_outcome,
 )
 from azstoragetorch._options import check_transfer_options
 from azstoragetorch._read_ahead import ReadAheadBuffer
@@ -32,6 +34,7 @@ _MiB = 1024 * 1024
 # The first request of a read also tells the blob's size and ETag; small blobs arrive whole.
 _FIRST_READ_BYTES = 4 * _MiB
 _MODES = ("rb", "wb")
+_LOGGER = logging.getLogger("azstoragetorch")
 
 
 class BlobIO(io.IOBase, BinaryIO):
@@ -90,9 +93,14 @@ class BlobIO(io.IOBase, BinaryIO):
         verify_checksum: (read mode) Check the whole blob against the CRC-32 that azstoragetorch
             records when it writes a blob: the CRC-32 of every range downloaded is combined, and
             :meth:`close` (the end of the ``with`` block) raises
-            :class:`~azstoragetorch.exceptions.ChecksumMismatchError` if the result differs. Costs
-            about 0.3 CPU seconds per GB; parts never read are downloaded at close to complete the
-            check. A blob without a recorded CRC-32 raises ``ValueError`` at open.
+            :class:`~azstoragetorch.exceptions.ChecksumMismatchError`, naming the blob, if the
+            result differs. Costs about 0.1 CPU seconds per GB. ``None`` (the default) checks
+            every blob that was read to the end and has a recorded CRC-32; a blob read only in
+            part is not checked (nothing more is downloaded for it), and a blob without a recorded
+            CRC-32 (written by another tool) is read unverified, which
+            :attr:`stats` (``unverified_blobs``) and a DEBUG log line tell. ``True`` insists: a
+            blob without a recorded CRC-32 raises ``ValueError`` at open, and parts never read are
+            downloaded at close to complete the check. ``False`` checks nothing.
         retry: How requests that fail for a passing reason (throttling, a dropped connection) are
             retried: a :class:`~azstoragetorch.retry.RetryOptions`. ``None`` (the default) means
             ``RetryOptions()``, which rides out minutes of throttling; see :doc:`reliability`.
@@ -124,7 +132,7 @@ class BlobIO(io.IOBase, BinaryIO):
         max_concurrency: int = 8,
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
-        verify_checksum: bool = False,
+        verify_checksum: bool | None = None,
         retry: RetryOptions | None = None,
         progress_hook: Callable[[int, int | None], Any] | None = None,
         **_internal_only_kwargs: Any,
@@ -151,12 +159,13 @@ class BlobIO(io.IOBase, BinaryIO):
         self._uploader: BlockUploader | None = None
         self._fatal_error: FatalBlobIOWriteError | None = None
         self._handled_before: BaseException | None = None  # what was being handled when the ``with`` began
+        self._verify_in_full = verify_checksum is True  # download what was never read, to check it all
         if mode == "rb":
             self._reader = self._open_reader(max_concurrency, block_size, validate_content, verify_checksum)
             if progress_hook is not None:
                 self._recorder.attach_hook(progress_hook, self._reader.size)
         else:
-            if verify_checksum:
+            if verify_checksum is True:
                 raise ValueError("verify_checksum checks what is read; a BlobIO opened with 'wb' records the CRC-32.")
             if client.blob_url.snapshot or client.blob_url.version_id:
                 raise ValueError(f"{client.display_url} names a snapshot or version, which cannot be written.")
@@ -167,18 +176,22 @@ class BlobIO(io.IOBase, BinaryIO):
         self._recorder.add_blocked(time.perf_counter() - opened_at)
 
     def _open_reader(
-        self, max_concurrency: int, block_size: int, validate_content: bool, verify_checksum: bool
+        self, max_concurrency: int, block_size: int, validate_content: bool, verify_checksum: bool | None
     ) -> ReadAheadBuffer:
         first_length = min(_FIRST_READ_BYTES, block_size)
         properties, first = self._client.download_start(first_length, validate_content=validate_content)
         checksums = None
-        if verify_checksum:
-            if properties.crc32 is None:
+        if verify_checksum is not False:
+            if properties.crc32 is not None:
+                checksums = PieceChecksums(properties.size)
+            elif verify_checksum is True:
                 raise ValueError(
                     f"{self._client.display_url} has no recorded CRC-32 to verify (azstoragetorch records one when "
-                    "it writes a blob); open it without verify_checksum."
+                    "it writes a blob); open it without verify_checksum=True."
                 )
-            checksums = PieceChecksums(properties.size)
+            else:
+                add_checksum_outcome(self._recorder, verified=False)
+                _LOGGER.debug("%s has no recorded CRC-32: read unverified", self._client.display_url)
         return ReadAheadBuffer(
             self._client,
             properties,
@@ -455,9 +468,13 @@ class BlobIO(io.IOBase, BinaryIO):
 
     def _verify_whole_blob(self, reader: ReadAheadBuffer) -> None:
         expected = reader.properties.crc32
-        actual = reader.whole_crc32()
+        actual = reader.whole_crc32(download_rest=self._verify_in_full)
+        if actual is None:
+            _LOGGER.debug("%s was read in part: its CRC-32 was not checked", self.name)
+            return
         if actual != expected:
             raise ChecksumMismatchError(self.name, "CRC-32 of the whole blob", f"{expected:08x}", f"{actual:08x}")
+        add_checksum_outcome(self._recorder, verified=True)
 
     def _release(self) -> None:
         self._closed = True

@@ -177,6 +177,26 @@ def fmt_range(s: Stats | None, digits: int) -> str:
     return f"{s.median:.{digits}f} [{s.low:.{digits}f}-{s.high:.{digits}f}]"
 
 
+# The most load CPU that the default CRC-32 check of what is read may add (issue #21: 3 %).
+VERIFICATION_CPU_TARGET = 1.03
+
+
+def format_verification_cost(what: str, verified: list[Sample], unverified: list[Sample]) -> str:
+    """The load CPU of the default (verified) reads over that of ``verify_checksum=False``, round by round.
+
+    The two samples of a round ran in the same round (the same emulator, neighbouring moments), so
+    their ratio cancels most of what a shared machine changes between rounds.
+    """
+    ratios = [checked.cpu_seconds / plain.cpu_seconds for checked, plain in zip(verified, unverified, strict=True)]
+    summary = stats(ratios)
+    met = "met" if summary.median <= VERIFICATION_CPU_TARGET else "MISSED"
+    return (
+        f"verification cost, {what}: load CPU verified / unverified = {summary.median:.3f} "
+        f"[{summary.low:.3f}-{summary.high:.3f}] over {len(ratios)} rounds; "
+        f"target <= {VERIFICATION_CPU_TARGET:.2f}: {met}"
+    )
+
+
 # -- the checkpoint ----------------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ from _common import (
     VerificationError,
     fmt_range,
     format_machine,
+    format_verification_cost,
     machine_info,
     make_state_dict,
     package_version,
@@ -154,10 +156,16 @@ def save_blobio(bench: Bench, blob: str, validate_content: bool = False) -> Samp
     return sw.sample
 
 
-def load_blobio(bench: Bench, blob: str) -> Sample:
-    with Stopwatch() as sw, BlobIO(bench.blob_url(blob), "rb", credential=bench.azurite.credential) as f:
+def load_blobio(bench: Bench, blob: str, verify_checksum: bool | None = None) -> Sample:
+    url = bench.blob_url(blob)
+    with (
+        Stopwatch() as sw,
+        BlobIO(url, "rb", credential=bench.azurite.credential, verify_checksum=verify_checksum) as f,
+    ):
         loaded = torch.load(f)
     verify(loaded, bench.state_dict, "BlobIO load")
+    if f.stats.verified_blobs != (verify_checksum is not False):  # the row measures what it says
+        raise VerificationError(f"BlobIO load (verify_checksum={verify_checksum}): {f.stats}")
     return sw.sample
 
 
@@ -347,6 +355,7 @@ class Case:
 VARIANT_LABELS = {
     "blobio": "azstoragetorch BlobIO",
     "blobio_md5": "BlobIO validate_content=True",
+    "blobio_unverified": "BlobIO verify_checksum=False",
     "sdk": f"azure-storage-blob SDK (x{SDK_CONCURRENCY})",
     "adlfs": "adlfs (fsspec)",
     "local": "local disk (torch.save/load path)",
@@ -381,6 +390,7 @@ def build_cases(bench: Bench) -> list[Case]:
         case("local", "save", lambda: save_local(bench)),
         case("raw_put", "save", lambda: save_raw_single_put(bench, "raw.pt")),
         case("blobio", "load", lambda: load_blobio(bench, "blobio.pt")),
+        case("blobio_unverified", "load", lambda: load_blobio(bench, "blobio.pt", verify_checksum=False)),
         case("sdk", "load", lambda: load_sdk(bench, "sdk.pt")),
         case("adlfs", "load", lambda: load_adlfs(bench, "adlfs.pt"), optional=True),
         case("local", "load", lambda: load_local(bench)),
@@ -403,9 +413,14 @@ def rotate(items: Sequence[Case], by: int) -> list[Case]:
 
 
 def put_load_blobs(bench: Bench) -> None:
-    """The blobs the load cases read, uploaded with the SDK (for --loads-only, where no save case writes them)."""
+    """The blobs the load cases read, uploaded with the SDK (for --loads-only, where no save case writes them).
+
+    ``blobio.pt`` gets the CRC-32 metadata a BlobIO writer records, which BlobIO's loads check by default."""
+    recorded = {"azstoragetorch_crc32": f"{zlib.crc32(bench.payload):08x}"}
     for blob in ("blobio.pt", "sdk.pt", "adlfs.pt", "raw.pt"):
-        bench.service.get_blob_client(CONTAINER, blob).upload_blob(bench.payload, overwrite=True, max_concurrency=8)
+        bench.service.get_blob_client(CONTAINER, blob).upload_blob(
+            bench.payload, overwrite=True, max_concurrency=8, metadata=recorded if blob == "blobio.pt" else None
+        )
     (bench.local_dir / LOCAL_FILE_NAME).write_bytes(bench.payload)
 
 
@@ -576,7 +591,8 @@ NOTES = """\
 MiB/s = serialized checkpoint bytes / 2^20 / wall seconds, for every variant (saves include serializing).
 CPU s/GiB = time.process_time() of this process (all threads, user+system) per 2^30 checkpoint bytes; Azurite
   is a separate process and is NOT included, so the raw rows show only the client side's cost.
-Ratios use the medians. vs best other Azure: against the faster of the SDK and adlfs (named), excluding itself.
+BlobIO loads check the CRC-32 recorded when the blob was written (the default); "verify_checksum=False" is the same
+  load unchecked, and the verification cost line gives their load CPU ratio, round by round. Ratios use the medians. vs best other Azure: against the faster of the SDK and adlfs (named), excluding itself.
 vs raw: against the best raw ceiling row (for loads, the GETs alone). vs raw+load: against the best "GET x c, then
   torch.load" row, the issue's load ceiling (a client's GET to memory, then torch.load from that memory). CPU vs local: CPU s/GiB over that of local-disk torch.save/torch.load.
 Local disk goes through the page cache (no fsync, file read back from memory)."""
@@ -687,6 +703,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_concurrency_table(cases, size))
     print()
     print(format_crc32_cost(bench.payload))
+    by_variant = {case.variant: case for case in cases if case.direction == "load"}
+    checked, plain = by_variant["blobio"], by_variant["blobio_unverified"]
+    if checked.samples and plain.samples:
+        print(format_verification_cost("BlobIO torch.load", checked.samples, plain.samples))
     print()
     print(NOTES)
     if args.json:

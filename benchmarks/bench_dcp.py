@@ -4,7 +4,9 @@
 Starts its own in-memory Azurite and measures, interleaved in one run, ``dcp.save`` and ``dcp.load`` of a
 state dict (default ~256 MiB) in one process with ``thread_count`` 1, 4 and 8 through:
 
-- ``blob``: azstoragetorch's ``BlobStorageWriter`` / ``BlobStorageReader``;
+- ``blob``: azstoragetorch's ``BlobStorageWriter`` / ``BlobStorageReader`` (whose loads check every shard file
+  against its recorded CRC-32, the default);
+- ``blob-unverified``: ``blob`` loaded with ``BlobStorageReader(verify_checksum=False)``, for the cost of that check;
 - ``fsspec``: torch's ``FsspecWriter`` / ``FsspecReader`` over adlfs (``abfs://``), torch's own way to Azure;
 - ``local``: torch's ``FileSystemWriter`` / ``FileSystemReader`` on the local disk;
 - ``blob-zstd`` and ``local-zstd``: ``blob`` and ``local`` with torch's ``ZStandard`` extension
@@ -34,8 +36,10 @@ import torch.distributed.checkpoint as dcp
 from _common import (
     Sample,
     Stopwatch,
+    VerificationError,
     fmt_range,
     format_machine,
+    format_verification_cost,
     machine_info,
     make_state_dict,
     package_version,
@@ -59,6 +63,7 @@ CONTAINER = "bench"
 THREAD_COUNTS = (1, 4, 8)
 VARIANTS = {
     "blob": "BlobStorageWriter/Reader",
+    "blob-unverified": "BlobStorageReader verify_checksum=False",
     "fsspec": "FsspecWriter/Reader + adlfs",
     "local": "FileSystemWriter/Reader, local disk",
     "blob-zstd": "BlobStorageWriter/Reader + ZStandard",
@@ -94,7 +99,8 @@ class Run:
     def reader(self, variant: str, threads: int, suffix: str = "") -> Any:
         location = self.location(variant, threads) + suffix
         if variant.startswith("blob"):
-            return BlobStorageReader(location, credential=self.azurite.credential)
+            verify_checksum = variant != "blob-unverified"
+            return BlobStorageReader(location, credential=self.azurite.credential, verify_checksum=verify_checksum)
         if variant == "fsspec":
             return FsspecReader(location, connection_string=self.azurite.connection_string)
         return FileSystemReader(location)
@@ -128,9 +134,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     with Stopwatch() as saving:
         dcp.save(state_dict, storage_writer=run.writer(variant, threads))
     dcp.load(target, storage_reader=run.reader(variant, threads, suffix="-warm-up"))
+    reader = run.reader(variant, threads)
     with Stopwatch() as loading:
-        dcp.load(target, storage_reader=run.reader(variant, threads))
+        dcp.load(target, storage_reader=reader)
     verify(target, state_dict, f"{variant} t={threads} load")
+    if variant in ("blob", "blob-unverified"):  # the row measures what it says
+        checked = getattr(reader, "stats", None)
+        if checked is None or (checked.verified_blobs == threads) != (variant == "blob"):
+            raise VerificationError(f"{variant} t={threads}: {threads} shard files, load stats {checked}")
     stored = run.size(variant, threads)
     return {
         "save": saving.sample.__dict__,
@@ -288,6 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"{variant} t={threads}: {stored / MiB:.1f} MiB stored for {measured['sizes'][(variant, threads)] / MiB:.1f} MiB of tensors"
             )
+    for threads in THREAD_COUNTS:
+        if "blob" in args.variants and "blob-unverified" in args.variants:
+            verified = measured["samples"][("load", "blob", threads)]
+            unverified = measured["samples"][("load", "blob-unverified", threads)]
+            print(format_verification_cost(f"dcp.load t={threads}", verified, unverified))
     print(f"\nload average: start {info['loadavg_start'][0]:.2f}, end {info['loadavg_end'][0]:.2f} (1 min)")
     if args.json:
         with open(args.json, "w") as out:

@@ -75,6 +75,15 @@ class Container:
     def exists(self, blob_name: str) -> bool:
         return self.client.get_blob_client(blob_name).exists()
 
+    def tamper(self, blob_name: str, offset: int | None = None) -> None:
+        """Flip one byte of a blob (the middle one by default) behind its back: the metadata, and so
+        the CRC-32 azstoragetorch recorded for the old bytes, stays as it was."""
+        blob = self.client.get_blob_client(blob_name)
+        metadata = blob.get_blob_properties().metadata
+        data = bytearray(self.download(blob_name))
+        data[len(data) // 2 if offset is None else offset] ^= 0xFF
+        blob.upload_blob(bytes(data), overwrite=True, metadata=metadata)
+
     def blob_sas(self, blob_name: str, **permissions: bool) -> str:
         return generate_blob_sas(
             ACCOUNT_NAME,

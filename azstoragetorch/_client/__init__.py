@@ -26,6 +26,7 @@ from azstoragetorch._client._stats import (
     ProgressHook,
     Recorder,
     TransferStats,
+    add_checksum_outcome,
     stats,
     sum_stats,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "ProgressHook",
     "Recorder",
     "TransferStats",
+    "add_checksum_outcome",
     "crc32",
     "fsspec_path_to_url",
     "interpreter_exiting",

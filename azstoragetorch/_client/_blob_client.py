@@ -220,6 +220,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         validate_content: bool = False,
         stop: threading.Event | None = None,
         on_response: Callable[[BlobProperties], None] | None = None,
+        checksums: _checksums.PieceChecksums | None = None,
     ) -> tuple[BlobProperties, int]:
         """Fill ``buffer`` with the blob's bytes from ``offset``; stops early only at the blob's end.
 
@@ -237,27 +238,40 @@ class AzStorageTorchBlobClient(ResourceClient):
 
         ``on_response`` is called once, with the properties of the first answer, as soon as its
         headers are in (before its body): a caller can pin other reads to its ETag without waiting.
+
+        With ``checksums``, the CRC-32 of the bytes filled is added there, computed as they arrive.
         """
         filled = 0
         properties: BlobProperties | None = None
         attempt = 0
+        running = None if checksums is None else _checksums.RunningCrc()
         while True:
             if stop is not None and stop.is_set():
                 raise DownloadStopped(f"Reading {self.display_url} was stopped: another part of the read failed.")
             fetched = self._fetch_range_once(
-                offset, buffer, filled, etag, validate_content=validate_content, on_response=on_response
+                offset,
+                buffer,
+                filled,
+                etag,
+                validate_content=validate_content,
+                on_response=on_response,
+                running=running,
             )
             if fetched is None:  # the range starts at or after the end of the blob
                 if properties is None:  # (the first answer; _fetch_range_once did not report it)
                     properties = self.get_properties()
                     if on_response is not None:
                         on_response(properties)
+                if checksums is not None and running is not None:
+                    checksums.add_crc(offset, filled, running.value)
                 return properties, filled
             on_response = None  # reported: only the first answer is
             properties, count, error = fetched
             etag = properties.etag  # retries must continue the same version
             filled += count
             if error is None and filled >= min(len(buffer), properties.size - offset):
+                if checksums is not None and running is not None:
+                    checksums.add_crc(offset, filled, running.value)
                 return properties, filled
             if error is None:
                 continue  # the next range of a validated read
@@ -280,13 +294,15 @@ class AzStorageTorchBlobClient(ResourceClient):
         *,
         validate_content: bool,
         on_response: Callable[[BlobProperties], None] | None = None,
+        running: _checksums.RunningCrc | None = None,
     ) -> tuple[BlobProperties, int, BaseException | None] | None:
         """One ranged GET for ``buffer[filled:]`` (at most one validated range), read into place.
 
         Returns the blob's properties, the bytes that count as received and why the body fell short
         (``None`` if it did not); ``None`` instead of all that when ``offset + filled`` is past the
         blob's end. A validated range that breaks off or does not match its MD5 counts as 0 bytes:
-        it is checked as a whole, so it is fetched again entirely.
+        it is checked as a whole, so it is fetched again entirely. ``running`` takes in the CRC-32 of
+        the bytes that count as received.
         """
         length = len(buffer) - filled
         if validate_content:
@@ -300,7 +316,8 @@ class AzStorageTorchBlobClient(ResourceClient):
             on_response(properties)
         requested_end = min(filled + length, len(buffer), properties.size - offset)
         received = buffer[filled:requested_end]
-        count, error = _read_body_into(response, received)
+        crc_before = 0 if running is None else running.value
+        count, error = _read_body_into(response, received, running)
         if error is None and count < len(received):
             error = http.client.IncompleteRead(b"", len(received) - count)
         if validate_content:
@@ -308,6 +325,8 @@ class AzStorageTorchBlobClient(ResourceClient):
                 error = self._md5_mismatch(response, received)
             if error is not None:
                 count = 0
+                if running is not None:
+                    running.value = crc_before  # fetched again as a whole
         _stats.add_bytes(self.recorder, count)
         return properties, count, error
 
@@ -328,6 +347,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         max_concurrency: int,
         validate_content: bool = False,
         on_response: Callable[[BlobProperties], None] | None = None,
+        checksums: _checksums.PieceChecksums | None = None,
     ) -> None:
         """Fill ``buffer`` from ``offset`` with up to ``max_concurrency`` ranged GETs at a time.
 
@@ -338,11 +358,19 @@ class AzStorageTorchBlobClient(ResourceClient):
 
         Without ``etag``, the first part's answer pins the version: the other parts are sent once its
         headers are in, with its ETag, so the bytes are of one version and no properties request is
-        needed first. ``on_response`` gets that first answer's properties, as for :meth:`download_into`.
+        needed first. ``on_response`` gets that first answer's properties, and ``checksums`` the CRC-32
+        of every part, as for :meth:`download_into`.
         """
         parts = [(start, min(start + block_size, len(buffer))) for start in range(0, len(buffer), block_size)]
         if len(parts) <= 1:
-            self.download_into(offset, buffer, etag=etag, validate_content=validate_content, on_response=on_response)
+            self.download_into(
+                offset,
+                buffer,
+                etag=etag,
+                validate_content=validate_content,
+                on_response=on_response,
+                checksums=checksums,
+            )
             return
         stop = threading.Event()
         first_answer: Future[BlobProperties] = Future()
@@ -362,6 +390,7 @@ class AzStorageTorchBlobClient(ResourceClient):
                 validate_content=validate_content,
                 stop=stop,
                 on_response=seen,
+                checksums=checksums,
             )
             _schedule.pause("part.finish")
 
@@ -396,12 +425,13 @@ class AzStorageTorchBlobClient(ResourceClient):
         max_concurrency: int,
         validate_content: bool = False,
         on_response: Callable[[BlobProperties], None] | None = None,
+        checksums: _checksums.PieceChecksums | None = None,
     ) -> _buffers.Lease:
         """The blob's ``length`` bytes from ``offset``, in a leased pooled buffer the caller releases.
 
         The buffer's size is ``length`` rounded up to whole parts, so that ranges of similar sizes
-        reuse each other's buffers. Fetched as :meth:`download_parallel` does (``etag`` and
-        ``on_response`` as there).
+        reuse each other's buffers. Fetched as :meth:`download_parallel` does (``etag``,
+        ``on_response`` and ``checksums`` as there).
         """
         lease = _buffers.lease(-(-length // block_size) * block_size)
         try:
@@ -413,6 +443,7 @@ class AzStorageTorchBlobClient(ResourceClient):
                 max_concurrency=max_concurrency,
                 validate_content=validate_content,
                 on_response=on_response,
+                checksums=checksums,
             )
         except BaseException:
             lease.release()
@@ -554,8 +585,10 @@ def _raw_and_body(response: HttpResponse) -> tuple[Any, Any]:
     return raw, body
 
 
-def _read_body_into(response: HttpResponse, buffer: memoryview) -> tuple[int, BaseException | None]:
-    """Read the response body straight into ``buffer``.
+def _read_body_into(
+    response: HttpResponse, buffer: memoryview, running: _checksums.RunningCrc | None = None
+) -> tuple[int, BaseException | None]:
+    """Read the response body straight into ``buffer`` (and its CRC-32 into ``running``, piece by piece).
 
     Returns the bytes read and, if the body broke off (reset, timeout, truncation), the error, so
     that the caller can ask for just the rest. The body goes from the socket into the caller's
@@ -577,6 +610,8 @@ def _read_body_into(response: HttpResponse, buffer: memoryview) -> tuple[int, Ba
                 buffer[filled : filled + count] = chunk
             if not count:
                 break
+            if running is not None:
+                running.update(piece[:count])
             filled += count
     except _BODY_READ_ERRORS as error:
         raw.close()  # the connection is mid-body: never reuse it

@@ -78,29 +78,52 @@ def crc32_combine(first: int, second: int, second_length: int) -> int:
     return first ^ second
 
 
+class RunningCrc:
+    """The CRC-32 of a range's bytes, taken piece by piece as they arrive from the socket (one thread).
+
+    A piece just received is still in the CPU's cache: its CRC-32 there costs a third of what the
+    same bytes cost once the whole range is in memory (0.02-0.03 against 0.07 CPU s/GiB here).
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: _Buffer) -> None:
+        self.value = _crc32(data, self.value)
+
+
 class PieceChecksums:
     """CRC-32s of downloaded byte ranges of one blob (thread-safe), and the whole blob's CRC-32 from them.
 
     Ranges may arrive in any order, overlap, or be fetched twice; the whole blob's CRC-32 is known as
-    soon as some of them, laid end to end, cover it exactly.
+    soon as some of them, laid end to end, cover it exactly. ``size`` may be set after the first
+    ranges were added (a reader that learns it from the first answer).
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int | None = None) -> None:
         self.size = size
         self._lock = threading.Lock()
         self._pieces: dict[int, set[tuple[int, int]]] = {}  # start -> {(end, crc)}
 
     def add(self, start: int, data: bytes | bytearray | memoryview) -> None:
-        if not len(data):
+        if len(data):
+            self.add_crc(start, len(data), crc32(data))
+
+    def add_crc(self, start: int, length: int, crc: int) -> None:
+        """A range of ``length`` bytes from ``start`` whose CRC-32 is ``crc``."""
+        if not length:
             return
-        piece = (start + len(data), crc32(data))
         with self._lock:
-            self._pieces.setdefault(start, set()).add(piece)
+            self._pieces.setdefault(start, set()).add((start + length, crc))
 
     def whole(self) -> int | None:
-        """The blob's CRC-32 if the pieces tile it, else ``None``."""
+        """The blob's CRC-32 if the pieces tile it, else ``None`` (also while its size is unknown)."""
         with self._lock:
             pieces = {start: sorted(ends) for start, ends in self._pieces.items()}
+        if self.size is None:
+            return None
         if self.size == 0:
             return 0
         # Depth first from offset 0, longest pieces first; each offset is explored once.
@@ -120,6 +143,7 @@ class PieceChecksums:
 
     def covered_from_start(self) -> int:
         """How far from offset 0 the pieces reach without a gap (where to download from to finish)."""
+        assert self.size is not None
         with self._lock:
             ends_by_start = {start: max(end for end, _ in ends) for start, ends in self._pieces.items()}
         reach = 0

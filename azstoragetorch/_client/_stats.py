@@ -56,6 +56,11 @@ class TransferStats:
             before there was one, and for the process.
         blocked_seconds: Seconds the caller spent inside ``BlobIO`` calls (opening, reading,
             writing, flushing and closing): how long the transfer held up the caller's thread.
+        verified_blobs: Blobs (and DCP shard files) read whole whose CRC-32 was checked against
+            the one recorded when they were written, and matched.
+        unverified_blobs: Blobs (and DCP shard files) read with no recorded CRC-32 to check them
+            against (written by another tool), so read unverified. Reads with
+            ``verify_checksum=False`` and blobs read only in part are counted in neither.
     """
 
     bytes: int = 0
@@ -67,6 +72,8 @@ class TransferStats:
     reset_retries: int = 0
     first_byte_seconds: float | None = None
     blocked_seconds: float = 0.0
+    verified_blobs: int = 0
+    unverified_blobs: int = 0
 
     @property
     def mib_per_s(self) -> float:
@@ -85,6 +92,8 @@ class TransferStats:
             reset_retries=self.reset_retries - earlier.reset_retries,
             first_byte_seconds=None,
             blocked_seconds=self.blocked_seconds - earlier.blocked_seconds,
+            verified_blobs=self.verified_blobs - earlier.verified_blobs,
+            unverified_blobs=self.unverified_blobs - earlier.unverified_blobs,
         )
 
 
@@ -100,13 +109,15 @@ def sum_stats(parts: list[TransferStats], *, seconds: float) -> TransferStats:
         timeout_retries=sum(part.timeout_retries for part in parts),
         reset_retries=sum(part.reset_retries for part in parts),
         blocked_seconds=sum((part.blocked_seconds for part in parts), 0.0),
+        verified_blobs=sum(part.verified_blobs for part in parts),
+        unverified_blobs=sum(part.unverified_blobs for part in parts),
     )
 
 
 class _Counts:
     """One thread's counters: only that thread writes them, so plain adds suffice."""
 
-    __slots__ = ("blocked", "bytes", "requests", "reset", "retries", "throttled", "timeout")
+    __slots__ = ("blocked", "bytes", "requests", "reset", "retries", "throttled", "timeout", "unverified", "verified")
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -116,6 +127,8 @@ class _Counts:
         self.timeout = 0
         self.reset = 0
         self.blocked = 0.0
+        self.verified = 0
+        self.unverified = 0
 
 
 class Recorder:
@@ -178,6 +191,8 @@ class Recorder:
             reset_retries=sum(c.reset for c in every),
             first_byte_seconds=first - self.started if first is not None and first_byte else None,
             blocked_seconds=sum((c.blocked for c in every), 0.0),
+            verified_blobs=sum(c.verified for c in every),
+            unverified_blobs=sum(c.unverified for c in every),
         )
 
     def maybe_report(self) -> None:
@@ -262,6 +277,18 @@ def add_retry(recorder: Recorder | None, reason: str) -> None:
             counts.timeout += 1
         elif reason == RESET:
             counts.reset += 1
+
+
+def add_checksum_outcome(recorder: Recorder | None, *, verified: bool) -> None:
+    """A blob was read whole and its CRC-32 matched (``verified``), or it had none to check."""
+    for target in (_process, recorder):
+        if target is None:
+            continue
+        counts = target.counts()
+        if verified:
+            counts.verified += 1
+        else:
+            counts.unverified += 1
 
 
 def reason_for_error(error: BaseException) -> str:

@@ -58,6 +58,7 @@ from azstoragetorch._client import (
     ProgressHook,
     Recorder,
     TransferStats,
+    add_checksum_outcome,
     crc32,
     interpreter_exiting,
     is_missing_container,
@@ -167,7 +168,12 @@ class _BlobFiles(FileSystemBase):
         elif mode == "rb":
             with _missing_blob_as_file_not_found(url):
                 reading = BlobIO(
-                    url, "rb", credential=self.credential, validate_content=self.validate_content, **options
+                    url,
+                    "rb",
+                    credential=self.credential,
+                    validate_content=self.validate_content,
+                    verify_checksum=None if self.verify_checksum else False,
+                    **options,
                 )
             with reading as f:
                 yield f
@@ -717,9 +723,14 @@ class BlobStorageReader(FileSystemReader):
         block_size: Bytes per ranged request.
         validate_content: Check every range against the MD5 the service computes for it (ranges are
             then at most 4 MiB); about 1.5 CPU seconds per GB.
-        verify_checksum: Check every shard file that the load reads whole against the CRC-32 its
-            writer recorded (a partial load leaves files it reads in part unchecked); about 0.3 CPU
-            seconds per GB.
+        verify_checksum: Check every shard file that the load reads whole, and ``.metadata``,
+            against the CRC-32 its writer recorded: a file whose bytes changed makes the load raise
+            :class:`~azstoragetorch.exceptions.ChecksumMismatchError` (wrapped in torch's
+            ``CheckpointException``) naming it, after the items were copied into the state dict,
+            whose values must then not be used. On by default; about 0.1 CPU seconds per GB. A
+            partial load leaves files it reads in part unchecked; files without a recorded CRC-32
+            (written by another tool) are read unverified, which :attr:`stats`
+            (``unverified_blobs``) and a DEBUG log line tell. ``False`` checks nothing.
         retry: How throttled or briefly failing requests are retried: a
             :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
         _extension_registry: As for ``FileSystemReader`` (experimental in torch): the stream
@@ -745,7 +756,7 @@ class BlobStorageReader(FileSystemReader):
         max_concurrency: int = 8,
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
-        verify_checksum: bool = False,
+        verify_checksum: bool = True,
         retry: RetryOptions | None = None,
         _extension_registry: ExtensionRegistry | None = None,
         progress_hook: ProgressHook | None = None,
@@ -1036,12 +1047,25 @@ class _SpanFetcher:
         budget.give_back(span.end - span.start)
 
     def verify_whole_files(self) -> None:
-        """Check every shard file read whole against the CRC-32 its writer recorded."""
-        for relative_path in self._checksums:
+        """Check every shard file read whole against the CRC-32 its writer recorded, and count the
+        files checked and those that had no CRC-32 to check."""
+        if not self._files.verify_checksum:
+            return
+        for relative_path in sorted(self._versions):
+            client = self._client(relative_path)
+            if self._version(relative_path)[0].result().crc32 is None:
+                add_checksum_outcome(self._recorder, verified=False)
+                _LOGGER.debug("%s has no recorded CRC-32: read unverified", client.display_url)
+                continue
+            checksums = self._checksums.get(relative_path)
+            if checksums is None or checksums.whole() is None:
+                _LOGGER.debug("%s was read in part: its CRC-32 was not checked", client.display_url)
+                continue
             found = self.mismatch(relative_path)
             if found is not None:
                 client, expected, actual = found
                 raise ChecksumMismatchError(client.display_url, "CRC-32 of the shard file", expected, actual)
+            add_checksum_outcome(self._recorder, verified=True)
 
     def mismatch(self, relative_path: str) -> tuple[AzStorageTorchBlobClient, str, str] | None:
         """For a file read whole whose CRC-32 differs from the recorded one: its client, the recorded
@@ -1065,25 +1089,41 @@ class _SpanFetcher:
         if first:
             # The first range of a file pins its version: the answer's headers carry the ETag, size
             # and recorded CRC-32 that a properties request would, and every other range of the file
-            # (this span's and the others') is then read with If-Match on that ETag.
+            # (this span's and the others') is then read with If-Match on that ETag. Its CRC-32 is
+            # taken before the answer tells whether one was recorded to compare it with.
+            checksums = self._checksums_of(span.relative_path, None)
+
+            def answered(properties: BlobProperties) -> None:
+                if checksums is not None:
+                    checksums.size = properties.size
+                version.set_result(properties)
+
             try:
                 with _missing_blob_as_file_not_found(client.display_url):
                     lease = client.download_range(
-                        span.start, length, etag=None, on_response=version.set_result, **options
+                        span.start, length, etag=None, on_response=answered, checksums=checksums, **options
                     )
             except BaseException as error:
                 if not version.done():  # no answer came: the spans waiting for one fail alike
                     version.set_exception(error)
                 raise
-            properties = version.result()
         else:
             properties = version.result()  # the first span of the file is running: it sets it
-            lease = client.download_range(span.start, length, etag=properties.etag, **options)
-        if self._files.verify_checksum:
-            with self._lock:
-                checksums = self._checksums.setdefault(span.relative_path, PieceChecksums(properties.size))
-            checksums.add(span.start, lease.view(length))
+            recorded = properties.crc32 is not None
+            checksums = self._checksums_of(span.relative_path, properties.size) if recorded else None
+            lease = client.download_range(span.start, length, etag=properties.etag, checksums=checksums, **options)
         return lease
+
+    def _checksums_of(self, relative_path: str, size: int | None) -> PieceChecksums | None:
+        """Where the CRC-32s of the file's ranges go, while the load verifies what it reads (``size``:
+        the file's, if known yet)."""
+        if not self._files.verify_checksum:
+            return None
+        with self._lock:
+            checksums = self._checksums.setdefault(relative_path, PieceChecksums())
+        if size is not None:
+            checksums.size = size
+        return checksums
 
     def pinned_version(self, relative_path: str) -> BlobProperties:
         """The shard file's properties, from a properties request if no range of it was read yet;

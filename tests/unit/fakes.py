@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl, PieceChecksums
 
 
 class InMemoryBlobClient:
@@ -56,6 +56,7 @@ class InMemoryBlobClient:
         validate_content: bool = False,
         stop: threading.Event | None = None,
         on_response: Callable[[BlobProperties], None] | None = None,
+        checksums: PieceChecksums | None = None,
     ) -> tuple[BlobProperties, int]:
         with self._lock:
             self.reads.append((offset, len(buffer)))
@@ -63,6 +64,8 @@ class InMemoryBlobClient:
             on_response(self.properties)
         piece = self.data[offset : offset + len(buffer)]
         buffer[: len(piece)] = piece
+        if checksums is not None:
+            checksums.add(offset, piece)
         return self.properties, len(piece)
 
     def download_parallel(
@@ -75,6 +78,7 @@ class InMemoryBlobClient:
         max_concurrency: int,
         validate_content: bool = False,
         on_response: Callable[[BlobProperties], None] | None = None,
+        checksums: PieceChecksums | None = None,
     ) -> None:
         with self._lock:
             self.parallel_reads.append((offset, len(buffer), block_size))
@@ -88,6 +92,7 @@ class InMemoryBlobClient:
             max_concurrency=max_concurrency,
             validate_content=validate_content,
             on_response=on_response,
+            checksums=checksums,
         )
 
     download_range = AzStorageTorchBlobClient.download_range

@@ -91,7 +91,9 @@ class AzureBlobCheckpointIO(CheckpointIO):
         validate_content: Check every upload and every downloaded range with an MD5 (see
             :class:`~azstoragetorch.io.BlobIO`); about 1.5 CPU seconds per GB.
         verify_checksum: Check every checkpoint loaded against the CRC-32 recorded when it was
-            saved (see :class:`~azstoragetorch.io.BlobIO`); about 0.3 CPU seconds per GB.
+            saved, as :class:`~azstoragetorch.io.BlobIO` does: ``None`` (the default) checks every
+            checkpoint that has a recorded CRC-32 and reads one without it unverified; ``True``
+            refuses a checkpoint without one; ``False`` checks nothing. About 0.1 CPU seconds per GB.
         retry: How throttled or briefly failing requests are retried, for saves, loads, removals
             and Lightning's listings alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None``
             for its defaults.
@@ -117,7 +119,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
         max_concurrency: int = 8,
         block_size: int = 8 * _MiB,
         validate_content: bool = False,
-        verify_checksum: bool = False,
+        verify_checksum: bool | None = None,
         retry: RetryOptions | None = None,
         log_stats: bool = True,
         progress_hook: Callable[[int, int | None], Any] | None = None,
@@ -208,8 +210,9 @@ class AzureBlobCheckpointIO(CheckpointIO):
             ValueError: ``path`` is not a blob path.
             FileNotFoundError: There is no checkpoint at ``path`` (the message names the URL
                 without any SAS token).
-            azstoragetorch.exceptions.ChecksumMismatchError: (``verify_checksum`` or
-                ``validate_content``) The bytes received do not match the checkpoint's checksum.
+            azstoragetorch.exceptions.ChecksumMismatchError: The bytes received do not match the
+                CRC-32 recorded when the checkpoint was saved (unless ``verify_checksum=False``), or
+                a range's MD5 (``validate_content``).
         """
         started = time.perf_counter()
 

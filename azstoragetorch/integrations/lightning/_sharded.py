@@ -73,9 +73,10 @@ class Target:
         return BlobStorageWriter(self.url, **self._options())
 
     def reader(self) -> BlobStorageReader:
-        return BlobStorageReader(
-            self.url, verify_checksum=self.transfer.get("verify_checksum", False), **self._options()
-        )
+        # The plugin's verify_checksum: None (its default) checks every shard file read whole that
+        # has a recorded CRC-32, as BlobStorageReader does by default; only False turns it off.
+        verify = self.transfer.get("verify_checksum") is not False
+        return BlobStorageReader(self.url, verify_checksum=verify, **self._options())
 
     def _options(self) -> dict[str, Any]:
         """The plugin's settings that BlobStorageWriter and BlobStorageReader share."""
