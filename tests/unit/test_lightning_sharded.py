@@ -127,3 +127,22 @@ def test_a_moved_fabric_method_stops_the_plugin_from_being_created(monkeypatch: 
 
     with pytest.raises(RuntimeError, match=r"sharded checkpoints in Blob Storage .*FSDPStrategy.save_checkpoint takes"):
         plugin()
+
+
+# -- the plugin's settings reach the reader ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("verify_checksum", "verifies"), [(None, True), (True, True), (False, False)])
+def test_sharded_loads_verify_the_recorded_crc_unless_the_plugin_turns_it_off(
+    verify_checksum: bool | None, verifies: bool
+) -> None:
+    """The plugin's default (None) checks every shard file read whole, as BlobStorageReader does;
+    only verify_checksum=False turns the check off for sharded loads too."""
+    strategy = types.SimpleNamespace(
+        checkpoint_io=AzureBlobCheckpointIO(credential=False, account_url=ACCOUNT, verify_checksum=verify_checksum)
+    )
+
+    found = _sharded.target(strategy, f"{ACCOUNT}/container/run/last.ckpt")
+
+    assert found is not None
+    assert found.reader().fs.verify_checksum is verifies
