@@ -257,6 +257,21 @@ def test_the_emulator_honours_the_commit_conditions(
     assert container.download("cond/.metadata") == b"second"
 
 
+def test_a_save_without_collectives_keeps_the_shard_files_of_a_checkpoint_saved_with_them(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    # A save without collectives commits __<rank>.metadata and used to delete every other
+    # __<rank>_*.distcp as unused, including those that the .metadata of an earlier save with
+    # collectives names. DCP loads that .metadata first, so the URL then loaded as nothing.
+    url = container.blob_url("modes")
+    candidates = {"old": state(0, 0), "new": state(1, 0)}
+    dcp.save(candidates["old"], storage_writer=writer(url, account_credential))
+    dcp.save(candidates["new"], storage_writer=writer(url, account_credential), use_collectives=False)
+    assert loaded_as(url, account_credential, candidates) == "old"  # torch prefers the global .metadata
+    named = pickle.loads(container.download("modes/.metadata")).storage_data.values()
+    assert all(container.exists(f"modes/{info.relative_path}") for info in named)
+
+
 # -- seeded random interleavings -------------------------------------------------------------------------
 
 POINTS = frozenset({"dcp.start", "dcp.commit", "dcp.cleanup", "commit", "part.finish"})
