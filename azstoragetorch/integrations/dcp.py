@@ -633,7 +633,26 @@ class BlobStorageWriter(FileSystemWriter):
         if not files.commit_if(self._get_metadata_path(rank), pickle.dumps(metadata), seen.etag):
             self._delete_shard_files(sorted(ours))  # named by this save's token: in no other save's use
             raise CheckpointConflictError(self.checkpoint_id)
-        self._delete_shard_files(sorted(set(existing) - ours))
+        unused = sorted(set(existing) - ours)
+        if unused and rank is not None and self._has_global_metadata():
+            # A save with collectives left a .metadata here, which DCP loads before any
+            # __<rank>.metadata; these files may be its shards, and its names are not read here.
+            _LOGGER.warning(
+                "Kept %d shard files under %s: a checkpoint saved with collectives (.metadata) is there too, "
+                "and a load reads it first.",
+                len(unused),
+                self.checkpoint_id,
+            )
+            return
+        self._delete_shard_files(unused)
+
+    def _has_global_metadata(self) -> bool:
+        """Whether the ``.metadata`` of a save with collectives is under the checkpoint's URL (when
+        in doubt, yes: a leftover only costs space)."""
+        try:
+            return cast(_BlobFiles, self.fs).version(self._get_metadata_path(None)) is not None
+        except AzureError:
+            return True
 
     def _metadata_rank(self) -> int | None:
         """The rank in the name of the ``.metadata`` this save commits: ``None`` with collectives."""

@@ -27,9 +27,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from azure.core.credentials import AzureNamedKeyCredential
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 from torch.distributed.checkpoint.metadata import Metadata
 
-from azstoragetorch._client import _schedule
+from azstoragetorch._client import AzStorageTorchBlobClient, _schedule
 from azstoragetorch.exceptions import CheckpointConflictError
 from azstoragetorch.integrations import dcp as blob_dcp
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
@@ -237,6 +238,38 @@ def test_a_commit_whose_answer_was_lost_and_retried_counts_as_committed(
     assert lost.hits == 1 and sum(metadata_put(seen) for seen in proxy.requests) >= 3  # two saves, one retry
     assert loaded_as(url, azurite.credential, candidates) == "new"
     assert_only_what_metadata_names(container, "retried")
+
+
+def test_the_emulator_honours_the_commit_conditions(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    # Every test above relies on Azurite refusing a stale If-Match and an If-None-Match: * over an
+    # existing blob; were either header dropped or ignored, the tests above would test nothing.
+    client = AzStorageTorchBlobClient.from_url(container.blob_url("cond/.metadata"), account_credential)
+    first = client.put_blob(b"first", validate_content=False, if_none_match="*")
+    assert first and first == client.get_properties().etag
+    with pytest.raises((ResourceExistsError, ResourceModifiedError)):
+        client.put_blob(b"again", validate_content=False, if_none_match="*")
+    second = client.put_blob(b"second", validate_content=False, if_match=first)
+    assert second != first and second == client.get_properties().etag
+    with pytest.raises(ResourceModifiedError):
+        client.put_blob(b"stale", validate_content=False, if_match=first)
+    assert container.download("cond/.metadata") == b"second"
+
+
+def test_a_save_without_collectives_keeps_the_shard_files_of_a_checkpoint_saved_with_them(
+    container: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    # A save without collectives commits __<rank>.metadata and used to delete every other
+    # __<rank>_*.distcp as unused, including those that the .metadata of an earlier save with
+    # collectives names. DCP loads that .metadata first, so the URL then loaded as nothing.
+    url = container.blob_url("modes")
+    candidates = {"old": state(0, 0), "new": state(1, 0)}
+    dcp.save(candidates["old"], storage_writer=writer(url, account_credential))
+    dcp.save(candidates["new"], storage_writer=writer(url, account_credential), use_collectives=False)
+    assert loaded_as(url, account_credential, candidates) == "old"  # torch prefers the global .metadata
+    named = pickle.loads(container.download("modes/.metadata")).storage_data.values()
+    assert all(container.exists(f"modes/{info.relative_path}") for info in named)
 
 
 # -- seeded random interleavings -------------------------------------------------------------------------
