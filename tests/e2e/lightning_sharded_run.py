@@ -84,6 +84,28 @@ class PidWriter(pl.Callback):
         (self.out / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
 
 
+class LoadedStateWriter(pl.Callback):
+    """Writes the full weights, optimizer state, epoch and step that training starts from (those
+    restored from ``ckpt_path``) to ``<out>/loaded.pt``, on rank 0."""
+
+    def __init__(self, out: pathlib.Path) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = full_state(pl_module, trainer.optimizers[0])
+        state |= {"epoch": trainer.current_epoch, "global_step": trainer.global_step}
+        if trainer.global_rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            torch.save(state, self.out / "loaded.pt")
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's and the optimizer's full (gathered) state dicts, on CPU; every rank calls this."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    return {"weights": weights, "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
 class CPUFSDPStrategy(FSDPStrategy):
     """FSDPStrategy itself, on CPU: the Trainer refuses the class by exact type without a GPU, not
     its subclasses. Saving and loading are FSDPStrategy's."""
@@ -103,17 +125,21 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategy", choices=["model_parallel", "fsdp"], default="model_parallel")
     parser.add_argument("--write-pids", action="store_true", help="each rank writes <out>/pid<rank> at setup")
+    parser.add_argument("--no-plugin", action="store_true", help="plain Lightning: a local dirpath, no plugin")
+    parser.add_argument("--dump-loaded", action="store_true", help="write <out>/loaded.pt when training starts")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
 
-    plugin: Any = AzureBlobCheckpointIO(
-        credential=AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY), account_url=args.account_url
-    )
-    if args.async_io:
-        plugin = AsyncCheckpointIO(plugin)
+    plugins: list[Any] = []
+    if not args.no_plugin:
+        plugin: Any = AzureBlobCheckpointIO(
+            credential=AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY), account_url=args.account_url
+        )
+        plugins.append(AsyncCheckpointIO(plugin) if args.async_io else plugin)
     val_losses = [float(v) for v in args.val_losses.split(",")] if args.val_losses else None
     monitor = {"monitor": "val_loss"} if val_losses else {}
     callbacks: list[pl.Callback] = [PidWriter(pathlib.Path(args.out))] if args.write_pids else []
+    callbacks += [LoadedStateWriter(pathlib.Path(args.out))] if args.dump_loaded else []
     checkpoints = ModelCheckpoint(dirpath=args.dirpath, save_last=True, save_top_k=args.top_k, **monitor)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -122,7 +148,7 @@ def main() -> None:
         if args.strategy == "model_parallel"
         else CPUFSDPStrategy(state_dict_type="sharded"),
         max_epochs=args.max_epochs,
-        plugins=[plugin],
+        plugins=plugins,
         callbacks=[checkpoints, *callbacks],
         logger=False,
         enable_progress_bar=False,
@@ -136,11 +162,9 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.strategy == "model_parallel":  # (a run that gathered FSDP1's full state on CPU ended in a segfault)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=options)
-        optimizer = get_optimizer_state_dict(model, trainer.optimizers[0], options=options)
+        state = full_state(model, trainer.optimizers[0])
         if trainer.global_rank == 0:  # now: the state dicts share tensors with the optimizer validate() loads into
-            torch.save({"weights": weights, "optimizer": optimizer}, out / "final.pt")
+            torch.save(state, out / "final.pt")
     validated = None
     if args.validate_best:
         trainer.validate(model, loader(), ckpt_path="best", verbose=False)

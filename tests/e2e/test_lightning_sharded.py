@@ -5,7 +5,8 @@ Each job runs tests/e2e/lightning_sharded_run.py (or fabric_sharded_run.py) in f
 (Lightning starts the second rank), against the module's Azurite: every rank writes its own shards
 under ``<name>.ckpt/``, rank 0 its ``meta.pt``; top-k deletes whole prefixes but never the checkpoint
 resumed from; resuming from a URL, "best" and "last" (at world size 2 and at 1) restores weights and
-optimizer exactly; a rank killed mid-overwrite leaves the old checkpoint whole; AsyncCheckpointIO
+optimizer exactly; `azstoragetorch cp` moves a checkpoint to disk, where plain Lightning resumes from it,
+and back; a rank killed mid-overwrite leaves the old checkpoint whole; AsyncCheckpointIO
 uploads behind training. No job may leave a local folder named after a URL.
 """
 
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from azstoragetorch.testing import Azurite
+from azstoragetorch.testing import ACCOUNT_KEY, Azurite
 from tests.conftest import Container
 from tests.e2e._launch import run_job
 from tests.e2e.fault_proxy import Delay, FaultProxy
@@ -72,6 +73,35 @@ def test_model_parallel_checkpoints_live_in_the_container_and_resume_exactly(
     assert third[0]["resumed_from"] == f"{dirpath}/last.ckpt"
     assert third[0]["epoch"] == 3
     assert same_state(final(tmp_path / "third"), final(tmp_path / "second"))
+
+    # `azstoragetorch cp` takes last.ckpt to disk, where Lightning alone (no plugin) resumes from it:
+    # weights, Adam state, epoch and step are those saved. It trains one more epoch and saves locally.
+    local = tmp_path / "copied" / "last.ckpt"
+    copy(f"{dirpath}/last.ckpt", str(local))
+    assert "azstoragetorch_lightning_meta" in dcp_keys(local)  # an entry Lightning must ignore
+    plain = run_sharded(
+        azurite,
+        str(tmp_path / "plain-run"),
+        tmp_path / "plain",
+        max_epochs=4,
+        resume=str(local),
+        devices=1,
+        no_plugin=True,
+        dump_loaded=True,
+    )
+    loaded = torch.load(tmp_path / "plain" / "loaded.pt", weights_only=False)
+    assert (loaded.pop("epoch"), loaded.pop("global_step")) == (3, 6)
+    assert same_state(loaded, final(tmp_path / "second"))
+    assert (plain[0]["epoch"], plain[0]["global_step"]) == (4, 10)  # one rank takes every batch: 4 steps
+
+    # And back: the plain Lightning checkpoint (no copy of the trainer state among its shards, only
+    # meta.pt) copied up with `azstoragetorch cp` resumes through the plugin from its URL.
+    uploaded = container.blob_url("uploaded/last.ckpt")
+    assert "azstoragetorch_lightning_meta" not in dcp_keys(tmp_path / "plain-run" / "last.ckpt")
+    copy(str(tmp_path / "plain-run" / "last.ckpt"), uploaded)
+    back = run_sharded(azurite, container.blob_url("back"), tmp_path / "back", max_epochs=4, resume=uploaded, devices=1)
+    assert (back[0]["resumed_from"], back[0]["epoch"], back[0]["global_step"]) == (uploaded, 4, 10)
+    assert same_state(final(tmp_path / "back"), final(tmp_path / "plain"))
     assert url_named_folders() == local_before
 
 
@@ -186,6 +216,8 @@ def run_sharded(
     account_url: str | None = None,
     async_io: bool = False,
     strategy: str = "model_parallel",
+    no_plugin: bool = False,
+    dump_loaded: bool = False,
 ) -> list[dict[str, Any]]:
     """Run tests/e2e/lightning_sharded_run.py in new processes; returns each rank's report."""
     command = sharded_command(
@@ -201,6 +233,8 @@ def run_sharded(
     command += ["--validate-best"] if validate_best else []
     command += ["--async-io"] if async_io else []
     command += ["--strategy", strategy]
+    command += ["--no-plugin"] if no_plugin else []
+    command += ["--dump-loaded"] if dump_loaded else []
     result = run_job(command, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)]
@@ -220,6 +254,21 @@ def sharded_command(
     command += ["--dirpath", dirpath, "--max-epochs", str(max_epochs), "--devices", str(devices), "--out", str(out)]
     command += ["--top-k", str(top_k)]
     return command + (["--resume", resume] if resume else [])
+
+
+def copy(source: str, destination: str) -> None:
+    """``python -m azstoragetorch cp SRC DST`` with the emulator's account key."""
+    environment = {**os.environ, "AZURE_STORAGE_KEY": ACCOUNT_KEY}
+    command = [sys.executable, "-m", "azstoragetorch", "cp", source, destination, "--no-progress"]
+    result = run_job(command, cwd=REPOSITORY, env=environment)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def dcp_keys(folder: pathlib.Path) -> set[str]:
+    """The top-level entries of the DCP checkpoint in a local folder."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(folder).read_metadata().state_dict_metadata)
 
 
 def final(out: pathlib.Path) -> dict[str, Any]:
