@@ -307,7 +307,8 @@ def _reported_at_exit(method: _Method) -> _Method:
             if interpreter_exiting():
                 _LOGGER.error(
                     "The checkpoint save to %s failed while the interpreter was exiting, and nothing else will "
-                    "report it: %s: %s. This save committed nothing.",
+                    "report it: %s: %s. The checkpoint there loads as it was before this save (or as this save, "
+                    "if its .metadata commit reached the service before the failure was seen).",
                     self.checkpoint_id,
                     type(error).__name__,
                     error,
