@@ -84,6 +84,19 @@ class PidWriter(pl.Callback):
         (self.out / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
 
 
+class StepRecorder(pl.Callback):
+    """Appends ``trainer.global_step`` after every training step to ``<out>/steps<rank>``, so that a
+    test can see how far training got while it holds an upload."""
+
+    def __init__(self, out: pathlib.Path) -> None:
+        self.out = out
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / f"steps{trainer.global_rank}", "a") as steps:
+            steps.write(f"{trainer.global_step}\n")
+
+
 class LoadedStateWriter(pl.Callback):
     """Writes the full weights, optimizer state, epoch and step that training starts from (those
     restored from ``ckpt_path``) to ``<out>/loaded.pt``, on rank 0."""
@@ -126,6 +139,7 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["model_parallel", "fsdp"], default="model_parallel")
     parser.add_argument("--write-pids", action="store_true", help="each rank writes <out>/pid<rank> at setup")
     parser.add_argument("--no-plugin", action="store_true", help="plain Lightning: a local dirpath, no plugin")
+    parser.add_argument("--record-steps", action="store_true", help="append global_step to <out>/steps<rank>")
     parser.add_argument("--dump-loaded", action="store_true", help="write <out>/loaded.pt when training starts")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -140,6 +154,7 @@ def main() -> None:
     monitor = {"monitor": "val_loss"} if val_losses else {}
     callbacks: list[pl.Callback] = [PidWriter(pathlib.Path(args.out))] if args.write_pids else []
     callbacks += [LoadedStateWriter(pathlib.Path(args.out))] if args.dump_loaded else []
+    callbacks += [StepRecorder(pathlib.Path(args.out))] if args.record_steps else []
     checkpoints = ModelCheckpoint(dirpath=args.dirpath, save_last=True, save_top_k=args.top_k, **monitor)
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -29,8 +30,8 @@ import torch
 
 from azstoragetorch.testing import ACCOUNT_KEY, Azurite
 from tests.conftest import Container
-from tests.e2e._launch import run_job
-from tests.e2e.fault_proxy import Delay, FaultProxy
+from tests.e2e._launch import run_job, started_job
+from tests.e2e.fault_proxy import Delay, FaultProxy, Gather, SeenRequest
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -122,20 +123,48 @@ def test_fsdp_sharded_checkpoints_through_the_trainer(
 
 
 def test_async_checkpoint_io_uploads_behind_training_and_resumes_exactly(
-    container: Container, azurite: Azurite, tmp_path: pathlib.Path
+    container: Container, azurite: Azurite, proxy: FaultProxy, tmp_path: pathlib.Path
 ) -> None:
-    dirpath = container.blob_url("async")
+    account_url = proxy.url(azurite.account_url)
+    dirpath = proxy.url(container.blob_url("async"))
+    out = tmp_path / "first"
 
-    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=3, val_losses="3,1,2", async_io=True)
+    # Rank 0's shard upload of the first last.ckpt (step 2) is held at the proxy (a Gather that never
+    # fills is a gate: it holds every matching request until released). A synchronous save would
+    # hold the training loop with it; behind training, step 3 is taken while it is still held.
+    def first_last_shard(seen: SeenRequest) -> bool:
+        return "/async/last.ckpt/__0_" in seen.path and seen.method == "PUT"
+
+    gate = Gather(parties=1_000_000, timeout=600)
+    proxy.add_fault(first_last_shard, gate, times=None)
+    command = sharded_command(account_url, dirpath, out, max_epochs=3, top_k=1)
+    command += ["--val-losses", "3,1,2", "--async-io", "--record-steps"]
+    with started_job(command, cwd=REPOSITORY, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as job:
+        try:
+            steps = out / "steps0"
+            for _ in range(2400):  # a guard against a hang (up to 240 s), not a measurement
+                if job.poll() is not None or (steps.exists() and max(map(int, steps.read_text().split())) >= 3):
+                    break
+                time.sleep(0.1)
+            reached = max(map(int, steps.read_text().split()), default=0) if steps.exists() else 0
+            assert reached >= 3, f"training stopped at step {reached} while the save of step 2 was held"
+            # ... and that save's upload is still held: nothing of it committed.
+            assert any(first_last_shard(seen) for seen in proxy.requests)
+            assert not container.client.get_blob_client("async/last.ckpt/.metadata").exists()
+        finally:
+            gate.release()
+        _, stderr = job.communicate(timeout=900)
+    assert job.returncode == 0, stderr[-4000:]
+    first = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
     assert [report["global_step"] for report in first] == [6, 6]
     # Top-k's removals waited for the uploads queued before them: exactly the best and last remain.
     assert checkpoint_folders(container) == {"async/epoch=1-step=4.ckpt": 2, "async/last.ckpt": 2}
     # What was uploaded is the state when each save was asked for (staged), not a later one: resumed
     # from last.ckpt (epoch 1; epoch 2 was no better, so saved nothing), epoch 2 ends where it did.
-    resumed = run_sharded(azurite, dirpath, tmp_path / "resumed", max_epochs=3, resume="last")
+    resumed = run_sharded(azurite, dirpath, tmp_path / "resumed", max_epochs=3, resume="last", account_url=account_url)
     assert [report["global_step"] for report in resumed] == [6, 6]
-    assert same_state(final(tmp_path / "resumed"), final(tmp_path / "first"))
+    assert same_state(final(tmp_path / "resumed"), final(out))
 
 
 def test_a_rank_killed_while_overwriting_last_leaves_the_old_checkpoint_whole(
