@@ -93,6 +93,11 @@ def main() -> None:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.mode}.json").write_text(json.dumps(output))
+    # Every rank leaves together and takes its process group down before the interpreter does:
+    # a gloo group left to the interpreter's exit can abort the process ("terminate called
+    # without an active exception") while another rank is still closing its connections.
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
