@@ -366,8 +366,8 @@ class BlobCache:
             try:
                 _write_all(fd, header)
                 _write_all(fd, data)
-                # No fsync: it cost about 4 ms per file here (8x the write), the largest part of a
-                # small blob's first epoch. The cache is disposable: a file torn by a power loss
+                # No fsync: it costs several times the write itself, the largest part of a small
+                # blob's first epoch. The cache is disposable: a file torn by a power loss
                 # fails its length or CRC-32 check and is fetched again.
                 if self.max_bytes is not None:  # the eviction order; without a limit the kernel's stamp will do
                     _set_mtime_now(fd)

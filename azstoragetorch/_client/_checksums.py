@@ -7,8 +7,8 @@ only their values and the second piece's length (a GF(2) matrix product, as zlib
 ``crc32_combine``), so nothing is read twice and nothing is kept but a number per piece.
 
 The CRC-32 itself is ISA-L's (the ``isal`` package) where it is installed: the same CRC-32 (IEEE
-802.3, as zlib computes it), at about a fifth of zlib's CPU per byte (0.1 against 0.34-0.5 s/GiB
-here), which is a quarter of a checkpoint save's client CPU. Both release the GIL, so upload threads
+802.3, as zlib computes it), at a fraction of zlib's CPU per byte, which matters because every
+write records one. Both release the GIL, so upload threads
 checksum their blocks in parallel. Without ``isal``, zlib computes the identical values.
 """
 
@@ -81,8 +81,8 @@ def crc32_combine(first: int, second: int, second_length: int) -> int:
 class RunningCrc:
     """The CRC-32 of a range's bytes, taken piece by piece as they arrive from the socket (one thread).
 
-    A piece just received is still in the CPU's cache: its CRC-32 there costs a third of what the
-    same bytes cost once the whole range is in memory (0.02-0.03 against 0.07 CPU s/GiB here).
+    A piece just received is still in the CPU's cache: its CRC-32 there costs less than the same
+    bytes cost once the whole range is in memory and must be read back from it.
     """
 
     __slots__ = ("value",)

@@ -1,13 +1,13 @@
 """A lean azure-core transport: HTTP/1.1 on pooled keep-alive sockets, and nothing else.
 
-Every layer between azure-core and the socket costs CPU on every request. requests costs about
-0.25 ms (preparing, merging settings, cookies, hooks); urllib3 under it about 0.3 ms more (URL
-parsing, pool keys, header dictionaries, checks); and http.client parses response headers with the
-``email`` package, which takes another 0.1 ms. For a checkpoint that is noise; for a dataset of
-16 KiB blobs it was most of the client's work, and more than Shared Key signing. This transport
-writes the request head in one string, reads the status line and headers with ``readline`` into a
-plain dictionary, and reads bodies with ``readinto`` straight into the caller's memory (through the
-socket file's buffer only for what arrived with the headers).
+Every layer between azure-core and the socket costs CPU on every request: requests prepares,
+merges settings, handles cookies and hooks; urllib3 under it parses URLs, builds pool keys, header
+dictionaries and checks; and http.client parses response headers with the ``email`` package. For a
+checkpoint that is noise; for a dataset of small blobs it would be most of the client's work, more
+than Shared Key signing. This transport writes the request head in one string, reads the status
+line and headers with ``readline`` into a plain dictionary, and reads bodies with ``readinto``
+straight into the caller's memory (through the socket file's buffer only for what arrived with the
+headers).
 
 It does what Blob Storage needs and no more: no redirects, cookies, proxies (with proxy settings in
 the environment, the pipeline uses requests instead), content decoding or ``Expect: 100-continue``.

@@ -2,7 +2,7 @@
 
 ``ModelParallelStrategy`` (and ``FSDPStrategy(state_dict_type="sharded")``) bypass ``CheckpointIO``:
 they call ``Path(filepath)``, make that directory and run ``dcp_save(checkpoint_id=path)`` into it,
-so a blob URL became a local folder named ``http:/...``. This module wraps those strategies'
+so a blob URL would become a local folder named ``http:/...``. This module wraps those strategies'
 ``save_checkpoint`` and ``load_checkpoint``: a path that a registered plugin claims is saved through
 :class:`~azstoragetorch.integrations.dcp.BlobStorageWriter` and loaded through
 :class:`~azstoragetorch.integrations.dcp.BlobStorageReader`, with Lightning's layout
