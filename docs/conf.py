@@ -23,7 +23,7 @@ language = "en"
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 source_suffix = {".rst": "restructuredtext"}
 root_doc = "index"
-exclude_patterns = ["_build", "benchmarks.md", "reliability.md"]
+exclude_patterns = ["_build"]
 nitpicky = False
 
 napoleon_google_docstring = True
@@ -39,6 +39,3 @@ html_theme_options = {
     "description": "PyTorch checkpoints and data in Azure Blob Storage",
     "fixed_sidebar": True,
 }
-# The benchmark figures live in docs/benchmarks.md (Markdown, which this build does not parse);
-# ship the file as is next to the pages so that benchmarks.html can link to it.
-html_extra_path = [name for name in ("benchmarks.md", "reliability.md") if (_DOCS / name).exists()]
