@@ -286,20 +286,29 @@ def test_a_rank_killed_while_overwriting_last_leaves_the_old_checkpoint_whole(
     assert same_state(final(tmp_path / "resumed"), final(tmp_path / "first"))
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "model_parallel"])
+@pytest.mark.parametrize(
+    ("strategy", "state_dict"), [("fsdp", "sharded"), ("model_parallel", "sharded"), ("model_parallel", "full")]
+)
 def test_fabric_saves_and_loads_sharded_checkpoints_by_url(
-    strategy: str, container: Container, azurite: Azurite, tmp_path: pathlib.Path
+    strategy: str, state_dict: str, container: Container, azurite: Azurite, tmp_path: pathlib.Path
 ) -> None:
+    """``state_dict="full"``: ModelParallelStrategy(save_distributed_checkpoint=False) saves one
+    consolidated file, as on disk: here, one blob."""
     local_before = url_named_folders()
     url = container.blob_url("fabric/step.ckpt")
 
     for mode in ("save", "load"):  # each in fresh processes; load starts from other weights
         command = [sys.executable, "-m", "tests.e2e.fabric_sharded_run", "--account-url", azurite.account_url]
         command += ["--url", url, "--strategy", strategy, "--mode", mode, "--out", str(tmp_path)]
+        command += ["--state-dict", state_dict]
         result = run_job(command, cwd=REPOSITORY)
         assert result.returncode == 0, result.stderr[-4000:]
 
-    assert checkpoint_folders(container) == {"fabric/step.ckpt": 2}
+    if state_dict == "sharded":
+        assert checkpoint_folders(container) == {"fabric/step.ckpt": 2}
+    else:
+        assert blob_names(container) == {"fabric/step.ckpt"}
+        assert torch.load(io.BytesIO(container.download("fabric/step.ckpt")), weights_only=False)["step"] == 2
     # The step after loading is the step after saving: same weights, same Adam state.
     saved = json.loads((tmp_path / "save.json").read_text())
     assert json.loads((tmp_path / "load.json").read_text()) == saved
