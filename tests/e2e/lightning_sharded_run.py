@@ -273,7 +273,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.dump_shards:
         torch.save(local_shards(model, trainer.optimizers[0]), out / f"final-shards{trainer.global_rank}.pt")
-    if args.strategy == "model_parallel":  # (a run that gathered FSDP1's full state on CPU ended in a segfault)
+    # FSDP1's state is compared shard by shard (--dump-shards): gathering it with cpu_offload on CPU crashes.
+    if args.strategy == "model_parallel":
         state = full_state(model, trainer.optimizers[0])
         if trainer.global_rank == 0:  # now: the state dicts share tensors with the optimizer validate() loads into
             torch.save(state, out / "final.pt")
