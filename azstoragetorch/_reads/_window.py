@@ -168,7 +168,7 @@ class ReadAheadWindow:
 
     A read of ``max_chunks * DIRECT_PART_BYTES`` bytes or more (``max_chunks * block_size`` with
     smaller chunks) bypasses the window for every range of it that no chunk holds: those ranges are
-    split into parallel ranged GETs that write straight into the caller's buffer, while a small
+    a :class:`~azstoragetorch._reads.DirectReads`, straight into the caller's buffer, while a small
     chunk after its end is fetched for the small reads that usually come next. Such a read does not
     widen the window, so a run of large reads (a checkpoint of large tensors) is received into its
     destination with no copy.
