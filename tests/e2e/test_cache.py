@@ -26,6 +26,7 @@ from azure.core.credentials import AzureNamedKeyCredential
 
 from azstoragetorch import _cache
 from azstoragetorch._client import AzStorageTorchBlobClient, _schedule
+from azstoragetorch._reads import WholeBlobRead
 from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
 from azstoragetorch.testing import ACCOUNT_KEY, Azurite
 from tests.conftest import Container
@@ -115,10 +116,11 @@ def test_epoch_two_is_served_from_the_cache_each_hit_confirmed_without_a_transfe
 
 def test_a_conditional_read_answers_nothing_for_the_current_etag(blobs: Container, account_credential: Any) -> None:
     client = AzStorageTorchBlobClient.from_url(blobs.blob_url(name(3)), account_credential)
-    read = client.read_all_if_changed(None, block_size=64 * 1024, max_concurrency=4)
+    whole = WholeBlobRead(client, block_size=64 * 1024, max_concurrency=4)
+    read = whole.read_if_changed(None)
     assert read is not None and read[1] == content(3)  # larger than one part: ranged reads in parallel
-    assert client.read_all_if_changed(read[0].etag, block_size=64 * 1024, max_concurrency=4) is None
-    assert client.read_all_if_changed('"0x0"', block_size=64 * 1024, max_concurrency=4) == read
+    assert whole.read_if_changed(read[0].etag) is None
+    assert whole.read_if_changed('"0x0"') == read
 
 
 def test_trusting_the_listing_reads_nothing_in_epoch_two(

@@ -48,7 +48,7 @@ def test_dataloader_workers_after_use_in_the_main_process(
 def _child_reads(client: AzStorageTorchBlobClient, queue: Any) -> None:
     fresh = not _pipeline._state.transports
     buffer = bytearray(5)
-    client.download_into(0, memoryview(buffer), etag=None)
+    client.fetch_range_into(0, memoryview(buffer), etag=None)
     queue.put((fresh, bytes(buffer), os.getpid()))
 
 
@@ -57,7 +57,7 @@ def test_forked_child_opens_its_own_connections(
 ) -> None:
     url = container.upload("blob", b"hello world")
     client = AzStorageTorchBlobClient.from_url(url, account_credential)
-    client.download_into(0, memoryview(bytearray(3)), etag=None)
+    client.fetch_range_into(0, memoryview(bytearray(3)), etag=None)
     assert _pipeline._state.transports  # the parent has a pool
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
@@ -73,11 +73,11 @@ def test_forked_child_opens_its_own_connections(
 def test_client_pickles_without_connections(container: Container, account_credential: AzureNamedKeyCredential) -> None:
     url = container.upload("blob", b"abc")
     client = AzStorageTorchBlobClient.from_url(url, account_credential)
-    client.download_into(0, memoryview(bytearray(1)), etag=None)
+    client.fetch_range_into(0, memoryview(bytearray(1)), etag=None)
     copy = pickle.loads(pickle.dumps(client))
     assert copy._pipeline is None
     buffer = bytearray(3)
-    copy.download_into(0, memoryview(buffer), etag=None)
+    copy.fetch_range_into(0, memoryview(buffer), etag=None)
     assert buffer == b"abc"
 
 

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from azstoragetorch._client import BlobProperties, _buffers
+from azstoragetorch._reads import DirectReads
 from tests.unit.fakes import InMemoryBlobClient
 
 PART = 1024
@@ -21,7 +22,7 @@ class _OnePartFails(InMemoryBlobClient):
         self.finished = threading.Semaphore(0)
         self.started = 0
 
-    def download_into(  # type: ignore[override]
+    def fetch_range_into(  # type: ignore[override]
         self, offset: int, buffer: memoryview, *, stop: threading.Event | None = None, **kwargs: object
     ) -> object:
         with self._lock:
@@ -30,7 +31,7 @@ class _OnePartFails(InMemoryBlobClient):
             if offset == self.failing_offset:
                 raise ConnectionError("injected failure of one part")
             threading.Event().wait(0.2)  # still running when the failure is noticed
-            return super().download_into(offset, buffer, etag=None)
+            return super().fetch_range_into(offset, buffer, etag=None)
         finally:
             self.finished.release()
 
@@ -40,7 +41,7 @@ def test_a_failed_part_leaves_no_writes_into_the_buffer_after_the_call_raises() 
     client = _OnePartFails(data, failing_offset=0)
     guard = bytearray(len(data))
     with pytest.raises(ConnectionError, match="injected"):
-        client.download_parallel(0, memoryview(guard), etag='"1"', block_size=PART, max_concurrency=4)
+        DirectReads(client, block_size=PART, max_concurrency=4).read_into(0, memoryview(guard), etag='"1"')
     seen_when_raised = bytes(guard)
     started = client.started
     for _ in range(started):
@@ -49,10 +50,10 @@ def test_a_failed_part_leaves_no_writes_into_the_buffer_after_the_call_raises() 
     assert started <= 4  # parts beyond the first window were never started
 
 
-def test_download_range_returns_a_lease_and_releases_it_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_read_leased_returns_a_lease_and_releases_it_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     data = bytes(range(256)) * 16
     client = InMemoryBlobClient(data)
-    lease = client.download_range(100, 3000, etag='"1"', block_size=PART, max_concurrency=2)
+    lease = DirectReads(client, block_size=PART, max_concurrency=2).read_leased(100, 3000, etag='"1"')
     assert bytes(lease.view(3000)) == data[100:3100]
     assert len(lease.buffer) == 3 * PART  # rounded up to whole parts, so similar ranges share buffers
     lease.release()
@@ -61,7 +62,7 @@ def test_download_range_returns_a_lease_and_releases_it_on_failure(monkeypatch: 
     monkeypatch.setattr(_buffers, "give_back", returned.append)
     failing = _OnePartFails(data, failing_offset=PART)
     with pytest.raises(ConnectionError):
-        failing.download_range(0, 4 * PART, etag='"1"', block_size=PART, max_concurrency=4)
+        DirectReads(failing, block_size=PART, max_concurrency=4).read_leased(0, 4 * PART, etag='"1"')
     assert len(returned) == 1  # released exactly once, after every part ended
     assert failing.finished.acquire(timeout=0)  # (and the parts had all ended by then)
 
@@ -74,7 +75,7 @@ class _RecordsEtags(InMemoryBlobClient):
         self.answered = threading.Event()
         self.sent: list[tuple[int, str | None, bool]] = []
 
-    def download_into(  # type: ignore[override]
+    def fetch_range_into(  # type: ignore[override]
         self, offset: int, buffer: memoryview, *, etag: str | None, on_response: object = None, **kwargs: object
     ) -> object:
         with self._lock:
@@ -85,7 +86,7 @@ class _RecordsEtags(InMemoryBlobClient):
             if callable(on_response):
                 on_response(properties)
 
-        return super().download_into(offset, buffer, etag=etag, on_response=answered)
+        return super().fetch_range_into(offset, buffer, etag=etag, on_response=answered)
 
 
 def test_without_an_etag_the_first_answer_pins_the_other_parts() -> None:
@@ -94,8 +95,8 @@ def test_without_an_etag_the_first_answer_pins_the_other_parts() -> None:
     seen: list[str] = []
     guard = bytearray(len(data))
 
-    client.download_parallel(
-        0, memoryview(guard), etag=None, block_size=PART, max_concurrency=4, on_response=lambda p: seen.append(p.etag)
+    DirectReads(client, block_size=PART, max_concurrency=4).read_into(
+        0, memoryview(guard), etag=None, on_response=lambda p: seen.append(p.etag)
     )
 
     assert bytes(guard) == data

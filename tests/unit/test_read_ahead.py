@@ -7,19 +7,32 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from azstoragetorch import _read_ahead
 from azstoragetorch._client import _buffers, _schedule
-from azstoragetorch._read_ahead import JUMP_FETCH_BYTES, ReadAheadBuffer
+from azstoragetorch._reads import DirectReads, ReadAheadWindow
+from azstoragetorch._reads import _window as _read_ahead
+from azstoragetorch._reads._window import JUMP_FETCH_BYTES
 from tests.unit.fakes import InMemoryBlobClient
 
 CHUNK = 1024
 
 
+@pytest.fixture(autouse=True)
+def _watch_direct_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record every direct read in the fake's ``parallel_reads``: (offset, length, part size)."""
+    read_into = DirectReads.read_into
+
+    def watched(self: DirectReads, offset: int, buffer: memoryview, **kwargs: object) -> None:
+        self._source.parallel_reads.append((offset, len(buffer), self._block_size))  # type: ignore[attr-defined]
+        read_into(self, offset, buffer, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DirectReads, "read_into", watched)
+
+
 def make_buffer(
     data: bytes, *, max_chunks: int = 4, first: int = CHUNK, block_size: int = CHUNK
-) -> tuple[ReadAheadBuffer, InMemoryBlobClient]:
+) -> tuple[ReadAheadWindow, InMemoryBlobClient]:
     client = InMemoryBlobClient(data)
-    buffer = ReadAheadBuffer(
+    buffer = ReadAheadWindow(
         client,  # type: ignore[arg-type]
         client.properties,
         block_size=block_size,
@@ -29,7 +42,7 @@ def make_buffer(
     return buffer, client
 
 
-def read(buffer: ReadAheadBuffer, position: int, size: int) -> bytes:
+def read(buffer: ReadAheadWindow, position: int, size: int) -> bytes:
     target = bytearray(size)
     count = buffer.readinto(position, memoryview(target))
     return bytes(target[:count])
@@ -148,7 +161,7 @@ def test_closing_while_chunks_download_recycles_no_buffer_in_use(monkeypatch: py
     client.release.clear()  # downloads wait for this
     returned: list[bytearray] = []
     monkeypatch.setattr(_buffers, "give_back", returned.append)
-    slow_download_into = client.download_into
+    slow_download_into = client.fetch_range_into
     downloading_into: list[object] = []
     started = threading.Event()
 
@@ -158,7 +171,7 @@ def test_closing_while_chunks_download_recycles_no_buffer_in_use(monkeypatch: py
         client.release.wait(10)
         return slow_download_into(offset, target, **kwargs)  # type: ignore[arg-type]
 
-    client.download_into = download_into  # type: ignore[method-assign]
+    client.fetch_range_into = download_into  # type: ignore[method-assign]
     assert read(buffer, 0, 10) == data[:10]  # served by the first chunk; the next one is requested
     buffer.close()
     assert started.wait(10)

@@ -1,10 +1,4 @@
-"""How :class:`~azstoragetorch.io.BlobIO` turns reads at arbitrary positions into ranged downloads.
-
-``torch.load`` reads a checkpoint as a run of small reads (zip headers, the pickle) mixed with large
-ones (tensor data), mostly moving forward, after a few jumps to the end of the file for the zip
-directory. One request per read would be slow; downloading the whole blob up front would hold
-multi-GB checkpoints in memory. :class:`ReadAheadBuffer` sits in between.
-"""
+"""Reads at arbitrary positions served from chunks fetched ahead: :class:`ReadAheadWindow`."""
 
 from __future__ import annotations
 
@@ -12,7 +6,9 @@ import collections
 from concurrent.futures import Future
 from typing import Any
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, Lease, PieceChecksums, lease, pause
+from azstoragetorch._client import BlobProperties, Lease, PieceChecksums, lease, pause
+from azstoragetorch._reads._direct import DirectReads
+from azstoragetorch._reads._source import RangeSource
 
 # After a jump to a new position only this much is fetched: a jump is usually a short look (the
 # zip directory at the end of a checkpoint), and a full chunk would delay it for nothing.
@@ -60,7 +56,7 @@ class _ChunkStore:
 
     def __init__(
         self,
-        client: AzStorageTorchBlobClient,
+        source: RangeSource,
         properties: BlobProperties,
         *,
         block_size: int,
@@ -68,7 +64,7 @@ class _ChunkStore:
         validate_content: bool,
         checksums: PieceChecksums | None,
     ) -> None:
-        self._client = client
+        self._source = source
         self._properties = properties
         self._block_size = block_size
         self._capacity = capacity
@@ -105,7 +101,7 @@ class _ChunkStore:
         # page faults that, with transfer threads running, cost more CPU than the transfer itself.
         chunk_lease = lease(self._block_size if stop - start == self._block_size else stop - start)
         download_hold = chunk_lease.retain()
-        future = self._client.submit(self._download, start, download_hold.view(stop - start))
+        future = self._source.submit(self._download, start, download_hold.view(stop - start))
         future.add_done_callback(lambda _: download_hold.release())  # also when cancelled before it ran
         chunk = _Chunk(start, stop, future, chunk_lease)
         self._chunks[start] = chunk
@@ -129,7 +125,7 @@ class _ChunkStore:
             self.discard(chunk)
 
     def _download(self, start: int, target: memoryview) -> None:
-        self._client.download_into(
+        self._source.fetch_range_into(
             start,
             target,
             etag=self._properties.etag,
@@ -139,8 +135,28 @@ class _ChunkStore:
         pause("part.finish")
 
 
-class ReadAheadBuffer:
+def read_first(source: RangeSource, length: int, *, validate_content: bool) -> tuple[BlobProperties, bytearray]:
+    """The blob's properties and its first ``length`` bytes (all of it, if smaller), in one request:
+    what a :class:`ReadAheadWindow` starts from. The buffer is sized by the answer, so opening a
+    small blob never allocates ``length``."""
+    first: list[bytearray] = []
+
+    def allocate(properties: BlobProperties) -> memoryview:
+        first.append(bytearray(min(length, properties.size)))
+        return memoryview(first[0])
+
+    properties, _ = source.fetch_range_into(0, allocate, etag=None, length=length, validate_content=validate_content)
+    return properties, first[0]
+
+
+class ReadAheadWindow:
     """A sliding window of chunks downloaded in parallel ahead of a forward-moving reader.
+
+    ``torch.load`` reads a checkpoint as a run of small reads (zip headers, the pickle) mixed with
+    large ones (tensor data), mostly moving forward, after a few jumps to the end of the file for
+    the zip directory. One request per read would be slow; downloading the whole blob up front would
+    hold multi-GB checkpoints in memory. The window sits in between: it trades a copy out of its
+    chunks, and memory bounded by ``max_chunks``, for requests that run ahead across reads.
 
     Small reads are served from chunks of up to ``block_size`` bytes, each fetched by one ranged
     GET. While reads keep moving forward, the number of chunks requested ahead of the reader doubles, up to
@@ -152,7 +168,7 @@ class ReadAheadBuffer:
 
     A read of ``max_chunks * DIRECT_PART_BYTES`` bytes or more (``max_chunks * block_size`` with
     smaller chunks) bypasses the window for every range of it that no chunk holds: those ranges are
-    split into parallel ranged GETs that write straight into the caller's buffer, while a small
+    a :class:`~azstoragetorch._reads.DirectReads`, straight into the caller's buffer, while a small
     chunk after its end is fetched for the small reads that usually come next. Such a read does not
     widen the window, so a run of large reads (a checkpoint of large tensors) is received into its
     destination with no copy.
@@ -164,7 +180,7 @@ class ReadAheadBuffer:
 
     def __init__(
         self,
-        client: AzStorageTorchBlobClient,
+        source: RangeSource,
         properties: BlobProperties,
         *,
         block_size: int,
@@ -173,7 +189,7 @@ class ReadAheadBuffer:
         validate_content: bool = False,
         checksums: PieceChecksums | None = None,
     ) -> None:
-        self._client = client
+        self._source = source
         self._validate_content = validate_content
         self._checksums = checksums
         self._properties = properties
@@ -182,7 +198,7 @@ class ReadAheadBuffer:
         self._direct_part = min(block_size, DIRECT_PART_BYTES)
         self._direct_min = self._direct_part * self._max_chunks
         self._store = _ChunkStore(
-            client,
+            source,
             properties,
             block_size=block_size,
             capacity=self._max_chunks + 1,
@@ -259,15 +275,13 @@ class ReadAheadBuffer:
         # The chunks still downloading count towards max_concurrency; the parts take what is left.
         concurrency = max(1, self._max_chunks - self._store.downloading())
         direct_block_size = min(self._block_size, max(self._direct_part, -(-len(destination) // concurrency)))
-        self._client.download_parallel(
-            offset,
-            destination,
-            etag=self._properties.etag,
+        direct = DirectReads(
+            self._source,
             block_size=direct_block_size,
             max_concurrency=concurrency,
             validate_content=self._validate_content,
-            checksums=self._checksums,
         )
+        direct.read_into(offset, destination, etag=self._properties.etag, checksums=self._checksums)
 
     def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:
         if forward:
@@ -295,18 +309,17 @@ class ReadAheadBuffer:
             return self._checksums.whole()
         offset = self._checksums.covered_from_start()
         window = self._block_size * self._max_chunks
+        rest = DirectReads(
+            self._source,
+            block_size=self._block_size,
+            max_concurrency=self._max_chunks,
+            validate_content=self._validate_content,
+        )
         while (crc := self._checksums.whole()) is None:
             if offset >= self.size:  # downloads from the reachable end on always tile the rest
                 raise AssertionError("downloaded ranges do not tile the blob")
             length = min(window, self.size - offset)
-            gap = self._client.download_range(
-                offset,
-                length,
-                etag=self._properties.etag,
-                block_size=self._block_size,
-                max_concurrency=self._max_chunks,
-                validate_content=self._validate_content,
-            )
+            gap = rest.read_leased(offset, length, etag=self._properties.etag)
             try:
                 self._checksums.add(offset, gap.view(length))
             finally:
