@@ -14,7 +14,7 @@ from azure.core.pipeline.transport import HttpRequest
 from azstoragetorch._client import _pipeline
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
-from tests.stub_server import StubServer
+from tests.stub_server import StubServer, close_pooled_connections
 
 # -- bounds: 0, 1, huge and negative values of every field -------------------------------------------
 
@@ -82,6 +82,7 @@ def test_the_policys_wait_after_any_number_of_attempts_is_at_most_the_maximum(at
 def always_busy() -> Iterator[StubServer]:
     server = StubServer(b"HTTP/1.1 503 Server Busy\r\nx-ms-error-code: ServerBusy\r\nContent-Length: 0\r\n\r\n")
     yield server
+    close_pooled_connections(server.port)
     server.close()
 
 

@@ -16,6 +16,7 @@ from azstoragetorch._client import _schedule
 from azstoragetorch._client._transport import WireTransport
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
+from tests.stub_server import close_pooled_connections
 
 
 class CannedServer:
@@ -79,6 +80,7 @@ def serve() -> Iterator[object]:
 
     yield start
     for server in servers:
+        close_pooled_connections(server.port)
         server.close()
 
 
