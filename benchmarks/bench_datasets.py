@@ -724,8 +724,8 @@ CPU_LABELS = {
     "obstore": "obstore get().bytes() per sample",
     "ours_map_startup": "BlobDataset, a pass over 2 samples (worker start-up)",
 }
-# obstore is left out of the forked-worker cases: once used in the parent, its runtime does not survive
-# a fork, and a forked worker's first request never completes.
+# obstore is left out of the forked-worker cases: once it has been used in the parent, a forked
+# worker's first request did not complete here (its runtime's threads are not forked with it).
 
 
 def make_cpu_dataset(variant: str, data_set: DataSet, azurite: Azurite) -> torch.utils.data.Dataset[Any]:
