@@ -9,13 +9,13 @@ byte ranges they need, sorted, coalesced and in parallel. Two things differ from
 on purpose, so that an overwrite is safe at every instant: shard file names carry a token of their
 save, so a save never touches a file that the checkpoint it replaces still uses, and ``.metadata``
 is committed last, in one request, and only over the version the save found when it started.
-
-The modules of this package, one idea each: ``_filesystem`` (torch's ``FileSystemBase`` seam over
-blob URLs), ``_shard_files`` (a save's shard files, failing together), ``_writer``, ``_reader``,
-``_spans`` (which byte ranges a load fetches), ``_fetching`` (fetching them in order within a
-memory budget), ``_pinned_files`` (each shard file pinned to one version, and its checksums),
-``_in_memory`` (loading an item from fetched bytes) and ``_locations`` (checkpoint URLs).
 """
+
+# One idea per module: _filesystem (torch's FileSystemBase seam over blob URLs), _shard_files (a
+# save's shard files, failing together), _writer, _reader, _spans (which byte ranges a load
+# fetches), _fetching (fetching them in order within a memory budget), _pinned_files (each shard
+# file pinned to one version, and its checksums), _in_memory (loading an item from fetched bytes)
+# and _locations (checkpoint URLs).
 
 from azstoragetorch._compat import warn_if_untested
 from azstoragetorch.integrations.dcp._filesystem import _BlobFiles
