@@ -54,7 +54,7 @@ from _common import (
 )
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
-from azstoragetorch.integrations.dcp import _MemoryFile
+from azstoragetorch.integrations.dcp._in_memory import _MemoryFile
 from azstoragetorch.io import BlobIO
 from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
 
