@@ -146,17 +146,22 @@ def sas_url(**times: datetime.datetime) -> str:
     return f"https://a.blob.core.windows.net/c/b?sv=2021-08-06&sr=b&sp=r&{fields}&sig=c2VjcmV0"
 
 
-NOW = datetime.datetime.now(datetime.timezone.utc)
 HOUR = datetime.timedelta(hours=1)
+
+
+def now() -> datetime.datetime:
+    # Read when a test runs, not at import: the whole suite collects this module long before
+    # it reaches these tests, and an hour-wide window must be an hour from the test's own clock.
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 @pytest.mark.parametrize("code", ["AuthenticationFailed", "AuthorizationFailure"])
 def test_an_expired_sas_gets_a_hint_that_says_so(code: str) -> None:
-    expired = FakeErrorResponse(403, code, url=sas_url(st=NOW - 2 * HOUR, se=NOW - HOUR))
+    expired = FakeErrorResponse(403, code, url=sas_url(st=now() - 2 * HOUR, se=now() - HOUR))
     with pytest.raises(ClientAuthenticationError, match=r"SAS token expired at \d{4}-\d\d-\d\dT") as caught:
         _pipeline.raise_for_status(expired, action="read", display_url="u")  # type: ignore[arg-type]
     assert "c2VjcmV0" not in str(caught.value)
-    not_yet = FakeErrorResponse(403, code, url=sas_url(st=NOW + HOUR, se=NOW + 2 * HOUR))
+    not_yet = FakeErrorResponse(403, code, url=sas_url(st=now() + HOUR, se=now() + 2 * HOUR))
     with pytest.raises(ClientAuthenticationError, match=r"SAS token is not valid before .*clock"):
         _pipeline.raise_for_status(not_yet, action="read", display_url="u")  # type: ignore[arg-type]
 
@@ -165,7 +170,7 @@ def test_the_services_detail_about_the_sas_time_frame_is_passed_on() -> None:
     # Azure says why, even when the local clock disagrees with the service's.
     detail = "Signature not valid in the specified time frame: Start [Mon, 01 Jan 2024 00:00:00 GMT] - Expiry [Mon, 01 Jan 2024 01:00:00 GMT] - Current [Mon, 01 Jan 2024 02:00:00 GMT]"
     body = f"<Error><Code>AuthenticationFailed</Code><AuthenticationErrorDetail>{detail}</AuthenticationErrorDetail></Error>"
-    response = FakeErrorResponse(403, "AuthenticationFailed", body.encode(), url=sas_url(se=NOW + HOUR))
+    response = FakeErrorResponse(403, "AuthenticationFailed", body.encode(), url=sas_url(se=now() + HOUR))
     with pytest.raises(
         ClientAuthenticationError, match=r"expired or is not yet valid.*Signature not valid in the specified time frame"
     ):
@@ -175,7 +180,7 @@ def test_the_services_detail_about_the_sas_time_frame_is_passed_on() -> None:
 def test_other_authentication_details_are_not_passed_on() -> None:
     # Other details can quote the signature that was sent; only the time frame is shown.
     body = b"<Error><Code>AuthenticationFailed</Code><AuthenticationErrorDetail>The MAC signature found in the HTTP request 'c2VjcmV0' is not the same</AuthenticationErrorDetail></Error>"
-    response = FakeErrorResponse(403, "AuthenticationFailed", body, url=sas_url(se=NOW + HOUR))
+    response = FakeErrorResponse(403, "AuthenticationFailed", body, url=sas_url(se=now() + HOUR))
     with pytest.raises(ClientAuthenticationError) as caught:
         _pipeline.raise_for_status(response, action="read", display_url="u")  # type: ignore[arg-type]
     assert "c2VjcmV0" not in str(caught.value) and "MAC signature" not in str(caught.value)
