@@ -51,15 +51,26 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["fsdp", "model_parallel"], required=True)
     parser.add_argument("--mode", choices=["save", "load"], required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--state-dict",
+        choices=["sharded", "full"],
+        default="sharded",
+        help='"full": state_dict_type="full" (FSDP) or save_distributed_checkpoint=False (ModelParallel)',
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
 
     # Fabric's sharded strategies take no CheckpointIO plugin: one made in the process claims its account's URLs.
     AzureBlobCheckpointIO(credential=AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY), account_url=args.account_url)
     strategy: Any = (
-        CPUFSDPStrategy(state_dict_type="sharded")
+        CPUFSDPStrategy(state_dict_type=args.state_dict)
         if args.strategy == "fsdp"
-        else ModelParallelStrategy(parallelize_fn=shard, data_parallel_size=2, tensor_parallel_size=1)
+        else ModelParallelStrategy(
+            parallelize_fn=shard,
+            data_parallel_size=2,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=args.state_dict == "sharded",
+        )
     )
     fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
     fabric.launch()

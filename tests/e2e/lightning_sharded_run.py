@@ -1,18 +1,23 @@
-"""Train a model sharded with FSDP2 under ``ModelParallelStrategy``, checkpoints in a container.
+"""Train a model sharded with FSDP2 under ``ModelParallelStrategy`` (or FSDP1 under ``FSDPStrategy``),
+checkpoints in a container.
 
 Run as ``python -m tests.e2e.lightning_sharded_run`` from the repository root; with ``--devices 2``
 Lightning starts the second rank by running this same command again (gloo on CPU). Each rank writes
 what it saw to ``<out>/rank<N>.json``, and rank 0 the full weights and optimizer state it ended
-with to ``<out>/final.pt``.
+with to ``<out>/final.pt`` (FSDP2 only). With ``--dump-shards`` each rank also writes the part of the
+weights and optimizer state it holds itself, when training starts and when it ends, to
+``<out>/loaded-shards<N>.pt`` and ``<out>/final-shards<N>.pt``: no collective, so FSDP1 too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import AsyncCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from typing_extensions import override
 
 from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
 from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME
@@ -112,6 +118,41 @@ class LoadedStateWriter(pl.Callback):
             torch.save(state, self.out / "loaded.pt")
 
 
+class LocalShardsWriter(pl.Callback):
+    """Writes this rank's own part of the weights and optimizer state that training starts from
+    (those restored from ``ckpt_path``) to ``<out>/loaded-shards<rank>.pt``."""
+
+    def __init__(self, out: pathlib.Path) -> None:
+        self.out = out
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(local_shards(pl_module, trainer.optimizers[0]), self.out / f"loaded-shards{trainer.global_rank}.pt")
+
+
+def local_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The weights and optimizer state this rank holds in memory, copied as they are: DTensors as their
+    local tensors, FSDP1's parameters as the views of this rank's flat shard. Nothing is gathered, so
+    no collective runs (a full gather of FSDP1's state on CPU is what this avoids)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(value: Any) -> Any:
+        if isinstance(value, DTensor):
+            return value.to_local().detach().clone()
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return {key: local(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(local(item) for item in value)
+        return value
+
+    return {
+        "weights": {name: local(parameter) for name, parameter in model.named_parameters()},
+        "optimizer": local(optimizer.state_dict()),
+    }
+
+
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The model's and the optimizer's full (gathered) state dicts, on CPU; every rank calls this."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -121,7 +162,50 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 class CPUFSDPStrategy(FSDPStrategy):
     """FSDPStrategy itself, on CPU: the Trainer refuses the class by exact type without a GPU, not
-    its subclasses. Saving and loading are FSDPStrategy's."""
+    its subclasses. Saving and loading are FSDPStrategy's, except that full state dicts are gathered
+    without ``offload_to_cpu``: FSDP1 asked to offload parameters that already live on the CPU crashes
+    (SIGSEGV) while it copies them, with or without this project."""
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        with _full_state_dicts_without_offload():
+            return super().lightning_module_state_dict()
+
+    @override
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        with _full_state_dicts_without_offload():
+            return super().optimizer_state(optimizer)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        with _full_state_dicts_without_offload():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+
+
+@contextlib.contextmanager
+def _full_state_dicts_without_offload() -> Iterator[None]:
+    """Lightning's FSDP full state dict settings, but kept where the parameters are (the CPU)."""
+    import lightning.fabric.strategies.fsdp as fabric_fsdp
+    import lightning.pytorch.strategies.fsdp as trainer_fsdp
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    def context(module: torch.nn.Module, world_size: int, rank0_only: bool = True) -> Any:
+        return FSDP.state_dict_type(
+            module=module,
+            state_dict_type=StateDictType.FULL_STATE_DICT,
+            state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+            optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        )
+
+    originals = [(module, module._get_full_state_dict_context) for module in (fabric_fsdp, trainer_fsdp)]
+    for module, _ in originals:
+        module._get_full_state_dict_context = context  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for module, original in originals:
+            module._get_full_state_dict_context = original  # type: ignore[assignment]
 
 
 def main() -> None:
@@ -137,10 +221,17 @@ def main() -> None:
     parser.add_argument("--validate-best", action="store_true", help='then validate(ckpt_path="best")')
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategy", choices=["model_parallel", "fsdp"], default="model_parallel")
+    parser.add_argument(
+        "--state-dict",
+        choices=["sharded", "full"],
+        default="sharded",
+        help='"full": FSDPStrategy(state_dict_type="full") or ModelParallelStrategy(save_distributed_checkpoint=False)',
+    )
     parser.add_argument("--write-pids", action="store_true", help="each rank writes <out>/pid<rank> at setup")
     parser.add_argument("--no-plugin", action="store_true", help="plain Lightning: a local dirpath, no plugin")
     parser.add_argument("--record-steps", action="store_true", help="append global_step to <out>/steps<rank>")
     parser.add_argument("--dump-loaded", action="store_true", help="write <out>/loaded.pt when training starts")
+    parser.add_argument("--dump-shards", action="store_true", help="write each rank's local shards at start and end")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -155,13 +246,17 @@ def main() -> None:
     callbacks: list[pl.Callback] = [PidWriter(pathlib.Path(args.out))] if args.write_pids else []
     callbacks += [LoadedStateWriter(pathlib.Path(args.out))] if args.dump_loaded else []
     callbacks += [StepRecorder(pathlib.Path(args.out))] if args.record_steps else []
+    callbacks += [LocalShardsWriter(pathlib.Path(args.out))] if args.dump_shards else []
+    sharded = args.state_dict == "sharded"
     checkpoints = ModelCheckpoint(dirpath=args.dirpath, save_last=True, save_top_k=args.top_k, **monitor)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
+        strategy=ModelParallelStrategy(
+            data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=sharded
+        )
         if args.strategy == "model_parallel"
-        else CPUFSDPStrategy(state_dict_type="sharded"),
+        else CPUFSDPStrategy(state_dict_type=args.state_dict),
         max_epochs=args.max_epochs,
         plugins=plugins,
         callbacks=[checkpoints, *callbacks],
@@ -176,7 +271,10 @@ def main() -> None:
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.strategy == "model_parallel":  # (a run that gathered FSDP1's full state on CPU ended in a segfault)
+    if args.dump_shards:
+        torch.save(local_shards(model, trainer.optimizers[0]), out / f"final-shards{trainer.global_rank}.pt")
+    # FSDP1's state is compared shard by shard (--dump-shards): gathering it with cpu_offload on CPU crashes.
+    if args.strategy == "model_parallel":
         state = full_state(model, trainer.optimizers[0])
         if trainer.global_rank == 0:  # now: the state dicts share tensors with the optimizer validate() loads into
             torch.save(state, out / "final.pt")

@@ -536,16 +536,16 @@ def test_a_process_killed_while_storing_leaves_no_torn_file_to_be_served(
 def test_a_batch_reads_trusted_hits_in_its_own_thread_and_hands_the_rest_to_the_sample_threads(
     blobs: Container, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: Any
 ) -> None:
-    from azstoragetorch import datasets
+    from azstoragetorch.datasets import _sample_pool
 
     handed: list[str] = []
-    submit = datasets._sample_threads.submit
+    submit = _sample_pool._sample_threads.submit
 
     def counted(fn: Any, transform: Any, blob: Blob, *args: Any) -> Any:
         handed.append(blob.blob_name)
         return submit(fn, transform, blob, *args)
 
-    monkeypatch.setattr(datasets._sample_threads, "submit", counted)
+    monkeypatch.setattr(_sample_pool._sample_threads, "submit", counted)
 
     def listed() -> BlobDataset[Any]:
         return BlobDataset.from_container_url(

@@ -111,15 +111,93 @@ def test_fsdp_sharded_checkpoints_through_the_trainer(
 ) -> None:
     dirpath = container.blob_url("fsdp")
 
-    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=2, val_losses="3,1", strategy="fsdp")
+    first = run_sharded(
+        azurite, dirpath, tmp_path / "first", max_epochs=2, val_losses="3,1", strategy="fsdp", dump_shards=True
+    )
 
     assert [report["global_step"] for report in first] == [4, 4]
     assert checkpoint_folders(container) == {"fsdp/epoch=1-step=4.ckpt": 2, "fsdp/last.ckpt": 2}
     resumed = run_sharded(
-        azurite, dirpath, tmp_path / "resumed", max_epochs=3, val_losses="3,1,2", resume="last", strategy="fsdp"
+        azurite,
+        dirpath,
+        tmp_path / "resumed",
+        max_epochs=3,
+        val_losses="3,1,2",
+        resume="last",
+        strategy="fsdp",
+        dump_shards=True,
     )
     assert [report["resumed_from"] for report in resumed] == [f"{dirpath}/last.ckpt"] * 2
     assert [report["global_step"] for report in resumed] == [6, 6]
+    # Each rank starts from exactly the weights and Adam state that it held when last.ckpt was
+    # saved, compared shard by shard (FSDP1's state is never gathered on CPU here).
+    assert_resumed_local_shards(tmp_path / "first", tmp_path / "resumed")
+
+
+def test_fsdp_full_state_dicts_stay_single_blobs_written_through_the_plugin(
+    container: Container, azurite: Azurite, tmp_path: pathlib.Path
+) -> None:
+    local_before = url_named_folders()
+    dirpath = container.blob_url("full")
+    options: dict[str, Any] = {"strategy": "fsdp", "state_dict": "full", "dump_shards": True}
+
+    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=2, val_losses="3,1", **options)
+
+    assert [report["global_step"] for report in first] == [4, 4]
+    # Rank 0 wrote each checkpoint through the plugin as one blob: no prefix of shards, no meta.pt.
+    assert blob_names(container) == {"full/epoch=1-step=4.ckpt", "full/last.ckpt"}
+    saved = torch.load(io.BytesIO(container.download("full/last.ckpt")), weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (1, 4)
+    # It holds the whole weights: each parameter is the two ranks' shards put end to end.
+    flattened = {name: tensor.flatten() for name, tensor in saved["state_dict"].items()}
+    assert same_state(whole_weights(tmp_path / "first", ranks=2), flattened)
+
+    # Fresh processes resume from it: each rank starts from the shards it held when it was saved.
+    resumed = run_sharded(
+        azurite, dirpath, tmp_path / "resumed", max_epochs=3, val_losses="3,1,2", resume="last", **options
+    )
+
+    assert [report["resumed_from"] for report in resumed] == [f"{dirpath}/last.ckpt"] * 2
+    assert [report["global_step"] for report in resumed] == [6, 6]
+    assert_resumed_local_shards(tmp_path / "first", tmp_path / "resumed")
+    assert blob_names(container) == {"full/epoch=1-step=4.ckpt", "full/last.ckpt"}
+    assert url_named_folders() == local_before
+
+
+def test_model_parallel_consolidated_checkpoints_are_single_blobs_and_resume_exactly(
+    container: Container, azurite: Azurite, tmp_path: pathlib.Path
+) -> None:
+    """ModelParallelStrategy(save_distributed_checkpoint=False) saves, as on disk, one file written by
+    rank 0 through the CheckpointIO plugin: here, one blob."""
+    local_before = url_named_folders()
+    dirpath = container.blob_url("consolidated")
+
+    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=2, val_losses="3,1", state_dict="full")
+
+    assert [report["global_step"] for report in first] == [4, 4]
+    assert blob_names(container) == {"consolidated/epoch=1-step=4.ckpt", "consolidated/last.ckpt"}
+    saved = torch.load(io.BytesIO(container.download("consolidated/last.ckpt")), weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (1, 4)
+    assert same_state(saved["state_dict"], final(tmp_path / "first")["weights"])
+
+    resumed = run_sharded(
+        azurite,
+        dirpath,
+        tmp_path / "resumed",
+        max_epochs=3,
+        val_losses="3,1,2",
+        resume="last",
+        state_dict="full",
+        dump_loaded=True,
+    )
+
+    assert [report["resumed_from"] for report in resumed] == [f"{dirpath}/last.ckpt"] * 2
+    assert [report["global_step"] for report in resumed] == [6, 6]
+    loaded = torch.load(tmp_path / "resumed" / "loaded.pt", weights_only=False)
+    assert (loaded.pop("epoch"), loaded.pop("global_step")) == (2, 4)
+    assert same_state(loaded, final(tmp_path / "first"))
+    assert blob_names(container) == {"consolidated/epoch=1-step=4.ckpt", "consolidated/last.ckpt"}
+    assert url_named_folders() == local_before
 
 
 def test_async_checkpoint_io_uploads_behind_training_and_resumes_exactly(
@@ -208,20 +286,29 @@ def test_a_rank_killed_while_overwriting_last_leaves_the_old_checkpoint_whole(
     assert same_state(final(tmp_path / "resumed"), final(tmp_path / "first"))
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "model_parallel"])
+@pytest.mark.parametrize(
+    ("strategy", "state_dict"), [("fsdp", "sharded"), ("model_parallel", "sharded"), ("model_parallel", "full")]
+)
 def test_fabric_saves_and_loads_sharded_checkpoints_by_url(
-    strategy: str, container: Container, azurite: Azurite, tmp_path: pathlib.Path
+    strategy: str, state_dict: str, container: Container, azurite: Azurite, tmp_path: pathlib.Path
 ) -> None:
+    """``state_dict="full"``: ModelParallelStrategy(save_distributed_checkpoint=False) saves one
+    consolidated file, as on disk: here, one blob."""
     local_before = url_named_folders()
     url = container.blob_url("fabric/step.ckpt")
 
     for mode in ("save", "load"):  # each in fresh processes; load starts from other weights
         command = [sys.executable, "-m", "tests.e2e.fabric_sharded_run", "--account-url", azurite.account_url]
         command += ["--url", url, "--strategy", strategy, "--mode", mode, "--out", str(tmp_path)]
+        command += ["--state-dict", state_dict]
         result = run_job(command, cwd=REPOSITORY)
         assert result.returncode == 0, result.stderr[-4000:]
 
-    assert checkpoint_folders(container) == {"fabric/step.ckpt": 2}
+    if state_dict == "sharded":
+        assert checkpoint_folders(container) == {"fabric/step.ckpt": 2}
+    else:
+        assert blob_names(container) == {"fabric/step.ckpt"}
+        assert torch.load(io.BytesIO(container.download("fabric/step.ckpt")), weights_only=False)["step"] == 2
     # The step after loading is the step after saving: same weights, same Adam state.
     saved = json.loads((tmp_path / "save.json").read_text())
     assert json.loads((tmp_path / "load.json").read_text()) == saved
@@ -247,6 +334,8 @@ def run_sharded(
     strategy: str = "model_parallel",
     no_plugin: bool = False,
     dump_loaded: bool = False,
+    state_dict: str = "sharded",
+    dump_shards: bool = False,
 ) -> list[dict[str, Any]]:
     """Run tests/e2e/lightning_sharded_run.py in new processes; returns each rank's report."""
     command = sharded_command(
@@ -264,6 +353,8 @@ def run_sharded(
     command += ["--strategy", strategy]
     command += ["--no-plugin"] if no_plugin else []
     command += ["--dump-loaded"] if dump_loaded else []
+    command += ["--state-dict", state_dict]
+    command += ["--dump-shards"] if dump_shards else []
     result = run_job(command, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)]
@@ -303,6 +394,37 @@ def dcp_keys(folder: pathlib.Path) -> set[str]:
 def final(out: pathlib.Path) -> dict[str, Any]:
     loaded: dict[str, Any] = torch.load(out / "final.pt", weights_only=False)
     return loaded
+
+
+def local_shards(out: pathlib.Path, when: str, rank: int) -> dict[str, Any]:
+    """A rank's own weights and optimizer state, written by ``--dump-shards`` when training started
+    (``when="loaded"``) or ended (``"final"``)."""
+    loaded: dict[str, Any] = torch.load(out / f"{when}-shards{rank}.pt", weights_only=False)
+    return loaded
+
+
+def assert_resumed_local_shards(saved_run: pathlib.Path, resumed_run: pathlib.Path, ranks: int = 2) -> None:
+    """Every rank of ``resumed_run`` started from the shards of weights and optimizer state that the
+    same rank of ``saved_run`` ended with (and saved last)."""
+    for rank in range(ranks):
+        saved = local_shards(saved_run, "final", rank)
+        assert saved["optimizer"]["state"], f"rank {rank} saved no Adam state: nothing to compare"
+        assert same_state(local_shards(resumed_run, "loaded", rank), saved), f"rank {rank} resumed other state"
+
+
+def whole_weights(out: pathlib.Path, ranks: int) -> dict[str, torch.Tensor]:
+    """FSDP1's full weights put together from each rank's final local shards: a parameter's shards are
+    consecutive pieces of its flattened values, in rank order."""
+    shards = [local_shards(out, "final", rank)["weights"] for rank in range(ranks)]
+    weights = {}
+    for name in shards[0]:
+        pieces = torch.cat([shard[name].flatten() for shard in shards])
+        weights[name.replace("_fsdp_wrapped_module.", "")] = pieces
+    return weights
+
+
+def blob_names(container: Container) -> set[str]:
+    return {blob.name for blob in container.client.list_blobs()}
 
 
 def same_state(first: Any, second: Any) -> bool:

@@ -13,9 +13,8 @@ import torch.distributed.checkpoint as dcp
 from azure.core.credentials import AzureNamedKeyCredential
 
 import azstoragetorch
-from azstoragetorch import datasets
 from azstoragetorch._client import _stats
-from azstoragetorch.datasets import BlobDataset, IterableBlobDataset
+from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset, _blob
 from azstoragetorch.exceptions import FatalBlobIOWriteError
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
 from azstoragetorch.io import BlobIO
@@ -175,7 +174,7 @@ def test_a_blob_dataset_passes_its_hook_to_every_sample_read(
     container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_stats, "PROGRESS_INTERVAL_SECONDS", 0.0)
-    monkeypatch.setitem(datasets._READ_ALL, "block_size", BLOCK)  # several parts per blob
+    monkeypatch.setitem(_blob._READ_ALL, "block_size", BLOCK)  # several parts per blob
     sizes = [3 * BLOCK + 5, 5 * BLOCK + 7, 100]
     urls = [container.upload(f"s/{size}", os.urandom(size)) for size in sizes]
     calls = Calls()
@@ -186,7 +185,7 @@ def test_a_blob_dataset_passes_its_hook_to_every_sample_read(
     assert_each_read_counts_up_to_its_size(calls.calls, sizes)
 
 
-def read_with_a_reader_and_as_a_tensor(blob: datasets.Blob) -> int:
+def read_with_a_reader_and_as_a_tensor(blob: Blob) -> int:
     with blob.reader() as f:
         size = len(f.read())
     return size + blob.read_tensor().numel()
@@ -196,7 +195,7 @@ def test_an_iterable_dataset_passes_its_hook_to_a_transforms_reads(
     container: Container, account_credential: AzureNamedKeyCredential, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_stats, "PROGRESS_INTERVAL_SECONDS", 0.0)
-    monkeypatch.setitem(datasets._READ_ALL, "block_size", BLOCK)
+    monkeypatch.setitem(_blob._READ_ALL, "block_size", BLOCK)
     sizes = [2 * BLOCK + 1, 3 * BLOCK + 2]
     for size in sizes:
         container.upload(f"s/{size}", os.urandom(size))
@@ -222,7 +221,7 @@ def test_a_dataset_without_a_hook_counts_nothing_for_one(
     def no_recorder(*args: object, **kwargs: object) -> None:
         raise AssertionError("a Recorder was made for a read without a progress hook")
 
-    monkeypatch.setattr(datasets, "Recorder", no_recorder)
+    monkeypatch.setattr(_blob, "Recorder", no_recorder)
     url = container.upload("s/one", b"one sample")
     (sample,) = BlobDataset.from_blob_urls([url], credential=account_credential)
     assert sample["data"] == b"one sample"

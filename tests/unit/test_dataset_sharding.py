@@ -2,7 +2,7 @@
 
 Blobs here are real :class:`Blob` objects for made-up URLs; the transforms only look at names, so
 no request is ever sent. Ranks and DataLoader workers are simulated by patching
-``azstoragetorch.datasets._live_rank_and_world_size`` and ``torch.utils.data.get_worker_info``.
+``azstoragetorch.datasets._iterable._live_rank_and_world_size`` and ``torch.utils.data.get_worker_info``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from azstoragetorch import datasets
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobUrl
-from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
+from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset, _dealing, _iterable
 
 ACCOUNT = "https://acct.blob.core.windows.net"
 SAS = "sv=2021-08-06&sr=c&sp=rl&se=2030-01-01T00%3A00%3A00Z&sig=c2VjcmV0LXNpZ25hdHVyZQ%3D%3D"
@@ -56,7 +56,7 @@ def as_shard(rank: int, world_size: int | None, worker_id: int, num_workers: int
     live = None if world_size is None else (rank, world_size)
     worker = types.SimpleNamespace(id=worker_id, num_workers=num_workers, seed=0, dataset=None)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(datasets, "_live_rank_and_world_size", lambda: live)
+        patch.setattr(_iterable, "_live_rank_and_world_size", lambda: live)
         patch.setattr(torch.utils.data, "get_worker_info", lambda: worker if num_workers else None)
         yield
 
@@ -168,7 +168,7 @@ def test_shuffle_is_off_by_default_and_set_epoch_then_changes_nothing() -> None:
 
 
 def test_without_a_process_group_or_workers_one_process_sees_everything() -> None:
-    assert datasets._live_rank_and_world_size() is None  # no process group in this test process
+    assert _dealing._live_rank_and_world_size() is None  # no process group in this test process
     dataset = IterableBlobDataset(fake_blobs(9), transform=blob_name)
     assert list(dataset) == names(9)
 

@@ -146,3 +146,36 @@ def test_sharded_loads_verify_the_recorded_crc_unless_the_plugin_turns_it_off(
 
     assert found is not None
     assert found.reader().fs.verify_checksum is verifies
+
+
+# -- consolidated checkpoints of the sharded strategies ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_strategy",
+    [lambda: ModelParallelStrategy(save_distributed_checkpoint=False), lambda: FSDPStrategy(state_dict_type="full")],
+    ids=["model_parallel_consolidated", "fsdp_full"],
+)
+def test_a_consolidated_checkpoint_goes_to_the_plugin_as_one_file_by_its_url(
+    make_strategy: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """As on disk, where Lightning hands such a checkpoint to the CheckpointIO: the plugin gets the
+    URL itself (never a ``Path`` of it), and any sharded checkpoint of that name is removed."""
+    monkeypatch.chdir(tmp_path)  # where a Path of the URL would become a folder
+    checkpoint_io = plugin()
+    saved: list[tuple[Any, Any]] = []
+    removed: list[str] = []
+    monkeypatch.setattr(
+        checkpoint_io, "save_checkpoint", lambda checkpoint, path, **_: saved.append((checkpoint, path))
+    )
+    monkeypatch.setattr(_sharded, "remove_tree", lambda where: removed.append(where.url))
+    strategy = make_strategy()
+    strategy.checkpoint_io = checkpoint_io
+    url = f"{ACCOUNT}/container/run/last.ckpt"
+    checkpoint = {"state_dict": {"weight": torch.ones(2)}, "optimizer_states": [{"state": {}}], "epoch": 1}
+
+    strategy.save_checkpoint(checkpoint, url)
+
+    assert saved == [(checkpoint, url)]
+    assert removed == [url]
+    assert not list(tmp_path.iterdir())

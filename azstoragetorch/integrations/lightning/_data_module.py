@@ -23,7 +23,8 @@ from azstoragetorch._client import (
     validate_credential,
 )
 from azstoragetorch._options import check_int, check_retry
-from azstoragetorch.datasets import DEFAULT_PREFETCH, Blob, BlobDataset, IterableBlobDataset, _list_source
+from azstoragetorch.datasets import DEFAULT_PREFETCH, Blob, BlobDataset, IterableBlobDataset
+from azstoragetorch.datasets._sources import _list_source
 from azstoragetorch.integrations.lightning import _stats
 from azstoragetorch.retry import RetryOptions
 

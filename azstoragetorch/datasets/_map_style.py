@@ -1,0 +1,185 @@
+"""The map-style dataset: :class:`BlobDataset`, one sample per blob, a batch's blobs fetched together."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from typing import Any, cast
+
+import torch.utils.data
+from typing_extensions import Self, override
+
+from azstoragetorch._cache import make_cache
+from azstoragetorch._client import CredentialArgument, ProgressHook
+from azstoragetorch.datasets._blob import Blob
+from azstoragetorch.datasets._sample_pool import _sample_threads
+from azstoragetorch.datasets._samples import (
+    _apply,
+    _checked_hook,
+    _read_whole_blob,
+    _TransformOutputType_co,
+    _whole_blob_sample,
+)
+from azstoragetorch.datasets._sources import _as_sequence, _blobs_from_urls, _list_container
+from azstoragetorch.retry import RetryOptions
+
+
+class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
+    """A map-style dataset with one sample per blob.
+
+    Create it with :meth:`from_blob_urls` or :meth:`from_container_url`; the blobs are listed once,
+    when it is created. By default a sample is ``{"url": <blob URL>, "data": <blob bytes>}``; pass
+    ``transform`` to turn each :class:`Blob` into whatever your model needs::
+
+        dataset = BlobDataset.from_container_url(
+            "https://<account>.blob.core.windows.net/<container>", prefix="train/"
+        )
+        loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=2, shuffle=True)
+
+    When the DataLoader asks for a batch, its blobs are fetched concurrently (through
+    ``__getitems__``), not one after the other. For training on several ranks, use a
+    :class:`~torch.utils.data.distributed.DistributedSampler` as with any map-style dataset
+    (Lightning adds one for you).
+
+    **Progress.** With ``progress_hook``, each read of a sample's blob calls ``hook(bytes_done,
+    bytes_total)``: the default sample's read, and a transform's :meth:`Blob.read_tensor`,
+    :meth:`Blob.readinto` and each :meth:`Blob.reader`. ``bytes_done`` counts that read's bytes
+    and ``bytes_total`` is the blob's size, so every read ends with a call where the two are equal.
+    The hook is called from the threads that fetch samples, in the process that reads them (a
+    DataLoader worker), at most every 100 ms per read and once at its end; with workers started by
+    ``spawn`` or ``forkserver`` it must pickle. When it is not set, nothing is reported or counted
+    for it.
+    """
+
+    def __init__(
+        self,
+        blobs: Iterable[Blob],
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        *,
+        progress_hook: ProgressHook | None = None,
+    ) -> None:
+        self._blobs = _as_sequence(blobs)
+        self._transform = cast(Callable[[Blob], _TransformOutputType_co], transform or _read_whole_blob)
+        self._progress_hook = _checked_hook(progress_hook)
+
+    @classmethod
+    def from_blob_urls(
+        cls,
+        blob_urls: str | Iterable[str],
+        *,
+        credential: CredentialArgument = None,
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        retry: RetryOptions | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int | None = None,
+        progress_hook: ProgressHook | None = None,
+    ) -> Self:
+        """A dataset of the given blobs, in the given order.
+
+        Args:
+            blob_urls: One blob URL or an iterable of them. A URL may carry a SAS token, a
+                ``snapshot=`` or a ``versionid=``.
+            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored for URLs with a SAS token.
+            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+            retry: How throttled or briefly failing requests are retried, listing and reading
+                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
+                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
+                share one. Every hit is confirmed with the service by a conditional read (one
+                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
+                that another user could change is refused with a warning. See :ref:`dataset-cache`.
+            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
+                deleted beyond it. ``None``: no limit but the disk.
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
+
+        Raises:
+            ValueError: A URL is malformed, ``cache_dir`` is empty, or ``cache_max_bytes`` is not positive
+                or has no ``cache_dir``.
+            TypeError: ``credential`` or ``cache_dir`` is of an unsupported type, ``retry`` is not a
+                ``RetryOptions``, or ``progress_hook`` is not callable.
+        """
+        cache = make_cache(cache_dir, cache_max_bytes)
+        return cls(_blobs_from_urls(blob_urls, credential, retry, cache), transform, progress_hook=progress_hook)
+
+    @classmethod
+    def from_container_url(
+        cls,
+        container_url: str,
+        *,
+        prefix: str | None = None,
+        credential: CredentialArgument = None,
+        transform: Callable[[Blob], _TransformOutputType_co] | None = None,
+        retry: RetryOptions | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_max_bytes: int | None = None,
+        cache_trust_listing: bool = False,
+        progress_hook: ProgressHook | None = None,
+    ) -> Self:
+        """A dataset of every blob in a container (whose name starts with ``prefix``), in name order.
+
+        The container is listed now, following every page of the listing. The directories of an
+        account with a hierarchical namespace (ADLS Gen2), listed as empty blobs, are not samples.
+
+        Args:
+            container_url: ``https://<account>.blob.core.windows.net/<container>``, optionally with
+                a SAS token that allows listing and reading.
+            prefix: Only blobs whose names start with it; all blobs when ``None``.
+            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored with a SAS token.
+            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
+            retry: How throttled or briefly failing requests are retried, listing and reading
+                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
+            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
+                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
+                share one. Every hit is confirmed with the service by a conditional read (one
+                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
+                that another user could change is refused with a warning. See :ref:`dataset-cache`.
+            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
+                deleted beyond it. ``None``: no limit but the disk.
+            cache_trust_listing: Serve a cached blob whose ETag is the listing's with no request at
+                all, at local-disk speed; a blob rewritten after the listing is then served as it
+                was listed. ``False`` (the default): confirm every hit with the service.
+            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
+                blob (see "Progress" above).
+
+        Raises:
+            ValueError: The URL is malformed, ``cache_dir`` is empty, or a ``cache_*`` option is out of
+                range or has no ``cache_dir``.
+            azure.core.exceptions.ResourceNotFoundError: The container does not exist.
+            azure.core.exceptions.ClientAuthenticationError: Listing is not allowed.
+            TypeError: ``progress_hook`` is not callable.
+        """
+        cache = make_cache(cache_dir, cache_max_bytes, trust_listing=cache_trust_listing)
+        blobs = _list_container(container_url, prefix, credential, retry, cache)
+        return cls(blobs, transform, progress_hook=progress_hook)
+
+    def __len__(self) -> int:
+        return len(self._blobs)
+
+    @override
+    def __getitem__(self, index: int) -> _TransformOutputType_co:
+        return _apply(self._transform, self._blobs[index], self._progress_hook)
+
+    def __getitems__(self, indices: list[int]) -> list[_TransformOutputType_co]:
+        """Fetch a batch of samples concurrently; the DataLoader calls this for each batch."""
+        blobs = [self._blobs[index] for index in indices]  # IndexError before any request is sent
+        # A default sample that the cache serves with no request (cache_trust_listing) is read here:
+        # handing it to a sample thread costs more than a small hit, and parallel hits only contend
+        # for the cores. Everything else goes to the sample threads as soon as it is known to.
+        lean = self._transform is _read_whole_blob and self._progress_hook is None
+        samples: list[Any] = [None] * len(blobs)
+        futures: dict[int, Future[Any]] = {}
+        try:
+            for position, blob in enumerate(blobs):
+                hit = blob._trusted_hit() if lean else None
+                if hit is None:
+                    futures[position] = _sample_threads.submit(_apply, self._transform, blob, self._progress_hook)
+                else:
+                    samples[position] = _whole_blob_sample(blob, hit)
+            for position, future in futures.items():
+                samples[position] = future.result()
+            return samples
+        finally:
+            for future in futures.values():
+                future.cancel()
