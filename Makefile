@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 AZURITE := tools/azurite/node_modules/.bin/azurite-blob
 
-.PHONY: setup test lint docs demo bench clean test-compat test-floors
+.PHONY: setup test unit lint docs demo bench clean test-compat test-floors
 
 setup: $(VENV)/.installed $(AZURITE)
 
@@ -71,6 +71,11 @@ docs: setup
 
 test: setup lint docs
 	$(VENV)/bin/pytest
+
+# The unit tests alone (tests/unit), for the edit-and-test loop: no emulator and no network, so they
+# need only the venv. `make test` is still the whole suite and what a change must pass.
+unit: $(VENV)/.installed
+	$(VENV)/bin/pytest tests/unit
 
 demo: setup
 	$(PY) examples/demo.py

@@ -77,6 +77,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from azstoragetorch._client import AzStorageTorchBlobClient, crc32, pause
+from azstoragetorch._reads import WholeBlobRead
 
 try:
     import fcntl
@@ -227,10 +228,9 @@ class BlobCache:
         """The whole blob, from the cache when the cached copy is current, else from the service
         (and then stored in the background). ``known_etag`` is the ETag the dataset knows, used
         only if trusted."""
+        whole = WholeBlobRead(client, block_size=block_size, max_concurrency=max_concurrency)
         if self._directory_fd() is None:  # refused: read as without a cache
-            read = client.read_all_if_changed(None, block_size=block_size, max_concurrency=max_concurrency)
-            assert read is not None  # an unconditional read always returns the content
-            return read[1]
+            return whole.read()[1]
         path = self._path(client)
         cached = _writer().pending(path) or self._lookup(path)
         if cached is not None:
@@ -240,16 +240,15 @@ class BlobCache:
                     self._touch(path)
                     return data
             else:
-                read = client.read_all_if_changed(etag, block_size=block_size, max_concurrency=max_concurrency)
+                read = whole.read_if_changed(etag)
                 if read is None:  # 304: the cached copy is the blob's current content
                     self._touch(path)
                     return data
                 self._hand_over(path, read[0].etag, read[1])
                 return read[1]
-        read = client.read_all_if_changed(None, block_size=block_size, max_concurrency=max_concurrency)
-        assert read is not None  # an unconditional read always returns the content
-        self._hand_over(path, read[0].etag, read[1])
-        return read[1]
+        properties, data = whole.read()
+        self._hand_over(path, properties.etag, data)
+        return data
 
     # -- reading ---------------------------------------------------------------------------------
 

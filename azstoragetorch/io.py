@@ -26,7 +26,7 @@ from azstoragetorch._client import (
     add_checksum_outcome,
 )
 from azstoragetorch._options import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_CONCURRENCY, TransferOptions
-from azstoragetorch._read_ahead import ReadAheadBuffer
+from azstoragetorch._reads import ReadAheadWindow, read_first
 from azstoragetorch.exceptions import ChecksumMismatchError, FatalBlobIOWriteError
 from azstoragetorch.retry import RetryOptions
 
@@ -199,7 +199,7 @@ class BlobIO(io.IOBase, BinaryIO):
         client = self._client
         self._mode = mode
         self._position = 0
-        self._reader: ReadAheadBuffer | None = None
+        self._reader: ReadAheadWindow | None = None
         self._uploader: BlockUploader | None = None
         self._fatal_error: FatalBlobIOWriteError | None = None
         self._handled_before: BaseException | None = None  # what was being handled when the ``with`` began
@@ -221,9 +221,9 @@ class BlobIO(io.IOBase, BinaryIO):
 
     def _open_reader(
         self, max_concurrency: int, block_size: int, validate_content: bool, verify_checksum: bool | None
-    ) -> ReadAheadBuffer:
+    ) -> ReadAheadWindow:
         first_length = min(_FIRST_READ_BYTES, block_size)
-        properties, first = self._client.download_start(first_length, validate_content=validate_content)
+        properties, first = read_first(self._client, first_length, validate_content=validate_content)
         checksums = None
         if verify_checksum is not False:
             if properties.crc32 is not None:
@@ -236,7 +236,7 @@ class BlobIO(io.IOBase, BinaryIO):
             else:
                 add_checksum_outcome(self._recorder, verified=False)
                 _LOGGER.debug("%s has no recorded CRC-32: read unverified", self._client.display_url)
-        return ReadAheadBuffer(
+        return ReadAheadWindow(
             self._client,
             properties,
             block_size=block_size,
@@ -375,7 +375,7 @@ class BlobIO(io.IOBase, BinaryIO):
         self._position += len(line)
         return bytes(line)
 
-    def _read_line(self, reader: ReadAheadBuffer, limit: int) -> bytearray:
+    def _read_line(self, reader: ReadAheadWindow, limit: int) -> bytearray:
         line = bytearray()
         probe = 256
         while len(line) < limit:
@@ -510,7 +510,7 @@ class BlobIO(io.IOBase, BinaryIO):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _verify_whole_blob(self, reader: ReadAheadBuffer) -> None:
+    def _verify_whole_blob(self, reader: ReadAheadWindow) -> None:
         expected = reader.properties.crc32
         actual = reader.whole_crc32(download_rest=self._verify_in_full)
         if actual is None:
@@ -576,7 +576,7 @@ class BlobIO(io.IOBase, BinaryIO):
         if self._closed:
             raise ValueError("I/O operation on closed BlobIO.")
 
-    def _require_reader(self, operation: str = "this") -> ReadAheadBuffer:
+    def _require_reader(self, operation: str = "this") -> ReadAheadWindow:
         self._check_not_closed()
         if self._reader is None:
             raise io.UnsupportedOperation(f"{operation}() needs a BlobIO opened with mode 'rb'.")

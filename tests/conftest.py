@@ -23,7 +23,7 @@ from azure.storage.blob import (
 )
 
 from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
-from tests.e2e.fault_proxy import FaultProxy
+from tests.e2e.support.fault_proxy import FaultProxy
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def public_container(service_client: BlobServiceClient, azurite: Azurite) -> Ite
 
 @pytest.fixture
 def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
-    """A :class:`~tests.e2e.fault_proxy.FaultProxy` in front of the session's emulator."""
+    """A :class:`~tests.e2e.support.fault_proxy.FaultProxy` in front of the session's emulator."""
     with FaultProxy(azurite.port) as running:
         yield running
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 import threading
 
+from azstoragetorch._client import _pipeline
+
 
 class StubServer:
     """Answers every request, on any number of keep-alive connections, with ``answer`` (raw bytes).
@@ -48,3 +50,14 @@ class StubServer:
 
     def close(self) -> None:
         self._listener.close()
+
+
+def close_pooled_connections(port: int) -> None:
+    """Close the idle connections that the process-wide pool keeps to ``127.0.0.1:port``.
+
+    A ``BlobIO`` against a loopback server leaves its keep-alive connection in that pool, where it
+    would outlive the server and the test until the interpreter exits.
+    """
+    pooled = _pipeline._current_state().transports.get(f"http://127.0.0.1:{port}")
+    if pooled is not None:
+        pooled.close()

@@ -1,13 +1,15 @@
 """The one layer of azstoragetorch that talks to Azure Blob Storage.
 
 Everything about how bytes travel lives here: URL parsing, credentials, the HTTP pipeline and its
-retries, connection pools, parallel ranged downloads and block uploads, the pooled buffers they fill
-and the checksums they record. The modules above (:mod:`azstoragetorch.io`, the datasets and the
+retries, connection pools, the one ranged fetch every read comes down to
+(``AzStorageTorchBlobClient.fetch_range_into``) and block uploads, the pooled buffers they fill and
+the checksums they record. Which ranges to fetch, and when, is decided above, in
+:mod:`azstoragetorch._reads`. The modules above (:mod:`azstoragetorch.io`, the datasets and the
 integrations) use only what this package exports; ruff's ``banned-api`` setting in
 ``pyproject.toml`` fails the lint step for any import of a ``_client._*`` submodule from outside.
 """
 
-from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobProperties
+from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobNotModified, BlobProperties
 from azstoragetorch._client._buffers import Lease, lease
 from azstoragetorch._client._checksums import PieceChecksums, crc32
 from azstoragetorch._client._container_client import AzStorageTorchContainerClient, Level, ListedBlob
@@ -47,6 +49,7 @@ __all__ = [
     "PROGRESS_INTERVAL_SECONDS",
     "AzStorageTorchBlobClient",
     "AzStorageTorchContainerClient",
+    "BlobNotModified",
     "BlobProperties",
     "BlobUrl",
     "BlockUploader",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import dataclasses
 import datetime
 import hashlib
@@ -30,7 +29,7 @@ from azstoragetorch.exceptions import BlobModifiedDuringReadError, ChecksumMisma
 from azstoragetorch.retry import RetryOptions
 
 # Failures while a response body streams in. The request itself succeeded, so the SDK's retry
-# policy never sees them; download_into retries them from the first byte not yet received.
+# policy never sees them; fetch_range_into retries them from the first byte not yet received.
 _BODY_READ_ERRORS: tuple[type[BaseException], ...] = (
     http.client.IncompleteRead,
     # Resets, timeouts and, over TLS, ssl.SSLError (a damaged record): read straight from the
@@ -47,23 +46,74 @@ MAX_VALIDATED_RANGE = 4 * 1024 * 1024
 _BODY_PIECE_BYTES = 256 * 1024
 
 
-class _NotModified(Exception):
-    """A conditional read found the blob unchanged (never reaches the caller)."""
+class BlobNotModified(Exception):
+    """A read with ``if_none_match`` found the blob unchanged: the caller's copy is current."""
 
 
 class DownloadStopped(Exception):
     """A part of a parallel read stopped because another part failed (never reaches the caller)."""
 
 
-@dataclasses.dataclass(frozen=True)
 class BlobProperties:
-    """What a read needs to know about a blob."""
+    """What a read needs to know about a blob (immutable).
 
+    ``crc32`` is the CRC-32 of the whole blob that an azstoragetorch writer recorded, if any. A
+    ``Last-Modified`` header is parsed only when :attr:`last_modified` is read: parsing it costs
+    more client CPU than the rest of a small blob's ranged GET, and most reads never look.
+    """
+
+    __slots__ = ("_last_modified", "_last_modified_header", "crc32", "etag", "size")
     size: int
     etag: str
-    last_modified: datetime.datetime | None = None
-    # The CRC-32 of the whole blob that an azstoragetorch writer recorded, if any.
-    crc32: int | None = None
+    crc32: int | None
+    _last_modified: datetime.datetime | None
+    _last_modified_header: str | None
+
+    def __init__(
+        self,
+        size: int,
+        etag: str,
+        last_modified: datetime.datetime | None = None,
+        crc32: int | None = None,
+        *,
+        last_modified_header: str | None = None,
+    ) -> None:
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "etag", etag)
+        object.__setattr__(self, "crc32", crc32)
+        object.__setattr__(self, "_last_modified", last_modified)
+        object.__setattr__(self, "_last_modified_header", last_modified_header)
+
+    @property
+    def last_modified(self) -> datetime.datetime | None:
+        header = self._last_modified_header
+        if header is not None:
+            object.__setattr__(self, "_last_modified", parsedate_to_datetime(header))
+            object.__setattr__(self, "_last_modified_header", None)
+        return self._last_modified
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BlobProperties, (self.size, self.etag, self.last_modified, self.crc32))
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.size, self.etag, self.last_modified, self.crc32)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BlobProperties):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"BlobProperties(size={self.size!r}, etag={self.etag!r}, last_modified={self.last_modified!r}, "
+            f"crc32={self.crc32!r})"
+        )
 
 
 class AzStorageTorchBlobClient(ResourceClient):
@@ -91,142 +141,32 @@ class AzStorageTorchBlobClient(ResourceClient):
         response = self._send("HEAD", action="read the properties of")
         return _properties_from(response, size=int(response.headers["Content-Length"]))
 
-    def download_start(self, length: int, *, validate_content: bool = False) -> tuple[BlobProperties, bytearray]:
-        """The blob's properties and its first ``length`` bytes (all of it, if smaller), in one request.
-
-        The buffer is sized by the response, so opening a small blob never allocates ``length``.
-        ``validate_content`` checks them as :meth:`download_into` does (``length`` is then at most
-        :data:`MAX_VALIDATED_RANGE`).
-        """
-        response = self._send_range_get(0, length, None, content_md5=validate_content)
-        if response is None:  # an empty blob has no first byte to ask for
-            return self.get_properties(), bytearray()
-        properties = _properties_from(response, size=_total_size(response))
-        data = bytearray(min(length, properties.size))
-        count, error = _read_body_into(response, memoryview(data))
-        if validate_content and error is None and count == len(data):
-            error = self._md5_mismatch(response, memoryview(data))
-        if not (validate_content and error is not None):
-            _stats.add_bytes(self.recorder, count)
-        if error is not None:  # what follows fetches (the rest of) it again
-            _stats.add_retry(self.recorder, _stats.reason_for_error(error))
-        if validate_content and error is not None:
-            self.download_into(0, memoryview(data), etag=properties.etag, validate_content=True)
-        elif error is not None or count < len(data):
-            self.download_into(count, memoryview(data)[count:], etag=properties.etag)
-        return properties, data
-
-    def read_all(self, *, block_size: int, max_concurrency: int) -> bytes:
-        """The whole blob as ``bytes``, copied as few times as possible (a dataset's default sample).
-
-        A blob that fits in ``block_size`` arrives in one request, straight from the socket into the
-        returned object. A larger one is fetched in parallel ranged GETs of ``block_size``.
-        """
-        read = self._read_all(None, block_size, max_concurrency, with_properties=False)
-        assert read is not None  # only a conditional read can find nothing new
-        return read[1]
-
-    def read_all_if_changed(
-        self, etag: str | None, *, block_size: int, max_concurrency: int
-    ) -> tuple[BlobProperties, bytes] | None:
-        """As :meth:`read_all`, with the properties of the version read; ``None`` if the blob still
-        has ``etag`` (the first request carries ``If-None-Match``, so that answer has no body)."""
-        read = self._read_all(etag, block_size, max_concurrency, with_properties=True)
-        if read is None:
-            return None
-        properties, data = read
-        assert properties is not None  # asked for, even of an empty blob
-        return properties, data
-
-    def _read_all(
-        self, if_none_match: str | None, block_size: int, max_concurrency: int, *, with_properties: bool
-    ) -> tuple[BlobProperties | None, bytes] | None:
-        try:
-            response = self._send_range_get(0, block_size, None, if_none_match=if_none_match)
-        except _NotModified:
-            return None
-        if response is None:  # an empty blob: its properties cost a request of their own
-            return (self.get_properties() if with_properties else None), b""
-        size, etag = _total_size(response), response.headers.get("ETag", "")
-        if self.recorder is not None and self.recorder.total is None:
-            self.recorder.total = size  # for a progress hook, known from the first response
-        # Parsing Last-Modified would cost more than the rest of a small blob's read: only if asked.
-        properties = _properties_from(response, size=size) if with_properties else None
-        first_length = min(block_size, size)
-        if first_length == size:
-            body = _read_whole_body(response)
-            if body is not None and len(body) == first_length:
-                _stats.add_bytes(self.recorder, first_length)
-                return properties, body
-            data = bytearray(size)  # the body broke off: fetch it again, with retries
-            _stats.add_retry(self.recorder, _stats.RESET)
-            self.download_into(0, memoryview(data), etag=etag)
-            return properties, bytes(data)
-        data = bytearray(size)
-        self._fill_whole(response, etag, memoryview(data), block_size=block_size, max_concurrency=max_concurrency)
-        return properties, bytes(data)
-
-    def read_all_into(self, allocate: Callable[[int], memoryview], *, block_size: int, max_concurrency: int) -> None:
-        """The whole blob, received straight into the memory that ``allocate`` returns (no copy).
-
-        ``allocate(size)`` is called once, when the first response has told the blob's size, and
-        returns a writable byte view of exactly ``size`` bytes: a new tensor's storage, or the caller's
-        buffer after checking that it fits (it may raise; the response is then dropped). The first
-        ``block_size`` bytes come with that response, the rest in parallel ranged GETs, all pinned to
-        its ETag: a blob changed meanwhile raises :class:`BlobModifiedDuringReadError`, and every part
-        has finished before this returns or raises.
-        """
-        response = self._send_range_get(0, block_size, None)
-        if response is None:  # an empty blob
-            allocate(0)
-            return
-        # Only the size and ETag matter here (parsing Last-Modified would cost more than the rest).
-        size, etag = _total_size(response), response.headers.get("ETag", "")
-        if self.recorder is not None and self.recorder.total is None:
-            self.recorder.total = size  # for a progress hook, known from the first response
-        try:
-            buffer = allocate(size)
-        except BaseException:
-            _raw_and_body(response)[0].close()  # mid-body: never reuse the connection
-            raise
-        if len(buffer) != size:
-            _raw_and_body(response)[0].close()
-            raise ValueError(f"allocate returned {len(buffer)} bytes for a blob of {size}.")
-        self._fill_whole(response, etag, buffer, block_size=block_size, max_concurrency=max_concurrency)
-
-    def _fill_whole(
-        self, response: HttpResponse, etag: str, buffer: memoryview, *, block_size: int, max_concurrency: int
-    ) -> None:
-        """Fill ``buffer`` (the whole blob) from ``response`` to a GET of its first ``block_size`` bytes,
-        then the rest in parallel ranged GETs pinned to ``etag``."""
-        first_length = min(block_size, len(buffer))
-        count, error = _read_body_into(response, buffer[:first_length])
-        _stats.add_bytes(self.recorder, count)
-        if error is not None:
-            _stats.add_retry(self.recorder, _stats.reason_for_error(error))
-        if error is not None or count < first_length:
-            self.download_into(count, buffer[count:first_length], etag=etag)
-        if first_length < len(buffer):
-            self.download_parallel(
-                first_length, buffer[first_length:], etag=etag, block_size=block_size, max_concurrency=max_concurrency
-            )
-
-    def download_into(
+    def fetch_range_into(
         self,
         offset: int,
-        buffer: memoryview,
+        into: memoryview | Callable[[BlobProperties], memoryview],
         *,
         etag: str | None,
+        length: int | None = None,
         validate_content: bool = False,
+        if_none_match: str | None = None,
         stop: threading.Event | None = None,
         on_response: Callable[[BlobProperties], None] | None = None,
         checksums: _checksums.PieceChecksums | None = None,
     ) -> tuple[BlobProperties, int]:
-        """Fill ``buffer`` with the blob's bytes from ``offset``; stops early only at the blob's end.
+        """Fill a buffer with the blob's bytes from ``offset``: every read of a blob comes down to this.
 
-        With ``etag`` the read is pinned to that version of the blob; a changed blob raises
-        :class:`BlobModifiedDuringReadError`. Returns the blob's properties and the bytes filled.
-        Failures while the body streams in are retried from where they stopped.
+        ``into`` is the caller's buffer, or a function that returns it once the first answer's
+        headers tell the blob's properties (before its body is read), for a caller that sizes its
+        memory by the blob; it may raise, and the answer is then dropped. At most ``length`` bytes
+        are filled (by default ``len(into)``; required with a function). Returns the blob's
+        properties and the bytes filled, fewer only at the blob's end.
+
+        With ``etag`` the read is pinned to that version (``If-Match``); a changed blob raises
+        :class:`BlobModifiedDuringReadError`. Without it, the first answer pins the version of the
+        requests that follow. With ``if_none_match``, a blob that still has that ETag raises
+        :class:`BlobNotModified` (its answer has no body). Failures while the body streams in are
+        retried from where they stopped, up to :data:`BODY_READ_ATTEMPTS` times.
 
         With ``validate_content``, every request asks the service for the MD5 of its range (which it
         gives for ranges up to 4 MiB, so larger buffers take several requests) and the bytes received
@@ -234,45 +174,58 @@ class AzStorageTorchBlobClient(ResourceClient):
         one that still does not match after the retries raises :class:`ChecksumMismatchError`.
 
         Once ``stop`` is set (another part of the same parallel read failed), no further request is
-        sent and :class:`DownloadStopped` is raised.
-
-        ``on_response`` is called once, with the properties of the first answer, as soon as its
-        headers are in (before its body): a caller can pin other reads to its ETag without waiting.
-
-        With ``checksums``, the CRC-32 of the bytes filled is added there, computed as they arrive.
+        sent and :class:`DownloadStopped` is raised. ``on_response`` is called once, with the first
+        answer's properties, as soon as its headers are in: a caller can pin other reads to its ETag
+        without waiting. With ``checksums``, the CRC-32 of the bytes filled is added there, computed
+        as they arrive. The bytes received and the retries count in this client's recorder.
         """
+        if callable(into) and length is None:
+            raise TypeError("fetch_range_into needs a length when into is a function.")
+        buffer: memoryview | None = None if callable(into) else into
+        limit = length if length is not None else len(into)  # type: ignore[arg-type]
         filled = 0
         properties: BlobProperties | None = None
         attempt = 0
         running = None if checksums is None else _checksums.RunningCrc()
+        answered_target: memoryview | None = None
+
+        def answered(first: BlobProperties) -> memoryview:
+            nonlocal buffer
+            if buffer is None:
+                buffer = into(first)  # type: ignore[operator]
+            if on_response is not None:
+                on_response(first)
+            return buffer[:limit]
+
+        def done(count: int) -> tuple[BlobProperties, int]:
+            assert properties is not None
+            if checksums is not None and running is not None:
+                checksums.add_crc(offset, count, running.value)
+            return properties, count
+
         while True:
             if stop is not None and stop.is_set():
                 raise DownloadStopped(f"Reading {self.display_url} was stopped: another part of the read failed.")
             fetched = self._fetch_range_once(
                 offset,
-                buffer,
+                answered if answered_target is None else answered_target,
                 filled,
                 etag,
+                limit=limit,
                 validate_content=validate_content,
-                on_response=on_response,
+                if_none_match=if_none_match,
                 running=running,
             )
             if fetched is None:  # the range starts at or after the end of the blob
-                if properties is None:  # (the first answer; _fetch_range_once did not report it)
+                if properties is None:  # (the first answer, which reported no properties)
                     properties = self.get_properties()
-                    if on_response is not None:
-                        on_response(properties)
-                if checksums is not None and running is not None:
-                    checksums.add_crc(offset, filled, running.value)
-                return properties, filled
-            on_response = None  # reported: only the first answer is
-            properties, count, error = fetched
-            etag = properties.etag  # retries must continue the same version
+                    answered(properties)
+                return done(filled)
+            properties, answered_target, count, error = fetched
+            etag, if_none_match = properties.etag, None  # retries must continue the same version
             filled += count
-            if error is None and filled >= min(len(buffer), properties.size - offset):
-                if checksums is not None and running is not None:
-                    checksums.add_crc(offset, filled, running.value)
-                return properties, filled
+            if error is None and filled >= min(len(answered_target), properties.size - offset):
+                return done(filled)
             if error is None:
                 continue  # the next range of a validated read
             attempt += 1
@@ -288,34 +241,42 @@ class AzStorageTorchBlobClient(ResourceClient):
     def _fetch_range_once(
         self,
         offset: int,
-        buffer: memoryview,
+        target: memoryview | Callable[[BlobProperties], memoryview],
         filled: int,
         etag: str | None,
         *,
+        limit: int,
         validate_content: bool,
-        on_response: Callable[[BlobProperties], None] | None = None,
-        running: _checksums.RunningCrc | None = None,
-    ) -> tuple[BlobProperties, int, BaseException | None] | None:
-        """One ranged GET for ``buffer[filled:]`` (at most one validated range), read into place.
+        if_none_match: str | None,
+        running: _checksums.RunningCrc | None,
+    ) -> tuple[BlobProperties, memoryview, int, BaseException | None] | None:
+        """One ranged GET for ``target[filled:]`` (at most one validated range), read into place.
 
-        Returns the blob's properties, the bytes that count as received and why the body fell short
-        (``None`` if it did not); ``None`` instead of all that when ``offset + filled`` is past the
-        blob's end. A validated range that breaks off or does not match its MD5 counts as 0 bytes:
-        it is checked as a whole, so it is fetched again entirely. ``running`` takes in the CRC-32 of
-        the bytes that count as received.
+        ``target`` is the buffer, or (for the first answer) the function that returns it from the
+        answer's properties. Returns the blob's properties, the buffer, the bytes that count as
+        received and why the body fell short (``None`` if it did not); ``None`` instead of all that
+        when ``offset + filled`` is past the blob's end. A validated range that breaks off or does
+        not match its MD5 counts as 0 bytes: it is checked as a whole, so it is fetched again
+        entirely. ``running`` takes in the CRC-32 of the bytes that count as received.
         """
-        length = len(buffer) - filled
+        length = (len(target) if not callable(target) else limit) - filled
         if validate_content:
             length = min(length, MAX_VALIDATED_RANGE)
         # Failures to send the request were already retried by the pipeline's retry policy.
-        response = self._send_range_get(offset + filled, length, etag, content_md5=validate_content)
+        response = self._send_range_get(
+            offset + filled, length, etag, content_md5=validate_content, if_none_match=if_none_match
+        )
         if response is None:
             return None
         properties = _properties_from(response, size=_total_size(response))
-        if on_response is not None:
-            on_response(properties)
-        requested_end = min(filled + length, len(buffer), properties.size - offset)
-        received = buffer[filled:requested_end]
+        if callable(target):
+            try:
+                target = target(properties)
+            except BaseException:
+                _raw_and_body(response)[0].close()  # mid-body: never reuse the connection
+                raise
+        requested_end = min(filled + length, len(target), properties.size - offset)
+        received = target[filled:requested_end]
         crc_before = 0 if running is None else running.value
         count, error = _read_body_into(response, received, running)
         if error is None and count < len(received):
@@ -328,7 +289,7 @@ class AzStorageTorchBlobClient(ResourceClient):
                 if running is not None:
                     running.value = crc_before  # fetched again as a whole
         _stats.add_bytes(self.recorder, count)
-        return properties, count, error
+        return properties, target, count, error
 
     def _md5_mismatch(self, response: HttpResponse, received: memoryview) -> ChecksumMismatchError | None:
         expected = response.headers.get("Content-MD5")
@@ -337,83 +298,20 @@ class AzStorageTorchBlobClient(ResourceClient):
             return None
         return ChecksumMismatchError(self.display_url, "MD5 of a range", expected or "(none sent)", actual)
 
-    def download_parallel(
-        self,
-        offset: int,
-        buffer: memoryview,
-        *,
-        etag: str | None,
-        block_size: int,
-        max_concurrency: int,
-        validate_content: bool = False,
-        on_response: Callable[[BlobProperties], None] | None = None,
-        checksums: _checksums.PieceChecksums | None = None,
-    ) -> None:
-        """Fill ``buffer`` from ``offset`` with up to ``max_concurrency`` ranged GETs at a time.
+    # The three reads below are the strategies of azstoragetorch._reads, kept here only for the
+    # callers that still reach them through the client (the datasets and the DCP reader).
 
-        Every part started is finished before this returns or raises. On the first failure the parts
-        not yet started are cancelled, the running ones stop at their next request, and all of them
-        are waited for: ``buffer`` may be the caller's memory (``torch.load``'s tensor storage) or a
-        leased buffer that goes back to the pool right after, so nothing may write into it later.
+    def read_all(self, *, block_size: int, max_concurrency: int) -> bytes:
+        """The whole blob as ``bytes``: :meth:`azstoragetorch._reads.WholeBlobRead.read`."""
+        from azstoragetorch._reads import WholeBlobRead
 
-        Without ``etag``, the first part's answer pins the version: the other parts are sent once its
-        headers are in, with its ETag, so the bytes are of one version and no properties request is
-        needed first. ``on_response`` gets that first answer's properties, and ``checksums`` the CRC-32
-        of every part, as for :meth:`download_into`.
-        """
-        parts = [(start, min(start + block_size, len(buffer))) for start in range(0, len(buffer), block_size)]
-        if len(parts) <= 1:
-            self.download_into(
-                offset,
-                buffer,
-                etag=etag,
-                validate_content=validate_content,
-                on_response=on_response,
-                checksums=checksums,
-            )
-            return
-        stop = threading.Event()
-        first_answer: Future[BlobProperties] = Future()
+        return WholeBlobRead(self, block_size=block_size, max_concurrency=max_concurrency).read()[1]
 
-        def answered(properties: BlobProperties) -> None:
-            first_answer.set_result(properties)
-            if on_response is not None:
-                on_response(properties)
+    def read_all_into(self, allocate: Callable[[int], memoryview], *, block_size: int, max_concurrency: int) -> None:
+        """The whole blob, straight into ``allocate(size)``: :meth:`azstoragetorch._reads.WholeBlobRead.read_into`."""
+        from azstoragetorch._reads import WholeBlobRead
 
-        def download_part(
-            start: int, stop_at: int, etag: str | None, seen: Callable[[BlobProperties], None] | None
-        ) -> None:
-            self.download_into(
-                offset + start,
-                buffer[start:stop_at],
-                etag=etag,
-                validate_content=validate_content,
-                stop=stop,
-                on_response=seen,
-                checksums=checksums,
-            )
-            _schedule.pause("part.finish")
-
-        started: list[Future[None]] = [self.submit(download_part, *parts[0], etag, answered)]
-        try:
-            if etag is None:
-                waited: list[Future[Any]] = [started[0], first_answer]
-                concurrent.futures.wait(waited, return_when=concurrent.futures.FIRST_COMPLETED)
-                if not first_answer.done():
-                    started[0].result()  # it failed before an answer came: raises why
-                etag = first_answer.result().etag
-            for start, stop_at in parts[1:]:
-                if len(started) >= max_concurrency:
-                    started[len(started) - max_concurrency].result()  # a slot is free once the oldest part is done
-                started.append(self.submit(download_part, start, stop_at, etag, None))
-            for future in started:
-                future.result()
-        except BaseException:
-            stop.set()
-            for future in started:
-                future.cancel()
-            concurrent.futures.wait(started)  # the running parts finish (or stop) before we raise
-            raise
+        WholeBlobRead(self, block_size=block_size, max_concurrency=max_concurrency).read_into(allocate)
 
     def download_range(
         self,
@@ -427,28 +325,13 @@ class AzStorageTorchBlobClient(ResourceClient):
         on_response: Callable[[BlobProperties], None] | None = None,
         checksums: _checksums.PieceChecksums | None = None,
     ) -> _buffers.Lease:
-        """The blob's ``length`` bytes from ``offset``, in a leased pooled buffer the caller releases.
+        """``length`` bytes from ``offset`` in a leased buffer: :meth:`azstoragetorch._reads.DirectReads.read_leased`."""
+        from azstoragetorch._reads import DirectReads
 
-        The buffer's size is ``length`` rounded up to whole parts, so that ranges of similar sizes
-        reuse each other's buffers. Fetched as :meth:`download_parallel` does (``etag``,
-        ``on_response`` and ``checksums`` as there).
-        """
-        lease = _buffers.lease(-(-length // block_size) * block_size)
-        try:
-            self.download_parallel(
-                offset,
-                lease.view(length),
-                etag=etag,
-                block_size=block_size,
-                max_concurrency=max_concurrency,
-                validate_content=validate_content,
-                on_response=on_response,
-                checksums=checksums,
-            )
-        except BaseException:
-            lease.release()
-            raise
-        return lease
+        reads = DirectReads(
+            self, block_size=block_size, max_concurrency=max_concurrency, validate_content=validate_content
+        )
+        return reads.read_leased(offset, length, etag=etag, on_response=on_response, checksums=checksums)
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run one of this client's operations on the shared transfer threads."""
@@ -537,7 +420,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         if response.status_code == 416:
             return None
         if response.status_code == 304 and if_none_match is not None:
-            raise _NotModified
+            raise BlobNotModified
         if response.status_code == 412 and etag is not None:
             raise BlobModifiedDuringReadError(self.display_url, etag)
         if response.status_code == 200:
@@ -547,12 +430,11 @@ class AzStorageTorchBlobClient(ResourceClient):
 
 
 def _properties_from(response: HttpResponse, *, size: int) -> BlobProperties:
-    last_modified = response.headers.get("Last-Modified")
     return BlobProperties(
         size=size,
         etag=response.headers.get("ETag", ""),
-        last_modified=parsedate_to_datetime(last_modified) if last_modified else None,
         crc32=_checksums.parse_recorded(response.headers.get(_CRC32_HEADER)),
+        last_modified_header=response.headers.get("Last-Modified") or None,
     )
 
 
@@ -621,22 +503,6 @@ def _read_body_into(
     else:
         raw.close()
     return filled, None
-
-
-def _read_whole_body(response: HttpResponse) -> bytes | None:
-    """The rest of the body in one ``bytes`` (one allocation, one copy); ``None`` if it broke off."""
-    raw, body = _raw_and_body(response)
-    try:
-        if body is not None:
-            # http.client reads a body of known length with a single read into a new bytes.
-            data: bytes = body.read()  # type: ignore[union-attr]
-        else:
-            data = raw.read()
-    except _BODY_READ_ERRORS:
-        raw.close()
-        return None
-    raw.release_conn()
-    return data
 
 
 def _discard(response: HttpResponse) -> None:

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl, PieceChecksums
+from azstoragetorch._client import BlobNotModified, BlobProperties, BlobUrl, PieceChecksums
+from azstoragetorch._client._blob_client import DownloadStopped
+from azstoragetorch.exceptions import BlobModifiedDuringReadError
 
 
 class InMemoryBlobClient:
@@ -19,7 +21,7 @@ class InMemoryBlobClient:
     def __init__(self, data: bytes = b"", *, fail_stage_at: int | None = None, max_blocks: int = 50_000) -> None:
         self.data = data
         self.reads: list[tuple[int, int]] = []
-        self.parallel_reads: list[tuple[int, int, int]] = []
+        self.parallel_reads: list[tuple[int, int, int]] = []  # filled by tests that watch DirectReads
         self.staged: dict[str, bytes] = {}
         self.committed: bytes | None = None
         self.committed_block_sizes: list[int] = []
@@ -47,55 +49,37 @@ class InMemoryBlobClient:
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         return self._pool.submit(fn, *args, **kwargs)
 
-    def download_into(
+    def fetch_range_into(
         self,
         offset: int,
-        buffer: memoryview,
+        into: memoryview | Callable[[BlobProperties], memoryview],
         *,
         etag: str | None,
+        length: int | None = None,
         validate_content: bool = False,
+        if_none_match: str | None = None,
         stop: threading.Event | None = None,
         on_response: Callable[[BlobProperties], None] | None = None,
         checksums: PieceChecksums | None = None,
     ) -> tuple[BlobProperties, int]:
-        with self._lock:
-            self.reads.append((offset, len(buffer)))
+        properties = self.properties
+        if stop is not None and stop.is_set():
+            raise DownloadStopped("stopped: another part of the read failed")
+        if etag is not None and etag != properties.etag:
+            raise BlobModifiedDuringReadError(self.display_url, etag)
+        if if_none_match is not None and if_none_match == properties.etag:
+            raise BlobNotModified
+        buffer = into(properties) if callable(into) else into
         if on_response is not None:
-            on_response(self.properties)
-        piece = self.data[offset : offset + len(buffer)]
+            on_response(properties)
+        limit = len(buffer) if length is None else min(len(buffer), length)
+        with self._lock:
+            self.reads.append((offset, limit))
+        piece = self.data[offset : offset + limit]
         buffer[: len(piece)] = piece
         if checksums is not None:
             checksums.add(offset, piece)
-        return self.properties, len(piece)
-
-    def download_parallel(
-        self,
-        offset: int,
-        buffer: memoryview,
-        *,
-        etag: str | None,
-        block_size: int,
-        max_concurrency: int,
-        validate_content: bool = False,
-        on_response: Callable[[BlobProperties], None] | None = None,
-        checksums: PieceChecksums | None = None,
-    ) -> None:
-        with self._lock:
-            self.parallel_reads.append((offset, len(buffer), block_size))
-        # The real splitting, joining and failure handling, over this fake's download_into.
-        AzStorageTorchBlobClient.download_parallel(
-            self,  # type: ignore[arg-type]
-            offset,
-            buffer,
-            etag=etag,
-            block_size=block_size,
-            max_concurrency=max_concurrency,
-            validate_content=validate_content,
-            on_response=on_response,
-            checksums=checksums,
-        )
-
-    download_range = AzStorageTorchBlobClient.download_range
+        return properties, len(piece)
 
     def stage_block(self, block_id: str, data: bytes | memoryview, *, validate_content: bool) -> None:
         with self._lock:

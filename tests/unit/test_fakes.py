@@ -7,7 +7,7 @@ import pytest
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient
 from tests.unit.fakes import InMemoryBlobClient
 
-FAKED_METHODS = ["download_into", "download_parallel", "download_range", "stage_block", "commit_block_list", "put_blob"]
+FAKED_METHODS = ["fetch_range_into", "stage_block", "commit_block_list", "put_blob"]
 
 
 @pytest.mark.parametrize("name", FAKED_METHODS)
