@@ -54,7 +54,7 @@ class Reliance:
 
 
 PRIVATE_NAMES: tuple[Reliance, ...] = (
-    # torch.distributed.checkpoint (integrations/dcp.py)
+    # torch.distributed.checkpoint (integrations/dcp/)
     Reliance(
         "torch",
         _FILESYSTEM,

@@ -84,6 +84,7 @@ def machine_info(**extra: Any) -> dict[str, Any]:
         "torch": torch.__version__,
         "azstoragetorch": f"{azstoragetorch.__version__} (git {commit}{', uncommitted changes' if dirty else ''})",
         "azure-storage-blob": package_version("azure-storage-blob"),
+        "obstore": package_version("obstore"),
         **extra,
         "azurite": _run_text([find_azurite_blob(), "--version"]),
         "node": _run_text(["node", "--version"]),
@@ -230,3 +231,66 @@ def verify(loaded: object, expected: dict[str, torch.Tensor], what: str) -> None
         )
         if not same:
             raise VerificationError(f"{what}: tensor {name!r} differs from the saved one")
+
+
+# -- obstore, a peer client -----------------------------------------------------------------------------
+
+
+def obstore_store(account_url: str, container: str, account_key: str) -> Any:
+    """An ``obstore.store.AzureStore`` on ``container`` of the emulator at ``account_url`` (path-style,
+    ``http://127.0.0.1:<port>/devstoreaccount1``), authorized with the account's Shared Key."""
+    from obstore.store import AzureStore
+
+    parts = urllib.parse.urlsplit(account_url)
+    account = parts.path.strip("/")
+    return AzureStore(
+        container,
+        account_name=account,
+        account_key=account_key,
+        # The emulator's path-style URLs: the account is the first path segment.
+        endpoint=account_url,
+        client_options={"allow_http": True, "timeout": "300s"},
+    )
+
+
+# -- recorded results ------------------------------------------------------------------------------------
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def write_result(
+    benchmark: str,
+    info: dict[str, Any],
+    figures: Any,
+    ratios: dict[str, Any] | None = None,
+    *,
+    config: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
+    directory: pathlib.Path | None = None,
+) -> pathlib.Path:
+    """Record one run as ``<directory>/<benchmark>-<UTC time>-<commit>.json`` and return the path.
+
+    ``info`` is :func:`machine_info` (date, commit, versions, load average at the start; the load
+    average at the end is read here unless already there). ``figures`` holds the measured values,
+    ``ratios`` each ratio with what it compares and its target.
+    """
+    info = dict(info)
+    info.setdefault("loadavg_end", os.getloadavg())
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    commit = _run_text(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = (directory or RESULTS_DIR) / f"{benchmark}-{stamp}-{commit}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": benchmark,
+        "date": info.get("date"),
+        "commit": commit,
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "machine": info,
+        "config": config or {},
+        "figures": figures,
+        "ratios": ratios or {},
+        "notes": notes or [],
+    }
+    target.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return target

@@ -46,13 +46,15 @@ from _common import (
     format_verification_cost,
     machine_info,
     make_state_dict,
+    obstore_store,
     package_version,
     stats,
     verify,
+    write_result,
 )
 from azure.storage.blob import BlobSasPermissions, BlobServiceClient, generate_blob_sas
 
-from azstoragetorch.integrations.dcp import _MemoryFile
+from azstoragetorch.integrations.dcp._in_memory import _MemoryFile
 from azstoragetorch.io import BlobIO
 from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
 
@@ -215,6 +217,42 @@ def load_adlfs(bench: Bench, blob: str) -> Sample:
     return sw.sample
 
 
+# -- variant 3b: obstore (a Rust client) ------------------------------------------------------------
+
+
+def _obstore(bench: Bench) -> Any:
+    return obstore_store(bench.azurite.account_url, CONTAINER, ACCOUNT_KEY)
+
+
+def save_obstore(bench: Bench, blob: str) -> Sample:
+    """``torch.save`` into memory, then ``obstore.put`` of that memory (no copy: a view of the buffer)."""
+    import obstore
+
+    store = _obstore(bench)
+    with Stopwatch() as sw:
+        buffer = io.BytesIO()
+        torch.save(bench.state_dict, buffer)
+        view = buffer.getbuffer()
+        obstore.put(store, blob, view)
+        view.release()
+    return sw.sample
+
+
+def load_obstore(bench: Bench, blob: str) -> Sample:
+    """``obstore.get(...).bytes()``, then ``torch.load`` from that memory without copying it."""
+    import obstore
+
+    store = _obstore(bench)
+    with Stopwatch() as sw:
+        data = obstore.get(store, blob).bytes()
+        view = memoryview(data)
+        with _MemoryFile(view) as reader:
+            loaded = torch.load(reader)
+        view.release()
+    verify(loaded, bench.state_dict, "obstore load")
+    return sw.sample
+
+
 # -- variant 4: local disk -------------------------------------------------------------------------
 
 
@@ -358,6 +396,7 @@ VARIANT_LABELS = {
     "blobio_unverified": "BlobIO verify_checksum=False",
     "sdk": f"azure-storage-blob SDK (x{SDK_CONCURRENCY})",
     "adlfs": "adlfs (fsspec)",
+    "obstore": "obstore (torch.save to memory + put; get + torch.load)",
     "local": "local disk (torch.save/load path)",
     "raw_put": "raw: single Put Blob",
     "raw_blocks": "raw: Put Block x c, 8 MiB, no MD5",
@@ -387,12 +426,14 @@ def build_cases(bench: Bench) -> list[Case]:
         case("blobio_md5", "save", lambda: save_blobio(bench, "blobio-md5.pt", validate_content=True)),
         case("sdk", "save", lambda: save_sdk(bench, "sdk.pt")),
         case("adlfs", "save", lambda: save_adlfs(bench, "adlfs.pt"), optional=True),
+        case("obstore", "save", lambda: save_obstore(bench, "obstore.pt")),
         case("local", "save", lambda: save_local(bench)),
         case("raw_put", "save", lambda: save_raw_single_put(bench, "raw.pt")),
         case("blobio", "load", lambda: load_blobio(bench, "blobio.pt")),
         case("blobio_unverified", "load", lambda: load_blobio(bench, "blobio.pt", verify_checksum=False)),
         case("sdk", "load", lambda: load_sdk(bench, "sdk.pt")),
         case("adlfs", "load", lambda: load_adlfs(bench, "adlfs.pt"), optional=True),
+        case("obstore", "load", lambda: load_obstore(bench, "obstore.pt")),
         case("local", "load", lambda: load_local(bench)),
     ]
     # Without MD5, Azurite's Put Block is bound by its own CRC64 (see save_raw_blocks) whatever the
@@ -417,7 +458,7 @@ def put_load_blobs(bench: Bench) -> None:
 
     ``blobio.pt`` gets the CRC-32 metadata a BlobIO writer records, which BlobIO's loads check by default."""
     recorded = {"azstoragetorch_crc32": f"{zlib.crc32(bench.payload):08x}"}
-    for blob in ("blobio.pt", "sdk.pt", "adlfs.pt", "raw.pt"):
+    for blob in ("blobio.pt", "sdk.pt", "adlfs.pt", "obstore.pt", "raw.pt"):
         bench.service.get_blob_client(CONTAINER, blob).upload_blob(
             bench.payload, overwrite=True, max_concurrency=8, metadata=recorded if blob == "blobio.pt" else None
         )
@@ -609,7 +650,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=pathlib.Path, help="also write all samples and the summary here")
     parser.add_argument("--loads-only", action="store_true", help="only the load rows (the blobs put by the SDK)")
     parser.add_argument("--quiet", action="store_true", help="no per-measurement progress on stderr")
+    parser.add_argument(
+        "--variants",
+        help="comma-separated subset of the rows, for a shorter run (e.g. blobio,obstore,local,raw_then_load)",
+    )
     args = parser.parse_args(argv)
+    if args.variants:
+        unknown = set(args.variants.split(",")) - set(VARIANT_LABELS)
+        if unknown:
+            parser.error(f"unknown --variants {sorted(unknown)}; choose from {sorted(VARIANT_LABELS)}")
     if args.size_mib < 1 or args.rounds < 1:
         parser.error("--size-mib and --rounds must be positive")
     return args
@@ -685,6 +734,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as local_dir:
         bench = make_bench(pathlib.Path(local_dir), args.size_mib, args.tensor_mib)
         cases = build_cases(bench)
+        if args.variants:
+            chosen = set(args.variants.split(","))
+            if chosen & {"raw_get", "raw_then_load"}:
+                chosen.add("raw_put")  # writes the blob that the raw loads read
+            cases = [case for case in cases if case.variant in chosen]
         size = len(bench.payload)
         log(f"checkpoint: {len(bench.state_dict)} tensors, {size / MiB:.1f} MiB serialized")
         run_rounds(bench, cases, args.rounds, log, loads_only=args.loads_only)
@@ -704,15 +758,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_crc32_cost(bench.payload))
     by_variant = {case.variant: case for case in cases if case.direction == "load"}
-    checked, plain = by_variant["blobio"], by_variant["blobio_unverified"]
-    if checked.samples and plain.samples:
+    checked, plain = by_variant.get("blobio"), by_variant.get("blobio_unverified")
+    if checked and plain and checked.samples and plain.samples:
         print(format_verification_cost("BlobIO torch.load", checked.samples, plain.samples))
     print()
     print(NOTES)
+    report = to_json(info, args, size, cases, rows)
     if args.json:
-        args.json.write_text(json.dumps(to_json(info, args, size, cases, rows), indent=2) + "\n")
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    config = {**report["config"], "variants": args.variants}
+    recorded = write_result("checkpoint", info, report["summary"], checkpoint_ratios(rows), config=config)
+    print(f"wrote {recorded}")
     return 0
+
+
+def checkpoint_ratios(rows: list[Row]) -> dict[str, Any]:
+    """The issue's targets: save CPU of BlobIO <= obstore's and <= 1.5x local; load CPU <= 1.25x local and
+    load MiB/s >= 0.8x the raw GETs-then-torch.load ceiling."""
+
+    def row(variant: str, direction: Direction) -> Row | None:
+        return next((r for r in rows if r.variant == variant and r.direction == direction and r.mibps), None)
+
+    ratios: dict[str, Any] = {}
+
+    def ratio(name: str, top: Row | None, bottom: Row | None, field: str, target: str, ok: Callable[[float], bool]):
+        if top is None or bottom is None:
+            return
+        a, b = getattr(top, field), getattr(bottom, field)
+        if a is None or b is None:
+            return
+        value = a.median / b.median
+        ratios[name] = {"value": value, "target": target, "met": ok(value)}
+
+    blobio_save, blobio_load = row("blobio", "save"), row("blobio", "load")
+    ratio(
+        "save CPU: BlobIO / obstore", blobio_save, row("obstore", "save"), "cpu_per_gib", "<= 1.0", lambda v: v <= 1.0
+    )
+    ratio("save CPU: BlobIO / local", blobio_save, row("local", "save"), "cpu_per_gib", "<= 1.5", lambda v: v <= 1.5)
+    ratio("save CPU: obstore / local", row("obstore", "save"), row("local", "save"), "cpu_per_gib", "-", lambda v: True)
+    ratio("load CPU: BlobIO / local", blobio_load, row("local", "load"), "cpu_per_gib", "<= 1.25", lambda v: v <= 1.25)
+    ratio("load CPU: obstore / local", row("obstore", "load"), row("local", "load"), "cpu_per_gib", "-", lambda v: True)
+    raw = row(RAW_LOAD_VARIANT, "load")
+    ratio("load MiB/s: BlobIO / raw GETs + torch.load", blobio_load, raw, "mibps", ">= 0.8", lambda v: v >= 0.8)
+    ratio("load MiB/s: obstore / raw GETs + torch.load", row("obstore", "load"), raw, "mibps", "-", lambda v: True)
+    return ratios
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from azstoragetorch._client import AzStorageTorchBlobClient, _schedule
 from azstoragetorch.exceptions import CheckpointConflictError
-from azstoragetorch.integrations import dcp as blob_dcp
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
+from azstoragetorch.integrations.dcp import _writer as blob_dcp_writer
 from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME, Azurite
 from tests.conftest import Container
 from tests.e2e.support import dcp_concurrent_run
@@ -113,7 +113,7 @@ class Choreography:
 @pytest.fixture
 def choreography(monkeypatch: pytest.MonkeyPatch) -> Choreography:
     steps = Choreography()
-    monkeypatch.setattr(blob_dcp, "pause", steps.pause)
+    monkeypatch.setattr(blob_dcp_writer, "pause", steps.pause)  # the writer's dcp.* hand-off points
     return steps
 
 

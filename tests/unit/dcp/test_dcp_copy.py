@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from azstoragetorch.integrations.dcp import _copy_on_this_thread
+from azstoragetorch.integrations.dcp._in_memory import _copy_on_this_thread
 
 CASES: dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]] = {
     # target, source

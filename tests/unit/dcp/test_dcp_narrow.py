@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from azstoragetorch.integrations.dcp import _narrow
+from azstoragetorch.integrations.dcp._in_memory import _narrow
 
 
 def test_each_dimension_is_narrowed_to_its_offset_and_length_as_a_view() -> None:

@@ -1,0 +1,113 @@
+"""The shard files of one load against the in-memory client: one version per file, and recorded CRC-32s checked."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from azstoragetorch._client import BlobProperties, crc32
+from azstoragetorch.exceptions import ChecksumMismatchError
+from azstoragetorch.integrations.dcp._fetching import _SpanFetcher
+from azstoragetorch.integrations.dcp._filesystem import _BlobFiles
+from azstoragetorch.integrations.dcp._pinned_files import _PinnedShardFiles
+from azstoragetorch.integrations.dcp._spans import _Span
+from tests.unit.fakes import InMemoryBlobClient
+
+CHECKPOINT = "https://account.blob.core.windows.net/container/checkpoint"
+
+
+class ShardFileClient(InMemoryBlobClient):
+    """The in-memory client with a recorded CRC-32 and the ETag condition of every ranged read."""
+
+    def __init__(self, data: bytes, recorded_crc32: int | None) -> None:
+        super().__init__(data)
+        self.recorded_crc32 = recorded_crc32
+        self.etags: list[str | None] = []
+        self.properties_requests = 0
+        self._etags_lock = threading.Lock()
+
+    @property
+    def properties(self) -> BlobProperties:
+        return BlobProperties(size=len(self.data), etag='"1"', crc32=self.recorded_crc32)
+
+    def get_properties(self) -> BlobProperties:
+        self.properties_requests += 1
+        return self.properties
+
+    def download_into(self, offset: int, buffer: memoryview, *, etag: str | None, **options: Any) -> Any:
+        with self._etags_lock:
+            self.etags.append(etag)
+        return super().download_into(offset, buffer, etag=etag, **options)
+
+
+def shard_files(clients: dict[str, ShardFileClient], *, verify_checksum: bool = True) -> _PinnedShardFiles:
+    files = _BlobFiles(None, max_concurrency=2, block_size=16, verify_checksum=verify_checksum)
+    files.blob_client = lambda path: clients[str(path).rsplit("/", 1)[1]]  # type: ignore[method-assign]
+    return _PinnedShardFiles(files, CHECKPOINT)
+
+
+def read(shards: _PinnedShardFiles, spans: list[_Span]) -> list[bytes]:
+    return [
+        bytes(data) for _, data in _SpanFetcher(shards.fetch, max_concurrency=2, block_size=16).fetch_in_order(spans)
+    ]
+
+
+def test_the_first_range_of_a_file_pins_its_version_for_every_later_range() -> None:
+    data = bytes(range(100))
+    client = ShardFileClient(data, crc32(data))
+    shards = shard_files({"__0_0.distcp": client})
+
+    assert read(shards, [_Span("__0_0.distcp", 0, 10, []), _Span("__0_0.distcp", 50, 100, [])]) == [
+        data[:10],
+        data[50:],
+    ]
+    assert client.etags[0] is None  # the first request finds the version
+    assert client.etags[1:] == ['"1"'] * (len(client.etags) - 1)
+    assert client.properties_requests == 0  # the first answer's headers were enough
+
+
+def test_pinned_version_asks_for_the_properties_of_a_file_not_read_yet_and_only_once() -> None:
+    data = b"x" * 40
+    client = ShardFileClient(data, crc32(data))
+    shards = shard_files({"__0_0.distcp": client})
+
+    assert shards.pinned_version("__0_0.distcp").size == 40
+    read(shards, [_Span("__0_0.distcp", 0, 40, [])])
+
+    assert client.properties_requests == 1
+    assert client.etags == ['"1"'] * len(client.etags)  # every range read on the condition
+
+
+def test_a_file_read_whole_is_checked_against_its_recorded_crc32() -> None:
+    good, bad = b"g" * 64, b"b" * 64
+    clients = {"good": ShardFileClient(good, crc32(good)), "bad": ShardFileClient(bad, crc32(b"other"))}
+    shards = shard_files(clients)
+    read(shards, [_Span("good", 0, 64, []), _Span("bad", 0, 32, []), _Span("bad", 32, 64, [])])
+
+    assert shards.mismatch("good") is None
+    found = shards.mismatch("bad")
+    assert found is not None and found[1:] == (f"{crc32(b'other'):08x}", f"{crc32(bad):08x}")
+    with pytest.raises(ChecksumMismatchError):
+        shards.verify_whole_files()
+
+
+def test_a_file_read_in_part_or_without_a_recorded_crc32_is_not_held_against_the_load() -> None:
+    data = b"d" * 64
+    clients = {"part": ShardFileClient(data, crc32(b"other")), "unrecorded": ShardFileClient(data, None)}
+    shards = shard_files(clients)
+    read(shards, [_Span("part", 0, 32, []), _Span("unrecorded", 0, 64, [])])
+
+    shards.verify_whole_files()  # raises nothing: neither file can be checked
+
+    assert shards.mismatch("part") is None
+
+
+def test_without_verify_checksum_a_changed_file_loads_unchecked() -> None:
+    data = b"c" * 64
+    shards = shard_files({"f": ShardFileClient(data, crc32(b"other"))}, verify_checksum=False)
+
+    assert read(shards, [_Span("f", 0, 64, [])]) == [data]
+    shards.verify_whole_files()
+    assert shards.mismatch("f") is None
