@@ -1,13 +1,32 @@
-"""Checks of the options users pass to the public classes, so that each check is written once.
+"""The options a user may tune, each checked in one place: :class:`TransferOptions` and :func:`check_int`.
 
-Every class that takes ``max_concurrency``/``block_size`` (BlobIO and the integrations built on it)
-or a count (threads, workers, batch sizes) checks it here, and so rejects bad values with the same
-words.
+A public class that takes transfer keywords (``max_concurrency``, ``block_size``,
+``validate_content``, ``verify_checksum``, ``retry``, ``progress_hook``) turns them into one
+:class:`TransferOptions` where the user's call enters, and hands that value on; the layers below
+(BlobIO's reader and writer, the block uploads) take it as it is and check nothing again. Counts
+that are not transfer options (threads, workers, batch sizes) go through :func:`check_int`, so that
+every bad number is refused with the same words.
+
+This module imports nothing of azstoragetorch but :mod:`azstoragetorch.retry`, so that ``_client``,
+the bottom layer, can take the value too.
 """
 
 from __future__ import annotations
 
-from azstoragetorch._client import MAX_BLOCK_SIZE
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from azstoragetorch.retry import RetryOptions
+
+_MiB = 1024 * 1024
+# The service's largest block, and so the largest block_size a writer can use.
+MAX_BLOCK_SIZE = 4000 * _MiB
+DEFAULT_BLOCK_SIZE = 8 * _MiB
+DEFAULT_MAX_CONCURRENCY = 8
+
+# Called with (bytes done, bytes in all), the second None while a write's length is not known.
+ProgressHook = Callable[[int, "int | None"], Any]
 
 
 def check_int(name: str, value: object, *, minimum: int = 1, maximum: int | None = None) -> None:
@@ -27,10 +46,51 @@ def check_int(name: str, value: object, *, minimum: int = 1, maximum: int | None
         raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
+def check_retry(retry: object) -> None:
+    """Raise ``TypeError`` unless ``retry`` is ``None`` or a :class:`~azstoragetorch.retry.RetryOptions`."""
+    if retry is not None and not isinstance(retry, RetryOptions):
+        raise TypeError(
+            f"retry must be an azstoragetorch.retry.RetryOptions (or None for the defaults), not "
+            f"{type(retry).__name__}."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferOptions:
+    """How one blob's bytes move: the transfer keywords of BlobIO and the integrations, checked.
+
+    Building one checks every field, and :func:`dataclasses.replace` checks the copy again, so a
+    ``TransferOptions`` that exists is valid: code that receives one uses it without checking.
+    The fields mean what BlobIO's keywords of the same names mean. The two flags are taken for
+    their truth and not checked for type, so that code passing ``1`` or ``0`` keeps working.
+
+    Raises:
+        ValueError: ``max_concurrency`` or ``block_size`` is not a positive ``int``, or
+            ``block_size`` is more than the service's largest block (4000 MiB).
+        TypeError: ``retry`` is not a ``RetryOptions``, or ``progress_hook`` is not callable.
+    """
+
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    block_size: int = DEFAULT_BLOCK_SIZE
+    validate_content: bool = False
+    # None: check a blob read to its end when it has a recorded CRC-32; True insists; False never.
+    verify_checksum: bool | None = None
+    retry: RetryOptions | None = None  # None: RetryOptions()
+    progress_hook: ProgressHook | None = None
+
+    def __post_init__(self) -> None:
+        if self.progress_hook is not None and not callable(self.progress_hook):
+            raise TypeError(f"progress_hook must be a callable (or None), not {type(self.progress_hook).__name__}.")
+        check_int("max_concurrency", self.max_concurrency)
+        check_int("block_size", self.block_size)
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size must be at most {MAX_BLOCK_SIZE} bytes (4000 MiB), got {self.block_size}.")
+        check_retry(self.retry)
+
+
 def check_transfer_options(max_concurrency: object, block_size: object) -> None:
-    """Raise ``ValueError`` for a ``max_concurrency`` or ``block_size`` that BlobIO cannot use."""
-    check_int("max_concurrency", max_concurrency)
-    check_int("block_size", block_size)
-    assert isinstance(block_size, int)
-    if block_size > MAX_BLOCK_SIZE:
-        raise ValueError(f"block_size must be at most {MAX_BLOCK_SIZE} bytes (4000 MiB), got {block_size}.")
+    """Raise ``ValueError`` for a ``max_concurrency`` or ``block_size`` that BlobIO cannot use.
+
+    For callers that still hold these two as loose values; :class:`TransferOptions` does the checking.
+    """
+    TransferOptions(max_concurrency=max_concurrency, block_size=block_size)  # type: ignore[arg-type]

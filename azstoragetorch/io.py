@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, NoReturn
 
+from typing_extensions import Self
+
 from azstoragetorch._client import (
     AzStorageTorchBlobClient,
     BlobProperties,
@@ -23,7 +25,7 @@ from azstoragetorch._client import (
     TransferStats,
     add_checksum_outcome,
 )
-from azstoragetorch._options import check_transfer_options
+from azstoragetorch._options import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_CONCURRENCY, TransferOptions
 from azstoragetorch._reads import ReadAheadWindow, read_first
 from azstoragetorch.exceptions import ChecksumMismatchError, FatalBlobIOWriteError
 from azstoragetorch.retry import RetryOptions
@@ -118,7 +120,8 @@ class BlobIO(io.IOBase, BinaryIO):
         ValueError: The URL is malformed, ``mode`` is not ``"rb"`` or ``"wb"``, a size is out of
             range, a snapshot or version is opened for writing, or ``verify_checksum`` is asked of
             a writer or of a blob with no recorded CRC-32.
-        TypeError: ``credential`` is of an unsupported type, or ``retry`` is not a ``RetryOptions``.
+        TypeError: ``credential`` is of an unsupported type, ``retry`` is not a ``RetryOptions``,
+            ``progress_hook`` is not callable, or another keyword argument is given.
         azure.core.exceptions.ResourceNotFoundError: (read mode) the blob or container does not exist.
         azure.core.exceptions.ClientAuthenticationError: (read mode) the request was not authorized.
     """
@@ -129,8 +132,8 @@ class BlobIO(io.IOBase, BinaryIO):
         mode: Literal["rb", "wb"],
         *,
         credential: CredentialArgument = None,
-        max_concurrency: int = 8,
-        block_size: int = 8 * _MiB,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         validate_content: bool = False,
         verify_checksum: bool | None = None,
         retry: RetryOptions | None = None,
@@ -139,16 +142,57 @@ class BlobIO(io.IOBase, BinaryIO):
     ) -> None:
         opened_at = time.perf_counter()
         self._closed = True  # until construction succeeds, so __del__ has nothing to do
-        if progress_hook is not None and not callable(progress_hook):
-            raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
+        if _internal_only_kwargs:
+            # The reference signature keeps the catch-all; nothing may come through it.
+            raise TypeError(f"BlobIO() got unexpected keyword arguments: {', '.join(sorted(_internal_only_kwargs))}")
+        options = TransferOptions(
+            max_concurrency=max_concurrency,
+            block_size=block_size,
+            validate_content=validate_content,
+            verify_checksum=verify_checksum,
+            retry=retry,
+            progress_hook=progress_hook,
+        )
+        self._start(blob_url, mode, credential, options, None, opened_at)
+
+    @classmethod
+    def _open(
+        cls,
+        blob_url: str,
+        mode: Literal["rb", "wb"],
+        *,
+        credential: CredentialArgument = None,
+        options: TransferOptions | None = None,
+        client: AzStorageTorchBlobClient | None = None,
+    ) -> Self:
+        """Open a BlobIO with options already checked: azstoragetorch's own way in, not the user's.
+
+        The integrations call this with the :class:`~azstoragetorch._options.TransferOptions` they
+        built from their user's keywords, so that nothing is checked twice. ``client``, if given, is
+        used instead of a client built from ``blob_url``, ``credential`` and ``options.retry``: the
+        unit tests pass the in-memory fake of ``tests/unit/fakes.py`` here.
+        """
+        opened_at = time.perf_counter()
+        blob = cls.__new__(cls)
+        blob._closed = True  # until construction succeeds, so __del__ has nothing to do
+        blob._start(blob_url, mode, credential, TransferOptions() if options is None else options, client, opened_at)
+        return blob
+
+    def _start(
+        self,
+        blob_url: str,
+        mode: Literal["rb", "wb"],
+        credential: CredentialArgument,
+        options: TransferOptions,
+        client: AzStorageTorchBlobClient | None,
+        opened_at: float,
+    ) -> None:
         if mode not in _MODES:
             raise ValueError(f"Unsupported mode {mode!r}: BlobIO opens blobs with 'rb' (read) or 'wb' (write).")
-        check_transfer_options(max_concurrency, block_size)
-        client = _internal_only_kwargs.pop("blob_client", None)
-        if _internal_only_kwargs:
-            raise TypeError(f"BlobIO() got unexpected keyword arguments: {', '.join(sorted(_internal_only_kwargs))}")
         if client is None:
-            client = AzStorageTorchBlobClient(BlobUrl.parse(blob_url), credential, retry=retry)
+            client = AzStorageTorchBlobClient(BlobUrl.parse(blob_url), credential, retry=options.retry)
+        progress_hook = options.progress_hook
+        verify_checksum = options.verify_checksum
         self._recorder = Recorder(progress_hook if mode == "wb" else None, started=opened_at)
         # A client of its own, so that only this object's requests count towards its stats.
         self._client: AzStorageTorchBlobClient = client.with_recorder(self._recorder)
@@ -161,7 +205,9 @@ class BlobIO(io.IOBase, BinaryIO):
         self._handled_before: BaseException | None = None  # what was being handled when the ``with`` began
         self._verify_in_full = verify_checksum is True  # download what was never read, to check it all
         if mode == "rb":
-            self._reader = self._open_reader(max_concurrency, block_size, validate_content, verify_checksum)
+            self._reader = self._open_reader(
+                options.max_concurrency, options.block_size, options.validate_content, verify_checksum
+            )
             if progress_hook is not None:
                 self._recorder.attach_hook(progress_hook, self._reader.size)
         else:
@@ -169,9 +215,7 @@ class BlobIO(io.IOBase, BinaryIO):
                 raise ValueError("verify_checksum checks what is read; a BlobIO opened with 'wb' records the CRC-32.")
             if client.blob_url.snapshot or client.blob_url.version_id:
                 raise ValueError(f"{client.display_url} names a snapshot or version, which cannot be written.")
-            self._uploader = BlockUploader(
-                client, block_size=block_size, max_concurrency=max_concurrency, validate_content=validate_content
-            )
+            self._uploader = BlockUploader(client, options)
         self._closed = False
         self._recorder.add_blocked(time.perf_counter() - opened_at)
 

@@ -19,20 +19,18 @@ from azstoragetorch._client._pipeline import (
     interpreter_exiting,
     is_missing_container,
     not_found_as_file_not_found,
-    validate_retry,
 )
 from azstoragetorch._client._redaction import redact, redact_error, redact_url
 from azstoragetorch._client._schedule import pause
 from azstoragetorch._client._stats import (
     PROGRESS_INTERVAL_SECONDS,
-    ProgressHook,
     Recorder,
     TransferStats,
     add_checksum_outcome,
     stats,
     sum_stats,
 )
-from azstoragetorch._client._uploads import MAX_BLOCK_SIZE, BlockUploader
+from azstoragetorch._client._uploads import BlockUploader
 from azstoragetorch._client._urls import (
     FSSPEC_PROTOCOLS,
     BlobUrl,
@@ -41,9 +39,12 @@ from azstoragetorch._client._urls import (
     is_azure_blob_host,
 )
 
+# Where the options are checked; re-exported for the modules above that take them as loose keywords.
+from azstoragetorch._options import ProgressHook
+from azstoragetorch._options import check_retry as validate_retry
+
 __all__ = [
     "FSSPEC_PROTOCOLS",
-    "MAX_BLOCK_SIZE",
     "MAX_SAMPLE_THREADS",
     "PROGRESS_INTERVAL_SECONDS",
     "AzStorageTorchBlobClient",

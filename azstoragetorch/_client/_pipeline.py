@@ -342,15 +342,6 @@ def build_pipeline(origin: str, auth_policy: Any | None, retry: RetryOptions) ->
     return Pipeline(transport=transport_for(origin), policies=policies)
 
 
-def validate_retry(retry: object) -> None:
-    """Raise ``TypeError`` unless ``retry`` is ``None`` or a :class:`~azstoragetorch.retry.RetryOptions`."""
-    if retry is not None and not isinstance(retry, RetryOptions):
-        raise TypeError(
-            f"retry must be an azstoragetorch.retry.RetryOptions (or None for the defaults), not "
-            f"{type(retry).__name__}."
-        )
-
-
 def run(
     pipeline: Pipeline[Any, Any],
     request: Any,

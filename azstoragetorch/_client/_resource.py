@@ -17,6 +17,7 @@ from azstoragetorch._client import _pipeline
 from azstoragetorch._client._credentials import CredentialArgument, check_not_sent_in_clear, validate_credential
 from azstoragetorch._client._stats import Recorder
 from azstoragetorch._client._urls import BlobUrl, ContainerUrl, check_sas_complete
+from azstoragetorch._options import check_retry
 from azstoragetorch.retry import RetryOptions
 
 ResourceUrl = BlobUrl | ContainerUrl
@@ -33,7 +34,7 @@ class ResourceClient:
         self, url: ResourceUrl, credential: CredentialArgument = None, *, retry: RetryOptions | None = None
     ) -> None:
         validate_credential(credential)
-        _pipeline.validate_retry(retry)
+        check_retry(retry)
         host = urllib.parse.urlsplit(f"//{url.netloc}").hostname or ""
         check_not_sent_in_clear(credential, url_has_sas=url.has_sas, scheme=url.scheme, host=host)
         if isinstance(credential, AzureSasCredential):

@@ -14,14 +14,13 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from azure.core.exceptions import ServiceRequestTimeoutError, ServiceResponseTimeoutError
 from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import HTTPPolicy
 
-ProgressHook = Callable[[int, "int | None"], Any]
+from azstoragetorch._options import ProgressHook
 
 # The progress hook is called at most this often (seconds) while bytes move, plus once at the end.
 PROGRESS_INTERVAL_SECONDS = 0.1

@@ -11,12 +11,11 @@ from azure.core.exceptions import HttpResponseError
 
 from azstoragetorch._client import _buffers, _checksums, _schedule
 from azstoragetorch._client._blob_client import AzStorageTorchBlobClient
+from azstoragetorch._options import MAX_BLOCK_SIZE, TransferOptions
 from azstoragetorch.exceptions import BlobWriteConflictError
 
-_MiB = 1024 * 1024
-# The service's limits for a block blob: blocks in one block list, and bytes in one block.
+# The service's limit for a block blob's block list (MAX_BLOCK_SIZE, bytes in one block, bounds block_size).
 MAX_BLOCKS = 50_000
-MAX_BLOCK_SIZE = 4000 * _MiB
 # Once a blob holds 2 * GROWTH_RATIO blocks of block_size, a new block may be up to
 # 1/GROWTH_RATIO of what was written before it (see BlockUploader).
 GROWTH_RATIO = 2500
@@ -95,12 +94,10 @@ class BlockUploader:
     written, not on the number of blocks, so a caller that flushes often does not make blocks grow.
     """
 
-    def __init__(
-        self, client: AzStorageTorchBlobClient, *, block_size: int, max_concurrency: int, validate_content: bool
-    ) -> None:
+    def __init__(self, client: AzStorageTorchBlobClient, options: TransferOptions) -> None:
         self._client = client
-        self._block_size = block_size
-        self._validate_content = validate_content
+        self._block_size = options.block_size
+        self._validate_content = options.validate_content
         # The block being filled; the first grows as data arrives, so a small blob never allocates a
         # whole block. Staging hands its lease to the upload thread, which releases it when done.
         self._block = _buffers.Lease(bytearray())
@@ -110,7 +107,7 @@ class BlockUploader:
         self._block_crcs: dict[int, tuple[int, int]] = {}  # block index -> (crc32, length)
         self._id_prefix = uuid.uuid4().hex
         self._in_flight: list[Future[None]] = []
-        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._slots = threading.BoundedSemaphore(options.max_concurrency)
         self._error: BaseException | None = None
         self._current_size = 0  # the size of the block being filled
         self._room_after_current = 0  # what the blocks after it can hold

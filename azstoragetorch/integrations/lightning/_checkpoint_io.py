@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -23,16 +24,14 @@ from azstoragetorch._client import (
     TransferStats,
     redact_url,
     validate_credential,
-    validate_retry,
 )
-from azstoragetorch._options import check_transfer_options
+from azstoragetorch._options import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_CONCURRENCY, TransferOptions
 from azstoragetorch.integrations.lightning import _paths, _sharded, _stats
 from azstoragetorch.integrations.lightning._paths import BlobPaths
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
 
 _LOGGER = logging.getLogger("azstoragetorch")
-_MiB = 1024 * 1024
 # The storage_options that Trainer.save_checkpoint may pass for one save: BlobIO's transfer settings.
 _STORAGE_OPTION_KEYS = ("block_size", "max_concurrency", "validate_content")
 
@@ -116,8 +115,8 @@ class AzureBlobCheckpointIO(CheckpointIO):
         credential: CredentialArgument = None,
         *,
         account_url: str | None = None,
-        max_concurrency: int = 8,
-        block_size: int = 8 * _MiB,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         validate_content: bool = False,
         verify_checksum: bool | None = None,
         retry: RetryOptions | None = None,
@@ -126,19 +125,15 @@ class AzureBlobCheckpointIO(CheckpointIO):
     ) -> None:
         super().__init__()
         validate_credential(credential)
-        check_transfer_options(max_concurrency, block_size)
-        validate_retry(retry)
-        if progress_hook is not None and not callable(progress_hook):
-            raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
+        self._transfer = TransferOptions(
+            max_concurrency=max_concurrency,
+            block_size=block_size,
+            validate_content=validate_content,
+            verify_checksum=verify_checksum,
+            retry=retry,
+            progress_hook=progress_hook,
+        )
         self._paths = BlobPaths(_checked_account_url(account_url), credential, retry)
-        self._transfer = {
-            "max_concurrency": max_concurrency,
-            "block_size": block_size,
-            "validate_content": validate_content,
-            "retry": retry,
-            "progress_hook": progress_hook,
-        }
-        self._verify_checksum = verify_checksum
         self._saves = _SavesInProgress()
         self._log_stats = bool(log_stats)
         self._pending_metrics = _stats.PendingMetrics()
@@ -153,17 +148,11 @@ class AzureBlobCheckpointIO(CheckpointIO):
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned DDP processes receive a pickled copy; the lock of the original stays behind.
-        return {
-            "paths": self._paths,
-            "transfer": self._transfer,
-            "verify_checksum": self._verify_checksum,
-            "log_stats": self._log_stats,
-        }
+        return {"paths": self._paths, "transfer": self._transfer, "log_stats": self._log_stats}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._paths = state["paths"]
         self._transfer = state["transfer"]
-        self._verify_checksum = state["verify_checksum"]
         self._saves = _SavesInProgress()
         self._log_stats = state.get("log_stats", True)
         self._pending_metrics = _stats.PendingMetrics()
@@ -187,10 +176,14 @@ class AzureBlobCheckpointIO(CheckpointIO):
             azstoragetorch.exceptions.FatalBlobIOWriteError: The upload failed. Nothing was
                 committed; a previous checkpoint at ``path`` is intact.
         """
-        transfer = self._transfer | _checked_storage_options(storage_options)
+        # verify_checksum concerns reads; a writer records the CRC-32 whatever it is.
+        transfer = dataclasses.replace(
+            self._transfer, verify_checksum=None, **_checked_storage_options(storage_options)
+        )
         url = self._url(path)
         started = time.perf_counter()
-        with self._saves.saving(url), BlobIO(url, "wb", credential=self._paths.credential, **transfer) as writer:
+        writing = BlobIO._open(url, "wb", credential=self._paths.credential, options=transfer)
+        with self._saves.saving(url), writing as writer:
             torch.save(checkpoint, writer)
         if self._log_stats:
             metrics = _stats.checkpoint_metrics("save", writer.stats, time.perf_counter() - started)
@@ -227,12 +220,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
             map_location="cpu" if map_location is None else map_location,
             weights_only=weights_only,
             on_stats=record if self._log_stats else None,
-            max_concurrency=self._transfer["max_concurrency"],
-            block_size=self._transfer["block_size"],
-            validate_content=self._transfer["validate_content"],
-            verify_checksum=self._verify_checksum,
-            retry=self._paths.retry,
-            progress_hook=self._transfer["progress_hook"],
+            options=self._transfer,
         )
 
     def remove_checkpoint(self, path: Any) -> None:
@@ -332,5 +320,4 @@ def _checked_storage_options(storage_options: Any) -> dict[str, Any]:
             f"AzureBlobCheckpointIO does not support storage_options {', '.join(map(repr, unknown))}; "
             f"supported keys: {', '.join(_STORAGE_OPTION_KEYS)}."
         )
-    check_transfer_options(storage_options.get("max_concurrency", 1), storage_options.get("block_size", 1))
-    return dict(storage_options)
+    return dict(storage_options)  # checked by the TransferOptions they go into

@@ -21,9 +21,8 @@ from azstoragetorch._client import (
     redact,
     redact_error,
     validate_credential,
-    validate_retry,
 )
-from azstoragetorch._options import check_int
+from azstoragetorch._options import check_int, check_retry
 from azstoragetorch.datasets import DEFAULT_PREFETCH, Blob, BlobDataset, IterableBlobDataset
 from azstoragetorch.datasets._sources import _list_source
 from azstoragetorch.integrations.lightning import _stats
@@ -165,7 +164,7 @@ class BlobDataModule(LightningDataModule):
         if persistent_workers and not num_workers:
             raise ValueError("persistent_workers=True needs num_workers > 0: there are no workers to keep.")
         validate_credential(credential)
-        validate_retry(retry)
+        check_retry(retry)
         self._transform = _importable("transform", transform)
         self._collate_fn = _importable("collate_fn", collate_fn)
         self._batch_size = batch_size

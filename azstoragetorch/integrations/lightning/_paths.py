@@ -58,6 +58,7 @@ from azstoragetorch._client import (
     not_found_as_file_not_found,
     redact_url,
 )
+from azstoragetorch._options import TransferOptions
 from azstoragetorch.integrations.lightning._filesystem import BlobFileSystem
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
@@ -231,15 +232,15 @@ def load_blob_checkpoint(
     map_location: Any,
     weights_only: bool | None,
     on_stats: Any = None,
-    **blobio_options: Any,
+    options: TransferOptions,
 ) -> Any:
-    """``torch.load`` the checkpoint at ``path`` (whose blob URL is ``url``).
+    """``torch.load`` the checkpoint at ``path`` (whose blob URL is ``url``), read with ``options``.
 
     A missing blob or container raises ``FileNotFoundError`` naming ``path`` without any SAS token.
     ``on_stats``, if given, is called with the read's :class:`~azstoragetorch.TransferStats` after it.
     """
     with not_found_as_file_not_found(path, hint="(no checkpoint here)"):
-        reader = BlobIO(url, "rb", credential=credential, **blobio_options)
+        reader = BlobIO._open(url, "rb", credential=credential, options=options)
     with reader:
         loaded = torch.load(reader, map_location=map_location, weights_only=weights_only)
     if on_stats is not None:
@@ -408,7 +409,7 @@ def _wrap_load(original: Any) -> Any:
             credential=paths.credential,
             map_location=map_location,
             weights_only=weights_only,
-            retry=paths.retry,
+            options=TransferOptions(retry=paths.retry),
         )
 
     return load

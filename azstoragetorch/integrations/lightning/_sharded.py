@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ from azstoragetorch._client import (
     not_found_as_file_not_found,
     redact_url,
 )
+from azstoragetorch._options import TransferOptions
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
 from azstoragetorch.integrations.lightning import _paths
 from azstoragetorch.integrations.lightning._paths import BlobPaths
@@ -61,10 +62,10 @@ _DCP_METADATA = ".metadata"
 class Target:
     """One checkpoint in blob storage: its URL and the settings its transfers use."""
 
-    def __init__(self, paths: BlobPaths, url: str, transfer: Mapping[str, Any]) -> None:
+    def __init__(self, paths: BlobPaths, url: str, transfer: TransferOptions) -> None:
         self.paths = paths
         self.url = url.rstrip("/")
-        self.transfer = dict(transfer)
+        self.transfer = transfer
 
     def child(self, name: str) -> str:
         return f"{self.url}/{name}"
@@ -75,7 +76,7 @@ class Target:
     def reader(self) -> BlobStorageReader:
         # The plugin's verify_checksum: None (its default) checks every shard file read whole that
         # has a recorded CRC-32, as BlobStorageReader does by default; only False turns it off.
-        verify = self.transfer.get("verify_checksum") is not False
+        verify = self.transfer.verify_checksum is not False
         return BlobStorageReader(self.url, verify_checksum=verify, **self._options())
 
     def _options(self) -> dict[str, Any]:
@@ -83,9 +84,9 @@ class Target:
         return {
             "credential": self.paths.credential,
             "retry": self.paths.retry,
-            "max_concurrency": self.transfer.get("max_concurrency", 8),
-            "block_size": self.transfer.get("block_size", 8 * 1024 * 1024),
-            "validate_content": self.transfer.get("validate_content", False),
+            "max_concurrency": self.transfer.max_concurrency,
+            "block_size": self.transfer.block_size,
+            "validate_content": self.transfer.validate_content,
         }
 
     def blob(self, name: str) -> AzStorageTorchBlobClient:
@@ -119,10 +120,9 @@ def target(strategy: Any, path: Any) -> Target | None:
     url = paths.url_for(text)  # raises ValueError for a claimed path that cannot be used
     assert url is not None
     plugin = _blob_plugin(strategy)
-    transfer = plugin._transfer | {"verify_checksum": plugin._verify_checksum} if plugin is not None else {}
-    if plugin is not None and plugin._paths is not paths:
-        transfer = {}
-    return Target(paths, url, transfer)
+    if plugin is not None and plugin._paths is paths:
+        return Target(paths, url, plugin._transfer)
+    return Target(paths, url, TransferOptions(retry=paths.retry))
 
 
 def _blob_plugin(strategy: Any) -> Any:

@@ -5,13 +5,15 @@ import zlib
 import pytest
 
 from azstoragetorch._client import BlockUploader, _uploads
+from azstoragetorch._options import TransferOptions
 from azstoragetorch.exceptions import FatalBlobIOWriteError
 from azstoragetorch.io import BlobIO
 from tests.unit.fakes import InMemoryBlobClient
 
 
 def make_uploader(client: InMemoryBlobClient, *, block_size: int = 100, max_concurrency: int = 2) -> BlockUploader:
-    return BlockUploader(client, block_size=block_size, max_concurrency=max_concurrency, validate_content=False)  # type: ignore[arg-type]
+    options = TransferOptions(block_size=block_size, max_concurrency=max_concurrency)
+    return BlockUploader(client, options)  # type: ignore[arg-type]
 
 
 def test_small_blob_is_one_put_blob_even_after_flush() -> None:
@@ -190,7 +192,8 @@ def test_partial_blocks_staged_by_flush_count_against_the_limit(monkeypatch: pyt
 
 def test_blobio_reports_a_blob_too_large_as_a_fatal_write_error(few_blocks: int) -> None:
     client = InMemoryBlobClient(max_blocks=1600)
-    f = BlobIO("https://account.blob.core.windows.net/container/blob", "wb", block_size=1, blob_client=client)
+    url = "https://account.blob.core.windows.net/container/blob"
+    f = BlobIO._open(url, "wb", options=TransferOptions(block_size=1), client=client)  # type: ignore[arg-type]
     f.write(os.urandom(few_blocks - 1))
     with pytest.raises(FatalBlobIOWriteError) as caught:
         f.write(b"xy")
