@@ -10,6 +10,7 @@ from typing_extensions import Buffer
 
 from azstoragetorch._cache import BlobCache
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, ProgressHook, Recorder
+from azstoragetorch._options import TransferOptions
 from azstoragetorch.datasets._tensor_memory import _new_byte_tensor, _tensor_bytes, _writable_bytes
 from azstoragetorch.io import BlobIO
 
@@ -87,14 +88,10 @@ class Blob:
         ``validate_content`` and ``verify_checksum`` check what is read, as for ``BlobIO``: by
         default a blob read to the end is checked against its recorded CRC-32, if it has one.
         """
-        return BlobIO(
-            self._client.display_url,
-            "rb",
-            blob_client=self._client,
-            validate_content=validate_content,
-            verify_checksum=verify_checksum,
-            progress_hook=self._progress_hook,
+        options = TransferOptions(
+            validate_content=validate_content, verify_checksum=verify_checksum, progress_hook=self._progress_hook
         )
+        return BlobIO._open(self._client.display_url, "rb", options=options, client=self._client)
 
     def read(self) -> bytes:
         """The blob's whole content, from the dataset's local cache when it has one (``cache_dir``).
