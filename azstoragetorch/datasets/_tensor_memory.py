@@ -196,8 +196,14 @@ class _Segment:
 
 
 _segments = _SegmentPool()
+
+
+def _forget_segments() -> None:
+    _segments.forget()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_segments.forget)
+    os.register_at_fork(after_in_child=_forget_segments)
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a range in, writable, without writing to it
