@@ -73,8 +73,8 @@ class _SegmentPool:
     a segment cannot be made, :meth:`storage` returns ``None`` and torch allocates as usual.
     """
 
-    # A segment is kept while it is at most this many times the size asked for (or one page):
-    # samples of about the same size share segments; a small sample does not pin a large segment.
+    # A segment serves a sample at most this many times smaller (or of one page at most): samples of
+    # about the same size share segments; a small sample does not pin a large segment.
     _MAX_SLACK = 2
     # What one process keeps for reuse: in-flight samples beyond it are made in new segments, closed
     # when freed. A worker has at most prefetch_factor batches in flight, plus the batch in use.
@@ -89,7 +89,8 @@ class _SegmentPool:
 
     def storage(self, size: int) -> torch.UntypedStorage | None:
         """A shared storage of ``size`` bytes over a free segment, or ``None`` where there can be none."""
-        if not self._available or torch.multiprocessing.get_sharing_strategy() != "file_descriptor":
+        strategy = torch.multiprocessing.get_sharing_strategy()  # type: ignore[no-untyped-call]
+        if not self._available or strategy != "file_descriptor":
             return None
         new_shared_fd = getattr(torch.UntypedStorage, "_new_shared_fd_cpu", None)
         if new_shared_fd is None:
@@ -111,7 +112,10 @@ class _SegmentPool:
         with self._lock:
             segment = self._free_segment(size)
             if segment is None:
-                segment = _Segment(-(-size // _PAGE_SIZE) * _PAGE_SIZE)
+                # A power of two: samples of sizes up to half as large again reuse it. Only the pages a
+                # tensor maps are ever touched, so room beyond the size asked for costs no memory
+                # until a larger sample uses it.
+                segment = _Segment(max(_PAGE_SIZE, 1 << (size - 1).bit_length()))
                 if not self._make_room(segment.capacity):
                     try:
                         return segment.locked_descriptor()
