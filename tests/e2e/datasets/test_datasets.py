@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import array
 import datetime
+import gc
 import io
 import json
 import multiprocessing
+import os
 import pickle
+import re
+import signal
+import sys
 import threading
 import traceback
 import urllib.parse
@@ -668,6 +673,109 @@ def test_tensors_from_dataloader_workers_arrive_intact_through_shared_memory(
         if tensor.numel():
             assert tensor.is_shared()  # sent as shared memory, not pickled through the worker's pipe
             assert sample["shared_when_read"]
+
+
+def die_on_07(blob: Blob) -> dict[str, Any]:
+    tensor = blob.read_tensor()
+    if blob.blob_name.endswith("07.bin"):
+        os.kill(os.getpid(), signal.SIGKILL)  # a worker killed with a sample received and not yet sent
+    return {"url": blob.url, "data": tensor}
+
+
+def shut_down(loader: torch.utils.data.DataLoader[Any], stop_workers: list[Any]) -> None:
+    """Stop the loader's workers and drop it, with the pipes and queues it holds."""
+    for candidate in (loader, getattr(loader, "_iterator", None)):
+        if hasattr(candidate, "_shutdown_workers"):
+            candidate._shutdown_workers()
+    stop_workers.remove(loader)
+    loader._iterator = None
+    gc.collect()
+
+
+def open_fds() -> int:
+    """This process's descriptors of shared memory (multiprocessing's own pipes and helpers come and go)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (listdir's own descriptor)
+            continue
+        count += target.startswith(("/memfd:", "/dev/shm/"))
+    return count
+
+
+def segment_of(tensor: torch.Tensor) -> tuple[int, int]:
+    fd, _ = tensor.untyped_storage()._share_fd_cpu_()
+    stat = os.fstat(fd)
+    return stat.st_dev, stat.st_ino
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts descriptors in /proc/self/fd")
+
+
+@linux_only
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_samples_kept_by_the_main_process_stay_intact_while_workers_reuse_memory(
+    container: Container, account_credential: AzureNamedKeyCredential, start_method: str, stop_workers: list[Any]
+) -> None:
+    # Sizes in no order, of one power of two (the pool's size classes).
+    blobs = {f"r/{index:02d}.bin": random_bytes(40_000 + (index * 7919) % 25_000, index) for index in range(60)}
+    for name, content in blobs.items():
+        container.upload(name, content)
+    dataset = BlobDataset.from_container_url(container.url, credential=account_credential, transform=tensor_sample)
+    expected = {container.blob_url(name): content for name, content in blobs.items()}
+    before = open_fds()
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=2,
+        num_workers=2,
+        collate_fn=as_list,
+        multiprocessing_context=multiprocessing.get_context(start_method),
+    )
+    stop_workers.append(loader)
+    kept: list[dict[str, Any]] = []
+    segments: set[tuple[int, int]] = set()
+    for index, sample in enumerate(sample for batch in loader for sample in batch):
+        segments.add(segment_of(sample["data"]))
+        assert as_bytes(sample["data"]) == expected[sample["url"]], sample["url"]
+        if index % 3 == 0:
+            kept.append(sample)  # held to the end, while the workers go on receiving other samples
+        del sample
+    assert len(kept) == 20
+    # Fewer segments than samples: memory the main process let go of was received into again...
+    assert len(segments) < len(blobs)
+    # ...and never memory it still held.
+    assert [one["url"] for one in kept if as_bytes(one["data"]) != expected[one["url"]]] == []
+    shut_down(loader, stop_workers)
+    assert open_fds() == before + len(kept)  # one descriptor per tensor kept...
+    del kept
+    assert open_fds() == before  # ...and none for those let go of
+
+
+@linux_only
+def test_a_worker_killed_with_a_sample_in_shared_memory_leaves_no_descriptor_behind(
+    container: Container, account_credential: AzureNamedKeyCredential, stop_workers: list[Any]
+) -> None:
+    blobs = {f"k/{index:02d}.bin": random_bytes(100_000, index) for index in range(12)}
+    for name, content in blobs.items():
+        container.upload(name, content)
+    dataset = BlobDataset.from_container_url(container.url, credential=account_credential, transform=die_on_07)
+    before = open_fds()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=as_list)
+    stop_workers.append(loader)
+    got: list[Any] = []
+    message = ""
+    try:
+        got.extend(sample for batch in loader for sample in batch)
+    except RuntimeError as error:
+        message = str(error)  # not the error itself: its traceback holds the loader's frames and samples
+    assert re.search("DataLoader worker .* exited unexpectedly|killed by signal", message), message
+    expected = {container.blob_url(name): content for name, content in blobs.items()}
+    # What arrived before the worker died is whole.
+    assert [one["url"] for one in got if as_bytes(one["data"]) != expected[one["url"]]] == []
+    del got
+    shut_down(loader, stop_workers)
+    assert open_fds() == before
 
 
 # -- SAS, anonymous access, snapshots and versions --------------------------------------------------
