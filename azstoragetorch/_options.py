@@ -5,7 +5,9 @@ A public class that takes transfer keywords (``max_concurrency``, ``block_size``
 :class:`TransferOptions` where the user's call enters, and hands that value on; the layers below
 (BlobIO's reader and writer, the block uploads) take it as it is and check nothing again. Counts
 that are not transfer options (threads, workers, batch sizes) go through :func:`check_int`, so that
-every bad number is refused with the same words.
+every bad number is refused with the same words. A class that takes only ``retry`` or
+``progress_hook`` (the datasets) checks it with :func:`check_retry` or :func:`check_progress_hook`,
+the checks :class:`TransferOptions` makes.
 
 This module imports nothing of azstoragetorch but :mod:`azstoragetorch.retry`, so that ``_client``,
 the bottom layer, can take the value too.
@@ -46,6 +48,12 @@ def check_int(name: str, value: object, *, minimum: int = 1, maximum: int | None
         raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
+def check_progress_hook(progress_hook: object) -> None:
+    """Raise ``TypeError`` unless ``progress_hook`` is ``None`` or callable."""
+    if progress_hook is not None and not callable(progress_hook):
+        raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
+
+
 def check_retry(retry: object) -> None:
     """Raise ``TypeError`` unless ``retry`` is ``None`` or a :class:`~azstoragetorch.retry.RetryOptions`."""
     if retry is not None and not isinstance(retry, RetryOptions):
@@ -79,18 +87,9 @@ class TransferOptions:
     progress_hook: ProgressHook | None = None
 
     def __post_init__(self) -> None:
-        if self.progress_hook is not None and not callable(self.progress_hook):
-            raise TypeError(f"progress_hook must be a callable (or None), not {type(self.progress_hook).__name__}.")
+        check_progress_hook(self.progress_hook)
         check_int("max_concurrency", self.max_concurrency)
         check_int("block_size", self.block_size)
         if self.block_size > MAX_BLOCK_SIZE:
             raise ValueError(f"block_size must be at most {MAX_BLOCK_SIZE} bytes (4000 MiB), got {self.block_size}.")
         check_retry(self.retry)
-
-
-def check_transfer_options(max_concurrency: object, block_size: object) -> None:
-    """Raise ``ValueError`` for a ``max_concurrency`` or ``block_size`` that BlobIO cannot use.
-
-    For callers that still hold these two as loose values; :class:`TransferOptions` does the checking.
-    """
-    TransferOptions(max_concurrency=max_concurrency, block_size=block_size)  # type: ignore[arg-type]

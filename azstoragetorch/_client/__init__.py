@@ -39,9 +39,8 @@ from azstoragetorch._client._urls import (
     is_azure_blob_host,
 )
 
-# Where the options are checked; re-exported for the modules above that take them as loose keywords.
+# Defined with the options; re-exported for the modules above that take a progress hook.
 from azstoragetorch._options import ProgressHook
-from azstoragetorch._options import check_retry as validate_retry
 
 __all__ = [
     "FSSPEC_PROTOCOLS",
@@ -77,5 +76,4 @@ __all__ = [
     "stats",
     "sum_stats",
     "validate_credential",
-    "validate_retry",
 ]

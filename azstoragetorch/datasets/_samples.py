@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from azstoragetorch._client import ProgressHook
+from azstoragetorch._options import check_progress_hook
 from azstoragetorch.datasets._blob import Blob
 
 # What a dataset's transform returns: the type of its samples.
@@ -41,6 +42,5 @@ def _apply(transform: Callable[[Blob], _T], blob: Blob, progress_hook: ProgressH
 
 
 def _checked_hook(progress_hook: ProgressHook | None) -> ProgressHook | None:
-    if progress_hook is not None and not callable(progress_hook):
-        raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
+    check_progress_hook(progress_hook)
     return progress_hook

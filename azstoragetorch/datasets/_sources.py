@@ -16,9 +16,9 @@ from azstoragetorch._client import (
     ContainerUrl,
     CredentialArgument,
     validate_credential,
-    validate_retry,
 )
 from azstoragetorch._entries import Entries, EntriesBuilder
+from azstoragetorch._options import check_retry
 from azstoragetorch.datasets._blob import Blob
 from azstoragetorch.retry import RetryOptions
 
@@ -71,7 +71,7 @@ def _blobs_from_urls(
     cache: BlobCache | None = None,
 ) -> _Blobs:
     validate_credential(credential)
-    validate_retry(retry)
+    check_retry(retry)
     builder = EntriesBuilder()
     builder.add_urls([blob_urls] if isinstance(blob_urls, str) else blob_urls)
     return _Blobs(builder.build(), credential, retry, cache)

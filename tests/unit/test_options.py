@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from azstoragetorch._options import MAX_BLOCK_SIZE, TransferOptions, check_int, check_transfer_options
+from azstoragetorch._options import MAX_BLOCK_SIZE, TransferOptions, check_int, check_progress_hook
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
 from tests.unit.fakes import InMemoryBlobClient
@@ -78,10 +78,14 @@ def test_check_int_names_the_bounds() -> None:
     check_int("workers", 0, minimum=0)
 
 
-def test_check_transfer_options_uses_the_same_checks() -> None:
-    with pytest.raises(ValueError, match="block_size must be a positive int"):
-        check_transfer_options(8, 0)
-    check_transfer_options(8, 1)
+def test_check_progress_hook_is_the_check_transfer_options_makes() -> None:
+    message = r"^progress_hook must be a callable \(or None\), not int\.$"
+    with pytest.raises(TypeError, match=message):
+        check_progress_hook(1)
+    with pytest.raises(TypeError, match=message):
+        TransferOptions(progress_hook=1)  # type: ignore[arg-type]
+    check_progress_hook(None)
+    check_progress_hook(print)
 
 
 def test_blobio_refuses_any_other_keyword_naming_it() -> None:

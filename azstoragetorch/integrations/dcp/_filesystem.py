@@ -8,6 +8,7 @@ torch's checkpoint format while the bytes travel to and from blobs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import urllib.parse
@@ -27,9 +28,8 @@ from azstoragetorch._client import (
     is_missing_container,
     pause,
     validate_credential,
-    validate_retry,
 )
-from azstoragetorch._options import check_transfer_options
+from azstoragetorch._options import TransferOptions
 from azstoragetorch.integrations.dcp._locations import _missing_blob_as_file_not_found, _parse_location
 from azstoragetorch.integrations.dcp._shard_files import _ShardFile, _ShardWriters
 from azstoragetorch.io import BlobIO
@@ -42,30 +42,39 @@ class _BlobFiles(FileSystemBase):
     A checkpoint URL may carry a SAS token; names are joined before its query string.
     """
 
-    def __init__(
-        self,
-        credential: CredentialArgument,
-        *,
-        max_concurrency: int,
-        block_size: int,
-        validate_content: bool = False,
-        verify_checksum: bool = False,
-        retry: RetryOptions | None = None,
-        progress_hook: ProgressHook | None = None,
-    ) -> None:
+    def __init__(self, credential: CredentialArgument, options: TransferOptions) -> None:
+        # options.verify_checksum is BlobIO's: None checks a file read whole that has a recorded
+        # CRC-32, False checks nothing.
         validate_credential(credential)
-        validate_retry(retry)
-        check_transfer_options(max_concurrency, block_size)
-        if progress_hook is not None and not callable(progress_hook):
-            raise TypeError(f"progress_hook must be a callable (or None), not {type(progress_hook).__name__}.")
-        self.progress_hook = progress_hook
         self.credential = credential
-        self.retry = retry
-        self.max_concurrency = max_concurrency
-        self.block_size = block_size
-        self.validate_content = validate_content
-        self.verify_checksum = verify_checksum
+        self.options = options
         self.shard_writers = _ShardWriters(None)  # those of the save under way; write_data starts a new one
+
+    # The options one by one, for the code that reads them from the files.
+    @property
+    def max_concurrency(self) -> int:
+        return self.options.max_concurrency
+
+    @property
+    def block_size(self) -> int:
+        return self.options.block_size
+
+    @property
+    def validate_content(self) -> bool:
+        return self.options.validate_content
+
+    @property
+    def verify_checksum(self) -> bool:
+        """Whether files read whole are checked against their recorded CRC-32."""
+        return self.options.verify_checksum is not False
+
+    @property
+    def retry(self) -> RetryOptions | None:
+        return self.options.retry
+
+    @property
+    def progress_hook(self) -> ProgressHook | None:
+        return self.options.progress_hook
 
     def __getstate__(self) -> dict[str, Any]:
         # dcp.async_save with the process checkpointer pickles the writer into its saving process;
@@ -82,22 +91,12 @@ class _BlobFiles(FileSystemBase):
     @override
     def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
         url = os.fspath(path)
-        options: dict[str, Any] = {
-            "max_concurrency": self.max_concurrency,
-            "block_size": self.block_size,
-            "retry": self.retry,
-        }
         if mode == "wb":
             # Only torch's writer threads open files for writing (finish writes .metadata itself).
             writers = self.shard_writers
-            shard = _ShardFile(
-                url,
-                writers,
-                credential=self.credential,
-                validate_content=self.validate_content,
-                progress_hook=writers.file_hook(),
-                **options,
-            )
+            options = dataclasses.replace(self.options, progress_hook=writers.file_hook())
+            shard = _ShardFile._open(url, "wb", credential=self.credential, options=options)
+            shard._writers = writers
             try:
                 with shard:
                     yield shard
@@ -111,13 +110,8 @@ class _BlobFiles(FileSystemBase):
                 raise
         elif mode == "rb":
             with _missing_blob_as_file_not_found(url):
-                reading = BlobIO(
-                    url,
-                    "rb",
-                    credential=self.credential,
-                    validate_content=self.validate_content,
-                    verify_checksum=None if self.verify_checksum else False,
-                    **options,
+                reading = BlobIO._open(
+                    url, "rb", credential=self.credential, options=dataclasses.replace(self.options, progress_hook=None)
                 )
             with reading as f:
                 yield f
@@ -138,9 +132,9 @@ class _BlobFiles(FileSystemBase):
 
     def write_whole(self, path: str | os.PathLike[str], data: bytes) -> None:
         """Make ``data`` the blob's content in one commit: before it, the blob is as it was."""
-        with BlobIO(
-            os.fspath(path), "wb", credential=self.credential, validate_content=self.validate_content, retry=self.retry
-        ) as f:
+        # Not a shard file: the save's progress counts only those.
+        options = TransferOptions(validate_content=self.validate_content, retry=self.retry)
+        with BlobIO._open(os.fspath(path), "wb", credential=self.credential, options=options) as f:
             f.write(data)
             pause("commit")
 

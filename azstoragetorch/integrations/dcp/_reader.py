@@ -15,9 +15,10 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from azstoragetorch._client import CredentialArgument, ProgressHook, Recorder, TransferStats, redact_url
+from azstoragetorch._options import TransferOptions
 from azstoragetorch.integrations.dcp._fetching import _SpanFetcher
 from azstoragetorch.integrations.dcp._filesystem import _BlobFiles
 from azstoragetorch.integrations.dcp._in_memory import _copy_on_this_thread, _MemoryFile, _narrow
@@ -99,18 +100,37 @@ class BlobStorageReader(FileSystemReader):
         _extension_registry: ExtensionRegistry | None = None,
         progress_hook: ProgressHook | None = None,
     ) -> None:
-        files = _BlobFiles(
-            credential,
+        options = TransferOptions(
             max_concurrency=max_concurrency,
             block_size=block_size,
             validate_content=validate_content,
-            verify_checksum=verify_checksum,
+            # BlobIO's None: check every file read whole that has a recorded CRC-32.
+            verify_checksum=None if verify_checksum else False,
             retry=retry,
             progress_hook=progress_hook,
         )
+        self._set_up(url, credential, options, _extension_registry)
+
+    @classmethod
+    def _from_options(cls, url: str, *, credential: CredentialArgument, options: TransferOptions) -> Self:
+        """A reader with ``options`` already checked and torch's default extension registry:
+        azstoragetorch's own way in (the Lightning plugin's), not the user's. ``verify_checksum``
+        is BlobIO's: ``None`` checks the files read whole that have a recorded CRC-32."""
+        reader = cls.__new__(cls)
+        reader._set_up(url, credential, options, None)
+        return reader
+
+    def _set_up(
+        self,
+        url: str | None,
+        credential: CredentialArgument,
+        options: TransferOptions,
+        extension_registry: ExtensionRegistry | None,
+    ) -> None:
+        files = _BlobFiles(credential, options)
         checked_url = _initial_location(files, url)
         self._stats: TransferStats | None = None
-        super().__init__(checked_url, _extension_registry=_extension_registry)
+        super().__init__(checked_url, _extension_registry=extension_registry)
         self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
         self.path = checked_url
 
@@ -166,12 +186,7 @@ class BlobStorageReader(FileSystemReader):
             )
         files = cast(_BlobFiles, self.fs)
         checking = _BlobFiles(
-            files.credential,
-            max_concurrency=files.max_concurrency,
-            block_size=files.block_size,
-            validate_content=files.validate_content,
-            verify_checksum=True,
-            retry=files.retry,
+            files.credential, dataclasses.replace(files.options, verify_checksum=None, progress_hook=None)
         )
         metadata_name = ".metadata"
         with checking.create_stream(self._get_metadata_path(), "rb") as stream:

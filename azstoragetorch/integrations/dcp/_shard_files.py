@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 from typing_extensions import override
 
@@ -84,11 +83,12 @@ class _ShardWriters:
 
 class _ShardFile(BlobIO):
     """A shard file's :class:`BlobIO`, owned by its save's :class:`_ShardWriters`: it stops writing as
-    soon as another file of the save has failed, and commits only while none has."""
+    soon as another file of the save has failed, and commits only while none has.
 
-    def __init__(self, url: str, writers: _ShardWriters, **options: Any) -> None:
-        super().__init__(url, "wb", **options)
-        self._writers = writers
+    Opened with :meth:`BlobIO._open` in ``"wb"`` mode, after which the opener sets :attr:`_writers`.
+    """
+
+    _writers: _ShardWriters
 
     @override
     def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]

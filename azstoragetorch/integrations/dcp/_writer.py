@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from azstoragetorch._client import (
     CredentialArgument,
@@ -41,7 +41,7 @@ from azstoragetorch._client import (
     redact_url,
     sum_stats,
 )
-from azstoragetorch._options import check_int, check_transfer_options
+from azstoragetorch._options import TransferOptions, check_int
 from azstoragetorch.exceptions import CheckpointConflictError
 from azstoragetorch.integrations.dcp._filesystem import _BlobFiles
 from azstoragetorch.integrations.dcp._locations import _initial_location, _require_location
@@ -190,32 +190,59 @@ class BlobStorageWriter(FileSystemWriter):
                 "serialization_format must be a torch.distributed.checkpoint.filesystem.SerializationFormat, "
                 f"not {type(serialization_format).__name__}."
             )
-        check_transfer_options(max_concurrency, block_size)
-        # The rank's uploads in flight are shared by the files it writes at once, which bounds its
-        # memory at (max_concurrency + thread_count) blocks whatever thread_count is.
-        per_file = -(-max_concurrency // thread_count)
-        files = _BlobFiles(
-            credential,
-            max_concurrency=per_file,
+        options = TransferOptions(
+            max_concurrency=max_concurrency,
             block_size=block_size,
             validate_content=validate_content,
             retry=retry,
             progress_hook=progress_hook,
         )
+        self._set_up(
+            url,
+            credential,
+            options,
+            thread_count=thread_count,
+            torch_settings={
+                "single_file_per_rank": single_file_per_rank,
+                "per_thread_copy_ahead": per_thread_copy_ahead,
+                "cache_staged_state_dict": cache_staged_state_dict,
+                "overwrite": overwrite,
+                "_extensions": _extensions,
+                "serialization_format": serialization_format,
+            },
+        )
+
+    @classmethod
+    def _from_options(cls, url: str, *, credential: CredentialArgument, options: TransferOptions) -> Self:
+        """A writer with ``options`` already checked, one shard file per rank and torch's defaults
+        for the rest: azstoragetorch's own way in (the Lightning plugin's), not the user's."""
+        writer = cls.__new__(cls)
+        writer._set_up(url, credential, options, thread_count=1, torch_settings={})
+        return writer
+
+    def _set_up(
+        self,
+        url: str | None,
+        credential: CredentialArgument,
+        options: TransferOptions,
+        *,
+        thread_count: int,
+        torch_settings: dict[str, Any],
+    ) -> None:
+        # The rank's uploads in flight are shared by the files it writes at once, which bounds its
+        # memory at (max_concurrency + thread_count) blocks whatever thread_count is.
+        per_file = -(-options.max_concurrency // thread_count)
+        # The writer verifies no checksum of what it reads; BlobStorageReader does.
+        files = _BlobFiles(credential, dataclasses.replace(options, max_concurrency=per_file, verify_checksum=False))
         checked_url = _initial_location(files, url)
         self._stats: TransferStats | None = None
         self._seen_metadata: _SeenMetadata | None = None  # of the save under way, from its start to its commit
         super().__init__(
             checked_url,
-            single_file_per_rank=single_file_per_rank,
             # A blob is durable once committed; torch's fsync fallback would sync the local disks.
             sync_files=False,
             thread_count=thread_count,
-            per_thread_copy_ahead=per_thread_copy_ahead,
-            cache_staged_state_dict=cache_staged_state_dict,
-            overwrite=overwrite,
-            _extensions=_extensions,
-            serialization_format=serialization_format,
+            **torch_settings,
         )
         self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
         self.path = checked_url

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -71,23 +72,18 @@ class Target:
         return f"{self.url}/{name}"
 
     def writer(self) -> BlobStorageWriter:
-        return BlobStorageWriter(self.url, **self._options())
+        return BlobStorageWriter._from_options(self.url, credential=self.paths.credential, options=self._options())
 
     def reader(self) -> BlobStorageReader:
         # The plugin's verify_checksum: None (its default) checks every shard file read whole that
         # has a recorded CRC-32, as BlobStorageReader does by default; only False turns it off.
-        verify = self.transfer.verify_checksum is not False
-        return BlobStorageReader(self.url, verify_checksum=verify, **self._options())
+        verify = None if self.transfer.verify_checksum is not False else False
+        options = dataclasses.replace(self._options(), verify_checksum=verify)
+        return BlobStorageReader._from_options(self.url, credential=self.paths.credential, options=options)
 
-    def _options(self) -> dict[str, Any]:
+    def _options(self) -> TransferOptions:
         """The plugin's settings that BlobStorageWriter and BlobStorageReader share."""
-        return {
-            "credential": self.paths.credential,
-            "retry": self.paths.retry,
-            "max_concurrency": self.transfer.max_concurrency,
-            "block_size": self.transfer.block_size,
-            "validate_content": self.transfer.validate_content,
-        }
+        return dataclasses.replace(self.transfer, retry=self.paths.retry, progress_hook=None)
 
     def blob(self, name: str) -> AzStorageTorchBlobClient:
         return AzStorageTorchBlobClient.from_url(self.child(name), self.paths.credential, retry=self.paths.retry)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from azstoragetorch._client import BlobProperties, crc32
+from azstoragetorch._options import TransferOptions
 from azstoragetorch.exceptions import ChecksumMismatchError
 from azstoragetorch.integrations.dcp._fetching import _SpanFetcher
 from azstoragetorch.integrations.dcp._filesystem import _BlobFiles
@@ -43,7 +44,8 @@ class ShardFileClient(InMemoryBlobClient):
 
 
 def shard_files(clients: dict[str, ShardFileClient], *, verify_checksum: bool = True) -> _PinnedShardFiles:
-    files = _BlobFiles(None, max_concurrency=2, block_size=16, verify_checksum=verify_checksum)
+    options = TransferOptions(max_concurrency=2, block_size=16, verify_checksum=None if verify_checksum else False)
+    files = _BlobFiles(None, options)
     files.blob_client = lambda path: clients[str(path).rsplit("/", 1)[1]]  # type: ignore[method-assign]
     return _PinnedShardFiles(files, CHECKPOINT)
 

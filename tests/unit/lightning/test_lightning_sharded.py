@@ -3,6 +3,7 @@ sharded checkpoints. No network: every refusal comes at setup, before anything i
 
 from __future__ import annotations
 
+import pickle
 import types
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
 from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO, _sharded
+from azstoragetorch.retry import RetryOptions
 from tests.e2e.support.lightning_helpers import TinyModel, loader, trainer
 
 ACCOUNT = "http://127.0.0.1:1/devstoreaccount1"
@@ -179,3 +181,28 @@ def test_a_consolidated_checkpoint_goes_to_the_plugin_as_one_file_by_its_url(
     assert saved == [(checkpoint, url)]
     assert removed == [url]
     assert not list(tmp_path.iterdir())
+
+
+def test_the_sharded_writer_and_reader_carry_the_plugin_settings_and_pickle() -> None:
+    """They are built from the plugin's checked options, not its keywords, and still pickle as the
+    public constructor's do (dcp.async_save's process checkpointer sends the writer to another process)."""
+    retry = RetryOptions(retry_total=3)
+    plugin = AzureBlobCheckpointIO(
+        credential=False,
+        account_url=ACCOUNT,
+        max_concurrency=3,
+        block_size=1024 * 1024,
+        validate_content=True,
+        retry=retry,
+        progress_hook=print,
+    )
+    found = _sharded.target(types.SimpleNamespace(checkpoint_io=plugin), f"{ACCOUNT}/container/run/last.ckpt")
+    assert found is not None
+
+    for made in (found.writer(), found.reader()):
+        copy = pickle.loads(pickle.dumps(made))
+        assert type(copy) is type(made) and copy.checkpoint_id == f"{ACCOUNT}/container/run/last.ckpt"
+        files = copy.fs
+        assert (files.max_concurrency, files.block_size, files.validate_content) == (3, 1024 * 1024, True)
+        assert files.retry == retry and files.credential is False
+        assert files.progress_hook is None  # the plugin reports whole checkpoints, not DCP's shard files
