@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import itertools
 import os
 import pathlib
 import secrets
@@ -616,10 +617,14 @@ def _run_all(
         for copy in copies:  # Ctrl-C may come while the first transfers already run
             stops.check()
             futures.append(pool.submit(copy_one, copy))
-        pending = list(futures)
-        while pending:
-            done = stops.wait(pending)
-            pending = [future for future in pending if future not in done]
+        # The pool runs the copies in the order given: only the first ``parallel`` unfinished ones
+        # can be running, so only they are waited on (a folder of many files costs no more).
+        window: list[concurrent.futures.Future[TransferStats]] = []
+        following = iter(futures)
+        while window or len(outcomes) < len(futures):
+            window.extend(itertools.islice(following, parallel - len(window)))
+            done = stops.wait(window)
+            window = [future for future in window if future not in done]
             for future in done:
                 try:
                     outcomes.append(future.result())

@@ -6,6 +6,7 @@ import argparse
 import concurrent.futures
 import io
 import pathlib
+import random
 import signal
 import sys
 import threading
@@ -143,3 +144,21 @@ def test_a_signal_that_a_transfer_thread_receives_stops_the_copy(
     assert outcomes == ["stopped"]
     assert isinstance(raised, _Interrupted), repr(raised)
     assert (raised.signum or received[0]) + 128 == code
+
+
+def test_every_copy_is_waited_for_whatever_order_the_copies_finish_in() -> None:
+    delays = random.Random(7)
+    waits = [delays.uniform(0, 0.02) for _ in range(60)]
+
+    def copy_one(copy: _Copy) -> TransferStats:
+        number = int(copy.source)
+        threading.Event().wait(waits[number])
+        if number % 7 == 0:
+            raise _cli._Refused(copy.source, "refused for the test")
+        return TransferStats(bytes=number)
+
+    copies = [_Copy(str(number), f"destination-{number}", 1) for number in range(60)]
+    outcomes = _run_all(copies, copy_one, 4, _Transfers())
+
+    assert sorted(o.bytes for o in outcomes if isinstance(o, TransferStats)) == [n for n in range(60) if n % 7]
+    assert len([o for o in outcomes if isinstance(o, _cli._Refused)]) == len(range(0, 60, 7))
