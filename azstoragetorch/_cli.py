@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import itertools
 import os
 import pathlib
 import secrets
@@ -302,7 +303,73 @@ class _Stopped(Exception):
 
 
 class _Interrupted(KeyboardInterrupt):
-    """Ctrl-C during ``cp``'s transfers, once they were told to stop (see :func:`main`)."""
+    """Ctrl-C during ``cp``'s transfers, once they were told to stop (see :func:`main`); ``signum``
+    is the signal that stopped them, if :class:`_StopSignals` noted it."""
+
+    def __init__(self, signum: int | None = None) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+# How long the main thread waits on the transfers before it looks again for a noted Ctrl-C.
+_STOP_POLL_SECONDS = 0.1
+
+
+class _StopSignals:
+    """Ctrl-C and SIGTERM noted while ``cp``'s transfers may run, and acted on where the main thread
+    looks for them (:meth:`check`).
+
+    Python runs a signal's handler in the main thread, between two bytecodes. A main thread blocked
+    on a lock with no timeout is woken only if the signal interrupts that very wait; one that the
+    kernel hands to another thread of the process, or that comes just before the wait begins (a
+    loaded machine makes that window wide), is handled only once the wait ends: when a transfer
+    finishes, which one held on a slow request does not do for minutes. And a KeyboardInterrupt
+    raised at any bytecode may skip the stop of the transfers, or leave a lock of ``threading`` taken.
+    So while :meth:`noted` is active the handlers only note the signal, and the main thread waits in
+    short slices (:meth:`wait`) and checks between them: every interruption takes the one way out
+    that stops the transfers and leaves at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise _Interrupted(self.signum)
+
+    @contextlib.contextmanager
+    def noted(self) -> Iterator[_StopSignals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # only the main thread receives signals; a caller's own thread keeps its own
+            return
+
+        def note(signum: int, frame: Any) -> None:
+            if self.signum is None:
+                self.signum = signum
+
+        previous: dict[int, Any] = {}
+        try:
+            for number in (signal.SIGINT, signal.SIGTERM):
+                # Only a Python handler is replaced: a signal the process was told to ignore stays
+                # ignored, and one left to its default still ends the process.
+                if callable(handler := signal.getsignal(number)):
+                    previous[number] = handler
+                    signal.signal(number, note)
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def wait(self, futures: Sequence[concurrent.futures.Future[Any]]) -> set[concurrent.futures.Future[Any]]:
+        """Wait until one of ``futures`` is done, or a signal was noted (raised as :class:`_Interrupted`)."""
+        while True:
+            self.check()
+            done, _ = concurrent.futures.wait(
+                futures, timeout=_STOP_POLL_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            if done:
+                self.check()
+                return done
 
 
 def local_parts(name: str) -> tuple[str, ...]:
@@ -470,6 +537,22 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
         copies, refused = _upload_plan(pathlib.Path(args.source), client, prefix)
     for refusal in refused:
         print(f"azstoragetorch: {refusal}", file=sys.stderr)
+    # From here to the end, transfer threads may run: a Ctrl-C is noted, and acted on by the main
+    # thread at the points where it stops them (see _StopSignals).
+    stops = _StopSignals()
+    with stops.noted():
+        return _copy_all(args, out, client, root, copies, refused, stops)
+
+
+def _copy_all(
+    args: argparse.Namespace,
+    out: TextIO,
+    client: AzStorageTorchContainerClient,
+    root: pathlib.Path | None,
+    copies: list[_Copy],
+    refused: list[_Refused],
+    stops: _StopSignals,
+) -> int:
     transfers = _Transfers()
     progress = _Progress(sum(copy.size or 0 for copy in copies), enabled=not args.no_progress)
     started = time.perf_counter()
@@ -489,7 +572,7 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
             for copy in last:
                 _remove_old_metadata(folder, copy)
         for batch in (first, last):
-            for outcome in _run_all(batch, copy_one, args.parallel, transfers):
+            for outcome in _run_all(batch, copy_one, args.parallel, transfers, stops):
                 if isinstance(outcome, _Refused):
                     print(f"azstoragetorch: {outcome}", file=sys.stderr)
                     refused.append(outcome)
@@ -501,6 +584,7 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
         progress.close()
         if folder is not None:
             os.close(folder)
+    stops.check()  # a Ctrl-C once every transfer had finished: the copy is whole, the summary not shown
     seconds = time.perf_counter() - started
     rate = moved / _MiB / seconds if seconds > 0 else 0.0
     print(
@@ -512,37 +596,57 @@ def command_cp(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _run_all(
-    copies: Sequence[_Copy], copy_one: Callable[[_Copy], TransferStats], parallel: int, transfers: _Transfers
+    copies: Sequence[_Copy],
+    copy_one: Callable[[_Copy], TransferStats],
+    parallel: int,
+    transfers: _Transfers,
+    stops: _StopSignals | None = None,
 ) -> list[TransferStats | _Refused]:
     """Run ``copy_one`` on every copy, ``parallel`` at a time, and return the outcomes.
 
     The first failure stops every other transfer (each stops between two pieces and cleans up after
-    itself) and is raised once they have. Ctrl-C stops them too, removes every unfinished download at
-    once, and waits at most a moment for them (see :func:`main`).
+    itself) and is raised once they have. Ctrl-C (noted by ``stops``, or raised as KeyboardInterrupt
+    where no one notes it) stops them too, removes every unfinished download at once, and waits at
+    most a moment for them (see :func:`main`).
     """
+    stops = stops or _StopSignals()
     pool = concurrent.futures.ThreadPoolExecutor(parallel, thread_name_prefix="azstoragetorch-cp")
     futures: list[concurrent.futures.Future[TransferStats]] = []
     outcomes: list[TransferStats | _Refused] = []
     try:
         for copy in copies:  # Ctrl-C may come while the first transfers already run
+            stops.check()
             futures.append(pool.submit(copy_one, copy))
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                outcomes.append(future.result())
-            except _Refused as refusal:
-                outcomes.append(refusal)
-    except KeyboardInterrupt:
+        # The pool runs the copies in the order given: only the first ``parallel`` unfinished ones
+        # can be running, so only they are waited on (a folder of many files costs no more).
+        window: list[concurrent.futures.Future[TransferStats]] = []
+        following = iter(futures)
+        while window or len(outcomes) < len(futures):
+            window.extend(itertools.islice(following, parallel - len(window)))
+            done = stops.wait(window)
+            window = [future for future in window if future not in done]
+            for future in done:
+                try:
+                    outcomes.append(future.result())
+                except _Refused as refusal:
+                    outcomes.append(refusal)
+    except KeyboardInterrupt as interruption:
         with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C is still this interruption
             transfers.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             concurrent.futures.wait(futures, timeout=_STOP_GRACE_SECONDS)
-        raise _Interrupted() from None
+        signum = interruption.signum if isinstance(interruption, _Interrupted) else stops.signum
+        raise _Interrupted(signum) from None
     except BaseException:
         transfers.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
+        # The failure is raised once the others have stopped; a Ctrl-C meanwhile leaves at once.
         try:
-            pool.shutdown(wait=True, cancel_futures=True)
-        except KeyboardInterrupt:
-            raise _Interrupted() from None
+            while not all(future.done() for future in futures):
+                stops.wait([future for future in futures if not future.done()])
+        except KeyboardInterrupt as interruption:
+            signum = interruption.signum if isinstance(interruption, _Interrupted) else stops.signum
+            raise _Interrupted(signum) from None
         raise
     pool.shutdown()
     return outcomes
@@ -883,7 +987,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, received: l
         print(f"azstoragetorch: error: {redact(str(error))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as interruption:
-        code = 128 + received[0]  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+        signum = interruption.signum if isinstance(interruption, _Interrupted) else None
+        code = 128 + (signum or received[0])  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
         # Standard error may be gone (``2>&1 | less``, quit): the exit below must happen anyway.
         with contextlib.suppress(OSError, ValueError):
             print(f"azstoragetorch: {'terminated' if code == 143 else 'interrupted'}", file=sys.stderr)

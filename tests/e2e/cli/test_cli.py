@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import pathlib
+import platform
 import random
 import shutil
 import signal
@@ -455,6 +457,51 @@ class From:
         return self.seen >= self.first
 
 
+# Set to replay a run of the Ctrl-C tests: the seed drives both the perturbation hook in the CLI and
+# the moment the signal is sent, and each test prints the one it drew.
+SEED_VARIABLE = "AZSTORAGETORCH_TEST_CTRL_C_SEED"
+# Far longer than a stopped copy takes even on a loaded machine, far shorter than a held request.
+EXIT_TIMEOUT_SECONDS = 120
+
+
+def wait_for_exit(process: subprocess.Popen[str], timeout: float) -> str:
+    """The standard error of ``process`` once it has exited; if it is still running after ``timeout``
+    seconds, fail with the Python stacks of all its threads (``faulthandler``, which the CLI runs with
+    from :func:`start_stoppable_cli`), so the failure says where it waits, not only that it did."""
+    try:
+        return process.communicate(timeout=timeout)[1] or ""
+    except subprocess.TimeoutExpired:
+        pass
+    process.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack, then it dies
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        stderr = "(no stack dump: the process did not die on SIGABRT either)"
+    pytest.fail(f"the CLI had not exited {timeout} s after the signal; where it was:\n{stderr}", pytrace=False)
+
+
+def start_stoppable_cli(seed: int, *args: str) -> subprocess.Popen[str]:
+    """The CLI with the perturbation hook on (``seed``) and with faulthandler, for :func:`wait_for_exit`."""
+    environment = {**cli_environment(), _schedule.ENVIRONMENT_VARIABLE: str(seed), "PYTHONFAULTHANDLER": "1"}
+    return start_cli(*args, environment=environment)
+
+
+# tgkill(2), which Python does not wrap, by machine: the only way to choose the thread of another
+# process that a signal goes to.
+TGKILL_SYSCALL = {"x86_64": 234, "aarch64": 131}
+
+
+def signal_a_thread(pid: int, signum: signal.Signals) -> None:
+    """Send ``signum`` to the newest thread of process ``pid`` that is not its main thread, as the
+    kernel may do with a signal sent to the process; Python's handler still runs in the main thread,
+    but only once that thread runs Python code again."""
+    threads = sorted(int(task) for task in os.listdir(f"/proc/{pid}/task") if int(task) != pid)
+    assert threads, "the CLI has no thread besides its main thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(TGKILL_SYSCALL[platform.machine()], pid, threads[-1], int(signum)) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
 def interrupt_mid_transfer(
     proxy: FaultProxy,
     operation: str,
@@ -462,20 +509,22 @@ def interrupt_mid_transfer(
     *args: str,
     stderr_closed: bool = False,
     stop_signal: signal.Signals = signal.SIGINT,
+    to_a_transfer_thread: bool = False,
 ) -> tuple[int, str, float]:
     """Run the CLI through ``proxy``, holding every ``operation`` request from the ``first_held``-th on
     (for ten minutes: far longer than the test may take), and send SIGINT, as Ctrl-C does, at a random
-    moment once one is held. The CLI runs with the perturbation hook on, with the same printed seed.
-    With ``stderr_closed``, nobody reads its standard error any more by then (``2>&1 | less``, quit);
-    ``stop_signal`` is sent instead of SIGINT if given.
+    moment once one is held. The CLI runs with the perturbation hook on, with the same printed seed
+    (:data:`SEED_VARIABLE` replays one). With ``stderr_closed``, nobody reads its standard error any
+    more by then (``2>&1 | less``, quit); ``stop_signal`` is sent instead of SIGINT if given; with
+    ``to_a_transfer_thread`` it is sent to one of the CLI's other threads, not to the process.
     Returns the exit code, standard error and seconds from SIGINT to exit."""
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # see python_ctrl_c
-    seed = random.randrange(1 << 30)
+    seed = int(os.environ.get(SEED_VARIABLE) or random.randrange(1 << 30))
     print(f"seed {seed}: holding {operation} requests from number {first_held} on")
     holding = threading.Event()
     proxy.add_fault(From(operation, first_held), Delay(600, hold_request=True, holding=holding), times=None)
     # The perturbation hook on: shaken hand-offs, too.
-    process = start_cli(*args, environment={**cli_environment(), _schedule.ENVIRONMENT_VARIABLE: str(seed)})
+    process = start_stoppable_cli(seed, *args)
     try:
         assert holding.wait(120), "the transfer never reached the held request"
         time.sleep(random.Random(seed).uniform(0, 0.5))
@@ -484,10 +533,13 @@ def interrupt_mid_transfer(
             assert process.stderr is not None
             process.stderr.close()
             process.stderr = None
-        process.send_signal(stop_signal)
+        if to_a_transfer_thread:
+            signal_a_thread(process.pid, stop_signal)
+        else:
+            process.send_signal(stop_signal)
         interrupted = time.perf_counter()
         # Without the fix the copy waits out the held request: ten minutes.
-        _, stderr = process.communicate(timeout=60)
+        stderr = wait_for_exit(process, EXIT_TIMEOUT_SECONDS)
         seconds = time.perf_counter() - interrupted
     finally:
         process.kill()
@@ -514,6 +566,39 @@ def test_ctrl_c_during_an_upload_stops_it_and_commits_nothing(
     assert container.download("ck/model.pt") == b"the previous checkpoint"
     assert container.client.get_blob_client("ck/model.pt").get_blob_properties().etag == etag
     assert proxy.count("PutBlockList") == 0 and proxy.count("PutBlob") == 0
+
+
+@pytest.mark.skipif(
+    platform.machine() not in TGKILL_SYSCALL or not os.path.isdir("/proc/self/task"),
+    reason="sends a signal to one thread of another process: Linux on x86_64 or aarch64",
+)
+@pytest.mark.parametrize("operation", ["PutBlock", "GetBlob"])
+def test_ctrl_c_that_a_transfer_thread_receives_stops_the_copy(
+    container: Container, proxy: FaultProxy, tmp_path: pathlib.Path, python_ctrl_c: None, operation: str
+) -> None:
+    # The main thread's wait is not interrupted then, as with a Ctrl-C that comes just before it
+    # begins to wait, which a loaded machine makes likely; the copy must stop all the same.
+    container.upload("ck/model.pt", b"the previous checkpoint")
+    source = tmp_path / "model.pt"
+    source.write_bytes(os.urandom(24 * 1024 * 1024))
+    destination = tmp_path / "copy"
+    if operation == "PutBlock":
+        args = (str(source), proxy.url(container.blob_url("ck/")))
+    else:
+        container.upload("ck/model.pt", os.urandom(24 * 1024 * 1024))
+        args = (proxy.url(container.blob_url("ck/model.pt")), str(destination / "model.pt"))
+
+    code, stderr, _ = interrupt_mid_transfer(
+        proxy, operation, 2, "cp", "--no-progress", *args, to_a_transfer_thread=True
+    )
+
+    assert code == 130, stderr
+    assert stderr.splitlines()[-1] == "azstoragetorch: interrupted"
+    assert proxy.count("PutBlockList") == 0 and proxy.count("PutBlob") == 0
+    if operation == "PutBlock":
+        assert container.download("ck/model.pt") == b"the previous checkpoint"
+    else:
+        assert files_under(tmp_path) == {"model.pt": source.read_bytes()}  # nothing in copy/, not even a .partial
 
 
 @pytest.mark.parametrize("first_held", [2, 3, 4])
@@ -591,7 +676,13 @@ def test_a_dcp_checkpoint_downloaded_over_an_older_one_is_never_a_mix_of_both(
         Delay(600, hold_request=True, holding=holding),
         times=None,
     )
-    process = start_cli("cp", "--no-progress", proxy.url(container.blob_url("ck")), str(destination))
+    process = start_cli(
+        "cp",
+        "--no-progress",
+        proxy.url(container.blob_url("ck")),
+        str(destination),
+        environment={**cli_environment(), "PYTHONFAULTHANDLER": "1"},  # for wait_for_exit
+    )
     try:
         assert holding.wait(120), "the large shard was never requested"
         deadline = time.monotonic() + 60
@@ -599,7 +690,7 @@ def test_a_dcp_checkpoint_downloaded_over_an_older_one_is_never_a_mix_of_both(
             assert time.monotonic() < deadline, "the small shard was never copied"
             time.sleep(0.05)
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        stderr = wait_for_exit(process, EXIT_TIMEOUT_SECONDS)
     finally:
         process.kill()
         process.wait()

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
+import io
+import pathlib
+import random
+import signal
+import sys
 import threading
 from typing import Any
 
 import pytest
 
+from azstoragetorch import _cli
 from azstoragetorch._cli import _Copy, _Interrupted, _run_all, _Stopped, _Transfers
+from azstoragetorch._client import TransferStats
 
 
 def test_ctrl_c_while_transfers_are_being_started_stops_those_already_running(
@@ -54,3 +62,103 @@ def test_ctrl_c_while_transfers_are_being_started_stops_those_already_running(
 
     assert isinstance(raised, _Interrupted), repr(raised)
     assert outcomes == ["stopped"]
+
+
+# -- a Ctrl-C that the main thread does not receive itself ---------------------------------------------
+
+
+def cp_arguments(source: pathlib.Path) -> argparse.Namespace:
+    """``cp SRC http://.../c/ck/`` (the uploads are faked: nothing is sent anywhere)."""
+    return argparse.Namespace(
+        source=str(source),
+        destination="http://127.0.0.1:1/devstoreaccount1/c/ck/",
+        anonymous=True,
+        parallel=4,
+        no_progress=True,
+        no_verify=False,
+    )
+
+
+def main_thread_waits_for_the_transfers() -> None:
+    """Return once the main thread has been waiting in ``threading`` for a while (for a transfer
+    to finish), so that a signal sent now comes while it is blocked, not on its way there."""
+    main = threading.main_thread().ident
+    assert main is not None
+    stable = 0
+    while stable < 5:
+        frame = sys._current_frames().get(main)
+        waiting = frame is not None and frame.f_code.co_filename == threading.__file__
+        stable = stable + 1 if waiting else 0
+        threading.Event().wait(0.01)
+
+
+def held_upload(outcomes: list[str], signal_to_send: signal.Signals) -> Any:
+    """A fake ``_upload_one`` that sends ``signal_to_send`` to its own thread (Linux gives a signal
+    sent to the process to any of its threads: the one running the C handler need not be the main
+    thread, which Python's own handler runs in), then waits for the order to stop, as an upload
+    blocked on a held request would, and commits if none comes within a minute."""
+
+    def upload(copy: _Copy, credential: Any, hook: Any, transfers: _Transfers) -> Any:
+        main_thread_waits_for_the_transfers()
+        signal.pthread_kill(threading.get_ident(), signal_to_send)
+        try:
+            for _ in range(6000):
+                transfers.check()
+                threading.Event().wait(0.01)
+        except _Stopped:
+            outcomes.append("stopped")
+            raise
+        outcomes.append("committed")
+        return TransferStats()
+
+    return upload
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="sending a signal to one thread needs POSIX")
+@pytest.mark.parametrize(("signal_to_send", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_that_a_transfer_thread_receives_stops_the_copy(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+    python_ctrl_c: None,
+    signal_to_send: signal.Signals,
+    code: int,
+) -> None:
+    # The main thread then never sees its wait interrupted (EINTR): the same as a Ctrl-C that comes
+    # just before it blocks, which a loaded machine makes likely. Python runs the handler only once
+    # the main thread runs again, which a copy held on a slow request would not let it do.
+    source = tmp_path / "model.pt"
+    source.write_bytes(b"the new checkpoint")
+    outcomes: list[str] = []
+    monkeypatch.setattr(_cli, "_upload_one", held_upload(outcomes, signal_to_send))
+
+    raised: BaseException | None = None
+    with _cli._sigterm_as_ctrl_c() as received:
+        try:
+            _cli.command_cp(cp_arguments(source), io.StringIO())
+        except BaseException as error:  # a bare KeyboardInterrupt must not end the test run
+            raised = error
+    for thread in threading.enumerate():
+        if thread.name.startswith("azstoragetorch-cp"):
+            thread.join(60)
+
+    assert outcomes == ["stopped"]
+    assert isinstance(raised, _Interrupted), repr(raised)
+    assert (raised.signum or received[0]) + 128 == code
+
+
+def test_every_copy_is_waited_for_whatever_order_the_copies_finish_in() -> None:
+    delays = random.Random(7)
+    waits = [delays.uniform(0, 0.02) for _ in range(60)]
+
+    def copy_one(copy: _Copy) -> TransferStats:
+        number = int(copy.source)
+        threading.Event().wait(waits[number])
+        if number % 7 == 0:
+            raise _cli._Refused(copy.source, "refused for the test")
+        return TransferStats(bytes=number)
+
+    copies = [_Copy(str(number), f"destination-{number}", 1) for number in range(60)]
+    outcomes = _run_all(copies, copy_one, 4, _Transfers())
+
+    assert sorted(o.bytes for o in outcomes if isinstance(o, TransferStats)) == [n for n in range(60) if n % 7]
+    assert len([o for o in outcomes if isinstance(o, _cli._Refused)]) == len(range(0, 60, 7))
