@@ -19,7 +19,7 @@ import urllib3.exceptions
 from azure.core.exceptions import ServiceResponseError
 from azure.core.pipeline.transport import HttpResponse
 
-from azstoragetorch._client import _buffers, _checksums, _pipeline, _schedule, _stats
+from azstoragetorch._client import _checksums, _pipeline, _schedule, _stats
 from azstoragetorch._client._credentials import CredentialArgument
 from azstoragetorch._client._redaction import redact_error
 from azstoragetorch._client._resource import ResourceClient
@@ -297,41 +297,6 @@ class AzStorageTorchBlobClient(ResourceClient):
         if expected == actual:
             return None
         return ChecksumMismatchError(self.display_url, "MD5 of a range", expected or "(none sent)", actual)
-
-    # The three reads below are the strategies of azstoragetorch._reads, kept here only for the
-    # callers that still reach them through the client (the datasets and the DCP reader).
-
-    def read_all(self, *, block_size: int, max_concurrency: int) -> bytes:
-        """The whole blob as ``bytes``: :meth:`azstoragetorch._reads.WholeBlobRead.read`."""
-        from azstoragetorch._reads import WholeBlobRead
-
-        return WholeBlobRead(self, block_size=block_size, max_concurrency=max_concurrency).read()[1]
-
-    def read_all_into(self, allocate: Callable[[int], memoryview], *, block_size: int, max_concurrency: int) -> None:
-        """The whole blob, straight into ``allocate(size)``: :meth:`azstoragetorch._reads.WholeBlobRead.read_into`."""
-        from azstoragetorch._reads import WholeBlobRead
-
-        WholeBlobRead(self, block_size=block_size, max_concurrency=max_concurrency).read_into(allocate)
-
-    def download_range(
-        self,
-        offset: int,
-        length: int,
-        *,
-        etag: str | None,
-        block_size: int,
-        max_concurrency: int,
-        validate_content: bool = False,
-        on_response: Callable[[BlobProperties], None] | None = None,
-        checksums: _checksums.PieceChecksums | None = None,
-    ) -> _buffers.Lease:
-        """``length`` bytes from ``offset`` in a leased buffer: :meth:`azstoragetorch._reads.DirectReads.read_leased`."""
-        from azstoragetorch._reads import DirectReads
-
-        reads = DirectReads(
-            self, block_size=block_size, max_concurrency=max_concurrency, validate_content=validate_content
-        )
-        return reads.read_leased(offset, length, etag=etag, on_response=on_response, checksums=checksums)
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run one of this client's operations on the shared transfer threads."""

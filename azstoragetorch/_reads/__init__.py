@@ -11,11 +11,25 @@ when the blob changed) is the client's. Unit tests hand the strategies an in-mem
   reads of any size (``BlobIO``, ``torch.load``).
 - :class:`WholeBlobRead`: a whole blob in one pass, sized by the first answer (dataset samples,
   the local cache, small files).
+- :class:`PlannedSpans` over :class:`PinnedBlob`: ranges planned ahead (a DCP load's spans, of many
+  blobs), fetched in parallel and handed over in the planned order within a memory budget, every
+  blob's ranges pinned to the version of its first answer.
 """
 
 from azstoragetorch._reads._direct import DirectReads
+from azstoragetorch._reads._pinned import PinnedBlob
+from azstoragetorch._reads._planned import PlannedSpans, Span
 from azstoragetorch._reads._source import RangeSource
 from azstoragetorch._reads._whole import WholeBlobRead
 from azstoragetorch._reads._window import ReadAheadWindow, read_first
 
-__all__ = ["DirectReads", "RangeSource", "ReadAheadWindow", "WholeBlobRead", "read_first"]
+__all__ = [
+    "DirectReads",
+    "PinnedBlob",
+    "PlannedSpans",
+    "RangeSource",
+    "ReadAheadWindow",
+    "Span",
+    "WholeBlobRead",
+    "read_first",
+]

@@ -11,6 +11,7 @@ from typing_extensions import Buffer
 from azstoragetorch._cache import BlobCache
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, ProgressHook, Recorder
 from azstoragetorch._options import TransferOptions
+from azstoragetorch._reads import WholeBlobRead
 from azstoragetorch.datasets._tensor_memory import _new_byte_tensor, _tensor_bytes, _writable_bytes
 from azstoragetorch.io import BlobIO
 
@@ -101,7 +102,7 @@ class Blob:
         """
         cache = self._cache
         if cache is None:
-            return self._read_whole(lambda client: client.read_all(**_READ_ALL))
+            return self._read_whole(lambda client: WholeBlobRead(client, **_READ_ALL).read()[1])
         known_etag = self._properties.etag if self._properties is not None else None
         return self._read_whole(lambda client: cache.read_all(client, known_etag, **_READ_ALL))
 
@@ -129,7 +130,7 @@ class Blob:
             tensor = _new_byte_tensor(size)
             return _tensor_bytes(tensor)
 
-        self._read_whole(lambda client: client.read_all_into(allocate, **_READ_ALL))
+        self._read_whole(lambda client: WholeBlobRead(client, **_READ_ALL).read_into(allocate))
         return tensor
 
     def readinto(self, buffer: torch.Tensor | Buffer) -> int:
@@ -163,7 +164,7 @@ class Blob:
                 )
             return view
 
-        self._read_whole(lambda client: client.read_all_into(allocate, **_READ_ALL))
+        self._read_whole(lambda client: WholeBlobRead(client, **_READ_ALL).read_into(allocate))
         return len(view)
 
     def __repr__(self) -> str:

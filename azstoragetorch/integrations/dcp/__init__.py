@@ -13,9 +13,9 @@ is committed last, in one request, and only over the version the save found when
 
 # One idea per module: _filesystem (torch's FileSystemBase seam over blob URLs), _shard_files (a
 # save's shard files, failing together), _writer, _reader, _spans (which byte ranges a load
-# fetches), _fetching (fetching them in order within a memory budget), _pinned_files (each shard
-# file pinned to one version, and its checksums), _in_memory (loading an item from fetched bytes)
-# and _locations (checkpoint URLs).
+# fetches), _pinned_files (a load's shard files, each pinned to one version, and their checksums),
+# _in_memory (loading an item from fetched bytes) and _locations (checkpoint URLs). How the spans
+# are fetched, in order within a memory budget, is a read strategy: azstoragetorch._reads.PlannedSpans.
 
 from azstoragetorch._compat import warn_if_untested
 from azstoragetorch.integrations.dcp._filesystem import _BlobFiles

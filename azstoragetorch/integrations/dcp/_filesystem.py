@@ -30,6 +30,7 @@ from azstoragetorch._client import (
     validate_credential,
 )
 from azstoragetorch._options import TransferOptions
+from azstoragetorch._reads import WholeBlobRead
 from azstoragetorch.integrations.dcp._locations import _missing_blob_as_file_not_found, _parse_location
 from azstoragetorch.integrations.dcp._shard_files import _ShardFile, _ShardWriters
 from azstoragetorch.io import BlobIO
@@ -173,7 +174,8 @@ class _BlobFiles(FileSystemBase):
             # The refusal may answer a retry whose first attempt was committed (and its answer
             # lost): then the blob holds exactly these bytes, which no other save writes.
             try:
-                return client.read_all(block_size=self.block_size, max_concurrency=self.max_concurrency) == data
+                whole = WholeBlobRead(client, block_size=self.block_size, max_concurrency=self.max_concurrency)
+                return whole.read()[1] == data
             except ResourceNotFoundError:
                 return False
         return True
@@ -183,7 +185,8 @@ class _BlobFiles(FileSystemBase):
         """Copy through this process and delete the source; the destination is committed whole, as a
         rename would be. (``BlobStorageWriter`` renames nothing; torch's ``FileSystemBase`` asks for it.)"""
         source = self.blob_client(path)
-        self.write_whole(new_path, source.read_all(block_size=self.block_size, max_concurrency=self.max_concurrency))
+        whole = WholeBlobRead(source, block_size=self.block_size, max_concurrency=self.max_concurrency)
+        self.write_whole(new_path, whole.read()[1])
         source.delete()
 
     @override

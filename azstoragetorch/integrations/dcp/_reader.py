@@ -19,7 +19,7 @@ from typing_extensions import Self, override
 
 from azstoragetorch._client import CredentialArgument, ProgressHook, Recorder, TransferStats, redact_url
 from azstoragetorch._options import TransferOptions
-from azstoragetorch.integrations.dcp._fetching import _SpanFetcher
+from azstoragetorch._reads import PlannedSpans
 from azstoragetorch.integrations.dcp._filesystem import _BlobFiles
 from azstoragetorch.integrations.dcp._in_memory import _copy_on_this_thread, _MemoryFile, _narrow
 from azstoragetorch.integrations.dcp._locations import _initial_location, _require_location
@@ -208,7 +208,7 @@ class BlobStorageReader(FileSystemReader):
                 _Span(name, start, min(start + max_span, properties.size), [])
                 for start in range(0, properties.size, max_span)
             ]
-        fetcher = _SpanFetcher(shards.fetch, max_concurrency=checking.max_concurrency, block_size=checking.block_size)
+        fetcher = PlannedSpans(shards.fetch, max_concurrency=checking.max_concurrency, block_size=checking.block_size)
         for _ in fetcher.fetch_in_order(spans):
             pass  # the bytes only feed the checksums
         checked = [name for name in names if name not in missing and name not in unchecked]
@@ -231,7 +231,7 @@ class BlobStorageReader(FileSystemReader):
         spans = _coalesce(plan.items, self.storage_data, max_span=max(files.block_size, window // 2))
         recorder = Recorder(files.progress_hook, total=sum(span.end - span.start for span in spans))
         shards = _PinnedShardFiles(files, os.fspath(self.path), recorder)
-        fetcher = _SpanFetcher(shards.fetch, max_concurrency=files.max_concurrency, block_size=files.block_size)
+        fetcher = PlannedSpans(shards.fetch, max_concurrency=files.max_concurrency, block_size=files.block_size)
         for span, data in fetcher.fetch_in_order(spans):
             for request in span.requests:
                 info: _StorageInfo = self.storage_data[request.storage_index]

@@ -9,8 +9,8 @@ import pytest
 
 from azstoragetorch._client import BlobProperties, crc32
 from azstoragetorch._options import TransferOptions
+from azstoragetorch._reads import PlannedSpans
 from azstoragetorch.exceptions import ChecksumMismatchError
-from azstoragetorch.integrations.dcp._fetching import _SpanFetcher
 from azstoragetorch.integrations.dcp._filesystem import _BlobFiles
 from azstoragetorch.integrations.dcp._pinned_files import _PinnedShardFiles
 from azstoragetorch.integrations.dcp._spans import _Span
@@ -37,10 +37,10 @@ class ShardFileClient(InMemoryBlobClient):
         self.properties_requests += 1
         return self.properties
 
-    def download_into(self, offset: int, buffer: memoryview, *, etag: str | None, **options: Any) -> Any:
+    def fetch_range_into(self, offset: int, into: Any, *, etag: str | None, **options: Any) -> Any:
         with self._etags_lock:
             self.etags.append(etag)
-        return super().download_into(offset, buffer, etag=etag, **options)
+        return super().fetch_range_into(offset, into, etag=etag, **options)
 
 
 def shard_files(clients: dict[str, ShardFileClient], *, verify_checksum: bool = True) -> _PinnedShardFiles:
@@ -52,7 +52,7 @@ def shard_files(clients: dict[str, ShardFileClient], *, verify_checksum: bool = 
 
 def read(shards: _PinnedShardFiles, spans: list[_Span]) -> list[bytes]:
     return [
-        bytes(data) for _, data in _SpanFetcher(shards.fetch, max_concurrency=2, block_size=16).fetch_in_order(spans)
+        bytes(data) for _, data in PlannedSpans(shards.fetch, max_concurrency=2, block_size=16).fetch_in_order(spans)
     ]
 
 

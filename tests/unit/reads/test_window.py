@@ -1,4 +1,4 @@
-"""ReadAheadWindow and its opening read (the window's own behaviour is in tests/unit/test_read_ahead.py)."""
+"""ReadAheadWindow and its opening read (the window's own behaviour is in tests/unit/reads/test_read_ahead.py)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,25 @@
-"""The span fetcher over a plain fetch callable: order, the memory budget, and leases released once."""
+"""PlannedSpans over a plain fetch callable: order, the memory budget, and leases released once."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 
 import pytest
 
 from azstoragetorch._client import Lease
-from azstoragetorch.integrations.dcp._fetching import _SpanFetcher
-from azstoragetorch.integrations.dcp._spans import _Span
+from azstoragetorch._reads import PinnedBlob, PlannedSpans
 from tests.unit.fakes import InMemoryBlobClient
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A span of the plan: a byte range of one of the test's in-memory files."""
+
+    relative_path: str
+    start: int
+    end: int
 
 
 class CountedLease(Lease):
@@ -42,7 +51,7 @@ class Source:
         self.on_fetch: dict[tuple[str, int], threading.Event] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, span: _Span) -> Lease:
+    def __call__(self, span: Range) -> Lease:
         key = (span.relative_path, span.start)
         if key in self.gates:
             assert self.gates[key].wait(30), f"{key} was never let go"
@@ -75,9 +84,9 @@ def _is_released(lease: Lease) -> bool:
     return False
 
 
-def spans_over(files: dict[str, bytes], size: int) -> list[_Span]:
+def spans_over(files: dict[str, bytes], size: int) -> list[Range]:
     return [
-        _Span(path, start, min(start + size, len(data)), [])
+        Range(path, start, min(start + size, len(data)))
         for path, data in sorted(files.items())
         for start in range(0, len(data), size)
     ]
@@ -90,7 +99,7 @@ def test_spans_come_back_in_order_with_their_bytes_within_the_budget(seed: int) 
     spans = spans_over(files, chance.randrange(1, 40))
     chance.shuffle(spans)
     source = Source(files)
-    fetcher = _SpanFetcher(source, max_concurrency=3, block_size=16)
+    fetcher = PlannedSpans(source, max_concurrency=3, block_size=16)
 
     handed = [(span, bytes(data)) for span, data in fetcher.fetch_in_order(spans)]
 
@@ -103,11 +112,11 @@ def test_spans_come_back_in_order_with_their_bytes_within_the_budget(seed: int) 
 
 def test_a_span_fetched_first_still_waits_for_the_spans_before_it() -> None:
     files = {"f": bytes(range(20))}
-    first, second = _Span("f", 0, 10, []), _Span("f", 10, 20, [])
+    first, second = Range("f", 0, 10), Range("f", 10, 20)
     source = Source(files)
     source.on_fetch[("f", 10)] = threading.Event()
     source.gates[("f", 0)] = source.on_fetch[("f", 10)]  # the first span is fetched only after the second
-    fetcher = _SpanFetcher(source, max_concurrency=2, block_size=10)
+    fetcher = PlannedSpans(source, max_concurrency=2, block_size=10)
 
     assert [span for span, _ in fetcher.fetch_in_order([first, second])] == [first, second]
     assert source.all_released()
@@ -115,9 +124,9 @@ def test_a_span_fetched_first_still_waits_for_the_spans_before_it() -> None:
 
 def test_a_span_larger_than_the_budget_is_fetched_alone() -> None:
     files = {"f": bytes(100)}
-    spans = [_Span("f", 0, 3, []), _Span("f", 3, 63, []), _Span("f", 63, 66, [])]
+    spans = [Range("f", 0, 3), Range("f", 3, 63), Range("f", 63, 66)]
     source = Source(files)
-    fetcher = _SpanFetcher(source, max_concurrency=2, block_size=4)  # a budget of 8 bytes
+    fetcher = PlannedSpans(source, max_concurrency=2, block_size=4)  # a budget of 8 bytes
 
     assert [span for span, _ in fetcher.fetch_in_order(spans)] == spans
     assert source.alive_before[("f", 3)] == 0  # the span before it was handed over and released first
@@ -128,7 +137,7 @@ def test_a_failed_fetch_raises_after_the_spans_before_it_and_no_lease_is_left_he
     files = {"a": bytes(40), "b": bytes(40)}
     spans = spans_over(files, 10)  # a's four spans, then b's
     source = Source(files, fail="b")
-    fetcher = _SpanFetcher(source, max_concurrency=4, block_size=10)
+    fetcher = PlannedSpans(source, max_concurrency=4, block_size=10)
     handed = []
 
     with pytest.raises(ConnectionError, match="injected failure"):
@@ -142,7 +151,7 @@ def test_a_failed_fetch_raises_after_the_spans_before_it_and_no_lease_is_left_he
 def test_a_consumer_that_stops_early_leaves_no_lease_held() -> None:
     files = {"f": bytes(range(200))}
     source = Source(files)
-    fetcher = _SpanFetcher(source, max_concurrency=4, block_size=20)
+    fetcher = PlannedSpans(source, max_concurrency=4, block_size=20)
     handing = fetcher.fetch_in_order(spans_over(files, 10))
 
     _, data = next(handing)
@@ -156,22 +165,26 @@ def test_a_consumer_that_stops_early_leaves_no_lease_held() -> None:
 def test_an_empty_plan_fetches_nothing() -> None:
     source = Source({})
 
-    assert list(_SpanFetcher(source, max_concurrency=2, block_size=8).fetch_in_order([])) == []
+    assert list(PlannedSpans(source, max_concurrency=2, block_size=8).fetch_in_order([])) == []
     assert source.leases == []
 
 
 def test_spans_fetched_from_the_in_memory_client_arrive_whole() -> None:
     chance = random.Random(7)
     clients = {name: InMemoryBlobClient(chance.randbytes(1000)) for name in ("a", "b")}
+    blobs = {name: PinnedBlob(client, block_size=64, max_concurrency=2) for name, client in clients.items()}
 
-    def fetch(span: _Span) -> Lease:
-        client = clients[span.relative_path]
-        return client.download_range(span.start, span.end - span.start, etag=None, block_size=64, max_concurrency=2)
+    def fetch(span: Range) -> Lease:
+        return blobs[span.relative_path].read_leased(span.start, span.end - span.start)
 
-    spans = [_Span("a", 0, 300, []), _Span("b", 100, 900, []), _Span("a", 500, 1000, [])]
-    fetcher = _SpanFetcher(fetch, max_concurrency=2, block_size=64)
+    spans = [Range("a", 0, 300), Range("b", 100, 900), Range("a", 500, 1000)]
+    fetcher = PlannedSpans(fetch, max_concurrency=2, block_size=64)
 
     for span, data in fetcher.fetch_in_order(spans):
         assert bytes(data) == clients[span.relative_path].data[span.start : span.end]
-    assert sorted(clients["a"].parallel_reads) == [(0, 300, 64), (500, 500, 64)]
-    assert clients["b"].parallel_reads == [(100, 800, 64)]
+
+    def parts(start: int, end: int) -> list[tuple[int, int]]:
+        return [(offset, min(64, end - offset)) for offset in range(start, end, 64)]
+
+    assert sorted(clients["a"].reads) == parts(0, 300) + parts(500, 1000)  # parts of block_size, no more
+    assert sorted(clients["b"].reads) == parts(100, 900)

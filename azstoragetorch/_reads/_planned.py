@@ -1,20 +1,33 @@
-"""Fetching a load's spans: in parallel, in the order planned, within a memory budget."""
+"""Spans planned ahead, fetched in parallel and handed over in the planned order: :class:`PlannedSpans`."""
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 from collections.abc import Callable, Generator, Iterator
+from typing import Generic, Protocol, TypeVar
 
 from azstoragetorch._client import Lease
-from azstoragetorch.integrations.dcp._spans import _Span
+
+
+class Span(Protocol):
+    """What :class:`PlannedSpans` needs of a span: its byte range (of whichever blob it names)."""
+
+    @property
+    def start(self) -> int: ...
+
+    @property
+    def end(self) -> int: ...
+
+
+_S = TypeVar("_S", bound=Span)
 
 
 class _ByteBudget:
     """The bytes of spans a load holds at once: being fetched, fetched and waiting, or being consumed.
 
     It only answers whether one more span fits; which span frees room, and when, is the order of
-    hand-over, decided by :meth:`_SpanFetcher.fetch_in_order`. Only the consuming thread uses it
+    hand-over, decided by :meth:`PlannedSpans.fetch_in_order`. Only the consuming thread uses it
     (the fetching threads never touch it), so it needs no lock.
     """
 
@@ -34,26 +47,32 @@ class _ByteBudget:
         self._held -= size
 
 
-class _SpanFetcher:
-    """Downloads spans in parallel, handing them back in order while holding a bounded amount of memory.
+class PlannedSpans(Generic[_S]):
+    """A plan of spans (byte ranges, of one blob or many) fetched in parallel and handed over in order.
+
+    A DCP load knows every range it needs before it reads any: this strategy fetches them ahead,
+    several at once, while the consumer works through them in the planned order, and holds a bounded
+    amount of memory however long the plan is. Unlike :class:`~azstoragetorch._reads.ReadAheadWindow`
+    it guesses nothing: every byte fetched lies in a span of the plan.
 
     Where a span's bytes come from is the ``fetch`` callable's business: given a span, it returns a
-    lease on a buffer whose first ``span.end - span.start`` bytes are the span's, and the fetcher
-    releases that lease once the consumer is done with it. The fetcher decides only when each span
-    starts and in which order the spans are handed over: it holds at most ``max_concurrency *
-    block_size`` bytes of spans fetched or being fetched, besides the one in use (a span larger
-    than that alone), on up to ``2 * max_concurrency`` threads.
+    lease on a buffer whose first ``span.end - span.start`` bytes are the span's (typically
+    :meth:`PinnedBlob.read_leased <azstoragetorch._reads.PinnedBlob.read_leased>` of the span's
+    blob), and this releases that lease once the consumer is done with it. This decides only when
+    each span starts and in which order the spans are handed over: it holds at most
+    ``max_concurrency * block_size`` bytes of spans fetched or being fetched, besides the one in use
+    (a span larger than that alone), on up to ``2 * max_concurrency`` threads.
 
     Spans run on threads of their own: a span waits for its ranged requests, which run on the shared
     transfer threads, and waiting for work queued behind oneself in one pool could deadlock it.
     """
 
-    def __init__(self, fetch: Callable[[_Span], Lease], *, max_concurrency: int, block_size: int) -> None:
+    def __init__(self, fetch: Callable[[_S], Lease], *, max_concurrency: int, block_size: int) -> None:
         self._fetch = fetch
         self._budget = max_concurrency * block_size  # bytes being fetched, beside the span in use
         self._max_workers = 2 * max_concurrency
 
-    def fetch_in_order(self, spans: list[_Span]) -> Iterator[tuple[_Span, memoryview]]:
+    def fetch_in_order(self, spans: list[_S]) -> Iterator[tuple[_S, memoryview]]:
         """Each span with its bytes, in the order given; the bytes are valid until the next span is asked for.
 
         Two jobs, kept apart: the :class:`_ByteBudget` says whether the next span may start (memory),
@@ -61,9 +80,9 @@ class _SpanFetcher:
         over is the only way bytes go back to the budget, so a span waits only for spans before it.
         """
         budget = _ByteBudget(self._budget)
-        started: collections.deque[tuple[_Span, concurrent.futures.Future[Lease]]] = collections.deque()
+        started: collections.deque[tuple[_S, concurrent.futures.Future[Lease]]] = collections.deque()
         workers = max(1, min(len(spans), self._max_workers))
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="azstoragetorch-dcp") as pool:
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="azstoragetorch-spans") as pool:
             try:
                 for span in spans:
                     while started and not budget.admits(span.end - span.start):
@@ -80,8 +99,8 @@ class _SpanFetcher:
 
     @staticmethod
     def _hand_over(
-        entry: tuple[_Span, concurrent.futures.Future[Lease]], budget: _ByteBudget
-    ) -> Generator[tuple[_Span, memoryview], None, None]:
+        entry: tuple[_S, concurrent.futures.Future[Lease]], budget: _ByteBudget
+    ) -> Generator[tuple[_S, memoryview], None, None]:
         """Give the consumer one span's bytes, then its buffer back to the pool and its bytes to ``budget``."""
         span, future = entry
         lease = future.result()
