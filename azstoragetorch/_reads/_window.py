@@ -13,15 +13,22 @@ from azstoragetorch._reads._source import RangeSource
 # After a jump to a new position only this much is fetched: a jump is usually a short look (the
 # zip directory at the end of a checkpoint), and a full chunk would delay it for nothing.
 JUMP_FETCH_BYTES = 1024 * 1024
-# A read of at least max_chunks * DIRECT_PART_BYTES (smaller with smaller chunks) goes straight
-# into the caller's buffer for every range of it that no chunk holds, in up to max_chunks parallel
-# ranged GETs of DIRECT_PART_BYTES to block_size: alone, it keeps every connection busy. A copy out
-# of a chunk into torch.load's fresh tensor memory costs as much CPU as receiving the bytes (the
-# page faults plus a pass over memory), which direct reads save. 4 MiB is the Azure SDK's own
-# range size: large enough that the per-request cost stays small next to the transfer. Smaller
-# reads go through the window, whose requests run ahead across reads; that pipelining is what hides
-# Azure's per-request latency when torch.load reads many medium-sized tensors one after another.
+# A read goes straight into the caller's buffer, for every range of it that no chunk holds, when it
+# is large enough to fill the connections alone (max_chunks * DIRECT_PART_BYTES, or max_chunks *
+# block_size with smaller chunks), or when it is at least DIRECT_MIN_BYTES (at most block_size) and
+# does not continue a run of such reads. That second case is torch.load's: it reads each tensor's
+# storage with one readinto of the tensor's size, behind a small read of the record's header. A copy
+# out of a chunk into torch.load's fresh tensor memory is a pass over memory that direct reads save;
+# the small chunk fetched after the end of each direct read serves the header and small tensors
+# that follow. Below a block the saving is smaller than the cost of that extra request per read (a
+# request costs a few hundred microseconds of CPU), so smaller reads go through the window. A reader
+# that streams through the blob in block-sized reads, one right after another, stays with the
+# window too: its chunks run ahead across reads, which is what hides per-request latency there.
+# DIRECT_PART_BYTES is the smallest part of a read that fills the connections alone, 4 MiB like the
+# Azure SDK's own ranges: large enough that the per-request cost stays small next to the transfer.
+# The smaller direct reads are split into parts of block_size.
 DIRECT_PART_BYTES = 4 * 1024 * 1024
+DIRECT_MIN_BYTES = 8 * 1024 * 1024
 # Fetched right after the end of a direct read, in parallel with it, for the small reads that
 # usually follow (the next zip header of a checkpoint), so that they need no round trip of their own.
 AFTER_DIRECT_BYTES = 64 * 1024
@@ -167,11 +174,13 @@ class ReadAheadWindow:
     evicted while a read copies out of it).
 
     A read of ``max_chunks * DIRECT_PART_BYTES`` bytes or more (``max_chunks * block_size`` with
-    smaller chunks) bypasses the window for every range of it that no chunk holds: those ranges are
-    a :class:`~azstoragetorch._reads.DirectReads`, straight into the caller's buffer, while a small
-    chunk after its end is fetched for the small reads that usually come next. Such a read does not
-    widen the window, so a run of large reads (a checkpoint of large tensors) is received into its
-    destination with no copy.
+    smaller chunks), or of ``DIRECT_MIN_BYTES`` (at most ``block_size``) or more that does not start
+    where an equally large read ended, bypasses the window for every range of it that no chunk
+    holds: those ranges are a :class:`~azstoragetorch._reads.DirectReads`, straight into the
+    caller's buffer, while a small chunk after its end is fetched for the small reads that usually
+    come next. Neither such a read nor the small reads after it widen the window, until a small
+    read finds no chunk, so a checkpoint's tensors, each read behind its record's header, are
+    received into their destination with no copy.
 
     All downloads are pinned to the ETag seen when the blob was opened. With ``validate_content``
     every range is checked against the MD5 the service computes for it; with ``checksums``, the
@@ -196,7 +205,9 @@ class ReadAheadWindow:
         self._block_size = block_size
         self._max_chunks = max(1, max_chunks)
         self._direct_part = min(block_size, DIRECT_PART_BYTES)
-        self._direct_min = self._direct_part * self._max_chunks
+        self._direct_alone = self._direct_part * self._max_chunks
+        self._direct_min = min(block_size, DIRECT_MIN_BYTES)
+        self._large_read_end = -1  # where the last read ended, if it was of at least _direct_min bytes
         self._store = _ChunkStore(
             source,
             properties,
@@ -206,6 +217,10 @@ class ReadAheadWindow:
             checksums=checksums,
         )
         self._ahead = 0
+        # Off from a direct read until a small read misses every chunk: the small reads between large
+        # direct ones (torch.load's record headers and small tensors) are served by the chunk fetched
+        # after each, and widening the window from them would fetch the next large reads into chunks.
+        self._widening = True
         self._next_expected = 0
         self._window_anchor = -1  # start of the chunk the read-ahead was last extended from
         if checksums is not None:
@@ -228,22 +243,35 @@ class ReadAheadWindow:
     def readinto(self, position: int, destination: memoryview) -> int:
         """Copy the blob's bytes at ``position`` into ``destination``; returns the count (0 at the end)."""
         end = min(position + len(destination), self.size)
-        direct = end - position >= self._direct_min
+        direct = self._goes_direct(position, end - position)
+        # A read too small to fill the connections alone takes whole blocks: fewer requests.
+        part_bytes = self._direct_part if end - position >= self._direct_alone else self._block_size
         offset = position
         while offset < end:
             chunk = self._store.find(offset)
             if chunk is None and direct:
                 # Up to the next chunk already requested: those bytes are paid for, the rest is not.
                 stop = self._store.next_start(offset, end)
-                self._read_directly(offset, destination[offset - position : stop - position], last=stop == end)
+                gap = destination[offset - position : stop - position]
+                self._read_directly(offset, gap, part_bytes=part_bytes, last=stop == end)
                 offset = stop
                 continue
             if chunk is None:
                 chunk = self._fetch_at(offset, forward=0 <= offset - self._next_expected < self._block_size)
             # A large read does not widen the window: what it covers next is read directly.
-            offset += self._copy_out(chunk, offset, destination[offset - position : end - position], widen=not direct)
+            widen = self._widening and not direct
+            offset += self._copy_out(chunk, offset, destination[offset - position : end - position], widen=widen)
+        if direct:
+            self._widening = False
         self._next_expected = max(end, position)
+        self._large_read_end = end if end - position >= self._direct_min else -1
         return max(0, end - position)
+
+    def _goes_direct(self, position: int, length: int) -> bool:
+        if length >= self._direct_alone:
+            return True
+        # A medium-sized read right where the previous one ended is part of a stream of them.
+        return length >= self._direct_min and position != self._large_read_end
 
     def close(self) -> None:
         self._store.close()
@@ -267,14 +295,14 @@ class ReadAheadWindow:
         finally:
             hold.release()
 
-    def _read_directly(self, offset: int, destination: memoryview, *, last: bool) -> None:
+    def _read_directly(self, offset: int, destination: memoryview, *, part_bytes: int, last: bool) -> None:
         end = offset + len(destination)
         if last and end < self.size and self._store.find(end) is None:
             self._ahead = 0
             self._window_anchor = self._store.request(end, AFTER_DIRECT_BYTES).start
         # The chunks still downloading count towards max_concurrency; the parts take what is left.
         concurrency = max(1, self._max_chunks - self._store.downloading())
-        direct_block_size = min(self._block_size, max(self._direct_part, -(-len(destination) // concurrency)))
+        direct_block_size = min(self._block_size, max(part_bytes, -(-len(destination) // concurrency)))
         direct = DirectReads(
             self._source,
             block_size=direct_block_size,
@@ -285,6 +313,7 @@ class ReadAheadWindow:
 
     def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:
         if forward:
+            self._widening = True  # the reader has left what the last direct read fetched after itself
             return self._store.request(offset, self._block_size)  # the read-ahead follows in _copy_out
         self._ahead = 0
         chunk = self._store.request(offset, JUMP_FETCH_BYTES)
