@@ -166,7 +166,7 @@ class AzStorageTorchBlobClient(ResourceClient):
         :class:`BlobModifiedDuringReadError`. Without it, the first answer pins the version of the
         requests that follow. With ``if_none_match``, a blob that still has that ETag raises
         :class:`BlobNotModified` (its answer has no body). Failures while the body streams in are
-        retried from where they stopped, up to :data:`BODY_READ_ATTEMPTS` times.
+        retried from where they stopped, in :data:`BODY_READ_ATTEMPTS` attempts in all.
 
         With ``validate_content``, every request asks the service for the MD5 of its range (which it
         gives for ranges up to 4 MiB, so larger buffers take several requests) and the bytes received
