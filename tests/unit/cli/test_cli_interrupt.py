@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from azstoragetorch import _cli
-from azstoragetorch._cli import _Copy, _Interrupted, _run_all, _Stopped, _Transfers
+from azstoragetorch._cli import _transfer as _cli
+from azstoragetorch._cli._transfer import _Copy, _Interrupted, _run_all, _Stopped, _Transfers
 from azstoragetorch._client import TransferStats
 
 
