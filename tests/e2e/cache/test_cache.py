@@ -24,7 +24,7 @@ import pytest
 import torch.utils.data
 from azure.core.credentials import AzureNamedKeyCredential
 
-from azstoragetorch import _cache
+from azstoragetorch._cache import _blob_cache as _cache
 from azstoragetorch._client import AzStorageTorchBlobClient, _schedule
 from azstoragetorch._reads import WholeBlobRead
 from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset

@@ -16,7 +16,7 @@ import threading
 
 from azure.core.credentials import AzureNamedKeyCredential
 
-from azstoragetorch import _cache
+from azstoragetorch._cache import _blob_cache as _cache
 from azstoragetorch.datasets import BlobDataset
 from azstoragetorch.testing import ACCOUNT_NAME
 
