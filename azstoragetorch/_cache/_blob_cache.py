@@ -1,126 +1,30 @@
-"""The datasets' local disk cache of whole blobs (``cache_dir=``): epoch 2 and later read local files.
-
-**Layout.** One file per blob, named by the SHA-256 of the blob's URL with its snapshot or version
-but never its SAS token, so a file name reveals neither a secret nor, without the URL, the blob.
-A file holds a header (a magic string, the content's CRC-32 and length, the blob's ETag) and the
-content. A hit needs the URL and the ETag to match, so a blob rewritten since it was cached (a new
-ETag) is read from the service again and its file replaced.
-
-**Which ETag.** By default a hit is confirmed by the service: the read carries ``If-None-Match``
-with the cached ETag, and an unchanged blob answers ``304 Not Modified`` with no body, so a hit
-costs one round trip but no transfer. With ``trust_known_etag`` (``cache_trust_listing=True`` on a
-listed dataset) the ETag the dataset already knows (from its listing) decides alone, with no
-request at all; a blob rewritten after the listing is then served as it was listed.
-
-**Across processes.** DataLoader workers and the ranks of a node share one directory. A file is
-written under a temporary name in the same directory and renamed into place (``os.replace``), so a
-reader sees the old file or the new one, never a part of one; a reader that opened a file keeps
-reading that file even if it is replaced or evicted meanwhile (POSIX unlink semantics). Files are
-not fsynced (a cache can be refetched): every read checks the length and the CRC-32, so a torn or
-damaged file (a power loss, a bit flip) is fetched again.
-
-**Storing in the background.** A blob read from the service is returned at once and handed to one
-writer thread per process, which stores it (the bytes are immutable, so nothing is copied). Until
-it is stored, a read in the same process is served from that memory. At most ``_PENDING_LIMIT``
-bytes (or one larger blob) wait for the writer; a read that would pass it waits for room, so a
-disk slower than the network slows the reads instead of growing the memory. The writer finishes
-its work when the process exits normally (a DataLoader worker too); a process killed meanwhile
-loses the blobs not yet stored, and at worst leaves a temporary file that is never read.
-
-**Eviction.** With ``max_bytes``, the bytes in the directory are counted in its lock file, updated
-under ``flock`` at every store; a store that would pass the limit first deletes the least recently
-used files (by modification time, which every hit refreshes) down to 90% of it. Without a limit
-nothing is evicted, so hits leave the files untouched (no ``utime``). A store waits at most
-``_LOCK_TIMEOUT`` for the lock; a process that holds it longer (stopped, or hung on the disk) makes
-this one stop storing (see "Failures"), rather than stop its samples or its exit.
-
-**Trust.** The directory is used only if no one but its user could change what it holds, as ssh
-requires of its files: it is refused (then read from the service as without a cache) if another
-user owns it, if its group or others can write to it, or if a directory or symbolic link on the way
-to it could be replaced by another user (one owned by someone other than the user or root, or
-writable by group or others without the sticky bit, as ``/tmp`` has). The parts of the path that do
-not exist are created with mode 0o700. The folder is checked once, where the dataset is made
-(:func:`make_cache`; ``BlobDataModule`` in its ``setup``), which gives the one warning of a
-refusal; the verdict pickles with the cache, so DataLoader workers and spawned ranks neither check
-nor warn again. A process that received an accepted folder opens it by path again, walking the same
-checks without creating anything, and uses it only if it is the very directory that was accepted
-(same ``st_dev`` and ``st_ino``): one removed, renamed away and replaced, or made unsafe since is
-not used, with one warning in that process. Every file is then opened, renamed and deleted relative to that descriptor, by a name
-with no slash and with ``O_NOFOLLOW``: a symbolic link planted in the directory is never followed
-(a lock or entry that is one, or a lock with another hard link, is not used; a rename replaces a
-link, never its target). An entry owned by another user (planted while the directory was
-writable) or writable by group or others is a miss, replaced by the store. Only names that the
-cache gives its files are counted or evicted.
-
-**Failures.** A directory that cannot be created is refused as above. One that cannot be written,
-or a full disk, costs one warning per process and directory; that process then stops storing and
-reads from the service as without a cache. An entry that cannot be read is a miss, with its own
-one warning per process and directory: each cause warns once, so one does not silence another.
-"""
+"""The cached read: a blob from its file while that is current, else from the service, then stored."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
-import hashlib
-import multiprocessing.util
 import os
-import re
-import stat
-import struct
 import threading
-import time
 import uuid
-import warnings
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
+from azstoragetorch._cache._eviction import _publish_within_limit
+from azstoragetorch._cache._failures import _reason, _warn_once
+from azstoragetorch._cache._files import (
+    _HEADER,
+    _MAGIC,
+    _NO_LINKS,
+    _TEMP_PREFIX,
+    _file_name,
+    _read_entry,
+    _set_mtime_now,
+    _write_all,
+)
+from azstoragetorch._cache._trust import _node, _open_directory, _Refused, _Verdict
+from azstoragetorch._cache._writer import _writer
 from azstoragetorch._client import AzStorageTorchBlobClient, crc32, pause
 from azstoragetorch._reads import WholeBlobRead
-
-try:
-    import fcntl
-except ImportError:  # Windows: threads of one process still exclude each other; processes race benignly
-    fcntl = None  # type: ignore[assignment]
-
-_MAGIC = b"AZTCACH1"
-_HEADER = struct.Struct("<8sIQH")  # magic, CRC-32 of the content, content length, ETag length
-_USAGE = struct.Struct("<Q")  # bytes of cache files in the directory, kept in the lock file
-_LOCK_NAME = ".lock"
-_TEMP_PREFIX = ".tmp-"
-# Eviction goes below the limit by this fraction, so that the directory is not scanned at every store.
-_EVICT_TO = 0.9
-# Temporary files older than this were left by a process that died while storing.
-_STALE_TEMP_SECONDS = 3600.0
-# Cache files up to this size are read with one system call (and their content sliced out of it).
-_ONE_READ = 64 * 1024
-# The most bytes of fetched blobs that wait, in one process, for the background writer to store them.
-_PENDING_LIMIT = 64 * 1024 * 1024
-# The longest a store waits for the directory's lock, which other processes' stores hold for
-# milliseconds: one held longer belongs to a process that is stopped (Ctrl-Z) or hung on the disk,
-# and waiting for it would stop this process's samples (once the writer is behind) and its exit.
-_LOCK_TIMEOUT = 30.0
-
-# Flags of every open of a file in the directory: never through a symbolic link, never inherited by
-# a program the process runs. Reads add O_NONBLOCK: a FIFO planted under a cache name must not block.
-_NO_LINKS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-_ENTRY_NAME = re.compile(r"[0-9a-f]{64}")  # what _file_name returns: only such files are evicted
-# Symbolic links followed on the way to the directory before it counts as a loop (Linux's limit).
-_MAX_LINKS = 40
-
-_warned_pid = 0
-_warned: set[tuple[str, str]] = set()  # the (directory, cause) pairs this process has warned about
-_warned_lock = threading.Lock()
-
-
-def _new_warned_lock() -> None:
-    global _warned_lock
-    _warned_lock = threading.Lock()  # a thread of the parent may have held it at the fork
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_warned_lock)
 
 
 def make_cache(
@@ -129,7 +33,7 @@ def make_cache(
     """The cache the datasets' ``cache_*`` options ask for (``None`` without ``cache_dir``); checks them.
 
     With ``check``, the folder is also checked (and created) now, in the process that makes the
-    dataset: a refusal warns here, once, and the verdict travels to its workers (see "Trust").
+    dataset: a refusal warns here, once, and the verdict travels to its workers (see the package's "Trust").
     """
     if cache_dir is None:
         if cache_max_bytes is not None or trust_listing:
@@ -171,7 +75,7 @@ class _ProcessState:
         self.lock = threading.Lock()
         self.lock_fd: int | None = None
         self.opening = threading.Lock()
-        self.dir_fd: int | None = None  # the directory, opened and checked once (see "Trust")
+        self.dir_fd: int | None = None  # the directory, opened and checked once (see the package's "Trust")
         self.usable = True  # False once the directory was refused or could not be opened
         self.storing = True  # False after a store failed (unwritable directory, full disk)
 
@@ -180,7 +84,7 @@ class BlobCache:
     """Whole blobs on local disk, keyed by URL and ETag; shared by the processes of a node.
 
     Pickles as its settings and the folder's verdict, so DataLoader workers and spawned ranks each
-    start their own state but neither check nor warn again (see the module's "Trust").
+    start their own state but neither check nor warn again (see the package's "Trust").
     """
 
     def __init__(self, directory: str, max_bytes: int | None, *, trust_known_etag: bool = False) -> None:
@@ -386,52 +290,7 @@ class BlobCache:
         if self.max_bytes is None:
             os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             return
-        with self._locked(state, dir_fd) as lock_fd:
-            usage = os.pread(lock_fd, _USAGE.size, 0)
-            used = -1
-            if len(usage) == _USAGE.size:
-                (counted,) = _USAGE.unpack(usage)
-                used = counted - _size_or_zero(name, dir_fd) + size
-            if used < size:
-                # A new lock file, or a count below the file being replaced (stored by a process
-                # without a limit, which counts nothing): count what is there.
-                used = sum(entry_size for _, entry_size, _ in _entries(dir_fd)) - _size_or_zero(name, dir_fd) + size
-            if used > self.max_bytes:
-                used = self._evict(dir_fd, name, size)
-            # Counted before the rename: a crash in between overcounts, which the next eviction's
-            # scan corrects, and never lets the directory grow past the limit unnoticed.
-            os.pwrite(lock_fd, _USAGE.pack(used), 0)
-            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-
-    def _evict(self, dir_fd: int, name: str, incoming: int) -> int:
-        """Delete the least recently used files until ``incoming`` more bytes fit below 90% of the
-        limit; returns the bytes the directory will hold once ``name`` is replaced by them."""
-        assert self.max_bytes is not None
-        entries = sorted(entry for entry in _entries(dir_fd) if entry[2] != name)
-        total = sum(entry_size for _, entry_size, _ in entries)
-        target = int(self.max_bytes * _EVICT_TO)
-        for _, entry_size, entry_name in entries:
-            if total + incoming <= target:
-                break
-            # A reader that has the file open keeps reading it whole; one that opens it next misses.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry_name, dir_fd=dir_fd)
-            total -= entry_size
-        return total + incoming
-
-    @contextlib.contextmanager
-    def _locked(self, state: _ProcessState, dir_fd: int) -> Iterator[int]:
-        """The directory's lock: the threads of this process, then (``flock``) the other processes."""
-        with state.lock:
-            if state.lock_fd is None:
-                state.lock_fd = _open_lock(dir_fd, os.path.join(self.directory, _LOCK_NAME))
-            if fcntl is not None:
-                _lock_exclusive(state.lock_fd, os.path.join(self.directory, _LOCK_NAME))
-            try:
-                yield state.lock_fd
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(state.lock_fd, fcntl.LOCK_UN)
+        _publish_within_limit(self.directory, self.max_bytes, state, dir_fd, temp, name, size)
 
     def _process_state(self) -> _ProcessState:
         if self._pid != os.getpid():
@@ -440,337 +299,3 @@ class BlobCache:
             self._state = _ProcessState()
             self._pid = os.getpid()
         return self._state
-
-
-class _Writer:
-    """The thread that stores fetched blobs, one per process for all of its caches (see the module's
-    "Storing in the background")."""
-
-    def __init__(self) -> None:
-        self._pid = os.getpid()
-        self._condition = threading.Condition()
-        # In the order handed over; an item stays (and is counted) until it is stored.
-        self._queue: collections.deque[tuple[BlobCache, str, str, bytes]] = collections.deque()
-        self._pending_bytes = 0
-        # The latest blob handed over for each path, served to reads until it is stored.
-        self._latest: dict[str, tuple[str, bytes]] = {}
-        self._thread: threading.Thread | None = None
-
-    def pending(self, path: str) -> tuple[str, bytes] | None:
-        """The ETag and content handed over for ``path`` and not yet stored, if any."""
-        with self._condition:
-            return self._latest.get(path)
-
-    def put(self, cache: BlobCache, path: str, etag: str, data: bytes) -> None:
-        pause("cache.handoff")  # the writer may be storing an older copy of the same blob now
-        with self._condition:
-            while self._pending_bytes and self._pending_bytes + len(data) > _PENDING_LIMIT:
-                self._condition.wait()
-            self._queue.append((cache, path, etag, data))
-            self._pending_bytes += len(data)
-            self._latest[path] = (etag, data)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="azstoragetorch-cache-writer", daemon=True)
-                self._thread.start()
-                # Run at a normal exit, a DataLoader worker's included (atexit is not, in a worker).
-                multiprocessing.util.Finalize(None, self.flush, exitpriority=100)
-            self._condition.notify_all()
-
-    def flush(self) -> None:
-        """Wait until no blob waits to be stored (each is stored, or dropped after a failure)."""
-        if self._pid != os.getpid():
-            return  # a copy inherited by a forked process, without its thread
-        with self._condition:
-            while self._queue:
-                self._condition.wait()
-
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                while not self._queue:
-                    self._condition.wait()
-                cache, path, etag, data = self._queue[0]
-            try:
-                cache._store(path, etag, data)
-            except Exception as error:  # a defect: keep the samples coming, without a cache
-                cache._process_state().storing = False
-                what = f"storing in {cache.directory} failed ({type(error).__name__}: {error})"
-                _warn_once(cache.directory, "store", what)
-            finally:
-                with self._condition:
-                    self._queue.popleft()
-                    self._pending_bytes -= len(data)
-                    if self._latest.get(path, (None, None))[1] is data:
-                        del self._latest[path]  # after the rename: a read finds it on disk now
-                    self._condition.notify_all()
-
-
-_the_writer: _Writer | None = None
-_the_writer_lock = threading.Lock()
-
-
-def _writer() -> _Writer:
-    global _the_writer
-    writer = _the_writer
-    if writer is None or writer._pid != os.getpid():
-        with _the_writer_lock:
-            if _the_writer is None or _the_writer._pid != os.getpid():
-                _the_writer = _Writer()
-            writer = _the_writer
-    return writer
-
-
-def _forget_writer() -> None:
-    global _the_writer, _the_writer_lock
-    _the_writer = None  # the parent's thread is not in the child; its queue belongs to the parent
-    _the_writer_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_writer)
-
-
-def flush() -> None:
-    """Wait until this process has stored every blob it has read (tests, and callers that copy a cache)."""
-    _writer().flush()
-
-
-class _Refused(Exception):
-    """The cache directory, or the way to it, could be changed by another user."""
-
-
-class _Verdict(NamedTuple):
-    """What checking the folder found, carried to other processes by pickling."""
-
-    node: str  # the machine that checked: a verdict sent elsewhere is of another folder
-    identity: tuple[int, int] | None  # (st_dev, st_ino) of the accepted folder
-    refusal: str | None  # why it is not used, if it is not
-
-
-def _node() -> str:
-    return os.uname().nodename if hasattr(os, "uname") else ""
-
-
-def _open_directory(directory: str, *, create: bool = True) -> int:
-    """A descriptor of ``directory`` (absolute), created with mode 0o700 where it is missing (with
-    ``create``), once it and the way to it are safe (see the module's "Trust"); raises
-    :class:`_Refused` if not."""
-    if os.name != "posix" or os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
-        raise _Refused("this platform cannot open files without following symbolic links")
-    uid = os.geteuid()
-    # Walked one name at a time, following links by hand, so that every directory passed through and
-    # every link followed is checked (realpath would hide a link in a directory others can write).
-    todo = directory.split("/")[::-1]
-    current = "/"
-    found = _lstat_safe("/", uid)
-    links = 0
-    while todo:
-        part = todo.pop()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            current = os.path.dirname(current)  # a resolved path: lexical is right here
-            found = os.lstat(current)
-            continue
-        path = os.path.join(current, part)
-        try:
-            found = _lstat_safe(path, uid)
-        except FileNotFoundError:
-            if not create:
-                raise
-            # Only the user can add to a safe directory, except a sticky one (/tmp), where another
-            # user may have made it first: then it is theirs, and the checks below refuse it.
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(path, 0o700)
-            found = _lstat_safe(path, uid)
-        if stat.S_ISLNK(found.st_mode):
-            links += 1
-            if links > _MAX_LINKS:
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
-            target = os.readlink(path)
-            if target.startswith("/"):
-                current = "/"
-            todo.extend(target.split("/")[::-1])
-            continue
-        if not stat.S_ISDIR(found.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
-        if found.st_mode & 0o022 and not found.st_mode & stat.S_ISVTX:
-            raise _Refused(_writable_by_others(path, found))  # another user could rename what it holds
-        current = path
-    fd = os.open(current, os.O_RDONLY | os.O_DIRECTORY | _NO_LINKS)
-    try:
-        opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (found.st_dev, found.st_ino):
-            raise _Refused(f"{current} was replaced while it was checked")
-        if opened.st_uid != uid:
-            raise _Refused(f"{current} is owned by uid {opened.st_uid}, not by this user (uid {uid})")
-        if opened.st_mode & 0o022:  # sticky or not: another user could add files to it
-            raise _Refused(_writable_by_others(current, opened))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _writable_by_others(path: str, found: os.stat_result) -> str:
-    mode = stat.S_IMODE(found.st_mode)
-    return f"{path} can be written by its group or by others (mode {mode:#o}); 'chmod go-w {path}' makes it safe"
-
-
-def _lstat_safe(path: str, uid: int) -> os.stat_result:
-    """``os.lstat(path)``, if the user or root owns it: only they may choose what a name on the way
-    to the cache stands for."""
-    found = os.lstat(path)
-    if found.st_uid not in (uid, 0):
-        raise _Refused(f"{path} is owned by uid {found.st_uid}, not by this user (uid {uid}) or root")
-    return found
-
-
-def _open_lock(dir_fd: int, path: str) -> int:
-    try:
-        fd = os.open(_LOCK_NAME, os.O_RDWR | os.O_CREAT | _NO_LINKS, 0o600, dir_fd=dir_fd)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise OSError(errno.ELOOP, f"{path} is a symbolic link, which the cache never follows", path) from None
-        raise
-    found = os.fstat(fd)
-    if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1 or found.st_uid != os.geteuid():
-        os.close(fd)  # another name for another file: writing the count would change that file
-        raise OSError(errno.EPERM, f"{path} is not a plain file of this user's with one name", path)
-    return fd
-
-
-def _lock_exclusive(fd: int, path: str) -> None:
-    """``flock(LOCK_EX)``, waiting at most ``_LOCK_TIMEOUT``; then an :class:`OSError` (the store fails)."""
-    assert fcntl is not None
-    deadline = time.monotonic() + _LOCK_TIMEOUT
-    delay = 0.001
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                message = f"{path} was held by another process for {_LOCK_TIMEOUT:g} s"
-                raise OSError(errno.ETIMEDOUT, message, path) from None
-        time.sleep(delay)
-        delay = min(2 * delay, 0.05)
-
-
-def _entries(dir_fd: int) -> list[tuple[float, int, str]]:
-    """(mtime, size, name) of every cache file; removes temporary files left by dead processes."""
-    found = []
-    now = time.time()
-    with os.scandir(dir_fd) as scan:
-        for entry in scan:
-            try:
-                entry_stat = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if entry.name.startswith(_TEMP_PREFIX):
-                if now - entry_stat.st_mtime > _STALE_TEMP_SECONDS:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.name, dir_fd=dir_fd)
-            elif _ENTRY_NAME.fullmatch(entry.name) and stat.S_ISREG(entry_stat.st_mode):
-                # Only the cache's own names: a user's file in the directory is neither counted nor evicted.
-                found.append((entry_stat.st_mtime, entry_stat.st_size, entry.name))
-    return found
-
-
-def _file_name(display_url: str) -> str:
-    # The display URL keeps the snapshot or version (another blob's content) and drops the SAS.
-    return hashlib.sha256(display_url.encode()).hexdigest()
-
-
-def _read_entry(fd: int) -> tuple[str, bytes] | None:
-    """The ETag and content of the cache file open at ``fd``; ``None`` if it is torn or damaged."""
-    found = os.fstat(fd)
-    if not stat.S_ISREG(found.st_mode):
-        return None  # a directory, FIFO or device under a cache name
-    if found.st_uid != os.geteuid() or found.st_mode & 0o022:
-        # Planted while the folder was writable (a later 'chmod go-w' keeps it), or writable by
-        # others through another name: whoever can write it chooses the sample.
-        return None
-    size = found.st_size
-    # Few system calls, and the content copied once: a small file in one read; a large one's header
-    # and ETag (a few dozen bytes) in one, then its content straight into the returned bytes.
-    head = os.pread(fd, size if size <= _ONE_READ else _HEADER.size + 256, 0)
-    if len(head) < _HEADER.size:
-        return None
-    magic, checksum, length, etag_length = _HEADER.unpack_from(head)
-    start = _HEADER.size + etag_length
-    if magic != _MAGIC or size != start + length:
-        return None
-    if len(head) < start:  # an unusually long ETag
-        head = os.pread(fd, start, 0)
-        if len(head) < start:
-            return None
-    data = head[start:] if len(head) == size else _pread_exactly(fd, length, start)
-    if data is None or crc32(data) != checksum:
-        return None
-    return head[_HEADER.size : start].decode("utf-8", "replace"), data
-
-
-def _pread_exactly(fd: int, length: int, offset: int) -> bytes | None:
-    data = os.pread(fd, length, offset)
-    if len(data) == length:
-        return data
-    pieces = [data]  # a read returns at most about 2 GiB at once
-    done = len(data)
-    while done < length:
-        piece = os.pread(fd, length - done, offset + done)
-        if not piece:
-            return None  # shorter than its header says (truncated since the fstat)
-        pieces.append(piece)
-        done += len(piece)
-    return b"".join(pieces)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd`` (the seam where tests make the disk full)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _set_mtime_now(file: int | str, dir_fd: int | None = None) -> None:
-    """Stamp an open file, or a name in the directory (a link's own stamp, never its target's)."""
-    # From the clock in nanoseconds: the kernel stamps files from a coarse clock (a few ms), too
-    # coarse to order the files of a busy cache.
-    now = time.time_ns()
-    if isinstance(file, int):
-        os.utime(file, ns=(now, now))
-    else:
-        os.utime(file, ns=(now, now), dir_fd=dir_fd, follow_symlinks=False)
-
-
-def _size_or_zero(name: str, dir_fd: int) -> int:
-    """The size of the cache file ``name`` as :func:`_entries` counts it (a link or directory: 0)."""
-    try:
-        found = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return 0
-    return found.st_size if stat.S_ISREG(found.st_mode) else 0
-
-
-def _reason(error: OSError) -> str:
-    return error.strerror or errno.errorcode.get(error.errno or 0, "") or type(error).__name__
-
-
-def _warn_once(directory: str, cause: str, what: str) -> None:
-    """One warning per process, directory and cause (``folder``, ``changed``, ``read``, ``store``) for
-    what makes the cache fall back to the service: an unreadable entry does not hide a full disk."""
-    global _warned_pid
-    with _warned_lock:  # samples are fetched by several threads, which may fail at once
-        if _warned_pid != os.getpid():
-            _warned_pid = os.getpid()
-            _warned.clear()
-        if (directory, cause) in _warned:
-            return
-        _warned.add((directory, cause))
-    warnings.warn(
-        f"azstoragetorch: the dataset cache is not working: {what}; samples are read from Azure Blob Storage "
-        "instead (this warning is shown once per process, cache directory and cause).",
-        RuntimeWarning,
-        stacklevel=2,
-    )

@@ -24,8 +24,9 @@ import pytest
 import torch.utils.data
 from azure.core.credentials import AzureNamedKeyCredential
 
-from azstoragetorch._cache import _blob_cache as _cache
-from azstoragetorch._client import AzStorageTorchBlobClient, _schedule
+from azstoragetorch import _cache
+from azstoragetorch._cache import _blob_cache, _failures, _files, _lock
+from azstoragetorch._client import AzStorageTorchBlobClient, _schedule, crc32
 from azstoragetorch._reads import WholeBlobRead
 from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
 from azstoragetorch.testing import ACCOUNT_KEY, Azurite
@@ -174,7 +175,7 @@ def as_list(batch: list[Any]) -> list[Any]:
 
 def cache_holds_intact_copies(directory: Path, container: Container) -> None:
     """Every cache file is intact and holds the current content of the blob its name stands for."""
-    by_file = {_cache._file_name(container.blob_url(n)): index for index, n in enumerate(NAMES)}
+    by_file = {_files._file_name(container.blob_url(n)): index for index, n in enumerate(NAMES)}
     reader = _cache.BlobCache(str(directory), None)
     for path in cache_files(directory):
         cached = reader._lookup(str(path))
@@ -256,8 +257,8 @@ def test_a_full_disk_falls_back_to_the_service_with_one_warning(
         os.write(fd, memoryview(data)[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(_cache, "_write_all", fill_up)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_blob_cache, "_write_all", fill_up)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     dataset = BlobDataset.from_blob_urls(
         [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path
     )
@@ -282,7 +283,7 @@ def test_a_cache_dir_that_cannot_be_a_directory_falls_back_with_one_warning(
 ) -> None:
     occupied = tmp_path / "occupied"
     occupied.write_bytes(b"not a directory")
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset = IterableBlobDataset.from_container_url(
@@ -308,7 +309,7 @@ def test_a_damaged_cache_file_is_detected_and_fetched_again(
         want = [item["data"] for item in expected(blobs)]
         assert [sample["data"] for sample in samples(dataset)] == want
         _cache.flush()
-        files = {index: tmp_path / _cache._file_name(proxy.url(blobs.blob_url(name(index)))) for index in range(COUNT)}
+        files = {index: tmp_path / _files._file_name(proxy.url(blobs.blob_url(name(index)))) for index in range(COUNT)}
         damaged = {
             3: lambda data: data[:-1000] + bytes([data[-1000] ^ 0x10]) + data[-999:],  # one bit flipped
             4: lambda data: data[:-1],  # truncated
@@ -349,7 +350,7 @@ def test_least_recently_used_blobs_are_evicted_and_the_cache_stays_within_its_li
         cache_max_bytes=limit,
     )
     recency: list[str] = []  # least recently used first
-    file_names = {_cache._file_name(container.blob_url(n)): n for n in names}
+    file_names = {_files._file_name(container.blob_url(n)): n for n in names}
     order = [*range(10), 7, 3, 7, *range(10, 20), 12, 0, 1, 19, 2]
     for index in order:
         assert dataset[index]["data"] == sized[names[index]]
@@ -368,7 +369,7 @@ def test_files_stored_without_a_limit_leave_a_limited_cache_storing_and_counting
 ) -> None:
     """A job without cache_max_bytes (an evaluation script) shares the folder with one that has it:
     the files it stores are not in the count, which then must not go wrong in the limited job."""
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     limited = _cache.BlobCache(str(tmp_path), 10**6)
     unlimited = _cache.BlobCache(str(tmp_path), None)
     small, large, linked = (str(tmp_path / (digit * 64)) for digit in "abc")
@@ -458,7 +459,7 @@ def test_a_sample_returns_before_its_blob_is_stored_and_is_served_from_memory_me
     blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: Any
 ) -> None:
     stored = threading.Event()
-    write_all = _cache._write_all
+    write_all = _blob_cache._write_all
 
     def held(fd: int, data: bytes) -> None:
         # A store in the sample's own thread would wait here, and the read would fail.
@@ -466,7 +467,7 @@ def test_a_sample_returns_before_its_blob_is_stored_and_is_served_from_memory_me
             raise RuntimeError("the store held up the sample that read the blob")
         write_all(fd, data)
 
-    monkeypatch.setattr(_cache, "_write_all", held)
+    monkeypatch.setattr(_blob_cache, "_write_all", held)
     with FaultProxy(azurite.port) as proxy:
         dataset = BlobDataset.from_container_url(
             proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
@@ -478,7 +479,7 @@ def test_a_sample_returns_before_its_blob_is_stored_and_is_served_from_memory_me
         assert gets(proxy)[seen:] == []
         stored.set()
         _cache.flush()
-    assert [path.name for path in cache_files(tmp_path)] == [_cache._file_name(proxy.url(blobs.blob_url(name(3))))]
+    assert [path.name for path in cache_files(tmp_path)] == [_files._file_name(proxy.url(blobs.blob_url(name(3))))]
     assert _cache.BlobCache(str(tmp_path), None)._lookup(str(cache_files(tmp_path)[0])) is not None
 
 
@@ -519,7 +520,7 @@ def test_a_process_killed_while_storing_leaves_no_torn_file_to_be_served(
                 filler.kill()
             filler.wait()
         assert len([path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]) == 1  # the torn one
-        by_file = {_cache._file_name(url): index for index, url in enumerate(urls)}
+        by_file = {_files._file_name(url): index for index, url in enumerate(urls)}
         assert sorted(by_file[path.name] for path in cache_files(tmp_path)) == list(range(finished))
 
         seen = len(gets(proxy))
@@ -558,7 +559,7 @@ def test_a_batch_reads_trusted_hits_in_its_own_thread_and_hands_the_rest_to_the_
     assert sorted(handed) == NAMES  # all misses
     _cache.flush()
     blobs.upload(name(5), content(5, generation=1))  # the cached copy is stale for a new listing
-    damaged = tmp_path / _cache._file_name(blobs.blob_url(name(3)))
+    damaged = tmp_path / _files._file_name(blobs.blob_url(name(3)))
     damaged.write_bytes(damaged.read_bytes()[:-1])
     handed.clear()
     with with_seed(random.randrange(2**32)):
@@ -591,8 +592,8 @@ def test_a_lock_held_by_another_process_for_good_costs_one_warning_not_a_hang(
         "print('held', flush=True)\n"
         "time.sleep(600)\n"
     )
-    monkeypatch.setattr(_cache, "_LOCK_TIMEOUT", 1.0)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_lock, "_LOCK_TIMEOUT", 1.0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     dataset = BlobDataset.from_blob_urls(
         [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path, cache_max_bytes=10**9
     )
@@ -666,7 +667,7 @@ def test_a_lock_file_that_is_a_link_is_not_written_through(
         (cache_dir / ".lock").symlink_to(victim)
     else:
         os.link(victim, cache_dir / ".lock")
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     dataset = BlobDataset.from_blob_urls(
         [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=cache_dir, cache_max_bytes=10**9
     )
@@ -678,16 +679,16 @@ def test_a_lock_file_that_is_a_link_is_not_written_through(
 
 def forged_entry(real_entry: bytes, data: bytes) -> bytes:
     """A cache file with ``real_entry``'s ETag (so it is a hit) and other content, CRC-32 included."""
-    magic, _checksum, _length, etag_length = _cache._HEADER.unpack_from(real_entry)
-    etag = real_entry[_cache._HEADER.size : _cache._HEADER.size + etag_length]
-    return _cache._HEADER.pack(magic, _cache.crc32(data), len(data), etag_length) + etag + data
+    magic, _checksum, _length, etag_length = _files._HEADER.unpack_from(real_entry)
+    etag = real_entry[_files._HEADER.size : _files._HEADER.size + etag_length]
+    return _files._HEADER.pack(magic, crc32(data), len(data), etag_length) + etag + data
 
 
 def genuine_entry(dataset: Any, container: Container, directory: Path) -> tuple[str, bytes]:
     """The name and bytes of blob 3's cache file, once ``dataset`` (cached in ``directory``) was read."""
     samples(dataset)
     _cache.flush()
-    entry_name = _cache._file_name(container.blob_url(name(3)))
+    entry_name = _files._file_name(container.blob_url(name(3)))
     return entry_name, (directory / entry_name).read_bytes()
 
 
@@ -719,7 +720,7 @@ def test_an_entry_that_is_a_symbolic_link_is_never_served_nor_written_through(
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(mode=0o700)
     (cache_dir / entry_name).symlink_to(elsewhere)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     assert read_twice_recording_warnings(dataset(cache_dir)) == []
     assert snapshot(elsewhere) == before
     # The store's rename replaced the link itself: the entry is now a real cache file.
@@ -734,7 +735,7 @@ def test_an_entry_name_taken_by_a_fifo_is_a_miss_not_a_hang(
     """Opening a FIFO to read waits for a writer that never comes: the cache must not wait."""
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(mode=0o700)
-    entry = cache_dir / _cache._file_name(blobs.blob_url(name(3)))
+    entry = cache_dir / _files._file_name(blobs.blob_url(name(3)))
     os.mkfifo(entry)
     dataset = BlobDataset.from_blob_urls([blobs.blob_url(name(3))], credential=account_credential, cache_dir=cache_dir)
     read: list[bytes] = []
@@ -779,7 +780,7 @@ def test_an_entry_another_user_could_have_written_is_never_served(
         entry.chmod(0o644)
     else:
         entry.chmod(0o666)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     assert read_twice_recording_warnings(dataset(cache_dir)) == []  # content(3) served, both epochs
     # The planted file was replaced by the cache's own copy.
     assert (entry.stat().st_uid, oct(entry.stat().st_mode & 0o777)) == (os.geteuid(), "0o600")
@@ -796,9 +797,9 @@ def test_a_temporary_name_taken_by_a_symbolic_link_is_not_written_through(
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(mode=0o700)
     fixed = uuid.UUID(int=7)
-    (cache_dir / f"{_cache._TEMP_PREFIX}{fixed.hex}").symlink_to(victim)
-    monkeypatch.setattr(_cache.uuid, "uuid4", lambda: fixed)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    (cache_dir / f"{_files._TEMP_PREFIX}{fixed.hex}").symlink_to(victim)
+    monkeypatch.setattr(uuid, "uuid4", lambda: fixed)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     cache = _cache.BlobCache(str(cache_dir), 10**6)
     entry = str(cache_dir / ("a" * 64))
     with warnings.catch_warnings(record=True) as caught:
@@ -889,7 +890,7 @@ def test_a_cache_folder_others_could_change_is_refused_with_one_warning(
         parent.chmod(0o775)
         cache_dir.symlink_to(mine)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     with FaultProxy(azurite.port) as proxy:
         with warnings.catch_warnings(record=True) as caught:  # the folder is judged as the dataset is made
             warnings.simplefilter("always")
@@ -940,7 +941,7 @@ def test_the_refusal_warning_is_given_once_per_process_and_folder(
     for folder in folders:
         folder.mkdir()
         folder.chmod(0o777)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for folder in [*folders, folders[0]]:
@@ -1034,7 +1035,7 @@ def test_a_data_module_checks_its_cache_folder_in_setup_not_in_init(
     refused = tmp_path / "refused"
     refused.mkdir()
     refused.chmod(0o777)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     data = BlobDataModule(train=blobs.url, credential=account_credential, cache_dir=refused)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1065,9 +1066,9 @@ def test_each_cause_of_falling_back_warns_once(
     def full(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(_cache, "_read_entry", unreadable)
-    monkeypatch.setattr(_cache, "_write_all", full)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_blob_cache, "_read_entry", unreadable)
+    monkeypatch.setattr(_blob_cache, "_write_all", full)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     warned = read_twice_recording_warnings(dataset)  # every entry unreadable, so every blob is stored again
     assert len(warned) == 2, warned
     assert "reading" in warned[0] and os.strerror(errno.EIO) in warned[0]
