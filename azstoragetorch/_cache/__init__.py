@@ -60,4 +60,12 @@ one warning per process and directory: each cause warns once, so one does not si
 
 from azstoragetorch._cache._blob_cache import BlobCache as BlobCache
 from azstoragetorch._cache._blob_cache import make_cache as make_cache
+from azstoragetorch._cache._trust import _Verdict
 from azstoragetorch._cache._writer import flush as flush
+
+# A dataset's cache is pickled into spawned DataLoader workers and ranks with the folder's verdict:
+# both classes keep this package as their home, so that a pickle does not depend on which private
+# module defines them.
+for _cls in (BlobCache, _Verdict):
+    _cls.__module__ = __name__
+del _cls

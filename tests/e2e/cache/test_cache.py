@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import pickle
+import pickletools
 import random
 import subprocess
 import sys
@@ -439,6 +441,18 @@ def test_a_transform_reads_through_the_cache_with_blob_read(
         reads = len(gets(proxy))
         assert samples(dataset) == want
         assert len(gets(proxy)) == reads
+
+
+def test_a_pickled_cache_names_only_the_package(tmp_path: Path) -> None:
+    """Spawned DataLoader workers and ranks unpickle the dataset's cache, with the folder's verdict:
+    the pickle must not depend on which private module of the package defines what it holds."""
+    cache = _cache.BlobCache(str(tmp_path), None)
+    cache.check()
+    pickled = pickle.dumps(cache)
+    names = {arg for _, arg, _ in pickletools.genops(pickled) if isinstance(arg, str)}
+    assert {name for name in names if name.startswith("azstoragetorch")} == {"azstoragetorch._cache"}
+    assert {"BlobCache", "_Verdict"} <= names
+    assert pickle.loads(pickled)._verdict == cache._verdict
 
 
 def test_cache_options_are_checked(blobs: Container) -> None:
