@@ -67,6 +67,18 @@ def blobs(container: Container) -> Container:
     return container
 
 
+@pytest.fixture
+def trusting(
+    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> Iterator[tuple[FaultProxy, BlobDataset]]:
+    """A dataset of ``blobs``, read through a fault proxy and cached in ``tmp_path``, trusting its listing."""
+    with FaultProxy(azurite.port) as proxy:
+        dataset = BlobDataset.from_container_url(
+            proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
+        )
+        yield proxy, dataset
+
+
 def expected(container: Container, generation: dict[int, int] | None = None) -> list[dict[str, Any]]:
     generation = generation or {}
     return [
@@ -127,16 +139,13 @@ def test_a_conditional_read_answers_nothing_for_the_current_etag(blobs: Containe
 
 
 def test_trusting_the_listing_reads_nothing_in_epoch_two(
-    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+    blobs: Container, trusting: tuple[FaultProxy, BlobDataset]
 ) -> None:
-    with FaultProxy(azurite.port) as proxy:
-        dataset = BlobDataset.from_container_url(
-            proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
-        )
-        first = [sample["data"] for sample in samples(dataset)]
-        seen = len(proxy.requests)
-        assert [sample["data"] for sample in samples(dataset)] == first == [item["data"] for item in expected(blobs)]
-        assert proxy.requests[seen:] == []  # no read, no HEAD, the empty blob included
+    proxy, dataset = trusting
+    first = [sample["data"] for sample in samples(dataset)]
+    seen = len(proxy.requests)
+    assert [sample["data"] for sample in samples(dataset)] == first == [item["data"] for item in expected(blobs)]
+    assert proxy.requests[seen:] == []  # no read, no HEAD, the empty blob included
 
 
 # -- freshness --------------------------------------------------------------------------------------
@@ -302,34 +311,31 @@ def test_a_cache_dir_that_cannot_be_a_directory_falls_back_with_one_warning(
 
 
 def test_a_damaged_cache_file_is_detected_and_fetched_again(
-    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+    blobs: Container, tmp_path: Path, trusting: tuple[FaultProxy, BlobDataset]
 ) -> None:
-    with FaultProxy(azurite.port) as proxy:
-        dataset = BlobDataset.from_container_url(
-            proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
-        )
-        want = [item["data"] for item in expected(blobs)]
-        assert [sample["data"] for sample in samples(dataset)] == want
-        _cache.flush()
-        files = {index: tmp_path / _files._file_name(proxy.url(blobs.blob_url(name(index)))) for index in range(COUNT)}
-        damaged = {
-            3: lambda data: data[:-1000] + bytes([data[-1000] ^ 0x10]) + data[-999:],  # one bit flipped
-            4: lambda data: data[:-1],  # truncated
-            6: lambda data: b"X" + data[1:],  # header damaged
-            7: lambda data: b"",  # empty (a crash before the data reached the disk)
-            8: lambda data: data + b"\0",  # too long
-        }
-        for index, damage in damaged.items():
-            files[index].write_bytes(damage(files[index].read_bytes()))
-        seen = len(gets(proxy))
-        assert [sample["data"] for sample in samples(dataset)] == want
-        assert sorted(read.path.rsplit("/", 1)[1] for read in gets(proxy)[seen:]) == [
-            name(index).rsplit("/", 1)[1] for index in sorted(damaged)
-        ]
-        # Repaired: the next epoch reads nothing.
-        seen = len(gets(proxy))
-        assert [sample["data"] for sample in samples(dataset)] == want
-        assert gets(proxy)[seen:] == []
+    proxy, dataset = trusting
+    want = [item["data"] for item in expected(blobs)]
+    assert [sample["data"] for sample in samples(dataset)] == want
+    _cache.flush()
+    files = {index: tmp_path / _files._file_name(proxy.url(blobs.blob_url(name(index)))) for index in range(COUNT)}
+    damaged = {
+        3: lambda data: data[:-1000] + bytes([data[-1000] ^ 0x10]) + data[-999:],  # one bit flipped
+        4: lambda data: data[:-1],  # truncated
+        6: lambda data: b"X" + data[1:],  # header damaged
+        7: lambda data: b"",  # empty (a crash before the data reached the disk)
+        8: lambda data: data + b"\0",  # too long
+    }
+    for index, damage in damaged.items():
+        files[index].write_bytes(damage(files[index].read_bytes()))
+    seen = len(gets(proxy))
+    assert [sample["data"] for sample in samples(dataset)] == want
+    assert sorted(read.path.rsplit("/", 1)[1] for read in gets(proxy)[seen:]) == [
+        name(index).rsplit("/", 1)[1] for index in sorted(damaged)
+    ]
+    # Repaired: the next epoch reads nothing.
+    seen = len(gets(proxy))
+    assert [sample["data"] for sample in samples(dataset)] == want
+    assert gets(proxy)[seen:] == []
     _cache.flush()
     assert len(cache_files(tmp_path)) == COUNT
 

@@ -22,6 +22,20 @@ from azstoragetorch._cli._transfer import _Stopped, _Transfers
 from azstoragetorch._client import TransferStats
 
 
+def transfer_pieces(transfers: _Transfers, pieces: int, outcomes: list[str]) -> None:
+    """A transfer of ``pieces`` pieces of 10 ms that checks between them for the order to stop, as
+    ``cp``'s do: ``stopped`` is appended to ``outcomes`` (and the stop raised) if it comes in time,
+    else ``committed``."""
+    try:
+        for _ in range(pieces):
+            transfers.check()
+            threading.Event().wait(0.01)
+    except _Stopped:
+        outcomes.append("stopped")
+        raise
+    outcomes.append("committed")
+
+
 def test_ctrl_c_while_transfers_are_being_started_stops_those_already_running(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -31,14 +45,7 @@ def test_ctrl_c_while_transfers_are_being_started_stops_those_already_running(
 
     def copy_one(copy: _Copy) -> Any:
         running.set()
-        try:
-            for _ in range(500):  # a transfer of many pieces, checking between them
-                transfers.check()
-                threading.Event().wait(0.01)
-        except _Stopped:
-            outcomes.append("stopped")
-            raise
-        outcomes.append("committed")
+        transfer_pieces(transfers, 500, outcomes)
         return None
 
     submit = concurrent.futures.ThreadPoolExecutor.submit
@@ -104,14 +111,7 @@ def held_upload(outcomes: list[str], signal_to_send: signal.Signals) -> Any:
     def upload(copy: _Copy, credential: Any, hook: Any, transfers: _Transfers) -> Any:
         main_thread_waits_for_the_transfers()
         signal.pthread_kill(threading.get_ident(), signal_to_send)
-        try:
-            for _ in range(6000):
-                transfers.check()
-                threading.Event().wait(0.01)
-        except _Stopped:
-            outcomes.append("stopped")
-            raise
-        outcomes.append("committed")
+        transfer_pieces(transfers, 6000, outcomes)
         return TransferStats()
 
     return upload
