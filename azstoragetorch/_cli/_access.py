@@ -6,12 +6,7 @@ import os
 
 from azure.core.credentials import AzureNamedKeyCredential
 
-from azstoragetorch._client import (
-    AzStorageTorchContainerClient,
-    BlobUrl,
-    ContainerUrl,
-    CredentialArgument,
-)
+from azstoragetorch._client import AzStorageTorchContainerClient, BlobUrl, ContainerUrl, CredentialArgument
 
 ACCOUNT_KEY_VARIABLE = "AZURE_STORAGE_KEY"
 

@@ -25,10 +25,7 @@ from azstoragetorch._cli._transfer import (
     _Transfers,
     _upload_one,
 )
-from azstoragetorch._client import (
-    AzStorageTorchContainerClient,
-    TransferStats,
-)
+from azstoragetorch._client import AzStorageTorchContainerClient, TransferStats
 
 # How long the first Ctrl-C waits for transfers to notice that they must stop before the process exits
 # without them: a transfer blocked on a slow or throttled request would otherwise hold it for minutes.

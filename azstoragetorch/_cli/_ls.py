@@ -12,10 +12,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from azstoragetorch._cli._access import _container_and_prefix
 from azstoragetorch._cli._output import _printable, _size
-from azstoragetorch._client import (
-    AzStorageTorchContainerClient,
-    ListedBlob,
-)
+from azstoragetorch._client import AzStorageTorchContainerClient, ListedBlob
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 DCP_METADATA = ".metadata"

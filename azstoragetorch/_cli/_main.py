@@ -16,9 +16,7 @@ from azstoragetorch._cli._cp import command_cp
 from azstoragetorch._cli._ls import command_ls
 from azstoragetorch._cli._signals import _Interrupted, _sigterm_as_ctrl_c
 from azstoragetorch._cli._verify import command_verify
-from azstoragetorch._client import (
-    redact,
-)
+from azstoragetorch._client import redact
 from azstoragetorch.exceptions import AZStorageTorchError
 
 

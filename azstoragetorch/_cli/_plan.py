@@ -10,9 +10,7 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from azstoragetorch._cli._access import _blob_url, _UsageError
 from azstoragetorch._cli._local_paths import local_collisions, local_parts
-from azstoragetorch._client import (
-    AzStorageTorchContainerClient,
-)
+from azstoragetorch._client import AzStorageTorchContainerClient
 
 
 @dataclasses.dataclass

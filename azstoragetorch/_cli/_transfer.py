@@ -13,10 +13,7 @@ from typing import Any
 
 from azstoragetorch._cli._output import _MiB
 from azstoragetorch._cli._plan import _Copy, _Refused
-from azstoragetorch._client import (
-    CredentialArgument,
-    TransferStats,
-)
+from azstoragetorch._client import CredentialArgument, TransferStats
 from azstoragetorch.io import BlobIO
 
 _COPY_PIECE = 8 * _MiB

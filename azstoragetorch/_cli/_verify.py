@@ -11,10 +11,7 @@ from azstoragetorch._cli._access import _blob_url, _container_and_prefix, _Usage
 from azstoragetorch._cli._ls import DCP_METADATA, _is_dcp_checkpoint
 from azstoragetorch._cli._output import _printable, _size
 from azstoragetorch._cli._transfer import _COPY_PIECE
-from azstoragetorch._client import (
-    AzStorageTorchContainerClient,
-    crc32,
-)
+from azstoragetorch._client import AzStorageTorchContainerClient, crc32
 from azstoragetorch.exceptions import ChecksumMismatchError
 from azstoragetorch.io import BlobIO
 
