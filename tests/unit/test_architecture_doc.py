@@ -18,7 +18,17 @@ _PACKAGE = _REPO / "azstoragetorch"
 _PAGE = _REPO / "docs" / "architecture.rst"
 
 # The packages whose every module and subpackage the page must name (relative to azstoragetorch/).
-_MAPPED_PACKAGES = ("", "_client", "_reads", "datasets", "integrations", "integrations/dcp", "integrations/lightning")
+_MAPPED_PACKAGES = (
+    "",
+    "_cache",
+    "_cli",
+    "_client",
+    "_reads",
+    "datasets",
+    "integrations",
+    "integrations/dcp",
+    "integrations/lightning",
+)
 # Top-level folders of the repository: a path starting with one is checked from the repository's root.
 _REPO_FOLDERS = ("azstoragetorch", "tests", "benchmarks", "docs", "examples", "tools")
 

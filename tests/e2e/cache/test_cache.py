@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import pickle
+import pickletools
 import random
 import subprocess
 import sys
@@ -25,7 +27,8 @@ import torch.utils.data
 from azure.core.credentials import AzureNamedKeyCredential
 
 from azstoragetorch import _cache
-from azstoragetorch._client import AzStorageTorchBlobClient, _schedule
+from azstoragetorch._cache import _blob_cache, _failures, _files, _lock
+from azstoragetorch._client import AzStorageTorchBlobClient, _schedule, crc32
 from azstoragetorch._reads import WholeBlobRead
 from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
 from azstoragetorch.testing import ACCOUNT_KEY, Azurite
@@ -62,6 +65,18 @@ def blobs(container: Container) -> Container:
     for index in range(COUNT):
         container.upload(name(index), content(index))
     return container
+
+
+@pytest.fixture
+def trusting(
+    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+) -> Iterator[tuple[FaultProxy, BlobDataset]]:
+    """A dataset of ``blobs``, read through a fault proxy and cached in ``tmp_path``, trusting its listing."""
+    with FaultProxy(azurite.port) as proxy:
+        dataset = BlobDataset.from_container_url(
+            proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
+        )
+        yield proxy, dataset
 
 
 def expected(container: Container, generation: dict[int, int] | None = None) -> list[dict[str, Any]]:
@@ -124,16 +139,13 @@ def test_a_conditional_read_answers_nothing_for_the_current_etag(blobs: Containe
 
 
 def test_trusting_the_listing_reads_nothing_in_epoch_two(
-    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+    blobs: Container, trusting: tuple[FaultProxy, BlobDataset]
 ) -> None:
-    with FaultProxy(azurite.port) as proxy:
-        dataset = BlobDataset.from_container_url(
-            proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
-        )
-        first = [sample["data"] for sample in samples(dataset)]
-        seen = len(proxy.requests)
-        assert [sample["data"] for sample in samples(dataset)] == first == [item["data"] for item in expected(blobs)]
-        assert proxy.requests[seen:] == []  # no read, no HEAD, the empty blob included
+    proxy, dataset = trusting
+    first = [sample["data"] for sample in samples(dataset)]
+    seen = len(proxy.requests)
+    assert [sample["data"] for sample in samples(dataset)] == first == [item["data"] for item in expected(blobs)]
+    assert proxy.requests[seen:] == []  # no read, no HEAD, the empty blob included
 
 
 # -- freshness --------------------------------------------------------------------------------------
@@ -174,7 +186,7 @@ def as_list(batch: list[Any]) -> list[Any]:
 
 def cache_holds_intact_copies(directory: Path, container: Container) -> None:
     """Every cache file is intact and holds the current content of the blob its name stands for."""
-    by_file = {_cache._file_name(container.blob_url(n)): index for index, n in enumerate(NAMES)}
+    by_file = {_files._file_name(container.blob_url(n)): index for index, n in enumerate(NAMES)}
     reader = _cache.BlobCache(str(directory), None)
     for path in cache_files(directory):
         cached = reader._lookup(str(path))
@@ -256,8 +268,8 @@ def test_a_full_disk_falls_back_to_the_service_with_one_warning(
         os.write(fd, memoryview(data)[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(_cache, "_write_all", fill_up)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_blob_cache, "_write_all", fill_up)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     dataset = BlobDataset.from_blob_urls(
         [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path
     )
@@ -282,7 +294,7 @@ def test_a_cache_dir_that_cannot_be_a_directory_falls_back_with_one_warning(
 ) -> None:
     occupied = tmp_path / "occupied"
     occupied.write_bytes(b"not a directory")
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset = IterableBlobDataset.from_container_url(
@@ -299,34 +311,31 @@ def test_a_cache_dir_that_cannot_be_a_directory_falls_back_with_one_warning(
 
 
 def test_a_damaged_cache_file_is_detected_and_fetched_again(
-    blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential
+    blobs: Container, tmp_path: Path, trusting: tuple[FaultProxy, BlobDataset]
 ) -> None:
-    with FaultProxy(azurite.port) as proxy:
-        dataset = BlobDataset.from_container_url(
-            proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
-        )
-        want = [item["data"] for item in expected(blobs)]
-        assert [sample["data"] for sample in samples(dataset)] == want
-        _cache.flush()
-        files = {index: tmp_path / _cache._file_name(proxy.url(blobs.blob_url(name(index)))) for index in range(COUNT)}
-        damaged = {
-            3: lambda data: data[:-1000] + bytes([data[-1000] ^ 0x10]) + data[-999:],  # one bit flipped
-            4: lambda data: data[:-1],  # truncated
-            6: lambda data: b"X" + data[1:],  # header damaged
-            7: lambda data: b"",  # empty (a crash before the data reached the disk)
-            8: lambda data: data + b"\0",  # too long
-        }
-        for index, damage in damaged.items():
-            files[index].write_bytes(damage(files[index].read_bytes()))
-        seen = len(gets(proxy))
-        assert [sample["data"] for sample in samples(dataset)] == want
-        assert sorted(read.path.rsplit("/", 1)[1] for read in gets(proxy)[seen:]) == [
-            name(index).rsplit("/", 1)[1] for index in sorted(damaged)
-        ]
-        # Repaired: the next epoch reads nothing.
-        seen = len(gets(proxy))
-        assert [sample["data"] for sample in samples(dataset)] == want
-        assert gets(proxy)[seen:] == []
+    proxy, dataset = trusting
+    want = [item["data"] for item in expected(blobs)]
+    assert [sample["data"] for sample in samples(dataset)] == want
+    _cache.flush()
+    files = {index: tmp_path / _files._file_name(proxy.url(blobs.blob_url(name(index)))) for index in range(COUNT)}
+    damaged = {
+        3: lambda data: data[:-1000] + bytes([data[-1000] ^ 0x10]) + data[-999:],  # one bit flipped
+        4: lambda data: data[:-1],  # truncated
+        6: lambda data: b"X" + data[1:],  # header damaged
+        7: lambda data: b"",  # empty (a crash before the data reached the disk)
+        8: lambda data: data + b"\0",  # too long
+    }
+    for index, damage in damaged.items():
+        files[index].write_bytes(damage(files[index].read_bytes()))
+    seen = len(gets(proxy))
+    assert [sample["data"] for sample in samples(dataset)] == want
+    assert sorted(read.path.rsplit("/", 1)[1] for read in gets(proxy)[seen:]) == [
+        name(index).rsplit("/", 1)[1] for index in sorted(damaged)
+    ]
+    # Repaired: the next epoch reads nothing.
+    seen = len(gets(proxy))
+    assert [sample["data"] for sample in samples(dataset)] == want
+    assert gets(proxy)[seen:] == []
     _cache.flush()
     assert len(cache_files(tmp_path)) == COUNT
 
@@ -349,7 +358,7 @@ def test_least_recently_used_blobs_are_evicted_and_the_cache_stays_within_its_li
         cache_max_bytes=limit,
     )
     recency: list[str] = []  # least recently used first
-    file_names = {_cache._file_name(container.blob_url(n)): n for n in names}
+    file_names = {_files._file_name(container.blob_url(n)): n for n in names}
     order = [*range(10), 7, 3, 7, *range(10, 20), 12, 0, 1, 19, 2]
     for index in order:
         assert dataset[index]["data"] == sized[names[index]]
@@ -368,7 +377,7 @@ def test_files_stored_without_a_limit_leave_a_limited_cache_storing_and_counting
 ) -> None:
     """A job without cache_max_bytes (an evaluation script) shares the folder with one that has it:
     the files it stores are not in the count, which then must not go wrong in the limited job."""
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     limited = _cache.BlobCache(str(tmp_path), 10**6)
     unlimited = _cache.BlobCache(str(tmp_path), None)
     small, large, linked = (str(tmp_path / (digit * 64)) for digit in "abc")
@@ -440,6 +449,18 @@ def test_a_transform_reads_through_the_cache_with_blob_read(
         assert len(gets(proxy)) == reads
 
 
+def test_a_pickled_cache_names_only_the_package(tmp_path: Path) -> None:
+    """Spawned DataLoader workers and ranks unpickle the dataset's cache, with the folder's verdict:
+    the pickle must not depend on which private module of the package defines what it holds."""
+    cache = _cache.BlobCache(str(tmp_path), None)
+    cache.check()
+    pickled = pickle.dumps(cache)
+    names = {arg for _, arg, _ in pickletools.genops(pickled) if isinstance(arg, str)}
+    assert {name for name in names if name.startswith("azstoragetorch")} == {"azstoragetorch._cache"}
+    assert {"BlobCache", "_Verdict"} <= names
+    assert pickle.loads(pickled)._verdict == cache._verdict
+
+
 def test_cache_options_are_checked(blobs: Container) -> None:
     with pytest.raises(ValueError, match="cache_max_bytes must be a positive int"):
         BlobDataset.from_blob_urls(blobs.blob_url(NAMES[1]), cache_dir="x", cache_max_bytes=0)
@@ -458,7 +479,7 @@ def test_a_sample_returns_before_its_blob_is_stored_and_is_served_from_memory_me
     blobs: Container, azurite: Azurite, tmp_path: Path, account_credential: AzureNamedKeyCredential, monkeypatch: Any
 ) -> None:
     stored = threading.Event()
-    write_all = _cache._write_all
+    write_all = _blob_cache._write_all
 
     def held(fd: int, data: bytes) -> None:
         # A store in the sample's own thread would wait here, and the read would fail.
@@ -466,7 +487,7 @@ def test_a_sample_returns_before_its_blob_is_stored_and_is_served_from_memory_me
             raise RuntimeError("the store held up the sample that read the blob")
         write_all(fd, data)
 
-    monkeypatch.setattr(_cache, "_write_all", held)
+    monkeypatch.setattr(_blob_cache, "_write_all", held)
     with FaultProxy(azurite.port) as proxy:
         dataset = BlobDataset.from_container_url(
             proxy.url(blobs.url), credential=account_credential, cache_dir=tmp_path, cache_trust_listing=True
@@ -478,7 +499,7 @@ def test_a_sample_returns_before_its_blob_is_stored_and_is_served_from_memory_me
         assert gets(proxy)[seen:] == []
         stored.set()
         _cache.flush()
-    assert [path.name for path in cache_files(tmp_path)] == [_cache._file_name(proxy.url(blobs.blob_url(name(3))))]
+    assert [path.name for path in cache_files(tmp_path)] == [_files._file_name(proxy.url(blobs.blob_url(name(3))))]
     assert _cache.BlobCache(str(tmp_path), None)._lookup(str(cache_files(tmp_path)[0])) is not None
 
 
@@ -519,7 +540,7 @@ def test_a_process_killed_while_storing_leaves_no_torn_file_to_be_served(
                 filler.kill()
             filler.wait()
         assert len([path for path in tmp_path.iterdir() if path.name.startswith(".tmp-")]) == 1  # the torn one
-        by_file = {_cache._file_name(url): index for index, url in enumerate(urls)}
+        by_file = {_files._file_name(url): index for index, url in enumerate(urls)}
         assert sorted(by_file[path.name] for path in cache_files(tmp_path)) == list(range(finished))
 
         seen = len(gets(proxy))
@@ -558,7 +579,7 @@ def test_a_batch_reads_trusted_hits_in_its_own_thread_and_hands_the_rest_to_the_
     assert sorted(handed) == NAMES  # all misses
     _cache.flush()
     blobs.upload(name(5), content(5, generation=1))  # the cached copy is stale for a new listing
-    damaged = tmp_path / _cache._file_name(blobs.blob_url(name(3)))
+    damaged = tmp_path / _files._file_name(blobs.blob_url(name(3)))
     damaged.write_bytes(damaged.read_bytes()[:-1])
     handed.clear()
     with with_seed(random.randrange(2**32)):
@@ -591,8 +612,8 @@ def test_a_lock_held_by_another_process_for_good_costs_one_warning_not_a_hang(
         "print('held', flush=True)\n"
         "time.sleep(600)\n"
     )
-    monkeypatch.setattr(_cache, "_LOCK_TIMEOUT", 1.0)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_lock, "_LOCK_TIMEOUT", 1.0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     dataset = BlobDataset.from_blob_urls(
         [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=tmp_path, cache_max_bytes=10**9
     )
@@ -666,7 +687,7 @@ def test_a_lock_file_that_is_a_link_is_not_written_through(
         (cache_dir / ".lock").symlink_to(victim)
     else:
         os.link(victim, cache_dir / ".lock")
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     dataset = BlobDataset.from_blob_urls(
         [blobs.blob_url(n) for n in NAMES], credential=account_credential, cache_dir=cache_dir, cache_max_bytes=10**9
     )
@@ -678,16 +699,16 @@ def test_a_lock_file_that_is_a_link_is_not_written_through(
 
 def forged_entry(real_entry: bytes, data: bytes) -> bytes:
     """A cache file with ``real_entry``'s ETag (so it is a hit) and other content, CRC-32 included."""
-    magic, _checksum, _length, etag_length = _cache._HEADER.unpack_from(real_entry)
-    etag = real_entry[_cache._HEADER.size : _cache._HEADER.size + etag_length]
-    return _cache._HEADER.pack(magic, _cache.crc32(data), len(data), etag_length) + etag + data
+    magic, _checksum, _length, etag_length = _files._HEADER.unpack_from(real_entry)
+    etag = real_entry[_files._HEADER.size : _files._HEADER.size + etag_length]
+    return _files._HEADER.pack(magic, crc32(data), len(data), etag_length) + etag + data
 
 
 def genuine_entry(dataset: Any, container: Container, directory: Path) -> tuple[str, bytes]:
     """The name and bytes of blob 3's cache file, once ``dataset`` (cached in ``directory``) was read."""
     samples(dataset)
     _cache.flush()
-    entry_name = _cache._file_name(container.blob_url(name(3)))
+    entry_name = _files._file_name(container.blob_url(name(3)))
     return entry_name, (directory / entry_name).read_bytes()
 
 
@@ -719,7 +740,7 @@ def test_an_entry_that_is_a_symbolic_link_is_never_served_nor_written_through(
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(mode=0o700)
     (cache_dir / entry_name).symlink_to(elsewhere)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     assert read_twice_recording_warnings(dataset(cache_dir)) == []
     assert snapshot(elsewhere) == before
     # The store's rename replaced the link itself: the entry is now a real cache file.
@@ -734,7 +755,7 @@ def test_an_entry_name_taken_by_a_fifo_is_a_miss_not_a_hang(
     """Opening a FIFO to read waits for a writer that never comes: the cache must not wait."""
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(mode=0o700)
-    entry = cache_dir / _cache._file_name(blobs.blob_url(name(3)))
+    entry = cache_dir / _files._file_name(blobs.blob_url(name(3)))
     os.mkfifo(entry)
     dataset = BlobDataset.from_blob_urls([blobs.blob_url(name(3))], credential=account_credential, cache_dir=cache_dir)
     read: list[bytes] = []
@@ -779,7 +800,7 @@ def test_an_entry_another_user_could_have_written_is_never_served(
         entry.chmod(0o644)
     else:
         entry.chmod(0o666)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     assert read_twice_recording_warnings(dataset(cache_dir)) == []  # content(3) served, both epochs
     # The planted file was replaced by the cache's own copy.
     assert (entry.stat().st_uid, oct(entry.stat().st_mode & 0o777)) == (os.geteuid(), "0o600")
@@ -796,9 +817,9 @@ def test_a_temporary_name_taken_by_a_symbolic_link_is_not_written_through(
     cache_dir = tmp_path / "cache"
     cache_dir.mkdir(mode=0o700)
     fixed = uuid.UUID(int=7)
-    (cache_dir / f"{_cache._TEMP_PREFIX}{fixed.hex}").symlink_to(victim)
-    monkeypatch.setattr(_cache.uuid, "uuid4", lambda: fixed)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    (cache_dir / f"{_files._TEMP_PREFIX}{fixed.hex}").symlink_to(victim)
+    monkeypatch.setattr(uuid, "uuid4", lambda: fixed)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     cache = _cache.BlobCache(str(cache_dir), 10**6)
     entry = str(cache_dir / ("a" * 64))
     with warnings.catch_warnings(record=True) as caught:
@@ -889,7 +910,7 @@ def test_a_cache_folder_others_could_change_is_refused_with_one_warning(
         parent.chmod(0o775)
         cache_dir.symlink_to(mine)
     before = snapshot(tmp_path)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     with FaultProxy(azurite.port) as proxy:
         with warnings.catch_warnings(record=True) as caught:  # the folder is judged as the dataset is made
             warnings.simplefilter("always")
@@ -940,7 +961,7 @@ def test_the_refusal_warning_is_given_once_per_process_and_folder(
     for folder in folders:
         folder.mkdir()
         folder.chmod(0o777)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for folder in [*folders, folders[0]]:
@@ -1034,7 +1055,7 @@ def test_a_data_module_checks_its_cache_folder_in_setup_not_in_init(
     refused = tmp_path / "refused"
     refused.mkdir()
     refused.chmod(0o777)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     data = BlobDataModule(train=blobs.url, credential=account_credential, cache_dir=refused)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1065,9 +1086,9 @@ def test_each_cause_of_falling_back_warns_once(
     def full(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(_cache, "_read_entry", unreadable)
-    monkeypatch.setattr(_cache, "_write_all", full)
-    monkeypatch.setattr(_cache, "_warned_pid", 0)
+    monkeypatch.setattr(_blob_cache, "_read_entry", unreadable)
+    monkeypatch.setattr(_blob_cache, "_write_all", full)
+    monkeypatch.setattr(_failures, "_warned_pid", 0)
     warned = read_twice_recording_warnings(dataset)  # every entry unreadable, so every blob is stored again
     assert len(warned) == 2, warned
     assert "reading" in warned[0] and os.strerror(errno.EIO) in warned[0]

@@ -336,17 +336,31 @@ def blob_names(container: Container, prefix: str) -> dict[str, bytes]:
     }
 
 
+def folder_with(folder: pathlib.Path, files: dict[str, bytes]) -> pathlib.Path:
+    """``folder``, made with ``files`` (name relative to it -> content) in it."""
+    for name, data in files.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return folder
+
+
+def upload_refusing(
+    container: Container, source: pathlib.Path, refused: int
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """``cp SRC <container>/up/``, which must fail having refused ``refused`` files, one line each."""
+    result = cli("cp", "--no-progress", str(source), container.blob_url("up/"))
+    assert result.returncode == 1, result.stderr
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("azstoragetorch: refused file ")]
+    assert len(refusals) == refused, result.stderr
+    return result, refusals
+
+
 def test_cp_uploads_regular_files_and_links_to_them_inside_the_folder_only(
     container: Container, tmp_path: pathlib.Path
 ) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "id_rsa").write_bytes(b"a private key")
-    source = tmp_path / "ck"
-    (source / "sub").mkdir(parents=True)
-    (source / "epoch=3.ckpt").write_bytes(b"a checkpoint")
-    (source / "sub" / "b.pt").write_bytes(b"b")
-    (source / "empty.pt").write_bytes(b"")
+    outside = folder_with(tmp_path / "outside", {"id_rsa": b"a private key"})
+    source = folder_with(tmp_path / "ck", {"epoch=3.ckpt": b"a checkpoint", "sub/b.pt": b"b", "empty.pt": b""})
     (source / "last.ckpt").symlink_to("epoch=3.ckpt")  # Lightning's save_last="link"
     hostile = {
         "key.pt": lambda path: path.symlink_to(outside / "id_rsa"),  # a file elsewhere
@@ -359,17 +373,14 @@ def test_cp_uploads_regular_files_and_links_to_them_inside_the_folder_only(
     for name, make in hostile.items():
         make(source / name)
 
-    result = cli("cp", "--no-progress", str(source), container.blob_url("up/"))
+    result, refusals = upload_refusing(container, source, len(hostile))
 
-    assert result.returncode == 1, result.stderr
     assert blob_names(container, "up/") == {
         "epoch=3.ckpt": b"a checkpoint",
         "empty.pt": b"",
         "last.ckpt": b"a checkpoint",
         "sub/b.pt": b"b",
     }
-    refusals = [line for line in result.stderr.splitlines() if line.startswith("azstoragetorch: refused file ")]
-    assert len(refusals) == len(hostile), result.stderr
     for name in hostile:
         assert any(repr(str(source / name)) in line for line in refusals), name
     assert result.stdout.startswith("Copied 4 files, ") and "refused 6" in result.stdout
@@ -378,19 +389,12 @@ def test_cp_uploads_regular_files_and_links_to_them_inside_the_folder_only(
 def test_cp_refuses_to_upload_files_whose_names_make_no_blob_it_would_download(
     container: Container, tmp_path: pathlib.Path
 ) -> None:
-    source = tmp_path / "ck"
-    source.mkdir()
-    (source / "good.pt").write_bytes(b"good")
     hostile = [os.fsdecode(b"latin-1 \xe9t\xe9.pt"), "back\\slash.pt", "new\nline.pt", "\uff0e\uff0e"]
-    for name in hostile:
-        (source / name).write_bytes(b"hostile")
+    source = folder_with(tmp_path / "ck", {"good.pt": b"good", **dict.fromkeys(hostile, b"hostile")})
 
-    result = cli("cp", "--no-progress", str(source), container.blob_url("up/"))
+    _, refusals = upload_refusing(container, source, len(hostile))
 
-    assert result.returncode == 1, result.stderr
     assert blob_names(container, "up/") == {"good.pt": b"good"}
-    refusals = [line for line in result.stderr.splitlines() if line.startswith("azstoragetorch: refused file ")]
-    assert len(refusals) == len(hostile), result.stderr
     assert any("not valid UTF-8" in line for line in refusals)
 
 

@@ -16,7 +16,7 @@ import threading
 
 from azure.core.credentials import AzureNamedKeyCredential
 
-from azstoragetorch import _cache
+from azstoragetorch._cache import _blob_cache
 from azstoragetorch.datasets import BlobDataset
 from azstoragetorch.testing import ACCOUNT_NAME
 
@@ -25,7 +25,7 @@ def main() -> None:
     directory, finished, urls = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     credential = AzureNamedKeyCredential(ACCOUNT_NAME, os.environ["AZSTORAGETORCH_TEST_ACCOUNT_KEY"])
     writes = itertools.count()  # a store writes twice: the header, then the content
-    write_all = _cache._write_all
+    write_all = _blob_cache._write_all
 
     def write_then_stall(fd: int, data: bytes) -> None:
         if finished >= len(urls):
@@ -38,7 +38,7 @@ def main() -> None:
         print("torn", flush=True)
         threading.Event().wait()  # until killed
 
-    _cache._write_all = write_then_stall
+    _blob_cache._write_all = write_then_stall
     dataset = BlobDataset.from_blob_urls(urls, credential=credential, cache_dir=directory)
     for index in range(len(dataset)):
         dataset[index]

@@ -14,9 +14,26 @@ from typing import Any
 
 import pytest
 
-from azstoragetorch import _cli
-from azstoragetorch._cli import _Copy, _Interrupted, _run_all, _Stopped, _Transfers
+from azstoragetorch._cli import _cp
+from azstoragetorch._cli._cp import _run_all
+from azstoragetorch._cli._plan import _Copy, _Refused
+from azstoragetorch._cli._signals import _Interrupted, _sigterm_as_ctrl_c
+from azstoragetorch._cli._transfer import _Stopped, _Transfers
 from azstoragetorch._client import TransferStats
+
+
+def transfer_pieces(transfers: _Transfers, pieces: int, outcomes: list[str]) -> None:
+    """A transfer of ``pieces`` pieces of 10 ms that checks between them for the order to stop, as
+    ``cp``'s do: ``stopped`` is appended to ``outcomes`` (and the stop raised) if it comes in time,
+    else ``committed``."""
+    try:
+        for _ in range(pieces):
+            transfers.check()
+            threading.Event().wait(0.01)
+    except _Stopped:
+        outcomes.append("stopped")
+        raise
+    outcomes.append("committed")
 
 
 def test_ctrl_c_while_transfers_are_being_started_stops_those_already_running(
@@ -28,14 +45,7 @@ def test_ctrl_c_while_transfers_are_being_started_stops_those_already_running(
 
     def copy_one(copy: _Copy) -> Any:
         running.set()
-        try:
-            for _ in range(500):  # a transfer of many pieces, checking between them
-                transfers.check()
-                threading.Event().wait(0.01)
-        except _Stopped:
-            outcomes.append("stopped")
-            raise
-        outcomes.append("committed")
+        transfer_pieces(transfers, 500, outcomes)
         return None
 
     submit = concurrent.futures.ThreadPoolExecutor.submit
@@ -101,14 +111,7 @@ def held_upload(outcomes: list[str], signal_to_send: signal.Signals) -> Any:
     def upload(copy: _Copy, credential: Any, hook: Any, transfers: _Transfers) -> Any:
         main_thread_waits_for_the_transfers()
         signal.pthread_kill(threading.get_ident(), signal_to_send)
-        try:
-            for _ in range(6000):
-                transfers.check()
-                threading.Event().wait(0.01)
-        except _Stopped:
-            outcomes.append("stopped")
-            raise
-        outcomes.append("committed")
+        transfer_pieces(transfers, 6000, outcomes)
         return TransferStats()
 
     return upload
@@ -129,12 +132,12 @@ def test_a_signal_that_a_transfer_thread_receives_stops_the_copy(
     source = tmp_path / "model.pt"
     source.write_bytes(b"the new checkpoint")
     outcomes: list[str] = []
-    monkeypatch.setattr(_cli, "_upload_one", held_upload(outcomes, signal_to_send))
+    monkeypatch.setattr(_cp, "_upload_one", held_upload(outcomes, signal_to_send))
 
     raised: BaseException | None = None
-    with _cli._sigterm_as_ctrl_c() as received:
+    with _sigterm_as_ctrl_c() as received:
         try:
-            _cli.command_cp(cp_arguments(source), io.StringIO())
+            _cp.command_cp(cp_arguments(source), io.StringIO())
         except BaseException as error:  # a bare KeyboardInterrupt must not end the test run
             raised = error
     for thread in threading.enumerate():
@@ -154,11 +157,11 @@ def test_every_copy_is_waited_for_whatever_order_the_copies_finish_in() -> None:
         number = int(copy.source)
         threading.Event().wait(waits[number])
         if number % 7 == 0:
-            raise _cli._Refused(copy.source, "refused for the test")
+            raise _Refused(copy.source, "refused for the test")
         return TransferStats(bytes=number)
 
     copies = [_Copy(str(number), f"destination-{number}", 1) for number in range(60)]
     outcomes = _run_all(copies, copy_one, 4, _Transfers())
 
     assert sorted(o.bytes for o in outcomes if isinstance(o, TransferStats)) == [n for n in range(60) if n % 7]
-    assert len([o for o in outcomes if isinstance(o, _cli._Refused)]) == len(range(0, 60, 7))
+    assert len([o for o in outcomes if isinstance(o, _Refused)]) == len(range(0, 60, 7))

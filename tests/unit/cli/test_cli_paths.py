@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from azstoragetorch._cli import local_collisions, local_parts
+from azstoragetorch._cli._local_paths import local_collisions, local_parts
 
 
 @pytest.mark.parametrize(
