@@ -145,14 +145,7 @@ class BlobIO(io.IOBase, BinaryIO):
         if _internal_only_kwargs:
             # The reference signature keeps the catch-all; nothing may come through it.
             raise TypeError(f"BlobIO() got unexpected keyword arguments: {', '.join(sorted(_internal_only_kwargs))}")
-        options = TransferOptions(
-            max_concurrency=max_concurrency,
-            block_size=block_size,
-            validate_content=validate_content,
-            verify_checksum=verify_checksum,
-            retry=retry,
-            progress_hook=progress_hook,
-        )
+        options = TransferOptions.from_keywords(locals())
         self._start(blob_url, mode, credential, options, None, opened_at)
 
     @classmethod
