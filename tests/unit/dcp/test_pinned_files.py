@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 import pytest
 
 from azstoragetorch._client import BlobProperties, crc32
@@ -20,27 +17,15 @@ CHECKPOINT = "https://account.blob.core.windows.net/container/checkpoint"
 
 
 class ShardFileClient(InMemoryBlobClient):
-    """The in-memory client with a recorded CRC-32 and the ETag condition of every ranged read."""
+    """The in-memory client with a recorded CRC-32."""
 
     def __init__(self, data: bytes, recorded_crc32: int | None) -> None:
         super().__init__(data)
         self.recorded_crc32 = recorded_crc32
-        self.etags: list[str | None] = []
-        self.properties_requests = 0
-        self._etags_lock = threading.Lock()
 
     @property
     def properties(self) -> BlobProperties:
         return BlobProperties(size=len(self.data), etag='"1"', crc32=self.recorded_crc32)
-
-    def get_properties(self) -> BlobProperties:
-        self.properties_requests += 1
-        return self.properties
-
-    def fetch_range_into(self, offset: int, into: Any, *, etag: str | None, **options: Any) -> Any:
-        with self._etags_lock:
-            self.etags.append(etag)
-        return super().fetch_range_into(offset, into, etag=etag, **options)
 
 
 def shard_files(clients: dict[str, ShardFileClient], *, verify_checksum: bool = True) -> _PinnedShardFiles:
