@@ -19,8 +19,17 @@ class InMemoryBlobClient:
     display_url = "memory://blob"
     blob_url = BlobUrl.parse("https://account.blob.core.windows.net/container/blob")
 
-    def __init__(self, data: bytes = b"", *, fail_stage_at: int | None = None, max_blocks: int = 50_000) -> None:
+    def __init__(
+        self,
+        data: bytes = b"",
+        *,
+        recorded_crc32: int | None = None,
+        fail_stage_at: int | None = None,
+        max_blocks: int = 50_000,
+    ) -> None:
         self.data = data
+        # The CRC-32 recorded with the blob (None: written by another tool); a commit records its own.
+        self.recorded_crc32 = recorded_crc32
         self.reads: list[tuple[int, int]] = []
         self.etags: list[str | None] = []  # the ETag condition of every ranged read, None for none
         self.properties_requests = 0
@@ -47,7 +56,7 @@ class InMemoryBlobClient:
 
     @property
     def properties(self) -> BlobProperties:
-        return BlobProperties(size=len(self.data), etag='"1"')
+        return BlobProperties(size=len(self.data), etag='"1"', crc32=self.recorded_crc32)
 
     def get_properties(self) -> BlobProperties:
         with self._lock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from azstoragetorch._client import BlobProperties, Recorder, crc32
+from azstoragetorch._client import Recorder, crc32
 from azstoragetorch._options import TransferOptions
 from azstoragetorch._read_session import open_window, verify_whole_blob
 from azstoragetorch.exceptions import ChecksumMismatchError
@@ -13,23 +13,11 @@ from tests.unit.fakes import InMemoryBlobClient
 DATA = bytes(range(256)) * 4
 
 
-class RecordedClient(InMemoryBlobClient):
-    """The in-memory client whose blob has a recorded CRC-32 (``None``: none recorded)."""
-
-    def __init__(self, data: bytes, recorded_crc32: int | None) -> None:
-        super().__init__(data)
-        self.recorded_crc32 = recorded_crc32
-
-    @property
-    def properties(self) -> BlobProperties:
-        return BlobProperties(size=len(self.data), etag='"1"', crc32=self.recorded_crc32)
-
-
 def options(verify_checksum: bool | None) -> TransferOptions:
     return TransferOptions(block_size=256, max_concurrency=2, verify_checksum=verify_checksum)
 
 
-def read_all(client: RecordedClient, verify_checksum: bool | None, recorder: Recorder) -> None:
+def read_all(client: InMemoryBlobClient, verify_checksum: bool | None, recorder: Recorder) -> None:
     window = open_window(client, options(verify_checksum), recorder)  # type: ignore[arg-type]
     try:
         assert window.readinto(0, memoryview(bytearray(len(DATA)))) == len(DATA)
@@ -41,31 +29,31 @@ def read_all(client: RecordedClient, verify_checksum: bool | None, recorder: Rec
 
 def test_a_blob_read_whole_is_checked_against_its_recorded_crc32() -> None:
     recorder = Recorder()
-    read_all(RecordedClient(DATA, crc32(DATA)), None, recorder)
+    read_all(InMemoryBlobClient(DATA, recorded_crc32=crc32(DATA)), None, recorder)
     assert recorder.snapshot().verified_blobs == 1
 
 
 def test_a_blob_whose_bytes_differ_from_its_recorded_crc32_raises_naming_it() -> None:
     with pytest.raises(ChecksumMismatchError, match="memory://blob"):
-        read_all(RecordedClient(DATA, crc32(DATA) ^ 1), None, Recorder())
+        read_all(InMemoryBlobClient(DATA, recorded_crc32=crc32(DATA) ^ 1), None, Recorder())
 
 
 def test_without_a_recorded_crc32_the_blob_is_read_unverified_unless_insisted_on() -> None:
     recorder = Recorder()
-    read_all(RecordedClient(DATA, None), None, recorder)
+    read_all(InMemoryBlobClient(DATA, recorded_crc32=None), None, recorder)
     assert (recorder.snapshot().verified_blobs, recorder.snapshot().unverified_blobs) == (0, 1)
     with pytest.raises(ValueError, match=r"memory://blob has no recorded CRC-32 to verify"):
-        open_window(RecordedClient(DATA, None), options(True), Recorder())  # type: ignore[arg-type]
+        open_window(InMemoryBlobClient(DATA, recorded_crc32=None), options(True), Recorder())  # type: ignore[arg-type]
 
 
 def test_verify_checksum_false_gathers_nothing() -> None:
-    window = open_window(RecordedClient(DATA, crc32(DATA) ^ 1), options(False), Recorder())  # type: ignore[arg-type]
+    window = open_window(InMemoryBlobClient(DATA, recorded_crc32=crc32(DATA) ^ 1), options(False), Recorder())  # type: ignore[arg-type]
     assert not window.verifies_checksum
     window.close()
 
 
 def test_a_blob_read_in_part_is_checked_only_when_the_rest_is_downloaded() -> None:
-    client = RecordedClient(DATA, crc32(DATA) ^ 1)
+    client = InMemoryBlobClient(DATA, recorded_crc32=crc32(DATA) ^ 1)
     recorder = Recorder()
     window = open_window(client, options(None), recorder)  # type: ignore[arg-type]
     try:
