@@ -2,12 +2,12 @@
 
 A public class that takes transfer keywords (``max_concurrency``, ``block_size``,
 ``validate_content``, ``verify_checksum``, ``retry``, ``progress_hook``) turns them into one
-:class:`TransferOptions` where the user's call enters, and hands that value on; the layers below
-(BlobIO's reader and writer, the block uploads) take it as it is and check nothing again. Counts
-that are not transfer options (threads, workers, batch sizes) go through :func:`check_int`, so that
-every bad number is refused with the same words. A class that takes only ``retry`` or
-``progress_hook`` (the datasets) checks it with :func:`check_retry` or :func:`check_progress_hook`,
-the checks :class:`TransferOptions` makes.
+:class:`TransferOptions` where the user's call enters (:meth:`TransferOptions.from_keywords`), and
+hands that value on; the layers below (BlobIO's reader and writer, the block uploads) take it as it
+is and check nothing again. Counts that are not transfer options (threads, workers, batch sizes) go
+through :func:`check_int`, so that every bad number is refused with the same words. A class that
+takes only ``retry`` or ``progress_hook`` (the datasets, the Lightning data module) checks it with
+:func:`check_retry` or :func:`check_progress_hook`, the checks :class:`TransferOptions` makes.
 
 This module imports nothing of azstoragetorch but :mod:`azstoragetorch.retry`, so that ``_client``,
 the bottom layer, can take the value too.
@@ -16,7 +16,7 @@ the bottom layer, can take the value too.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from azstoragetorch.retry import RetryOptions
@@ -85,6 +85,21 @@ class TransferOptions:
     verify_checksum: bool | None = None
     retry: RetryOptions | None = None  # None: RetryOptions()
     progress_hook: ProgressHook | None = None
+
+    @classmethod
+    def from_keywords(cls, arguments: Mapping[str, Any], **overrides: Any) -> TransferOptions:
+        """The options among a public entry point's ``arguments``, checked: how such an entry point
+        turns its transfer keywords into one value.
+
+        ``arguments`` is the entry point's ``locals()``, taken before it binds any name of its own
+        that is also a field's, so that every public signature keeps its keywords while the list of
+        them is written once, here. Each field is taken from the argument of the same name; a field
+        the entry point does not take (a writer's ``verify_checksum``) keeps its default.
+        ``overrides`` replace arguments whose meaning differs from the field's (the DCP reader's
+        ``verify_checksum``, whose ``True`` is BlobIO's ``None``).
+        """
+        given = {**arguments, **overrides}
+        return cls(**{field.name: given[field.name] for field in dataclasses.fields(cls) if field.name in given})
 
     def __post_init__(self) -> None:
         check_progress_hook(self.progress_hook)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, NoReturn
 
@@ -20,23 +19,18 @@ from azstoragetorch._client import (
     BlobUrl,
     BlockUploader,
     CredentialArgument,
-    PieceChecksums,
     Recorder,
     TransferStats,
-    add_checksum_outcome,
 )
 from azstoragetorch._options import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_CONCURRENCY, TransferOptions
-from azstoragetorch._reads import ReadAheadWindow, read_first
-from azstoragetorch.exceptions import ChecksumMismatchError, FatalBlobIOWriteError
+from azstoragetorch._read_session import open_window, verify_whole_blob
+from azstoragetorch._reads import ReadAheadWindow
+from azstoragetorch._write_session import WriteSession, raise_first_failure_behind
 from azstoragetorch.retry import RetryOptions
 
 __all__ = ["BlobIO"]
 
-_MiB = 1024 * 1024
-# The first request of a read also tells the blob's size and ETag; small blobs arrive whole.
-_FIRST_READ_BYTES = 4 * _MiB
 _MODES = ("rb", "wb")
-_LOGGER = logging.getLogger("azstoragetorch")
 
 
 class BlobIO(io.IOBase, BinaryIO):
@@ -145,14 +139,7 @@ class BlobIO(io.IOBase, BinaryIO):
         if _internal_only_kwargs:
             # The reference signature keeps the catch-all; nothing may come through it.
             raise TypeError(f"BlobIO() got unexpected keyword arguments: {', '.join(sorted(_internal_only_kwargs))}")
-        options = TransferOptions(
-            max_concurrency=max_concurrency,
-            block_size=block_size,
-            validate_content=validate_content,
-            verify_checksum=verify_checksum,
-            retry=retry,
-            progress_hook=progress_hook,
-        )
+        options = TransferOptions.from_keywords(locals())
         self._start(blob_url, mode, credential, options, None, opened_at)
 
     @classmethod
@@ -200,14 +187,11 @@ class BlobIO(io.IOBase, BinaryIO):
         self._mode = mode
         self._position = 0
         self._reader: ReadAheadWindow | None = None
-        self._uploader: BlockUploader | None = None
-        self._fatal_error: FatalBlobIOWriteError | None = None
+        self._writes: WriteSession | None = None
         self._handled_before: BaseException | None = None  # what was being handled when the ``with`` began
         self._verify_in_full = verify_checksum is True  # download what was never read, to check it all
         if mode == "rb":
-            self._reader = self._open_reader(
-                options.max_concurrency, options.block_size, options.validate_content, verify_checksum
-            )
+            self._reader = open_window(client, options, self._recorder)
             if progress_hook is not None:
                 self._recorder.attach_hook(progress_hook, self._reader.size)
         else:
@@ -215,36 +199,9 @@ class BlobIO(io.IOBase, BinaryIO):
                 raise ValueError("verify_checksum checks what is read; a BlobIO opened with 'wb' records the CRC-32.")
             if client.blob_url.snapshot or client.blob_url.version_id:
                 raise ValueError(f"{client.display_url} names a snapshot or version, which cannot be written.")
-            self._uploader = BlockUploader(client, options)
+            self._writes = WriteSession(BlockUploader(client, options), self._recorder)
         self._closed = False
         self._recorder.add_blocked(time.perf_counter() - opened_at)
-
-    def _open_reader(
-        self, max_concurrency: int, block_size: int, validate_content: bool, verify_checksum: bool | None
-    ) -> ReadAheadWindow:
-        first_length = min(_FIRST_READ_BYTES, block_size)
-        properties, first = read_first(self._client, first_length, validate_content=validate_content)
-        checksums = None
-        if verify_checksum is not False:
-            if properties.crc32 is not None:
-                checksums = PieceChecksums(properties.size)
-            elif verify_checksum is True:
-                raise ValueError(
-                    f"{self._client.display_url} has no recorded CRC-32 to verify (azstoragetorch records one when "
-                    "it writes a blob); open it without verify_checksum=True."
-                )
-            else:
-                add_checksum_outcome(self._recorder, verified=False)
-                _LOGGER.debug("%s has no recorded CRC-32: read unverified", self._client.display_url)
-        return ReadAheadWindow(
-            self._client,
-            properties,
-            block_size=block_size,
-            max_chunks=max_concurrency,
-            first_chunk=first,
-            validate_content=validate_content,
-            checksums=checksums,
-        )
 
     # -- state -------------------------------------------------------------------------------
 
@@ -406,21 +363,18 @@ class BlobIO(io.IOBase, BinaryIO):
                 blocks Azure allows (``ValueError`` as the cause); nothing from this ``BlobIO`` will
                 be committed.
         """
-        uploader = self._require_uploader("write")
+        writes = self._require_writes("write")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"write() takes bytes, bytearray or memoryview, not {type(data).__name__}.")
         started = time.perf_counter()
         try:
             with memoryview(data) as view, view.cast("B") as chunk:
                 count = len(chunk)
-                self._upload_step(self._take, uploader, chunk)
+                writes.write(chunk)
         finally:
             self._recorder.add_blocked(time.perf_counter() - started)
+        self._position += count
         return count
-
-    def _take(self, uploader: BlockUploader, chunk: memoryview) -> None:
-        uploader.write(chunk)
-        self._position += len(chunk)
 
     def flush(self) -> None:
         """(write mode) Upload what was written and wait for the uploads; no effect in read mode.
@@ -433,10 +387,10 @@ class BlobIO(io.IOBase, BinaryIO):
             FatalBlobIOWriteError: An upload failed; nothing from this ``BlobIO`` will be committed.
         """
         self._check_not_closed()
-        if self._uploader is not None:
+        if self._writes is not None:
             started = time.perf_counter()
             try:
-                self._upload_step(self._uploader.flush)
+                self._writes.flush()
             finally:
                 self._recorder.add_blocked(time.perf_counter() - started)
 
@@ -458,11 +412,11 @@ class BlobIO(io.IOBase, BinaryIO):
             return
         started = time.perf_counter()
         try:
-            if self._uploader is not None:
-                self._upload_step(self._commit, self._uploader)
+            if self._writes is not None:
+                self._writes.commit(self._position)
             else:
                 if self._reader is not None and self._reader.verifies_checksum:
-                    self._verify_whole_blob(self._reader)
+                    verify_whole_blob(self._reader, self._recorder, self.name, download_rest=self._verify_in_full)
                 self._recorder.report_last()
         finally:
             # Closed whatever happened above, a raising progress hook included: a second close()
@@ -470,13 +424,6 @@ class BlobIO(io.IOBase, BinaryIO):
             self._recorder.add_blocked(time.perf_counter() - started)
             self._recorder.end(report=False)
             self._release()
-
-    def _commit(self, uploader: BlockUploader) -> None:
-        uploader.flush()  # every block staged (a one-block blob is kept for its Put Blob)
-        # The hook's last call comes before the commit, so that an exception from it means, like any
-        # other failure of close(), that nothing was committed.
-        self._recorder.report_last(done=self._position, total=self._position)
-        uploader.commit()
 
     def __enter__(self) -> BlobIO:
         self._check_not_closed()
@@ -493,14 +440,15 @@ class BlobIO(io.IOBase, BinaryIO):
             # a good blob with a truncated one); a reader has nothing left worth verifying.
             if not self._closed:
                 self._release()
-            self._raise_first_failure_behind(exc)
+            fatal_error = None if self._writes is None else self._writes.fatal_error
+            raise_first_failure_behind(exc, since=self._handled_before, fatal_error=fatal_error)
             return
         self.close()
 
     def __del__(self) -> None:
         if getattr(self, "_closed", True):
             return
-        if getattr(self, "_uploader", None) is not None:
+        if getattr(self, "_writes", None) is not None:
             warnings.warn(
                 f"{self!r} was garbage-collected without close(); its data was NOT committed.",
                 ResourceWarning,
@@ -510,67 +458,13 @@ class BlobIO(io.IOBase, BinaryIO):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _verify_whole_blob(self, reader: ReadAheadWindow) -> None:
-        expected = reader.properties.crc32
-        actual = reader.whole_crc32(download_rest=self._verify_in_full)
-        if actual is None:
-            _LOGGER.debug("%s was read in part: its CRC-32 was not checked", self.name)
-            return
-        if actual != expected:
-            raise ChecksumMismatchError(self.name, "CRC-32 of the whole blob", f"{expected:08x}", f"{actual:08x}")
-        add_checksum_outcome(self._recorder, verified=True)
-
     def _release(self) -> None:
         self._closed = True
         self._recorder.end(report=False)  # a no-op after close()'s own end()
         if self._reader is not None:
             self._reader.close()
-        if self._uploader is not None:
-            self._uploader.abort()
-
-    def _raise_first_failure_behind(self, error: BaseException | None) -> None:
-        """Report what failed first, not a later error that it caused, leaving a ``with`` block.
-
-        When a write inside :func:`torch.save` raises, torch's own clean-up then fails on the
-        half-written archive with a ``RuntimeError`` ("unexpected pos") that hides the reason.
-        The caller should see why the save failed, so an error raised while handling an
-        interruption (Ctrl-C's ``KeyboardInterrupt``, ``SystemExit``) that happened inside the
-        block, or while handling this writer's upload failure, is replaced by it.
-        """
-        if not isinstance(error, Exception):
-            return  # an interruption itself goes on as it is
-        handled = list(_handled_while_raising(error, since=self._handled_before))
-        interruption = next((earlier for earlier in handled if not isinstance(earlier, Exception)), None)
-        if interruption is not None:
-            raise interruption
-        if self._fatal_error is None or isinstance(error, FatalBlobIOWriteError):
-            return
-        if any(isinstance(earlier, FatalBlobIOWriteError) for earlier in handled):
-            underlying = self._fatal_error.underlying_exception
-            raise FatalBlobIOWriteError(underlying) from underlying
-
-    def _upload_step(self, step: Any, *args: Any) -> None:
-        if self._fatal_error is not None:
-            raise FatalBlobIOWriteError(self._fatal_error.underlying_exception)
-        try:
-            step(*args)
-        except FatalBlobIOWriteError as error:  # a kind of its own, such as BlobWriteConflictError
-            self._fail(error)
-            raise
-        except Exception as error:
-            fatal = FatalBlobIOWriteError(error)
-            self._fail(fatal)
-            raise fatal from error
-        except BaseException as interruption:
-            # Ctrl-C (or SystemExit) part-way through a step may leave a write half-taken: nothing
-            # of this writer may be committed any more. The interruption itself goes on unchanged.
-            self._fail(FatalBlobIOWriteError(interruption))
-            raise
-
-    def _fail(self, error: FatalBlobIOWriteError) -> None:
-        self._fatal_error = error
-        if self._uploader is not None:
-            self._uploader.abort()
+        if self._writes is not None:
+            self._writes.abort()
 
     def _check_not_closed(self) -> None:
         if self._closed:
@@ -582,22 +476,8 @@ class BlobIO(io.IOBase, BinaryIO):
             raise io.UnsupportedOperation(f"{operation}() needs a BlobIO opened with mode 'rb'.")
         return self._reader
 
-    def _require_uploader(self, operation: str) -> BlockUploader:
+    def _require_writes(self, operation: str) -> WriteSession:
         self._check_not_closed()
-        if self._uploader is None:
+        if self._writes is None:
             raise io.UnsupportedOperation(f"{operation}() needs a BlobIO opened with mode 'wb'.")
-        return self._uploader
-
-
-def _handled_while_raising(error: BaseException, *, since: BaseException | None) -> Iterator[BaseException]:
-    """The exceptions being handled when ``error`` was raised (its ``__context__`` chain), newest first,
-    leaving out ``since`` and what it was raised while handling: those came before."""
-    earlier_ones: set[int] = set()
-    while since is not None and id(since) not in earlier_ones:
-        earlier_ones.add(id(since))
-        since = since.__context__
-    earlier = error.__context__
-    while earlier is not None and id(earlier) not in earlier_ones:
-        yield earlier
-        earlier_ones.add(id(earlier))
-        earlier = earlier.__context__
+        return self._writes

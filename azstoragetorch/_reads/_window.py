@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from concurrent.futures import Future
 from typing import Any
 
@@ -34,6 +35,28 @@ DIRECT_MIN_BYTES = 8 * 1024 * 1024
 AFTER_DIRECT_BYTES = 64 * 1024
 
 
+@dataclasses.dataclass(frozen=True)
+class _PinnedFetch:
+    """How every range of one window's blob is fetched: from ``source``, pinned to the version it was
+    opened at, checked with ``validate_content`` and, with ``checksums``, its CRC-32 recorded there.
+    The chunk store and the direct reads share it, so both read the blob alike."""
+
+    source: RangeSource
+    properties: BlobProperties
+    validate_content: bool
+    checksums: PieceChecksums | None
+
+    def into(self, start: int, target: memoryview) -> None:
+        self.source.fetch_range_into(
+            start, target, etag=self.properties.etag, validate_content=self.validate_content, checksums=self.checksums
+        )
+
+    def direct(self, *, block_size: int, max_concurrency: int) -> DirectReads:
+        return DirectReads(
+            self.source, block_size=block_size, max_concurrency=max_concurrency, validate_content=self.validate_content
+        )
+
+
 class _Chunk:
     """One ranged download into a leased buffer; the store holds the lease while the chunk is kept."""
 
@@ -61,22 +84,10 @@ class _ChunkStore:
     read.
     """
 
-    def __init__(
-        self,
-        source: RangeSource,
-        properties: BlobProperties,
-        *,
-        block_size: int,
-        capacity: int,
-        validate_content: bool,
-        checksums: PieceChecksums | None,
-    ) -> None:
-        self._source = source
-        self._properties = properties
+    def __init__(self, fetch: _PinnedFetch, *, block_size: int, capacity: int) -> None:
+        self._fetch = fetch
         self._block_size = block_size
         self._capacity = capacity
-        self._validate_content = validate_content
-        self._checksums = checksums
         self._chunks: collections.OrderedDict[int, _Chunk] = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -103,12 +114,12 @@ class _ChunkStore:
 
     def request(self, start: int, length: int) -> _Chunk:
         """Start downloading ``length`` bytes (at most a chunk) from ``start``, evicting the oldest chunks."""
-        stop = min(start + min(length, self._block_size), self._properties.size)
+        stop = min(start + min(length, self._block_size), self._fetch.properties.size)
         # Full chunks use the process's pooled buffers: allocating multi-MiB buffers afresh costs
         # page faults that, with transfer threads running, cost more CPU than the transfer itself.
         chunk_lease = lease(self._block_size if stop - start == self._block_size else stop - start)
         download_hold = chunk_lease.retain()
-        future = self._source.submit(self._download, start, download_hold.view(stop - start))
+        future = self._fetch.source.submit(self._download, start, download_hold.view(stop - start))
         future.add_done_callback(lambda _: download_hold.release())  # also when cancelled before it ran
         chunk = _Chunk(start, stop, future, chunk_lease)
         self._chunks[start] = chunk
@@ -132,13 +143,7 @@ class _ChunkStore:
             self.discard(chunk)
 
     def _download(self, start: int, target: memoryview) -> None:
-        self._source.fetch_range_into(
-            start,
-            target,
-            etag=self._properties.etag,
-            validate_content=self._validate_content,
-            checksums=self._checksums,
-        )
+        self._fetch.into(start, target)
         pause("part.finish")
 
 
@@ -198,24 +203,14 @@ class ReadAheadWindow:
         validate_content: bool = False,
         checksums: PieceChecksums | None = None,
     ) -> None:
-        self._source = source
-        self._validate_content = validate_content
-        self._checksums = checksums
-        self._properties = properties
+        self._fetch = _PinnedFetch(source, properties, validate_content, checksums)
         self._block_size = block_size
         self._max_chunks = max(1, max_chunks)
         self._direct_part = min(block_size, DIRECT_PART_BYTES)
         self._direct_alone = self._direct_part * self._max_chunks
         self._direct_min = min(block_size, DIRECT_MIN_BYTES)
         self._large_read_end = -1  # where the last read ended, if it was of at least _direct_min bytes
-        self._store = _ChunkStore(
-            source,
-            properties,
-            block_size=block_size,
-            capacity=self._max_chunks + 1,
-            validate_content=validate_content,
-            checksums=checksums,
-        )
+        self._store = _ChunkStore(self._fetch, block_size=block_size, capacity=self._max_chunks + 1)
         self._ahead = 0
         # Off from a direct read until a small read misses every chunk: the small reads between large
         # direct ones (torch.load's record headers and small tensors) are served by the chunk fetched
@@ -230,15 +225,15 @@ class ReadAheadWindow:
 
     @property
     def properties(self) -> BlobProperties:
-        return self._properties
+        return self._fetch.properties
 
     @property
     def size(self) -> int:
-        return self._properties.size
+        return self._fetch.properties.size
 
     @property
     def verifies_checksum(self) -> bool:
-        return self._checksums is not None
+        return self._fetch.checksums is not None
 
     def readinto(self, position: int, destination: memoryview) -> int:
         """Copy the blob's bytes at ``position`` into ``destination``; returns the count (0 at the end)."""
@@ -303,13 +298,8 @@ class ReadAheadWindow:
         # The chunks still downloading count towards max_concurrency; the parts take what is left.
         concurrency = max(1, self._max_chunks - self._store.downloading())
         direct_block_size = min(self._block_size, max(part_bytes, -(-len(destination) // concurrency)))
-        direct = DirectReads(
-            self._source,
-            block_size=direct_block_size,
-            max_concurrency=concurrency,
-            validate_content=self._validate_content,
-        )
-        direct.read_into(offset, destination, etag=self._properties.etag, checksums=self._checksums)
+        direct = self._fetch.direct(block_size=direct_block_size, max_concurrency=concurrency)
+        direct.read_into(offset, destination, etag=self._fetch.properties.etag, checksums=self._fetch.checksums)
 
     def _fetch_at(self, offset: int, *, forward: bool) -> _Chunk:
         if forward:
@@ -333,24 +323,20 @@ class ReadAheadWindow:
     def whole_crc32(self, *, download_rest: bool) -> int | None:
         """The whole blob's CRC-32, from everything downloaded; with ``download_rest``, after downloading
         what never was, else ``None`` when the downloads do not cover the blob (it was read in part)."""
-        assert self._checksums is not None
+        checksums = self._fetch.checksums
+        assert checksums is not None
         if not download_rest:
-            return self._checksums.whole()
-        offset = self._checksums.covered_from_start()
+            return checksums.whole()
+        offset = checksums.covered_from_start()
         window = self._block_size * self._max_chunks
-        rest = DirectReads(
-            self._source,
-            block_size=self._block_size,
-            max_concurrency=self._max_chunks,
-            validate_content=self._validate_content,
-        )
-        while (crc := self._checksums.whole()) is None:
+        rest = self._fetch.direct(block_size=self._block_size, max_concurrency=self._max_chunks)
+        while (crc := checksums.whole()) is None:
             if offset >= self.size:  # downloads from the reachable end on always tile the rest
                 raise AssertionError("downloaded ranges do not tile the blob")
             length = min(window, self.size - offset)
-            gap = rest.read_leased(offset, length, etag=self._properties.etag)
+            gap = rest.read_leased(offset, length, etag=self._fetch.properties.etag)
             try:
-                self._checksums.add(offset, gap.view(length))
+                checksums.add(offset, gap.view(length))
             finally:
                 gap.release()
             offset += length

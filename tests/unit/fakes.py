@@ -7,8 +7,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from azstoragetorch._client import BlobNotModified, BlobProperties, BlobUrl, PieceChecksums
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobNotModified, BlobProperties, BlobUrl
 from azstoragetorch._client._blob_client import DownloadStopped
+from azstoragetorch._reads._source import signature_of
 from azstoragetorch.exceptions import BlobModifiedDuringReadError
 
 
@@ -18,9 +19,20 @@ class InMemoryBlobClient:
     display_url = "memory://blob"
     blob_url = BlobUrl.parse("https://account.blob.core.windows.net/container/blob")
 
-    def __init__(self, data: bytes = b"", *, fail_stage_at: int | None = None, max_blocks: int = 50_000) -> None:
+    def __init__(
+        self,
+        data: bytes = b"",
+        *,
+        recorded_crc32: int | None = None,
+        fail_stage_at: int | None = None,
+        max_blocks: int = 50_000,
+    ) -> None:
         self.data = data
+        # The CRC-32 recorded with the blob (None: written by another tool); a commit records its own.
+        self.recorded_crc32 = recorded_crc32
         self.reads: list[tuple[int, int]] = []
+        self.etags: list[str | None] = []  # the ETag condition of every ranged read, None for none
+        self.properties_requests = 0
         self.parallel_reads: list[tuple[int, int, int]] = []  # filled by tests that watch DirectReads
         self.staged: dict[str, bytes] = {}
         self.committed: bytes | None = None
@@ -44,24 +56,32 @@ class InMemoryBlobClient:
 
     @property
     def properties(self) -> BlobProperties:
-        return BlobProperties(size=len(self.data), etag='"1"')
+        return BlobProperties(size=len(self.data), etag='"1"', crc32=self.recorded_crc32)
+
+    def get_properties(self) -> BlobProperties:
+        with self._lock:
+            self.properties_requests += 1
+        return self.properties
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         return self._pool.submit(fn, *args, **kwargs)
 
+    # The keywords of the client's fetch_range_into (tests/unit/test_fakes.py keeps them in step),
+    # each honoured here but validate_content, which has nothing to check in memory.
+    FETCH_KEYWORDS = frozenset(
+        {"etag", "length", "validate_content", "if_none_match", "stop", "on_response", "checksums"}
+    )
+
+    @signature_of(AzStorageTorchBlobClient.fetch_range_into)
     def fetch_range_into(
-        self,
-        offset: int,
-        into: memoryview | Callable[[BlobProperties], memoryview],
-        *,
-        etag: str | None,
-        length: int | None = None,
-        validate_content: bool = False,
-        if_none_match: str | None = None,
-        stop: threading.Event | None = None,
-        on_response: Callable[[BlobProperties], None] | None = None,
-        checksums: PieceChecksums | None = None,
+        self, offset: int, into: memoryview | Callable[[BlobProperties], memoryview], **request: Any
     ) -> tuple[BlobProperties, int]:
+        if unknown := request.keys() - self.FETCH_KEYWORDS:
+            raise TypeError(f"fetch_range_into() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        etag, length, if_none_match = request["etag"], request.get("length"), request.get("if_none_match")
+        stop, on_response, checksums = request.get("stop"), request.get("on_response"), request.get("checksums")
+        with self._lock:
+            self.etags.append(etag)
         properties = self.properties
         if stop is not None and stop.is_set():
             raise DownloadStopped("stopped: another part of the read failed")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -113,3 +115,90 @@ def test_blobio_open_refuses_verify_checksum_for_a_writer() -> None:
     options = TransferOptions(verify_checksum=True)
     with pytest.raises(ValueError, match="verify_checksum checks what is read"):
         BlobIO._open(_URL, "wb", options=options, client=InMemoryBlobClient())  # type: ignore[arg-type]
+
+
+def test_from_keywords_takes_each_field_from_the_argument_of_its_name() -> None:
+    hook = print
+    retry = RetryOptions(retry_total=1)
+    arguments = {"self": object(), "credential": False, "max_concurrency": 3, "retry": retry, "progress_hook": hook}
+    options = TransferOptions.from_keywords(arguments, verify_checksum=False)
+    # Fields the arguments lack keep their defaults; arguments that are not fields are left out.
+    assert options == TransferOptions(max_concurrency=3, verify_checksum=False, retry=retry, progress_hook=hook)
+
+
+def test_from_keywords_checks_as_the_constructor_does() -> None:
+    with pytest.raises(TypeError, match=r"^retry must be an azstoragetorch\.retry\.RetryOptions .*not dict\.$"):
+        TransferOptions.from_keywords({"retry": {"retry_total": 3}})
+
+
+_RETRY = RetryOptions(retry_total=1)
+# A value for each transfer keyword, none of them the default, so that one an entry point drops shows.
+_GIVEN = {
+    "max_concurrency": 3,
+    "block_size": 1024,
+    "validate_content": True,
+    "verify_checksum": False,
+    "retry": _RETRY,
+    "progress_hook": print,
+}
+
+
+def _blobio_options(**keywords: Any) -> TransferOptions:
+    opened: list[TransferOptions] = []
+    with mock.patch.object(BlobIO, "_start", lambda self, url, mode, credential, options, *_: opened.append(options)):
+        BlobIO(_URL, "rb", **keywords)
+    return opened[0]
+
+
+def _checkpoint_io_options(**keywords: Any) -> TransferOptions:
+    from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+
+    return AzureBlobCheckpointIO(credential=False, **keywords)._transfer
+
+
+def _dcp_reader_options(**keywords: Any) -> TransferOptions:
+    from azstoragetorch.integrations.dcp import BlobStorageReader
+
+    return BlobStorageReader(_URL, **keywords).fs.options  # type: ignore[attr-defined, no-any-return]
+
+
+def _dcp_writer_options(**keywords: Any) -> TransferOptions:
+    from azstoragetorch.integrations.dcp import BlobStorageWriter
+
+    return BlobStorageWriter(_URL, **keywords).fs.options  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("entry_point", "keywords", "expected"),
+    [
+        (_blobio_options, _GIVEN, _GIVEN),
+        (_checkpoint_io_options, _GIVEN, _GIVEN),
+        # The DCP reader's verify_checksum=False is BlobIO's False; its True, BlobIO's None.
+        (_dcp_reader_options, _GIVEN, _GIVEN),
+        (_dcp_reader_options, {**_GIVEN, "verify_checksum": True}, {**_GIVEN, "verify_checksum": None}),
+        # A writer verifies nothing it reads.
+        (_dcp_writer_options, {k: v for k, v in _GIVEN.items() if k != "verify_checksum"}, _GIVEN),
+    ],
+    ids=["BlobIO", "AzureBlobCheckpointIO", "BlobStorageReader", "BlobStorageReader-verify", "BlobStorageWriter"],
+)
+def test_every_entry_point_carries_each_transfer_keyword_it_takes(
+    entry_point: Callable[..., TransferOptions], keywords: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    options = entry_point(**keywords)
+    assert {name: getattr(options, name) for name in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "entry_point", [_blobio_options, _checkpoint_io_options, _dcp_reader_options, _dcp_writer_options]
+)
+def test_every_entry_point_refuses_a_bad_retry_naming_it(entry_point: Callable[..., TransferOptions]) -> None:
+    with pytest.raises(TypeError, match=r"^retry must be an azstoragetorch\.retry\.RetryOptions .*not dict\.$"):
+        entry_point(retry={"retry_total": 3})
+
+
+def test_the_data_module_refuses_a_bad_retry_when_built() -> None:
+    # Before setup() lists anything: a LightningCLI config with a bad retry fails at once.
+    from azstoragetorch.integrations.lightning import BlobDataModule
+
+    with pytest.raises(TypeError, match=r"^retry must be an azstoragetorch\.retry\.RetryOptions .*not dict\.$"):
+        BlobDataModule(train=[_URL], credential=False, retry={"retry_total": 3})  # type: ignore[arg-type]

@@ -100,15 +100,8 @@ class BlobStorageReader(FileSystemReader):
         _extension_registry: ExtensionRegistry | None = None,
         progress_hook: ProgressHook | None = None,
     ) -> None:
-        options = TransferOptions(
-            max_concurrency=max_concurrency,
-            block_size=block_size,
-            validate_content=validate_content,
-            # BlobIO's None: check every file read whole that has a recorded CRC-32.
-            verify_checksum=None if verify_checksum else False,
-            retry=retry,
-            progress_hook=progress_hook,
-        )
+        # BlobIO's None: check every file read whole that has a recorded CRC-32.
+        options = TransferOptions.from_keywords(locals(), verify_checksum=None if verify_checksum else False)
         self._set_up(url, credential, options, _extension_registry)
 
     @classmethod

@@ -190,13 +190,7 @@ class BlobStorageWriter(FileSystemWriter):
                 "serialization_format must be a torch.distributed.checkpoint.filesystem.SerializationFormat, "
                 f"not {type(serialization_format).__name__}."
             )
-        options = TransferOptions(
-            max_concurrency=max_concurrency,
-            block_size=block_size,
-            validate_content=validate_content,
-            retry=retry,
-            progress_hook=progress_hook,
-        )
+        options = TransferOptions.from_keywords(locals())
         self._set_up(
             url,
             credential,

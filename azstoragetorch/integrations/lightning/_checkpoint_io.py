@@ -125,15 +125,8 @@ class AzureBlobCheckpointIO(CheckpointIO):
     ) -> None:
         super().__init__()
         validate_credential(credential)
-        self._transfer = TransferOptions(
-            max_concurrency=max_concurrency,
-            block_size=block_size,
-            validate_content=validate_content,
-            verify_checksum=verify_checksum,
-            retry=retry,
-            progress_hook=progress_hook,
-        )
-        self._paths = BlobPaths(_checked_account_url(account_url), credential, retry)
+        self._transfer = TransferOptions.from_keywords(locals())
+        self._paths = BlobPaths(_checked_account_url(account_url), credential, self._transfer.retry)
         self._saves = _SavesInProgress()
         self._log_stats = bool(log_stats)
         self._pending_metrics = _stats.PendingMetrics()

@@ -178,9 +178,9 @@ def test_a_closed_writer_never_commits_again(container: Container, account_crede
     f.close()
     committed = etag(container, "blob")
     f.close()
-    assert f._uploader is not None
+    assert f._writes is not None
     with pytest.raises(RuntimeError, match="was committed already; nothing was sent"):
-        f._uploader.commit()  # the guard holds below BlobIO as well
+        f._writes.uploader.commit()  # the guard holds below BlobIO as well
     assert container.download("blob") == data and etag(container, "blob") == committed
 
 

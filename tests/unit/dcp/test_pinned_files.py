@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 import pytest
 
-from azstoragetorch._client import BlobProperties, crc32
+from azstoragetorch._client import crc32
 from azstoragetorch._options import TransferOptions
 from azstoragetorch._reads import PlannedSpans
 from azstoragetorch.exceptions import ChecksumMismatchError
@@ -19,31 +16,7 @@ from tests.unit.fakes import InMemoryBlobClient
 CHECKPOINT = "https://account.blob.core.windows.net/container/checkpoint"
 
 
-class ShardFileClient(InMemoryBlobClient):
-    """The in-memory client with a recorded CRC-32 and the ETag condition of every ranged read."""
-
-    def __init__(self, data: bytes, recorded_crc32: int | None) -> None:
-        super().__init__(data)
-        self.recorded_crc32 = recorded_crc32
-        self.etags: list[str | None] = []
-        self.properties_requests = 0
-        self._etags_lock = threading.Lock()
-
-    @property
-    def properties(self) -> BlobProperties:
-        return BlobProperties(size=len(self.data), etag='"1"', crc32=self.recorded_crc32)
-
-    def get_properties(self) -> BlobProperties:
-        self.properties_requests += 1
-        return self.properties
-
-    def fetch_range_into(self, offset: int, into: Any, *, etag: str | None, **options: Any) -> Any:
-        with self._etags_lock:
-            self.etags.append(etag)
-        return super().fetch_range_into(offset, into, etag=etag, **options)
-
-
-def shard_files(clients: dict[str, ShardFileClient], *, verify_checksum: bool = True) -> _PinnedShardFiles:
+def shard_files(clients: dict[str, InMemoryBlobClient], *, verify_checksum: bool = True) -> _PinnedShardFiles:
     options = TransferOptions(max_concurrency=2, block_size=16, verify_checksum=None if verify_checksum else False)
     files = _BlobFiles(None, options)
     files.blob_client = lambda path: clients[str(path).rsplit("/", 1)[1]]  # type: ignore[method-assign]
@@ -58,7 +31,7 @@ def read(shards: _PinnedShardFiles, spans: list[_Span]) -> list[bytes]:
 
 def test_the_first_range_of_a_file_pins_its_version_for_every_later_range() -> None:
     data = bytes(range(100))
-    client = ShardFileClient(data, crc32(data))
+    client = InMemoryBlobClient(data, recorded_crc32=crc32(data))
     shards = shard_files({"__0_0.distcp": client})
 
     assert read(shards, [_Span("__0_0.distcp", 0, 10, []), _Span("__0_0.distcp", 50, 100, [])]) == [
@@ -72,7 +45,7 @@ def test_the_first_range_of_a_file_pins_its_version_for_every_later_range() -> N
 
 def test_pinned_version_asks_for_the_properties_of_a_file_not_read_yet_and_only_once() -> None:
     data = b"x" * 40
-    client = ShardFileClient(data, crc32(data))
+    client = InMemoryBlobClient(data, recorded_crc32=crc32(data))
     shards = shard_files({"__0_0.distcp": client})
 
     assert shards.pinned_version("__0_0.distcp").size == 40
@@ -84,7 +57,10 @@ def test_pinned_version_asks_for_the_properties_of_a_file_not_read_yet_and_only_
 
 def test_a_file_read_whole_is_checked_against_its_recorded_crc32() -> None:
     good, bad = b"g" * 64, b"b" * 64
-    clients = {"good": ShardFileClient(good, crc32(good)), "bad": ShardFileClient(bad, crc32(b"other"))}
+    clients = {
+        "good": InMemoryBlobClient(good, recorded_crc32=crc32(good)),
+        "bad": InMemoryBlobClient(bad, recorded_crc32=crc32(b"other")),
+    }
     shards = shard_files(clients)
     read(shards, [_Span("good", 0, 64, []), _Span("bad", 0, 32, []), _Span("bad", 32, 64, [])])
 
@@ -97,7 +73,10 @@ def test_a_file_read_whole_is_checked_against_its_recorded_crc32() -> None:
 
 def test_a_file_read_in_part_or_without_a_recorded_crc32_is_not_held_against_the_load() -> None:
     data = b"d" * 64
-    clients = {"part": ShardFileClient(data, crc32(b"other")), "unrecorded": ShardFileClient(data, None)}
+    clients = {
+        "part": InMemoryBlobClient(data, recorded_crc32=crc32(b"other")),
+        "unrecorded": InMemoryBlobClient(data, recorded_crc32=None),
+    }
     shards = shard_files(clients)
     read(shards, [_Span("part", 0, 32, []), _Span("unrecorded", 0, 64, [])])
 
@@ -108,7 +87,7 @@ def test_a_file_read_in_part_or_without_a_recorded_crc32_is_not_held_against_the
 
 def test_without_verify_checksum_a_changed_file_loads_unchecked() -> None:
     data = b"c" * 64
-    shards = shard_files({"f": ShardFileClient(data, crc32(b"other"))}, verify_checksum=False)
+    shards = shard_files({"f": InMemoryBlobClient(data, recorded_crc32=crc32(b"other"))}, verify_checksum=False)
 
     assert read(shards, [_Span("f", 0, 64, [])]) == [data]
     shards.verify_whole_files()
