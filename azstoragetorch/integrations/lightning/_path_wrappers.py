@@ -47,6 +47,7 @@ import torch
 from azstoragetorch._client import ContainerUrl, CredentialArgument, not_found_as_file_not_found
 from azstoragetorch._options import TransferOptions
 from azstoragetorch.integrations.lightning._filesystem import BlobFileSystem
+from azstoragetorch.integrations.lightning._once import once
 from azstoragetorch.integrations.lightning._paths import claim
 from azstoragetorch.io import BlobIO
 
@@ -95,17 +96,9 @@ def _is_within(location: tuple[str, str], directory: tuple[str, str]) -> bool:
     return container == directory_container and (not prefix or name.startswith(f"{prefix}/"))
 
 
-_lock = threading.Lock()
-_installed = False
-
-
+@once
 def install() -> None:
     """Wrap Lightning's path handling (once per process)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
     from lightning.fabric.utilities import cloud_io
     from lightning.pytorch.callbacks import model_checkpoint
     from lightning.pytorch.core import saving
@@ -143,11 +136,12 @@ _ASYNC_MAY_RECREATE = "a blob checkpoint save still queued in AsyncCheckpointIO 
 
 
 _warned: set[str] = set()  # what _warn_unsupported_once has warned about in this process
+_warned_lock = threading.Lock()
 
 
 def _warn_unsupported_once(missing: str, what_may_fail: str) -> None:
     """Warn about a missing Lightning internal noticed at a call, once per process."""
-    with _lock:
+    with _warned_lock:
         if missing in _warned:
             return
         _warned.add(missing)

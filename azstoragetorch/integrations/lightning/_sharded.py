@@ -20,11 +20,11 @@ import functools
 import os
 import shutil
 import tempfile
-import threading
 from typing import Any
 
 import torch
 
+from azstoragetorch.integrations.lightning._once import once
 from azstoragetorch.integrations.lightning._sharded_layout import Target, _blob_plugin, remove_tree, target
 from azstoragetorch.integrations.lightning._sharded_load import load_dtensor_state, load_fsdp_state, local_copy
 from azstoragetorch.integrations.lightning._sharded_save import _fsdp_state, _model_parallel_state, save_sharded
@@ -220,8 +220,6 @@ def _wrap_attach(original: Any) -> Any:
     return _attach_model_callbacks
 
 
-_lock = threading.Lock()
-_installed = False
 _missing: dict[type, str] = {}  # strategy classes whose wrapper could not be installed, and why
 _wrapped: set[Any] = set()  # the wrappers installed
 
@@ -282,13 +280,9 @@ def moved(owner: Any, name: str, parameters: tuple[str, ...]) -> str | None:
     return None
 
 
+@once
 def install() -> None:
     """Wrap the sharded strategies' saving and loading (once per process)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
     for owner, name, wrap, parameters in targets():
         reason = moved(owner, name, parameters)
         if reason is None:

@@ -121,7 +121,7 @@ def test_a_moved_method_stops_its_strategy_at_setup(monkeypatch: pytest.MonkeyPa
 def test_a_moved_fabric_method_stops_the_plugin_from_being_created(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning.fabric.strategies.fsdp import FSDPStrategy as FabricFSDPStrategy
 
-    monkeypatch.setattr(_sharded, "_installed", False)
+    monkeypatch.setattr(_sharded, "install", _sharded.install.__wrapped__)  # runs again
     monkeypatch.setattr(_sharded, "_wrapped", set())
     monkeypatch.setattr(
         _sharded, "targets", lambda: [(FabricFSDPStrategy, "save_checkpoint", lambda f: f, ("self", "path", "moved"))]
