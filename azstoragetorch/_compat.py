@@ -27,7 +27,7 @@ TESTED_TORCH: tuple[tuple[int, int], ...] = ((2, 13), (2, 14))
 TESTED_LIGHTNING: tuple[tuple[int, int], ...] = ((2, 6),)
 
 _DCP = "azstoragetorch.integrations.dcp"
-_PATHS = "azstoragetorch.integrations.lightning._paths"
+_PATHS = "azstoragetorch.integrations.lightning._path_wrappers"
 _STATS = "azstoragetorch.integrations.lightning._stats"
 _SHARDED = "azstoragetorch.integrations.lightning._sharded"
 _FILESYSTEM = "torch.distributed.checkpoint.filesystem"
@@ -276,7 +276,7 @@ OVERRIDDEN: tuple[Reliance, ...] = (
 INSTANCE_ATTRIBUTES: dict[tuple[str, str, str], tuple[str, ...]] = {
     ("torch", _FILESYSTEM, "FileSystemWriter"): ("fs", "path", "overwrite", "rank", "use_collectives", "transforms"),
     ("torch", _FILESYSTEM, "FileSystemReader"): ("fs", "path", "storage_data", "transforms"),
-    # _paths' removal wrapper queues removals on the executor that runs the saves; _sharded's
+    # _path_wrappers' removal wrapper queues removals on the executor that runs the saves; _sharded_save's
     # asynchronous sharded saves join that executor too (and start it with _ensure_setup).
     ("lightning", "lightning.pytorch.plugins", "AsyncCheckpointIO"): ("_executor", "_error", "_ensure_setup"),
 }

@@ -104,7 +104,7 @@ def stall_worker(args: argparse.Namespace) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader, TensorDataset
 
-    from azstoragetorch.integrations.lightning import _sharded
+    from azstoragetorch.integrations.lightning import _sharded_save
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -140,7 +140,7 @@ def stall_worker(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             trainer.save_checkpoint(f"{args.account_url}/bench/stall-{variant}-{round_index}.ckpt")
             stall = time.perf_counter() - started
-            pending = _sharded._pending.pop(trainer.strategy, None)
+            pending = _sharded_save._pending.pop(trainer.strategy, None)
             if pending is not None:
                 pending.result()  # the upload, outside the clock
             if round_index > 0:

@@ -26,7 +26,7 @@ from azstoragetorch._client import (
     validate_credential,
 )
 from azstoragetorch._options import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_CONCURRENCY, TransferOptions
-from azstoragetorch.integrations.lightning import _paths, _sharded, _stats
+from azstoragetorch.integrations.lightning import _path_wrappers, _paths, _sharded, _sharded_layout, _stats
 from azstoragetorch.integrations.lightning._paths import BlobPaths
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
@@ -131,6 +131,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
         self._log_stats = bool(log_stats)
         self._pending_metrics = _stats.PendingMetrics()
         _paths.register(self._paths)
+        _path_wrappers.install()
         _sharded.install()
         if self._log_stats:
             _stats.install()
@@ -150,6 +151,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
         self._log_stats = state.get("log_stats", True)
         self._pending_metrics = _stats.PendingMetrics()
         _paths.register(self._paths)
+        _path_wrappers.install()
         _sharded.install()
         if self._log_stats:
             _stats.install()
@@ -206,7 +208,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
             metrics = _stats.checkpoint_metrics("load", stats, time.perf_counter() - started)
             self._pending_metrics.add(metrics)
 
-        return _paths.load_blob_checkpoint(
+        return _path_wrappers.load_blob_checkpoint(
             os.fspath(path),
             self._url(path),
             credential=self._paths.credential,
@@ -236,7 +238,7 @@ class AzureBlobCheckpointIO(CheckpointIO):
             pass
         else:
             _LOGGER.debug("Removed checkpoint %s", BlobUrl.parse(url).display_url)
-        if _sharded.remove_tree(_sharded.Target(self._paths, url, self._transfer)):
+        if _sharded_layout.remove_tree(_sharded_layout.Target(self._paths, url, self._transfer)):
             _LOGGER.debug("Removed sharded checkpoint %s", BlobUrl.parse(url).display_url)
 
     def teardown(self) -> None:
@@ -257,7 +259,7 @@ class _SavesInProgress:
     """The blob URLs being written right now, so that a removal can wait for a save of the same URL.
 
     Only saves that have started are here; saves still queued in ``AsyncCheckpointIO`` are ordered
-    before a removal by queueing the removal behind them (``_paths``).
+    before a removal by queueing the removal behind them (``_path_wrappers``).
     """
 
     def __init__(self) -> None:

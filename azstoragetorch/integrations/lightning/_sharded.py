@@ -1,19 +1,13 @@
-"""Sharded (distributed) checkpoints in blob storage, for the strategies that save them themselves.
+"""Sends the sharded saves and loads of the strategies that bypass ``CheckpointIO`` to blob storage.
 
 ``ModelParallelStrategy`` (and ``FSDPStrategy(state_dict_type="sharded")``) bypass ``CheckpointIO``:
 they call ``Path(filepath)``, make that directory and run ``dcp_save(checkpoint_id=path)`` into it,
 so a blob URL would become a local folder named ``http:/...``. This module wraps those strategies'
-``save_checkpoint`` and ``load_checkpoint``: a path that a registered plugin claims is saved through
-:class:`~azstoragetorch.integrations.dcp.BlobStorageWriter` and loaded through
-:class:`~azstoragetorch.integrations.dcp.BlobStorageReader`, with Lightning's layout
-(``<name>.ckpt/``: the shard files, ``.metadata`` and rank 0's ``meta.pt``); every other path goes
-to Lightning's own method, with the caller's arguments.
-
-Lightning's ``meta.pt`` (the trainer state besides weights and optimizers) is written before the
-shards, for Lightning's own loader once a checkpoint is copied to disk. A copy of it travels inside
-the DCP checkpoint too (the ``_META_KEY`` entry), so that it is committed with ``.metadata`` in one
-request: a save killed half way through an overwrite leaves the old weights with the old trainer
-state, never the new ``meta.pt`` with old weights.
+``save_checkpoint`` and ``load_checkpoint``, Trainer's and Fabric's: a path that a registered plugin
+claims is saved through :class:`~azstoragetorch.integrations.dcp.BlobStorageWriter` (``_sharded_save``)
+and loaded through :class:`~azstoragetorch.integrations.dcp.BlobStorageReader` (``_sharded_load``),
+in Lightning's layout (``_sharded_layout``); every other path goes to Lightning's own method, with
+the caller's arguments.
 
 A strategy that saves by local path without the plugin (DeepSpeed's does) is refused when the
 Trainer sets up with the plugin, naming the strategy. Every wrapped method is looked up when the wrappers are
@@ -22,372 +16,19 @@ installed; one that has moved makes that setup raise, never a silent local save.
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import dataclasses
 import functools
-import io
 import os
 import shutil
 import tempfile
-import threading
-import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from azure.core.exceptions import ResourceNotFoundError
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from azstoragetorch._client import (
-    AzStorageTorchBlobClient,
-    AzStorageTorchContainerClient,
-    ContainerUrl,
-    not_found_as_file_not_found,
-    redact_url,
-)
-from azstoragetorch._options import TransferOptions
-from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
-from azstoragetorch.integrations.lightning import _paths
-from azstoragetorch.integrations.lightning._paths import BlobPaths
+from azstoragetorch.integrations.lightning._once import once
+from azstoragetorch.integrations.lightning._sharded_layout import Target, _blob_plugin, remove_tree, target
+from azstoragetorch.integrations.lightning._sharded_load import load_dtensor_state, load_fsdp_state, local_copy
+from azstoragetorch.integrations.lightning._sharded_save import _fsdp_state, _model_parallel_state, save_sharded
 from azstoragetorch.io import BlobIO
-
-# Lightning's name for rank 0's file of trainer state in a sharded checkpoint directory.
-META_FILE = "meta.pt"
-# The DCP entry that holds the same trainer state, committed with the checkpoint's .metadata.
-_META_KEY = "azstoragetorch_lightning_meta"
-_DCP_METADATA = ".metadata"
-
-
-class Target:
-    """One checkpoint in blob storage: its URL and the settings its transfers use."""
-
-    def __init__(self, paths: BlobPaths, url: str, transfer: TransferOptions) -> None:
-        self.paths = paths
-        self.url = url.rstrip("/")
-        self.transfer = transfer
-
-    def child(self, name: str) -> str:
-        return f"{self.url}/{name}"
-
-    def writer(self) -> BlobStorageWriter:
-        return BlobStorageWriter._from_options(self.url, credential=self.paths.credential, options=self._options())
-
-    def reader(self) -> BlobStorageReader:
-        # The plugin's verify_checksum: None (its default) checks every shard file read whole that
-        # has a recorded CRC-32, as BlobStorageReader does by default; only False turns it off.
-        verify = None if self.transfer.verify_checksum is not False else False
-        options = dataclasses.replace(self._options(), verify_checksum=verify)
-        return BlobStorageReader._from_options(self.url, credential=self.paths.credential, options=options)
-
-    def _options(self) -> TransferOptions:
-        """The plugin's settings that BlobStorageWriter and BlobStorageReader share."""
-        return dataclasses.replace(self.transfer, retry=self.paths.retry, progress_hook=None)
-
-    def blob(self, name: str) -> AzStorageTorchBlobClient:
-        return AzStorageTorchBlobClient.from_url(self.child(name), self.paths.credential, retry=self.paths.retry)
-
-    def container(self) -> tuple[AzStorageTorchContainerClient, str]:
-        container_url, prefix = ContainerUrl.parse_with_prefix(self.url)
-        client = AzStorageTorchContainerClient(container_url, self.paths.credential, retry=self.paths.retry)
-        return client, prefix.strip("/")
-
-    def is_sharded(self) -> bool:
-        """Whether a committed DCP checkpoint is here (its ``.metadata`` exists)."""
-        try:
-            self.blob(_DCP_METADATA).get_properties()
-        except ResourceNotFoundError:
-            return False
-        return True
-
-
-def target(strategy: Any, path: Any) -> Target | None:
-    """The blob checkpoint ``path`` names, if a registered plugin claims it; ``None`` for any other path."""
-    try:
-        text = os.fspath(path)
-    except TypeError:
-        return None
-    if not isinstance(text, str):
-        return None
-    paths = _paths.claim(text)
-    if paths is None:
-        return None
-    url = paths.url_for(text)  # raises ValueError for a claimed path that cannot be used
-    assert url is not None
-    plugin = _blob_plugin(strategy)
-    if plugin is not None and plugin._paths is paths:
-        return Target(paths, url, plugin._transfer)
-    return Target(paths, url, TransferOptions(retry=paths.retry))
-
-
-def _blob_plugin(strategy: Any) -> Any:
-    """The strategy's AzureBlobCheckpointIO (also inside AsyncCheckpointIO), if it has one."""
-    from azstoragetorch.integrations.lightning._checkpoint_io import AzureBlobCheckpointIO
-
-    try:
-        plugin = strategy.checkpoint_io  # Fabric's sharded strategies refuse the question
-    except NotImplementedError:
-        return None
-    for _ in range(3):  # AsyncCheckpointIO and other wrappers keep the plugin they wrap as .checkpoint_io
-        if isinstance(plugin, AzureBlobCheckpointIO):
-            return plugin
-        plugin = getattr(plugin, "checkpoint_io", None)
-    return None
-
-
-# -- saving and loading ---------------------------------------------------------------------------
-
-
-def save_sharded(
-    where: Target, converted_state: dict[str, Any], metadata: dict[str, Any], rank: int, *, strategy: Any = None
-) -> None:
-    """Save ``converted_state`` (this rank's shards) and ``metadata`` (rank 0's) as a sharded checkpoint.
-
-    Every rank calls this. ``meta.pt`` is written by rank 0 before the shards; ``.metadata`` is
-    committed last, so the checkpoint at ``where`` is the old one until the whole new one is in place.
-    When the strategy's plugin is wrapped in ``AsyncCheckpointIO``, only staging (copying the state)
-    happens here: the upload runs behind training through ``dcp.async_save`` (see :func:`_save_async`).
-    """
-    buffer = io.BytesIO()
-    torch.save(metadata, buffer)
-    if rank == 0:
-        with BlobIO(where.child(META_FILE), "wb", credential=where.paths.credential, retry=where.paths.retry) as meta:
-            meta.write(buffer.getbuffer())
-    state = {**converted_state, _META_KEY: buffer.getvalue()}
-    async_io = _async_checkpoint_io(strategy) if strategy is not None else None
-    if async_io is not None:
-        _save_async(strategy, async_io, where, state, rank)
-        return
-    dcp_save(state, storage_writer=where.writer())
-    if rank == 0:
-        _delete_blob(where.url, where)  # a single-file checkpoint of the same name, as Lightning unlinks it
-
-
-def _async_checkpoint_io(strategy: Any) -> Any:
-    """The strategy's ``AsyncCheckpointIO`` around an AzureBlobCheckpointIO, if it has one (and it
-    still keeps its saves in the executor and error that removals are queued behind, see _paths)."""
-    from lightning.pytorch.plugins import AsyncCheckpointIO
-
-    try:
-        async_io = strategy.checkpoint_io
-    except NotImplementedError:
-        return None
-    if not isinstance(async_io, AsyncCheckpointIO) or _blob_plugin(strategy) is None:
-        return None
-    if not all(hasattr(async_io, name) for name in ("_ensure_setup", "_executor", "_error")):
-        return None  # saved synchronously: slower, never wrong
-    return async_io
-
-
-# The process group of each strategy's background saves: their collectives must not interleave with
-# the training loop's on the default group.
-_save_groups: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-_pending: weakref.WeakKeyDictionary[Any, concurrent.futures.Future[Any]] = weakref.WeakKeyDictionary()
-
-
-def _save_async(strategy: Any, async_io: Any, where: Target, state: dict[str, Any], rank: int) -> None:
-    """Stage ``state`` and hand its upload to ``dcp.async_save``; the training loop waits only for
-    the staging (and for the previous save, should it still be uploading).
-
-    The upload is joined in AsyncCheckpointIO's executor, so that ``save_top_k`` removals queued there
-    run after it, its error is raised by the next save or at teardown as AsyncCheckpointIO's are, and
-    teardown waits for it.
-    """
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict_saver import async_save
-
-    previous = _pending.pop(strategy, None)
-    if previous is not None:
-        previous.result()  # one save uploads at a time: the next one reuses the process group
-    if strategy not in _save_groups:
-        _save_groups[strategy] = dist.new_group(backend="gloo")  # every rank saves, so every rank gets here
-    upload = async_save(state, storage_writer=where.writer(), process_group=_save_groups[strategy])
-    assert isinstance(upload, concurrent.futures.Future)
-
-    def finish() -> None:
-        try:
-            upload.result()
-            if rank == 0:
-                _delete_blob(where.url, where)
-        except BaseException as error:
-            if async_io._error is None:
-                async_io._error = error
-
-    async_io._ensure_setup()
-    _pending[strategy] = async_io._executor.submit(finish)
-    if async_io._error is not None:
-        raise async_io._error
-
-
-def read_metadata(where: Target, weights_only: bool | None) -> dict[str, Any]:
-    """The trainer state saved with the checkpoint at ``where``: the copy committed with its shards,
-    or, for a checkpoint that Lightning wrote on disk and that was copied here, its ``meta.pt``."""
-    entry: dict[str, Any] = {_META_KEY: b""}
-    if _has_meta_entry(where):
-        dcp_load(entry, storage_reader=where.reader())
-        data = entry[_META_KEY]
-    else:
-        with not_found_as_file_not_found(where.child(META_FILE), hint="(no meta.pt in this checkpoint)"):
-            reader = BlobIO(where.child(META_FILE), "rb", credential=where.paths.credential, retry=where.paths.retry)
-        with reader:
-            data = reader.read()
-    loaded: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
-    return loaded
-
-
-def _has_meta_entry(where: Target) -> bool:
-    metadata = where.reader().read_metadata()
-    return _META_KEY in metadata.state_dict_metadata
-
-
-def load_dtensor_state(where: Target, state: dict[str, Any], strict: bool, weights_only: bool | None) -> dict[str, Any]:
-    """Load a sharded checkpoint into a ``ModelParallelStrategy`` (DTensor) model and its optimizers,
-    as Lightning's ``_load_checkpoint`` does from disk; returns the trainer state not asked for in ``state``."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    modules, optimizers = _split(state)
-    [(module_key, module)] = modules.items()
-    module_state = {module_key: get_model_state_dict(module)}
-    dcp_load(module_state, storage_reader=where.reader())
-    module.load_state_dict(module_state[module_key], strict=strict)
-    for optimizer_key, optimizer in optimizers.items():
-        optimizer_state = {optimizer_key: get_optimizer_state_dict(module, optimizer)}
-        dcp_load(optimizer_state, storage_reader=where.reader())
-        set_optimizer_state_dict(
-            module,
-            optimizer,
-            optim_state_dict=optimizer_state[optimizer_key],
-            options=StateDictOptions(cpu_offload=True),
-        )
-    return _move_metadata(where, state, modules.keys() | optimizers.keys(), strict, weights_only)
-
-
-def load_fsdp_state(
-    where: Target, state: dict[str, Any], strict: bool, weights_only: bool | None, *, optimizers: bool = True
-) -> dict[str, Any]:
-    """Load a sharded checkpoint into an ``FSDPStrategy`` (FSDP1) model and its optimizers, as
-    Lightning does from disk; returns the trainer state not asked for in ``state``."""
-    from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    modules, optimizer_states = _split(state)
-    [(module_key, module)] = modules.items()
-    with _fsdp_sharded_state_dicts(module):
-        module_state = {module_key: module.state_dict()}
-        dcp_load(module_state, storage_reader=where.reader())
-        module.load_state_dict(module_state[module_key], strict=strict)
-        for optimizer_key, optimizer in optimizer_states.items() if optimizers else ():
-            loaded = load_sharded_optimizer_state_dict(
-                model_state_dict=module_state[module_key], optimizer_key=optimizer_key, storage_reader=where.reader()
-            )
-            optimizer.load_state_dict(
-                FullyShardedDataParallel.optim_state_dict_to_load(
-                    optim_state_dict=loaded[optimizer_key], model=module, optim=optimizer
-                )
-            )
-    return _move_metadata(where, state, modules.keys() | optimizer_states.keys(), strict, weights_only)
-
-
-def _split(state: dict[str, Any]) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer]]:
-    modules = {key: value for key, value in state.items() if isinstance(value, torch.nn.Module)}
-    optimizers = {key: value for key, value in state.items() if isinstance(value, torch.optim.Optimizer)}
-    if len(modules) != 1:
-        raise ValueError(
-            f"A sharded checkpoint holds exactly one model: pass it in the state, as {{'model': model, ...}} "
-            f"(found {len(modules)})."
-        )
-    return modules, optimizers
-
-
-def _move_metadata(
-    where: Target, state: dict[str, Any], loaded_keys: Any, strict: bool, weights_only: bool | None
-) -> dict[str, Any]:
-    """Read the checkpoint's trainer state; move the keys asked for in ``state`` into it (as Lightning
-    does), and return the rest."""
-    metadata = read_metadata(where, weights_only)
-    requested = state.keys() - set(loaded_keys)
-    missing = sorted(requested - metadata.keys())
-    if strict and missing:
-        raise KeyError(
-            f"The requested state contains keys {missing} that are not in the checkpoint {redact_url(where.url)!r}; "
-            "pass strict=False to load without them."
-        )
-    for key in requested & metadata.keys():
-        state[key] = metadata.pop(key)
-    return metadata
-
-
-def _fsdp_sharded_state_dicts(module: torch.nn.Module) -> Any:
-    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
-    from torch.distributed.fsdp.api import ShardedOptimStateDictConfig, ShardedStateDictConfig
-
-    return FullyShardedDataParallel.state_dict_type(
-        module=module,
-        state_dict_type=StateDictType.SHARDED_STATE_DICT,
-        state_dict_config=ShardedStateDictConfig(offload_to_cpu=True),
-        optim_state_dict_config=ShardedOptimStateDictConfig(offload_to_cpu=True),
-    )
-
-
-def _fabric_state(
-    state: dict[str, Any], module_state: Any, optimizer_state: Any
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fabric's state split as Lightning splits it: models' and optimizers' (sharded) state dicts
-    to be saved as shards, everything else as trainer state for ``meta.pt``."""
-    converted: dict[str, Any] = {}
-    metadata: dict[str, Any] = {}
-    for key, value in state.items():
-        if isinstance(value, torch.nn.Module):
-            converted[key] = module_state(value)
-        elif isinstance(value, torch.optim.Optimizer):
-            converted[key] = optimizer_state(value)
-        elif callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None)):
-            metadata[key] = value.state_dict()
-        else:
-            metadata[key] = value
-    return converted, metadata
-
-
-def remove_tree(where: Target) -> bool:
-    """Delete every blob under the checkpoint's prefix, ``.metadata`` first (so that what is left of a
-    removal that fails half way is not a loadable checkpoint); whether there was any."""
-    client, prefix = where.container()
-    names = [blob.client.blob_url.blob_name for blob in client.list_blobs(f"{prefix}/")]
-    metadata_name = f"{prefix}/{_DCP_METADATA}"
-    for name in sorted(names, key=lambda name: name != metadata_name):
-        with contextlib.suppress(ResourceNotFoundError):
-            client.blob_client(name).delete()
-    return bool(names)
-
-
-def _delete_blob(url: str, where: Target) -> None:
-    with contextlib.suppress(ResourceNotFoundError):
-        AzStorageTorchBlobClient.from_url(url, where.paths.credential, retry=where.paths.retry).delete()
-
-
-@contextlib.contextmanager
-def local_copy(where: Target) -> Iterator[str]:
-    """A single-file checkpoint downloaded to a private temporary file, for Lightning's loaders that
-    memory-map it; removed afterwards."""
-    directory = tempfile.mkdtemp(prefix="azstoragetorch-")
-    try:
-        local = os.path.join(directory, "checkpoint.ckpt")
-        with not_found_as_file_not_found(where.url, hint="(no checkpoint here)"):
-            reader = BlobIO(where.url, "rb", credential=where.paths.credential, retry=where.paths.retry)
-        with reader, open(local, "wb") as file:
-            shutil.copyfileobj(reader, file, 8 * 1024 * 1024)
-        yield local
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-# -- the wrappers ---------------------------------------------------------------------------------
 
 
 def _wrap_trainer_save(model_key: str, saves_sharded: Any) -> Any:
@@ -535,30 +176,6 @@ def _wrap_fabric_load(load_sharded: Any) -> Any:
     return wrap
 
 
-def _model_parallel_state(strategy: Any, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=False, cpu_offload=True)
-    [module] = _split(state)[0].values()
-    return _fabric_state(
-        state,
-        lambda model: get_model_state_dict(model, options=options),
-        lambda optimizer: get_optimizer_state_dict(module, optimizer, options=options),
-    )
-
-
-def _fsdp_state(strategy: Any, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    [module] = _split(state)[0].values()
-    with _fsdp_sharded_state_dicts(module):
-        return _fabric_state(
-            state,
-            lambda model: model.state_dict(),
-            lambda optimizer: FullyShardedDataParallel.optim_state_dict(module, optimizer),
-        )
-
-
 class ShardedCheckpointSetupError(RuntimeError):
     """Raised at setup for a strategy that would save blob checkpoints to a local folder."""
 
@@ -603,8 +220,6 @@ def _wrap_attach(original: Any) -> Any:
     return _attach_model_callbacks
 
 
-_lock = threading.Lock()
-_installed = False
 _missing: dict[type, str] = {}  # strategy classes whose wrapper could not be installed, and why
 _wrapped: set[Any] = set()  # the wrappers installed
 
@@ -665,13 +280,9 @@ def moved(owner: Any, name: str, parameters: tuple[str, ...]) -> str | None:
     return None
 
 
+@once
 def install() -> None:
     """Wrap the sharded strategies' saving and loading (once per process)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
     for owner, name, wrap, parameters in targets():
         reason = moved(owner, name, parameters)
         if reason is None:

@@ -2,7 +2,7 @@
 
 A ``CheckpointIO`` plugin never sees the Trainer, and a DataModule has no epoch hooks, so the numbers
 reach the loggers through two small wrappers of Lightning's (installed once per process, the first
-time a plugin or DataModule with ``log_stats=True`` is made; they fail soft as _paths's do):
+time a plugin or DataModule with ``log_stats=True`` is made; they fail soft as _path_wrappers's do):
 
 - ``Trainer.save_checkpoint`` is timed: that is the stall the save caused the training loop, with or
   without ``AsyncCheckpointIO`` (which returns once the save is queued). The save's own statistics

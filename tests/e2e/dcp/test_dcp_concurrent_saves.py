@@ -294,10 +294,8 @@ def save_when_all_start(
 
 @pytest.mark.parametrize("saves", [2, 3])
 def test_saves_at_the_same_time_under_random_schedules_leave_one_complete_checkpoint(
-    container: Container, account_credential: AzureNamedKeyCredential, saves: int
+    container: Container, account_credential: AzureNamedKeyCredential, saves: int, seed: int
 ) -> None:
-    seed = random.randrange(2**32)
-    print(f"perturbation seed {seed}")
     chance = random.Random(seed)
     outcomes = []
     for round_ in range(4):

@@ -248,8 +248,11 @@ def test_racing_writers_leave_one_writers_complete_blob(
 # -- Ctrl-C -------------------------------------------------------------------------------------
 
 
-def interrupt_in_the_middle_of_a_large_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the first large write into a blob stop half-way with a real SIGINT, as Ctrl-C would."""
+@pytest.fixture
+def interrupted_overwrite(container: Container, monkeypatch: pytest.MonkeyPatch, python_ctrl_c: None) -> str:
+    """The URL of a blob that holds ``b"previous checkpoint"``; the test's first large write into a
+    blob stops half-way with a real SIGINT, as Ctrl-C would."""
+    container.upload("checkpoint.pt", b"previous checkpoint")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # see python_ctrl_c
     real_write = BlockUploader.write
     interrupted = False
@@ -265,19 +268,15 @@ def interrupt_in_the_middle_of_a_large_write(monkeypatch: pytest.MonkeyPatch) ->
         real_write(self, data[len(data) // 2 :])
 
     monkeypatch.setattr(BlockUploader, "write", write)
+    return container.blob_url("checkpoint.pt")
 
 
 def test_ctrl_c_inside_torch_save_shows_keyboard_interrupt_and_commits_nothing(
-    container: Container,
-    account_credential: AzureNamedKeyCredential,
-    monkeypatch: pytest.MonkeyPatch,
-    python_ctrl_c: None,
+    container: Container, account_credential: AzureNamedKeyCredential, interrupted_overwrite: str
 ) -> None:
-    container.upload("checkpoint.pt", b"previous checkpoint")
-    interrupt_in_the_middle_of_a_large_write(monkeypatch)
     with (
         pytest.raises(KeyboardInterrupt) as caught,
-        BlobIO(container.blob_url("checkpoint.pt"), "wb", credential=account_credential, block_size=BLOCK) as f,
+        BlobIO(interrupted_overwrite, "wb", credential=account_credential, block_size=BLOCK) as f,
     ):
         torch.save({"step": 7, "weights": torch.randn(20 * BLOCK // 4)}, f)
     assert type(caught.value) is KeyboardInterrupt
@@ -287,16 +286,11 @@ def test_ctrl_c_inside_torch_save_shows_keyboard_interrupt_and_commits_nothing(
 
 
 def test_ctrl_c_inside_torch_save_without_a_with_block_commits_nothing(
-    container: Container,
-    account_credential: AzureNamedKeyCredential,
-    monkeypatch: pytest.MonkeyPatch,
-    python_ctrl_c: None,
+    container: Container, account_credential: AzureNamedKeyCredential, interrupted_overwrite: str
 ) -> None:
     # Without a with block the caller may still call close(), for example in a finally clause:
     # the interrupted write left a torn archive behind, which must not become the blob.
-    container.upload("checkpoint.pt", b"previous checkpoint")
-    interrupt_in_the_middle_of_a_large_write(monkeypatch)
-    f = BlobIO(container.blob_url("checkpoint.pt"), "wb", credential=account_credential, block_size=BLOCK)
+    f = BlobIO(interrupted_overwrite, "wb", credential=account_credential, block_size=BLOCK)
     with pytest.raises((KeyboardInterrupt, RuntimeError)):  # torch's clean-up error hides the interrupt here
         torch.save({"step": 7, "weights": torch.randn(20 * BLOCK // 4)}, f)
     with pytest.raises(FatalBlobIOWriteError, match="KeyboardInterrupt"):

@@ -99,19 +99,26 @@ def test_torch_load_through_a_verifying_reader(container: Container, azurite: Az
     assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
 
 
-def test_corruption_in_a_download_is_detected_by_the_crc32(
-    container: Container, azurite: Azurite, proxy: FaultProxy
-) -> None:
+@pytest.fixture
+def corrupted_in_flight(container: Container, azurite: Azurite, proxy: FaultProxy) -> tuple[str, bytes]:
+    """A 1 MiB blob that the proxy serves with one byte changed: its URL through the proxy, and its bytes."""
     data = os.urandom(MiB)
     url = write(container, azurite, "b", data)
     proxy.add_fault(gets, Corrupt(offset=40_000), times=None)
+    return proxy.url(url), data
+
+
+def test_corruption_in_a_download_is_detected_by_the_crc32(
+    azurite: Azurite, corrupted_in_flight: tuple[str, bytes]
+) -> None:
+    url, data = corrupted_in_flight
 
     with pytest.raises(ChecksumMismatchError, match="CRC-32 of the whole blob") as error:
-        with BlobIO(proxy.url(url), "rb", credential=azurite.credential, verify_checksum=True) as reader:
+        with BlobIO(url, "rb", credential=azurite.credential, verify_checksum=True) as reader:
             corrupted = reader.read()
         assert corrupted != data  # the bytes were read, but close() refuses them
 
-    assert proxy.url(url) in str(error.value)
+    assert url in str(error.value)
 
 
 def test_corruption_in_a_torch_load_is_detected_not_loaded(
@@ -132,14 +139,12 @@ def test_corruption_in_a_torch_load_is_detected_not_loaded(
 
 
 def test_without_verification_the_same_corruption_goes_unnoticed(
-    container: Container, azurite: Azurite, proxy: FaultProxy
+    azurite: Azurite, corrupted_in_flight: tuple[str, bytes]
 ) -> None:
     # What the checksum is for: TLS would catch this on the wire, a bad NIC or proxy might not.
-    data = os.urandom(MiB)
-    url = write(container, azurite, "b", data)
-    proxy.add_fault(gets, Corrupt(offset=40_000), times=None)
+    url, data = corrupted_in_flight
 
-    with BlobIO(proxy.url(url), "rb", credential=azurite.credential, verify_checksum=False) as reader:
+    with BlobIO(url, "rb", credential=azurite.credential, verify_checksum=False) as reader:
         assert reader.read() != data
 
 

@@ -209,12 +209,17 @@ def test_a_reader_whose_hook_raises_raises_it_and_is_closed(
         f.read()
 
 
-@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+@pytest.fixture(params=SIZES.values(), ids=SIZES.keys())
+def blob_to_read(container: Container, request: pytest.FixtureRequest) -> tuple[str, bytes]:
+    """A blob of random bytes of each size in SIZES: its URL and its bytes."""
+    data = os.urandom(request.param)
+    return container.upload("blob", data), data
+
+
 def test_a_reader_in_a_with_block_whose_last_call_raises_releases_its_buffers(
-    container: Container, account_credential: AzureNamedKeyCredential, size: int
+    account_credential: AzureNamedKeyCredential, blob_to_read: tuple[str, bytes]
 ) -> None:
-    data = os.urandom(size)
-    url = container.upload("blob", data)
+    url, data = blob_to_read
     hook = Hook()
     with (
         pytest.raises(HookError),
@@ -225,12 +230,11 @@ def test_a_reader_in_a_with_block_whose_last_call_raises_releases_its_buffers(
     assert_released(f)
 
 
-@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
 def test_a_reader_survives_a_hook_that_blocks(
-    container: Container, account_credential: AzureNamedKeyCredential, size: int
+    account_credential: AzureNamedKeyCredential, blob_to_read: tuple[str, bytes]
 ) -> None:
-    data = os.urandom(size)
-    url = container.upload("blob", data)
+    url, data = blob_to_read
+    size = len(data)
     hook = Hook(delay=0.02)
     with BlobIO(url, "rb", credential=account_credential, block_size=BLOCK, progress_hook=hook) as f:
         assert f.read() == data

@@ -110,25 +110,12 @@ def test_fsdp_sharded_checkpoints_through_the_trainer(
     container: Container, azurite: Azurite, tmp_path: pathlib.Path
 ) -> None:
     dirpath = container.blob_url("fsdp")
+    options: dict[str, Any] = {"strategy": "fsdp", "dump_shards": True}
 
-    first = run_sharded(
-        azurite, dirpath, tmp_path / "first", max_epochs=2, val_losses="3,1", strategy="fsdp", dump_shards=True
-    )
+    run_two_epochs(azurite, dirpath, tmp_path / "first", **options)
 
-    assert [report["global_step"] for report in first] == [4, 4]
     assert checkpoint_folders(container) == {"fsdp/epoch=1-step=4.ckpt": 2, "fsdp/last.ckpt": 2}
-    resumed = run_sharded(
-        azurite,
-        dirpath,
-        tmp_path / "resumed",
-        max_epochs=3,
-        val_losses="3,1,2",
-        resume="last",
-        strategy="fsdp",
-        dump_shards=True,
-    )
-    assert [report["resumed_from"] for report in resumed] == [f"{dirpath}/last.ckpt"] * 2
-    assert [report["global_step"] for report in resumed] == [6, 6]
+    resume_third_epoch(azurite, dirpath, tmp_path / "resumed", **options)
     # Each rank starts from exactly the weights and Adam state that it held when last.ckpt was
     # saved, compared shard by shard (FSDP1's state is never gathered on CPU here).
     assert_resumed_local_shards(tmp_path / "first", tmp_path / "resumed")
@@ -141,24 +128,17 @@ def test_fsdp_full_state_dicts_stay_single_blobs_written_through_the_plugin(
     dirpath = container.blob_url("full")
     options: dict[str, Any] = {"strategy": "fsdp", "state_dict": "full", "dump_shards": True}
 
-    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=2, val_losses="3,1", **options)
+    run_two_epochs(azurite, dirpath, tmp_path / "first", **options)
 
-    assert [report["global_step"] for report in first] == [4, 4]
     # Rank 0 wrote each checkpoint through the plugin as one blob: no prefix of shards, no meta.pt.
-    assert blob_names(container) == {"full/epoch=1-step=4.ckpt", "full/last.ckpt"}
-    saved = torch.load(io.BytesIO(container.download("full/last.ckpt")), weights_only=False)
-    assert (saved["epoch"], saved["global_step"]) == (1, 4)
+    saved = single_blob_checkpoints(container, "full")
     # It holds the whole weights: each parameter is the two ranks' shards put end to end.
     flattened = {name: tensor.flatten() for name, tensor in saved["state_dict"].items()}
     assert same_state(whole_weights(tmp_path / "first", ranks=2), flattened)
 
     # Fresh processes resume from it: each rank starts from the shards it held when it was saved.
-    resumed = run_sharded(
-        azurite, dirpath, tmp_path / "resumed", max_epochs=3, val_losses="3,1,2", resume="last", **options
-    )
+    resume_third_epoch(azurite, dirpath, tmp_path / "resumed", **options)
 
-    assert [report["resumed_from"] for report in resumed] == [f"{dirpath}/last.ckpt"] * 2
-    assert [report["global_step"] for report in resumed] == [6, 6]
     assert_resumed_local_shards(tmp_path / "first", tmp_path / "resumed")
     assert blob_names(container) == {"full/epoch=1-step=4.ckpt", "full/last.ckpt"}
     assert url_named_folders() == local_before
@@ -172,27 +152,13 @@ def test_model_parallel_consolidated_checkpoints_are_single_blobs_and_resume_exa
     local_before = url_named_folders()
     dirpath = container.blob_url("consolidated")
 
-    first = run_sharded(azurite, dirpath, tmp_path / "first", max_epochs=2, val_losses="3,1", state_dict="full")
+    run_two_epochs(azurite, dirpath, tmp_path / "first", state_dict="full")
 
-    assert [report["global_step"] for report in first] == [4, 4]
-    assert blob_names(container) == {"consolidated/epoch=1-step=4.ckpt", "consolidated/last.ckpt"}
-    saved = torch.load(io.BytesIO(container.download("consolidated/last.ckpt")), weights_only=False)
-    assert (saved["epoch"], saved["global_step"]) == (1, 4)
+    saved = single_blob_checkpoints(container, "consolidated")
     assert same_state(saved["state_dict"], final(tmp_path / "first")["weights"])
 
-    resumed = run_sharded(
-        azurite,
-        dirpath,
-        tmp_path / "resumed",
-        max_epochs=3,
-        val_losses="3,1,2",
-        resume="last",
-        state_dict="full",
-        dump_loaded=True,
-    )
+    resume_third_epoch(azurite, dirpath, tmp_path / "resumed", state_dict="full", dump_loaded=True)
 
-    assert [report["resumed_from"] for report in resumed] == [f"{dirpath}/last.ckpt"] * 2
-    assert [report["global_step"] for report in resumed] == [6, 6]
     loaded = torch.load(tmp_path / "resumed" / "loaded.pt", weights_only=False)
     assert (loaded.pop("epoch"), loaded.pop("global_step")) == (2, 4)
     assert same_state(loaded, final(tmp_path / "first"))
@@ -215,8 +181,9 @@ def test_async_checkpoint_io_uploads_behind_training_and_resumes_exactly(
 
     gate = Gather(parties=1_000_000, timeout=600)
     proxy.add_fault(first_last_shard, gate, times=None)
-    command = sharded_command(account_url, dirpath, out, max_epochs=3, top_k=1)
-    command += ["--val-losses", "3,1,2", "--async-io", "--record-steps"]
+    command = sharded_command(
+        account_url, dirpath, out, max_epochs=3, top_k=1, val_losses="3,1,2", async_io=True, record_steps=True
+    )
     with started_job(command, cwd=REPOSITORY, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as job:
         try:
             steps = out / "steps0"
@@ -258,9 +225,11 @@ def test_a_rank_killed_while_overwriting_last_leaves_the_old_checkpoint_whole(
     holding = threading.Event()
     held = Delay(600, hold_request=True, holding=holding)
     proxy.add_fault(lambda seen: "/run/last.ckpt/__1_" in seen.path and seen.method == "PUT", held, times=None)
-    command = sharded_command(account_url, dirpath, tmp_path / "killed", max_epochs=2, resume="last", top_k=1)
+    command = sharded_command(
+        account_url, dirpath, tmp_path / "killed", max_epochs=2, resume="last", top_k=1, write_pids=True
+    )
     with subprocess.Popen(
-        [*command, "--write-pids"],
+        command,
         cwd=REPOSITORY,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
@@ -318,62 +287,59 @@ def test_fabric_saves_and_loads_sharded_checkpoints_by_url(
 # -- helpers ----------------------------------------------------------------------------------------
 
 
+def run_two_epochs(azurite: Azurite, dirpath: str, out: pathlib.Path, **options: Any) -> None:
+    """Two ranks train two epochs from scratch; val_loss 3, 1 makes epoch 1 (step 4) the best."""
+    first = run_sharded(azurite, dirpath, out, max_epochs=2, val_losses="3,1", **options)
+    assert [report["global_step"] for report in first] == [4, 4]
+
+
+def resume_third_epoch(azurite: Azurite, dirpath: str, out: pathlib.Path, **options: Any) -> None:
+    """Two fresh ranks resume from ``last.ckpt`` of :func:`run_two_epochs` and train epoch 2 (to step 6)."""
+    resumed = run_sharded(azurite, dirpath, out, max_epochs=3, val_losses="3,1,2", resume="last", **options)
+    assert [report["resumed_from"] for report in resumed] == [f"{dirpath}/last.ckpt"] * 2
+    assert [report["global_step"] for report in resumed] == [6, 6]
+
+
+def single_blob_checkpoints(container: Container, prefix: str) -> dict[str, Any]:
+    """The best and last checkpoints of :func:`run_two_epochs` under ``prefix`` are one blob each
+    (nothing else is there); returns last.ckpt, which holds the trainer state of step 4."""
+    assert blob_names(container) == {f"{prefix}/epoch=1-step=4.ckpt", f"{prefix}/last.ckpt"}
+    saved: dict[str, Any] = torch.load(io.BytesIO(container.download(f"{prefix}/last.ckpt")), weights_only=False)
+    assert (saved["epoch"], saved["global_step"]) == (1, 4)
+    return saved
+
+
 def run_sharded(
     azurite: Azurite,
     dirpath: str,
     out: pathlib.Path,
     *,
-    max_epochs: int,
-    devices: int = 2,
-    resume: str | None = None,
-    val_losses: str | None = None,
-    validate_best: bool = False,
-    top_k: int = 1,
     account_url: str | None = None,
-    async_io: bool = False,
-    strategy: str = "model_parallel",
-    no_plugin: bool = False,
-    dump_loaded: bool = False,
-    state_dict: str = "sharded",
-    dump_shards: bool = False,
+    devices: int = 2,
+    top_k: int = 1,
+    **options: Any,
 ) -> list[dict[str, Any]]:
-    """Run tests/e2e/support/lightning_sharded_run.py in new processes; returns each rank's report."""
-    command = sharded_command(
-        account_url or azurite.account_url,
-        dirpath,
-        out,
-        max_epochs=max_epochs,
-        devices=devices,
-        resume=resume,
-        top_k=top_k,
-    )
-    command += ["--val-losses", val_losses] if val_losses else []
-    command += ["--validate-best"] if validate_best else []
-    command += ["--async-io"] if async_io else []
-    command += ["--strategy", strategy]
-    command += ["--no-plugin"] if no_plugin else []
-    command += ["--dump-loaded"] if dump_loaded else []
-    command += ["--state-dict", state_dict]
-    command += ["--dump-shards"] if dump_shards else []
+    """Run tests/e2e/support/lightning_sharded_run.py in new processes (``options`` as for
+    :func:`sharded_command`); returns each rank's report."""
+    command = sharded_command(account_url or azurite.account_url, dirpath, out, devices=devices, top_k=top_k, **options)
     result = run_job(command, cwd=REPOSITORY)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)]
 
 
-def sharded_command(
-    account_url: str,
-    dirpath: str,
-    out: pathlib.Path,
-    *,
-    max_epochs: int,
-    devices: int = 2,
-    resume: str | None = None,
-    top_k: int = 1,
-) -> list[str]:
+def sharded_command(account_url: str, dirpath: str, out: pathlib.Path, **options: Any) -> list[str]:
+    """The command line of tests/e2e/support/lightning_sharded_run.py. Each option is its flag:
+    ``max_epochs=3`` is ``--max-epochs 3``, ``async_io=True`` is ``--async-io``; one that is ``None``
+    or ``False`` is left out, so the script's default applies."""
     command = [sys.executable, "-m", "tests.e2e.support.lightning_sharded_run", "--account-url", account_url]
-    command += ["--dirpath", dirpath, "--max-epochs", str(max_epochs), "--devices", str(devices), "--out", str(out)]
-    command += ["--top-k", str(top_k)]
-    return command + (["--resume", resume] if resume else [])
+    command += ["--dirpath", dirpath, "--out", str(out)]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif value is not None and value is not False:
+            command += [flag, str(value)]
+    return command
 
 
 def copy(source: str, destination: str) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from azure.core.credentials import AzureNamedKeyCredential
 from torch.utils.data import DataLoader, TensorDataset
+
+from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME
 
 
 class TinyModel(pl.LightningModule):
@@ -60,6 +65,25 @@ def trainer(**overrides: Any) -> pl.Trainer:
         "num_sanity_val_steps": 0,
     }
     return pl.Trainer(**(settings | overrides))
+
+
+def emulator_plugin(account_url: str) -> AzureBlobCheckpointIO:
+    """The checkpoint plugin for the emulator's account at ``account_url``, with its key."""
+    return AzureBlobCheckpointIO(credential=AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY), account_url=account_url)
+
+
+def checkpoint_run_parser(*, devices: int, resume_help: str) -> argparse.ArgumentParser:
+    """The options every script that trains with checkpoints in a container takes: the account, the
+    checkpoint directory, how long and on how many ranks to train, what to resume from, and the
+    folder each rank reports to."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--account-url", required=True)
+    parser.add_argument("--dirpath", required=True)
+    parser.add_argument("--max-epochs", type=int, required=True)
+    parser.add_argument("--devices", type=int, default=devices)
+    parser.add_argument("--resume", default=None, help=resume_help)
+    parser.add_argument("--out", required=True)
+    return parser
 
 
 def same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:

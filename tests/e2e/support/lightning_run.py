@@ -7,35 +7,22 @@ writes what it saw to ``<out>/rank<N>.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import warnings
 
 import torch
-from azure.core.credentials import AzureNamedKeyCredential
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
-from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME
-from tests.e2e.support.lightning_helpers import TinyModel, loader, trainer
+from tests.e2e.support.lightning_helpers import TinyModel, checkpoint_run_parser, emulator_plugin, loader, trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--account-url", required=True)
-    parser.add_argument("--dirpath", required=True)
-    parser.add_argument("--max-epochs", type=int, required=True)
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--resume", default=None, help='"last" or a checkpoint URL')
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    args = checkpoint_run_parser(devices=1, resume_help='"last" or a checkpoint URL').parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.manual_seed(0)
 
-    plugin = AzureBlobCheckpointIO(
-        credential=AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY), account_url=args.account_url
-    )
+    plugin = emulator_plugin(args.account_url)
     checkpoints = ModelCheckpoint(dirpath=args.dirpath, save_last=True, save_top_k=-1, every_n_epochs=1)
     extra = {"strategy": "ddp", "devices": args.devices} if args.devices > 1 else {}
     run = trainer(max_epochs=args.max_epochs, plugins=[plugin], callbacks=[checkpoints], **extra)

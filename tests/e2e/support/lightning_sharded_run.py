@@ -11,7 +11,6 @@ weights and optimizer state it holds itself, when training starts and when it en
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -22,16 +21,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from azure.core.credentials import AzureNamedKeyCredential
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import AsyncCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from typing_extensions import override
 
-from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
-from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME
-from tests.e2e.support.lightning_helpers import loader
+from tests.e2e.support.lightning_helpers import checkpoint_run_parser, emulator_plugin, loader
 
 
 class ShardedModel(pl.LightningModule):
@@ -209,17 +205,11 @@ def _full_state_dicts_without_offload() -> Iterator[None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--account-url", required=True)
-    parser.add_argument("--dirpath", required=True)
-    parser.add_argument("--max-epochs", type=int, required=True)
-    parser.add_argument("--devices", type=int, default=2)
-    parser.add_argument("--resume", default=None, help='"last", "best" or a checkpoint URL')
+    parser = checkpoint_run_parser(devices=2, resume_help='"last", "best" or a checkpoint URL')
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument("--val-losses", default=None, help="comma-separated val_loss per epoch")
     parser.add_argument("--async-io", action="store_true")
     parser.add_argument("--validate-best", action="store_true", help='then validate(ckpt_path="best")')
-    parser.add_argument("--out", required=True)
     parser.add_argument("--strategy", choices=["model_parallel", "fsdp"], default="model_parallel")
     parser.add_argument(
         "--state-dict",
@@ -237,9 +227,7 @@ def main() -> None:
 
     plugins: list[Any] = []
     if not args.no_plugin:
-        plugin: Any = AzureBlobCheckpointIO(
-            credential=AzureNamedKeyCredential(ACCOUNT_NAME, ACCOUNT_KEY), account_url=args.account_url
-        )
+        plugin: Any = emulator_plugin(args.account_url)
         plugins.append(AsyncCheckpointIO(plugin) if args.async_io else plugin)
     val_losses = [float(v) for v in args.val_losses.split(",")] if args.val_losses else None
     monitor = {"monitor": "val_loss"} if val_losses else {}

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import http.client
 import random
-import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from azure.core.exceptions import ServiceResponseError
@@ -16,64 +15,27 @@ from azstoragetorch._client import _schedule
 from azstoragetorch._client._transport import WireTransport
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
-from tests.stub_server import close_pooled_connections
+from tests.stub_server import StubServer, close_pooled_connections
 
 
-class CannedServer:
-    """Answers each request on a connection with the next canned response (raw bytes), then maybe closes."""
+def canned(responses: list[bytes]) -> Callable[[bytes], bytes]:
+    """An answer for :class:`StubServer`: each request gets the next of ``responses`` (raw bytes)."""
+    left = list(responses)
+    lock = threading.Lock()
 
-    def __init__(self, responses: list[bytes], *, close_after: int | None = None) -> None:
-        self._responses = list(responses)
-        self._close_after = close_after
-        self.requests: list[bytes] = []
-        self.connections = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+    def answer(request: bytes) -> bytes:
+        with lock:
+            return left.pop(0)
 
-    def _serve(self) -> None:
-        while self._responses:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            with connection, connection.makefile("rb") as reader:  # both closed: the peer then sees the close
-                served = 0
-                while self._responses:
-                    head = b""
-                    while not head.endswith(b"\r\n\r\n"):
-                        line = reader.readline()
-                        if not line:
-                            break
-                        head += line
-                    if not head:
-                        break
-                    length = next(
-                        (
-                            int(line.split(b":")[1])
-                            for line in head.split(b"\r\n")
-                            if line.lower().startswith(b"content-length")
-                        ),
-                        0,
-                    )
-                    self.requests.append(head + reader.read(length))
-                    connection.sendall(self._responses.pop(0))
-                    served += 1
-                    if self._close_after is not None and served >= self._close_after:
-                        break
-
-    def close(self) -> None:
-        self._listener.close()
+    return answer
 
 
 @pytest.fixture
 def serve() -> Iterator[object]:
-    servers: list[CannedServer] = []
+    servers: list[StubServer] = []
 
-    def start(responses: list[bytes], **kwargs: object) -> tuple[WireTransport, CannedServer]:
-        server = CannedServer(responses, **kwargs)  # type: ignore[arg-type]
+    def start(responses: list[bytes], *, close_after: int | None = None) -> tuple[WireTransport, StubServer]:
+        server = StubServer(canned(responses), close_after=close_after)
         servers.append(server)
         origin = f"http://127.0.0.1:{server.port}"
         return WireTransport(origin, connection_timeout=5, read_timeout=5, maxsize=4), server
@@ -103,7 +65,7 @@ def test_content_length_bodies_and_connection_reuse(serve) -> None:  # type: ign
     assert second.internal_response.isclosed()  # type: ignore[attr-defined]
     assert bytes(buffer[:5]) == b"hello"
     assert server.connections == 1
-    assert server.requests[0].startswith(b"GET /account/container/blob?comp=x HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert server.received[0].startswith(b"GET /account/container/blob?comp=x HTTP/1.1\r\nHost: 127.0.0.1:")
 
 
 @pytest.mark.parametrize(
@@ -140,7 +102,7 @@ def test_a_blob_read_from_a_stub_without_reason_phrases_needs_no_retry(serve) ->
     url = f"http://127.0.0.1:{server.port}/devstoreaccount1/container/blob"
     with BlobIO(url, "rb", credential=False, retry=RetryOptions(retry_total=0)) as f:
         assert f.read() == b"hello"
-    assert f.stats.retries == 0 and len(server.requests) == 1
+    assert f.stats.retries == 0 and server.requests == 1
 
 
 def test_chunked_bodies_are_decoded(serve) -> None:  # type: ignore[no-untyped-def]
@@ -209,9 +171,9 @@ def test_put_bodies_are_sent_with_their_length(serve) -> None:  # type: ignore[n
     _get(transport, method="PUT", body=b"small")
     _get(transport, method="PUT", body=big)
     _get(transport, method="PUT")
-    assert server.requests[0].endswith(b"\r\n\r\nsmall") and b"Content-Length: 5\r\n" in server.requests[0]
-    assert server.requests[1].endswith(big) and b"Content-Length: 200000\r\n" in server.requests[1]
-    assert b"Content-Length: 0\r\n" in server.requests[2]
+    assert server.received[0].endswith(b"\r\n\r\nsmall") and b"Content-Length: 5\r\n" in server.received[0]
+    assert server.received[1].endswith(big) and b"Content-Length: 200000\r\n" in server.received[1]
+    assert b"Content-Length: 0\r\n" in server.received[2]
 
 
 def test_line_breaks_in_headers_or_url_are_refused(serve) -> None:  # type: ignore[no-untyped-def]
@@ -222,36 +184,14 @@ def test_line_breaks_in_headers_or_url_are_refused(serve) -> None:  # type: igno
         transport.send(HttpRequest("GET", f"{transport._origin}/a b"))
 
 
-class BodiesServer:
-    """Serves ``bodies[i]`` at ``/i`` on keep-alive connections, each in a thread of its own."""
+def serving_bodies(bodies: list[bytes]) -> StubServer:
+    """Serves ``bodies[i]`` at ``/i``."""
 
-    def __init__(self, bodies: list[bytes]) -> None:
-        self._bodies = bodies
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+    def answer(head: bytes) -> bytes:
+        body = bodies[int(head.split()[1].strip(b"/"))]
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
-
-    def _serve(self, connection: socket.socket) -> None:
-        with connection, connection.makefile("rb") as reader:
-            while True:
-                request_line = reader.readline()
-                if not request_line:
-                    return
-                while reader.readline() not in (b"\r\n", b""):
-                    pass
-                body = self._bodies[int(request_line.split()[1].strip(b"/"))]
-                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-
-    def close(self) -> None:
-        self._listener.close()
+    return StubServer(answer)
 
 
 def test_pooled_connections_under_a_perturbed_schedule_deliver_every_body_intact() -> None:
@@ -261,7 +201,7 @@ def test_pooled_connections_under_a_perturbed_schedule_deliver_every_body_intact
     print(f"perturbation seed {seed}")
     rng = random.Random(seed)
     bodies = [rng.randbytes(rng.randrange(1, 200_000)) for _ in range(64)]
-    server = BodiesServer(bodies)
+    server = serving_bodies(bodies)
     transport = WireTransport(f"http://127.0.0.1:{server.port}", connection_timeout=5, read_timeout=30, maxsize=3)
     got: dict[int, list[bytes]] = {index: [] for index in range(len(bodies))}
 

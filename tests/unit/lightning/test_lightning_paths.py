@@ -16,7 +16,7 @@ from adlfs import AzureBlobFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO, _path_wrappers
 from azstoragetorch.integrations.lightning import _paths as _lightning_paths
 from azstoragetorch.integrations.lightning._filesystem import BlobFileSystem
 from azstoragetorch.integrations.lightning._paths import BlobPaths
@@ -143,7 +143,7 @@ def test_resuming_from_last_locally_survives_a_renamed_lightning_internal(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     AzureBlobCheckpointIO(credential=False, account_url=MINE)  # installs the wrappers
-    monkeypatch.setattr(_lightning_paths, "_warned", set(), raising=False)
+    monkeypatch.setattr(_path_wrappers, "_warned", set())
     _rename_in_lightning(monkeypatch, _RESOLVE, "_ModelCheckpoint__resolve_dirpath")
 
     with warnings.catch_warnings(record=True) as caught:

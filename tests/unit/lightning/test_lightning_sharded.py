@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO, _sharded
+from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO, _sharded, _sharded_layout
 from azstoragetorch.retry import RetryOptions
 from tests.e2e.support.lightning_helpers import TinyModel, loader, trainer
 
@@ -121,7 +121,7 @@ def test_a_moved_method_stops_its_strategy_at_setup(monkeypatch: pytest.MonkeyPa
 def test_a_moved_fabric_method_stops_the_plugin_from_being_created(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning.fabric.strategies.fsdp import FSDPStrategy as FabricFSDPStrategy
 
-    monkeypatch.setattr(_sharded, "_installed", False)
+    monkeypatch.setattr(_sharded, "install", _sharded.install.__wrapped__)  # runs again
     monkeypatch.setattr(_sharded, "_wrapped", set())
     monkeypatch.setattr(
         _sharded, "targets", lambda: [(FabricFSDPStrategy, "save_checkpoint", lambda f: f, ("self", "path", "moved"))]
@@ -144,7 +144,7 @@ def test_sharded_loads_verify_the_recorded_crc_unless_the_plugin_turns_it_off(
         checkpoint_io=AzureBlobCheckpointIO(credential=False, account_url=ACCOUNT, verify_checksum=verify_checksum)
     )
 
-    found = _sharded.target(strategy, f"{ACCOUNT}/container/run/last.ckpt")
+    found = _sharded_layout.target(strategy, f"{ACCOUNT}/container/run/last.ckpt")
 
     assert found is not None
     assert found.reader().fs.verify_checksum is verifies
@@ -196,7 +196,7 @@ def test_the_sharded_writer_and_reader_carry_the_plugin_settings_and_pickle() ->
         retry=retry,
         progress_hook=print,
     )
-    found = _sharded.target(types.SimpleNamespace(checkpoint_io=plugin), f"{ACCOUNT}/container/run/last.ckpt")
+    found = _sharded_layout.target(types.SimpleNamespace(checkpoint_io=plugin), f"{ACCOUNT}/container/run/last.ckpt")
     assert found is not None
 
     for made in (found.writer(), found.reader()):
