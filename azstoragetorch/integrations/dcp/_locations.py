@@ -22,6 +22,23 @@ def _initial_location(files: _BlobFiles, url: str | None) -> str:
     return "" if url is None else files.init_path(url)
 
 
+class _AtBlobLocation:
+    """What a blob checkpoint's writer and reader share: torch's file system swapped for blobs, and a
+    checkpoint ID that never carries a SAS token (torch records it in ``.metadata`` and its logs)."""
+
+    fs: _BlobFiles
+    path: str | os.PathLike[str]
+
+    def _use_blob_files(self, files: _BlobFiles, url: str) -> None:
+        self.fs = files
+        self.path = url
+
+    @property
+    def checkpoint_id(self) -> str:
+        """The checkpoint's URL without any SAS token."""
+        return redact_url(os.fspath(self.path))
+
+
 def _require_location(path: str | os.PathLike[str], owner: str, call: str) -> None:
     if not os.fspath(path):
         raise ValueError(

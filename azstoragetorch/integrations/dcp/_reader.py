@@ -22,7 +22,7 @@ from azstoragetorch._options import TransferOptions
 from azstoragetorch._reads import PlannedSpans
 from azstoragetorch.integrations.dcp._filesystem import _BlobFiles
 from azstoragetorch.integrations.dcp._in_memory import _copy_on_this_thread, _MemoryFile, _narrow
-from azstoragetorch.integrations.dcp._locations import _initial_location, _require_location
+from azstoragetorch.integrations.dcp._locations import _AtBlobLocation, _initial_location, _require_location
 from azstoragetorch.integrations.dcp._pinned_files import _PinnedShardFiles
 from azstoragetorch.integrations.dcp._spans import _coalesce, _Span
 from azstoragetorch.retry import RetryOptions
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 _MiB = 1024 * 1024
 
 
-class BlobStorageReader(FileSystemReader):
+# torch annotates ``fs`` as its own FileSystem; any FileSystemBase works, and ours is _BlobFiles.
+class BlobStorageReader(_AtBlobLocation, FileSystemReader):  # type: ignore[misc]
     """Read a ``torch.distributed.checkpoint`` checkpoint from a blob prefix.
 
     ::
@@ -124,14 +125,7 @@ class BlobStorageReader(FileSystemReader):
         checked_url = _initial_location(files, url)
         self._stats: TransferStats | None = None
         super().__init__(checked_url, _extension_registry=extension_registry)
-        self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
-        self.path = checked_url
-
-    @property
-    @override
-    def checkpoint_id(self) -> str:
-        """The checkpoint's URL without any SAS token."""
-        return redact_url(os.fspath(self.path))
+        self._use_blob_files(files, checked_url)
 
     @property
     def stats(self) -> TransferStats | None:
@@ -177,7 +171,7 @@ class BlobStorageReader(FileSystemReader):
             raise ValueError(
                 "BlobStorageReader has no checkpoint URL: pass it to BlobStorageReader(url) or reset(url)."
             )
-        files = cast(_BlobFiles, self.fs)
+        files = self.fs
         checking = _BlobFiles(
             files.credential, dataclasses.replace(files.options, verify_checksum=None, progress_hook=None)
         )
@@ -219,7 +213,7 @@ class BlobStorageReader(FileSystemReader):
         # FileSystemBase seam and reads item by item: here the plan's items of all files are
         # coalesced into ranged fetches that run in parallel, and each item is loaded from memory
         # (_load_item). The seam still serves .metadata (read_metadata) and everything else.
-        files = cast(_BlobFiles, self.fs)
+        files = self.fs
         window = files.max_concurrency * files.block_size
         spans = _coalesce(plan.items, self.storage_data, max_span=max(files.block_size, window // 2))
         recorder = Recorder(files.progress_hook, total=sum(span.end - span.start for span in spans))

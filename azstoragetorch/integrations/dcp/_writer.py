@@ -38,13 +38,12 @@ from azstoragetorch._client import (
     TransferStats,
     interpreter_exiting,
     pause,
-    redact_url,
     sum_stats,
 )
 from azstoragetorch._options import TransferOptions, check_int
 from azstoragetorch.exceptions import CheckpointConflictError
 from azstoragetorch.integrations.dcp._filesystem import _BlobFiles
-from azstoragetorch.integrations.dcp._locations import _initial_location, _require_location
+from azstoragetorch.integrations.dcp._locations import _AtBlobLocation, _initial_location, _require_location
 from azstoragetorch.integrations.dcp._shard_files import _ShardWriters
 from azstoragetorch.retry import RetryOptions
 
@@ -94,7 +93,8 @@ def _reported_at_exit(method: _Method) -> _Method:
     return cast(_Method, reporting)
 
 
-class BlobStorageWriter(FileSystemWriter):
+# torch annotates ``fs`` as its own FileSystem; any FileSystemBase works, and ours is _BlobFiles.
+class BlobStorageWriter(_AtBlobLocation, FileSystemWriter):  # type: ignore[misc]
     """Write a ``torch.distributed.checkpoint`` checkpoint under a blob prefix.
 
     ::
@@ -238,14 +238,7 @@ class BlobStorageWriter(FileSystemWriter):
             thread_count=thread_count,
             **torch_settings,
         )
-        self.fs = files  # type: ignore[assignment]  # torch annotates its own FileSystem; any FileSystemBase works
-        self.path = checked_url
-
-    @property
-    @override
-    def checkpoint_id(self) -> str:
-        """The checkpoint's URL without any SAS token (torch records it in ``.metadata`` and its logs)."""
-        return redact_url(os.fspath(self.path))
+        self._use_blob_files(files, checked_url)
 
     @property
     def stats(self) -> TransferStats | None:
@@ -290,7 +283,7 @@ class BlobStorageWriter(FileSystemWriter):
         # FileSystemWriter's, with one token for the whole save in every rank's file names. Run by
         # whoever commits (the coordinator, or every rank without collectives) before any shard is
         # written: the .metadata seen now is the version that finish may replace.
-        seen = cast(_BlobFiles, self.fs).version(self._get_metadata_path(self._metadata_rank()))
+        seen = self.fs.version(self._get_metadata_path(self._metadata_rank()))
         # overwrite=False: only a checkpoint that still does not exist at the commit.
         self._seen_metadata = _SeenMetadata(seen if self.overwrite else None)
         pause("dcp.start")
@@ -326,7 +319,7 @@ class BlobStorageWriter(FileSystemWriter):
         metadata.storage_data = {result.index: result.storage_data for writes in results for result in writes}
         metadata.storage_meta = self.storage_meta()
         rank = self._metadata_rank()
-        files = cast(_BlobFiles, self.fs)
+        files = self.fs
         ours = {info.relative_path for info in metadata.storage_data.values()}
         # Listed before the commit: a save whose shard files are listed here started (and saw
         # .metadata) before this commit, so it can no longer commit after it, and none of its
@@ -354,7 +347,7 @@ class BlobStorageWriter(FileSystemWriter):
         """Whether the ``.metadata`` of a save with collectives is under the checkpoint's URL (when
         in doubt, yes: a leftover only costs space)."""
         try:
-            return cast(_BlobFiles, self.fs).version(self._get_metadata_path(None)) is not None
+            return self.fs.version(self._get_metadata_path(None)) is not None
         except AzureError:
             return True
 
@@ -364,7 +357,7 @@ class BlobStorageWriter(FileSystemWriter):
 
     def _shard_files(self, rank: int | None) -> list[str]:
         """The names (under the checkpoint's URL) of its shard files: of ``rank``, or of every rank."""
-        client, prefix = cast(_BlobFiles, self.fs).container_client(self.path)
+        client, prefix = self.fs.container_client(self.path)
         # Without collectives every rank runs this: each lists only its own shard files, so that
         # the listing a rank sends does not grow with the number of ranks.
         listed = (f"{prefix}/" if prefix else "") + ("" if rank is None else f"__{rank}_")
@@ -382,7 +375,7 @@ class BlobStorageWriter(FileSystemWriter):
 
     def _delete_shard_files(self, names: list[str]) -> None:
         """Delete these shard files, those already gone aside."""
-        files = cast(_BlobFiles, self.fs)
+        files = self.fs
         failed = []
         for name in names:
             pause("dcp.cleanup")
@@ -398,7 +391,7 @@ class BlobStorageWriter(FileSystemWriter):
     @_reported_at_exit
     @override
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        files = cast(_BlobFiles, self.fs)
+        files = self.fs
         started = time.perf_counter()
         writers = files.shard_writers = _ShardWriters(files.progress_hook)
         try:
