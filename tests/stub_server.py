@@ -1,5 +1,5 @@
-"""A small HTTP server on loopback that gives every request the same answer, for tests that need a
-service's behaviour the emulator cannot produce, or no service at all."""
+"""Small HTTP servers on loopback, for tests that need a service's behaviour the emulator cannot produce,
+or no service at all: one that gives every request the same answer, and one that plays a script."""
 
 from __future__ import annotations
 
@@ -47,6 +47,55 @@ class StubServer:
                 reader.read(int(lengths[0]) if lengths else 0)
                 self.requests += 1
                 connection.sendall(self.answer)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+class CannedServer:
+    """Answers each request on a connection with the next canned response (raw bytes), then maybe closes."""
+
+    def __init__(self, responses: list[bytes], *, close_after: int | None = None) -> None:
+        self._responses = list(responses)
+        self._close_after = close_after
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while self._responses:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with connection, connection.makefile("rb") as reader:  # both closed: the peer then sees the close
+                served = 0
+                while self._responses:
+                    head = b""
+                    while not head.endswith(b"\r\n\r\n"):
+                        line = reader.readline()
+                        if not line:
+                            break
+                        head += line
+                    if not head:
+                        break
+                    length = next(
+                        (
+                            int(line.split(b":")[1])
+                            for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"content-length")
+                        ),
+                        0,
+                    )
+                    self.requests.append(head + reader.read(length))
+                    connection.sendall(self._responses.pop(0))
+                    served += 1
+                    if self._close_after is not None and served >= self._close_after:
+                        break
 
     def close(self) -> None:
         self._listener.close()

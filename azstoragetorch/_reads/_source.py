@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from azstoragetorch._client import BlobProperties, PieceChecksums, Recorder
+from azstoragetorch._client import BlobProperties, IntoBytes, PieceChecksums, Recorder
 
 
 class RangeSource(Protocol):
@@ -22,7 +22,7 @@ class RangeSource(Protocol):
     def fetch_range_into(
         self,
         offset: int,
-        into: memoryview | Callable[[BlobProperties], memoryview],
+        into: memoryview | IntoBytes | Callable[[BlobProperties], memoryview | IntoBytes],
         *,
         etag: str | None,
         length: int | None = None,
