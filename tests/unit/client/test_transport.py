@@ -160,9 +160,11 @@ def test_put_bodies_are_sent_with_their_length(serve) -> None:  # type: ignore[n
     _get(transport, method="PUT", body=b"small")
     _get(transport, method="PUT", body=big)
     _get(transport, method="PUT")
-    assert server.requests[0].endswith(b"\r\n\r\nsmall") and b"Content-Length: 5\r\n" in server.requests[0]
-    assert server.requests[1].endswith(big) and b"Content-Length: 200000\r\n" in server.requests[1]
-    assert b"Content-Length: 0\r\n" in server.requests[2]
+    heads = [request.partition(b"\r\n\r\n")[0].lower() for request in server.requests]  # names in any case
+    assert server.requests[0].endswith(b"\r\n\r\nsmall") and b"\r\ncontent-length: 5" in heads[0]
+    assert server.requests[1].endswith(big) and b"\r\ncontent-length: 200000" in heads[1]
+    assert b"\r\ncontent-length: 0" in heads[2]
+    assert [head.count(b"content-length") for head in heads] == [1, 1, 1]
 
 
 def test_line_breaks_in_headers_or_url_are_refused(serve) -> None:  # type: ignore[no-untyped-def]
