@@ -55,6 +55,19 @@ class StubServer:
         self._listener.close()
 
 
+def canned(answers: list[bytes]) -> Callable[[bytes], bytes]:
+    """An answer for :class:`StubServer` that plays a script: each request gets the next of ``answers``
+    (raw bytes), in the order the requests arrive."""
+    left = list(answers)
+    lock = threading.Lock()
+
+    def answer(request: bytes) -> bytes:
+        with lock:
+            return left.pop(0)
+
+    return answer
+
+
 def _read_request(reader: BinaryIO) -> bytes | None:
     """The next request's head and body, or ``None`` once the peer has closed the connection."""
     head = b""

@@ -9,7 +9,7 @@ integrations) use only what this package exports; ruff's ``banned-api`` setting 
 ``pyproject.toml`` fails the lint step for any import of a ``_client._*`` submodule from outside.
 """
 
-from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobNotModified, BlobProperties
+from azstoragetorch._client._blob_client import AzStorageTorchBlobClient, BlobNotModified, BlobProperties, IntoBytes
 from azstoragetorch._client._buffers import Lease, lease
 from azstoragetorch._client._checksums import PieceChecksums, crc32
 from azstoragetorch._client._container_client import AzStorageTorchContainerClient, Level, ListedBlob
@@ -54,6 +54,7 @@ __all__ = [
     "BlockUploader",
     "ContainerUrl",
     "CredentialArgument",
+    "IntoBytes",
     "Lease",
     "Level",
     "ListedBlob",

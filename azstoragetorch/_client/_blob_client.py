@@ -46,6 +46,34 @@ MAX_VALIDATED_RANGE = 4 * 1024 * 1024
 _BODY_PIECE_BYTES = 256 * 1024
 
 
+class IntoBytes:
+    """Where :meth:`AzStorageTorchBlobClient.fetch_range_into` puts a range as one ``bytes`` object.
+
+    Given as ``into`` (or returned by an ``into`` function), in place of a buffer: the body of the
+    answer is read straight from the response into a new ``bytes``, which :attr:`data` holds once
+    the fetch has returned. A buffer would need a second full copy to become ``bytes``, which is what
+    a caller that hands the content on as ``bytes`` (a dataset's default sample) wants in the end.
+    The price is coarser resumption: a connection reset while the body streams in loses what that
+    answer had delivered (a connection that simply ended keeps it), where a buffer loses at most one
+    piece. The bytes of several answers (a resumed read, or a validated one of several ranges) are
+    joined once at the end.
+    """
+
+    __slots__ = ("_pieces", "data")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self._pieces: list[bytes] = []
+
+    def _finish(self) -> None:
+        pieces = self._pieces
+        self.data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+# What a fetch fills: the caller's buffer, or a new bytes object.
+Target = memoryview | IntoBytes
+
+
 class BlobNotModified(Exception):
     """A read with ``if_none_match`` found the blob unchanged: the caller's copy is current."""
 
@@ -144,7 +172,7 @@ class AzStorageTorchBlobClient(ResourceClient):
     def fetch_range_into(
         self,
         offset: int,
-        into: memoryview | Callable[[BlobProperties], memoryview],
+        into: Target | Callable[[BlobProperties], Target],
         *,
         etag: str | None,
         length: int | None = None,
@@ -158,9 +186,11 @@ class AzStorageTorchBlobClient(ResourceClient):
 
         ``into`` is the caller's buffer, or a function that returns it once the first answer's
         headers tell the blob's properties (before its body is read), for a caller that sizes its
-        memory by the blob; it may raise, and the answer is then dropped. At most ``length`` bytes
-        are filled (by default ``len(into)``; required with a function). Returns the blob's
-        properties and the bytes filled, fewer only at the blob's end.
+        memory by the blob; it may raise, and the answer is then dropped. Instead of a buffer, an
+        :class:`IntoBytes` receives the bytes as one ``bytes`` object read straight from the
+        response (a function may choose it by the blob's size). At most ``length`` bytes are filled
+        (by default ``len(into)``; required with a function or an :class:`IntoBytes`). Returns the
+        blob's properties and the bytes filled, fewer only at the blob's end.
 
         With ``etag`` the read is pinned to that version (``If-Match``); a changed blob raises
         :class:`BlobModifiedDuringReadError`. Without it, the first answer pins the version of the
@@ -179,36 +209,38 @@ class AzStorageTorchBlobClient(ResourceClient):
         without waiting. With ``checksums``, the CRC-32 of the bytes filled is added there, computed
         as they arrive. The bytes received and the retries count in this client's recorder.
         """
-        if callable(into) and length is None:
-            raise TypeError("fetch_range_into needs a length when into is a function.")
-        buffer: memoryview | None = None if callable(into) else into
+        if length is None and not isinstance(into, memoryview):
+            raise TypeError("fetch_range_into needs a length when into is a function or an IntoBytes.")
+        chosen: Target | None = None if callable(into) else into
         limit = length if length is not None else len(into)  # type: ignore[arg-type]
         filled = 0
         properties: BlobProperties | None = None
         attempt = 0
         running = None if checksums is None else _checksums.RunningCrc()
-        answered_target: memoryview | None = None
+        target: Target | None = None
 
-        def answered(first: BlobProperties) -> memoryview:
-            nonlocal buffer
-            if buffer is None:
-                buffer = into(first)  # type: ignore[operator]
+        def answered(first: BlobProperties) -> Target:
+            nonlocal chosen
+            if chosen is None:
+                chosen = into(first)  # type: ignore[operator]
             if on_response is not None:
                 on_response(first)
-            return buffer[:limit]
+            return chosen[:limit] if isinstance(chosen, memoryview) else chosen
 
-        def done(count: int) -> tuple[BlobProperties, int]:
+        def done(filled_target: Target) -> tuple[BlobProperties, int]:
             assert properties is not None
+            if isinstance(filled_target, IntoBytes):
+                filled_target._finish()
             if checksums is not None and running is not None:
-                checksums.add_crc(offset, count, running.value)
-            return properties, count
+                checksums.add_crc(offset, filled, running.value)
+            return properties, filled
 
         while True:
             if stop is not None and stop.is_set():
                 raise DownloadStopped(f"Reading {self.display_url} was stopped: another part of the read failed.")
             fetched = self._fetch_range_once(
                 offset,
-                answered if answered_target is None else answered_target,
+                answered if target is None else target,
                 filled,
                 etag,
                 limit=limit,
@@ -219,13 +251,14 @@ class AzStorageTorchBlobClient(ResourceClient):
             if fetched is None:  # the range starts at or after the end of the blob
                 if properties is None:  # (the first answer, which reported no properties)
                     properties = self.get_properties()
-                    answered(properties)
-                return done(filled)
-            properties, answered_target, count, error = fetched
+                    target = answered(properties)
+                assert target is not None
+                return done(target)
+            properties, target, count, error = fetched
             etag, if_none_match = properties.etag, None  # retries must continue the same version
             filled += count
-            if error is None and filled >= min(len(answered_target), properties.size - offset):
-                return done(filled)
+            if error is None and filled >= min(_capacity(target, limit), properties.size - offset):
+                return done(target)
             if error is None:
                 continue  # the next range of a validated read
             attempt += 1
@@ -241,7 +274,7 @@ class AzStorageTorchBlobClient(ResourceClient):
     def _fetch_range_once(
         self,
         offset: int,
-        target: memoryview | Callable[[BlobProperties], memoryview],
+        target: Target | Callable[[BlobProperties], Target],
         filled: int,
         etag: str | None,
         *,
@@ -249,17 +282,18 @@ class AzStorageTorchBlobClient(ResourceClient):
         validate_content: bool,
         if_none_match: str | None,
         running: _checksums.RunningCrc | None,
-    ) -> tuple[BlobProperties, memoryview, int, BaseException | None] | None:
-        """One ranged GET for ``target[filled:]`` (at most one validated range), read into place.
+    ) -> tuple[BlobProperties, Target, int, BaseException | None] | None:
+        """One ranged GET for what ``target`` still lacks after ``filled`` bytes (at most one
+        validated range), read into place.
 
-        ``target`` is the buffer, or (for the first answer) the function that returns it from the
-        answer's properties. Returns the blob's properties, the buffer, the bytes that count as
-        received and why the body fell short (``None`` if it did not); ``None`` instead of all that
-        when ``offset + filled`` is past the blob's end. A validated range that breaks off or does
-        not match its MD5 counts as 0 bytes: it is checked as a whole, so it is fetched again
-        entirely. ``running`` takes in the CRC-32 of the bytes that count as received.
+        ``target`` is the buffer or :class:`IntoBytes`, or (for the first answer) the function that
+        returns it from the answer's properties. Returns the blob's properties, the target, the
+        bytes that count as received and why the body fell short (``None`` if it did not); ``None``
+        instead of all that when ``offset + filled`` is past the blob's end. A validated range that
+        breaks off or does not match its MD5 counts as 0 bytes: it is checked as a whole, so it is
+        fetched again entirely. ``running`` takes in the CRC-32 of the bytes that count as received.
         """
-        length = (len(target) if not callable(target) else limit) - filled
+        length = (limit if callable(target) else _capacity(target, limit)) - filled
         if validate_content:
             length = min(length, MAX_VALIDATED_RANGE)
         # Failures to send the request were already retried by the pipeline's retry policy.
@@ -275,12 +309,17 @@ class AzStorageTorchBlobClient(ResourceClient):
             except BaseException:
                 _raw_and_body(response)[0].close()  # mid-body: never reuse the connection
                 raise
-        requested_end = min(filled + length, len(target), properties.size - offset)
-        received = target[filled:requested_end]
+        requested_end = min(filled + length, _capacity(target, limit), properties.size - offset)
         crc_before = 0 if running is None else running.value
-        count, error = _read_body_into(response, received, running)
-        if error is None and count < len(received):
-            error = http.client.IncompleteRead(b"", len(received) - count)
+        received: bytes | memoryview
+        if isinstance(target, IntoBytes):
+            piece, error = _read_body_bytes(response, requested_end - filled, running)
+            received, count = piece, len(piece)
+        else:
+            received = target[filled:requested_end]
+            count, error = _read_body_into(response, received, running)
+        if error is None and count < requested_end - filled:
+            error = http.client.IncompleteRead(b"", requested_end - filled - count)
         if validate_content:
             if error is None:
                 error = self._md5_mismatch(response, received)
@@ -288,10 +327,12 @@ class AzStorageTorchBlobClient(ResourceClient):
                 count = 0
                 if running is not None:
                     running.value = crc_before  # fetched again as a whole
+        if count and isinstance(target, IntoBytes):
+            target._pieces.append(piece)
         _stats.add_bytes(self.recorder, count)
         return properties, target, count, error
 
-    def _md5_mismatch(self, response: HttpResponse, received: memoryview) -> ChecksumMismatchError | None:
+    def _md5_mismatch(self, response: HttpResponse, received: bytes | memoryview) -> ChecksumMismatchError | None:
         expected = response.headers.get("Content-MD5")
         actual = base64.b64encode(hashlib.md5(received).digest()).decode()
         if expected == actual:
@@ -468,6 +509,39 @@ def _read_body_into(
     else:
         raw.close()
     return filled, None
+
+
+def _read_body_bytes(
+    response: HttpResponse, length: int, running: _checksums.RunningCrc | None = None
+) -> tuple[bytes, BaseException | None]:
+    """Read the response body, ``length`` bytes, as one ``bytes`` object (and its CRC-32 into ``running``).
+
+    Returns what was read and, if the body broke off, the error. One read, so that the bytes go
+    from the socket into the object returned with no copy in between; a body that ends early keeps
+    what arrived, but a reset or timeout in the middle loses it (the caller asks for it again).
+    """
+    raw, body = _raw_and_body(response)
+    direct = body is not None
+    data = b""
+    error: BaseException | None = None
+    try:
+        data = (body if direct else raw).read(length)
+    except http.client.IncompleteRead as incomplete:  # (urllib3's gives a count, not the bytes)
+        data = incomplete.partial if isinstance(incomplete.partial, bytes) else b""
+        error = incomplete
+    except _BODY_READ_ERRORS as broken:
+        error = broken
+    if running is not None and data:
+        running.update(data)
+    if error is None and len(data) == length and (not direct or body.isclosed()):
+        raw.release_conn()
+    else:
+        raw.close()  # the connection is mid-body (or ended): never reuse it
+    return data, error
+
+
+def _capacity(target: Target, limit: int) -> int:
+    return len(target) if isinstance(target, memoryview) else limit
 
 
 def _discard(response: HttpResponse) -> None:

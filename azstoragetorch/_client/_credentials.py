@@ -14,8 +14,14 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 from azure.core.credentials import AzureNamedKeyCredential, AzureSasCredential, TokenCredential
-from azure.core.pipeline import PipelineRequest
-from azure.core.pipeline.policies import AzureSasCredentialPolicy, BearerTokenCredentialPolicy, SansIOHTTPPolicy
+from azure.core.pipeline import PipelineRequest, PipelineResponse
+from azure.core.pipeline.policies import (
+    AzureSasCredentialPolicy,
+    BearerTokenCredentialPolicy,
+    HTTPPolicy,
+    SansIOHTTPPolicy,
+)
+from typing_extensions import override
 
 if TYPE_CHECKING:
     from azure.core.credentials import SupportsTokenInfo
@@ -81,7 +87,7 @@ shared_default_credential = _SharedDefaultCredential()
 
 def auth_policy_for(
     credential: CredentialArgument, *, url_has_sas: bool, host: str
-) -> SansIOHTTPPolicy[Any, Any] | BearerTokenCredentialPolicy[Any, Any] | None:
+) -> HTTPPolicy[Any, Any] | SansIOHTTPPolicy[Any, Any] | BearerTokenCredentialPolicy[Any, Any] | None:
     """The policy that authorizes requests; ``None`` for anonymous requests or a SAS in the URL."""
     validate_credential(credential)
     if url_has_sas or credential is False:
@@ -159,7 +165,7 @@ _SIGNED_STANDARD_HEADERS = (
 )
 
 
-class SharedKeyPolicy(SansIOHTTPPolicy[Any, Any]):
+class SharedKeyPolicy(HTTPPolicy[Any, Any]):
     """Signs each request with the storage account key (the "Shared Key" scheme).
 
     Runs after the retry policy so that every attempt gets a fresh ``x-ms-date`` and signature.
@@ -169,10 +175,12 @@ class SharedKeyPolicy(SansIOHTTPPolicy[Any, Any]):
     work that does not change between requests is done once: the key is decoded and an HMAC keyed
     with it is kept (each request signs with a copy), and the date string is reused within its
     second. The key is read from the credential at every request all the same, so that
-    ``AzureNamedKeyCredential.update`` takes effect at once.
+    ``AzureNamedKeyCredential.update`` takes effect at once. A plain ``send`` rather than azure-core's
+    request hook spares the calls azure-core wraps a hook in.
     """
 
     def __init__(self, credential: AzureNamedKeyCredential) -> None:
+        super().__init__()
         self._credential = credential
         self._keyed: tuple[str, str, Any] | None = None  # (account name, key, HMAC keyed with it)
         self._date: tuple[int, str] = (-1, "")
@@ -180,7 +188,13 @@ class SharedKeyPolicy(SansIOHTTPPolicy[Any, Any]):
     def __repr__(self) -> str:
         return f"SharedKeyPolicy(account={self._credential.named_key.name!r})"
 
+    @override
+    def send(self, request: PipelineRequest[Any]) -> PipelineResponse[Any, Any]:
+        self.on_request(request)
+        return self.next.send(request)
+
     def on_request(self, request: PipelineRequest[Any]) -> None:
+        """Date and sign ``request`` (its ``Authorization`` header)."""
         http_request = request.http_request
         http_request.headers["x-ms-date"] = self._now()
         account_name, key = self._credential.named_key

@@ -17,7 +17,6 @@ import os
 import random
 import threading
 import urllib.parse
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
@@ -33,8 +32,9 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.core.pipeline import Pipeline, PipelineRequest, PipelineResponse
-from azure.core.pipeline.policies import RetryPolicy, SansIOHTTPPolicy, UserAgentPolicy
+from azure.core.pipeline.policies import HTTPPolicy, RetryPolicy, UserAgentPolicy
 from azure.core.pipeline.transport import HttpResponse, HttpTransport, RequestsTransport
+from typing_extensions import override
 
 from azstoragetorch import __version__
 from azstoragetorch._client._credentials import CredentialArgument, auth_policy_for, shared_default_credential
@@ -204,12 +204,13 @@ def interpreter_exiting() -> bool:
     return False
 
 
-class _RequestHeadersPolicy(SansIOHTTPPolicy[Any, Any]):
+class _RequestHeadersPolicy(HTTPPolicy[Any, Any]):
     """Sets the headers every request carries (API version, User-Agent), tags each request with a
     fresh ``x-ms-client-request-id`` and checks its echo.
 
-    One policy rather than azure-core's HeadersPolicy and UserAgentPolicy plus one of our own: each
-    policy costs a few microseconds per request in the pipeline, and a dataset of small blobs sends
+    One policy rather than azure-core's HeadersPolicy and UserAgentPolicy plus one of our own, and
+    a plain ``send`` rather than the request and response hooks, which azure-core wraps in calls of
+    its own: every layer costs microseconds per request, and a dataset of small blobs sends
     thousands of requests per second. The User-Agent is azure-core's (with ``AZURE_HTTP_USER_AGENT``
     from the environment), computed once.
 
@@ -219,21 +220,29 @@ class _RequestHeadersPolicy(SansIOHTTPPolicy[Any, Any]):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._user_agent = UserAgentPolicy(sdk_moniker=f"azstoragetorch/{__version__}").user_agent
 
-    def on_request(self, request: PipelineRequest[Any]) -> None:
+    @override
+    def send(self, request: PipelineRequest[Any]) -> PipelineResponse[Any, Any]:
         headers = request.http_request.headers
         headers["x-ms-version"] = API_VERSION
         headers["User-Agent"] = self._user_agent
-        headers["x-ms-client-request-id"] = str(uuid.uuid4())
-
-    def on_response(self, request: PipelineRequest[Any], response: PipelineResponse[Any, Any]) -> None:
-        sent = request.http_request.headers["x-ms-client-request-id"]
+        sent = headers["x-ms-client-request-id"] = _request_id()
+        response = self.next.send(request)
         echoed = response.http_response.headers.get("x-ms-client-request-id")
         if echoed is not None and echoed != sent:
             service_id = response.http_response.headers.get("x-ms-request-id", "")
             response.http_response.internal_response.close()
             raise ClientRequestIdMismatchError(sent, echoed, service_id)
+        return response
+
+
+def _request_id() -> str:
+    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` gives it at a third of the CPU."""
+    digits = os.urandom(16).hex()
+    variant = "89ab"[int(digits[16], 16) & 3]
+    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{variant}{digits[17:20]}-{digits[20:]}"
 
 
 # Error codes that call for a retry whatever their status says: the request's bytes were damaged on

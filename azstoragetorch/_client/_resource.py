@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import hashlib
 import os
 import urllib.parse
@@ -35,7 +36,7 @@ class ResourceClient:
     ) -> None:
         validate_credential(credential)
         check_retry(retry)
-        host = urllib.parse.urlsplit(f"//{url.netloc}").hostname or ""
+        host = _host_of(url.netloc)
         check_not_sent_in_clear(credential, url_has_sas=url.has_sas, scheme=url.scheme, host=host)
         if isinstance(credential, AzureSasCredential):
             check_sas_complete(credential.signature, where="AzureSasCredential")
@@ -136,3 +137,9 @@ class ResourceClient:
         return _pipeline.run(
             self._get_pipeline(), request, display_url=self.display_url, stream=stream, recorder=self.recorder
         )
+
+
+# A dataset makes a client for every sample it reads, all of a few hosts.
+@functools.lru_cache(maxsize=256)
+def _host_of(netloc: str) -> str:
+    return urllib.parse.urlsplit(f"//{netloc}").hostname or ""

@@ -369,21 +369,23 @@ class WireTransport(HttpTransport):  # type: ignore[type-arg]
         if _FORBIDDEN_IN_TARGET.search(target):
             raise ValueError("The request URL contains spaces or control characters.")
         data = request.data
-        lines = [f"{request.method} {target} HTTP/1.1", f"Host: {self._host_header}"]
-        has_length = False
-        for name, value in request.headers.items():
-            value = str(value)
-            if _FORBIDDEN_IN_HEADER.search(name) or _FORBIDDEN_IN_HEADER.search(value):
-                raise ValueError(f"The request header {name!r} contains a line break.")
-            lines.append(f"{name}: {value}")
-            has_length = has_length or name.lower() == "content-length"
+        headers = request.headers
+        # azure-core's headers hand out lower-cased names without a lookup per name; HTTP's names
+        # are case-insensitive, so they go on the wire as they are.
+        pairs = list(headers.lowerkey_items() if hasattr(headers, "lowerkey_items") else headers.items())
+        fields = "".join([f"{name}: {value}\r\n" for name, value in pairs])
+        # Each field adds one CR and one LF of its own: any other is a line break smuggled into a
+        # name or value, which would start a header (or a request) of its own.
+        if fields.count("\n") != len(pairs) or fields.count("\r") != len(pairs) or "\x00" in fields:
+            name = next(name for name, value in pairs if _FORBIDDEN_IN_HEADER.search(f"{name}{value}"))
+            raise ValueError(f"The request header {name!r} contains a line break.")
         if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"Unsupported request body type {type(data).__name__}; expected bytes.")
         body = memoryview(data).cast("B") if data is not None and len(data) else None
-        if not has_length and (body is not None or request.method in ("PUT", "POST", "PATCH")):
-            lines.append(f"Content-Length: {0 if body is None else len(body)}")
-        lines.append("\r\n")
-        head = "\r\n".join(lines).encode("latin-1")
+        needs_length = body is not None or request.method in ("PUT", "POST", "PATCH")
+        if needs_length and not any(name.lower() == "content-length" for name, _ in pairs):
+            fields += f"Content-Length: {0 if body is None else len(body)}\r\n"
+        head = f"{request.method} {target} HTTP/1.1\r\nHost: {self._host_header}\r\n{fields}\r\n".encode("latin-1")
         if body is not None and len(body) <= _JOIN_BODY_BYTES:
             return head + body, None
         return head, body
@@ -443,13 +445,12 @@ class WireTransport(HttpTransport):  # type: ignore[type-arg]
 
 def _read_headers(reader: io.BufferedReader) -> ResponseHeaders:
     """The header lines after a status line, up to the empty line that ends them."""
-    headers = ResponseHeaders()
     # Usually the whole head is in the read buffer already: split it in one go rather than line by line.
     buffered = reader.peek(1)
     end = buffered.find(b"\r\n\r\n")
     if buffered.startswith(b"\r\n"):
         reader.read(2)
-        return headers
+        return ResponseHeaders()
     if end != -1 and buffered.count(b"\n", 0, end) < _MAX_HEADERS:
         lines = reader.read(end + 4).decode("latin-1").split("\r\n")[:-2]
     else:
@@ -465,14 +466,15 @@ def _read_headers(reader: io.BufferedReader) -> ResponseHeaders:
             lines.append(raw.decode("latin-1").rstrip("\r\n"))
         else:
             raise http.client.HTTPException(f"More than {_MAX_HEADERS} response headers.")
+    fields: dict[str, str] = {}
     for line in lines:
         name, _, value = line.partition(":")
         name = name.strip().lower()
         value = value.strip()
-        if dict.__contains__(headers, name):
-            value = f"{dict.__getitem__(headers, name)}, {value}"
-        dict.__setitem__(headers, name, value)
-    return headers
+        if name in fields:
+            value = f"{fields[name]}, {value}"
+        fields[name] = value
+    return ResponseHeaders(fields)
 
 
 def _close(connection: _Connection | None) -> None:

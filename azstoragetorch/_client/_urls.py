@@ -122,7 +122,8 @@ class BlobUrl:
         return pieces
 
     def __post_init__(self) -> None:
-        check_no_dot_segments(self.blob_name, shown=f"{self.container_url}/{self.blob_name}")
+        if _has_dot_segment(self.blob_name):  # (the URL to show is built only for the error)
+            check_no_dot_segments(self.blob_name, shown=f"{self.container_url}/{self.blob_name}")
 
     def __repr__(self) -> str:
         return f"BlobUrl({self.display_url!r})"
@@ -178,7 +179,7 @@ class ContainerUrl:
         base = f"{self.scheme}://{self.netloc}"
         return f"{base}/{self.account_name}" if self.path_style else base
 
-    @property
+    @functools.cached_property
     def url_without_query(self) -> str:
         return f"{self.account_url}/{urllib.parse.quote(self.container_name, safe='')}"
 
@@ -194,7 +195,7 @@ class ContainerUrl:
 
     def blob_url(self, blob_name: str) -> BlobUrl:
         """The URL of a blob in this container, authorized by the same SAS, if any."""
-        return BlobUrl(
+        blob = BlobUrl(
             scheme=self.scheme,
             netloc=self.netloc,
             account_name=self.account_name,
@@ -203,6 +204,10 @@ class ContainerUrl:
             path_style=self.path_style,
             sas_query=self.sas_query,
         )
+        # A dataset makes the URL of every sample it reads from one container's: its quoted part
+        # is this container's, made once.
+        blob.__dict__["container_url"] = self.url_without_query
+        return blob
 
     def __repr__(self) -> str:
         return f"ContainerUrl({self.display_url!r})"
@@ -286,11 +291,22 @@ def check_no_dot_segments(name: str, *, shown: str) -> None:
     not, so a request for that name would reach another blob; with a SAS it would overwrite it.
     Such names are refused rather than sent.
     """
-    if any(segment in (".", "..") for segment in name.split("/")):
+    if _has_dot_segment(name):
         raise ValueError(
             f"{shown!r} has a '.' or '..' segment in its blob name, which HTTP resolves to another name "
             "(a/../b.pt is b.pt): azstoragetorch does not address such names. Remove the segment."
         )
+
+
+def _has_dot_segment(name: str) -> bool:
+    # Asked for every blob a dataset reads: string searches rather than a split of every name.
+    return (
+        name in (".", "..")
+        or name.startswith(("./", "../"))
+        or name.endswith(("/.", "/.."))
+        or "/./" in name
+        or "/../" in name
+    )
 
 
 def _split_query(query: str) -> tuple[list[str], dict[str, str]]:

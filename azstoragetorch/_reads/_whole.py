@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from azstoragetorch._client import BlobNotModified, BlobProperties
+from azstoragetorch._client import BlobNotModified, BlobProperties, IntoBytes
 from azstoragetorch._reads._direct import DirectReads
 from azstoragetorch._reads._source import RangeSource
 
@@ -48,9 +48,14 @@ class WholeBlobRead:
         return self._read_into(allocate, None)
 
     def _read(self, if_none_match: str | None) -> tuple[BlobProperties, bytes] | None:
+        # A blob that its first answer holds whole becomes the sample's bytes as it is read from the
+        # socket; a larger one is received into a buffer, in parallel parts, and copied once.
+        body = IntoBytes()
         received: list[bytearray] = []
 
-        def allocate(size: int) -> memoryview:
+        def allocate(size: int) -> memoryview | IntoBytes:
+            if size <= self._block_size:
+                return body
             received.append(bytearray(size))
             return memoryview(received[0])
 
@@ -58,20 +63,23 @@ class WholeBlobRead:
             properties = self._read_into(allocate, if_none_match)
         except BlobNotModified:
             return None
-        return properties, bytes(received[0])
+        return properties, bytes(received[0]) if received else body.data
 
-    def _read_into(self, allocate: Callable[[int], memoryview], if_none_match: str | None) -> BlobProperties:
+    def _read_into(
+        self, allocate: Callable[[int], memoryview | IntoBytes], if_none_match: str | None
+    ) -> BlobProperties:
         whole: list[memoryview] = []
 
-        def sized(properties: BlobProperties) -> memoryview:
+        def sized(properties: BlobProperties) -> memoryview | IntoBytes:
             recorder = self._source.recorder
             if recorder is not None and recorder.total is None:
                 recorder.total = properties.size  # for a progress hook, known from the first answer
-            buffer = allocate(properties.size)
-            if len(buffer) != properties.size:
-                raise ValueError(f"allocate returned {len(buffer)} bytes for a blob of {properties.size}.")
-            whole.append(buffer)
-            return buffer
+            target = allocate(properties.size)
+            if isinstance(target, memoryview):
+                if len(target) != properties.size:
+                    raise ValueError(f"allocate returned {len(target)} bytes for a blob of {properties.size}.")
+                whole.append(target)
+            return target
 
         first = self._block_size
         properties, _ = self._source.fetch_range_into(0, sized, etag=None, length=first, if_none_match=if_none_match)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from azstoragetorch._client import AzStorageTorchBlobClient, BlobNotModified, BlobProperties, BlobUrl
+from azstoragetorch._client import AzStorageTorchBlobClient, BlobNotModified, BlobProperties, BlobUrl, IntoBytes
 from azstoragetorch._client._blob_client import DownloadStopped
 from azstoragetorch._reads._source import signature_of
 from azstoragetorch.exceptions import BlobModifiedDuringReadError
@@ -74,7 +74,10 @@ class InMemoryBlobClient:
 
     @signature_of(AzStorageTorchBlobClient.fetch_range_into)
     def fetch_range_into(
-        self, offset: int, into: memoryview | Callable[[BlobProperties], memoryview], **request: Any
+        self,
+        offset: int,
+        into: memoryview | IntoBytes | Callable[[BlobProperties], memoryview | IntoBytes],
+        **request: Any,
     ) -> tuple[BlobProperties, int]:
         if unknown := request.keys() - self.FETCH_KEYWORDS:
             raise TypeError(f"fetch_range_into() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -89,14 +92,21 @@ class InMemoryBlobClient:
             raise BlobModifiedDuringReadError(self.display_url, etag)
         if if_none_match is not None and if_none_match == properties.etag:
             raise BlobNotModified
-        buffer = into(properties) if callable(into) else into
+        target = into(properties) if callable(into) else into
         if on_response is not None:
             on_response(properties)
-        limit = len(buffer) if length is None else min(len(buffer), length)
+        if isinstance(target, IntoBytes):
+            assert length is not None, "the real client needs a length with IntoBytes"
+            limit = min(length, max(0, len(self.data) - offset))  # as a buffer sized by the answer
+        else:
+            limit = len(target) if length is None else min(len(target), length)
         with self._lock:
             self.reads.append((offset, limit))
         piece = self.data[offset : offset + limit]
-        buffer[: len(piece)] = piece
+        if isinstance(target, IntoBytes):
+            target.data = piece
+        else:
+            target[: len(piece)] = piece
         if checksums is not None:
             checksums.add(offset, piece)
         return properties, len(piece)

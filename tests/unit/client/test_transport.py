@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.client
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from azure.core.exceptions import ServiceResponseError
@@ -15,19 +15,7 @@ from azstoragetorch._client import _schedule
 from azstoragetorch._client._transport import WireTransport
 from azstoragetorch.io import BlobIO
 from azstoragetorch.retry import RetryOptions
-from tests.stub_server import StubServer, close_pooled_connections
-
-
-def canned(responses: list[bytes]) -> Callable[[bytes], bytes]:
-    """An answer for :class:`StubServer`: each request gets the next of ``responses`` (raw bytes)."""
-    left = list(responses)
-    lock = threading.Lock()
-
-    def answer(request: bytes) -> bytes:
-        with lock:
-            return left.pop(0)
-
-    return answer
+from tests.stub_server import StubServer, canned, close_pooled_connections
 
 
 @pytest.fixture
@@ -171,9 +159,11 @@ def test_put_bodies_are_sent_with_their_length(serve) -> None:  # type: ignore[n
     _get(transport, method="PUT", body=b"small")
     _get(transport, method="PUT", body=big)
     _get(transport, method="PUT")
-    assert server.received[0].endswith(b"\r\n\r\nsmall") and b"Content-Length: 5\r\n" in server.received[0]
-    assert server.received[1].endswith(big) and b"Content-Length: 200000\r\n" in server.received[1]
-    assert b"Content-Length: 0\r\n" in server.received[2]
+    heads = [request.partition(b"\r\n\r\n")[0].lower() for request in server.received]  # names in any case
+    assert server.received[0].endswith(b"\r\n\r\nsmall") and b"\r\ncontent-length: 5" in heads[0]
+    assert server.received[1].endswith(big) and b"\r\ncontent-length: 200000" in heads[1]
+    assert b"\r\ncontent-length: 0" in heads[2]
+    assert [head.count(b"content-length") for head in heads] == [1, 1, 1]
 
 
 def test_line_breaks_in_headers_or_url_are_refused(serve) -> None:  # type: ignore[no-untyped-def]
