@@ -12,6 +12,7 @@ from typing_extensions import Self, override
 
 from azstoragetorch._cache import make_cache
 from azstoragetorch._client import CredentialArgument, ProgressHook
+from azstoragetorch.datasets._arguments import _describe_arguments
 from azstoragetorch.datasets._blob import Blob
 from azstoragetorch.datasets._sample_pool import _sample_threads
 from azstoragetorch.datasets._samples import (
@@ -64,6 +65,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         self._progress_hook = _checked_hook(progress_hook)
 
     @classmethod
+    @_describe_arguments
     def from_blob_urls(
         cls,
         blob_urls: str | Iterable[str],
@@ -78,21 +80,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         """A dataset of the given blobs, in the given order.
 
         Args:
-            blob_urls: One blob URL or an iterable of them. A URL may carry a SAS token, a
-                ``snapshot=`` or a ``versionid=``.
-            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored for URLs with a SAS token.
-            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
-            retry: How throttled or briefly failing requests are retried, listing and reading
-                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
-            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
-                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
-                share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
-                that another user could change is refused with a warning. See :ref:`dataset-cache`.
-            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
-                deleted beyond it. ``None``: no limit but the disk.
-            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
-                blob (see "Progress" above).
+            {arguments}
 
         Raises:
             ValueError: A URL is malformed, ``cache_dir`` is empty, or ``cache_max_bytes`` is not positive
@@ -104,6 +92,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         return cls(_blobs_from_urls(blob_urls, credential, retry, cache), transform, progress_hook=progress_hook)
 
     @classmethod
+    @_describe_arguments
     def from_container_url(
         cls,
         container_url: str,
@@ -123,25 +112,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         account with a hierarchical namespace (ADLS Gen2), listed as empty blobs, are not samples.
 
         Args:
-            container_url: ``https://<account>.blob.core.windows.net/<container>``, optionally with
-                a SAS token that allows listing and reading.
-            prefix: Only blobs whose names start with it; all blobs when ``None``.
-            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored with a SAS token.
-            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
-            retry: How throttled or briefly failing requests are retried, listing and reading
-                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
-            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
-                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
-                share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
-                that another user could change is refused with a warning. See :ref:`dataset-cache`.
-            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
-                deleted beyond it. ``None``: no limit but the disk.
-            cache_trust_listing: Serve a cached blob whose ETag is the listing's with no request at
-                all, at local-disk speed; a blob rewritten after the listing is then served as it
-                was listed. ``False`` (the default): confirm every hit with the service.
-            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
-                blob (see "Progress" above).
+            {arguments}
 
         Raises:
             ValueError: The URL is malformed, ``cache_dir`` is empty, or a ``cache_*`` option is out of
