@@ -13,6 +13,7 @@ from typing_extensions import Self, override
 from azstoragetorch._cache import make_cache
 from azstoragetorch._client import CredentialArgument, ProgressHook
 from azstoragetorch.datasets._arguments import _describe_arguments
+from azstoragetorch.datasets._batch_ahead import _BatchReadAhead
 from azstoragetorch.datasets._blob import Blob
 from azstoragetorch.datasets._sample_pool import _sample_threads
 from azstoragetorch.datasets._samples import (
@@ -39,7 +40,10 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=2, shuffle=True)
 
     When the DataLoader asks for a batch, its blobs are fetched concurrently (through
-    ``__getitems__``), not one after the other. For training on several ranks, use a
+    ``__getitems__``), not one after the other. When the batches follow each other in order (no
+    shuffling), the next batch's blobs are fetched while this batch is used, one batch ahead at
+    most; a shuffled order is fetched a batch at a time, overlapped by the DataLoader's workers
+    (``num_workers``), which it hands their next batches early. For training on several ranks, use a
     :class:`~torch.utils.data.distributed.DistributedSampler` as with any map-style dataset
     (Lightning adds one for you).
 
@@ -133,24 +137,41 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         return _apply(self._transform, self._blobs[index], self._progress_hook)
 
     def __getitems__(self, indices: list[int]) -> list[_TransformOutputType_co]:
-        """Fetch a batch of samples concurrently; the DataLoader calls this for each batch."""
-        blobs = [self._blobs[index] for index in indices]  # IndexError before any request is sent
+        """Fetch a batch of samples concurrently; the DataLoader calls this for each batch.
+
+        When the batches follow each other in order, the next one is fetched while this one is used
+        (``_batch_ahead`` says when and how).
+        """
+        read_ahead = self._batch_read_ahead()
+        futures = read_ahead.fetch(indices, self._blobs, self._start)
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            read_ahead.discard()
+            raise
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _start(self, blob: Blob) -> Future[Any]:
         # A default sample that the cache serves with no request (cache_trust_listing) is read here:
         # handing it to a sample thread costs more than a small hit, and parallel hits only contend
-        # for the cores. Everything else goes to the sample threads as soon as it is known to.
-        lean = self._transform is _read_whole_blob and self._progress_hook is None
-        samples: list[Any] = [None] * len(blobs)
-        futures: dict[int, Future[Any]] = {}
-        try:
-            for position, blob in enumerate(blobs):
-                hit = blob._trusted_hit() if lean else None
-                if hit is None:
-                    futures[position] = _sample_threads.submit(_apply, self._transform, blob, self._progress_hook)
-                else:
-                    samples[position] = _whole_blob_sample(blob, hit)
-            for position, future in futures.items():
-                samples[position] = future.result()
-            return samples
-        finally:
-            for future in futures.values():
-                future.cancel()
+        # for the cores. Everything else goes to the sample threads.
+        if self._transform is _read_whole_blob and self._progress_hook is None:
+            hit = blob._trusted_hit()
+            if hit is not None:
+                done: Future[Any] = Future()
+                done.set_result(_whole_blob_sample(blob, hit))
+                return done
+        return _sample_threads.submit(_apply, self._transform, blob, self._progress_hook)
+
+    def _batch_read_ahead(self) -> _BatchReadAhead:
+        read_ahead = self.__dict__.get("_read_ahead")
+        if read_ahead is None or read_ahead.pid != os.getpid():  # unpickled, or in a forked worker
+            read_ahead = self._read_ahead = _BatchReadAhead()
+        return read_ahead
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_read_ahead", None)  # its futures and locks belong to this process
+        return state
