@@ -265,7 +265,7 @@ def test_any_sequence_of_batches_gets_its_own_samples_under_a_perturbed_schedule
 ) -> None:
     dataset, clients = make_dataset(40)
     clients[17].fail = True
-    with _schedule.perturbed(seed, max_delay=0.002, probability=1.0, only=frozenset({"batch.ahead"})) as perturbation:
+    with _schedule.perturbed(seed, max_delay=0.002, probability=1.0, only=frozenset({"batch.ahead"})):
         for request in requests:
             # Each batch followed by the one that continues it, so that runs are read ahead between
             # arbitrary batches.
@@ -276,4 +276,12 @@ def test_any_sequence_of_batches_gets_its_own_samples_under_a_perturbed_schedule
                         dataset.__getitems__(indexes)
                 else:
                     assert contents(dataset.__getitems__(indexes)) == [name(i) for i in indexes]
-    assert perturbation.counts.get("batch.ahead", 0) > 0 or len(requests) < 2
+
+
+def test_a_sequential_run_under_a_perturbed_schedule_passes_the_hand_off_point() -> None:
+    dataset, clients = make_dataset(50)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=7, collate_fn=contents)
+    with _schedule.perturbed(5, max_delay=0.003, probability=1.0, only=frozenset({"batch.ahead"})) as perturbation:
+        assert [sample for one in loader for sample in one] == [name(i) for i in range(50)]
+    assert perturbation.counts.get("batch.ahead", 0) >= 7 * 5  # each blob of batches 2 to 7 passes it
+    assert read_counts(clients) == [1] * 50
