@@ -171,6 +171,17 @@ def load_blobio(bench: Bench, blob: str, verify_checksum: bool | None = None) ->
     return sw.sample
 
 
+def save_lightning(bench: Bench, blob: str) -> Sample:
+    """The Lightning plugin's ``save_checkpoint``, what ``Trainer.save_checkpoint`` calls with the checkpoint
+    it assembled (here the state dict itself, so that the bytes are the other rows')."""
+    from azstoragetorch.integrations.lightning import AzureBlobCheckpointIO
+
+    plugin = AzureBlobCheckpointIO(bench.azurite.credential, account_url=bench.azurite.account_url)
+    with Stopwatch() as sw:
+        plugin.save_checkpoint(bench.state_dict, bench.blob_url(blob))
+    return sw.sample
+
+
 # -- variant 2: azure-storage-blob SDK -------------------------------------------------------------
 
 
@@ -394,6 +405,7 @@ VARIANT_LABELS = {
     "blobio": "azstoragetorch BlobIO",
     "blobio_md5": "BlobIO validate_content=True",
     "blobio_unverified": "BlobIO verify_checksum=False",
+    "lightning": "Lightning AzureBlobCheckpointIO.save_checkpoint",
     "sdk": f"azure-storage-blob SDK (x{SDK_CONCURRENCY})",
     "adlfs": "adlfs (fsspec)",
     "obstore": "obstore (torch.save to memory + put; get + torch.load)",
@@ -424,6 +436,7 @@ def build_cases(bench: Bench) -> list[Case]:
     cases = [
         case("blobio", "save", lambda: save_blobio(bench, "blobio.pt")),
         case("blobio_md5", "save", lambda: save_blobio(bench, "blobio-md5.pt", validate_content=True)),
+        case("lightning", "save", lambda: save_lightning(bench, "lightning.pt")),
         case("sdk", "save", lambda: save_sdk(bench, "sdk.pt")),
         case("adlfs", "save", lambda: save_adlfs(bench, "adlfs.pt"), optional=True),
         case("obstore", "save", lambda: save_obstore(bench, "obstore.pt")),
@@ -797,6 +810,11 @@ def checkpoint_ratios(rows: list[Row]) -> dict[str, Any]:
     )
     ratio("save CPU: BlobIO / local", blobio_save, row("local", "save"), "cpu_per_gib", "<= 1.5", lambda v: v <= 1.5)
     ratio("save CPU: obstore / local", row("obstore", "save"), row("local", "save"), "cpu_per_gib", "-", lambda v: True)
+    lightning_save = row("lightning", "save")
+    ratio(
+        "save CPU: Lightning plugin / local", lightning_save, row("local", "save"), "cpu_per_gib", "-", lambda v: True
+    )
+    ratio("save CPU: Lightning plugin / BlobIO", lightning_save, blobio_save, "cpu_per_gib", "-", lambda v: True)
     ratio("load CPU: BlobIO / local", blobio_load, row("local", "load"), "cpu_per_gib", "<= 1.25", lambda v: v <= 1.25)
     ratio("load CPU: obstore / local", row("obstore", "load"), row("local", "load"), "cpu_per_gib", "-", lambda v: True)
     raw = row(RAW_LOAD_VARIANT, "load")

@@ -9,7 +9,9 @@ bandwidth). Through the proxy it measures, each beside a ceiling with as many re
   (batch 32, ``num_workers`` 0 and 2), against ``http.client`` GETs from as many threads as the
   dataset keeps requests in flight;
 - ``torch.load`` of one checkpoint through ``BlobIO``, against ranged ``http.client`` GETs from as
-  many threads as ``BlobIO``'s ``max_concurrency``, then ``torch.load`` from that memory;
+  many threads as ``BlobIO``'s ``max_concurrency``, then ``torch.load`` from that memory; with 4 MiB
+  tensors (group ``load``, read through the read-ahead window) and with 16 MiB tensors (``load16``,
+  read straight into the tensors: the run records how many bytes took that path);
 - ``dcp.load`` of a checkpoint saved with ``thread_count=4``, against ranged GETs of the same files;
 
 then the same with the public knobs that set how many requests are in flight (``prefetch``, the
@@ -41,8 +43,9 @@ import torch.distributed.checkpoint as dcp
 import torch.utils.data
 from _common import ThreadConnections, format_machine, machine_info, make_state_dict, verify, write_result
 from azure.storage.blob import BlobServiceClient
+from typing_extensions import override
 
-from azstoragetorch.datasets import BlobDataset, IterableBlobDataset
+from azstoragetorch.datasets import BlobDataset, IterableBlobDataset, _batch_ahead
 from azstoragetorch.integrations.dcp import BlobStorageReader, BlobStorageWriter
 from azstoragetorch.io import BlobIO
 from azstoragetorch.testing import Azurite
@@ -105,12 +108,23 @@ def keep_list(batch: list[Any]) -> list[Any]:
 
 
 def read_dataset(
-    account_url: str, credential: Any, names: list[str], kind: str, workers: int, batch: int, prefetch: int | None
+    account_url: str,
+    credential: Any,
+    names: list[str],
+    kind: str,
+    workers: int,
+    batch: int,
+    prefetch: int | None,
+    batchwise: bool = False,
 ) -> None:
     url = f"{account_url}/{SMALL_CONTAINER}"
     dataset: torch.utils.data.Dataset[Any]
     if kind == "map":
         dataset = BlobDataset.from_container_url(url, credential=credential)
+        if batchwise:
+            # What BlobDataset does without reading its next batch ahead: each batch fetched when asked
+            # for. A private switch, only to measure the read-ahead in the same run.
+            dataset.__dict__["_read_ahead"] = _BatchwiseOnly()
     else:
         extra = {"prefetch": prefetch} if prefetch else {}
         dataset = IterableBlobDataset.from_container_url(url, credential=credential, **extra)
@@ -118,6 +132,12 @@ def read_dataset(
     count = sum(len(b) for b in loader)
     if count != len(names):
         raise AssertionError(f"{kind} w{workers}: read {count} samples, expected {len(names)}")
+
+
+class _BatchwiseOnly(_batch_ahead._BatchReadAhead):
+    @override
+    def fetch(self, indexes: Any, source: Any, start: Any) -> list[Any]:
+        return [start(source[index]) for index in indexes]
 
 
 def read_small_ceiling(account_url: str, names: list[str], in_flight: int) -> None:
@@ -164,18 +184,52 @@ def ranged_gets(account_url: str, blob: str, size: int, in_flight: int) -> bytea
     return buffer
 
 
-def load_blobio(account_url: str, credential: Any, expected: dict[str, torch.Tensor], max_concurrency: int) -> None:
+@dataclasses.dataclass
+class Checkpoint:
+    """A state dict saved as one blob for the torch.load rows."""
+
+    blob: str
+    tensor_mib: int
+    state_dict: dict[str, torch.Tensor]
+    size: int = 0
+
+
+def load_blobio(account_url: str, credential: Any, checkpoint: Checkpoint, max_concurrency: int) -> None:
     with BlobIO(
-        f"{account_url}/{CONTAINER}/ckpt.pt", "rb", credential=credential, max_concurrency=max_concurrency
+        f"{account_url}/{CONTAINER}/{checkpoint.blob}", "rb", credential=credential, max_concurrency=max_concurrency
     ) as f:
         loaded = torch.load(f)
-    verify(loaded, expected, "BlobIO load through the proxy")
+    verify(loaded, checkpoint.state_dict, "BlobIO load through the proxy")
 
 
-def load_raw_then_torch(account_url: str, size: int, expected: dict[str, torch.Tensor], in_flight: int) -> None:
-    buffer = ranged_gets(account_url, "ckpt.pt", size, in_flight)
+def load_raw_then_torch(account_url: str, checkpoint: Checkpoint, in_flight: int) -> None:
+    buffer = ranged_gets(account_url, checkpoint.blob, checkpoint.size, in_flight)
     loaded = torch.load(io.BytesIO(buffer))
-    verify(loaded, expected, "raw GETs + torch.load through the proxy")
+    verify(loaded, checkpoint.state_dict, "raw GETs + torch.load through the proxy")
+
+
+def direct_bytes(account_url: str, credential: Any, checkpoint: Checkpoint) -> int | None:
+    """How many bytes one BlobIO ``torch.load`` of ``checkpoint`` reads straight into its tensors (not
+    timed; counted by wrapping the read-ahead window's private direct read, ``None`` if it moved)."""
+    from azstoragetorch._reads import _window
+
+    window = getattr(_window, "ReadAheadWindow", None)
+    original = getattr(window, "_read_directly", None)
+    if window is None or original is None:
+        return None
+    counted = 0
+
+    def counting(self: Any, offset: int, destination: memoryview, **kwargs: Any) -> None:
+        nonlocal counted
+        counted += len(destination)
+        original(self, offset, destination, **kwargs)
+
+    window._read_directly = counting
+    try:
+        load_blobio(account_url, credential, checkpoint, DEFAULT_IN_FLIGHT["blobio"])
+    finally:
+        window._read_directly = original
+    return counted
 
 
 def load_dcp(account_url: str, credential: Any, expected: dict[str, torch.Tensor], max_concurrency: int) -> None:
@@ -215,7 +269,7 @@ def build_cases(
     credential: Any,
     names: list[str],
     state_dict: dict[str, torch.Tensor],
-    checkpoint_size: int,
+    checkpoints: dict[str, Checkpoint],
     dcp_files: dict[str, int],
 ) -> dict[str, tuple[str, Callable[[], Any], int]]:
     """key -> (group, run, units moved: samples or bytes)."""
@@ -232,14 +286,17 @@ def build_cases(
         cases[f"small/iter/w{workers}/prefetch128"] = ("small", run, samples)
         run = lambda w=workers: read_dataset(account_url, credential, names, "map", w, 128, None)  # noqa: E731
         cases[f"small/map/w{workers}/batch128"] = ("small", run, samples)
+    run = lambda: read_dataset(account_url, credential, names, "map", 0, BATCH_SIZE, None, batchwise=True)  # noqa: E731
+    cases["small/map/w0/batchwise"] = ("small", run, samples)
     for in_flight in (d["dataset"], 2 * d["dataset"], 128):
         run = lambda n=in_flight: read_small_ceiling(account_url, names, n)  # noqa: E731
         cases[f"small/ceiling/x{in_flight}"] = ("small", run, samples)
-    for concurrency in (d["blobio"], 16):
-        run = lambda c=concurrency: load_blobio(account_url, credential, state_dict, c)  # noqa: E731
-        cases[f"load/blobio/c{concurrency}"] = ("load", run, checkpoint_size)
-        run = lambda c=concurrency: load_raw_then_torch(account_url, checkpoint_size, state_dict, c)  # noqa: E731
-        cases[f"load/ceiling/x{concurrency}"] = ("load", run, checkpoint_size)
+    for group, checkpoint in checkpoints.items():
+        for concurrency in (d["blobio"], 16):
+            run = lambda c=concurrency, k=checkpoint: load_blobio(account_url, credential, k, c)  # noqa: E731
+            cases[f"{group}/blobio/c{concurrency}"] = (group, run, checkpoint.size)
+            run = lambda c=concurrency, k=checkpoint: load_raw_then_torch(account_url, k, c)  # noqa: E731
+            cases[f"{group}/ceiling/x{concurrency}"] = (group, run, checkpoint.size)
     dcp_size = sum(dcp_files.values())
     for concurrency in (d["dcp"], 16):
         run = lambda c=concurrency: load_dcp(account_url, credential, state_dict, c)  # noqa: E731
@@ -273,6 +330,7 @@ def ratios_for(figures: dict[str, Any], delay: str) -> dict[str, Any]:
 
     pairs = {
         "small map w0 / ceiling x32": ("small/map/w0", "small/ceiling/x32"),
+        "small map w0 batchwise (no read-ahead) / ceiling x32": ("small/map/w0/batchwise", "small/ceiling/x32"),
         "small iter w0 / ceiling x32": ("small/iter/w0", "small/ceiling/x32"),
         "small map w2 / ceiling x64": ("small/map/w2", "small/ceiling/x64"),
         "small iter w2 / ceiling x64": ("small/iter/w2", "small/ceiling/x64"),
@@ -280,10 +338,12 @@ def ratios_for(figures: dict[str, Any], delay: str) -> dict[str, Any]:
         "small map w0 batch128 / ceiling x128": ("small/map/w0/batch128", "small/ceiling/x128"),
         "torch.load blobio c8 / raw x8 + load": ("load/blobio/c8", "load/ceiling/x8"),
         "torch.load blobio c16 / raw x16 + load": ("load/blobio/c16", "load/ceiling/x16"),
+        "torch.load 16 MiB tensors blobio c8 / raw x8 + load": ("load16/blobio/c8", "load16/ceiling/x8"),
+        "torch.load 16 MiB tensors blobio c16 / raw x16 + load": ("load16/blobio/c16", "load16/ceiling/x16"),
         "dcp load c8 / raw x8": ("dcp/blob/c8", "dcp/ceiling/x8"),
         "dcp load c16 / raw x16": ("dcp/blob/c16", "dcp/ceiling/x16"),
     }
-    return {
+    ratios = {
         f"{delay}: {name}": {
             "value": value(a) / value(b),
             "target": f">= {TARGET}",
@@ -292,6 +352,15 @@ def ratios_for(figures: dict[str, Any], delay: str) -> dict[str, Any]:
         for name, (a, b) in pairs.items()
         if f"{delay}/{a}" in figures and f"{delay}/{b}" in figures  # a run of some groups only
     }
+    # What reading the next batch ahead gains, measured side by side (no target of its own).
+    if f"{delay}/small/map/w0/batchwise" in figures:
+        gain = value("small/map/w0") / value("small/map/w0/batchwise")
+        ratios[f"{delay}: small map w0 / map w0 batchwise (no read-ahead)"] = {
+            "value": gain,
+            "target": "-",
+            "met": None,
+        }
+    return ratios
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -301,7 +370,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="measured rounds after one warm-up (default 2)")
     parser.add_argument("--small-count", type=int, default=640, help="16 KiB blobs (default 640)")
     parser.add_argument("--size-mib", type=int, default=256, help="checkpoint size for torch.load and DCP (256)")
-    parser.add_argument("--only", help="comma-separated groups: small, load, dcp (default all)")
+    parser.add_argument(
+        "--only", help="comma-separated groups: small, load (4 MiB tensors), load16 (16 MiB tensors), dcp (default all)"
+    )
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -309,7 +380,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     delays = [float(d) for d in args.delay_ms.split(",")]
-    groups = set(args.only.split(",")) if args.only else {"small", "load", "dcp"}
+    groups = set(args.only.split(",")) if args.only else {"small", "load", "load16", "dcp"}
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -317,6 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     info = machine_info()
     state_dict = make_state_dict(args.size_mib, 4)
+    # 4 MiB tensors are read through the read-ahead window; 16 MiB ones (at least a block) straight
+    # into their storage.
+    checkpoints = {"load": Checkpoint("ckpt.pt", 4, state_dict)}
+    if "load16" in groups:
+        checkpoints["load16"] = Checkpoint("ckpt16.pt", 16, make_state_dict(args.size_mib, 16))
+    direct: dict[str, int | None] = {}
     measured: dict[str, Measured] = {}
     all_cases: dict[str, tuple[str, Callable[[], Any], int]] = {}
     with Azurite() as azurite, BlobServiceClient(azurite.account_url, credential=azurite.credential) as service:
@@ -325,9 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [f"{i:06d}.bin" for i in range(args.small_count)]
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda n: small.upload_blob(n, os.urandom(16 * KiB)), names))
-        with BlobIO(f"{azurite.account_url}/{CONTAINER}/ckpt.pt", "wb", credential=azurite.credential) as f:
-            torch.save(state_dict, f)
-        checkpoint_size = service.get_blob_client(CONTAINER, "ckpt.pt").get_blob_properties().size
+        for group, checkpoint in checkpoints.items():
+            with BlobIO(
+                f"{azurite.account_url}/{CONTAINER}/{checkpoint.blob}", "wb", credential=azurite.credential
+            ) as f:
+                torch.save(checkpoint.state_dict, f)
+            checkpoint.size = service.get_blob_client(CONTAINER, checkpoint.blob).get_blob_properties().size
+            if group in groups:
+                direct[checkpoint.blob] = direct_bytes(azurite.account_url, azurite.credential, checkpoint)
         dcp.save(
             state_dict,
             storage_writer=BlobStorageWriter(
@@ -336,14 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         dcp_files = {b.name: b.size for b in service.get_container_client(CONTAINER).list_blobs("dcp/")}
         log(
-            f"prepared: {len(names)} small blobs, checkpoint {checkpoint_size / MiB:.1f} MiB, dcp {len(dcp_files)} files"
+            f"prepared: {len(names)} small blobs, checkpoints {[c.size / MiB for c in checkpoints.values()]} MiB, "
+            f"read straight into tensors {direct}, dcp {len(dcp_files)} files"
         )
         for delay in delays:
             proxy = Proxy(azurite.port, delay, args.mbps or None)
             try:
-                cases = build_cases(
-                    proxy.account_url(), azurite.credential, names, state_dict, checkpoint_size, dcp_files
-                )
+                cases = build_cases(proxy.account_url(), azurite.credential, names, state_dict, checkpoints, dcp_files)
                 cases = {k: v for k, v in cases.items() if v[0] in groups}
                 keys = list(cases)
                 for round_index in range(args.rounds + 1):
@@ -375,13 +456,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print()
     for name, item in ratios.items():
-        print(f"{name:<52} {item['value']:5.2f}  target {item['target']}: {'met' if item['met'] else 'MISSED'}")
+        verdict = "" if item["met"] is None else f": {'met' if item['met'] else 'MISSED'}"
+        print(f"{name:<60} {item['value']:5.2f}  target {item['target']}{verdict}")
     config = {
         "delays_ms": delays,
         "mbps_per_connection": args.mbps or None,
         "rounds": args.rounds,
         "small": [args.small_count, 16 * KiB],
-        "checkpoint_bytes": checkpoint_size,
+        "checkpoint_bytes": {c.blob: c.size for c in checkpoints.values()},
+        "checkpoint_tensor_mib": {c.blob: c.tensor_mib for c in checkpoints.values()},
+        # Bytes of one BlobIO torch.load (on loopback, before the timed runs) read straight into tensors.
+        "direct_read_bytes": direct,
         "dcp_files": dcp_files,
         "batch_size": BATCH_SIZE,
         "default_in_flight": DEFAULT_IN_FLIGHT,

@@ -16,6 +16,7 @@ from typing_extensions import Self, override
 from azstoragetorch._cache import make_cache
 from azstoragetorch._client import CredentialArgument, ProgressHook
 from azstoragetorch._options import check_int
+from azstoragetorch.datasets._arguments import _describe_arguments
 from azstoragetorch.datasets._blob import Blob
 from azstoragetorch.datasets._dealing import _deal, _epoch_seed, _live_rank_and_world_size, _shared_epoch
 from azstoragetorch.datasets._sample_pool import MAX_SAMPLE_THREADS, _sample_threads
@@ -89,6 +90,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         self._rank_at_pickling: tuple[int, int] | None = None
 
     @classmethod
+    @_describe_arguments
     def from_blob_urls(
         cls,
         blob_urls: str | Iterable[str],
@@ -107,26 +109,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         """A dataset of the given blobs, in the given order unless ``shuffle`` is set.
 
         Args:
-            blob_urls: One blob URL or an iterable of them; URLs may carry a SAS token, a
-                ``snapshot=`` or a ``versionid=``.
-            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored for URLs with a SAS token.
-            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
-            retry: How throttled or briefly failing requests are retried, listing and reading
-                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
-            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
-                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
-                share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
-                that another user could change is refused with a warning. See :ref:`dataset-cache`.
-            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
-                deleted beyond it. ``None``: no limit but the disk.
-            shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
-            seed: The shuffling seed; use the same one on every rank.
-            prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
-            balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
-                with up to ``world_size - 1`` repeats (see "Training with DDP" above).
-            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
-                blob (see "Progress" above).
+            {arguments}
 
         Raises:
             ValueError: A URL is malformed, ``prefetch`` is out of range, ``cache_dir`` is empty, or
@@ -146,6 +129,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         )
 
     @classmethod
+    @_describe_arguments
     def from_container_url(
         cls,
         container_url: str,
@@ -173,30 +157,7 @@ class IterableBlobDataset(torch.utils.data.IterableDataset[_TransformOutputType_
         blobs, are not samples.
 
         Args:
-            container_url: ``https://<account>.blob.core.windows.net/<container>``, optionally with
-                a SAS token that allows listing and reading.
-            prefix: Only blobs whose names start with it; all blobs when ``None``.
-            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored with a SAS token.
-            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
-            retry: How throttled or briefly failing requests are retried, listing and reading
-                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
-            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
-                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
-                share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
-                that another user could change is refused with a warning. See :ref:`dataset-cache`.
-            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
-                deleted beyond it. ``None``: no limit but the disk.
-            cache_trust_listing: Serve a cached blob whose ETag is the listing's with no request at
-                all, at local-disk speed; a blob rewritten after the listing is then served as it
-                was listed. ``False`` (the default): confirm every hit with the service.
-            shuffle: Visit the blobs in a random order, drawn from ``seed`` and the epoch.
-            seed: The shuffling seed; use the same one on every rank.
-            prefetch: The most samples fetched ahead of the consumer, per worker (1 to 128).
-            balance_ranks: Give every :mod:`torch.distributed` rank the same number of samples,
-                with up to ``world_size - 1`` repeats (see "Training with DDP" above).
-            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
-                blob (see "Progress" above).
+            {arguments}
 
         Raises:
             ValueError: The URL is malformed, ``prefetch`` is out of range, ``cache_dir`` is empty, or a

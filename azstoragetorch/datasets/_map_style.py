@@ -12,6 +12,8 @@ from typing_extensions import Self, override
 
 from azstoragetorch._cache import make_cache
 from azstoragetorch._client import CredentialArgument, ProgressHook
+from azstoragetorch.datasets._arguments import _describe_arguments
+from azstoragetorch.datasets._batch_ahead import _BatchReadAhead
 from azstoragetorch.datasets._blob import Blob
 from azstoragetorch.datasets._sample_pool import _sample_threads
 from azstoragetorch.datasets._samples import (
@@ -38,7 +40,10 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=2, shuffle=True)
 
     When the DataLoader asks for a batch, its blobs are fetched concurrently (through
-    ``__getitems__``), not one after the other. For training on several ranks, use a
+    ``__getitems__``), not one after the other. When the batches follow each other in order (no
+    shuffling), the next batch's blobs are fetched while this batch is used, one batch ahead at
+    most; a shuffled order is fetched a batch at a time, overlapped by the DataLoader's workers
+    (``num_workers``), which it hands their next batches early. For training on several ranks, use a
     :class:`~torch.utils.data.distributed.DistributedSampler` as with any map-style dataset
     (Lightning adds one for you).
 
@@ -64,6 +69,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         self._progress_hook = _checked_hook(progress_hook)
 
     @classmethod
+    @_describe_arguments
     def from_blob_urls(
         cls,
         blob_urls: str | Iterable[str],
@@ -78,21 +84,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         """A dataset of the given blobs, in the given order.
 
         Args:
-            blob_urls: One blob URL or an iterable of them. A URL may carry a SAS token, a
-                ``snapshot=`` or a ``versionid=``.
-            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored for URLs with a SAS token.
-            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
-            retry: How throttled or briefly failing requests are retried, listing and reading
-                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
-            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
-                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
-                share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
-                that another user could change is refused with a warning. See :ref:`dataset-cache`.
-            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
-                deleted beyond it. ``None``: no limit but the disk.
-            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
-                blob (see "Progress" above).
+            {arguments}
 
         Raises:
             ValueError: A URL is malformed, ``cache_dir`` is empty, or ``cache_max_bytes`` is not positive
@@ -104,6 +96,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         return cls(_blobs_from_urls(blob_urls, credential, retry, cache), transform, progress_hook=progress_hook)
 
     @classmethod
+    @_describe_arguments
     def from_container_url(
         cls,
         container_url: str,
@@ -123,25 +116,7 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         account with a hierarchical namespace (ADLS Gen2), listed as empty blobs, are not samples.
 
         Args:
-            container_url: ``https://<account>.blob.core.windows.net/<container>``, optionally with
-                a SAS token that allows listing and reading.
-            prefix: Only blobs whose names start with it; all blobs when ``None``.
-            credential: As for :class:`~azstoragetorch.io.BlobIO`; ignored with a SAS token.
-            transform: Turns a :class:`Blob` into a sample; the default returns its URL and bytes.
-            retry: How throttled or briefly failing requests are retried, listing and reading
-                alike: a :class:`~azstoragetorch.retry.RetryOptions`; ``None`` for its defaults.
-            cache_dir: A local directory in which the default sample (and :meth:`Blob.read`) keeps
-                each blob it reads, for later epochs; DataLoader workers and the ranks of a node may
-                share one. Every hit is confirmed with the service by a conditional read (one
-                request, no transfer). ``None`` (the default): no cache. ``~`` is expanded; a folder
-                that another user could change is refused with a warning. See :ref:`dataset-cache`.
-            cache_max_bytes: The most bytes the cache holds; the least recently used blobs are
-                deleted beyond it. ``None``: no limit but the disk.
-            cache_trust_listing: Serve a cached blob whose ETag is the listing's with no request at
-                all, at local-disk speed; a blob rewritten after the listing is then served as it
-                was listed. ``False`` (the default): confirm every hit with the service.
-            progress_hook: A callable ``hook(bytes_done, bytes_total)`` given every read of a sample's
-                blob (see "Progress" above).
+            {arguments}
 
         Raises:
             ValueError: The URL is malformed, ``cache_dir`` is empty, or a ``cache_*`` option is out of
@@ -162,24 +137,41 @@ class BlobDataset(torch.utils.data.Dataset[_TransformOutputType_co]):
         return _apply(self._transform, self._blobs[index], self._progress_hook)
 
     def __getitems__(self, indices: list[int]) -> list[_TransformOutputType_co]:
-        """Fetch a batch of samples concurrently; the DataLoader calls this for each batch."""
-        blobs = [self._blobs[index] for index in indices]  # IndexError before any request is sent
+        """Fetch a batch of samples concurrently; the DataLoader calls this for each batch.
+
+        When the batches follow each other in order, the next one is fetched while this one is used
+        (``_batch_ahead`` says when and how).
+        """
+        read_ahead = self._batch_read_ahead()
+        futures = read_ahead.fetch(indices, self._blobs, self._start)
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            read_ahead.discard()
+            raise
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _start(self, blob: Blob) -> Future[Any]:
         # A default sample that the cache serves with no request (cache_trust_listing) is read here:
         # handing it to a sample thread costs more than a small hit, and parallel hits only contend
-        # for the cores. Everything else goes to the sample threads as soon as it is known to.
-        lean = self._transform is _read_whole_blob and self._progress_hook is None
-        samples: list[Any] = [None] * len(blobs)
-        futures: dict[int, Future[Any]] = {}
-        try:
-            for position, blob in enumerate(blobs):
-                hit = blob._trusted_hit() if lean else None
-                if hit is None:
-                    futures[position] = _sample_threads.submit(_apply, self._transform, blob, self._progress_hook)
-                else:
-                    samples[position] = _whole_blob_sample(blob, hit)
-            for position, future in futures.items():
-                samples[position] = future.result()
-            return samples
-        finally:
-            for future in futures.values():
-                future.cancel()
+        # for the cores. Everything else goes to the sample threads.
+        if self._transform is _read_whole_blob and self._progress_hook is None:
+            hit = blob._trusted_hit()
+            if hit is not None:
+                done: Future[Any] = Future()
+                done.set_result(_whole_blob_sample(blob, hit))
+                return done
+        return _sample_threads.submit(_apply, self._transform, blob, self._progress_hook)
+
+    def _batch_read_ahead(self) -> _BatchReadAhead:
+        read_ahead = self.__dict__.get("_read_ahead")
+        if read_ahead is None or read_ahead.pid != os.getpid():  # unpickled, or in a forked worker
+            read_ahead = self._read_ahead = _BatchReadAhead()
+        return read_ahead
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_read_ahead", None)  # its futures and locks belong to this process
+        return state

@@ -951,6 +951,30 @@ def test_a_dataloader_batch_fetches_its_blobs_concurrently(
     assert batches == [[(name, DATA[name]) for name in TRAIN[start : start + 4]] for start in (0, 4, 8)]
 
 
+def test_a_plain_dataloader_fetches_the_next_batch_while_this_one_is_used(
+    data: Container, account_credential: AzureNamedKeyCredential
+) -> None:
+    fetched = {name: threading.Event() for name in TRAIN_PREFIX}
+
+    def record(blob: Blob) -> tuple[str, bytes]:
+        sample = name_and_data(blob)
+        fetched[blob.blob_name].set()
+        return sample
+
+    dataset = BlobDataset.from_container_url(data.url, prefix="train", credential=account_credential, transform=record)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=as_list)
+    samples = []
+    seed = 3141
+    print(f"perturbation seed {seed}")
+    with _schedule.perturbed(seed, max_delay=0.01):
+        for number, batch in enumerate(loader):
+            samples += batch
+            following = (number + 1) * 3
+            if number >= 1 and following < len(TRAIN_PREFIX):  # two batches in order tell the next one
+                assert fetched[TRAIN_PREFIX[following]].wait(30), "the next batch was not fetched ahead"
+    assert samples == [(name, DATA[name]) for name in TRAIN_PREFIX]
+
+
 def test_iterable_prefetch_is_bounded_and_yields_in_order(
     data: Container, account_credential: AzureNamedKeyCredential
 ) -> None:

@@ -71,6 +71,13 @@ def shards_of(dataset: IterableBlobDataset[Any], world_size: int, num_workers: i
     return shards
 
 
+def shard_layouts(
+    *, max_world_size: int = 4, max_workers: int = 4, max_count: int = 40
+) -> st.SearchStrategy[tuple[int, int, int]]:
+    """``(world_size, num_workers, count)``: ranks, DataLoader workers per rank (0: none) and blobs."""
+    return st.tuples(st.integers(1, max_world_size), st.integers(0, max_workers), st.integers(0, max_count))
+
+
 def is_subsequence(part: list[Any], whole: list[Any]) -> bool:
     remaining = iter(whole)
     return all(any(item == candidate for candidate in remaining) for item in part)
@@ -80,17 +87,11 @@ def is_subsequence(part: list[Any], whole: list[Any]) -> bool:
 
 
 @settings(max_examples=80, deadline=None)
-@given(
-    world_size=st.integers(1, 4),
-    num_workers=st.integers(0, 4),
-    count=st.integers(0, 40),
-    shuffle=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-    epoch=st.integers(0, 20),
-)
+@given(layout=shard_layouts(), shuffle=st.booleans(), seed=st.integers(0, 2**31 - 1), epoch=st.integers(0, 20))
 def test_every_blob_exactly_once_over_all_ranks_and_workers(
-    world_size: int, num_workers: int, count: int, shuffle: bool, seed: int, epoch: int
+    layout: tuple[int, int, int], shuffle: bool, seed: int, epoch: int
 ) -> None:
+    world_size, num_workers, count = layout
     dataset = IterableBlobDataset(fake_blobs(count), transform=blob_name, shuffle=shuffle, seed=seed)
     dataset.set_epoch(epoch)
     shards = shards_of(dataset, world_size, num_workers)
@@ -111,15 +112,11 @@ def test_every_blob_exactly_once_over_all_ranks_and_workers(
 
 
 @settings(max_examples=80, deadline=None)
-@given(
-    world_size=st.integers(1, 4),
-    num_workers=st.integers(0, 4),
-    count=st.integers(0, 40),
-    balance_ranks=st.booleans(),
-)
+@given(layout=shard_layouts(), balance_ranks=st.booleans())
 def test_ranks_get_shares_that_differ_by_at_most_one_or_none_when_balanced(
-    world_size: int, num_workers: int, count: int, balance_ranks: bool
+    layout: tuple[int, int, int], balance_ranks: bool
 ) -> None:
+    world_size, num_workers, count = layout
     dataset = IterableBlobDataset(fake_blobs(count), transform=blob_name, shuffle=True, balance_ranks=balance_ranks)
     shards = shards_of(dataset, world_size, num_workers)
 

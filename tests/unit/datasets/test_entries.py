@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from azstoragetorch._client import AzStorageTorchBlobClient, BlobProperties, BlobUrl, ContainerUrl
 from azstoragetorch._entries import EntriesBuilder
 from azstoragetorch.datasets import Blob, BlobDataset, IterableBlobDataset
-from tests.unit.datasets.test_dataset_sharding import fake_blobs, shards_of
+from tests.unit.datasets.test_dataset_sharding import fake_blobs, shard_layouts, shards_of
 
 SIGNATURE = "c2VjcmV0LXNpZ25hdHVyZQ%3D%3D"
 SAS = f"sv=2021-08-06&sr=c&sp=rl&sig={SIGNATURE}"
@@ -206,15 +206,14 @@ def test_a_dataset_of_many_urls_takes_under_100_bytes_per_blob() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    world_size=st.integers(1, 3),
-    num_workers=st.integers(0, 3),
-    count=st.integers(0, 25),
+    layout=shard_layouts(max_world_size=3, max_workers=3, max_count=25),
     shuffle=st.booleans(),
     balance_ranks=st.booleans(),
 )
 def test_compact_datasets_shard_as_lists_of_blobs_do(
-    world_size: int, num_workers: int, count: int, shuffle: bool, balance_ranks: bool
+    layout: tuple[int, int, int], shuffle: bool, balance_ranks: bool
 ) -> None:
+    world_size, num_workers, count = layout
     options = {"transform": name_of, "shuffle": shuffle, "seed": 7, "balance_ranks": balance_ranks}
     urls = [blob.url for blob in fake_blobs(count)]
     compact = IterableBlobDataset.from_blob_urls(urls, credential=False, **options)
