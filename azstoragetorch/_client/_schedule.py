@@ -31,6 +31,7 @@ ENVIRONMENT_VARIABLE = "AZSTORAGETORCH_PERTURB"
 #   "cache.read"     a dataset cache file is open, not yet read (azstoragetorch._cache)
 #   "cache.store"    a dataset cache file is written under its temporary name, not yet renamed
 #   "cache.handoff"  a fetched blob is about to be handed to the cache's background writer
+#   "batch.ahead"    a dataset's next-batch read-ahead starts one of its blobs (azstoragetorch.datasets)
 #   "dcp.start"      a DCP save has seen the checkpoint's .metadata it may replace (integrations.dcp)
 #   "dcp.commit"     a DCP save is about to commit its .metadata, if no other save did meanwhile
 #   "dcp.cleanup"    a DCP save is about to delete one shard file (replaced, or its own after losing)

@@ -128,6 +128,7 @@ def _list_container(
     cache: BlobCache | None = None,
 ) -> _Blobs:
     """The blobs of a container (under ``prefix``), listed now: what ``from_container_url`` serves."""
+    check_retry(retry)
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str or None, not {type(prefix).__name__}.")
     client = AzStorageTorchContainerClient(ContainerUrl.parse(container_url), credential, retry=retry)
