@@ -18,7 +18,6 @@ from azstoragetorch._client import _pipeline
 from azstoragetorch._client._credentials import CredentialArgument, check_not_sent_in_clear, validate_credential
 from azstoragetorch._client._stats import Recorder
 from azstoragetorch._client._urls import BlobUrl, ContainerUrl, check_sas_complete
-from azstoragetorch._options import check_retry
 from azstoragetorch.retry import RetryOptions
 
 ResourceUrl = BlobUrl | ContainerUrl
@@ -29,13 +28,13 @@ class ResourceClient:
 
     Cheap to create and safe to pickle: the pipeline (and its connection pool) is looked up per
     process on first use, so a copy sent to a DataLoader worker opens its own connections.
+    ``retry`` was checked where the user gave it (a public class's constructor), and is taken as it is.
     """
 
     def __init__(
         self, url: ResourceUrl, credential: CredentialArgument = None, *, retry: RetryOptions | None = None
     ) -> None:
         validate_credential(credential)
-        check_retry(retry)
         host = _host_of(url.netloc)
         check_not_sent_in_clear(credential, url_has_sas=url.has_sas, scheme=url.scheme, host=host)
         if isinstance(credential, AzureSasCredential):
