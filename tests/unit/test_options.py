@@ -202,3 +202,19 @@ def test_the_data_module_refuses_a_bad_retry_when_built() -> None:
 
     with pytest.raises(TypeError, match=r"^retry must be an azstoragetorch\.retry\.RetryOptions .*not dict\.$"):
         BlobDataModule(train=[_URL], credential=False, retry={"retry_total": 3})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("factory", ["from_container_url", "from_blob_urls"])
+@pytest.mark.parametrize("dataset", ["BlobDataset", "IterableBlobDataset"])
+def test_the_datasets_refuse_a_bad_retry_before_any_request(dataset: str, factory: str) -> None:
+    # The clients take retry as given, so each factory checks it; an unchecked dict would fail later,
+    # deep inside a request, with an error that does not name it.
+    import azstoragetorch.datasets
+
+    create = getattr(getattr(azstoragetorch.datasets, dataset), factory)
+    with (
+        mock.patch("azstoragetorch._client.AzStorageTorchContainerClient.list_blobs") as listing,
+        pytest.raises(TypeError, match=r"^retry must be an azstoragetorch\.retry\.RetryOptions .*not dict\.$"),
+    ):
+        create("https://account.blob.core.windows.net/container", credential=False, retry={"retry_total": 3})
+    listing.assert_not_called()
