@@ -13,10 +13,16 @@ It does what Blob Storage needs and no more: no redirects, cookies, proxies (wit
 the environment, the pipeline uses requests instead), content decoding or ``Expect: 100-continue``.
 Bodies are framed by ``Content-Length``, chunked encoding, or the end of the connection. Idle
 connections are checked before reuse (a peer that closed one makes it readable) and dropped if so.
+
+A pool belongs to the process that made it, and closes its idle connections when the interpreter
+exits or the pool is collected. A process forked from the owner finds every pool empty: it closes
+its copies of the parent's descriptors, which leaves the parent's connections open, and never reads
+a response meant for its parent.
 """
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import io
 import logging
@@ -26,6 +32,7 @@ import select
 import socket
 import ssl
 import threading
+import weakref
 from typing import Any
 
 from azure.core.exceptions import (
@@ -275,6 +282,8 @@ class WireTransport(HttpTransport):  # type: ignore[type-arg]
         self._maxsize = maxsize
         self._lock = threading.Lock()
         self._idle: list[_Connection] = []
+        self._pid = os.getpid()  # the process whose connections the pool holds
+        _pools.add(self)
         self._tls = scheme == "https"
         self._ssl_context: ssl.SSLContext | None = None  # made at the first connection
         # Certificates to trust: the variables requests and curl read, else the system's.
@@ -292,9 +301,33 @@ class WireTransport(HttpTransport):  # type: ignore[type-arg]
         self.close()
 
     def close(self) -> None:
+        """Close the idle connections; the pool stays usable and opens new ones as needed."""
+        if self._pid != os.getpid():
+            self._forget_inherited()
+            return
         with self._lock:
             idle, self._idle = self._idle, []
         for connection in idle:
+            connection.close()
+
+    def __del__(self) -> None:
+        # Nobody can be using the pool any more, so its lock is free: close what it holds rather
+        # than leave each socket to its own finalizer (which warns that it was never closed).
+        if getattr(self, "_idle", None):  # (None when __init__ failed)
+            self.close()
+
+    def _forget_inherited(self) -> None:
+        """Empty a pool copied by ``fork`` and make it this process's own.
+
+        The lock is replaced, not taken: a thread of the parent may have held it when the process
+        was forked, and that thread does not exist here to release it.
+        """
+        self._lock = threading.Lock()
+        inherited, self._idle = self._idle, []
+        self._pid = os.getpid()
+        # Closing a socket releases this process's descriptor and nothing more (no shutdown, no TLS
+        # close_notify): the connection stays open on the parent's descriptor, in the parent's pool.
+        for connection in inherited:
             connection.close()
 
     def send(self, request: HttpRequest, **kwargs: Any) -> WireTransportResponse:
@@ -475,6 +508,27 @@ def _read_headers(reader: io.BufferedReader) -> ResponseHeaders:
             value = f"{fields[name]}, {value}"
         fields[name] = value
     return ResponseHeaders(fields)
+
+
+# Every pool in the process, so that their idle connections are closed at exit: a socket left to
+# the interpreter's teardown is closed without order, and warns that it was never closed.
+_pools: weakref.WeakSet[WireTransport] = weakref.WeakSet()
+
+
+def _close_pools() -> None:
+    for pool in list(_pools):
+        pool.close()
+
+
+def _forget_inherited_pools() -> None:
+    for pool in list(_pools):
+        pool._forget_inherited()
+
+
+atexit.register(_close_pools)
+if hasattr(os, "register_at_fork"):
+    # The pid check in ``close`` covers forks that bypass this, at the pool's next close.
+    os.register_at_fork(after_in_child=_forget_inherited_pools)
 
 
 def _close(connection: _Connection | None) -> None:

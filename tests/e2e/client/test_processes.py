@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import pickle
+import sys
 from typing import Any
 
 import pytest
@@ -11,7 +12,11 @@ from azure.core.credentials import AzureNamedKeyCredential
 
 from azstoragetorch._client import AzStorageTorchBlobClient, _pipeline
 from azstoragetorch.io import BlobIO
+from azstoragetorch.testing import ACCOUNT_KEY, ACCOUNT_NAME
 from tests.conftest import Container
+from tests.e2e.support._launch import run_job
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 class BlobsDataset(torch.utils.data.Dataset[bytes]):
@@ -85,3 +90,17 @@ def test_blobio_refuses_to_pickle(container: Container, account_credential: Azur
     url = container.upload("blob", b"abc")
     with BlobIO(url, "rb", credential=account_credential) as f, pytest.raises(TypeError, match="URL"):
         pickle.dumps(f)
+
+
+def test_pooled_connections_are_closed_at_exit_by_the_process_that_opened_them(container: Container) -> None:
+    url = container.blob_url("pooled")
+    environment = {name: value for name, value in os.environ.items() if not name.lower().endswith("_proxy")}
+    environment["PYTHONPATH"] = REPOSITORY
+    command = [
+        *(sys.executable, "-W", "always::ResourceWarning", "-X", "tracemalloc=8"),
+        *("-m", "tests.e2e.support.pooled_exit_run", url, ACCOUNT_NAME, ACCOUNT_KEY),
+    ]
+    run = run_job(command, cwd=REPOSITORY, env=environment)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "unclosed" not in run.stderr, run.stderr[-4000:]
+    assert run.stdout.startswith("pooled ")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
+import os
 import random
 import threading
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -222,3 +225,37 @@ def test_pooled_connections_under_a_perturbed_schedule_deliver_every_body_intact
     assert [all(copy == body for copy in got[index]) and len(got[index]) == 4 for index, body in enumerate(bodies)] == [
         True
     ] * len(bodies)
+
+
+def test_a_collected_pool_closes_its_idle_connections(serve) -> None:  # type: ignore[no-untyped-def]
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    transport, _ = serve([ok])
+    assert _get(transport).body() == b"ok"  # type: ignore[attr-defined]
+    assert transport._idle
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del transport
+        gc.collect()
+    assert [str(warning.message) for warning in caught if issubclass(warning.category, ResourceWarning)] == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_inherits_the_pool_empty_and_leaves_the_parents_connections_open(serve) -> None:  # type: ignore[no-untyped-def]
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    transport, server = serve([ok, ok])
+    assert _get(transport).body() == b"ok"  # type: ignore[attr-defined]
+    [connection] = transport._idle
+    child = os.fork()
+    if child == 0:  # never returns: the child must not go on running the test session
+        code = 1
+        try:
+            if transport._idle == [] and transport._pid == os.getpid():
+                transport.close()
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child's copy of the pool was not empty"
+    assert not connection.is_dropped()  # a shutdown in the child would have ended it here too
+    assert _get(transport).body() == b"ok"  # type: ignore[attr-defined]
+    assert server.connections == 1
