@@ -39,8 +39,9 @@ def test_a_batch_as_large_as_the_sample_threads_keeps_every_connection(
     opened = []
     for batch in range(2):
         # Hold the requests until as many are in flight as there are sample threads: that many
-        # connections are in use at once, whatever the machine's speed.
-        together = Gather(threads, timeout=60)
+        # connections are in use at once, whatever the machine's speed. The timeout only guards
+        # against a hang: on a starved machine 128 new connections can take minutes to arrive.
+        together = Gather(threads, timeout=600)
         proxy.add_fault(lambda seen: seen.operation == "GetBlob", together, times=threads)
         connections_before = proxy.connections_accepted
         samples = dataset.__getitems__(list(range(len(names))))

@@ -187,14 +187,22 @@ def test_async_checkpoint_io_uploads_behind_training_and_resumes_exactly(
     with started_job(command, cwd=REPOSITORY, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as job:
         try:
             steps = out / "steps0"
+
+            def reached() -> int:
+                return max(map(int, steps.read_text().split()), default=0) if steps.exists() else 0
+
+            def upload_held() -> bool:
+                return any(first_last_shard(seen) for seen in proxy.requests)
+
+            # The upload runs in the background, so its first PUT may reach the gate after training
+            # has gone on: wait for both, in either order.
             for _ in range(2400):  # a guard against a hang (up to 240 s), not a measurement
-                if job.poll() is not None or (steps.exists() and max(map(int, steps.read_text().split())) >= 3):
+                if job.poll() is not None or (reached() >= 3 and upload_held()):
                     break
                 time.sleep(0.1)
-            reached = max(map(int, steps.read_text().split()), default=0) if steps.exists() else 0
-            assert reached >= 3, f"training stopped at step {reached} while the save of step 2 was held"
-            # ... and that save's upload is still held: nothing of it committed.
-            assert any(first_last_shard(seen) for seen in proxy.requests)
+            assert upload_held(), "the upload of step 2's last.ckpt never reached the proxy"
+            assert reached() >= 3, f"training stopped at step {reached()} while the save of step 2 was held"
+            # ... and that save is still held: nothing of it committed.
             assert not container.client.get_blob_client("async/last.ckpt/.metadata").exists()
         finally:
             gate.release()

@@ -155,10 +155,11 @@ class Gather:
 
     Shows that requests really are in flight together, without timing anything: if fewer than
     ``parties`` ever arrive together, each is forwarded after ``timeout`` seconds and
-    :attr:`opened` stays unset. Use it with ``times=parties``.
+    :attr:`opened` stays unset. Use it with ``times=parties``. The timeout is only a guard against
+    a hang, long enough for a starved machine to get every party there.
     """
 
-    def __init__(self, parties: int, timeout: float = 20.0) -> None:
+    def __init__(self, parties: int, timeout: float = 300.0) -> None:
         self.parties = parties
         self.opened = threading.Event()
         self._barrier = threading.Barrier(parties, timeout=timeout)
