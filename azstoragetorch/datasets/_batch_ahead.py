@@ -17,6 +17,11 @@ from azstoragetorch.datasets._blob import Blob
 # Starts the fetch of one sample: a pending future from the sample threads, or a done one.
 _Start = Callable[[Blob], "Future[Any]"]
 
+# The most a read-ahead holds. A DataLoader without workers is not expected to hold more than the
+# batch it hands out; a few samples' worth is what hides a round trip, and blobs of many MB are
+# bound by bandwidth, not latency, while a second batch of them could double the memory used.
+READ_AHEAD_MAX_BYTES = 64 * 1024 * 1024
+
 
 class _BatchReadAhead:
     """Fetches the batch a map-style dataset will be asked for next, as the blobs of this one arrive.
@@ -33,9 +38,10 @@ class _BatchReadAhead:
     among several (every ``num_workers``-th batch), so nothing is read ahead for them: a DataLoader
     already hands its workers their next batch early.
 
-    It is safe to be wrong. At most one batch is held ahead. A sample read ahead is handed out once,
-    for its own index; its error is raised only if that index is asked for, naming its blob as any
-    sample's error does. Whatever the next request does not ask for is cancelled if not yet running,
+    It is safe to be wrong. At most one batch is held ahead, and of it no more than
+    :data:`READ_AHEAD_MAX_BYTES` of blobs whose sizes are known before any request. A sample read
+    ahead is handed out once, for its own index; its error is raised only if that index is asked
+    for, naming its blob as any sample's error does. Whatever the next request does not ask for is cancelled if not yet running,
     else dropped when it finishes. The work runs on the process's sample threads, so nothing is left
     running that a later request would not have run. The state belongs to one process: the dataset
     does not pickle it, and a forked DataLoader worker starts its own.
@@ -62,7 +68,8 @@ class _BatchReadAhead:
         with self._lock:
             previous = self._ahead
             upcoming, self._tail = _following(self._tail, keys or [], len(source))
-            following = self._ahead = _NextBatch([(i, source[i]) for i in upcoming], start) if upcoming else None
+            held = _within_budget([(i, source[i]) for i in upcoming], READ_AHEAD_MAX_BYTES)
+            following = self._ahead = _NextBatch(held, start) if held else None
         ahead = previous.close() if previous is not None else {}
         futures = []
         for position, blob in enumerate(blobs):
@@ -110,6 +117,20 @@ class _NextBatch:
             self._waiting.clear()
             started, self._started = self._started, {}
         return started
+
+
+def _within_budget(upcoming: list[tuple[int, Blob]], budget: int) -> list[tuple[int, Blob]]:
+    """The leading blobs of ``upcoming`` whose sizes are known without a request (listed, or read
+    before) and together fit in ``budget`` bytes: those are the ones worth reading ahead."""
+    kept: list[tuple[int, Blob]] = []
+    total = 0
+    for index, blob in upcoming:
+        size = blob._known_size()
+        if size is None or total + size > budget:
+            break
+        total += size
+        kept.append((index, blob))
+    return kept
 
 
 def _started(start: _Start, blob: Blob) -> Future[Any]:

@@ -187,6 +187,10 @@ class Blob:
             return None
         return cache.trusted_hit(self._client, properties.etag)
 
+    def _known_size(self) -> int | None:
+        """The blob's size if it is known without a request (listed, or read before), else ``None``."""
+        return None if self._properties is None else self._properties.size
+
     def _get_properties(self) -> BlobProperties:
         if self._properties is None:
             self._properties = self._client.get_properties()

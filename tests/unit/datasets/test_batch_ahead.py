@@ -49,9 +49,12 @@ def name(index: int) -> str:
     return f"b{index:04d}"
 
 
-def make_dataset(count: int) -> tuple[BlobDataset[Any], list[NamedBlobClient]]:
+def make_dataset(count: int, *, sizes_known: bool = True) -> tuple[BlobDataset[Any], list[NamedBlobClient]]:
+    """Blobs whose sizes are known ahead, as a listing gives them (or, with ``sizes_known=False``,
+    as a list of URLs does before the first read)."""
     clients = [NamedBlobClient(name(index)) for index in range(count)]
-    return BlobDataset([Blob(client) for client in clients]), clients  # type: ignore[arg-type]
+    blobs = [Blob(client, client.properties if sizes_known else None) for client in clients]  # type: ignore[arg-type]
+    return BlobDataset(blobs), clients
 
 
 def contents(batch: list[dict[str, Any]]) -> list[str]:
@@ -115,6 +118,31 @@ def test_anything_but_one_stride_throughout_predicts_nothing(first: list[int], s
 
 
 # -- reading ahead --------------------------------------------------------------------------------
+
+
+def test_blobs_of_unknown_size_are_not_read_ahead() -> None:
+    # A list of URLs says nothing of sizes before the first read: a blob of many GB may come next.
+    dataset, clients = make_dataset(12, sizes_known=False)
+    for start in (0, 4, 8):
+        assert contents(dataset.__getitems__(batch(start, start + 4))) == [name(i) for i in range(start, start + 4)]
+        assert dataset._batch_read_ahead()._ahead is None  # nothing held for the next batch
+    assert read_counts(clients) == [1] * 12
+
+
+def test_a_read_ahead_holds_no_more_than_its_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from azstoragetorch.datasets import _batch_ahead
+
+    size = len(name(0))  # every blob's content is its five-character name
+    monkeypatch.setattr(_batch_ahead, "READ_AHEAD_MAX_BYTES", 2 * size + 1)
+    dataset, _ = make_dataset(12)
+    dataset.__getitems__(batch(0, 4))
+    dataset.__getitems__(batch(4, 8))
+    ahead = dataset._batch_read_ahead()._ahead
+    assert ahead is not None
+    with ahead._lock:  # started or still waiting to start: what the read-ahead took on
+        taken = sorted([index for index, _ in ahead._waiting] + list(ahead._started))
+    assert taken == [8, 9]  # the first two fit the budget; the third would not, nor the rest
+    assert contents(dataset.__getitems__(batch(8, 12))) == [name(i) for i in range(8, 12)]
 
 
 def test_the_next_batch_is_read_while_this_one_is_used_and_each_blob_once() -> None:
