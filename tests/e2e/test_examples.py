@@ -38,7 +38,7 @@ def test_example_runs_against_azurite(script: str, last_line: str) -> None:
         env=environment,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # a guard against a hang; a starved machine runs an example for minutes
     )
 
     assert result.returncode == 0, result.stderr[-4000:]

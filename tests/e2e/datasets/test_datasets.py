@@ -940,7 +940,7 @@ def test_a_dataloader_batch_fetches_its_blobs_concurrently(
     barrier = threading.Barrier(4)
 
     def together(blob: Blob) -> tuple[str, bytes]:
-        barrier.wait(timeout=10)  # raises BrokenBarrierError unless the four samples are fetched at once
+        barrier.wait(timeout=120)  # raises BrokenBarrierError unless the four samples are fetched at once
         return name_and_data(blob)
 
     dataset = BlobDataset.from_container_url(
@@ -991,7 +991,7 @@ def test_iterable_prefetch_is_bounded_and_yields_in_order(
             first_three = len(calls) <= 3
         try:
             if first_three:
-                barrier.wait(timeout=10)
+                barrier.wait(timeout=120)  # a hang guard: a starved machine may take long to start three
             return name_and_data(blob)
         finally:
             with lock:
