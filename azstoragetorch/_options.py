@@ -4,10 +4,11 @@ A public class that takes transfer keywords (``max_concurrency``, ``block_size``
 ``validate_content``, ``verify_checksum``, ``retry``, ``progress_hook``) turns them into one
 :class:`TransferOptions` where the user's call enters (:meth:`TransferOptions.from_keywords`), and
 hands that value on; the layers below (BlobIO's reader and writer, the block uploads, the clients)
-take it, or its ``retry``, as it is and check nothing again. Counts that are not transfer options (threads, workers, batch sizes) go
-through :func:`check_int`, so that every bad number is refused with the same words. A class that
-takes only ``retry`` or ``progress_hook`` (the datasets, the Lightning data module) checks it with
-:func:`check_retry` or :func:`check_progress_hook`, the checks :class:`TransferOptions` makes.
+take it, or its ``retry``, as it is and check nothing again. Counts that are not transfer options
+(threads, workers, batch sizes) go through :func:`check_int`, so that every bad number is refused
+with the same words. A class that takes only ``retry`` or ``progress_hook`` (the datasets, the
+Lightning data module) checks it with :func:`check_retry` or :func:`check_progress_hook`, the checks
+:class:`TransferOptions` makes.
 
 This module imports nothing of azstoragetorch but :mod:`azstoragetorch.retry`, so that ``_client``,
 the bottom layer, can take the value too.

@@ -45,12 +45,12 @@ refusal; the verdict pickles with the cache, so DataLoader workers and spawned r
 nor warn again. A process that received an accepted folder opens it by path again, walking the same
 checks without creating anything, and uses it only if it is the very directory that was accepted
 (same ``st_dev`` and ``st_ino``): one removed, renamed away and replaced, or made unsafe since is
-not used, with one warning in that process. Every file is then opened, renamed and deleted relative to that descriptor, by a name
-with no slash and with ``O_NOFOLLOW``: a symbolic link planted in the directory is never followed
-(a lock or entry that is one, or a lock with another hard link, is not used; a rename replaces a
-link, never its target). An entry owned by another user (planted while the directory was
-writable) or writable by group or others is a miss, replaced by the store. Only names that the
-cache gives its files are counted or evicted.
+not used, with one warning in that process. Every file is then opened, renamed and deleted relative
+to that descriptor, by a name with no slash and with ``O_NOFOLLOW``: a symbolic link planted in the
+directory is never followed (a lock or entry that is one, or a lock with another hard link, is not
+used; a rename replaces a link, never its target). An entry owned by another user (planted while the
+directory was writable) or writable by group or others is a miss, replaced by the store. Only names
+that the cache gives its files are counted or evicted.
 
 **Failures.** A directory that cannot be created is refused as above. One that cannot be written,
 or a full disk, costs one warning per process and directory; that process then stops storing and

@@ -41,10 +41,11 @@ class _BatchReadAhead:
     It is safe to be wrong. At most one batch is held ahead, and of it no more than
     :data:`READ_AHEAD_MAX_BYTES` of blobs whose sizes are known before any request. A sample read
     ahead is handed out once, for its own index; its error is raised only if that index is asked
-    for, naming its blob as any sample's error does. Whatever the next request does not ask for is cancelled if not yet running,
-    else dropped when it finishes. The work runs on the process's sample threads, so nothing is left
-    running that a later request would not have run. The state belongs to one process: the dataset
-    does not pickle it, and a forked DataLoader worker starts its own.
+    for, naming its blob as any sample's error does. Whatever the next request does not ask for is
+    cancelled if not yet running, else dropped when it finishes. The work runs on the process's
+    sample threads, so nothing is left running that a later request would not have run. The state
+    belongs to one process: the dataset does not pickle it, and a forked DataLoader worker starts
+    its own.
     """
 
     def __init__(self) -> None:
