@@ -7,7 +7,7 @@ import itertools
 import operator
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -69,7 +69,7 @@ class _BatchReadAhead:
         with self._lock:
             previous = self._ahead
             upcoming, self._tail = _following(self._tail, keys or [], len(source))
-            held = _within_budget([(i, source[i]) for i in upcoming], READ_AHEAD_MAX_BYTES)
+            held = _within_budget(((i, source[i]) for i in upcoming), READ_AHEAD_MAX_BYTES)
             following = self._ahead = _NextBatch(held, start) if held else None
         ahead = previous.close() if previous is not None else {}
         futures = []
@@ -120,9 +120,10 @@ class _NextBatch:
         return started
 
 
-def _within_budget(upcoming: list[tuple[int, Blob]], budget: int) -> list[tuple[int, Blob]]:
+def _within_budget(upcoming: Iterable[tuple[int, Blob]], budget: int) -> list[tuple[int, Blob]]:
     """The leading blobs of ``upcoming`` whose sizes are known without a request (listed, or read
-    before) and together fit in ``budget`` bytes: those are the ones worth reading ahead."""
+    before) and together fit in ``budget`` bytes: those are the ones worth reading ahead. Taken one
+    at a time, so that no blob past the budget is made."""
     kept: list[tuple[int, Blob]] = []
     total = 0
     for index, blob in upcoming:
